@@ -1,0 +1,33 @@
+# Every target installs what it needs (tools/setup_env.sh is idempotent and fast once done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env test lint demo bench bench-eval bench-data bench-train clean
+
+env:
+	@VENV=$(VENV) bash tools/setup_env.sh
+
+test: env
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: env
+	$(PY) -m ruff check cclm data_prep tests benchmarks tools
+	$(PY) -m ruff format --check cclm data_prep tests benchmarks tools
+
+demo: env
+	$(PY) -m cclm.demo --output-dir demo_output
+
+bench: bench-eval bench-data bench-train
+
+bench-eval: env
+	$(PY) benchmarks/bench_eval.py
+
+bench-data: env
+	$(PY) benchmarks/bench_data.py
+
+bench-train: env
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf demo_output .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""cclm: cross-view multilingual vision-language pretraining."""
+
+__version__ = "0.1.0"

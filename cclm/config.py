@@ -1,0 +1,291 @@
+"""Typed configuration: OmegaConf structured configs built from dataclasses.
+
+A run's config is composed in this order, later wins:
+  1. the dataclass defaults;
+  2. ``defaults:`` of the YAML file, a mapping ``group: name`` resolved to ``configs/<group>/<name>.yaml``
+     (e.g. ``defaults: {model: tiny}``), or to a path when the name ends in ``.yaml``;
+  3. the YAML file's own keys;
+  4. command-line ``key=value`` overrides (dotted keys, YAML values).
+An unknown key or a value of the wrong type fails at load time with a :class:`ConfigError` naming the full key
+and, for unknown keys, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    # open_clip model name ("ViT-B-16", "ViT-L-14", "swin_base_patch4_window7_224"-style timm configs, or
+    # "hf-hub:org/repo" / "local-dir:/path"). Ignored when `tower` is given.
+    name: str = "ViT-B-16"
+    # open_clip pretrained tag ("openai", "laion2b_s34b_b88k") or a local checkpoint path; None = random init.
+    pretrained: str | None = None
+    # open_clip CLIPVisionCfg fields for a custom, randomly initialised tower (e.g. the tiny test model).
+    tower: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 224
+
+
+@dataclass
+class TextConfig:
+    # HF hub name or local folder of an XLM-R-style encoder; None = random init from `encoder`.
+    name_or_path: str | None = None
+    # XLMRobertaConfig fields: the whole config for random init, or overrides for a pretrained one.
+    encoder: dict[str, Any] = field(default_factory=dict)
+    # HF tokenizer (hub name or folder); None = same as name_or_path.
+    tokenizer: str | None = None
+    # Which pretrained encoder layers fill the text-only stack and the fusion stack (with cross-attention).
+    # CCLM: layers 0-5 and 6-11 of xlm-roberta-large. E.g. every other layer of 24: [0,2,...] / [12,14,...].
+    text_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    fusion_layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
+    max_length: int = 40
+
+
+@dataclass
+class ObjectiveConfig:
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    # Contrastive loss over features gathered from all ranks (with gradient). local_loss: each rank scores its
+    # own rows against all columns (open_clip's memory-saving option); the averaged gradient is the same.
+    gather_features: bool = True
+    local_loss: bool = False
+    # Hard negatives for ITM/TTM drawn from this rank's batch ("local") or from all ranks ("global").
+    itm_negatives: str = "local"
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    # "sdpa" or "eager" for the HF text/fusion layers.
+    attn_implementation: str = "sdpa"
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.4
+    mask_token_frac: float = 0.8  # of the chosen positions, replaced by <mask>
+    random_token_frac: float = 0.1  # replaced by a random token; the rest keep the original token
+    max_masks: int | None = None
+    span: bool = False  # whole spans (geometric lengths) instead of independent tokens
+    span_mean_length: float = 3.0
+
+
+@dataclass
+class StreamConfig:
+    # Brace-expandable shard pattern(s), local paths, "pipe:" commands or fsspec URLs; several joined by "::".
+    shards: str = MISSING
+    # Weight of this stream in the mixture (batches of this view per batch of the other).
+    weight: float = 1.0
+    batch_size: int = 32
+    # Languages to read; empty = all. Captions in other languages are skipped (counted).
+    languages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    image_caption: StreamConfig | None = None
+    parallel_text: StreamConfig | None = None
+    num_workers: int = 2
+    shard_shuffle: bool = True
+    sample_shuffle_buffer: int = 1000
+    # Resampled mode draws shards with replacement (infinite stream, for multi-node runs).
+    resampled: bool = False
+    randaugment: bool = False
+    hflip: bool = True
+    crop_scale_min: float = 0.5
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # Randomly swap source/target of parallel pairs so both directions are learned.
+    swap_parallel: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    # Learning-rate multiplier for parameters that are newly initialised (cross-attention, heads, projections).
+    new_param_lr_mult: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0  # 0 = no periodic evaluation
+    keep_last: int = 3
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    # "alternate": one optimizer step per view (CCLM); "sum": both views summed in one step (X2-VLM).
+    view_schedule: str = "alternate"
+    activation_checkpointing: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Raw DeepSpeed JSON file merged under the generated config (keys above win).
+    config_file: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    k_test: int = 128
+    batch_size: int = 64
+    rerank: bool = True  # ITM re-ranking of the top-k (False: ITC only)
+    itc_weight_in_rerank: float = 0.0  # score = itm + w * itc for the re-ranked candidates
+    # name -> folder of held-out retrieval sets used for periodic evaluation during pretraining
+    datasets: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "output"
+    resume: str | None = None  # None, "auto", or a checkpoint folder
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if is_dataclass(schema):
+        for f in fields(schema):
+            full = f"{prefix}{f.name}"
+            keys.append(full)
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            if is_dataclass(default):
+                keys.extend(_valid_keys(default, full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        candidates = _valid_keys(schema)
+        close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+        if not close:
+            leaf = str(key).rsplit(".", 1)[-1]
+            close = [c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"unknown config key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"invalid value for config key '{key}': {err.msg}")
+    return ConfigError(f"config error at '{key}': {err}")
+
+
+def _resolve_default(group: str, name: str, base_dir: Path) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        return path if path.is_absolute() else (base_dir / path)
+    for root in (base_dir.parent, base_dir, CONFIG_ROOT):
+        candidate = root / group / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"defaults: no config '{name}' for group '{group}' (looked in configs/{group}/)")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    layers = []
+    defaults = raw.pop("defaults", None)
+    if defaults is not None:
+        if not isinstance(defaults, DictConfig):
+            raise ConfigError(f"{path}: 'defaults' must be a mapping of group: name")
+        for group, name in defaults.items():
+            sub = _read_yaml(_resolve_default(str(group), str(name), path.parent))
+            node: DictConfig = OmegaConf.create({})
+            OmegaConf.update(node, str(group), sub, merge=True)
+            layers.append(node)
+    return OmegaConf.merge(*layers, raw) if layers else raw
+
+
+def load_config(schema: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
+    """Build a typed config: dataclass defaults <- YAML file (with its defaults) <- ``key=value`` overrides.
+
+    Returns the config as an instance-like OmegaConf object with the schema's type checking kept on.
+    """
+    base = OmegaConf.structured(schema)
+    try:
+        merged = base
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key=value")
+            key, value = item.split("=", 1)
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        OmegaConf.to_container(merged, throw_on_missing=False)  # forces validation of interpolations
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema) from None
+    return merged
+
+
+def require(cfg: Any, *keys: str) -> None:
+    """Fail with the key's name when a mandatory value is missing (``???`` in OmegaConf)."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key) if "." not in key else _is_missing_dotted(cfg, key):
+            raise ConfigError(f"config key '{key}' must be set")
+
+
+def _is_missing_dotted(cfg: Any, dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent)
+    return node is None or OmegaConf.is_missing(node, leaf)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(schema: type, data: dict) -> Any:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema) from None

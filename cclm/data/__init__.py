@@ -1,0 +1,1 @@
+"""Data: shards, streaming pipeline, transforms, tokenisation and MLM masking."""

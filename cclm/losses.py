@@ -1,0 +1,117 @@
+"""The three CCLM objectives, written once for both views.
+
+* contrastive (ITC / TTC): symmetric cross-entropy of L2-normalised features at a learnable temperature, with
+  features all-gathered across ranks *with gradient* so that W ranks x batch b equal 1 rank x batch W*b;
+* matching (ITM / TTM): hard negatives drawn from softmax(similarity), positives and their duplicates excluded,
+  sampled for all rows at once;
+* conditional MLM: cross-entropy on masked positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0; gradients flow back to every rank's slice."""
+    _, world = dist_info()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_padded(x: torch.Tensor, pad_value: int | float = 0) -> torch.Tensor:
+    """``gather_with_grad`` for [B, L, ...] tensors whose L differs between ranks (padded to the longest)."""
+    _, world = dist_info()
+    if world == 1:
+        return x
+    length = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length.item()) - x.shape[1]
+    if pad:
+        pad_shape = list(x.shape)
+        pad_shape[1] = pad
+        x = torch.cat([x, x.new_full(pad_shape, pad_value)], dim=1)
+    return gather_with_grad(x)
+
+
+def contrastive_loss(
+    feat_a: torch.Tensor,
+    feat_b: torch.Tensor,
+    temp: torch.Tensor | float,
+    gather: bool = True,
+    local_loss: bool = False,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between row-aligned, L2-normalised features ``feat_a[i] <-> feat_b[i]``.
+
+    ``gather``: score against the features of every rank. ``local_loss``: each rank only scores its own rows
+    (the ranks' mean is the global loss; open_clip's memory-saving option). Equal to open_clip's ``ClipLoss``
+    with ``logit_scale = 1 / temp``.
+    """
+    rank, world = dist_info()
+    if gather and world > 1:
+        all_a, all_b = gather_with_grad(feat_a), gather_with_grad(feat_b)
+        if local_loss:
+            logits_a = feat_a @ all_b.t() / temp
+            logits_b = feat_b @ all_a.t() / temp
+            labels = torch.arange(feat_a.shape[0], device=feat_a.device) + rank * feat_a.shape[0]
+        else:
+            logits_a = all_a @ all_b.t() / temp
+            logits_b = logits_a.t()
+            labels = torch.arange(all_a.shape[0], device=feat_a.device)
+    else:
+        logits_a = feat_a @ feat_b.t() / temp
+        logits_b = logits_a.t()
+        labels = torch.arange(feat_a.shape[0], device=feat_a.device)
+    return 0.5 * (F.cross_entropy(logits_a.float(), labels) + F.cross_entropy(logits_b.float(), labels))
+
+
+def positive_mask(group_ids: torch.Tensor, other_group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, B'] True where two samples share a group (the same image or the same sentence)."""
+    other = group_ids if other_group_ids is None else other_group_ids
+    return group_ids[:, None] == other[None, :]
+
+
+def sample_hard_negatives(
+    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One negative column per row, drawn from softmax(logits) restricted to non-positive columns.
+
+    Returns ``(index [B], valid [B])``; ``valid`` is False for a row whose every column is a positive (e.g. a
+    batch of one image's captions), which then has no negative. No Python loop, no host sync.
+    """
+    masked = logits.detach().float().masked_fill(positives, float("-inf"))
+    valid = ~positives.all(dim=1)
+    # Rows without a candidate get uniform weights so multinomial is defined; they are marked invalid.
+    masked = torch.where(valid[:, None], masked, torch.zeros_like(masked))
+    weights = torch.softmax(masked, dim=1)
+    index = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return index, valid
+
+
+def matching_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_valid: torch.Tensor) -> torch.Tensor:
+    """2-way cross-entropy over B positive pairs (label 1) and the valid negative pairs (label 0)."""
+    logits = torch.cat([pos_logits, neg_logits], dim=0).float()
+    labels = torch.cat(
+        [torch.ones(len(pos_logits), dtype=torch.long), torch.zeros(len(neg_logits), dtype=torch.long)]
+    ).to(logits.device)
+    weights = torch.cat([torch.ones(len(pos_logits), device=logits.device), neg_valid.float()])
+    per_pair = F.cross_entropy(logits, labels, reduction="none")
+    return (per_pair * weights).sum() / weights.sum()
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of already-selected masked positions ([M, V] logits, [M] labels)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)

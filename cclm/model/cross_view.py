@@ -1,0 +1,212 @@
+"""CrossViewModel: one fusion stack for both views (image+caption, sentence+translation).
+
+Naming used across the project:
+  query  -- the text that runs through the text stack and then the fusion stack (the caption, or side A of a
+            parallel pair); the masked copy of it is what MLM predicts;
+  memory -- what the fusion stack cross-attends to: image tokens, or the text tokens of the other language.
+
+Batches (dicts of tensors) accepted by :meth:`forward`:
+  image view: images [B,3,H,W] (uint8 or normalised float), text_ids/text_mask [B,L], mlm_ids/mlm_labels [B,L],
+              group_ids [B] (equal ids = same image; excluded as negatives)
+  text view:  text_ids/text_mask, mlm_ids/mlm_labels (side A), other_ids/other_mask (side B), group_ids [B]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from cclm import losses
+from cclm.config import ModelConfig, from_dict, to_dict
+from cclm.data.masking import IGNORE_INDEX
+from cclm.model.heads import MatchingHead, build_mlm_head
+from cclm.model.text import FusionStack, TextStack, load_encoder
+from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+VIEWS = ("image", "text")
+LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
+
+
+class CrossViewModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, load_pretrained: bool = True):
+        super().__init__()
+        cfg = from_dict(ModelConfig, to_dict(cfg)) if not hasattr(cfg, "_metadata") else cfg
+        # Vision: resolve the open_clip tower config once and store it, so a saved model rebuilds offline.
+        tower_cfg, clip_dim = (dict(cfg.vision.tower), cfg.embed_dim)
+        if not tower_cfg:
+            tower_cfg, clip_dim = resolve_open_clip_vision_cfg(cfg.vision.name)
+            tower_cfg["image_size"] = cfg.vision.image_size
+        self.vision = VisionTower(tower_cfg, clip_dim)
+        if load_pretrained and cfg.vision.pretrained:
+            state = load_pretrained_visual_state(cfg.vision.name, cfg.vision.pretrained)
+            self.vision.visual.load_state_dict(state)
+        # Text: the full encoder, cut into the text and fusion stacks; its resolved config is stored likewise.
+        name = cfg.text.name_or_path if load_pretrained else None
+        encoder_kwargs = dict(cfg.text.encoder)
+        encoder = load_encoder(name, encoder_kwargs, cfg.attn_implementation)
+        n_layers = encoder.config.num_hidden_layers
+        for ids_key in ("text_layers", "fusion_layers"):
+            bad = [i for i in getattr(cfg.text, ids_key) if not 0 <= i < n_layers]
+            if bad:
+                raise ValueError(f"model.text.{ids_key}: layers {bad} do not exist in a {n_layers}-layer encoder")
+        self.text = TextStack(encoder, list(cfg.text.text_layers))
+        self.fusion = FusionStack(encoder, list(cfg.text.fusion_layers))
+        hidden = encoder.config.hidden_size
+        width = self.vision.width
+        self.image_to_fusion = nn.Linear(width, hidden) if width != hidden else nn.Identity()
+        self.vision_proj = nn.Linear(self.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        self.itm_head = MatchingHead(hidden, encoder.config.layer_norm_eps)
+        self.mlm_head = build_mlm_head(encoder.config, self.text.embeddings.word_embeddings)
+        for module in (self.image_to_fusion, self.vision_proj, self.text_proj, self.itm_head, self.mlm_head.dense,
+                       self.mlm_head.layer_norm):
+            module.apply(encoder._init_weights)
+
+        # Record what is needed to rebuild this exact architecture without downloads.
+        cfg.vision.tower = tower_cfg
+        encoder_dict = encoder.config.to_diff_dict()
+        for key in ("architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype", "dtype"):
+            encoder_dict.pop(key, None)
+        cfg.text.encoder = encoder_dict
+        self.cfg = cfg
+        self.encoder_config = encoder.config
+        self._new_parameter_names = self._collect_new_parameter_names()
+
+    # ------------------------------------------------------------------------------------------ building blocks
+    def _collect_new_parameter_names(self) -> list[str]:
+        names = [f"fusion.{n}" for n in self.fusion.new_parameter_names()]
+        for prefix in ("image_to_fusion", "vision_proj", "text_proj", "itm_head", "temp"):
+            names += [n for n, _ in self.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        return names
+
+    def new_parameter_names(self) -> list[str]:
+        """Parameters that the pretrained towers did not provide (for a learning-rate multiplier)."""
+        return list(self._new_parameter_names)
+
+    def clamped_temp(self) -> torch.Tensor:
+        obj = self.cfg.objectives
+        return self.temp.clamp(obj.temp_min, obj.temp_max)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image tokens at the fusion width [B, 1+N, hidden], normalised ITC feature [B, embed_dim])."""
+        tokens = self.vision(images)
+        return self.image_to_fusion(tokens), F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (text tokens [B, L, hidden], normalised ITC/TTC feature [B, embed_dim])."""
+        tokens = self.text(ids, mask)
+        return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+
+    def fuse(self, tokens, mask, memory, memory_mask=None) -> torch.Tensor:
+        """Fusion stack over query text tokens attending to ``memory`` (image or text tokens, hidden width)."""
+        return self.fusion(tokens, mask, memory, memory_mask)
+
+    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(fused[:, 0])
+
+    # ---------------------------------------------------------------------------------------------- objectives
+    def forward(self, batch: dict[str, Any], view: str) -> dict[str, torch.Tensor]:
+        """All losses of one batch of ``view`` ("image" or "text"), named, plus their weighted sum ``loss``."""
+        if view not in VIEWS:
+            raise ValueError(f"unknown view '{view}', expected one of {VIEWS}")
+        obj = self.cfg.objectives
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        query, query_feat = self.encode_text(text_ids, text_mask)
+        if view == "image":
+            memory, memory_feat = self.encode_image(batch["images"])
+            memory_mask = torch.ones(memory.shape[:2], dtype=text_mask.dtype, device=memory.device)
+        else:
+            memory_mask = batch["other_mask"]
+            memory, memory_feat = self.encode_text(batch["other_ids"], memory_mask)
+        temp = self.clamped_temp()
+        c_name, m_name, l_name = LOSS_NAMES[view]
+        out = {
+            c_name: losses.contrastive_loss(memory_feat, query_feat, temp, obj.gather_features, obj.local_loss),
+            m_name: self._matching(
+                (query, text_mask, query_feat), (memory, memory_mask, memory_feat), temp, batch["group_ids"]
+            ),
+        }
+        weights = {c_name: obj.itc_weight, m_name: obj.itm_weight}
+        if "mlm_ids" in batch:
+            out[l_name] = self._mlm(batch["mlm_ids"], text_mask, batch["mlm_labels"], memory, memory_mask)
+            weights[l_name] = obj.mlm_weight
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def _matching(self, query_side, memory_side, temp, group_ids) -> torch.Tensor:
+        """ITM/TTM: B positives, one hard negative memory per query and one hard negative query per memory."""
+        query, query_mask, query_feat = query_side
+        memory, memory_mask, memory_feat = memory_side
+        if self.cfg.objectives.itm_negatives == "global":
+            cand_query, cand_query_mask = losses.gather_padded(query), losses.gather_padded(query_mask)
+            cand_memory, cand_memory_mask = losses.gather_padded(memory), losses.gather_padded(memory_mask)
+            cand_query_feat = losses.gather_with_grad(query_feat)
+            cand_memory_feat = losses.gather_with_grad(memory_feat)
+            cand_groups = losses.gather_with_grad(group_ids)
+        else:
+            cand_query, cand_query_mask, cand_memory, cand_memory_mask = query, query_mask, memory, memory_mask
+            cand_query_feat, cand_memory_feat, cand_groups = query_feat, memory_feat, group_ids
+        positives = losses.positive_mask(group_ids, cand_groups)
+        neg_memory, memory_valid = losses.sample_hard_negatives(query_feat @ cand_memory_feat.t() / temp, positives)
+        neg_query, query_valid = losses.sample_hard_negatives(memory_feat @ cand_query_feat.t() / temp, positives)
+        tokens = _cat_padded([query, query, cand_query[neg_query]])
+        masks = _cat_padded([query_mask, query_mask, cand_query_mask[neg_query]])
+        mem = _cat_padded([memory, cand_memory[neg_memory], memory])
+        mem_masks = _cat_padded([memory_mask, cand_memory_mask[neg_memory], memory_mask])
+        logits = self.itm_logits(self.fuse(tokens, masks, mem, mem_masks))
+        batch_size = query.shape[0]
+        return losses.matching_loss(logits[:batch_size], logits[batch_size:], torch.cat([memory_valid, query_valid]))
+
+    def _mlm(self, mlm_ids, mask, labels, memory, memory_mask) -> torch.Tensor:
+        """Conditional MLM: the masked query attends to the unmasked other view; only masked positions count."""
+        fused = self.fuse(self.text(mlm_ids, mask), mask, memory, memory_mask)
+        selected = labels != IGNORE_INDEX
+        return losses.mlm_loss(self.mlm_head(fused[selected]), labels[selected])
+
+    # ------------------------------------------------------------------------------------------------ save/load
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (no pickle) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model": to_dict(self.cfg), "format": "cclm-cross-view", "version": 1}
+        if extra:
+            config.update(extra)
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        save_model(self, str(directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CrossViewModel:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.exists():
+                raise FileNotFoundError(f"not a cclm model folder: {path} is missing")
+        config = json.loads(config_path.read_text())
+        if config.get("format") != "cclm-cross-view":
+            raise ValueError(f"{config_path} is not a cclm cross-view model config")
+        model = cls(from_dict(ModelConfig, config["model"]), load_pretrained=False)
+        load_model(model, str(weights_path), strict=True, device=str(device))
+        return model.to(device)
+
+
+def _pad_to(x: torch.Tensor, length: int, value: float | int = 0) -> torch.Tensor:
+    if x.shape[1] == length:
+        return x
+    pad = list(x.shape)
+    pad[1] = length - x.shape[1]
+    return torch.cat([x, x.new_full(pad, value)], dim=1)
+
+
+def _cat_padded(parts: list[torch.Tensor], pad_value: float | int = 0) -> torch.Tensor:
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([_pad_to(p, length, pad_value) for p in parts], dim=0)
