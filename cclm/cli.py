@@ -8,7 +8,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prep": ("data_prep.cli", "make WebDataset shards (image-caption, parallel text, synthetic world, tokenizer)"),
+    "prep": (
+        "data_prep.cli",
+        "make WebDataset shards (image-caption, parallel text, synthetic world, tokenizer)",
+    ),
     "pretrain": ("cclm.train.cli", "pretrain the cross-view model with DeepSpeed"),
     "export": ("cclm.train.export", "consolidate a DeepSpeed checkpoint into a save_pretrained folder"),
     "plot": ("cclm.train.plot", "render training curves of an output_dir to PNG"),

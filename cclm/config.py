@@ -175,6 +175,13 @@ class EvalConfig:
     itc_weight_in_rerank: float = 0.0  # score = itm + w * itc for the re-ranked candidates
     # name -> folder of held-out retrieval sets used for periodic evaluation during pretraining
     datasets: dict[str, str] = field(default_factory=dict)
+    rerank_batch_size: int = 256  # (image, caption) pairs per ITM forward, pooled across queries
+    num_workers: int = 0  # image-loading workers
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    periodic_rerank: bool = False  # periodic evaluation during pretraining: ITC only unless True (slower)
+    languages: list[str] = field(
+        default_factory=list
+    )  # periodic evaluation: languages to score (empty = all)
 
 
 @dataclass
@@ -186,6 +193,63 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "output"
     resume: str | None = None  # None, "auto", or a checkpoint folder
+
+
+# ------------------------------------------------------------------------------------------------- finetune
+@dataclass
+class FinetuneDataConfig:
+    # Root of the IGLUE annotation files as laid out upstream (datasets/...); YAML paths interpolate it.
+    iglue_dir: str = "data/iglue"
+    train: list[str] = field(default_factory=list)  # English training files (zero-shot)
+    dev: list[str] = field(default_factory=list)  # English dev files: model selection, never test
+    test: dict[str, str] = field(default_factory=dict)  # language -> test file, in IGLUE's column order
+    translate_test: dict[str, str] = field(default_factory=dict)  # language -> machine-translated test file
+    few_shot_train: dict[str, str] = field(default_factory=dict)  # language -> train_<N> file
+    few_shot_dev: dict[str, str] = field(default_factory=dict)  # language -> dev file (default: `dev`)
+    label_vocab: str | None = None  # xGQA: trainval_ans2label.json
+    # Image folders by name, as users download them (flickr30k, coco, gqa, marvl, nlvr2, wit).
+    image_roots: dict[str, str] = field(default_factory=dict)
+    # Read at most this many examples per file (0 = all); for smoke runs, never for reported numbers.
+    max_examples: int = 0
+
+
+@dataclass
+class FinetuneTrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops earlier than `epochs`
+    batch_size: int = 32
+    lr: float = 2e-5
+    lr_sweep: list[float] = field(default_factory=lambda: [1e-5, 5e-5, 1e-4])  # few-shot: best on dev wins
+    head_lr_mult: float = 5.0  # the newly initialised task head learns faster
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU) | fp32 | bf16
+    num_workers: int = 0
+    time_limit_minutes: float = 0.0  # > 0 stops training after this much wall time
+
+
+@dataclass
+class FinetuneEvalConfig:
+    batch_size: int = 64
+    k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = MISSING  # xvnli | xgqa | marvl | xflickrco | wit | easy_vqa
+    protocol: str = "zero_shot"  # zero_shot | few_shot | translate_test
+    pretrained: str | None = None  # cclm model folder to fine-tune from (zero-shot); None = random tiny init
+    checkpoint: str | None = None  # fine-tuned task model folder (few-shot start, evaluation)
+    model: str | None = None  # model config yaml for a random init when `pretrained` is None
+    tokenizer: str | None = None  # random init only: tokenizer folder; None = train one on the training texts
+    output_dir: str = "output/finetune"
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -208,7 +272,9 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
         close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
         if not close:
             leaf = str(key).rsplit(".", 1)[-1]
-            close = [c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)]
+            close = [
+                c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)
+            ]
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return ConfigError(f"unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
@@ -246,7 +312,9 @@ def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.merge(*layers, raw) if layers else raw
 
 
-def load_config(schema: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
+def load_config(
+    schema: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Any:
     """Build a typed config: dataclass defaults <- YAML file (with its defaults) <- ``key=value`` overrides.
 
     Returns the config as an instance-like OmegaConf object with the schema's type checking kept on.

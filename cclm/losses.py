@@ -20,14 +20,34 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = dist_info()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0; gradients flow back to every rank's slice."""
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, differentiably."""
     _, world = dist_info()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+    return _AllGatherWithGrad.apply(x)
 
 
 def gather_padded(x: torch.Tensor, pad_value: int | float = 0) -> torch.Tensor:
@@ -99,7 +119,9 @@ def sample_hard_negatives(
     return index, valid
 
 
-def matching_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_valid: torch.Tensor) -> torch.Tensor:
+def matching_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_valid: torch.Tensor
+) -> torch.Tensor:
     """2-way cross-entropy over B positive pairs (label 1) and the valid negative pairs (label 0)."""
     logits = torch.cat([pos_logits, neg_logits], dim=0).float()
     labels = torch.cat(

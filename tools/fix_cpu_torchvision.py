@@ -16,13 +16,13 @@ import subprocess
 import sys
 
 GUARD_NAME = "_cclm_register_fake_if_op_exists"
-GUARD = f'''
+GUARD = f"""
 def {GUARD_NAME}(name):  # added by cclm tools/fix_cpu_torchvision.py
     namespace, op = name.split("::")
     if not hasattr(getattr(torch.ops, namespace), op):
         return lambda fn: fn
     return torch.library.register_fake(name)
-'''
+"""
 
 
 def torchvision_imports() -> bool:

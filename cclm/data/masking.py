@@ -30,7 +30,9 @@ class MaskingSpec:
     @classmethod
     def from_tokenizer(cls, tokenizer, **cfg) -> MaskingSpec:
         special = tuple(sorted(set(tokenizer.all_special_ids)))
-        return cls(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, **cfg)
+        return cls(
+            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, **cfg
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -45,27 +47,37 @@ def _maskable(input_ids: torch.Tensor, spec: MaskingSpec) -> torch.Tensor:
     return ~torch.isin(input_ids, special)
 
 
-def _choose_tokens(maskable: torch.Tensor, spec: MaskingSpec, generator: torch.Generator | None) -> torch.Tensor:
+def _choose_tokens(
+    maskable: torch.Tensor, spec: MaskingSpec, generator: torch.Generator | None
+) -> torch.Tensor:
     probs = torch.full(maskable.shape, spec.mask_prob)
     return (torch.bernoulli(probs, generator=generator) > 0) & maskable
 
 
-def _choose_spans(maskable: torch.Tensor, spec: MaskingSpec, generator: torch.Generator | None) -> torch.Tensor:
-    # Span starts with probability p / mean_length; each span extends a geometric number of tokens, so the
-    # expected masked fraction stays ~p. Vectorised by cumulative "remaining length" along the sequence.
+def _choose_spans(
+    maskable: torch.Tensor, spec: MaskingSpec, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Cut each row's maskable tokens into consecutive chunks of geometric length (mean ``span_mean_length``),
+    then take chunks in random order until ``mask_prob`` of the row is covered (the last chunk is cut to fit).
+    Vectorised over the batch; the per-row budget uses stochastic rounding so the ratio holds on average."""
     batch, length = maskable.shape
-    start_prob = min(1.0, spec.mask_prob / spec.span_mean_length)
-    starts = (torch.rand(batch, length, generator=generator) < start_prob) & maskable
-    geo_p = 1.0 / spec.span_mean_length
+    n_maskable = maskable.sum(dim=1)
+    budget = torch.floor(n_maskable * spec.mask_prob + torch.rand(batch, generator=generator)).long()
+    order = torch.cumsum(maskable.long(), dim=1) - 1  # index among the row's maskable tokens
     u = torch.rand(batch, length, generator=generator).clamp_min(1e-12)
-    lengths = (torch.floor(torch.log(u) / torch.log(torch.tensor(1.0 - geo_p))) + 1).long() * starts
-    chosen = torch.zeros_like(maskable)
-    remaining = torch.zeros(batch, dtype=torch.long)
-    for pos in range(length):  # loop over positions (<= max_length), not over samples
-        remaining = torch.maximum(remaining, lengths[:, pos])
-        chosen[:, pos] = remaining > 0
-        remaining = (remaining - 1).clamp_min(0)
-    return chosen & maskable
+    geo_p = 1.0 / spec.span_mean_length
+    span_lengths = torch.floor(torch.log(u) / torch.log(torch.tensor(1.0 - geo_p))).long() + 1
+    boundaries = torch.cumsum(span_lengths, dim=1)
+    chunk = torch.searchsorted(boundaries, order.clamp_min(0), right=True)
+    chunk_score = torch.rand(batch, length + 1, generator=generator)
+    score = torch.gather(chunk_score, 1, chunk.clamp_max(length)).masked_fill(~maskable, float("inf"))
+    sorted_scores = torch.sort(score, dim=1).values
+    threshold = torch.gather(sorted_scores, 1, (budget - 1).clamp_min(0)[:, None])
+    below = score < threshold
+    ties = score == threshold
+    still_needed = budget[:, None] - below.sum(dim=1, keepdim=True)
+    chosen = below | (ties & (torch.cumsum(ties.long(), dim=1) <= still_needed))
+    return chosen & maskable & (budget[:, None] > 0)
 
 
 def mask_tokens(
@@ -75,14 +87,18 @@ def mask_tokens(
     squeeze = input_ids.ndim == 1
     ids = input_ids.unsqueeze(0) if squeeze else input_ids
     maskable = _maskable(ids, spec)
-    chosen = _choose_spans(maskable, spec, generator) if spec.span else _choose_tokens(maskable, spec, generator)
+    chosen = (
+        _choose_spans(maskable, spec, generator) if spec.span else _choose_tokens(maskable, spec, generator)
+    )
     if spec.max_masks is not None:
         rank = torch.cumsum(chosen.long(), dim=1)
         chosen &= rank <= spec.max_masks
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     action = torch.rand(ids.shape, generator=generator)
     to_mask = chosen & (action < spec.mask_token_frac)
-    to_random = chosen & (action >= spec.mask_token_frac) & (action < spec.mask_token_frac + spec.random_token_frac)
+    to_random = (
+        chosen & (action >= spec.mask_token_frac) & (action < spec.mask_token_frac + spec.random_token_frac)
+    )
     masked = ids.clone()
     masked[to_mask] = spec.mask_token_id
     ordinary = _ordinary_ids(spec)

@@ -12,12 +12,18 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path = Path(name_or_path)
-    if path.exists() and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+    if (
+        path.exists()
+        and not (path / "tokenizer.json").exists()
+        and not (path / "tokenizer_config.json").exists()
+    ):
         raise FileNotFoundError(f"tokenizer folder {path} has no tokenizer.json / tokenizer_config.json")
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000, model_max_length: int = 512):
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000, model_max_length: int = 512
+):
     """Train a Unigram tokenizer (Metaspace pre-tokenisation, as XLM-R's SentencePiece) and save it as an HF
     ``PreTrainedTokenizerFast`` folder with XLM-R's special tokens and ids (<s>=0, <pad>=1, </s>=2, <unk>=3).
     Case and punctuation are kept; no language-specific pre-processing, so it works for zh/ja too."""

@@ -56,7 +56,9 @@ class CrossViewModel(nn.Module):
         for ids_key in ("text_layers", "fusion_layers"):
             bad = [i for i in getattr(cfg.text, ids_key) if not 0 <= i < n_layers]
             if bad:
-                raise ValueError(f"model.text.{ids_key}: layers {bad} do not exist in a {n_layers}-layer encoder")
+                raise ValueError(
+                    f"model.text.{ids_key}: layers {bad} do not exist in a {n_layers}-layer encoder"
+                )
         self.text = TextStack(encoder, list(cfg.text.text_layers))
         self.fusion = FusionStack(encoder, list(cfg.text.fusion_layers))
         hidden = encoder.config.hidden_size
@@ -67,14 +69,27 @@ class CrossViewModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
         self.itm_head = MatchingHead(hidden, encoder.config.layer_norm_eps)
         self.mlm_head = build_mlm_head(encoder.config, self.text.embeddings.word_embeddings)
-        for module in (self.image_to_fusion, self.vision_proj, self.text_proj, self.itm_head, self.mlm_head.dense,
-                       self.mlm_head.layer_norm):
+        for module in (
+            self.image_to_fusion,
+            self.vision_proj,
+            self.text_proj,
+            self.itm_head,
+            self.mlm_head.dense,
+            self.mlm_head.layer_norm,
+        ):
             module.apply(encoder._init_weights)
 
         # Record what is needed to rebuild this exact architecture without downloads.
         cfg.vision.tower = tower_cfg
         encoder_dict = encoder.config.to_diff_dict()
-        for key in ("architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype", "dtype"):
+        for key in (
+            "architectures",
+            "_name_or_path",
+            "transformers_version",
+            "model_type",
+            "torch_dtype",
+            "dtype",
+        ):
             encoder_dict.pop(key, None)
         cfg.text.encoder = encoder_dict
         self.cfg = cfg
@@ -130,7 +145,9 @@ class CrossViewModel(nn.Module):
         temp = self.clamped_temp()
         c_name, m_name, l_name = LOSS_NAMES[view]
         out = {
-            c_name: losses.contrastive_loss(memory_feat, query_feat, temp, obj.gather_features, obj.local_loss),
+            c_name: losses.contrastive_loss(
+                memory_feat, query_feat, temp, obj.gather_features, obj.local_loss
+            ),
             m_name: self._matching(
                 (query, text_mask, query_feat), (memory, memory_mask, memory_feat), temp, batch["group_ids"]
             ),
@@ -153,18 +170,29 @@ class CrossViewModel(nn.Module):
             cand_memory_feat = losses.gather_with_grad(memory_feat)
             cand_groups = losses.gather_with_grad(group_ids)
         else:
-            cand_query, cand_query_mask, cand_memory, cand_memory_mask = query, query_mask, memory, memory_mask
+            cand_query, cand_query_mask, cand_memory, cand_memory_mask = (
+                query,
+                query_mask,
+                memory,
+                memory_mask,
+            )
             cand_query_feat, cand_memory_feat, cand_groups = query_feat, memory_feat, group_ids
         positives = losses.positive_mask(group_ids, cand_groups)
-        neg_memory, memory_valid = losses.sample_hard_negatives(query_feat @ cand_memory_feat.t() / temp, positives)
-        neg_query, query_valid = losses.sample_hard_negatives(memory_feat @ cand_query_feat.t() / temp, positives)
+        neg_memory, memory_valid = losses.sample_hard_negatives(
+            query_feat @ cand_memory_feat.t() / temp, positives
+        )
+        neg_query, query_valid = losses.sample_hard_negatives(
+            memory_feat @ cand_query_feat.t() / temp, positives
+        )
         tokens = _cat_padded([query, query, cand_query[neg_query]])
         masks = _cat_padded([query_mask, query_mask, cand_query_mask[neg_query]])
         mem = _cat_padded([memory, cand_memory[neg_memory], memory])
         mem_masks = _cat_padded([memory_mask, cand_memory_mask[neg_memory], memory_mask])
         logits = self.itm_logits(self.fuse(tokens, masks, mem, mem_masks))
         batch_size = query.shape[0]
-        return losses.matching_loss(logits[:batch_size], logits[batch_size:], torch.cat([memory_valid, query_valid]))
+        return losses.matching_loss(
+            logits[:batch_size], logits[batch_size:], torch.cat([memory_valid, query_valid])
+        )
 
     def _mlm(self, mlm_ids, mask, labels, memory, memory_mask) -> torch.Tensor:
         """Conditional MLM: the masked query attends to the unmasked other view; only masked positions count."""

@@ -12,8 +12,12 @@ class MatchingHead(nn.Module):
 
     def __init__(self, hidden: int, eps: float = 1e-12):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=eps), nn.GELU(),
-                                 nn.Linear(2 * hidden, 2))
+        self.net = nn.Sequential(
+            nn.Linear(hidden, 2 * hidden),
+            nn.LayerNorm(2 * hidden, eps=eps),
+            nn.GELU(),
+            nn.Linear(2 * hidden, 2),
+        )
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.net(cls)

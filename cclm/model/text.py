@@ -16,7 +16,9 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 
 
-def load_encoder(name_or_path: str | None, overrides: dict[str, Any], attn_implementation: str) -> XLMRobertaModel:
+def load_encoder(
+    name_or_path: str | None, overrides: dict[str, Any], attn_implementation: str
+) -> XLMRobertaModel:
     """The full HF encoder, pretrained when a name/path is given, else random from ``overrides``."""
     if name_or_path:
         return XLMRobertaModel.from_pretrained(
@@ -69,7 +71,10 @@ class FusionStack(nn.Module):
         for i in layer_ids:
             layer = XLMRobertaLayer(config, layer_idx=i)
             missing, unexpected = layer.load_state_dict(encoder.encoder.layer[i].state_dict(), strict=False)
-            assert not unexpected and all(k.startswith("crossattention.") for k in missing), (missing, unexpected)
+            assert not unexpected and all(k.startswith("crossattention.") for k in missing), (
+                missing,
+                unexpected,
+            )
             layer.crossattention.apply(encoder._init_weights)
             self.layers.append(layer)
         self.gradient_checkpointing = False
@@ -89,12 +94,16 @@ class FusionStack(nn.Module):
         self_mask = additive_mask(attention_mask, hidden.dtype)
         cross_mask = additive_mask(memory_mask, hidden.dtype)
         for layer in self.layers:
-            hidden = _run(layer, self.gradient_checkpointing and self.training, hidden, self_mask, memory, cross_mask)
+            hidden = _run(
+                layer, self.gradient_checkpointing and self.training, hidden, self_mask, memory, cross_mask
+            )
         return hidden
 
 
 def _run(layer: nn.Module, checkpoint: bool, hidden, mask, memory=None, memory_mask=None) -> torch.Tensor:
-    kwargs = {} if memory is None else {"encoder_hidden_states": memory, "encoder_attention_mask": memory_mask}
+    kwargs = (
+        {} if memory is None else {"encoder_hidden_states": memory, "encoder_attention_mask": memory_mask}
+    )
     if checkpoint:
         return torch.utils.checkpoint.checkpoint(
             lambda h, m: layer(h, attention_mask=m, **kwargs), hidden, mask, use_reentrant=False

@@ -23,7 +23,9 @@ def resolve_open_clip_vision_cfg(name: str) -> tuple[dict[str, Any], int]:
     import open_clip
 
     if name.startswith("local-dir:"):
-        model_cfg = json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())["model_cfg"]
+        model_cfg = json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())[
+            "model_cfg"
+        ]
     elif name.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 

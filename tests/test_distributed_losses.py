@@ -1,0 +1,69 @@
+"""2 gloo ranks x batch b give the same contrastive loss and gradients as 1 rank x batch 2b."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from cclm import losses
+
+N, D, IN = 8, 6, 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x_img = torch.randn(N, IN, generator=g)
+    x_txt = torch.randn(N, IN, generator=g)
+    weight = torch.randn(D, IN, generator=g)
+    return x_img, x_txt, weight
+
+
+def _loss(x_img, x_txt, weight, local_loss):
+    img = F.normalize(x_img @ weight.t(), dim=-1)
+    txt = F.normalize(x_txt @ weight.t(), dim=-1)
+    return losses.contrastive_loss(img, txt, 0.1, gather=True, local_loss=local_loss)
+
+
+def _worker(rank, world, port, local_loss, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x_img, x_txt, weight = _data()
+    shard = slice(rank * N // world, (rank + 1) * N // world)
+    weight = weight.clone().requires_grad_()
+    loss = _loss(x_img[shard], x_txt[shard], weight, local_loss)
+    loss.backward()
+    # What DDP/DeepSpeed do with gradients and what a trainer logs: the mean over ranks.
+    grad = weight.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    value /= world
+    if rank == 0:
+        queue.put((value.item(), grad.tolist()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_gathered_contrastive_loss_matches_single_process(local_loss):
+    x_img, x_txt, weight = _data()
+    weight = weight.clone().requires_grad_()
+    reference = _loss(x_img, x_txt, weight, local_loss)
+    reference.backward()
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_worker, args=(2, _free_port(), local_loss, queue), nprocs=2, start_method="spawn")
+    value, grad = queue.get(timeout=60)
+    assert abs(value - reference.item()) < 1e-6
+    assert torch.allclose(torch.tensor(grad), weight.grad, atol=1e-6)
