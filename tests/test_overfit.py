@@ -62,7 +62,7 @@ def test_tiny_model_overfits_both_views(tiny_model_cfg, tiny_tokenizer):
     batches = _batches(tiny_tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     first, last = {}, {}
-    for step in range(300):
+    for _step in range(300):
         for view, batch in batches.items():
             out = model(batch, view)
             optimizer.zero_grad()
