@@ -1,0 +1,75 @@
+"""``cclm finetune CONFIG [key=value ...]`` and ``cclm evaluate CONFIG checkpoint=DIR [key=value ...]`` for the
+IGLUE tasks and easy-VQA (configs in ``configs/finetune/``). Results: ``<output_dir>/results/<task>/``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from cclm.config import ConfigError, FinetuneConfig, load_config, require
+
+USAGE_FINETUNE = (
+    "usage: cclm finetune configs/finetune/<task>.yaml [protocol=zero_shot|few_shot] [key=value ...]"
+)
+USAGE_EVALUATE = (
+    "usage: cclm evaluate configs/finetune/<task>.yaml checkpoint=DIR [protocol=zero_shot|translate_test]"
+)
+
+
+def _load(args: list[str], usage: str):
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        print(usage, file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
+        return None
+    cfg = load_config(FinetuneConfig, args[0], args[1:])
+    require(cfg, "task")
+    return cfg
+
+
+def _report(tables: dict) -> None:
+    for protocol, table in tables.items():
+        average = table["average_non_english"]
+        summary = ", ".join(f"{k} {v:.2f}" for k, v in average.items()) if average else "no non-English rows"
+        print(
+            f"{table['task']} {protocol}: {len(table['rows'])} language(s); average over non-English: {summary}"
+        )
+
+
+def _run(argv: list[str], command: str, usage: str) -> int:
+    from cclm.tasks import protocols
+    from cclm.tasks.annotations import AnnotationError
+    from cclm.tasks.images import MissingImageError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = argv[1:] if argv and argv[0] == command else argv
+    try:
+        cfg = _load(args, usage)
+        if cfg is None:
+            return 0 if args and args[0] in ("-h", "--help") else 2
+        if command == "evaluate":
+            tables = protocols.evaluate_checkpoint(cfg)
+        elif cfg.protocol == "few_shot":
+            tables = protocols.run_few_shot(cfg)
+        elif cfg.protocol == "zero_shot":
+            tables = protocols.run_zero_shot(cfg)
+        else:
+            print(
+                "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
+                " (zero-shot fine-tuning also writes it when data.translate_test is set)",
+                file=sys.stderr,
+            )
+            return 2
+    except (ConfigError, AnnotationError, MissingImageError, ValueError, KeyError) as err:
+        print(f"cclm {command}: {err}", file=sys.stderr)
+        return 1
+    _report(tables)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``cclm finetune``: argv[0] is the command name."""
+    return _run(argv, "finetune", USAGE_FINETUNE)
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``cclm evaluate`` of a fine-tuning config (the evaluation CLI delegates here); argv[0] may be 'evaluate'."""
+    return _run(argv, "evaluate", USAGE_EVALUATE)

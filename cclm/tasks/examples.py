@@ -1,0 +1,65 @@
+"""What task loaders return: classification examples (one or two images + a text + a label) and retrieval sets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cclm.tasks.images import ImageRef
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    uid: str
+    text: str
+    images: tuple[ImageRef, ...]  # one image (XVNLI, xGQA) or (left, right) (MaRVL, NLVR2)
+    label: int
+    language: str
+
+
+@dataclass
+class ClassificationData:
+    file: str
+    examples: list[ClassificationExample]
+    records: int  # annotation records read (lines; xGQA questions), including skipped ones
+    image_refs: set[ImageRef]  # every image the file references
+    languages: set[str]
+    skipped: Counter = field(default_factory=Counter)  # reason -> records left out (e.g. no gold label)
+
+
+@dataclass
+class RetrievalData:
+    """Images and captions of a retrieval file: ``text_image[j]`` is the index of caption j's image."""
+
+    file: str
+    images: list[ImageRef]
+    image_ids: list[str | int]
+    texts: list[str]
+    text_image: list[int]
+    languages: set[str]
+
+    @property
+    def records(self) -> int:  # annotation records = captions
+        return len(self.texts)
+
+    @property
+    def image_refs(self) -> set[ImageRef]:
+        return set(self.images)
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter()
+
+    def truncated(self, max_images: int) -> RetrievalData:
+        """The first ``max_images`` images and their captions (smoke runs)."""
+        if max_images <= 0 or max_images >= len(self.images):
+            return self
+        keep = [j for j, i in enumerate(self.text_image) if i < max_images]
+        return RetrievalData(
+            self.file,
+            self.images[:max_images],
+            self.image_ids[:max_images],
+            [self.texts[j] for j in keep],
+            [self.text_image[j] for j in keep],
+            self.languages,
+        )

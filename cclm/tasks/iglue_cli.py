@@ -1,0 +1,114 @@
+"""``cclm iglue inspect --task TASK FILE...``: one JSON line per annotation file with its counts.
+``cclm iglue check-images CONFIG [key=value ...]`` or ``cclm iglue check-images --task TASK --root NAME=DIR FILE...``:
+list every missing image, before any training starts (exit status 1 when some are missing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cclm.tasks import TASKS, get_task
+from cclm.tasks.annotations import AnnotationError
+from cclm.tasks.images import missing_images
+
+INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
+
+
+def inspect_file(task: str, path: str) -> dict:
+    """``file``, ``task``, ``examples`` (annotation records: XVNLI/MaRVL/WIT lines, xGQA questions, xFlickr&CO
+    captions), ``images`` (distinct images referenced), ``languages``; also records skipped for training."""
+    data = get_task(task).read(path)
+    return {
+        "file": str(path),
+        "task": task,
+        "examples": data.records,
+        "images": len(data.image_refs),
+        "languages": sorted(data.languages),
+        "skipped": dict(data.skipped),
+    }
+
+
+def _inspect(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cclm iglue inspect")
+    parser.add_argument("--task", required=True, choices=INSPECTABLE)
+    parser.add_argument("files", nargs="+")
+    opts = parser.parse_args(args)
+    status = 0
+    for path in opts.files:
+        try:
+            print(json.dumps(inspect_file(opts.task, path), ensure_ascii=False))
+        except AnnotationError as err:
+            print(f"cclm iglue inspect: {err}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _files_of_config(cfg) -> list[str]:
+    data = cfg.data
+    return [
+        *data.train,
+        *data.dev,
+        *data.test.values(),
+        *data.translate_test.values(),
+        *data.few_shot_train.values(),
+        *data.few_shot_dev.values(),
+    ]
+
+
+def _check_images(args: list[str]) -> int:
+    if args and not args[0].startswith("-"):  # a fine-tuning config and overrides
+        from cclm.config import FinetuneConfig, load_config
+
+        cfg = load_config(FinetuneConfig, args[0], args[1:])
+        task, files, roots = cfg.task, _files_of_config(cfg), dict(cfg.data.image_roots)
+        label_names = None
+    else:
+        parser = argparse.ArgumentParser(prog="cclm iglue check-images")
+        parser.add_argument("--task", required=True, choices=sorted(TASKS))
+        parser.add_argument(
+            "--root",
+            action="append",
+            default=[],
+            metavar="NAME=DIR",
+            help="image folder by name (flickr30k, coco, gqa, marvl, nlvr2, wit); repeatable",
+        )
+        parser.add_argument("files", nargs="+")
+        opts = parser.parse_args(args)
+        bad = [r for r in opts.root if "=" not in r]
+        if bad:
+            parser.error(f"--root must look like NAME=DIR, got {bad}")
+        task, files, roots, label_names = (
+            opts.task,
+            opts.files,
+            dict(r.split("=", 1) for r in opts.root),
+            None,
+        )
+    module = get_task(task)
+    refs = set()
+    try:
+        for path in files:
+            refs |= module.read(path, label_names).image_refs
+        missing = missing_images(refs, roots)
+    except (AnnotationError, KeyError) as err:
+        print(f"cclm iglue check-images: {err}", file=sys.stderr)
+        return 1
+    for path in missing:
+        print(path)
+    sys.stdout.flush()
+    print(f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def main(argv: list[str]) -> int:
+    args = argv[1:] if argv and argv[0] == "iglue" else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    sub, rest = args[0], args[1:]
+    if sub == "inspect":
+        return _inspect(rest)
+    if sub == "check-images":
+        return _check_images(rest)
+    print(f"cclm iglue: unknown subcommand '{sub}' (inspect, check-images)", file=sys.stderr)
+    return 2

@@ -1,0 +1,67 @@
+"""MaRVL (and its English training source NLVR2): is a caption true of a pair of images? Binary.
+
+MaRVL records: ``caption``, ``left_img``/``right_img``, ``concept``, ``language``, ``label`` (bool); images at
+``<image_roots.marvl>/<language>/images/<concept>/<file>`` (few-shot files already name ``<concept>/<file>``).
+NLVR2 records: ``sentence``, ``identifier`` (``test1-0-1-0``), ``label`` ("True"/"False"), optional
+``directory`` (train); images at ``<image_roots.nlvr2>/<split>/[<directory>/]<split>-0-1-img0.png`` as released.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_jsonl
+from cclm.tasks.examples import ClassificationData, ClassificationExample
+from cclm.tasks.images import ImageRef
+
+KIND = "pair"
+METRIC = "accuracy"
+LABELS = ["false", "true"]
+_TRUTH = {True: 1, False: 0, "true": 1, "false": 0, "True": 1, "False": 0}
+
+
+def labels(data_cfg=None) -> list[str]:
+    return list(LABELS)
+
+
+def _marvl_images(record: dict[str, Any], where: str) -> tuple[ImageRef, ImageRef]:
+    language = field(record, "language", where)
+    concept = field(record, "concept", where)
+    refs = []
+    for key in ("left_img", "right_img"):
+        name = str(field(record, key, where))
+        relative = name if "/" in name else f"{concept}/{name}"
+        refs.append(ImageRef("marvl", f"{language}/images/{relative}"))
+    return refs[0], refs[1]
+
+
+def _nlvr2_images(record: dict[str, Any], where: str) -> tuple[ImageRef, ImageRef]:
+    identifier = str(field(record, "identifier", where))
+    stem = identifier.rsplit("-", 1)[0]
+    split = stem.split("-", 1)[0]
+    folder = f"{split}/{record['directory']}" if "directory" in record else split
+    return ImageRef("nlvr2", f"{folder}/{stem}-img0.png"), ImageRef("nlvr2", f"{folder}/{stem}-img1.png")
+
+
+def read(path: str | Path, label_names: list[str] | None = None, max_examples: int = 0) -> ClassificationData:
+    default_language = language_from_path(path)
+    examples, refs, languages, records = [], set(), set(), 0
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        records += 1
+        if "caption" in record:
+            images, text = _marvl_images(record, where), record["caption"]
+            language = record.get("language", default_language)
+        else:
+            images, text, language = _nlvr2_images(record, where), field(record, "sentence", where), "en"
+        refs.update(images)
+        languages.add(language)
+        label = field(record, "label", where)
+        if not isinstance(label, (bool, str)) or label not in _TRUTH:
+            raise AnnotationError(f"{where}: unknown label {label!r} (expected true/false)")
+        if max_examples and len(examples) >= max_examples:
+            continue
+        uid = str(record.get("id", record.get("identifier", f"{Path(path).name}:{number}")))
+        examples.append(ClassificationExample(uid, text, images, _TRUTH[label], language))
+    return ClassificationData(str(path), examples, records, refs, languages)

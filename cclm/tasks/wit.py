@@ -1,0 +1,35 @@
+"""WIT (Wikipedia-based image text): retrieval with one caption (``caption_reference_description``) per line.
+
+As in IGLUE, each line is its own image entry (the same picture on two pages makes two entries), so an image's
+only correct caption is the one on its line. Images: ``<image_roots.wit>/<file name of image_url>`` (URL-decoded),
+as they are saved when downloaded from the URL list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from cclm.tasks.annotations import field, language_from_path, read_jsonl
+from cclm.tasks.examples import RetrievalData
+from cclm.tasks.images import ImageRef
+
+KIND = "retrieval"
+METRIC = "recall@1"
+
+
+def image_ref(url: str) -> ImageRef:
+    return ImageRef("wit", unquote(Path(urlparse(url).path).name))
+
+
+def read(path: str | Path, label_names=None, max_examples: int = 0) -> RetrievalData:
+    default_language = language_from_path(path)
+    images, ids, texts, languages = [], [], [], set()
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        images.append(image_ref(str(field(record, "image_url", where))))
+        ids.append(str(record.get("wit_ix", f"{Path(path).name}:{number}")))
+        texts.append(str(field(record, "caption_reference_description", where)))
+        languages.add(record.get("language", default_language))
+    data = RetrievalData(str(path), images, ids, texts, list(range(len(texts))), languages)
+    return data.truncated(max_examples)

@@ -1,0 +1,48 @@
+"""XVNLI (cross-lingual visual NLI): a Flickr30k image as premise, ``sentence2`` as hypothesis, 3 classes.
+
+Files: SNLI-VE-style jsonl (``gold_label``, ``sentence2``, ``Flikr30kID`` -- IGLUE's spelling). Records whose
+``gold_label`` is ``-`` (no annotator consensus, as in SNLI) are skipped and counted; any other unknown label
+fails. Images: ``<image_roots.flickr30k>/<Flikr30kID>.jpg``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_jsonl
+from cclm.tasks.examples import ClassificationData, ClassificationExample
+from cclm.tasks.images import ImageRef
+
+KIND = "single"
+METRIC = "accuracy"
+LABELS = ["contradiction", "neutral", "entailment"]
+NO_GOLD_LABEL = "-"
+
+
+def labels(data_cfg=None) -> list[str]:
+    return list(LABELS)
+
+
+def read(path: str | Path, label_names: list[str] | None = None, max_examples: int = 0) -> ClassificationData:
+    index = {name: i for i, name in enumerate(label_names or LABELS)}
+    language = language_from_path(path)
+    examples, refs, skipped, records = [], set(), Counter(), 0
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        records += 1
+        image = ImageRef("flickr30k", f"{field(record, 'Flikr30kID', where)}.jpg")
+        refs.add(image)
+        label = field(record, "gold_label", where)
+        if label == NO_GOLD_LABEL:
+            skipped["no gold label ('-')"] += 1
+            continue
+        if label not in index:
+            raise AnnotationError(f"{where}: unknown label '{label}' (expected one of {sorted(index)})")
+        if max_examples and len(examples) >= max_examples:
+            continue
+        uid = str(record.get("pairID", f"{Path(path).name}:{number}"))
+        examples.append(
+            ClassificationExample(uid, field(record, "sentence2", where), (image,), index[label], language)
+        )
+    return ClassificationData(str(path), examples, records, refs, {language}, skipped)
