@@ -1,0 +1,385 @@
+"""Retrieval test sets: one in-memory format (:class:`RetrievalSet`) and loaders for the standard benchmarks.
+
+Formats (``RetrievalDataConfig.format``):
+  lines      -- an image list file plus, per language, one or more caption files aligned line by line with it
+                (Multi30K test_2016_flickr: 1 file per language, 5 for the en/de "task 2" captions; XTD10).
+  json       -- per language, a JSON list of {"image": path, "caption": str | [str], "image_id"?} as used by
+                ALBEF/X-VLM/CCLM (MSCOCO Karpathy test en, the STAIR ja 1k/5k files, any custom set).
+  id_tsv     -- per language, lines "IMAGE_ID#N<TAB>caption" (COCO-CN's human-written captions), an optional
+                file of the image ids of the split, and ``image_template`` to find the image of an id.
+  xm3600     -- XM3600's captions.jsonl ({"image/key": ..., "<lang>": {"caption": [...]}}) + images/<key>.jpg.
+  demo_world -- the synthetic world's held-out folder: retrieval.jsonl with
+                {"image": relative path, "image_id": str, "captions": {"<lang>": [...]}} per line.
+  python:MODULE:FUNCTION -- any other loader, called as FUNCTION(data_cfg, lang) -> RetrievalSet (e.g. the IGLUE
+                xFlickr&CO and WIT readers in ``cclm.tasks``).
+Images are keyed on their id as a string (Flickr ids are strings, COCO ids ints: both become str keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image
+
+
+@dataclass
+class RetrievalSet:
+    """A retrieval test set in one language: the gallery images, the captions and who belongs to whom.
+
+    ``txt2img[t]`` is the index of the image of caption t; ``img2txt[i]`` the indices of image i's captions."""
+
+    name: str
+    lang: str
+    images: list[ImageLike]
+    texts: list[str]
+    txt2img: list[int]
+    img2txt: list[list[int]]
+    image_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        where = f"retrieval set {self.name}/{self.lang}"
+        if not self.images or not self.texts:
+            raise ValueError(f"{where} is empty ({len(self.images)} images, {len(self.texts)} captions)")
+        if len(self.txt2img) != len(self.texts) or len(self.img2txt) != len(self.images):
+            raise ValueError(f"{where}: txt2img/img2txt do not match the numbers of captions and images")
+        if self.image_ids and len(self.image_ids) != len(self.images):
+            raise ValueError(f"{where}: {len(self.image_ids)} image ids for {len(self.images)} images")
+        for i, texts in enumerate(self.img2txt):
+            if not texts:
+                raise ValueError(f"{where}: image {self.image_key(i)} has no caption")
+            for t in texts:
+                if not 0 <= t < len(self.texts) or self.txt2img[t] != i:
+                    raise ValueError(f"{where}: img2txt[{i}] lists caption {t}, whose txt2img is not {i}")
+        if sum(len(t) for t in self.img2txt) != len(self.texts):
+            raise ValueError(f"{where}: some captions are not listed in img2txt")
+
+    def image_key(self, i: int) -> str:
+        return self.image_ids[i] if self.image_ids else str(self.images[i])
+
+    def subset(self, image_indices: Sequence[int], name: str | None = None) -> RetrievalSet:
+        """The set restricted to some images (and their captions), e.g. one fold of MSCOCO 5k."""
+        images, texts, txt2img, img2txt, ids = [], [], [], [], []
+        for new_i, i in enumerate(image_indices):
+            images.append(self.images[i])
+            if self.image_ids:
+                ids.append(self.image_ids[i])
+            img2txt.append(list(range(len(texts), len(texts) + len(self.img2txt[i]))))
+            for t in self.img2txt[i]:
+                texts.append(self.texts[t])
+                txt2img.append(new_i)
+        return RetrievalSet(name or self.name, self.lang, images, texts, txt2img, img2txt, ids)
+
+    def folds(self, n_folds: int) -> list[RetrievalSet]:
+        """Consecutive equal folds of the images (MSCOCO 1k = the 5k test split in 5 folds of 1,000)."""
+        if n_folds <= 1:
+            return [self]
+        if len(self.images) % n_folds:
+            raise ValueError(f"{len(self.images)} images do not split into {n_folds} equal folds")
+        size = len(self.images) // n_folds
+        return [self.subset(range(f * size, (f + 1) * size), f"{self.name}[fold{f}]") for f in range(n_folds)]
+
+    @classmethod
+    def from_entries(cls, name: str, lang: str, entries: Iterable[tuple[ImageLike, str, Sequence[str]]]):
+        """Build from (image, image_id, captions) entries; entries with the same image id are merged, and images
+        without any non-empty caption are skipped with a counted warning."""
+        by_key: dict[str, tuple[ImageLike, list[str]]] = {}
+        for image, image_id, captions in entries:
+            key = str(image_id)
+            if key not in by_key:
+                by_key[key] = (image, [])
+            by_key[key][1].extend(c for c in captions if isinstance(c, str) and c.strip())
+        images, ids, texts, txt2img, img2txt = [], [], [], [], []
+        skipped = 0
+        for key, (image, captions) in by_key.items():
+            if not captions:
+                skipped += 1
+                continue
+            img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+            txt2img.extend([len(images)] * len(captions))
+            texts.extend(captions)
+            images.append(image)
+            ids.append(key)
+        if skipped:
+            logger.warning("%s/%s: skipped %d images without a caption in this language", name, lang, skipped)
+        return cls(name, lang, images, texts, txt2img, img2txt, ids)
+
+
+# ------------------------------------------------------------------------------------------------- images
+def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch.Tensor:
+    """A path or PIL image -> uint8 [3, S, S] tensor: RGB, bicubic resize to the model's square input (the usual
+    retrieval evaluation transform; the model normalises). An unreadable file raises an error naming it."""
+    if isinstance(image, torch.Tensor):
+        if (
+            image.dtype != torch.uint8
+            or image.ndim != 3
+            or tuple(image.shape[1:]) != (image_size, image_size)
+        ):
+            raise ValueError(
+                f"image tensors must be uint8 [3, {image_size}, {image_size}], got {image.dtype} "
+                f"{tuple(image.shape)}"
+            )
+        return image
+    if isinstance(image, Image.Image):
+        pil = image
+    else:
+        try:
+            with Image.open(image) as opened:
+                pil = opened.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {image}") from None
+        except (OSError, Image.UnidentifiedImageError) as err:
+            raise ValueError(f"cannot decode image {image}: {err}") from None
+    pil = pil.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+@dataclass
+class RetrievalDataConfig:
+    format: str = MISSING  # lines | json | id_tsv | xm3600 | demo_world | python:MODULE:FUNCTION
+    root: str = MISSING  # folder of the annotation files; relative file names below resolve against it
+    image_root: str | None = None  # folder of the images (default: root)
+    languages: list[str] = field(default_factory=list)  # empty = every language the files provide
+    images_file: str | None = None  # lines: one image path (relative to image_root) per line
+    captions: dict[str, list[str]] = field(default_factory=dict)  # lines / json / id_tsv: lang -> file(s)
+    split_file: str | None = None  # id_tsv: image ids of the split, one per line (default: every id)
+    image_template: str = "{id}.jpg"  # id_tsv: image path from its id; {coco_split} = train2014/val2014
+    folds: int = 1  # report the mean over this many consecutive image folds (MSCOCO 1k: 5)
+    max_images: int = 0  # > 0: first N images only (smoke runs; never for reported numbers)
+    options: dict[str, Any] = field(default_factory=dict)  # extra arguments of a python: loader
+
+
+def _path(base: str | Path, name: str | Path) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else Path(base) / path
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"file not found: {path}")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _lang_files(cfg, lang: str) -> list[Path]:
+    if lang not in cfg.captions:
+        raise ValueError(f"unknown language '{lang}' for this data set; it has {sorted(cfg.captions)}")
+    files = cfg.captions[lang]
+    files = [files] if isinstance(files, str) else list(files)
+    return [_path(cfg.root, f) for f in files]
+
+
+def load_lines(cfg, lang: str, name: str) -> RetrievalSet:
+    image_root = cfg.image_root or cfg.root
+    if not cfg.images_file:
+        raise ValueError("format 'lines' needs data.images_file (one image path per line)")
+    images = [line.strip() for line in _read_lines(_path(cfg.root, cfg.images_file)) if line.strip()]
+    columns = []
+    for path in _lang_files(cfg, lang):
+        lines = _read_lines(path)
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if len(lines) != len(images):
+            raise ValueError(
+                f"{path} has {len(lines)} captions for {len(images)} images in {cfg.images_file}"
+            )
+        columns.append(lines)
+    entries = ((_path(image_root, img), img, [col[i] for col in columns]) for i, img in enumerate(images))
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+def load_json(cfg, lang: str, name: str) -> RetrievalSet:
+    image_root = cfg.image_root or cfg.root
+    entries = []
+    for path in _lang_files(cfg, lang):
+        if not path.exists():
+            raise FileNotFoundError(f"file not found: {path}")
+        items = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} entries")
+        for n, item in enumerate(items):
+            if "image" not in item or "caption" not in item:
+                raise ValueError(f"{path}: entry {n} lacks 'image' or 'caption'")
+            captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+            entries.append(
+                (_path(image_root, item["image"]), str(item.get("image_id", item["image"])), captions)
+            )
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+def _coco_split(image_id: str) -> str:
+    for split in ("train2014", "val2014", "test2014", "train2017", "val2017"):
+        if split in image_id:
+            return split
+    return ""
+
+
+def load_id_tsv(cfg, lang: str, name: str) -> RetrievalSet:
+    image_root = cfg.image_root or cfg.root
+    captions: dict[str, list[str]] = {}
+    for path in _lang_files(cfg, lang):
+        for n, line in enumerate(_read_lines(path), 1):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{n}: expected 'IMAGE_ID#N<TAB>caption'")
+            key, caption = line.split("\t", 1)
+            captions.setdefault(key.split("#", 1)[0].strip(), []).append(caption.strip())
+    ids = list(captions)
+    if cfg.split_file:
+        ids = [line.strip() for line in _read_lines(_path(cfg.root, cfg.split_file)) if line.strip()]
+        missing = [i for i in ids if i not in captions]
+        if missing:
+            logger.warning(
+                "%s/%s: %d images of the split have no caption (e.g. %s)",
+                name,
+                lang,
+                len(missing),
+                missing[0],
+            )
+    entries = (
+        (
+            _path(image_root, cfg.image_template.format(id=i, coco_split=_coco_split(i))),
+            i,
+            captions.get(i, []),
+        )
+        for i in ids
+    )
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+def _jsonl(path: Path) -> Iterable[dict]:
+    for n, line in enumerate(_read_lines(path), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+
+
+def _known_languages(records: list[dict], key: str | None) -> set[str]:
+    langs = set()
+    for rec in records:
+        langs.update((rec[key] if key else rec).keys())
+    return langs
+
+
+def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
+    path = _path(
+        cfg.root, cfg.captions.get("all", ["captions.jsonl"])[0] if cfg.captions else "captions.jsonl"
+    )
+    records = list(_jsonl(path))
+    langs = _known_languages(records, None) - {"image/key"}
+    if lang not in langs:
+        raise ValueError(f"unknown language '{lang}' for XM3600 ({path} has {sorted(langs)})")
+    image_root = cfg.image_root or _path(cfg.root, "images")
+    entries = (
+        (_path(image_root, f"{rec['image/key']}.jpg"), rec["image/key"], rec.get(lang, {}).get("caption", []))
+        for rec in records
+    )
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
+    root = Path(cfg.root)
+    path = root / "retrieval.jsonl" if root.is_dir() or not root.suffix else root
+    records = list(_jsonl(path))
+    langs = _known_languages(records, "captions")
+    if lang not in langs:
+        raise ValueError(f"unknown language '{lang}' for {path} (it has {sorted(langs)})")
+    image_root = cfg.image_root or path.parent
+    entries = (
+        (_path(image_root, rec["image"]), str(rec["image_id"]), rec["captions"].get(lang, []))
+        for rec in records
+    )
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+LOADERS = {
+    "lines": load_lines,
+    "json": load_json,
+    "id_tsv": load_id_tsv,
+    "xm3600": load_xm3600,
+    "demo_world": load_demo_world,
+}
+
+
+def available_languages(cfg) -> list[str]:
+    """Languages the data config provides (its ``languages`` if given)."""
+    if cfg.languages:
+        return list(cfg.languages)
+    if cfg.format == "demo_world":
+        root = Path(cfg.root)
+        records = list(_jsonl(root / "retrieval.jsonl" if root.is_dir() or not root.suffix else root))
+        return sorted(_known_languages(records, "captions"))
+    if cfg.format == "xm3600":
+        path = _path(
+            cfg.root, cfg.captions.get("all", ["captions.jsonl"])[0] if cfg.captions else "captions.jsonl"
+        )
+        return sorted(_known_languages(list(_jsonl(path)), None) - {"image/key"})
+    if cfg.captions:
+        return list(cfg.captions)
+    raise ValueError(f"data config of format '{cfg.format}' names no languages; set data.languages")
+
+
+def load_retrieval_set(cfg, lang: str, name: str = "retrieval") -> RetrievalSet:
+    """The test set of one language described by a :class:`RetrievalDataConfig`."""
+    fmt = cfg.format
+    if fmt.startswith("python:"):
+        module_name, _, fn_name = fmt[len("python:") :].partition(":")
+        loader = getattr(importlib.import_module(module_name), fn_name)
+        result = loader(cfg, lang)
+    elif fmt in LOADERS:
+        result = LOADERS[fmt](cfg, lang, name)
+    else:
+        raise ValueError(
+            f"unknown retrieval data format '{fmt}'; expected one of {sorted(LOADERS)} or python:M:F"
+        )
+    if not isinstance(result, RetrievalSet):
+        raise TypeError(f"loader '{fmt}' returned {type(result).__name__}, not a RetrievalSet")
+    if cfg.max_images:
+        result = result.subset(range(min(cfg.max_images, len(result.images))))
+    return result
+
+
+def load_heldout_sets(
+    folders: dict[str, str], languages: Sequence[str] = ()
+) -> dict[str, list[RetrievalSet]]:
+    """The demo-world held-out folders named in ``EvalConfig.datasets`` (name -> folder), one set per language
+    (all languages of the folder, or the given ones)."""
+    out: dict[str, list[RetrievalSet]] = {}
+    for name, folder in folders.items():
+        cfg = RetrievalDataConfig(format="demo_world", root=str(folder), languages=list(languages))
+        out[name] = [load_retrieval_set(cfg, lang, name) for lang in available_languages(cfg)]
+    return out
+
+
+def write_results(rows: dict[str, dict[str, float]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``{name}.json`` and ``{name}.csv`` (one row per language) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+    json_path.write_text(json.dumps(rows, indent=2))
+    keys = list(next(iter(rows.values())).keys()) if rows else []
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["language", *keys])
+        for lang, metrics in rows.items():
+            writer.writerow([lang, *(f"{metrics[k]:.2f}" for k in keys)])
+    return json_path, csv_path

@@ -1,0 +1,478 @@
+"""Image-text retrieval: recall metrics, and the two-stage ITC -> ITM evaluation.
+
+Two stages, as in ALBEF/X-VLM/CCLM, but batched across queries:
+  1. every image and every caption is embedded once (batched, under ``torch.inference_mode``, bf16 on GPU);
+     the ITC similarities are computed in blocks of queries, never the whole matrix at once, keeping each query's
+     top-k candidates and the ITC rank of its gold items;
+  2. the (query, candidate) pairs of all queries are pooled, de-duplicated across the two directions, sorted by
+     caption length (so each batch is padded only to its own longest caption) and re-scored by the ITM head.
+Candidates outside a query's top-k rank below all re-scored ones, in their ITC order; so a gold item outside the
+top-k has its ITC rank (> k) and is a miss for every R@K with K <= k. With ``k = n`` this is full ITM ranking.
+
+Ranks are 1-based. Ties count against the query: a query's rank is 1 + the number of non-gold candidates that
+score at least as high as its best gold candidate (a constant scorer therefore gets chance-level recall, not
+100%). An image query's gold items are all its captions; a caption query's gold item is its image.
+
+On several ranks (``torch.distributed`` initialised) each rank embeds a slice of the images and captions (the
+embeddings are all-gathered), scores a slice of the queries of both directions, and the ranks are gathered, so
+every rank returns the same metrics as a single process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+RECALL_AT = (1, 5, 10)
+METRIC_KEYS = (
+    "txt_r1",
+    "txt_r5",
+    "txt_r10",
+    "txt_r_mean",
+    "img_r1",
+    "img_r5",
+    "img_r10",
+    "img_r_mean",
+    "r_mean",
+    "txt_medr",
+    "txt_meanr",
+    "img_medr",
+    "img_meanr",
+)
+# Upper bound on the elements of one block of the similarity matrix (64 MiB of fp32).
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def _to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return torch.as_tensor(np.asarray(x))
+
+
+def gold_matrix(gold: Sequence[Any], n_candidates: int | None = None) -> torch.Tensor:
+    """Gold candidates per query as a [n_queries, max_gold] long tensor padded with -1.
+
+    ``gold[q]`` is one index or a list of indices (an image's captions)."""
+    lists = [[int(g)] if np.ndim(g) == 0 else [int(x) for x in g] for g in gold]
+    if any(len(g) == 0 for g in lists):
+        empty = next(q for q, g in enumerate(lists) if not g)
+        raise ValueError(f"query {empty} has no gold candidate")
+    width = max((len(g) for g in lists), default=1)
+    out = torch.full((len(lists), width), -1, dtype=torch.long)
+    for q, g in enumerate(lists):
+        out[q, : len(g)] = torch.tensor(g, dtype=torch.long)
+    if n_candidates is not None and len(lists) and (out.max() >= n_candidates):
+        raise ValueError(f"gold index {int(out.max())} out of range for {n_candidates} candidates")
+    return out
+
+
+def _gold_mask(gold: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[b, max_gold] padded gold indices -> [b, n_candidates] boolean mask."""
+    mask = torch.zeros(gold.shape[0], n_candidates + 1, dtype=torch.bool, device=gold.device)
+    mask.scatter_(1, torch.where(gold < 0, n_candidates, gold), True)
+    return mask[:, :n_candidates]
+
+
+def ranks_from_scores(scores: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:
+    """Rank of each query's best gold candidate: 1 + #non-gold candidates scoring >= the best gold score."""
+    best_gold = scores.masked_fill(~gold_mask, float("-inf")).amax(dim=1, keepdim=True)
+    return 1 + ((scores >= best_gold) & ~gold_mask).sum(dim=1)
+
+
+def metrics_from_ranks(i2t_ranks: Any, t2i_ranks: Any) -> dict[str, float]:
+    """Recall@1/5/10 (percent), their means, and the median / mean rank, from 1-based ranks.
+
+    ``i2t_ranks``: per image query (text retrieval, ``txt_*``); ``t2i_ranks``: per caption query (``img_*``)."""
+    out: dict[str, float] = {}
+    for prefix, ranks in (("txt", _to_tensor(i2t_ranks)), ("img", _to_tensor(t2i_ranks))):
+        ranks = ranks.double()
+        for k in RECALL_AT:
+            out[f"{prefix}_r{k}"] = 100.0 * (ranks <= k).double().mean().item()
+        out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
+        out[f"{prefix}_medr"] = float(np.median(ranks.numpy()))
+        out[f"{prefix}_meanr"] = ranks.mean().item()
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return {key: out[key] for key in METRIC_KEYS}
+
+
+def itm_metrics(
+    scores_i2t: Any, scores_t2i: Any, txt2img: Sequence[Any], img2txt: Sequence[Any]
+) -> dict[str, float]:
+    """Retrieval metrics from dense score matrices (arrays or tensors).
+
+    ``scores_i2t`` [n_images, n_texts] (text retrieval, image queries), ``scores_t2i`` [n_texts, n_images];
+    ``txt2img[t]`` the gold image of text t, ``img2txt[i]`` the list of gold texts of image i. Returns the
+    percentages ``txt_r1 ... img_r_mean, r_mean`` plus ``*_medr`` / ``*_meanr`` (an image's rank is the best rank
+    of its gold texts). Vectorised: no Python loop over queries."""
+    s_i2t, s_t2i = _to_tensor(scores_i2t).double(), _to_tensor(scores_t2i).double()
+    n_images, n_texts = s_i2t.shape
+    if s_t2i.shape != (n_texts, n_images):
+        raise ValueError(f"scores_t2i has shape {tuple(s_t2i.shape)}, expected {(n_texts, n_images)}")
+    if len(img2txt) != n_images or len(txt2img) != n_texts:
+        raise ValueError(
+            f"{len(img2txt)} img2txt / {len(txt2img)} txt2img entries for a {n_images}x{n_texts} matrix"
+        )
+    i2t = ranks_from_scores(s_i2t, _gold_mask(gold_matrix(img2txt, n_texts), n_texts))
+    t2i = ranks_from_scores(s_t2i, _gold_mask(gold_matrix(txt2img, n_images), n_images))
+    return metrics_from_ranks(i2t, t2i)
+
+
+# ---------------------------------------------------------------------------------------------- stage 1: ITC
+@dataclass
+class TopK:
+    """Per query: the top-k candidates by ITC, their ITC scores, and the ITC rank of the best gold item."""
+
+    indices: torch.Tensor  # [n_queries, k] long
+    scores: torch.Tensor  # [n_queries, k] float
+    itc_ranks: torch.Tensor  # [n_queries] long
+
+
+def itc_topk(
+    query_feats: torch.Tensor,
+    candidate_feats: torch.Tensor,
+    gold: torch.Tensor,
+    k: int,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> TopK:
+    """Top-k candidates of every query by cosine similarity, computed in blocks of query rows so that at most
+    ``block_elements`` similarities exist at a time. ``gold`` is the [n_queries, max_gold] padded gold matrix."""
+    n_queries, n_candidates = query_feats.shape[0], candidate_feats.shape[0]
+    k = min(k, n_candidates)
+    rows = max(1, block_elements // max(1, n_candidates))
+    indices, scores, ranks = [], [], []
+    gold = gold.to(query_feats.device)
+    for start in range(0, n_queries, rows):
+        sims = (query_feats[start : start + rows] @ candidate_feats.t()).float()
+        ranks.append(ranks_from_scores(sims, _gold_mask(gold[start : start + rows], n_candidates)))
+        top = sims.topk(k, dim=1)
+        indices.append(top.indices)
+        scores.append(top.values)
+    device = query_feats.device
+    if not indices:
+        empty = torch.empty(0, k, device=device)
+        return TopK(empty.long(), empty, torch.empty(0, dtype=torch.long, device=device))
+    return TopK(torch.cat(indices), torch.cat(scores), torch.cat(ranks))
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+@dataclass
+class Embeddings:
+    """Everything the two stages need about a gallery; tokens are None when ITM re-ranking is off."""
+
+    image_feats: torch.Tensor  # [n_images, E]
+    text_feats: torch.Tensor  # [n_texts, E]
+    image_tokens: torch.Tensor | None = None  # [n_images, 1+N, H]
+    text_tokens: torch.Tensor | None = None  # [n_texts, L, H]
+    text_masks: torch.Tensor | None = None  # [n_texts, L]
+
+    @property
+    def text_lengths(self) -> torch.Tensor:
+        assert self.text_masks is not None
+        return self.text_masks.sum(dim=1)
+
+
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on GPU ("auto" or "bf16"), plain fp32 otherwise."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"eval precision must be auto, bf16 or fp32, got '{precision}'")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The contiguous slice of ``n`` rows that ``rank`` handles (ceil-sized chunks, in rank order)."""
+    chunk = math.ceil(n / world) if n else 0
+    return range(min(n, rank * chunk), min(n, (rank + 1) * chunk))
+
+
+def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
+    """All-gather the per-rank slices made by :func:`shard_range` back into the full [n_total, ...] tensor."""
+    rank, world = dist_info()
+    if world == 1:
+        return local
+    chunk = math.ceil(n_total / world) if n_total else 0
+    padded = local.new_zeros((chunk, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    if dist.get_backend() == "gloo" and padded.dtype == torch.bfloat16:  # gloo cannot reduce/gather bf16
+        parts = [torch.empty_like(padded, dtype=torch.float32) for _ in range(world)]
+        dist.all_gather(parts, padded.float())
+        parts = [p.to(torch.bfloat16) for p in parts]
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n_total]
+
+
+@torch.inference_mode()
+def embed_images(
+    model,
+    images: Sequence[Any],
+    load_image,
+    batch_size: int,
+    device,
+    keep_tokens: bool,
+    num_workers: int = 0,
+    precision: str = "auto",
+):
+    """Embed ``images`` (anything ``load_image`` turns into a uint8 [3,H,W] tensor) in batches.
+
+    Returns (tokens or None, feats) for the given images, in order."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        _MappedList(images, load_image), batch_size=batch_size, num_workers=num_workers, shuffle=False
+    )
+    tokens, feats = [], []
+    with autocast_context(device, precision):
+        for batch in loader:
+            tok, feat = model.encode_image(batch.to(device, non_blocking=True))
+            feats.append(feat)
+            if keep_tokens:
+                tokens.append(tok)
+    return (torch.cat(tokens) if tokens else None), (torch.cat(feats) if feats else None)
+
+
+class _MappedList(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Any], fn):
+        self.items, self.fn = items, fn
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.fn(self.items[i])
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of every text, truncated to ``max_length`` tokens (never whitespace words)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+
+@torch.inference_mode()
+def embed_texts(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    device,
+    keep_tokens: bool,
+    width: int | None = None,
+    precision: str = "auto",
+):
+    """Embed pre-tokenised texts in batches of similar length (each padded only to its own longest text).
+
+    Returns (tokens [n, width, H] or None, masks [n, width] or None, feats [n, E]) in the input order;
+    ``width`` defaults to the longest text."""
+    device = torch.device(device)
+    n = len(token_ids)
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+    width = int(width or (lengths.max().item() if n else 1))
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    tokens = masks = feats = None
+    with autocast_context(device, precision):
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            longest = int(lengths[idx].max())
+            ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), longest), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : lengths[i]] = torch.tensor(token_ids[i], dtype=torch.long)
+                mask[row, : lengths[i]] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            tok, feat = model.encode_text(ids, mask)
+            if feats is None:
+                feats = feat.new_zeros((n, feat.shape[1]))
+                if keep_tokens:
+                    tokens = tok.new_zeros((n, width, tok.shape[2]))
+                    masks = torch.zeros((n, width), dtype=torch.long, device=device)
+            where = torch.tensor(idx, device=device)
+            feats[where] = feat
+            if keep_tokens:
+                tokens[where, :longest] = tok
+                masks[where, :longest] = mask
+    return tokens, masks, feats
+
+
+# ---------------------------------------------------------------------------------------------- stage 2: ITM
+@torch.inference_mode()
+def itm_scores(
+    model,
+    emb: Embeddings,
+    image_idx: torch.Tensor,
+    text_idx: torch.Tensor,
+    batch_size: int,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """ITM match logits (index 1 of the head) of the pairs (image_idx[j], text_idx[j]), batched.
+
+    Pairs are sorted by caption length so that each batch is padded only to its own longest caption."""
+    if emb.image_tokens is None or emb.text_tokens is None:
+        raise ValueError("ITM scoring needs embeddings computed with keep_tokens=True")
+    device = emb.image_tokens.device
+    image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+    lengths = emb.text_lengths[text_idx]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.empty(len(order), dtype=torch.float32, device=device)
+    memory_mask = torch.ones((batch_size, emb.image_tokens.shape[1]), dtype=torch.long, device=device)
+    with autocast_context(device, precision):
+        for start in range(0, len(order), batch_size):
+            sel = order[start : start + batch_size]
+            txt, img = text_idx[sel], image_idx[sel]
+            longest = int(lengths[sel].max())
+            fused = model.fuse(
+                emb.text_tokens[txt, :longest],
+                emb.text_masks[txt, :longest],
+                emb.image_tokens[img],
+                memory_mask[: len(sel)],
+            )
+            out[sel] = model.itm_logits(fused)[:, 1].float()
+    return out
+
+
+def rerank(
+    model,
+    emb: Embeddings,
+    i2t: TopK,
+    t2i: TopK,
+    image_queries: torch.Tensor,
+    text_queries: torch.Tensor,
+    batch_size: int,
+    itc_weight: float = 0.0,
+    precision: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-score every query's top-k with ITM (+ ``itc_weight`` x ITC). Pairs that occur in both directions are
+    scored once. Returns the new [n_queries, k] scores of the i2t and t2i top-k lists."""
+    n_texts = emb.text_feats.shape[0]
+    device = i2t.indices.device
+    img_a = image_queries.to(device)[:, None].expand_as(i2t.indices).reshape(-1)
+    txt_a = i2t.indices.reshape(-1)
+    txt_b = text_queries.to(device)[:, None].expand_as(t2i.indices).reshape(-1)
+    img_b = t2i.indices.reshape(-1)
+    keys = torch.cat([img_a * n_texts + txt_a, img_b * n_texts + txt_b])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    scores = itm_scores(model, emb, unique // n_texts, unique % n_texts, batch_size, precision)[inverse]
+    i2t_scores = scores[: txt_a.numel()].view_as(i2t.scores) + itc_weight * i2t.scores.float()
+    t2i_scores = scores[txt_a.numel() :].view_as(t2i.scores) + itc_weight * t2i.scores.float()
+    return i2t_scores, t2i_scores
+
+
+def ranks_after_rerank(top: TopK, rerank_scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Final rank of each query: its rank among the re-scored top-k when a gold item is in it, else its ITC rank
+    (every top-k candidate then ranks above the gold items, the rest keep their ITC order)."""
+    gold = gold.to(top.indices.device)
+    in_top = (top.indices[:, :, None] == gold[:, None, :]).any(dim=2)  # [n, k]; padding -1 never matches
+    topk_ranks = ranks_from_scores(rerank_scores, in_top)
+    return torch.where(in_top.any(dim=1), topk_ranks, top.itc_ranks)
+
+
+# ------------------------------------------------------------------------------------------------- together
+@dataclass
+class RetrievalOutput:
+    metrics: dict[str, float]
+    i2t_ranks: torch.Tensor  # [n_images], 1-based
+    t2i_ranks: torch.Tensor  # [n_texts]
+
+
+def two_stage_ranks(
+    model,
+    emb: Embeddings,
+    txt2img: Sequence[Any],
+    img2txt: Sequence[Any],
+    k: int,
+    rerank_batch_size: int = 256,
+    do_rerank: bool = True,
+    itc_weight: float = 0.0,
+    precision: str = "auto",
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> RetrievalOutput:
+    """Stage 1 (ITC top-k) and stage 2 (ITM re-ranking) over embeddings already computed for the whole gallery.
+
+    This rank scores its slice of the image queries and of the caption queries; ranks are gathered."""
+    rank, world = dist_info()
+    n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
+    gold_i2t, gold_t2i = gold_matrix(img2txt, n_texts), gold_matrix(txt2img, n_images)
+    my_images = torch.tensor(shard_range(n_images, rank, world), dtype=torch.long)
+    my_texts = torch.tensor(shard_range(n_texts, rank, world), dtype=torch.long)
+    i2t = itc_topk(emb.image_feats[my_images], emb.text_feats, gold_i2t[my_images], k, block_elements)
+    t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements)
+    if do_rerank and k > 0:
+        i2t_scores, t2i_scores = rerank(
+            model, emb, i2t, t2i, my_images, my_texts, rerank_batch_size, itc_weight, precision
+        )
+        i2t_ranks = ranks_after_rerank(i2t, i2t_scores, gold_i2t[my_images])
+        t2i_ranks = ranks_after_rerank(t2i, t2i_scores, gold_t2i[my_texts])
+    else:
+        i2t_ranks, t2i_ranks = i2t.itc_ranks, t2i.itc_ranks
+    i2t_ranks = gather_rows(i2t_ranks, n_images).cpu()
+    t2i_ranks = gather_rows(t2i_ranks, n_texts).cpu()
+    return RetrievalOutput(metrics_from_ranks(i2t_ranks, t2i_ranks), i2t_ranks, t2i_ranks)
+
+
+def embed_gallery(
+    model,
+    images: Sequence[Any],
+    token_ids: Sequence[Sequence[int]],
+    load_image,
+    pad_id: int,
+    batch_size: int,
+    device,
+    keep_tokens: bool,
+    num_workers: int = 0,
+    precision: str = "auto",
+) -> Embeddings:
+    """Embed all images and (pre-tokenised) captions; on several ranks each embeds its slice and all get all."""
+    rank, world = dist_info()
+    n_images, n_texts = len(images), len(token_ids)
+    if min(n_images, n_texts) < world:
+        raise ValueError(f"{n_images} images / {n_texts} captions cannot be split over {world} ranks")
+    width = max(len(t) for t in token_ids)
+    img_part, txt_part = shard_range(n_images, rank, world), shard_range(n_texts, rank, world)
+    image_tokens, image_feats = embed_images(
+        model,
+        images[img_part.start : img_part.stop],
+        load_image,
+        batch_size,
+        device,
+        keep_tokens,
+        num_workers,
+        precision,
+    )
+    text_tokens, text_masks, text_feats = embed_texts(
+        model,
+        token_ids[txt_part.start : txt_part.stop],
+        pad_id,
+        batch_size,
+        device,
+        keep_tokens,
+        width,
+        precision,
+    )
+    gather_img, gather_txt = (lambda t: gather_rows(t, n_images)), (lambda t: gather_rows(t, n_texts))
+    return Embeddings(
+        image_feats=gather_img(image_feats),
+        text_feats=gather_txt(text_feats),
+        image_tokens=gather_img(image_tokens) if keep_tokens else None,
+        text_tokens=gather_txt(text_tokens) if keep_tokens else None,
+        text_masks=gather_txt(text_masks) if keep_tokens else None,
+    )

@@ -1,0 +1,127 @@
+"""Evaluate a model on retrieval sets: the one code path used by ``cclm evaluate retrieval``, by periodic
+evaluation during pretraining, and by the demo."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets, load_image_tensor
+from cclm.evaluation.retrieval import RetrievalOutput, embed_gallery, tokenize_texts, two_stage_ranks
+
+logger = logging.getLogger(__name__)
+
+
+def run_retrieval(
+    model,
+    retrieval_set: RetrievalSet,
+    tokenizer,
+    eval_cfg,
+    image_size: int,
+    device=None,
+    rerank: bool | None = None,
+) -> RetrievalOutput:
+    """Two-stage (or ITC-only) retrieval on one set; returns metrics and per-query ranks.
+
+    ``eval_cfg`` is an :class:`cclm.config.EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``. The model is
+    put in eval mode for the call and its previous mode restored."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    do_rerank = eval_cfg.rerank if rerank is None else rerank
+    max_length = int(model.cfg.text.max_length)
+    token_ids = tokenize_texts(tokenizer, retrieval_set.texts, max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        emb = embed_gallery(
+            model,
+            retrieval_set.images,
+            token_ids,
+            functools.partial(load_image_tensor, image_size=image_size),
+            tokenizer.pad_token_id,
+            eval_cfg.batch_size,
+            device,
+            keep_tokens=do_rerank,
+            num_workers=eval_cfg.num_workers,
+            precision=eval_cfg.precision,
+        )
+        return two_stage_ranks(
+            model,
+            emb,
+            retrieval_set.txt2img,
+            retrieval_set.img2txt,
+            eval_cfg.k_test,
+            rerank_batch_size=eval_cfg.rerank_batch_size,
+            do_rerank=do_rerank,
+            itc_weight=eval_cfg.itc_weight_in_rerank,
+            precision=eval_cfg.precision,
+        )
+    finally:
+        model.train(was_training)
+
+
+def evaluate_retrieval(
+    model,
+    retrieval_set: RetrievalSet,
+    tokenizer,
+    eval_cfg,
+    image_size: int,
+    device=None,
+    rerank: bool | None = None,
+) -> dict[str, float]:
+    """Metrics (``txt_r1 ... r_mean``, median/mean ranks) of ``model`` on one retrieval set."""
+    return run_retrieval(model, retrieval_set, tokenizer, eval_cfg, image_size, device, rerank).metrics
+
+
+def evaluate_folds(
+    model, retrieval_set: RetrievalSet, folds: int, tokenizer, eval_cfg, image_size: int, device=None
+) -> dict[str, float]:
+    """Mean metrics over consecutive image folds (MSCOCO 1k protocol); one fold = the whole set."""
+    results = [
+        evaluate_retrieval(model, part, tokenizer, eval_cfg, image_size, device)
+        for part in retrieval_set.folds(folds)
+    ]
+    return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+
+
+def load_periodic_sets(eval_cfg) -> dict[str, list[RetrievalSet]]:
+    """The held-out sets named in ``EvalConfig.datasets`` (name -> demo-world held-out folder), loaded once."""
+    return load_heldout_sets(dict(eval_cfg.datasets), list(eval_cfg.languages))
+
+
+def evaluate_during_training(
+    model, sets: dict[str, list[RetrievalSet]], tokenizer, eval_cfg, image_size: int, device=None
+) -> dict[str, float]:
+    """Zero-shot retrieval on every held-out set and language, ITC-only unless ``eval_cfg.periodic_rerank``.
+
+    Returns flat scalars ``eval/<set>/<lang>/<metric>`` plus ``eval/<set>/mean/<metric>`` (mean over languages),
+    ready for TensorBoard and metrics.jsonl."""
+    out: dict[str, float] = {}
+    for name, per_lang in sets.items():
+        rows = {}
+        for retrieval_set in per_lang:
+            rows[retrieval_set.lang] = evaluate_retrieval(
+                model, retrieval_set, tokenizer, eval_cfg, image_size, device, rerank=eval_cfg.periodic_rerank
+            )
+        out.update(flatten_metrics({name: rows}))
+    return out
+
+
+def mean_over_languages(rows: dict[str, dict[str, float]], exclude: Sequence[str] = ()) -> dict[str, float]:
+    kept = [m for lang, m in rows.items() if lang not in exclude]
+    if not kept:
+        return {}
+    return {key: sum(m[key] for m in kept) / len(kept) for key in kept[0]}
+
+
+def flatten_metrics(results: dict[str, dict[str, dict[str, float]]], prefix: str = "eval") -> dict[str, Any]:
+    """{set: {lang: metrics}} -> {"eval/set/lang/metric": value}, with a "mean" pseudo-language per set."""
+    flat: dict[str, Any] = {}
+    for name, rows in results.items():
+        for lang, metrics in {**rows, "mean": mean_over_languages(rows)}.items():
+            for key, value in metrics.items():
+                flat[f"{prefix}/{name}/{lang}/{key}"] = value
+    return flat

@@ -1,0 +1,199 @@
+"""Two-stage retrieval: block-wise ITC, ITM re-ranking of the top-k, and the multi-rank split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cclm.config import EvalConfig, load_config
+from cclm.evaluation.datasets import RetrievalSet
+from cclm.evaluation.retrieval import (
+    Embeddings,
+    embed_gallery,
+    gold_matrix,
+    itc_topk,
+    itm_metrics,
+    ranks_from_scores,
+    tokenize_texts,
+    two_stage_ranks,
+)
+from cclm.evaluation.run import run_retrieval
+from cclm.model import CrossViewModel
+
+WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "big", "left", "right", "above"]
+
+
+def make_set(n_images: int, seed: int = 0) -> RetrievalSet:
+    rng = np.random.default_rng(seed)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)) for _ in range(n_images)]
+    entries = []
+    for i, image in enumerate(images):
+        captions = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(rng.integers(1, 4))]
+        entries.append((image, f"img{i}", captions))
+    return RetrievalSet.from_entries("random", "en", entries)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_cfg):
+    return CrossViewModel(tiny_model_cfg).eval()
+
+
+def gallery(model, rset, tokenizer) -> Embeddings:
+    ids = tokenize_texts(tokenizer, rset.texts, model.cfg.text.max_length)
+    return embed_gallery(
+        model, rset.images, ids, lambda x: x, tokenizer.pad_token_id, 7, "cpu", keep_tokens=True
+    )
+
+
+@torch.inference_mode()
+def full_itm_matrix(model, emb: Embeddings) -> torch.Tensor:
+    """Every (image, caption) pair through the fusion stack on its own, caption at its own length."""
+    n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
+    scores = torch.empty(n_images, n_texts)
+    for t in range(n_texts):
+        length = int(emb.text_masks[t].sum())
+        tokens = emb.text_tokens[t : t + 1, :length].expand(n_images, -1, -1)
+        mask = emb.text_masks[t : t + 1, :length].expand(n_images, -1)
+        fused = model.fuse(tokens, mask, emb.image_tokens)
+        scores[:, t] = model.itm_logits(fused)[:, 1]
+    return scores
+
+
+def test_blockwise_topk_equals_dense():
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(37, 16), dim=-1)
+    candidates = torch.nn.functional.normalize(torch.randn(53, 16), dim=-1)
+    gold = gold_matrix([[q % 53, (q * 7) % 53] for q in range(37)], 53)
+    dense = queries @ candidates.t()
+    gold_mask = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, gold, True)
+    dense_top = dense.topk(10, dim=1)
+    for block_elements in (1, 53 * 4, 10**9):  # one row per block, 4 rows, everything at once
+        top = itc_topk(queries, candidates, gold, k=10, block_elements=block_elements)
+        assert torch.equal(top.indices, dense_top.indices)
+        assert torch.allclose(top.scores, dense_top.values)
+        assert torch.equal(top.itc_ranks, ranks_from_scores(dense, gold_mask))
+
+
+@pytest.mark.parametrize("itc_weight", [0.0, 1.0])
+def test_two_stage_with_k_equal_n_is_full_itm_ranking(tiny_model, tiny_tokenizer, itc_weight):
+    rset = make_set(14)
+    emb = gallery(tiny_model, rset, tiny_tokenizer)
+    itm = full_itm_matrix(tiny_model, emb)
+    itc = emb.image_feats @ emb.text_feats.t()
+    dense = itm + itc_weight * itc
+    expected = itm_metrics(dense, dense.t(), rset.txt2img, rset.img2txt)
+    n = max(len(rset.images), len(rset.texts))
+    out = two_stage_ranks(
+        tiny_model, emb, rset.txt2img, rset.img2txt, k=n, rerank_batch_size=5, itc_weight=itc_weight
+    )
+    assert out.metrics == pytest.approx(expected)
+    # Same per-query ranks too, not only the same averages.
+    i2t_gold = torch.zeros_like(dense, dtype=torch.bool)
+    for i, texts in enumerate(rset.img2txt):
+        i2t_gold[i, texts] = True
+    assert torch.equal(out.i2t_ranks, ranks_from_scores(dense, i2t_gold))
+    assert torch.equal(out.t2i_ranks, ranks_from_scores(dense.t(), i2t_gold.t()))
+    # Re-ranking changes the ranking: ITM is not the same order as ITC.
+    itc_only = two_stage_ranks(tiny_model, emb, rset.txt2img, rset.img2txt, k=n, do_rerank=False)
+    assert itc_only.metrics == pytest.approx(itm_metrics(itc, itc.t(), rset.txt2img, rset.img2txt))
+
+
+class OracleMatcher(torch.nn.Module):
+    """A stand-in model whose ITM head knows the answer: text token value == image token value."""
+
+    def fuse(self, tokens, mask, memory, memory_mask=None):
+        match = (tokens[:, 0, 0] == memory[:, 0, 0]).float()
+        return torch.stack([match, -match], dim=1)[:, None, :]
+
+    def itm_logits(self, fused):
+        return torch.stack([-fused[:, 0, 0], fused[:, 0, 0]], dim=1)
+
+
+def test_small_k_gold_outside_top_k_is_a_miss():
+    n_images, k = 30, 5
+    torch.manual_seed(1)
+    txt2img = [i // 2 for i in range(2 * n_images)]  # 2 captions per image
+    img2txt = [[2 * i, 2 * i + 1] for i in range(n_images)]
+    image_feats = torch.nn.functional.normalize(torch.randn(n_images, 8), dim=-1)
+    text_feats = torch.nn.functional.normalize(torch.randn(2 * n_images, 8), dim=-1)
+    emb = Embeddings(
+        image_feats=image_feats,
+        text_feats=text_feats,
+        image_tokens=torch.arange(n_images, dtype=torch.float)[:, None, None].expand(-1, 3, 4).clone(),
+        text_tokens=torch.tensor(txt2img, dtype=torch.float)[:, None, None].expand(-1, 2, 4).clone(),
+        text_masks=torch.ones(2 * n_images, 2, dtype=torch.long),
+    )
+    itc = image_feats @ text_feats.t()
+    out = two_stage_ranks(OracleMatcher(), emb, txt2img, img2txt, k=k, rerank_batch_size=7)
+    itc_i2t = itm_metrics(itc, itc.t(), txt2img, img2txt)
+    for i in range(n_images):
+        itc_rank = int(
+            ranks_from_scores(
+                itc[i : i + 1], torch.isin(torch.arange(2 * n_images), torch.tensor(img2txt[i]))[None]
+            )
+        )
+        if itc_rank <= k:  # the oracle re-ranker puts the gold first
+            assert out.i2t_ranks[i] == 1
+        else:  # never re-scored: stays below all k re-scored candidates, at its ITC rank
+            assert out.i2t_ranks[i] == itc_rank > k
+    for t in range(2 * n_images):
+        itc_rank = 1 + int((itc[:, t] >= itc[txt2img[t], t]).sum()) - 1
+        assert out.t2i_ranks[t] == (1 if itc_rank <= k else itc_rank)
+    assert out.metrics["txt_r1"] == pytest.approx(100.0 * (out.i2t_ranks == 1).float().mean().item())
+    hits = sum(
+        int(
+            ranks_from_scores(
+                itc[i : i + 1], torch.isin(torch.arange(2 * n_images), torch.tensor(img2txt[i]))[None]
+            )
+        )
+        <= k
+        for i in range(n_images)
+    )
+    assert 0 < hits < n_images  # the case is non-trivial: some golds inside, some outside the top-k
+    assert out.metrics["txt_r1"] == pytest.approx(100.0 * hits / n_images)
+    assert out.metrics["txt_r5"] == out.metrics["txt_r1"]  # outside the top-5 = a miss at R@5 too
+    assert out.metrics["txt_r10"] >= itc_i2t["txt_r10"] - 1e-9
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, model_dir: str, tok_dir: str, out_file: str):
+    import torch.distributed as dist
+
+    from cclm.data.tokenize import load_tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = CrossViewModel.from_pretrained(model_dir)
+        cfg = load_config(EvalConfig, None, ["k_test=6", "batch_size=4", "rerank_batch_size=9"])
+        out = run_retrieval(model, make_set(11, seed=3), load_tokenizer(tok_dir), cfg, image_size=32)
+        if rank == 0:
+            payload = {"metrics": out.metrics, "i2t": out.i2t_ranks.tolist(), "t2i": out.t2i_ranks.tolist()}
+            with open(out_file, "w") as handle:
+                json.dump(payload, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_same_metrics_as_one(tiny_model, tiny_tokenizer, tmp_path):
+    model_dir, tok_dir = tmp_path / "model", tmp_path / "tok"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(str(tok_dir))
+    cfg = load_config(EvalConfig, None, ["k_test=6", "batch_size=4", "rerank_batch_size=9"])
+    single = run_retrieval(
+        CrossViewModel.from_pretrained(model_dir), make_set(11, seed=3), tiny_tokenizer, cfg, 32
+    )
+    out_file = tmp_path / "ranks.json"
+    mp.spawn(
+        _two_rank_worker,
+        args=(2, str(tmp_path / "init"), str(model_dir), str(tok_dir), str(out_file)),
+        nprocs=2,
+        join=True,
+    )
+    multi = json.loads(out_file.read_text())
+    assert multi["i2t"] == single.i2t_ranks.tolist()
+    assert multi["t2i"] == single.t2i_ranks.tolist()
+    assert multi["metrics"] == pytest.approx(single.metrics)
