@@ -22,21 +22,32 @@ def load_tokenizer(name_or_path: str):
 
 
 def train_tokenizer(
-    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000, model_max_length: int = 512
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = 1000,
+    model_max_length: int = 512,
+    model: str = "unigram",
 ):
     """Train a Unigram tokenizer (Metaspace pre-tokenisation, as XLM-R's SentencePiece) and save it as an HF
     ``PreTrainedTokenizerFast`` folder with XLM-R's special tokens and ids (<s>=0, <pad>=1, </s>=2, <unk>=3).
-    Case and punctuation are kept; no language-specific pre-processing, so it works for zh/ja too."""
+    Case and punctuation are kept; no language-specific pre-processing, so it works for zh/ja too.
+    ``model="bpe"`` trains a BPE model with the same pre-tokenisation and special tokens instead."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.Unigram())
+    if model == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS, unk_token="<unk>", max_piece_length=12
+        )
+    elif model == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS)
+    else:
+        raise ValueError(f"unknown tokenizer model {model!r} (expected 'unigram' or 'bpe')")
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS, unk_token="<unk>", max_piece_length=12
-    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,256 @@
+"""``PretrainData``: the two training streams (image-caption, parallel text), their mixing, skip counts and
+exact-resume state. This is the one place that shows the whole data path:
+
+    shards ─► split by rank/worker ─► shuffle ─► PIL decode to the crop ─► flip/RandAugment ─► tokenise ─► mask
+           ─► batch (all in DataLoader workers) ─► next_batch(view), view_for_step(step) picks the view
+
+Resume guarantee. ``state_dict()`` records, per view, how many batches were taken and each worker's position
+(epoch, index in its shuffled stream) and skip counts; ``load_state_dict()`` on a freshly built object makes
+the next batches exactly those an uninterrupted run would have produced -- no repeats, no skips -- provided the
+seed, shard list, world size, rank and number of workers are the same. This holds in resampled mode too (its
+shard draws are seeded). If the topology changed, a non-resampled run refuses to resume (it could not keep the
+no-repeat promise); a resampled run warns and continues with a fresh stream seeded by (seed, batches taken),
+which is statistically equivalent but not the same sequence. State is per rank: save one per rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import random
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cclm.data.collate import Collator
+from cclm.data.examples import image_caption_example, parallel_example
+from cclm.data.masking import MaskingSpec
+from cclm.data.shards import expand_shards, read_sizes
+from cclm.data.stream import STREAM_KEY, ShardStream, StreamPlan, derive_seed
+from cclm.data.transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger("cclm.data")
+VIEWS = ("image", "text")
+STATE_VERSION = 1
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _fingerprint(urls: list[str]) -> str:
+    return hashlib.sha1("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()[:16]
+
+
+def _image_example(sample, rng, transform, allowed):
+    return image_caption_example(sample, transform, allowed, rng)
+
+
+def _text_example(sample, rng, allowed, swap):
+    return parallel_example(sample, allowed, swap, rng)
+
+
+class PretrainData:
+    """Batches of both views for pretraining; see the module docstring for the resume guarantee.
+
+    ``train=False`` gives the deterministic evaluation transform (shorter side + centre crop, no flip, no
+    RandAugment) and never swaps parallel sides; ``epochs`` limits the stream (None = endless).
+    """
+
+    def __init__(
+        self,
+        data_cfg,
+        tokenizer,
+        max_length: int,
+        image_size: int = 224,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 42,
+        train: bool = True,
+        epochs: int | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.cfg, self.seed, self.rank, self.world_size = data_cfg, seed, rank, world_size
+        self.num_workers = int(data_cfg.num_workers)
+        streams = {"image": data_cfg.image_caption, "text": data_cfg.parallel_text}
+        self.views = tuple(v for v in VIEWS if streams[v] is not None)
+        if not self.views:
+            raise ValueError("data: set data.image_caption.shards and/or data.parallel_text.shards")
+        self._stream_cfgs = {v: streams[v] for v in self.views}
+        masking = MaskingSpec.from_tokenizer(tokenizer, **dict(data_cfg.masking))
+        self._collator = Collator(tokenizer, max_length, masking)
+        if train:
+            transform = TrainTransform(
+                image_size, data_cfg.crop_scale_min, data_cfg.hflip, data_cfg.randaugment
+            )
+        else:
+            transform = EvalTransform(image_size)
+        self._transform, self._swap = transform, bool(data_cfg.swap_parallel) and train
+        self._epochs = epochs
+        self._urls = {}
+        for view in self.views:
+            try:
+                self._urls[view] = expand_shards(self._stream_cfgs[view].shards)
+            except (FileNotFoundError, ValueError) as err:
+                name = "image_caption" if view == "image" else "parallel_text"
+                raise type(err)(f"data.{name}.shards: {err}") from None
+        self._sizes = {v: read_sizes(u) for v, u in self._urls.items()}
+        self._reseed = 0
+        self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+        self._iters: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------ streams
+    def _stream(self, view: str) -> ShardStream:
+        cfg, state = self._stream_cfgs[view], self._state[view]
+        allowed = frozenset(cfg.languages or ())
+        logical = max(1, self.num_workers)
+        plan = StreamPlan(
+            view=view,
+            urls=self._urls[view],
+            sizes=self._sizes[view],
+            batch_size=int(cfg.batch_size),
+            seed=derive_seed(self.seed, self._reseed) if self._reseed else self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=logical,
+            shard_shuffle=bool(self.cfg.shard_shuffle),
+            shuffle_buffer=int(self.cfg.sample_shuffle_buffer),
+            resampled=bool(self.cfg.resampled),
+            epochs=self._epochs,
+            start={int(k): v for k, v in state["workers"].items()},
+            rotation=state["batches"] % logical,
+        )
+        if plan.split_by_sample:
+            log.warning(
+                "%s: %d shards for %d readers (ranks x workers): every reader scans all shards; write "
+                "more, smaller shards for efficiency",
+                view,
+                len(plan.urls),
+                plan.global_workers,
+            )
+        if view == "image":
+            make = functools.partial(_image_example, transform=self._transform, allowed=allowed)
+            collate = self._collator.image_batch
+        else:
+            make = functools.partial(_text_example, allowed=allowed, swap=self._swap)
+            collate = self._collator.text_batch
+        return ShardStream(plan, make, collate)
+
+    def _iterator(self, view: str):
+        if view not in self._iters:
+            stream = self._stream(view)
+            if self.num_workers == 0:
+                self._iters[view] = iter(stream)
+            else:
+                loader = DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=2,
+                    worker_init_fn=_worker_init,
+                    persistent_workers=False,
+                )
+                self._iters[view] = iter(loader)
+        return self._iters[view]
+
+    def next_batch(self, view: str) -> dict:
+        if view not in self.views:
+            raise ValueError(f"view '{view}' is not available (have {self.views})")
+        state = self._state[view]
+        while True:
+            batch = next(self._iterator(view))
+            meta = batch.pop(STREAM_KEY)
+            state["workers"][str(int(meta["worker"]))] = {
+                "epoch": int(meta["epoch"]),
+                "offset": int(meta["offset"]),
+                "skips": {k: int(v) for k, v in meta["skips"].items()},
+            }
+            if batch:  # an empty dict is a finite stream's trailer with its final skip counts
+                state["batches"] += 1
+                return batch
+
+    def view_for_step(self, step: int) -> str:
+        """The view of optimizer step ``step`` for the "alternate" schedule: a draw weighted by the streams'
+        ``weight``, a pure function of (seed, step) so a resumed run picks the same views."""
+        if len(self.views) == 1:
+            return self.views[0]
+        weights = [float(self._stream_cfgs[v].weight) for v in self.views]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"stream weights must be >= 0 with a positive sum, got {weights}")
+        draw = random.Random(derive_seed(self.seed, "view", int(step))).random() * sum(weights)
+        return self.views[0] if draw < weights[0] else self.views[1]
+
+    # -------------------------------------------------------------------------------------------- bookkeeping
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples by reason, summed over views and workers (as of the batches taken so far)."""
+        total: dict[str, int] = {}
+        for state in self._state.values():
+            for worker in state["workers"].values():
+                for reason, n in worker["skips"].items():
+                    total[reason] = total.get(reason, 0) + n
+        return dict(sorted(total.items()))
+
+    def _topology(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "resampled": bool(self.cfg.resampled),
+            "seed": self.seed,
+            "shards": {v: _fingerprint(u) for v, u in self._urls.items()},
+        }
+
+    def state_dict(self) -> dict:
+        import copy
+
+        return {
+            "version": STATE_VERSION,
+            "topology": self._topology(),
+            "reseed": self._reseed,
+            "views": copy.deepcopy(self._state),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
+        self.close()
+        saved, now = state["topology"], self._topology()
+        views = {v: s for v, s in state["views"].items() if v in self.views}
+        if saved != now:
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            if not self.cfg.resampled:
+                raise ValueError(
+                    f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
+                    "checkpoint (non-resampled mode promises no repeats/skips; restore the old "
+                    "setting, or use data.resampled=true)"
+                )
+            log.warning("data topology changed (%s): resampled stream restarts with a fresh seed", changed)
+            taken = sum(int(s["batches"]) for s in views.values())
+            self._reseed = derive_seed(int(state.get("reseed", 0)), taken) or 1
+            self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+            return
+        self._reseed = int(state.get("reseed", 0))
+        self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+        for view, s in views.items():
+            self._state[view] = {
+                "batches": int(s["batches"]),
+                "workers": {str(k): dict(w) for k, w in s["workers"].items()},
+            }
+
+    def close(self) -> None:
+        for it in self._iters.values():
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._iters.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to report to
+            pass

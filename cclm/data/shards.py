@@ -1,0 +1,296 @@
+"""The shard format, and reading/writing it.
+
+Both views are WebDataset tar shards (``{prefix}-{index:06d}.tar``) in one folder together with
+
+* ``sizes.json``: ``{"<shard file name>": samples}`` (the convention open_clip reads too);
+* ``manifest.json``: ``{"view", "languages": {lang: count}, "samples", "shards", "skipped", "command", ...}``.
+
+Samples (one tar member per extension, sharing the key; keys never contain dots):
+
+* image-caption: ``{key}.jpg`` (or png/webp) + ``{key}.json`` =
+  ``{"captions": {"en": "...", "de": ["...", "..."]}, ...}`` -- one or many captions in one or many languages;
+* parallel text: ``{key}.json`` = ``{"src": "...", "tgt": "...", "src_lang": "en", "tgt_lang": "de"}``.
+
+Reading is a plain stream (local files, ``pipe:`` commands, ``http(s)://`` through webdataset's ``gopen``, other
+``scheme://`` URLs through fsspec), so shards need not be local. A shard that ends early (truncated download,
+corrupt member) yields the samples before the damage and then one *tombstone* per missing sample (known from
+``sizes.json``), so the pipeline can count the loss exactly instead of silently dropping it.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import shlex
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import braceexpand
+
+SIZES_NAME = "sizes.json"
+MANIFEST_NAME = "manifest.json"
+VIEW_IMAGE_CAPTION = "image_caption"
+VIEW_PARALLEL = "parallel_text"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIP_KEY = "__skip__"
+FORMAT_VERSION = 1
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def safe_key(text: str) -> str:
+    """A sample key webdataset can group by: no dots, slashes or spaces (they are replaced by ``_``)."""
+    key = _KEY_UNSAFE.sub("_", text)
+    if not key:
+        raise ValueError(f"cannot make a sample key from {text!r}")
+    return key
+
+
+class ShardSink:
+    """Writes samples to ``{out_dir}/{prefix}-NNNNNN.tar``, starting a new shard at ``max_samples`` samples or
+    ``max_bytes`` bytes, and on :meth:`close` writes ``sizes.json`` and ``manifest.json``."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        view: str,
+        prefix: str = "shard",
+        max_samples: int = 10000,
+        max_bytes: int = 1 << 30,
+        command: str | None = None,
+    ):
+        if view not in (VIEW_IMAGE_CAPTION, VIEW_PARALLEL):
+            raise ValueError(f"unknown view {view!r}")
+        if max_samples < 1 or max_bytes < 1:
+            raise ValueError("shard limits must be positive")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob(f"{prefix}-*.tar"))
+        if existing:
+            raise FileExistsError(
+                f"{self.out_dir} already holds shards ({existing[0].name}); use a new folder"
+            )
+        self.view, self.prefix = view, prefix
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
+        self.sizes: dict[str, int] = {}
+        self.languages: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self._tar: tarfile.TarFile | None = None
+        self._name = ""
+        self._bytes = 0
+        self._keys: set[str] = set()
+
+    def _open_next(self) -> None:
+        self._close_current()
+        self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
+        self._tar = tarfile.open(self.out_dir / self._name, "w", format=tarfile.USTAR_FORMAT)
+        self.sizes[self._name] = 0
+        self._bytes = 0
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def write(self, key: str, members: dict[str, bytes], languages: list[str] | tuple[str, ...] = ()) -> None:
+        """Write one sample: ``members`` maps extension (``"jpg"``, ``"json"``) to bytes."""
+        if key != safe_key(key):
+            raise ValueError(f"sample key {key!r} must not contain dots, slashes or spaces (see safe_key)")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        self._keys.add(key)
+        size = sum(len(v) for v in members.values())
+        if (
+            self._tar is None
+            or self.sizes[self._name] >= self.max_samples
+            or (self.sizes[self._name] > 0 and self._bytes + size > self.max_bytes)
+        ):
+            self._open_next()
+        assert self._tar is not None
+        now = time.time()
+        for ext, data in members.items():
+            if not isinstance(data, bytes):
+                raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), now, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self._bytes += size
+        self.sizes[self._name] += 1
+        self.languages.update(languages)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        """Record input rows that were not written (reported in the manifest)."""
+        self.skipped[reason] += n
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes.values())
+
+    def close(self, extra: dict | None = None) -> dict:
+        self._close_current()
+        (self.out_dir / SIZES_NAME).write_text(json.dumps(self.sizes, indent=1))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "view": self.view,
+            "samples": self.count,
+            "shards": len(self.sizes),
+            "languages": dict(sorted(self.languages.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+            "command": self.command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        (self.out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        return manifest
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_current()
+
+
+# --------------------------------------------------------------------------------------------- shard lists
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a spec: patterns joined by ``::`` (or a list), each brace-expanded
+    (``data/shard-{000000..000099}.tar``); local entries may also be globs or a folder (all ``*.tar`` in it).
+    Raises a clear error for an empty spec or a local pattern that matches no file."""
+    parts = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    parts = [p.strip() for p in parts if p and p.strip()]
+    if not parts:
+        raise ValueError("empty shard specification")
+    urls: list[str] = []
+    for part in parts:
+        for url in braceexpand.braceexpand(part):
+            if _is_remote(url):
+                urls.append(url)
+                continue
+            path = Path(os.path.expanduser(url))
+            if path.is_dir():
+                found = sorted(str(p) for p in path.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"shard folder {path} contains no .tar files")
+                urls.extend(found)
+            elif any(c in url for c in "*?["):
+                found = sorted(glob.glob(os.path.expanduser(url)))
+                if not found:
+                    raise FileNotFoundError(f"shard pattern {url!r} matches no file")
+                urls.extend(found)
+            elif path.exists():
+                urls.append(str(path))
+            else:
+                raise FileNotFoundError(f"shard {url!r} does not exist (from pattern {part!r})")
+    return urls
+
+
+def read_sizes(urls: list[str]) -> dict[str, int | None]:
+    """Samples per shard from the ``sizes.json`` next to each local shard; ``None`` where unknown."""
+    cache: dict[Path, dict] = {}
+    sizes: dict[str, int | None] = {}
+    for url in urls:
+        if _is_remote(url):
+            sizes[url] = None
+            continue
+        folder = Path(url).parent
+        if folder not in cache:
+            sizes_file = folder / SIZES_NAME
+            cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+        value = cache[folder].get(Path(url).name)
+        sizes[url] = int(value) if value is not None else None
+    return sizes
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {folder} a cclm shard folder?")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------- raw reading
+def open_stream(url: str):
+    """A binary file object for a local path, ``pipe:`` command, http(s) URL, or any fsspec URL."""
+    import webdataset as wds
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if url.startswith("pipe:") or scheme in ("", "file", "http", "https"):
+        return wds.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    prefix = f"{directory}/{stem}" if directory else stem
+    return prefix, (ext.lower() if dot else "")
+
+
+def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
+    """Raw samples of one shard: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
+
+    If reading fails part-way (truncated or corrupt tar, unreadable stream), the complete samples before the damage
+    are yielded, then tombstones ``{"__skip__": reason, ...}``: ``expected - read`` of them when the shard size
+    is known, otherwise one. A shard that ends cleanly but short of ``expected`` yields ``truncated_shard``
+    tombstones for the difference.
+    """
+    count = 0
+    error: Exception | None = None
+    current: dict | None = None
+    try:
+        with open_stream(url) as fileobj:
+            stream = tarfile.open(fileobj=fileobj, mode="r|*")
+            for info in stream:
+                if not info.isreg():
+                    continue
+                prefix, ext = _split_name(info.name)
+                if prefix.startswith("__") or not ext:
+                    continue
+                if current is not None and prefix != current["__key__"]:
+                    yield current
+                    count += 1
+                    current = None
+                data = stream.extractfile(info).read()
+                if current is None:
+                    current = {"__key__": prefix, "__url__": url}
+                if ext in current:
+                    raise ValueError(f"duplicate member {info.name} in {url}")
+                current[ext] = data
+                stream.members = []
+        if current is not None:
+            yield current
+            count += 1
+            current = None
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        error = err
+    if error is not None:
+        missing = max(1, expected - count) if expected is not None else 1
+        detail = f"{url}: {type(error).__name__}: {error}"
+        for i in range(missing):
+            yield {
+                SKIP_KEY: "corrupt_shard",
+                "__key__": f"{url}#missing{i}",
+                "__url__": url,
+                "detail": detail,
+            }
+    elif expected is not None and count < expected:
+        for i in range(expected - count):
+            yield {
+                SKIP_KEY: "truncated_shard",
+                "__key__": f"{url}#missing{i}",
+                "__url__": url,
+                "detail": f"{url}: {count} of {expected} samples",
+            }

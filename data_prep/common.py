@@ -1,0 +1,155 @@
+"""What every converter shares: output options, the deterministic train/val split, de-duplication, the progress
+bar, parallel workers, and the closing summary."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cclm.data.languages import language_allowed, normalize_language
+from cclm.data.shards import ShardSink
+
+
+def add_output_options(parser: argparse.ArgumentParser, images: bool = False) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", required=True, help="output folder (must not hold shards yet)")
+    group.add_argument("--prefix", default="shard", help="shard file prefix (default: shard)")
+    group.add_argument("--shard-samples", type=int, default=10000, help="max samples per shard")
+    group.add_argument("--shard-bytes", type=float, default=1e9, help="max bytes per shard (default 1e9)")
+    group.add_argument("--languages", default="", help="comma-separated language filter (default: all)")
+    group.add_argument("--dedup", action="store_true", help="drop exact duplicate samples")
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of samples for OUT/val (deterministic by content); the rest go to OUT/train",
+    )
+    group.add_argument(
+        "--num-workers", type=int, default=0, help="processes for reading/encoding (0 = inline)"
+    )
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if images:
+        group.add_argument(
+            "--max-side",
+            type=int,
+            default=0,
+            help="re-encode images whose longer side exceeds this (0 = keep JPEGs as they are)",
+        )
+        group.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs")
+
+
+def language_filter(text: str) -> frozenset[str]:
+    langs = [c for c in (p.strip() for p in text.split(",")) if c]
+    bad = [c for c in langs if normalize_language(c) is None]
+    if bad:
+        raise ValueError(f"--languages: unknown language code(s) {bad}")
+    return frozenset(normalize_language(c) for c in langs)  # type: ignore[misc]
+
+
+def require_file(path: str | Path, what: str = "input") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} file {path} is empty")
+    return path
+
+
+def content_hash(*parts) -> str:
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(
+            part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, ensure_ascii=False).encode()
+        )
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class SplitWriter:
+    """Routes samples to ``OUT`` (or ``OUT/train`` and ``OUT/val``), de-duplicates, counts skips."""
+
+    def __init__(self, args: argparse.Namespace, view: str):
+        out = Path(args.out)
+        command = "cclm prep " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+        kw = dict(
+            view=view,
+            prefix=args.prefix,
+            max_samples=args.shard_samples,
+            max_bytes=int(args.shard_bytes),
+            command=command,
+        )
+        if not 0 <= args.val_fraction < 1:
+            raise ValueError("--val-fraction must be in [0, 1)")
+        self.val_fraction = args.val_fraction
+        if self.val_fraction > 0:
+            self.sinks = {"train": ShardSink(out / "train", **kw), "val": ShardSink(out / "val", **kw)}
+        else:
+            self.sinks = {"train": ShardSink(out, **kw)}
+        self.out, self.dedup, self.seen = out, args.dedup, set()
+        self.allowed = language_filter(args.languages)
+        self.skipped: Counter[str] = Counter()
+
+    def allowed_language(self, lang: str) -> bool:
+        return language_allowed(lang, self.allowed)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+    def write(self, key: str, members: dict[str, bytes], languages: list[str], content_id: str) -> bool:
+        if self.dedup:
+            if content_id in self.seen:
+                self.skip("duplicate")
+                return False
+            self.seen.add(content_id)
+        split = "train"
+        if self.val_fraction > 0 and int(content_id[:8], 16) / 16**8 < self.val_fraction:
+            split = "val"
+        self.sinks[split].write(key, members, languages)
+        return True
+
+    def close(self) -> dict:
+        manifests = {}
+        for split, sink in self.sinks.items():
+            for reason, n in self.skipped.items():
+                sink.skip(reason, n if split == "train" else 0)
+            manifests[split] = sink.close()
+        return manifests
+
+    def summary(self, manifests: dict) -> str:
+        parts = [
+            f"{split}: {m['samples']} samples in {m['shards']} shards ({self.sinks[split].out_dir})"
+            for split, m in manifests.items()
+        ]
+        langs = Counter()
+        for m in manifests.values():
+            langs.update(m["languages"])
+        skipped = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"wrote {'; '.join(parts)}\nlanguages: {dict(sorted(langs.items()))}\nskipped: {skipped}"
+
+
+def imap(
+    fn: Callable, items: Iterable, num_workers: int, total: int | None, show: bool, desc: str
+) -> Iterator:
+    """Ordered map over ``items`` in ``num_workers`` processes (inline for 0), with a progress bar."""
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not show, file=sys.stderr)
+    try:
+        if num_workers <= 0:
+            for item in items:
+                yield fn(item)
+                bar.update()
+        else:
+            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+                for result in pool.imap(fn, items, chunksize=16):
+                    yield result
+                    bar.update()
+    finally:
+        bar.close()

@@ -1,0 +1,293 @@
+"""Image-caption converters:
+
+* ``image-caption``: a jsonl/tsv/csv table of ``image, caption[, lang]`` rows (image = path relative to
+  ``--image-root``, or an id without extension) -- rows of the same image become one sample with all captions;
+* ``cclm-jsonl``: CCLM-style jsonl, ``{"binary": base64 | "image": path, "caption": {lang: text} | [..] | text}``;
+* ``rekey-wds``: an img2dataset-style WebDataset (``jpg`` + ``txt`` or ``json`` with ``caption``), re-keyed into
+  cclm's format with a language code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import functools
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from cclm.data.languages import normalize_language
+from cclm.data.shards import (
+    SKIP_KEY,
+    VIEW_IMAGE_CAPTION,
+    expand_shards,
+    iter_tar_samples,
+    read_sizes,
+    safe_key,
+)
+from data_prep.common import SplitWriter, add_output_options, content_hash, imap, require_file
+
+IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def encode_image(data: bytes, max_side: int, quality: int) -> bytes:
+    """Verified JPEG bytes: JPEGs within ``max_side`` are kept byte for byte, anything else is re-encoded."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and (max_side <= 0 or max(img.size) <= max_side):
+        img.verify()
+        return data
+    img = img.convert("RGB")
+    if max_side > 0 and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def resolve_image(root: Path, name: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        path = root / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _prepare(item, max_side: int, quality: int):
+    """Worker: (key, source, captions) -> (key, jpeg bytes | None, captions, skip reason | None)."""
+    key, source, captions = item
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError:
+        return key, None, captions, "missing_image"
+    try:
+        return key, encode_image(data, max_side, quality), captions, None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return key, None, captions, "bad_image"
+
+
+def _add_caption(
+    captions: dict[str, list[str]], lang: str, text, writer: SplitWriter, reasons: list[str]
+) -> None:
+    code = normalize_language(lang) if isinstance(lang, str) else None
+    if code is None:
+        reasons.append("unknown_language")
+    elif not writer.allowed_language(code):
+        reasons.append("filtered_language")
+    elif not isinstance(text, str) or not text.strip():
+        reasons.append("empty_caption")
+    else:
+        captions.setdefault(code, []).append(text.strip())
+
+
+def _write_all(items: list, writer: SplitWriter, args, desc: str) -> int:
+    prepare = functools.partial(_prepare, max_side=args.max_side, quality=args.jpeg_quality)
+    for key, jpeg, captions, reason in imap(
+        prepare, items, args.num_workers, len(items), not args.no_progress, desc
+    ):
+        if reason:
+            writer.skip(reason)
+            continue
+        meta = {"captions": captions}
+        writer.write(
+            key,
+            {"jpg": jpeg, "json": json.dumps(meta, ensure_ascii=False).encode()},
+            list(captions),
+            content_hash(jpeg, captions),
+        )
+    manifests = writer.close()
+    print(writer.summary(manifests))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def read_table(path: Path, fmt: str, default_lang: str) -> list[tuple[str, str, str]]:
+    """Rows (image, caption, lang) from jsonl (keys image/caption/lang) or csv/tsv (header with image and caption
+    columns, or positional ``image, caption[, lang]``)."""
+    if fmt == "auto":
+        fmt = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(path.suffix.lower(), "")
+        if not fmt:
+            raise ValueError(f"cannot tell the format of {path}; pass --format jsonl|tsv|csv")
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+                rows.append(
+                    (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
+                )
+            return rows
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+        table = [r for r in reader if r]
+    if not table:
+        return rows
+    header = [c.strip().lower() for c in table[0]]
+    if "image" in header and "caption" in header:
+        ii, ci = header.index("image"), header.index("caption")
+        li = header.index("lang") if "lang" in header else None
+        body = table[1:]
+    else:
+        ii, ci, li, body = 0, 1, 2 if len(table[0]) > 2 else None, table
+    for row in body:
+        if len(row) <= max(ii, ci):
+            rows.append((row[ii] if row else "", "", default_lang))
+            continue
+        lang = row[li] if li is not None and li < len(row) and row[li].strip() else default_lang
+        rows.append((row[ii], row[ci], lang))
+    return rows
+
+
+def run_table(args) -> int:
+    table = require_file(args.input)
+    root = Path(args.image_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--image-root {root} is not a folder")
+    rows = read_table(table, args.format, args.lang)
+    if not rows:
+        raise ValueError(f"{table} has no rows")
+    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for image, caption, lang in rows:
+        reasons: list[str] = []
+        captions = grouped.setdefault(image, {})
+        _add_caption(captions, lang, caption, writer, reasons)
+        for reason in reasons:
+            writer.skip(f"caption_{reason}")
+    items = []
+    for image, captions in grouped.items():
+        path = resolve_image(root, image) if image else None
+        if path is None:
+            writer.skip("missing_image")
+        elif not captions:
+            writer.skip("no_caption")
+        else:
+            items.append((safe_key(str(Path(image).with_suffix(""))), str(path), captions))
+    return _write_all(items, writer, args, "image-caption")
+
+
+# ---------------------------------------------------------------------------------------------- cclm jsonl
+def run_cclm_jsonl(args) -> int:
+    path = require_file(args.input)
+    root = Path(args.image_root) if args.image_root else None
+    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                writer.skip("bad_json")
+                continue
+            caption = obj.get("caption", obj.get("captions"))
+            lang = obj.get("lang") or args.lang
+            captions: dict[str, list[str]] = {}
+            reasons: list[str] = []
+            if isinstance(caption, dict):
+                for code, texts in caption.items():
+                    for text in [texts] if isinstance(texts, str) else list(texts or [None]):
+                        _add_caption(captions, code, text, writer, reasons)
+            else:
+                for text in [caption] if not isinstance(caption, list) else caption or [None]:
+                    _add_caption(captions, lang, text, writer, reasons)
+            if not captions:
+                writer.skip(reasons[0] if reasons else "no_caption")
+                continue
+            if isinstance(obj.get("binary"), str):
+                try:
+                    source = base64.b64decode(obj["binary"], validate=True)
+                except (binascii.Error, ValueError):
+                    writer.skip("bad_image")
+                    continue
+                name = str(obj.get("image_id", obj.get("id", f"line{number:09d}")))
+            elif isinstance(obj.get("image"), str):
+                image = Path(obj["image"])
+                full = image if image.is_absolute() or root is None else root / image
+                source, name = str(full), str(obj.get("image_id", image.with_suffix("")))
+            else:
+                writer.skip("missing_image")
+                continue
+            items.append((safe_key(f"{number:09d}_{name}")[:120], source, captions))
+    if not items and not writer.skipped:
+        raise ValueError(f"{path} has no rows")
+    return _write_all(items, writer, args, "cclm-jsonl")
+
+
+# ----------------------------------------------------------------------------------------------- re-keying
+def run_rekey(args) -> int:
+    urls = expand_shards(args.shards)
+    sizes = read_sizes(urls)
+    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
+    items = []
+    for url in urls:
+        for sample in iter_tar_samples(url, sizes[url]):
+            if SKIP_KEY in sample:
+                writer.skip(sample[SKIP_KEY])
+                continue
+            jpeg = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            if jpeg is None:
+                writer.skip("missing_image")
+                continue
+            captions: dict[str, list[str]] = {}
+            reasons: list[str] = []
+            meta = {}
+            if "json" in sample:
+                try:
+                    meta = json.loads(sample["json"])
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    meta = {}
+            if isinstance(meta.get("captions"), dict):
+                for code, texts in meta["captions"].items():
+                    for text in [texts] if isinstance(texts, str) else list(texts or [None]):
+                        _add_caption(captions, code, text, writer, reasons)
+            else:
+                text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
+                _add_caption(captions, meta.get("lang") or args.lang, text, writer, reasons)
+            if not captions:
+                writer.skip(reasons[0] if reasons else "no_caption")
+                continue
+            base = url.rsplit("/", 1)[-1].removesuffix(".tar")
+            items.append((safe_key(f"{base}_{sample['__key__']}"), jpeg, captions))
+    return _write_all(items, writer, args, "rekey-wds")
+
+
+# ------------------------------------------------------------------------------------------------- parsers
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "image-caption", help="image-caption shards from a jsonl/tsv/csv table + image folder"
+    )
+    p.add_argument("--input", required=True, help="table: jsonl (image, caption, lang) or tsv/csv")
+    p.add_argument("--image-root", required=True, help="folder the image column is relative to")
+    p.add_argument("--format", choices=("auto", "jsonl", "tsv", "csv"), default="auto")
+    p.add_argument("--lang", default="en", help="language of rows without a lang column (default en)")
+    add_output_options(p, images=True)
+    p.set_defaults(run=run_table)
+
+    p = subparsers.add_parser(
+        "cclm-jsonl", help="image-caption shards from CCLM-style jsonl (base64 or paths)"
+    )
+    p.add_argument("--input", required=True, help="jsonl with binary|image and caption")
+    p.add_argument("--image-root", default="", help="folder relative image paths are under")
+    p.add_argument("--lang", default="en", help="language of captions given without one (default en)")
+    add_output_options(p, images=True)
+    p.set_defaults(run=run_cclm_jsonl)
+
+    p = subparsers.add_parser(
+        "rekey-wds", help="re-key an img2dataset WebDataset (jpg + txt/json) with languages"
+    )
+    p.add_argument("--shards", required=True, help="input shard spec (brace pattern, folder, glob)")
+    p.add_argument("--lang", default="en", help="language of the captions (default en)")
+    add_output_options(p, images=True)
+    p.set_defaults(run=run_rekey)

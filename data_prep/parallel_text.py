@@ -1,0 +1,139 @@
+"""Parallel-text converters: ``parallel-tsv`` (``src<TAB>tgt``), ``parallel-moses`` (two aligned files, OPUS /
+WikiMatrix style ``corpus.en`` + ``corpus.de``) and ``parallel-jsonl`` (``source_text``, ``target_text``, optional
+``source_lang``/``target_lang``). Output samples: ``{key}.json`` = ``{"src", "tgt", "src_lang", "tgt_lang"}``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from itertools import zip_longest
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cclm.data.languages import normalize_language
+from cclm.data.shards import VIEW_PARALLEL
+from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
+
+
+def _language(code: str | None, what: str) -> str:
+    lang = normalize_language(code) if code else None
+    if lang is None:
+        raise ValueError(f"{what}: unknown or missing language code {code!r}")
+    return lang
+
+
+def tsv_pairs(path: Path, src_lang: str, tgt_lang: str) -> Iterator[tuple[str | None, str | None, str, str]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            yield (cols[0], cols[1] if len(cols) > 1 else None, src_lang, tgt_lang)
+
+
+def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str) -> Iterator[tuple]:
+    with open(src, encoding="utf-8") as fs, open(tgt, encoding="utf-8") as ft:
+        for number, (a, b) in enumerate(zip_longest(fs, ft), 1):
+            if a is None or b is None:
+                raise ValueError(f"{src} and {tgt} are not aligned: line counts differ (at line {number})")
+            yield (a.rstrip("\n"), b.rstrip("\n"), src_lang, tgt_lang)
+
+
+def jsonl_pairs(path: Path, src_lang: str | None, tgt_lang: str | None) -> Iterator[tuple]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+            yield (
+                obj.get("source_text"),
+                obj.get("target_text"),
+                obj.get("source_lang") or src_lang,
+                obj.get("target_lang") or tgt_lang,
+            )
+
+
+def write_pairs(pairs: Iterator[tuple], args, desc: str) -> int:
+    writer = SplitWriter(args, VIEW_PARALLEL)
+    rows = 0
+    for index, (src, tgt, src_lang, tgt_lang) in enumerate(
+        tqdm(pairs, desc=desc, unit="pair", disable=args.no_progress, file=sys.stderr)
+    ):
+        rows += 1
+        if not isinstance(src, str) or not isinstance(tgt, str) or not src.strip() or not tgt.strip():
+            writer.skip("empty_text")
+            continue
+        langs = [normalize_language(src_lang or ""), normalize_language(tgt_lang or "")]
+        if None in langs:
+            writer.skip("unknown_language")
+            continue
+        if not all(writer.allowed_language(lang) for lang in langs):
+            writer.skip("filtered_language")
+            continue
+        pair = {"src": src.strip(), "tgt": tgt.strip(), "src_lang": langs[0], "tgt_lang": langs[1]}
+        writer.write(
+            f"{args.prefix}{index:010d}",
+            {"json": json.dumps(pair, ensure_ascii=False).encode()},
+            langs,
+            content_hash(pair),
+        )
+    if rows == 0:
+        writer.close()
+        raise ValueError("the input has no rows")
+    print(writer.summary(writer.close()))
+    return 0
+
+
+def run_tsv(args) -> int:
+    path = require_file(args.input)
+    return write_pairs(
+        tsv_pairs(path, _language(args.src_lang, "--src-lang"), _language(args.tgt_lang, "--tgt-lang")),
+        args,
+        "parallel-tsv",
+    )
+
+
+def run_moses(args) -> int:
+    src, tgt = require_file(args.src, "--src"), require_file(args.tgt, "--tgt")
+    src_lang = _language(args.src_lang or src.suffix.lstrip("."), "--src-lang (or the --src file extension)")
+    tgt_lang = _language(args.tgt_lang or tgt.suffix.lstrip("."), "--tgt-lang (or the --tgt file extension)")
+    return write_pairs(moses_pairs(src, tgt, src_lang, tgt_lang), args, "parallel-moses")
+
+
+def run_jsonl(args) -> int:
+    path = require_file(args.input)
+    return write_pairs(jsonl_pairs(path, args.src_lang, args.tgt_lang), args, "parallel-jsonl")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("parallel-tsv", help="parallel-text shards from a src<TAB>tgt file")
+    p.add_argument("--input", required=True)
+    p.add_argument("--src-lang", required=True)
+    p.add_argument("--tgt-lang", required=True)
+    add_output_options(p)
+    p.set_defaults(run=run_tsv)
+
+    p = subparsers.add_parser(
+        "parallel-moses", help="parallel-text shards from two aligned files (corpus.en/.de)"
+    )
+    p.add_argument("--src", required=True, help="source side, one sentence per line (e.g. corpus.en)")
+    p.add_argument("--tgt", required=True, help="target side, aligned line by line (e.g. corpus.de)")
+    p.add_argument("--src-lang", default="", help="default: the --src file extension")
+    p.add_argument("--tgt-lang", default="", help="default: the --tgt file extension")
+    add_output_options(p)
+    p.set_defaults(run=run_moses)
+
+    p = subparsers.add_parser(
+        "parallel-jsonl", help="parallel-text shards from jsonl (source_text, target_text)"
+    )
+    p.add_argument("--input", required=True)
+    p.add_argument("--src-lang", default=None, help="language of source_text when lines have no source_lang")
+    p.add_argument("--tgt-lang", default=None, help="language of target_text when lines have no target_lang")
+    add_output_options(p)
+    p.set_defaults(run=run_jsonl)

@@ -1,0 +1,282 @@
+"""The streaming pipeline: round trip, rank/worker splitting, corrupt samples, exact resume, batch format."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cclm.config import DataConfig, from_dict
+from cclm.data.pipeline import PretrainData
+from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
+
+LANGS = ["en", "de", "fr", "ja"]
+
+
+def make_image(i: int, size=(48, 40)) -> Image.Image:
+    """A distinct, smooth picture per index (a colour gradient), so JPEG round trips stay close."""
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    base = np.array([(37 * i) % 256, (91 * i) % 256, (53 * i + 40) % 256], dtype=float)[None, None, :]
+    pixels = np.clip(base * 0.6 + 100 * x + 60 * y, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def jpeg(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def caption(i: int, lang: str) -> str:
+    return f"{lang} caption number {i} Grüße 你好"
+
+
+def write_image_shards(folder, n=24, per_shard=5) -> dict:
+    expected = {}
+    with ShardSink(folder, VIEW_IMAGE_CAPTION, max_samples=per_shard) as sink:
+        for i in range(n):
+            lang = LANGS[i % len(LANGS)]
+            meta = {"captions": {lang: caption(i, lang)}}
+            sink.write(f"img{i:04d}", {"jpg": jpeg(make_image(i)), "json": json.dumps(meta).encode()}, [lang])
+            expected[f"img{i:04d}"] = (caption(i, lang), lang)
+        sink.close()
+    return expected
+
+
+def write_parallel_shards(folder, n=30, per_shard=4) -> dict:
+    expected = {}
+    with ShardSink(folder, VIEW_PARALLEL, max_samples=per_shard) as sink:
+        for i in range(n):
+            pair = {"src": f"sentence {i}", "tgt": f"Satz {i}", "src_lang": "en", "tgt_lang": "de"}
+            sink.write(f"pair{i:04d}", {"json": json.dumps(pair).encode()}, ["en", "de"])
+            expected[f"pair{i:04d}"] = pair
+        sink.close()
+    return expected
+
+
+def data_cfg(image=None, text=None, **kw):
+    cfg = {"num_workers": 0, "sample_shuffle_buffer": 8, **kw}
+    if image:
+        cfg["image_caption"] = {"shards": str(image), "batch_size": kw.pop("image_bs", 4)}
+    if text:
+        cfg["parallel_text"] = {"shards": str(text), "batch_size": 3}
+    cfg.pop("image_bs", None)
+    return from_dict(DataConfig, cfg)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    images = write_image_shards(root / "ic")
+    pairs = write_parallel_shards(root / "pt")
+    return root, images, pairs
+
+
+def drain(data: PretrainData, view: str) -> list[dict]:
+    batches = []
+    while True:
+        try:
+            batches.append(data.next_batch(view))
+        except StopIteration:
+            return batches
+
+
+def test_round_trip_texts_languages_pixels(shards, tiny_tokenizer):
+    root, images, _ = shards
+    cfg = data_cfg(image=root / "ic", shard_shuffle=False, sample_shuffle_buffer=0)
+    data = PretrainData(cfg, tiny_tokenizer, max_length=32, image_size=32, train=False, epochs=1)
+    batches = drain(data, "image")
+    seen = {}
+    for batch in batches:
+        assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1:] == (3, 32, 32)
+        expected_ids = tiny_tokenizer(batch["texts"], padding="longest", return_tensors="pt")["input_ids"]
+        assert torch.equal(batch["text_ids"], expected_ids)
+        for key, text, lang, pixels in zip(batch["keys"], batch["texts"], batch["langs"], batch["images"]):
+            seen[key] = (text, lang)
+            index = int(key[3:])
+            reference = make_image(index).crop((4, 0, 44, 40)).resize((32, 32), Image.Resampling.BICUBIC)
+            diff = np.abs(pixels.permute(1, 2, 0).numpy().astype(int) - np.asarray(reference).astype(int))
+            assert diff.mean() < 4, key
+    sizes = json.loads((root / "ic" / "sizes.json").read_text())
+    assert len(seen) == sum(sizes.values()) == len(images)
+    assert seen == images
+    assert data.skip_counts() == {}
+
+
+@pytest.mark.parametrize("view", ["image", "text"])
+def test_ranks_and_workers_read_disjoint_samples_covering_the_set(shards, tiny_tokenizer, view):
+    root, images, pairs = shards
+    cfg = data_cfg(image=root / "ic", text=root / "pt", num_workers=2)
+    keys = []
+    for rank in range(2):
+        data = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, rank=rank, world_size=2, epochs=1)
+        keys += [k for b in drain(data, view) for k in b["keys"]]
+        data.close()
+    expected = images if view == "image" else pairs
+    assert len(keys) == len(set(keys)) == len(expected)
+    assert set(keys) == set(expected)
+
+
+def test_fewer_shards_than_readers_splits_by_sample(tmp_path, tiny_tokenizer):
+    pairs = write_parallel_shards(tmp_path / "pt", n=10, per_shard=100)  # one shard, 4 readers
+    cfg = data_cfg(text=tmp_path / "pt", num_workers=2)
+    keys = []
+    for rank in range(2):
+        data = PretrainData(cfg, tiny_tokenizer, 32, rank=rank, world_size=2, epochs=1)
+        keys += [k for b in drain(data, "text") for k in b["keys"]]
+    assert sorted(keys) == sorted(pairs)
+
+
+def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "ic"
+    with ShardSink(folder, VIEW_IMAGE_CAPTION, max_samples=6) as sink:
+
+        def good(i):
+            return {"jpg": jpeg(make_image(i)), "json": json.dumps({"captions": {"en": f"c {i}"}}).encode()}
+
+        for i in range(5):
+            sink.write(f"a{i}", good(i), ["en"])
+        sink.write("bad_jpeg", {"jpg": b"\xff\xd8\xff\xe0 not a jpeg", "json": good(0)["json"]}, ["en"])
+        sink.write(
+            "empty", {"jpg": jpeg(make_image(7)), "json": json.dumps({"captions": {"en": " "}}).encode()}
+        )
+        sink.write(
+            "unknown_lang",
+            {"jpg": jpeg(make_image(8)), "json": json.dumps({"captions": {"xx": "c"}}).encode()},
+        )
+        sink.write("no_json", {"jpg": jpeg(make_image(9))})
+        for i in range(10, 13):
+            sink.write(f"b{i}", good(i), ["en"])
+        for i in range(13, 18):  # third shard: its last two samples will be cut off
+            sink.write(f"c{i}", good(i), ["en"])
+        sink.close()
+    third = folder / "shard-000002.tar"
+    with tarfile.open(third) as tar:
+        members = tar.getmembers()
+    cut = members[-4].offset_data + 10  # inside the jpg of the 4th sample of the shard
+    third.write_bytes(third.read_bytes()[:cut])
+
+    cfg = data_cfg(image=folder, num_workers=2, image_bs=3)
+    data = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, epochs=1)
+    keys = [k for b in drain(data, "image") for k in b["keys"]]
+    assert sorted(keys) == sorted(
+        [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(10, 13)] + [f"c{i}" for i in range(13, 16)]
+    )
+    assert data.skip_counts() == {
+        "bad_image": 1,
+        "corrupt_shard": 2,
+        "empty_caption": 1,
+        "missing_caption": 1,
+        "unknown_language": 1,
+    }
+
+
+def batch_signature(batch: dict) -> tuple:
+    tensors = tuple(batch[k].clone() for k in sorted(batch) if isinstance(batch[k], torch.Tensor))
+    return tuple(batch["keys"]), tensors
+
+
+def run_steps(data: PretrainData, steps: range) -> list[tuple]:
+    out = []
+    for step in steps:
+        view = data.view_for_step(step)
+        out.append((view, batch_signature(data.next_batch(view))))
+    return out
+
+
+def assert_same(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b)
+    for (va, (ka, ta)), (vb, (kb, tb)) in zip(a, b):
+        assert va == vb and ka == kb
+        assert all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_the_uninterrupted_stream(shards, tiny_tokenizer, num_workers):
+    root, _, _ = shards
+    cfg = data_cfg(image=root / "ic", text=root / "pt", num_workers=num_workers, randaugment=True)
+    total, cut = 40, 17  # several epochs of both streams; the cut is mid-epoch
+    full = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=7)
+    reference = run_steps(full, range(total))
+    full.close()
+
+    first = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=7)
+    head = run_steps(first, range(cut))
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON checkpoint
+    first.close()
+    resumed = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=7)
+    resumed.load_state_dict(state)
+    tail = run_steps(resumed, range(cut, total))
+    assert_same(head + tail, reference)
+    assert {v for v, _ in reference} == {"image", "text"}
+
+
+def test_resume_in_resampled_mode_is_exact_too(shards, tiny_tokenizer):
+    root, _, _ = shards
+    cfg = data_cfg(text=root / "pt", num_workers=2, resampled=True)
+    reference = run_steps(PretrainData(cfg, tiny_tokenizer, 32), range(12))
+    first = PretrainData(cfg, tiny_tokenizer, 32)
+    head = run_steps(first, range(5))
+    resumed = PretrainData(cfg, tiny_tokenizer, 32)
+    resumed.load_state_dict(first.state_dict())
+    assert_same(head + run_steps(resumed, range(5, 12)), reference)
+
+
+def test_resume_refuses_a_changed_topology(shards, tiny_tokenizer):
+    root, _, _ = shards
+    data = PretrainData(data_cfg(text=root / "pt", num_workers=0), tiny_tokenizer, 32)
+    data.next_batch("text")
+    other = PretrainData(data_cfg(text=root / "pt", num_workers=2), tiny_tokenizer, 32)
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(data.state_dict())
+
+
+def test_view_schedule_is_deterministic_and_follows_the_weights(shards, tiny_tokenizer):
+    root, _, _ = shards
+    cfg = data_cfg(image=root / "ic", text=root / "pt")
+    cfg.image_caption.weight = 3.0
+    a = PretrainData(cfg, tiny_tokenizer, 32, seed=1)
+    b = PretrainData(cfg, tiny_tokenizer, 32, seed=1)
+    views = [a.view_for_step(s) for s in range(2000)]
+    assert views == [b.view_for_step(s) for s in range(2000)]
+    assert 0.70 < views.count("image") / len(views) < 0.80
+    assert a.views == ("image", "text")
+
+
+def test_batches_feed_the_model(shards, tiny_tokenizer, tiny_model_cfg):
+    from cclm.model.cross_view import CrossViewModel
+
+    root, _, _ = shards
+    model = CrossViewModel(tiny_model_cfg)
+    data = PretrainData(
+        data_cfg(image=root / "ic", text=root / "pt"),
+        tiny_tokenizer,
+        tiny_model_cfg.text.max_length,
+        image_size=tiny_model_cfg.vision.image_size,
+    )
+    for view in data.views:
+        batch = data.next_batch(view)
+        assert (batch["mlm_labels"] != -100).any()
+        assert batch["group_ids"].dtype == torch.int64
+        out = model(batch, view)
+        assert torch.isfinite(out["loss"])
+    text = data.next_batch("text")
+    assert len(text["langs"]) == len(text["other_langs"]) == text["other_ids"].shape[0]
+
+
+def test_bad_inputs_fail_clearly(tmp_path, tiny_tokenizer):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        PretrainData(data_cfg(image=tmp_path / "nothing-*.tar"), tiny_tokenizer, 32)
+    with pytest.raises(FileNotFoundError, match="parallel_text.shards"):
+        PretrainData(data_cfg(text=tmp_path / "missing.tar"), tiny_tokenizer, 32)
+    with pytest.raises(ValueError, match="image_caption"):
+        PretrainData(data_cfg(), tiny_tokenizer, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar"):
+        PretrainData(data_cfg(text=tmp_path / "empty"), tiny_tokenizer, 32)
