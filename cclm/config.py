@@ -159,8 +159,9 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # None = take it from `config_file`, else ZeRO stage 0 / fp32.
+    zero_stage: int | None = None
+    precision: str | None = None  # fp32 | bf16 | fp16
     offload_optimizer: bool = False
     offload_params: bool = False
     # Raw DeepSpeed JSON file merged under the generated config (keys above win).
@@ -296,7 +297,10 @@ def _resolve_default(group: str, name: str, base_dir: Path) -> Path:
 def _read_yaml(path: Path) -> DictConfig:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report the file, not a parser traceback
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping")
     layers = []

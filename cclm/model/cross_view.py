@@ -66,7 +66,8 @@ class CrossViewModel(nn.Module):
         self.image_to_fusion = nn.Linear(width, hidden) if width != hidden else nn.Identity()
         self.vision_proj = nn.Linear(self.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.temp = nn.Parameter(torch.tensor([float(cfg.temp)]))
         self.itm_head = MatchingHead(hidden, encoder.config.layer_norm_eps)
         self.mlm_head = build_mlm_head(encoder.config, self.text.embeddings.word_embeddings)
         for module in (
@@ -109,7 +110,7 @@ class CrossViewModel(nn.Module):
 
     def clamped_temp(self) -> torch.Tensor:
         obj = self.cfg.objectives
-        return self.temp.clamp(obj.temp_min, obj.temp_max)
+        return self.temp.clamp(obj.temp_min, obj.temp_max).squeeze(0)
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image tokens at the fusion width [B, 1+N, hidden], normalised ITC feature [B, embed_dim])."""

@@ -1,0 +1,1 @@
+"""Pretraining under DeepSpeed: engine, schedule, checkpoints, logging and the train loop."""

@@ -1,0 +1,63 @@
+"""``cclm export CKPT OUT``: a checkpoint (or an output_dir, meaning its newest complete checkpoint) ->
+a ``save_pretrained`` folder (fp32 safetensors + config + tokenizer) that ``CrossViewModel.from_pretrained``
+loads. Works for every ZeRO stage: the consolidated fp32 weights were gathered when the checkpoint was saved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from cclm.config import ModelConfig, from_dict
+from cclm.train import checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / checkpoint.COMPLETE).exists():
+        return path
+    latest = checkpoint.latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint nor an output_dir holding one")
+    return latest
+
+
+def export(ckpt: str | Path, out: str | Path) -> Path:
+    from cclm.model import CrossViewModel
+
+    ckpt = resolve_checkpoint(ckpt)
+    run_config = json.loads((ckpt / checkpoint.CONFIG).read_text())
+    model = CrossViewModel(from_dict(ModelConfig, run_config["model"]), load_pretrained=False)
+    state = load_file(str(ckpt / checkpoint.FP32_WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"mlm_head.decoder.weight"}
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"checkpoint {ckpt} does not match its config: missing={missing} unexpected={unexpected}"
+        )
+    step = json.loads((ckpt / checkpoint.COMPLETE).read_text())["step"]
+    out = Path(out)
+    model.save_pretrained(out, extra={"training": {"step": step, "checkpoint": str(ckpt), "run": run_config}})
+    tokenizer_dir = ckpt.parent.parent / "tokenizer"
+    if tokenizer_dir.exists():
+        for item in tokenizer_dir.iterdir():
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cclm export", description=__doc__)
+    parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_XXXXXXXX) or output_dir")
+    parser.add_argument("out", help="destination folder")
+    args = parser.parse_args(argv[1:])
+    try:
+        out = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"cclm export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0

@@ -1,0 +1,56 @@
+"""FLOPs of a training step, counted (not guessed) with torch's FlopCounterMode on a dummy batch, for MFU."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vocab_size: int) -> dict:
+    ids = torch.randint(5, vocab_size, (batch_size, max_length))
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1 : 1 + max(1, int(0.4 * max_length))] = 7  # ~40% masked positions, as in training
+    batch = {
+        "text_ids": ids,
+        "text_mask": mask,
+        "mlm_ids": ids,
+        "mlm_labels": labels,
+        "group_ids": torch.arange(batch_size),
+    }
+    if view == "image":
+        batch["images"] = torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8)
+    else:
+        batch["other_ids"], batch["other_mask"] = ids.clone(), mask.clone()
+    return batch
+
+
+def train_flops_per_sample(model, view: str, max_length: int, image_size: int) -> float:
+    """Forward+backward FLOPs of one sample of ``view`` (3x the counted forward), all objectives included."""
+    batch_size = 2
+    batch = dummy_batch(view, batch_size, max_length, image_size, model.encoder_config.vocab_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(batch, view)
+    return 3.0 * counter.get_total_flops() / batch_size

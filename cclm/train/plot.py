@@ -1,0 +1,61 @@
+"""``cclm plot OUTPUT_DIR``: training curves from ``metrics.jsonl`` to ``OUTPUT_DIR/curves.png``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cclm.train.logging import METRICS_FILE
+
+
+def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    path = output_dir / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {output_dir} a pretraining output_dir?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path} holds no records yet")
+    losses = sorted({k for r in records for k in r if "/" in k and not k.startswith("eval/")})
+    evals = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith("r_mean")})
+    panels = [
+        ("losses by view", ["loss", *losses]),
+        ("learning rate", ["lr"]),
+        ("throughput", ["samples_per_s"]),
+    ]
+    if evals:
+        panels.append(("zero-shot retrieval (r_mean)", evals))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out) if out else output_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cclm plot", description=__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/curves.png)")
+    args = parser.parse_args(argv[1:])
+    try:
+        print(plot_curves(args.output_dir, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"cclm plot: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,208 @@
+"""Pretraining under DeepSpeed on CPU (gloo): ZeRO stages, exact resume after SIGKILL, checkpoint integrity,
+export from ZeRO-3, and configs that must fail before writing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from cclm.data.synthetic import build_world
+    from cclm.data.tokenize import train_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    build_world(root / "w", num_images=96, image_size=32, heldout_images=16, xvnli_images=10, seed=3)
+    corpus = (root / "w" / "text" / "corpus.txt").read_text().splitlines()
+    train_tokenizer(corpus, root / "w" / "tokenizer", vocab_size=400)
+    return root / "w"
+
+
+def _pattern(folder: Path) -> str:
+    count = len(list(folder.glob("shard-*.tar")))
+    return str(folder / f"shard-{{000000..{count - 1:06d}}}.tar")
+
+
+def _overrides(world: Path, output_dir: Path, **extra) -> list[str]:
+    base = {
+        "model.text.tokenizer": str(world / "tokenizer"),
+        "data.image_caption.shards": _pattern(world / "image_caption"),
+        "data.parallel_text.shards": _pattern(world / "parallel"),
+        "data.image_caption.batch_size": 8,
+        "data.parallel_text.batch_size": 8,
+        "data.num_workers": 1,
+        "output_dir": str(output_dir),
+        "train.log_every": 1,
+        "train.scheduler.warmup_steps": 2,
+        "train.optimizer.lr": 2e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _command(nproc: int, overrides: list[str]) -> list[str]:
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={_free_port()}",
+        "-m",
+        "cclm.train.cli",
+    ]
+    return [*launcher, str(CONFIG), *overrides]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(nproc: int, overrides: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _command(nproc, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _view_losses(records: list[dict], view: str) -> list[float]:
+    return [r[f"{view}/loss"] for r in records if f"{view}/loss" in r]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    _run(
+        2,
+        _overrides(
+            world, out, **{"deepspeed.zero_stage": stage, "train.max_steps": 16, "train.save_every": 16}
+        ),
+    )
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    for view in ("image", "text"):
+        losses = _view_losses(records, view)
+        assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, (view, losses)
+    assert (out / "checkpoints" / "step_00000016" / "complete.json").exists()
+    assert (out / "checkpoints" / "step_00000016" / "rank1_state.json").exists()
+    if stage == 3:
+        _check_export_round_trip(out / "checkpoints" / "step_00000016", tmp_path / "exported")
+
+
+def _check_export_round_trip(ckpt: Path, out: Path) -> None:
+    """Export (fp32 gathered at save time) equals DeepSpeed's own ZeRO-3 consolidation, and the exported folder
+    reloads with identical outputs."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from cclm.model import CrossViewModel
+    from cclm.train.export import export
+
+    export(ckpt, out)
+    loaded = CrossViewModel.from_pretrained(out).eval()
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    ours = loaded.state_dict()
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor.float()), name
+    again = CrossViewModel.from_pretrained(out).eval()
+    ids = torch.randint(5, 50, (2, 7))
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        for a, b in zip(
+            loaded.encode_image(images) + loaded.encode_text(ids, torch.ones_like(ids)),
+            again.encode_image(images) + again.encode_text(ids, torch.ones_like(ids)),
+        ):
+            assert torch.equal(a, b)
+    assert (out / "tokenizer.json").exists()
+
+
+def test_exact_resume_after_sigkill(world, tmp_path):
+    steps = 10
+    common = {"deepspeed.zero_stage": 2, "train.max_steps": steps, "train.save_every": 4}
+    straight = tmp_path / "straight"
+    _run(2, _overrides(world, straight, **common))
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        _command(2, _overrides(world, resumed, **common)),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = resumed / "checkpoints" / "step_00000004" / "complete.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never completed its first checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _run(2, _overrides(world, resumed, **common, resume="auto"))
+
+    expected = {r["step"]: r for r in _metrics(straight)}
+    got = {r["step"]: r for r in _metrics(resumed)}
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(5, steps + 1):
+        for key in ("loss", "image/loss", "text/loss", "image/itm", "text/ttm", "image/mlm"):
+            if key in expected[step]:
+                assert abs(got[step][key] - expected[step][key]) < 1e-6, (step, key)
+
+
+def test_incomplete_checkpoint_is_never_latest(tmp_path):
+    from cclm.train import checkpoint
+
+    root = checkpoint.checkpoint_root(tmp_path)
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = root / checkpoint.tag_for(step)
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if complete:
+            (folder / checkpoint.COMPLETE).write_text("{}")
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000008"
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000008"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"train.optimizer.name": "adamax"}, "unknown optimizer 'adamax'"),
+        ({"data.image_caption.shards": "/nonexistent/shard-{000000..000003}.tar"}, "/nonexistent"),
+        ({"deepspeed.config_file": "BATCH_FILE"}, "batch size mismatch"),
+        ({"train.view_schedule": "interleaved"}, "train.view_schedule"),
+    ],
+)
+def test_bad_config_fails_at_start_and_writes_nothing(world, tmp_path, extra, message):
+    if extra.get("deepspeed.config_file") == "BATCH_FILE":
+        bad = tmp_path / "ds.json"
+        bad.write_text(json.dumps({"train_batch_size": 1000, "zero_optimization": {"stage": 1}}))
+        extra = {"deepspeed.config_file": str(bad)}
+    out = tmp_path / "never"
+    cmd = [sys.executable, "-m", "cclm.cli", "pretrain", str(CONFIG), *_overrides(world, out, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
