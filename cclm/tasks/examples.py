@@ -26,6 +26,11 @@ class ClassificationData:
     languages: set[str]
     skipped: Counter = field(default_factory=Counter)  # reason -> records left out (e.g. no gold label)
 
+    @property
+    def used_image_refs(self) -> set[ImageRef]:
+        """Images of the examples kept (what training or evaluation will open)."""
+        return {ref for example in self.examples for ref in example.images}
+
 
 @dataclass
 class RetrievalData:
@@ -44,6 +49,10 @@ class RetrievalData:
 
     @property
     def image_refs(self) -> set[ImageRef]:
+        return set(self.images)
+
+    @property
+    def used_image_refs(self) -> set[ImageRef]:
         return set(self.images)
 
     @property

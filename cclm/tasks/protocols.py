@@ -71,7 +71,7 @@ class TaskRunner:
         return [self.read(path) for path in paths]
 
     def check_images(self, datas: Sequence[TaskData]) -> None:
-        require_images((ref for data in datas for ref in data.image_refs), self.roots)
+        require_images((ref for data in datas for ref in data.used_image_refs), self.roots)
 
     # ---------------------------------------------------------------------------------------------- models
     def start_model(self, train_datas: Sequence[TaskData]) -> tuple[TaskModel, object]:

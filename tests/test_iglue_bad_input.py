@@ -1,0 +1,133 @@
+"""Bad annotation input fails clearly (file and line, the unknown label) or is reported, never silently lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cclm.cli import main as cclm_main
+from cclm.tasks import get_task
+from cclm.tasks.annotations import AnnotationError
+from cclm.tasks.images import ImageRef, MissingImageError, load_image, require_images
+
+REPO = Path(__file__).resolve().parent.parent
+XVNLI_RECORD = {
+    "gold_label": "entailment",
+    "sentence1": "A dog runs.",
+    "sentence2": "An animal moves.",
+    "captionID": "1.jpg#0",
+    "pairID": "1.jpg#0r1e",
+    "Flikr30kID": "1",
+}
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+    path = write_lines(
+        tmp_path / "de" / "test.jsonl",
+        [json.dumps(XVNLI_RECORD), "", json.dumps(XVNLI_RECORD), '{"gold_label": "neutral", '],
+    )
+    with pytest.raises(AnnotationError, match=rf"{path}:4: malformed JSON"):
+        get_task("xvnli").read(path)
+    assert cclm_main(["iglue", "inspect", "--task", "xvnli", str(path)]) == 1
+    assert f"{path}:4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["marvl", "xflickrco", "wit"])
+def test_malformed_line_in_every_jsonl_task(tmp_path, task):
+    path = write_lines(tmp_path / "broken.jsonl", ["{not json"])
+    with pytest.raises(AnnotationError, match=r"broken.jsonl:1: malformed JSON"):
+        get_task(task).read(path)
+
+
+def test_unknown_xvnli_label_fails_clearly(tmp_path):
+    path = write_lines(
+        tmp_path / "fr" / "test.jsonl",
+        [json.dumps(XVNLI_RECORD), json.dumps({**XVNLI_RECORD, "gold_label": "entails"})],
+    )
+    with pytest.raises(AnnotationError, match=r"test.jsonl:2: unknown label 'entails'"):
+        get_task("xvnli").read(path)
+
+
+def test_unknown_marvl_label_and_missing_field(tmp_path):
+    record = {
+        "concept": "1-x",
+        "language": "id",
+        "caption": "c",
+        "left_img": "1-0.jpg",
+        "right_img": "1-1.jpg",
+        "id": "id-0",
+        "label": "maybe",
+    }
+    with pytest.raises(AnnotationError, match=r"unknown label 'maybe'"):
+        get_task("marvl").read(write_lines(tmp_path / "marvl-id.jsonl", [json.dumps(record)]))
+    del record["left_img"]
+    with pytest.raises(AnnotationError, match=r"marvl-id2.jsonl:1: missing field 'left_img'"):
+        get_task("marvl").read(write_lines(tmp_path / "marvl-id2.jsonl", [json.dumps(record)]))
+
+
+def test_unknown_xgqa_answer_fails_clearly(tmp_path):
+    path = tmp_path / "de" / "dev.json"
+    path.parent.mkdir()
+    path.write_text(
+        json.dumps(
+            {
+                "7": {"question": "Was?", "answer": "zebra", "imageId": "n1"},
+                "8": {"question": "Wer?", "answer": "unicorn rider", "imageId": "n2"},
+            }
+        )
+    )
+    with pytest.raises(AnnotationError, match=r"question 8: unknown answer 'unicorn rider'"):
+        get_task("xgqa").read(path, ["zebra", "dog"])
+
+
+def test_missing_image_is_reported_with_its_path(tmp_path):
+    with pytest.raises(MissingImageError, match=str(tmp_path / "gone.jpg")):
+        load_image(tmp_path / "gone.jpg", 32)
+
+
+def test_all_missing_images_listed_before_training(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "1.jpg")
+    records = [XVNLI_RECORD, {**XVNLI_RECORD, "Flikr30kID": "2"}, {**XVNLI_RECORD, "Flikr30kID": "3"}]
+    path = write_lines(tmp_path / "en" / "test.jsonl", [json.dumps(r) for r in records])
+    refs = get_task("xvnli").read(path).image_refs
+    with pytest.raises(MissingImageError) as err:
+        require_images(refs, {"flickr30k": str(tmp_path)})
+    assert "2 image(s) missing" in str(err.value)
+    assert str(tmp_path / "2.jpg") in str(err.value) and str(tmp_path / "3.jpg") in str(err.value)
+    code = cclm_main(
+        ["iglue", "check-images", "--task", "xvnli", "--root", f"flickr30k={tmp_path}", str(path)]
+    )
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.out.split() == [str(tmp_path / "2.jpg"), str(tmp_path / "3.jpg")]
+    assert "1 of 3 images found, 2 missing" in out.err
+
+
+def test_unset_image_root_names_the_config_key():
+    with pytest.raises(KeyError, match=r"data.image_roots.coco"):
+        ImageRef("coco", "COCO_val2014_000000000001.jpg").resolve({"flickr30k": "/data/flickr30k"})
+
+
+def test_undecodable_image_fails_with_its_path(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"not an image")
+    with pytest.raises(OSError, match=r"cannot decode image .*broken.jpg"):
+        load_image(path, 32)
+
+
+def test_unknown_task_and_unknown_config_key():
+    from cclm.config import ConfigError, FinetuneConfig, load_config
+
+    with pytest.raises(ValueError, match="unknown task 'vqa2'"):
+        get_task("vqa2")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'"):
+        load_config(FinetuneConfig, REPO / "configs/finetune/xvnli.yaml", ["train.learning_rate=1e-4"])

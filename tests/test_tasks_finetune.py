@@ -1,0 +1,333 @@
+"""Every task fine-tunes end to end for a few steps on its real IGLUE annotation file, paired with generated
+placeholder images, and writes its results tables; a saved task model evaluates to the same table; few-shot
+starts from the given checkpoint and selects its learning rate on dev; the shared loop keeps the best dev weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import load_file
+
+from cclm.config import FinetuneConfig, ModelConfig, load_config
+from cclm.model.cross_view import CrossViewModel
+from cclm.tasks import get_task, loop, protocols
+from cclm.tasks.cli import evaluate_main
+from cclm.tasks.cli import main as finetune_main
+from cclm.tasks.heads import TaskModel
+from cclm.tasks.metrics import average_non_english
+
+from .conftest import REPO
+
+IMAGE_ROOTS = ("flickr30k", "coco", "gqa", "marvl", "nlvr2", "wit")
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random cclm model folder (weights + tokenizer), standing in for a pretrained one."""
+    cfg = load_config(ModelConfig, REPO / "configs" / "model" / "tiny.yaml")
+    cfg.text.encoder["vocab_size"] = len(tiny_tokenizer)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pretrained")
+    CrossViewModel(cfg).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def task_files(cfg) -> list[str]:
+    data = cfg.data
+    return [
+        *data.train,
+        *data.dev,
+        *data.test.values(),
+        *data.translate_test.values(),
+        *data.few_shot_train.values(),
+        *data.few_shot_dev.values(),
+    ]
+
+
+def make_placeholder_images(cfg) -> int:
+    """Write a 32 px image for every image the configured files will open (only those)."""
+    task = get_task(cfg.task)
+    labels = task.labels(cfg.data) if task.KIND != "retrieval" else None
+    written = 0
+    for path in task_files(cfg):
+        for ref in task.read(path, labels, cfg.data.max_examples).used_image_refs:
+            target = ref.resolve(cfg.data.image_roots)
+            if target.exists() or ref.root is None:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            seed = int(hashlib.md5(ref.path.encode()).hexdigest()[:8], 16)
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(seed))
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(target, format="PNG")  # PIL reads by content
+            written += 1
+    return written
+
+
+def iglue(iglue_dir, relative: str) -> str:
+    return str(iglue_dir / relative)
+
+
+def task_config(task: str, iglue_dir, tmp_path, pretrained_dir, **data):
+    """configs/finetune/<task>.yaml with the files present in the annotation folder and a few-step schedule."""
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs" / "finetune" / f"{task}.yaml",
+        [
+            f"data.iglue_dir={iglue_dir}",
+            f"pretrained={pretrained_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "data.max_examples=6",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "eval.batch_size=8",
+            "eval.k_test=4",
+            "train.device=cpu",
+            "train.time_limit_minutes=0",
+        ],
+    )
+    for key in ("test", "translate_test", "few_shot_train", "few_shot_dev"):
+        setattr(cfg.data, key, data.get(key, {}))
+    cfg.data.train, cfg.data.dev = data["train"], data["dev"]
+    cfg.data.image_roots = {name: str(tmp_path / "images" / name) for name in IMAGE_ROOTS}
+    return cfg
+
+
+def task_setups(d):
+    """Per task: the real files used (English training sources where present, else the nearest real file)."""
+    return {
+        "xvnli": dict(
+            train=[iglue(d, "XVNLI/annotations/en/train_48.jsonl")],
+            dev=[iglue(d, "XVNLI/annotations/en/train_5.jsonl")],
+            test={lang: iglue(d, f"XVNLI/annotations/{lang}/test.jsonl") for lang in ("en", "ar", "fr")},
+            translate_test={"ar": iglue(d, "XVNLI/annotations_machine-translate/ar/test.jsonl")},
+        ),
+        # the shared folder holds no xGQA test split: the per-language dev files stand in as evaluation files
+        "xgqa": dict(
+            train=[iglue(d, "xGQA/annotations/few_shot/en/train_5.json")],
+            dev=[iglue(d, "xGQA/annotations/few_shot/en/train_1.json")],
+            test={
+                "en": iglue(d, "gqa/annotations/testdev_balanced_questions.json"),
+                "de": iglue(d, "xGQA/annotations/few_shot/de/dev.json"),
+                "zh": iglue(d, "xGQA/annotations/few_shot/zh/dev.json"),
+            },
+        ),
+        "marvl": dict(
+            train=[iglue(d, "nlvr2/annotations/test.jsonl")],
+            dev=[iglue(d, "marvl/few_shot/annotations/marvl-id_train1.jsonl")],
+            test={
+                "en": iglue(d, "nlvr2/annotations/test.jsonl"),
+                "id": iglue(d, "marvl/zero_shot/annotations/marvl-id.jsonl"),
+                "zh": iglue(d, "marvl/zero_shot/annotations/marvl-zh.jsonl"),
+            },
+            translate_test={
+                "zh": iglue(d, "marvl/zero_shot/annotations_machine-translate/marvl-zh_gmt.jsonl")
+            },
+        ),
+        "xflickrco": dict(
+            train=[iglue(d, "flickr30k/annotations/valid_ann.jsonl")],
+            dev=[iglue(d, "flickr30k/annotations/test_ann.jsonl")],
+            test={lang: iglue(d, f"xFlickrCO/annotations/{lang}/test.jsonl") for lang in ("en", "de", "ja")},
+            translate_test={"ja": iglue(d, "xFlickrCO/annotations_machine-translate/ja/test_gmt.jsonl")},
+        ),
+        "wit": dict(
+            train=[iglue(d, "wit/annotations/test_en.jsonl")],
+            dev=[iglue(d, "wit/annotations/test_da.jsonl")],
+            test={lang: iglue(d, f"wit/annotations/test_{lang}.jsonl") for lang in ("en", "ar", "ja")},
+            translate_test={"ar": iglue(d, "wit/annotations_machine-translate/test_ar_gmt.jsonl")},
+        ),
+    }
+
+
+def check_table(table: dict, languages: list[str], runner) -> None:
+    assert [row["language"] for row in table["rows"]] == languages
+    columns, _ = runner.columns()
+    for row in table["rows"]:
+        for column in columns:
+            assert 0.0 <= row[column] <= 100.0
+    expected = {
+        c: sum(r[c] for r in table["rows"] if r["language"] != "en")
+        / sum(r["language"] != "en" for r in table["rows"])
+        for c in columns
+    }
+    assert table["average_non_english"] == pytest.approx(expected)
+    assert table["average_non_english"] == pytest.approx(average_non_english(table["rows"], columns))
+
+
+@pytest.mark.parametrize("task", ["xvnli", "xgqa", "marvl", "xflickrco", "wit"])
+def test_task_finetunes_and_writes_results(task, iglue_dir, tmp_path, pretrained_dir):
+    cfg = task_config(task, iglue_dir, tmp_path, pretrained_dir, **task_setups(iglue_dir)[task])
+    assert make_placeholder_images(cfg) > 0
+    tables = protocols.run_zero_shot(cfg)
+    runner = protocols.TaskRunner(cfg)
+    results = tmp_path / "run" / "results" / task
+    for protocol, files in (("zero_shot", cfg.data.test), ("translate_test", cfg.data.translate_test)):
+        if not files:
+            assert protocol not in tables
+            continue
+        for suffix in ("json", "csv", "md"):
+            assert (results / f"{protocol}.{suffix}").is_file()
+        on_disk = json.loads((results / f"{protocol}.json").read_text())
+        assert on_disk["rows"] == tables[protocol]["rows"]
+        check_table(on_disk, list(files), runner)
+    history = json.loads((tmp_path / "run" / "train_history.json").read_text())
+    assert history and history[-1]["step"] == 2
+
+    # the saved task model, evaluated through `cclm evaluate`, reproduces the zero-shot table
+    checkpoint = tmp_path / "run" / "model"
+    config_file = tmp_path / "task.yaml"
+    OmegaConf.save(cfg, config_file)
+    assert (
+        evaluate_main(
+            ["evaluate", str(config_file), f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'eval'}"]
+        )
+        == 0
+    )
+    again = json.loads((tmp_path / "eval" / "results" / task / "zero_shot.json").read_text())
+    columns, _ = runner.columns()
+    for row, before in zip(again["rows"], tables["zero_shot"]["rows"]):
+        for column in columns:
+            assert row[column] == pytest.approx(before[column], abs=1e-6)
+
+
+def test_easy_vqa_finetunes_on_real_images(tmp_path, pretrained_dir):
+    pytest.importorskip("easy_vqa")
+    config_file = tmp_path / "easy.yaml"
+    config_file.write_text((REPO / "configs/finetune/easy_vqa.yaml").read_text())
+    code = finetune_main(
+        [
+            "finetune",
+            str(config_file),
+            f"pretrained={pretrained_dir}",
+            f"output_dir={tmp_path}",
+            "data.max_examples=8",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.device=cpu",
+        ]
+    )
+    assert code == 0
+    table = json.loads((tmp_path / "results" / "easy_vqa" / "zero_shot.json").read_text())
+    assert [r["language"] for r in table["rows"]] == ["en"] and table["rows"][0]["examples"] == 8
+    assert table["average_non_english"] is None  # English only: no IGLUE average
+
+
+def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
+    iglue_dir, tmp_path, pretrained_dir, monkeypatch
+):
+    setup = task_setups(iglue_dir)["xvnli"]
+    cfg = task_config("xvnli", iglue_dir, tmp_path, pretrained_dir, **setup)
+    cfg.data.translate_test = {}
+    make_placeholder_images(cfg)
+    protocols.run_zero_shot(cfg)
+    checkpoint = tmp_path / "run" / "model"
+
+    few = task_config(
+        "xvnli",
+        iglue_dir,
+        tmp_path,
+        pretrained_dir,
+        train=setup["train"],
+        dev=setup["dev"],
+        test=setup["test"],
+        few_shot_train={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")},
+        few_shot_dev={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_48.jsonl")},
+    )
+    few.protocol, few.checkpoint, few.output_dir = "few_shot", str(checkpoint), str(tmp_path / "few")
+    few.train.lr_sweep = [1e-5, 3e-3]
+    make_placeholder_images(few)
+
+    first_step_weights = []
+    real_build = loop.build_optimizer
+
+    def spy(model, *args, **kwargs):
+        optimizer = real_build(model, *args, **kwargs)
+        real_step = optimizer.step
+
+        def step(self, *step_args, **step_kwargs):
+            if not getattr(self, "_seen", False):
+                self._seen = True
+                first_step_weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return real_step(*step_args, **step_kwargs)
+
+        optimizer.step = types.MethodType(step, optimizer)  # a bound method, as the LR scheduler expects
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
+    table = protocols.run_few_shot(few)["few_shot"]
+
+    # every learning rate of the sweep started from the checkpoint's weights (not from the previous run's)
+    saved = {f"backbone.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+    saved.update({f"head.{k}": v for k, v in load_file(str(checkpoint / "task_head.safetensors")).items()})
+    assert len(first_step_weights) == 2
+    for weights in first_step_weights:
+        assert len(set(weights) & set(saved)) > 0.9 * len(weights)  # tied weights are stored once
+        for name in set(weights) & set(saved):
+            assert torch.equal(weights[name], saved[name]), name
+
+    (row,) = table["rows"]
+    assert row["language"] == "ar"
+    assert row["lr"] == float(max(row["dev_by_lr"], key=row["dev_by_lr"].get))
+    assert row["dev"] == max(row["dev_by_lr"].values())
+    # the kept model is the dev-selected one: re-scoring it gives the recorded dev and test numbers
+    runner = protocols.TaskRunner(few)
+    model, tokenizer = runner.load_checkpoint(str(tmp_path / "few" / "few_shot" / "ar"))
+    assert runner.score(model, tokenizer, runner.read(few.data.few_shot_dev["ar"]))[
+        "accuracy"
+    ] == pytest.approx(row["dev"])
+    assert runner.score(model, tokenizer, runner.read(few.data.test["ar"]))["accuracy"] == pytest.approx(
+        row["accuracy"]
+    )
+    assert (tmp_path / "few" / "results" / "xvnli" / "few_shot.md").is_file()
+
+
+def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
+    backbone = CrossViewModel.from_pretrained(pretrained_dir)
+    model = TaskModel(backbone, "xvnli", "single", ["contradiction", "neutral", "entailment"])
+    batch = {
+        "images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+        "text_ids": torch.randint(5, 50, (4, 6)),
+        "text_mask": torch.ones(4, 6, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 2, 1]),
+    }
+    scripted, snapshots = iter([50.0, 80.0, 60.0]), []
+
+    def dev_score(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scripted)
+
+    selection = loop.finetune(model, [batch], dev_score, lr=1e-3, epochs=3, device=torch.device("cpu"))
+    assert (selection.best_score, selection.best_step, selection.steps) == (80.0, 2, 3)
+    assert not torch.equal(snapshots[1]["head.net.3.weight"], snapshots[2]["head.net.3.weight"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[1][key]), key
+
+
+def test_classifier_learns_real_easy_vqa_examples(pretrained_dir, tmp_path):
+    pytest.importorskip("easy_vqa")
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs/finetune/easy_vqa.yaml",
+        [f"pretrained={pretrained_dir}", "data.max_examples=8", "train.device=cpu"],
+    )
+    runner = protocols.TaskRunner(cfg)
+    data = runner.read("train")
+    model, tokenizer = runner.start_model([data])
+    before = runner.score(model, tokenizer, data)["accuracy"]
+    selection = loop.finetune(
+        model,
+        runner.train_loader([data], model, tokenizer),
+        lambda m: runner.score(m, tokenizer, data)["accuracy"],
+        lr=2e-3,
+        epochs=60,
+        head_lr_mult=1.0,
+        warmup_ratio=0.0,
+        eval_every=10,
+        device=torch.device("cpu"),
+    )
+    assert selection.best_score == 100.0 > before
