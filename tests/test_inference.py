@@ -1,0 +1,205 @@
+"""The inference API (cclm.load / CCLM): it computes exactly what training computes, and a trained model
+retrieves the right image for queries in two languages."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import cclm
+from cclm.inference.api import CCLM, eval_transform
+from cclm.model import CrossViewModel
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "cyan": (40, 220, 220),
+}
+GERMAN = {
+    "red": "rot",
+    "green": "grün",
+    "blue": "blau",
+    "yellow": "gelb",
+    "purple": "lila",
+    "orange": "orange",
+    "white": "weiß",
+    "cyan": "türkis",
+}
+SHAPES = ("circle", "square")
+GERMAN_SHAPES = {"circle": "Kreis", "square": "Quadrat"}
+
+
+def shape_image(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.Image:
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    x, y, side = rng.randint(2, 8), rng.randint(2, 8), rng.randint(20, 24)
+    box = (x, y, min(x + side, size - 1), min(y + side, size - 1))
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def world() -> list[tuple[str, str, str, str]]:
+    """(colour, shape, English caption, German caption) for 8 distinct coloured shapes."""
+    items = []
+    for i, colour in enumerate(COLOURS):
+        shape = SHAPES[i % 2]
+        items.append((colour, shape, f"a {colour} {shape}", f"ein {GERMAN[colour]}es {GERMAN_SHAPES[shape]}"))
+    return items
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model_cfg, tiny_tokenizer):
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
+    out = tmp_path / "model"
+    model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_load_returns_ready_model_with_tokenizer_and_transform(tiny_model_dir):
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    assert isinstance(engine, CCLM)
+    assert engine.dtype == torch.float32 and not engine.model.training
+    assert engine.transform(Image.new("RGB", (50, 80))).shape == (3, 32, 32)
+    assert engine.tokenizer.mask_token == "<mask>"
+
+
+def test_encode_texts_equals_training_forward(tiny_model_dir):
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    texts = ["a red circle above a blue square", "青い四角の上に赤い丸", "zwei kleine grüne Dreiecke links"]
+    model = CrossViewModel.from_pretrained(tiny_model_dir).eval()
+    enc = engine.tokenizer(texts, padding=True, return_tensors="pt")
+    expected = model.encode_text(enc["input_ids"], enc["attention_mask"])[1]
+    got = engine.encode_texts(texts, batch_size=2)  # batching and different padding must not matter
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
+
+
+def test_encode_images_equals_training_forward(tiny_model_dir, tmp_path):
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    rng = random.Random(0)
+    images = [shape_image(c, s, rng) for c, s, *_ in world()[:3]]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    model = CrossViewModel.from_pretrained(tiny_model_dir).eval()
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+    expected = model.encode_image(pixels)[1].detach()
+    torch.testing.assert_close(engine.encode_images(images, batch_size=2), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.encode_images(paths), expected, atol=1e-5, rtol=1e-5)
+    # a larger, non-square image goes through resize + centre crop first
+    big = images[0].resize((64, 96))
+    expected_big = model.encode_image(eval_transform(32)(big)[None])[1].detach()
+    torch.testing.assert_close(engine.encode_images([big]), expected_big, atol=1e-5, rtol=1e-5)
+
+
+def test_match_is_the_itm_probability_of_the_fused_pair(tiny_model_dir):
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    rng = random.Random(0)
+    images = [shape_image("red", "circle", rng), shape_image("blue", "square", rng)]
+    texts = ["a red circle", "a blue square"]
+    model = CrossViewModel.from_pretrained(tiny_model_dir).eval()
+    enc = engine.tokenizer(texts, padding=True, return_tensors="pt")
+    image_tokens = model.encode_image(engine.image_tensor(images))[0]
+    text_tokens = model.encode_text(enc["input_ids"], enc["attention_mask"])[0]
+    fused = model.fuse(text_tokens, enc["attention_mask"], image_tokens)
+    expected = model.itm_logits(fused).softmax(-1)[:, 1].detach()
+    torch.testing.assert_close(engine.match(images, texts), expected, atol=1e-5, rtol=1e-5)
+    # one image against several texts is the same as the image repeated
+    torch.testing.assert_close(engine.match(images[:1], texts), engine.match([images[0]] * 2, texts))
+    with pytest.raises(ValueError, match="as many images as texts"):
+        engine.match(images, texts + ["x"])
+
+
+def test_bf16_inference_stays_close_to_fp32(tiny_model_dir):
+    fp32 = cclm.load(tiny_model_dir, device="cpu", dtype="fp32")
+    bf16 = cclm.load(tiny_model_dir, device="cpu", dtype="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    texts = ["a red circle", "ein roter Kreis"]
+    images = [shape_image("red", "circle", random.Random(0))]
+    for a, b in (
+        (fp32.encode_texts(texts), bf16.encode_texts(texts)),
+        (fp32.encode_images(images), bf16.encode_images(images)),
+    ):
+        assert b.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a, b).min() > 0.98
+
+
+def _train_on_shapes(model: CrossViewModel, tokenizer, steps: int = 120) -> None:
+    """A short ITC + ITM run on 8 distinct coloured shapes, each with its English and its German caption."""
+    rng = random.Random(0)
+    items = world()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    # a tiny model gains nothing from threads, and loses a lot to oversubscription on a shared 2-core machine
+    torch.set_num_threads(1)
+    try:
+        _steps(model, optimizer, tokenizer, items, rng, steps)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+
+
+def _steps(model, optimizer, tokenizer, items, rng, steps):
+    transform = eval_transform(32)
+    enc = tokenizer([it[2] for it in items] + [it[3] for it in items], padding=True, return_tensors="pt")
+    group_ids = torch.arange(len(items)).repeat(2)
+    for _ in range(steps):
+        images = torch.stack([transform(shape_image(c, s, rng)) for c, s, *_ in items])
+        batch = {
+            "images": images.repeat(2, 1, 1, 1),
+            "text_ids": enc["input_ids"],
+            "text_mask": enc["attention_mask"],
+            "group_ids": group_ids,
+        }
+        loss = model(batch, "image")["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_retrieve_returns_the_gold_image_first_after_training(tmp_path, tiny_model_cfg):
+    from cclm.data.tokenize import train_tokenizer
+
+    items = world()
+    tokenizer = train_tokenizer([t for it in items for t in it[2:]] * 10, tmp_path / "tok", vocab_size=120)
+    tiny_model_cfg.text.encoder["vocab_size"] = len(tokenizer)
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
+    _train_on_shapes(model, tokenizer)
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(str(tmp_path / "trained"))
+
+    engine = cclm.load(tmp_path / "trained", device="cpu")
+    # new random draws of each shape, never seen in training
+    gallery = [shape_image(c, s, random.Random(100 + i)) for i, (c, s, *_) in enumerate(items)]
+    queries = [it[2] for it in items] + [it[3] for it in items]
+    gold = torch.arange(len(items)).repeat(2)
+    top = engine.retrieve(queries, gallery, k=3)
+    assert top.indices.shape == (16, 3) and (top.scores[:, :-1] >= top.scores[:, 1:]).all()
+    recall_at_1 = (top.indices[:, 0] == gold).float().mean().item()
+    assert recall_at_1 >= 0.75, f"R@1 {recall_at_1:.2f} (chance 0.125)"
+    # precomputed gallery features give the same ranking
+    feats = engine.encode_images(gallery)
+    assert torch.equal(engine.retrieve(queries, feats, k=3).indices, top.indices)
+    # ITM re-ranking scores the same candidates with match() and reorders them by that probability
+    reranked = engine.retrieve(queries[:4], gallery, k=2, rerank=True, rerank_k=4)
+    for q, (scores, indices) in enumerate(zip(reranked.scores, reranked.indices)):
+        expected = engine.match([gallery[int(i)] for i in indices], [queries[q]])
+        torch.testing.assert_close(scores, expected)
+        assert scores[0] >= scores[1]
+    with pytest.raises(ValueError, match="rerank=True needs the gallery items"):
+        engine.retrieve(queries, feats, k=2, rerank=True)
+    # image queries search a text gallery
+    image_to_text = engine.retrieve(gallery, [it[2] for it in items], k=1)
+    assert (image_to_text.indices[:, 0] == torch.arange(len(items))).float().mean() >= 0.75
