@@ -1,18 +1,21 @@
-"""Metrics equal a direct computation on fixed predictions: accuracy, retrieval recall (several captions per
-image; Flickr string ids next to COCO integer ids keyed on img_path) and the non-English average."""
+"""Metrics equal a direct computation on fixed predictions: accuracy, retrieval recall through the project's
+retrieval metrics (several captions per image; Flickr string ids next to COCO integer ids keyed on img_path)
+and the non-English average."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from cclm.evaluation.retrieval import itm_metrics
 from cclm.tasks import get_task
 from cclm.tasks.metrics import accuracy, average_non_english
 from cclm.tasks.results import write_results
-from cclm.tasks.retrieval import recall_at_k
+from cclm.tasks.retrieval import to_retrieval_set
 
 
 def test_accuracy_is_percent_correct():
@@ -38,60 +41,56 @@ def brute_force_recall(
     return 100 * tr_hits / i2t.shape[0], 100 * ir_hits / t2i.shape[0]
 
 
-def test_recall_with_several_captions_per_image_matches_direct_computation():
-    generator = torch.Generator().manual_seed(3)
-    text_image = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5]  # 6 images, 1 to 4 captions each
-    i2t = torch.randn(6, len(text_image), generator=generator)
-    t2i = torch.randn(len(text_image), 6, generator=generator)
-    metrics = recall_at_k(i2t, t2i, text_image, ks=(1, 2, 5))
-    for k in (1, 2, 5):
-        tr, ir = brute_force_recall(i2t, t2i, text_image, k)
-        assert metrics[f"tr_r{k}"] == pytest.approx(tr)
-        assert metrics[f"ir_r{k}"] == pytest.approx(ir)
-    assert metrics["r_mean"] == pytest.approx((metrics["tr_r_mean"] + metrics["ir_r_mean"]) / 2)
+def write_jsonl(path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
-def test_recall_on_hand_made_scores():
-    # image 0 has captions 0,1; image 1 has caption 2. Image 0's best text is caption 1 (its own): TR hit.
-    # Image 1's best text is caption 0 (wrong). Captions 0 and 2 rank their image first, caption 1 does not.
-    i2t = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3]])
-    t2i = torch.tensor([[0.9, 0.1], [0.2, 0.7], [0.4, 0.6]])
-    metrics = recall_at_k(i2t, t2i, [0, 0, 1], ks=(1,))
-    assert metrics["tr_r1"] == pytest.approx(50.0)
-    assert metrics["ir_r1"] == pytest.approx(200 / 3)
-
-
-def test_xflickrco_keys_images_on_img_path_not_id(tmp_path):
-    # A Flickr image whose string id equals a COCO integer id, and a second line for the same Flickr image.
+def test_xflickrco_set_keys_images_on_img_path_and_recall_matches_direct_computation(tmp_path):
+    # A Flickr image whose string id equals a COCO integer id; lines of one image pool their captions.
     lines = [
         {"sentences": ["a dog"], "id": "453297", "img_path": "453297.jpg"},
         {"sentences": ["a cat", "a kitten"], "id": 453297, "img_path": "COCO_val2014_000000453297.jpg"},
-        {"sentences": ["a brown dog"], "id": "453297", "img_path": "453297.jpg"},
+        {"sentences": ["a brown dog", "two dogs", "a puppy"], "id": "453297", "img_path": "453297.jpg"},
+        {"sentences": ["a red bus"], "id": 12, "img_path": "COCO_val2014_000000000012.jpg"},
+        {"sentences": ["a tram", "a street"], "id": "12", "img_path": "12.jpg"},
     ]
-    path = tmp_path / "de" / "test.jsonl"
-    path.parent.mkdir()
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    data = get_task("xflickrco").read(path)
-    assert [ref.path for ref in data.images] == ["453297.jpg", "COCO_val2014_000000453297.jpg"]
-    assert [ref.root for ref in data.images] == ["flickr30k", "coco"]
-    assert data.image_ids == ["453297", 453297]
-    assert data.texts == ["a dog", "a cat", "a kitten", "a brown dog"]
-    assert data.text_image == [0, 1, 1, 0]
-    # perfect scores give 100 everywhere; swapping the two images gives 0
-    perfect = torch.tensor([[1.0 if data.text_image[j] == i else 0.0 for j in range(4)] for i in range(2)])
-    assert recall_at_k(perfect, perfect.t(), data.text_image, ks=(1,))["ir_r1"] == 100.0
+    write_jsonl(tmp_path / "de" / "test.jsonl", lines)
+    data = get_task("xflickrco").read(tmp_path / "de" / "test.jsonl")
+    assert [(ref.root, ref.path) for ref in data.images] == [
+        ("flickr30k", "453297.jpg"),
+        ("coco", "COCO_val2014_000000453297.jpg"),
+        ("coco", "COCO_val2014_000000000012.jpg"),
+        ("flickr30k", "12.jpg"),
+    ]
+    assert data.image_ids == ["453297", 453297, 12, "12"]
+    assert data.text_image == [0, 1, 1, 0, 0, 0, 2, 3, 3]
+    roots = {"flickr30k": "/data/flickr30k", "coco": "/data/coco/val2014"}
+    rset = to_retrieval_set(data, roots)
+    assert rset.images[1] == Path("/data/coco/val2014/COCO_val2014_000000453297.jpg")
+    assert rset.img2txt == [[0, 3, 4, 5], [1, 2], [6], [7, 8]]
+
+    generator = torch.Generator().manual_seed(3)
+    i2t, t2i = torch.randn(4, 9, generator=generator), torch.randn(9, 4, generator=generator)
+    metrics = itm_metrics(i2t, t2i, rset.txt2img, rset.img2txt)
+    for k in (1, 5):
+        tr, ir = brute_force_recall(i2t, t2i, data.text_image, k)
+        assert metrics[f"txt_r{k}"] == pytest.approx(tr)  # TR: image -> text
+        assert metrics[f"img_r{k}"] == pytest.approx(ir)  # IR: text -> image
+    perfect = torch.tensor([[float(data.text_image[j] == i) for j in range(9)] for i in range(4)])
+    assert itm_metrics(perfect, perfect.t(), rset.txt2img, rset.img2txt)["img_r1"] == 100.0
     swapped = perfect.flip(0)
-    metrics = recall_at_k(swapped, swapped.t(), data.text_image, ks=(1,))
-    assert metrics["ir_r1"] == 0.0 and metrics["tr_r1"] == 0.0
+    assert itm_metrics(swapped, swapped.t(), rset.txt2img, rset.img2txt)["txt_r1"] == 0.0
 
 
 def test_wit_gives_each_line_its_own_image_entry(iglue_dir):
     path = iglue_dir / "wit/annotations/test_ar.jsonl"
     data = get_task("wit").read(path)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    assert len(data.images) == len(records) == len(data.texts)
-    assert data.text_image == list(range(len(records)))
-    assert len(data.image_refs) < len(records)  # some pictures appear on several pages
+    rset = to_retrieval_set(data, {"wit": "/data/wit"})
+    assert len(rset.images) == len(records) == len(rset.texts) == 890
+    assert rset.img2txt == [[i] for i in range(890)]
+    assert len({r["image_url"] for r in records}) < 890  # the same picture on several pages stays separate
 
 
 def test_average_excludes_english_and_results_files(tmp_path):

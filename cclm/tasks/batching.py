@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cclm.tasks.examples import ClassificationExample, RetrievalData
-from cclm.tasks.images import ImageRef, load_image
+from cclm.tasks.images import load_image
 
 
 class ClassificationDataset(Dataset):
@@ -49,17 +49,6 @@ class CaptionImagePairs(Dataset):
         image_index = self.data.text_image[index]
         image = load_image(self.data.images[image_index].resolve(self.roots), self.image_size)
         return {"images": image, "text": self.data.texts[index], "group": self.group_offset + image_index}
-
-
-class ImageList(Dataset):
-    def __init__(self, refs: Sequence[ImageRef], roots: Mapping[str, str], image_size: int):
-        self.refs, self.roots, self.image_size = list(refs), dict(roots), image_size
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.refs[index].resolve(self.roots), self.image_size)
 
 
 class Collator:

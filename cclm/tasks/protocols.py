@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from cclm.config import CONFIG_ROOT, ModelConfig, load_config, to_dict
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
-from cclm.tasks import get_task
+from cclm.tasks import get_task, retrieval
 from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset, Collator
 from cclm.tasks.examples import ClassificationData, RetrievalData
 from cclm.tasks.heads import TaskModel
@@ -31,7 +31,6 @@ from cclm.tasks.images import require_images
 from cclm.tasks.loop import Selection, autocast_factory, finetune, predict, resolve_device
 from cclm.tasks.metrics import accuracy
 from cclm.tasks.results import write_results
-from cclm.tasks.retrieval import recall_at_k, score_matrices
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("zero_shot", "few_shot", "translate_test")
@@ -164,25 +163,19 @@ class TaskRunner:
             self.cfg.eval.batch_size,
         )
         if self.kind == "retrieval":
-            was_training = model.training
-            model.eval()
-            i2t, t2i = score_matrices(
+            metrics = retrieval.evaluate(
                 model,
                 data,
                 self.roots,
-                collator,
+                tokenizer,
                 size,
-                batch_size,
-                self.cfg.eval.k_test,
-                self.device,
-                self.autocast,
+                k_test=self.cfg.eval.k_test,
+                batch_size=batch_size,
+                precision=self.cfg.train.precision,
+                device=self.device,
+                num_workers=self.cfg.train.num_workers,
             )
-            model.train(was_training)
-            return {
-                **recall_at_k(i2t, t2i, data.text_image),
-                "images": len(data.images),
-                "captions": len(data.texts),
-            }
+            return {**metrics, "images": len(data.images), "captions": len(data.texts)}
         loader = DataLoader(
             ClassificationDataset(data.examples, self.roots, size),
             batch_size=batch_size,
@@ -197,11 +190,13 @@ class TaskRunner:
         }
 
     def main_score(self, metrics: dict) -> float:
-        return (metrics["ir_r1"] + metrics["tr_r1"]) / 2 if self.kind == "retrieval" else metrics["accuracy"]
+        if self.kind == "retrieval":
+            return (metrics[retrieval.IR_R1] + metrics[retrieval.TR_R1]) / 2
+        return metrics["accuracy"]
 
     def columns(self) -> tuple[list[str], list[str]]:
         if self.kind == "retrieval":
-            return ["ir_r1", "tr_r1"], ["images", "captions"]
+            return [retrieval.IR_R1, retrieval.TR_R1], ["images", "captions"]
         return ["accuracy"], ["examples", "skipped"]
 
     def table(self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str) -> dict:

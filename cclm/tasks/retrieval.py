@@ -1,107 +1,65 @@
-"""Retrieval evaluation of xFlickr&CO / WIT: ITC similarities for every image x caption, the top-k of every query
-re-scored by the ITM head (batched across queries), then Recall@k both ways.
+"""Retrieval tasks (xFlickr&CO, WIT) through the project's retrieval evaluation (:mod:`cclm.evaluation`): ITC
+similarities for every image x caption, each query's top-k re-scored by the ITM head, Recall@k both ways.
 
-IGLUE reports R@1 for image retrieval (IR: caption -> image) and text retrieval (TR: image -> caption); an image
-query counts as correct at k when any of its captions is among the top k.
+IGLUE reports R@1 of image retrieval (IR, caption -> image: ``img_r1``) and of text retrieval (TR, image ->
+caption: ``txt_r1``). The set is built here rather than with ``RetrievalSet.from_entries`` because that merges
+entries by image: WIT's lines must stay separate image entries, each with only its own caption as the answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch.utils.data import DataLoader
 
-from cclm.tasks.batching import Collator, ImageList
+from cclm.config import EvalConfig, from_dict
+from cclm.evaluation.datasets import RetrievalSet
+from cclm.evaluation.run import evaluate_retrieval
 from cclm.tasks.examples import RetrievalData
 
-KS = (1, 5, 10)
+IR_R1, TR_R1 = "img_r1", "txt_r1"
 
 
-def recall_at_k(
-    i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, text_image: Sequence[int], ks: Sequence[int] = KS
-) -> dict[str, float]:
-    """Recall@k (percent) from score matrices [images, texts] and [texts, images]; ``text_image[j]`` is caption
-    j's image. Keys: ``tr_r{k}`` (image -> text), ``ir_r{k}`` (text -> image), their means and ``r_mean``."""
-    text_image = torch.as_tensor(list(text_image), dtype=torch.long)
-    n_images = i2t_scores.shape[0]
-    # text retrieval: rank of the best-ranked correct caption of each image
-    order = i2t_scores.argsort(dim=1, descending=True)
-    correct = text_image[order] == torch.arange(n_images).unsqueeze(1)
-    has_caption = correct.any(dim=1)
-    tr_rank = torch.where(has_caption, correct.float().argmax(dim=1), torch.full((n_images,), 10**9))
-    # image retrieval: rank of each caption's image
-    ir_rank = (t2i_scores.argsort(dim=1, descending=True) == text_image.unsqueeze(1)).float().argmax(dim=1)
-    out = {}
-    for k in ks:
-        out[f"tr_r{k}"] = 100.0 * (tr_rank[has_caption] < k).double().mean().item()
-        out[f"ir_r{k}"] = 100.0 * (ir_rank < k).double().mean().item()
-    out["tr_r_mean"] = sum(out[f"tr_r{k}"] for k in ks) / len(ks)
-    out["ir_r_mean"] = sum(out[f"ir_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["tr_r_mean"] + out["ir_r_mean"]) / 2
-    return out
+def to_retrieval_set(data: RetrievalData, roots: Mapping[str, str]) -> RetrievalSet:
+    img2txt: list[list[int]] = [[] for _ in data.images]
+    for text, image in enumerate(data.text_image):
+        img2txt[image].append(text)
+    language = sorted(data.languages)[0] if data.languages else "?"
+    return RetrievalSet(
+        name=data.file,
+        lang=language,
+        images=[ref.resolve(roots) for ref in data.images],
+        texts=list(data.texts),
+        txt2img=list(data.text_image),
+        img2txt=img2txt,
+        image_ids=[f"{i}:{ref.root}:{ref.path}" for i, ref in enumerate(data.images)],
+    )
 
 
-@torch.no_grad()
-def score_matrices(
+def evaluate(
     model,
     data: RetrievalData,
     roots: Mapping[str, str],
-    collator: Collator,
+    tokenizer,
     image_size: int,
-    batch_size: int,
+    *,
     k_test: int,
+    batch_size: int,
+    precision: str,
     device: torch.device,
-    autocast,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i2t [images, texts], t2i [texts, images]) scores: ITM probability for each query's ITC top-k, -inf else."""
-    backbone = model.backbone
-    image_tokens, image_feats = [], []
-    for images in DataLoader(ImageList(data.images, roots, image_size), batch_size=batch_size):
-        with autocast():
-            tokens, feats = backbone.encode_image(images.to(device))
-        image_tokens.append(tokens.float())
-        image_feats.append(feats.float())
-    text_tokens, text_masks, text_feats = [], [], []
-    for start in range(0, len(data.texts), batch_size):
-        batch = collator.tokenize(data.texts[start : start + batch_size])
-        ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
-        with autocast():
-            tokens, feats = backbone.encode_text(ids, mask)
-        text_tokens += list(tokens.float())  # per caption: lengths differ between batches
-        text_masks += list(mask)
-        text_feats.append(feats.float())
-    image_tokens, image_feats, text_feats = (
-        torch.cat(image_tokens),
-        torch.cat(image_feats),
-        torch.cat(text_feats),
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """``txt_r1 ... img_r_mean, r_mean`` (percent) of a task model's backbone on one retrieval file."""
+    eval_cfg = from_dict(
+        EvalConfig,
+        {
+            "k_test": k_test,
+            "batch_size": batch_size,
+            "precision": precision,
+            "num_workers": num_workers,
+            "rerank": True,
+        },
     )
-    similarity = image_feats @ text_feats.t()
-
-    def itm_scores(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
-        scores = []
-        for start in range(0, len(image_index), batch_size):
-            imgs, txts = (
-                image_index[start : start + batch_size],
-                text_index[start : start + batch_size].tolist(),
-            )
-            length = max(int(text_masks[j].sum()) for j in txts)
-            tokens = torch.stack([text_tokens[j][:length] for j in txts])
-            mask = torch.stack([text_masks[j][:length] for j in txts])
-            memory = image_tokens[imgs]
-            memory_mask = torch.ones(memory.shape[:2], dtype=mask.dtype, device=device)
-            with autocast():
-                logits = backbone.itm_logits(backbone.fuse(tokens, mask, memory, memory_mask))
-            scores.append(logits.float().softmax(dim=-1)[:, 1])
-        return torch.cat(scores)
-
-    def rerank(sim: torch.Tensor, queries_are_images: bool) -> torch.Tensor:
-        k = min(k_test, sim.shape[1])
-        top = sim.topk(k, dim=1).indices
-        queries = torch.arange(sim.shape[0], device=device).unsqueeze(1).expand_as(top).flatten()
-        images, texts = (queries, top.flatten()) if queries_are_images else (top.flatten(), queries)
-        scores = torch.full_like(sim, float("-inf"))
-        scores.scatter_(1, top, itm_scores(images, texts).view_as(top))
-        return scores
-
-    return rerank(similarity, True).cpu(), rerank(similarity.t(), False).cpu()
+    return evaluate_retrieval(
+        model.backbone, to_retrieval_set(data, roots), tokenizer, eval_cfg, image_size, device
+    )
