@@ -91,6 +91,13 @@ def test_two_stage_with_k_equal_n_is_full_itm_ranking(tiny_model, tiny_tokenizer
         tiny_model, emb, rset.txt2img, rset.img2txt, k=n, rerank_batch_size=5, itc_weight=itc_weight
     )
     assert out.metrics == pytest.approx(expected)
+    everything = two_stage_ranks(
+        tiny_model, emb, rset.txt2img, rset.img2txt, k=5, rescore_all=True, itc_weight=itc_weight
+    )
+    top5 = two_stage_ranks(tiny_model, emb, rset.txt2img, rset.img2txt, k=5, itc_weight=itc_weight)
+    assert torch.equal(everything.i2t_ranks, top5.i2t_ranks) and torch.equal(
+        everything.t2i_ranks, top5.t2i_ranks
+    )
     # Same per-query ranks too, not only the same averages.
     i2t_gold = torch.zeros_like(dense, dtype=torch.bool)
     for i, texts in enumerate(rset.img2txt):

@@ -8,10 +8,11 @@ Formats (``RetrievalDataConfig.format``):
   id_tsv     -- per language, lines "IMAGE_ID#N<TAB>caption" (COCO-CN's human-written captions), an optional
                 file of the image ids of the split, and ``image_template`` to find the image of an id.
   xm3600     -- XM3600's captions.jsonl ({"image/key": ..., "<lang>": {"caption": [...]}}) + images/<key>.jpg.
-  demo_world -- the synthetic world's held-out folder: retrieval.jsonl with
-                {"image": relative path, "image_id": str, "captions": {"<lang>": [...]}} per line.
-  python:MODULE:FUNCTION -- any other loader, called as FUNCTION(data_cfg, lang) -> RetrievalSet (e.g. the IGLUE
-                xFlickr&CO and WIT readers in ``cclm.tasks``).
+  demo_world -- the synthetic world's held-out sets: a folder with retrieval.jsonl, one line per image
+                {"image": path relative to the folder, "image_id": str, "captions": {"<lang>": [...]}}, or a
+                folder of such folders (``heldout/<lang>/``).
+  xflickrco / wit -- IGLUE's xFlickr&CO and WIT test files, read by the IGLUE readers in ``cclm.tasks``.
+  python:MODULE:FUNCTION -- any other reader, called as FUNCTION(data_cfg, lang) -> RetrievalSet.
 Images are keyed on their id as a string (Flickr ids are strings, COCO ids ints: both become str keys).
 """
 
@@ -21,6 +22,7 @@ import csv
 import importlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +155,9 @@ def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch
 # ------------------------------------------------------------------------------------------------- loaders
 @dataclass
 class RetrievalDataConfig:
-    format: str = MISSING  # lines | json | id_tsv | xm3600 | demo_world | python:MODULE:FUNCTION
+    format: str = (
+        MISSING  # lines | json | id_tsv | xm3600 | demo_world | xflickrco | wit | python:MODULE:FUNCTION
+    )
     root: str = MISSING  # folder of the annotation files; relative file names below resolve against it
     image_root: str | None = None  # folder of the images (default: root)
     languages: list[str] = field(default_factory=list)  # empty = every language the files provide
@@ -296,13 +300,28 @@ def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
     return RetrievalSet.from_entries(name, lang, entries)
 
 
+def demo_world_files(root: str | Path) -> list[Path]:
+    """The retrieval.jsonl files of a held-out folder: its own, or those of its sub-folders."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if (root / "retrieval.jsonl").exists():
+        return [root / "retrieval.jsonl"]
+    files = sorted(root.glob("*/retrieval.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no retrieval.jsonl in {root} or its sub-folders")
+    return files
+
+
 def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
-    root = Path(cfg.root)
-    path = root / "retrieval.jsonl" if root.is_dir() or not root.suffix else root
-    records = list(_jsonl(path))
-    langs = _known_languages(records, "captions")
-    if lang not in langs:
-        raise ValueError(f"unknown language '{lang}' for {path} (it has {sorted(langs)})")
+    found = []
+    for path in demo_world_files(cfg.root):
+        records = list(_jsonl(path))
+        if lang in _known_languages(records, "captions"):
+            found.append((path, records))
+    if not found:
+        raise ValueError(f"unknown language '{lang}' for {cfg.root} (it has {available_languages(cfg)})")
+    path, records = found[0]  # every sub-folder holds the same images; the first with this language is used
     image_root = cfg.image_root or path.parent
     entries = (
         (_path(image_root, rec["image"]), str(rec["image_id"]), rec["captions"].get(lang, []))
@@ -311,12 +330,38 @@ def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
     return RetrievalSet.from_entries(name, lang, entries)
 
 
+def _load_iglue(reader_module: str):
+    """xFlickr&CO / WIT through the IGLUE readers of :mod:`cclm.tasks`; ``captions: {lang: [file]}`` names the
+    IGLUE test files and ``options.image_roots`` the image folders (keys flickr30k, coco, wit). Images are keyed
+    on their annotation path (``img_path`` / image URL), never on the ambiguous numeric id; an image that the
+    reader lists several times (WIT: each line is its own gallery entry) stays several entries."""
+
+    def load(cfg, lang: str, name: str) -> RetrievalSet:
+        reader = importlib.import_module(reader_module)
+        roots = dict(cfg.options.get("image_roots", {}))
+        entries = []
+        for path in _lang_files(cfg, lang):
+            data = reader.read(path)
+            captions: list[list[str]] = [[] for _ in data.images]
+            for text, image in zip(data.texts, data.text_image):
+                captions[image].append(text)
+            repeated = {ref for ref, n in Counter(data.images).items() if n > 1}  # WIT: one entry per line
+            for i, (ref, caps) in enumerate(zip(data.images, captions)):
+                key = f"{ref.root}:{ref.path}" + (f"#{path.name}:{i}" if ref in repeated else "")
+                entries.append((ref.resolve(roots), key, caps))
+        return RetrievalSet.from_entries(name, lang, entries)
+
+    return load
+
+
 LOADERS = {
     "lines": load_lines,
     "json": load_json,
     "id_tsv": load_id_tsv,
     "xm3600": load_xm3600,
     "demo_world": load_demo_world,
+    "xflickrco": _load_iglue("cclm.tasks.xflickrco"),
+    "wit": _load_iglue("cclm.tasks.wit"),
 }
 
 
@@ -325,9 +370,10 @@ def available_languages(cfg) -> list[str]:
     if cfg.languages:
         return list(cfg.languages)
     if cfg.format == "demo_world":
-        root = Path(cfg.root)
-        records = list(_jsonl(root / "retrieval.jsonl" if root.is_dir() or not root.suffix else root))
-        return sorted(_known_languages(records, "captions"))
+        langs: set[str] = set()
+        for path in demo_world_files(cfg.root):
+            langs |= _known_languages(list(_jsonl(path)), "captions")
+        return sorted(langs)
     if cfg.format == "xm3600":
         path = _path(
             cfg.root, cfg.captions.get("all", ["captions.jsonl"])[0] if cfg.captions else "captions.jsonl"

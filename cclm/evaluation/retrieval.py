@@ -8,6 +8,8 @@ Two stages, as in ALBEF/X-VLM/CCLM, but batched across queries:
      caption length (so each batch is padded only to its own longest caption) and re-scored by the ITM head.
 Candidates outside a query's top-k rank below all re-scored ones, in their ITC order; so a gold item outside the
 top-k has its ITC rank (> k) and is a miss for every R@K with K <= k. With ``k = n`` this is full ITM ranking.
+A query with no gold item in its top-k therefore has the same rank whatever ITM says: its pairs are not
+re-scored (``rescore_all=True`` scores them anyway; ranks and metrics are identical).
 
 Ranks are 1-based. Ties count against the query: a query's rank is 1 + the number of non-gold candidates that
 score at least as high as its best gold candidate (a constant scorer therefore gets chance-level recall, not
@@ -136,6 +138,12 @@ class TopK:
     indices: torch.Tensor  # [n_queries, k] long
     scores: torch.Tensor  # [n_queries, k] float
     itc_ranks: torch.Tensor  # [n_queries] long
+    is_gold: torch.Tensor  # [n_queries, k] bool: the candidate is a gold item of the query
+
+    @property
+    def has_gold(self) -> torch.Tensor:
+        """[n_queries] bool: some gold item made the top-k (only these queries' ranks depend on ITM)."""
+        return self.is_gold.any(dim=1)
 
 
 def itc_topk(
@@ -150,19 +158,21 @@ def itc_topk(
     n_queries, n_candidates = query_feats.shape[0], candidate_feats.shape[0]
     k = min(k, n_candidates)
     rows = max(1, block_elements // max(1, n_candidates))
-    indices, scores, ranks = [], [], []
+    indices, scores, ranks, is_gold = [], [], [], []
     gold = gold.to(query_feats.device)
     for start in range(0, n_queries, rows):
         sims = (query_feats[start : start + rows] @ candidate_feats.t()).float()
-        ranks.append(ranks_from_scores(sims, _gold_mask(gold[start : start + rows], n_candidates)))
+        gold_mask = _gold_mask(gold[start : start + rows], n_candidates)
+        ranks.append(ranks_from_scores(sims, gold_mask))
         top = sims.topk(k, dim=1)
         indices.append(top.indices)
         scores.append(top.values)
+        is_gold.append(gold_mask.gather(1, top.indices))
     device = query_feats.device
     if not indices:
         empty = torch.empty(0, k, device=device)
-        return TopK(empty.long(), empty, torch.empty(0, dtype=torch.long, device=device))
-    return TopK(torch.cat(indices), torch.cat(scores), torch.cat(ranks))
+        return TopK(empty.long(), empty, empty.long()[:, 0], empty.bool())
+    return TopK(torch.cat(indices), torch.cat(scores), torch.cat(ranks), torch.cat(is_gold))
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -350,6 +360,14 @@ def itm_scores(
     return out
 
 
+def _query_pairs(top: TopK, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query index, candidate index) of every top-k entry of the selected rows, flattened."""
+    candidates = top.indices[rows]
+    return queries.to(candidates.device)[rows][:, None].expand_as(candidates).reshape(-1), candidates.reshape(
+        -1
+    )
+
+
 def rerank(
     model,
     emb: Embeddings,
@@ -360,30 +378,38 @@ def rerank(
     batch_size: int,
     itc_weight: float = 0.0,
     precision: str = "auto",
+    rescore_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-score every query's top-k with ITM (+ ``itc_weight`` x ITC). Pairs that occur in both directions are
-    scored once. Returns the new [n_queries, k] scores of the i2t and t2i top-k lists."""
+    """Re-score the top-k lists with ITM (+ ``itc_weight`` x ITC); returns new [n_queries, k] scores per direction.
+
+    Only queries with a gold item in their top-k are re-scored unless ``rescore_all``: the others rank their
+    gold at its ITC rank whatever ITM says (their rows are left at -inf). Pairs occurring in both directions
+    are scored once."""
     n_texts = emb.text_feats.shape[0]
     device = i2t.indices.device
-    img_a = image_queries.to(device)[:, None].expand_as(i2t.indices).reshape(-1)
-    txt_a = i2t.indices.reshape(-1)
-    txt_b = text_queries.to(device)[:, None].expand_as(t2i.indices).reshape(-1)
-    img_b = t2i.indices.reshape(-1)
+    rows_i2t = torch.ones_like(i2t.has_gold) if rescore_all else i2t.has_gold
+    rows_t2i = torch.ones_like(t2i.has_gold) if rescore_all else t2i.has_gold
+    img_a, txt_a = _query_pairs(i2t, image_queries, rows_i2t)
+    txt_b, img_b = _query_pairs(t2i, text_queries, rows_t2i)
     keys = torch.cat([img_a * n_texts + txt_a, img_b * n_texts + txt_b])
     unique, inverse = torch.unique(keys, return_inverse=True)
     scores = itm_scores(model, emb, unique // n_texts, unique % n_texts, batch_size, precision)[inverse]
-    i2t_scores = scores[: txt_a.numel()].view_as(i2t.scores) + itc_weight * i2t.scores.float()
-    t2i_scores = scores[txt_a.numel() :].view_as(t2i.scores) + itc_weight * t2i.scores.float()
-    return i2t_scores, t2i_scores
+    out = []
+    for top, rows, part in (
+        (i2t, rows_i2t, scores[: txt_a.numel()]),
+        (t2i, rows_t2i, scores[txt_a.numel() :]),
+    ):
+        full = torch.full(top.scores.shape, float("-inf"), device=device)
+        full[rows] = part.view(-1, top.scores.shape[1]) + itc_weight * top.scores[rows].float()
+        out.append(full)
+    return out[0], out[1]
 
 
-def ranks_after_rerank(top: TopK, rerank_scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+def ranks_after_rerank(top: TopK, rerank_scores: torch.Tensor) -> torch.Tensor:
     """Final rank of each query: its rank among the re-scored top-k when a gold item is in it, else its ITC rank
     (every top-k candidate then ranks above the gold items, the rest keep their ITC order)."""
-    gold = gold.to(top.indices.device)
-    in_top = (top.indices[:, :, None] == gold[:, None, :]).any(dim=2)  # [n, k]; padding -1 never matches
-    topk_ranks = ranks_from_scores(rerank_scores, in_top)
-    return torch.where(in_top.any(dim=1), topk_ranks, top.itc_ranks)
+    topk_ranks = ranks_from_scores(rerank_scores, top.is_gold)
+    return torch.where(top.has_gold, topk_ranks, top.itc_ranks)
 
 
 # ------------------------------------------------------------------------------------------------- together
@@ -405,10 +431,13 @@ def two_stage_ranks(
     itc_weight: float = 0.0,
     precision: str = "auto",
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    rescore_all: bool = False,
 ) -> RetrievalOutput:
     """Stage 1 (ITC top-k) and stage 2 (ITM re-ranking) over embeddings already computed for the whole gallery.
 
-    This rank scores its slice of the image queries and of the caption queries; ranks are gathered."""
+    This rank scores its slice of the image queries and of the caption queries; ranks are gathered. ITM scores
+    only the queries whose rank depends on it (a gold item in the top-k) unless ``rescore_all``; the ranks and
+    metrics are the same either way."""
     rank, world = dist_info()
     n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
     gold_i2t, gold_t2i = gold_matrix(img2txt, n_texts), gold_matrix(txt2img, n_images)
@@ -418,10 +447,10 @@ def two_stage_ranks(
     t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements)
     if do_rerank and k > 0:
         i2t_scores, t2i_scores = rerank(
-            model, emb, i2t, t2i, my_images, my_texts, rerank_batch_size, itc_weight, precision
+            model, emb, i2t, t2i, my_images, my_texts, rerank_batch_size, itc_weight, precision, rescore_all
         )
-        i2t_ranks = ranks_after_rerank(i2t, i2t_scores, gold_i2t[my_images])
-        t2i_ranks = ranks_after_rerank(t2i, t2i_scores, gold_t2i[my_texts])
+        i2t_ranks = ranks_after_rerank(i2t, i2t_scores)
+        t2i_ranks = ranks_after_rerank(t2i, t2i_scores)
     else:
         i2t_ranks, t2i_ranks = i2t.itc_ranks, t2i.itc_ranks
     i2t_ranks = gather_rows(i2t_ranks, n_images).cpu()
