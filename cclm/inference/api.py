@@ -15,7 +15,7 @@ support the weights are cast to bf16 (``dtype="auto"``), and results always come
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cclm.data.transforms import EvalTransform, center_box, to_array
 from cclm.model import CrossViewModel
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -39,32 +40,48 @@ class Retrieved(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ images
-def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform: shorter side resized to ``image_size`` (bicubic), centre crop, uint8 [3,H,W].
-    Normalisation happens inside the model."""
-    from torchvision.transforms import v2
+class ImageLoader:
+    """Path or PIL image -> uint8 [3, size, size]: the evaluation transform of the data pipeline (shorter side to
+    ``size`` + centre crop, see :class:`cclm.data.transforms.EvalTransform`), so inference sees exactly the pixels
+    that evaluation sees. Files are decoded completely here: an unreadable, truncated or corrupt file raises
+    ``ValueError`` naming it (a missing file raises ``FileNotFoundError``). Normalisation happens in the model."""
 
-    return v2.Compose(
-        [
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.PILToTensor(),
-        ]
-    )
+    def __init__(self, size: int):
+        self.size = size
+        self.from_bytes = EvalTransform(size)
+
+    def __call__(self, item: ImageLike) -> torch.Tensor:
+        if isinstance(item, Image.Image):
+            image = item.convert("RGB")
+            box = center_box(*image.size)
+            array = to_array(
+                image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            )
+        else:
+            path = Path(item)
+            data = path.read_bytes()
+            try:
+                array = self.from_bytes(data)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise ValueError(f"cannot decode image {path}: {err}") from err
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def eval_transform(image_size: int) -> ImageLoader:
+    return ImageLoader(image_size)
 
 
 def open_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image. The file is decoded completely here, so a truncated or
-    corrupt file fails now (``OSError``/``ValueError`` naming the file) rather than half-way through a batch."""
+    """An RGB PIL image from a path or a PIL image, fully decoded (``ValueError`` naming a bad file)."""
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     path = Path(item)
+    if not path.exists():
+        raise FileNotFoundError(path)
     try:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except FileNotFoundError:
-        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
@@ -148,7 +165,7 @@ class CCLM:
     # ------------------------------------------------------------------------------------------ inputs
     def image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """uint8 [B, 3, S, S] on the model's device, through the evaluation transform."""
-        return torch.stack([self.transform(open_image(item)) for item in images]).to(self.device)
+        return torch.stack([self.transform(item) for item in images]).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
