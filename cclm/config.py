@@ -231,6 +231,7 @@ class FinetuneTrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU) | fp32 | bf16
     num_workers: int = 0
     time_limit_minutes: float = 0.0  # > 0 stops training after this much wall time
+    threads: int = 0  # torch CPU threads (0 = torch default); small models on a busy CPU run best with 1
 
 
 @dataclass
