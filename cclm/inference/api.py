@@ -15,6 +15,7 @@ support the weights are cast to bf16 (``dtype="auto"``), and results always come
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,23 @@ class Retrieved(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ images
+class UnreadableImage(ValueError):
+    """A file that is not a decodable image (not an image at all, truncated, corrupt, a decompression bomb)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _reason(err: BaseException) -> str:
+    return re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
+
+
 class ImageLoader:
     """Path or PIL image -> uint8 [3, size, size]: the evaluation transform of the data pipeline (shorter side to
     ``size`` + centre crop, see :class:`cclm.data.transforms.EvalTransform`), so inference sees exactly the pixels
     that evaluation sees. Files are decoded completely here: an unreadable, truncated or corrupt file raises
-    ``ValueError`` naming it (a missing file raises ``FileNotFoundError``). Normalisation happens in the model."""
+    ``UnreadableImage`` (a ``ValueError``) naming it (a missing file raises ``FileNotFoundError``). Normalisation happens in the model."""
 
     def __init__(self, size: int):
         self.size = size
@@ -63,7 +76,7 @@ class ImageLoader:
             try:
                 array = self.from_bytes(data)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                raise ValueError(f"cannot decode image {path}: {err}") from err
+                raise UnreadableImage(path, _reason(err)) from err
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -72,7 +85,7 @@ def eval_transform(image_size: int) -> ImageLoader:
 
 
 def open_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image, fully decoded (``ValueError`` naming a bad file)."""
+    """An RGB PIL image from a path or a PIL image, fully decoded (``UnreadableImage`` for a bad file)."""
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     path = Path(item)
@@ -83,7 +96,7 @@ def open_image(item: ImageLike) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from err
+        raise UnreadableImage(path, _reason(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------- model
