@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test lint demo bench bench-eval bench-data bench-train clean
+.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa clean
 
 env:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -25,6 +25,9 @@ bench-eval: env
 
 bench-data: env
 	$(PY) benchmarks/bench_data.py
+
+bench-easy-vqa: env
+	$(PY) benchmarks/bench_easy_vqa.py
 
 bench-train: env
 	$(PY) benchmarks/bench_train.py

@@ -27,6 +27,16 @@ from .conftest import REPO
 IMAGE_ROOTS = ("flickr30k", "coco", "gqa", "marvl", "nlvr2", "wit")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The tiny model trains fastest single-threaded on a shared CPU (and configs may set train.threads):
+    restore the process-wide setting for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny random cclm model folder (weights + tokenizer), standing in for a pretrained one."""

@@ -47,6 +47,8 @@ class TaskRunner:
         self.task = get_task(cfg.task)
         self.kind = self.task.KIND
         self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
         self.autocast = autocast_factory(self.device, cfg.train.precision)
         self.roots = dict(cfg.data.image_roots)
         self.output_dir = Path(cfg.output_dir)
