@@ -131,3 +131,35 @@ def test_unknown_task_and_unknown_config_key():
         get_task("vqa2")
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'"):
         load_config(FinetuneConfig, REPO / "configs/finetune/xvnli.yaml", ["train.learning_rate=1e-4"])
+
+
+def test_finetune_check_images_lists_every_missing_image_of_the_config(iglue_dir, tmp_path, capsys):
+    files = [
+        iglue_dir / "XVNLI/annotations/en/train_1.jsonl",
+        iglue_dir / "XVNLI/annotations/en/train_5.jsonl",
+        *(iglue_dir / f"XVNLI/annotations/{lang}/test.jsonl" for lang in ("en", "ar", "es", "fr", "ru")),
+        *(
+            iglue_dir / f"XVNLI/annotations_machine-translate/{lang}/test.jsonl"
+            for lang in ("ar", "es", "fr", "ru")
+        ),
+        *(iglue_dir / f"XVNLI/annotations/{lang}/train_48.jsonl" for lang in ("ar", "es", "fr", "ru")),
+    ]
+    ids = {
+        json.loads(line)["Flikr30kID"] for f in files for line in f.read_text().splitlines() if line.strip()
+    }
+    Image.new("RGB", (8, 8)).save(tmp_path / f"{sorted(ids)[0]}.jpg")
+    code = cclm_main(
+        [
+            "finetune",
+            str(REPO / "configs/finetune/xvnli.yaml"),
+            "--check-images",
+            f"data.iglue_dir={iglue_dir}",
+            f"data.image_roots.flickr30k={tmp_path}",
+            f"data.train=[{files[0]}]",
+            f"data.dev=[{files[1]}]",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.out.split() == [str(tmp_path / f"{i}.jpg") for i in sorted(ids)[1:]]
+    assert f"1 of {len(ids)} images found, {len(ids) - 1} missing" in out.err

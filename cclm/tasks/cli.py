@@ -41,6 +41,10 @@ def _run(argv: list[str], command: str, usage: str) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = argv[1:] if argv and argv[0] == command else argv
+    if "--check-images" in args:  # list every missing image of the config's files, then stop
+        from cclm.tasks.iglue_cli import check_config_images
+
+        return check_config_images([a for a in args if a != "--check-images"])
     try:
         cfg = _load(args, usage)
         if cfg is None:

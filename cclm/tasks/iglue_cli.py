@@ -56,39 +56,12 @@ def _files_of_config(cfg) -> list[str]:
     ]
 
 
-def _check_images(args: list[str]) -> int:
-    if args and not args[0].startswith("-"):  # a fine-tuning config and overrides
-        from cclm.config import FinetuneConfig, load_config
-
-        cfg = load_config(FinetuneConfig, args[0], args[1:])
-        task, files, roots = cfg.task, _files_of_config(cfg), dict(cfg.data.image_roots)
-        label_names = None
-    else:
-        parser = argparse.ArgumentParser(prog="cclm iglue check-images")
-        parser.add_argument("--task", required=True, choices=sorted(TASKS))
-        parser.add_argument(
-            "--root",
-            action="append",
-            default=[],
-            metavar="NAME=DIR",
-            help="image folder by name (flickr30k, coco, gqa, marvl, nlvr2, wit); repeatable",
-        )
-        parser.add_argument("files", nargs="+")
-        opts = parser.parse_args(args)
-        bad = [r for r in opts.root if "=" not in r]
-        if bad:
-            parser.error(f"--root must look like NAME=DIR, got {bad}")
-        task, files, roots, label_names = (
-            opts.task,
-            opts.files,
-            dict(r.split("=", 1) for r in opts.root),
-            None,
-        )
+def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
     module = get_task(task)
     refs = set()
     try:
         for path in files:
-            refs |= module.read(path, label_names).image_refs
+            refs |= module.read(path).image_refs
         missing = missing_images(refs, roots)
     except (AnnotationError, KeyError) as err:
         print(f"cclm iglue check-images: {err}", file=sys.stderr)
@@ -98,6 +71,38 @@ def _check_images(args: list[str]) -> int:
     sys.stdout.flush()
     print(f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing", file=sys.stderr)
     return 1 if missing else 0
+
+
+def check_config_images(args: list[str]) -> int:
+    """Missing images of every file a fine-tuning config names (``CONFIG [key=value ...]``)."""
+    from cclm.config import ConfigError, FinetuneConfig, load_config
+
+    try:
+        cfg = load_config(FinetuneConfig, args[0], args[1:])
+    except ConfigError as err:
+        print(f"cclm iglue check-images: {err}", file=sys.stderr)
+        return 1
+    return _report_missing(cfg.task, _files_of_config(cfg), dict(cfg.data.image_roots))
+
+
+def _check_images(args: list[str]) -> int:
+    if args and not args[0].startswith("-"):
+        return check_config_images(args)
+    parser = argparse.ArgumentParser(prog="cclm iglue check-images")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="image folder by name (flickr30k, coco, gqa, marvl, nlvr2, wit); repeatable",
+    )
+    parser.add_argument("files", nargs="+")
+    opts = parser.parse_args(args)
+    bad = [r for r in opts.root if "=" not in r]
+    if bad:
+        parser.error(f"--root must look like NAME=DIR, got {bad}")
+    return _report_missing(opts.task, opts.files, dict(r.split("=", 1) for r in opts.root))
 
 
 def main(argv: list[str]) -> int:
