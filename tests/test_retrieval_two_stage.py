@@ -27,6 +27,15 @@ from cclm.model import CrossViewModel
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "big", "left", "right", "above"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core test machine, torch's default threads oversubscribe badly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_set(n_images: int, seed: int = 0) -> RetrievalSet:
     rng = np.random.default_rng(seed)
     images = [torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)) for _ in range(n_images)]

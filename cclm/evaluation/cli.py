@@ -73,14 +73,14 @@ def evaluate_benchmark(cfg) -> dict[str, dict[str, float]]:
     require(cfg, "checkpoint", "data.format", "data.root")
     if cfg.languages:
         cfg.data.languages = list(cfg.languages)
-    languages = available_languages(cfg.data)
+    # Read every language's annotations first: a missing file or unknown language fails before the model loads.
+    sets = {lang: load_retrieval_set(cfg.data, lang, cfg.name) for lang in available_languages(cfg.data)}
     device = resolve_device(cfg.device)
     model = CrossViewModel.from_pretrained(cfg.checkpoint, device=device).eval()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
     image_size = cfg.image_size or int(model.cfg.vision.image_size)
     rows: dict[str, dict[str, float]] = {}
-    for lang in languages:
-        retrieval_set = load_retrieval_set(cfg.data, lang, cfg.name)
+    for lang, retrieval_set in sets.items():
         logger.info(
             "%s/%s: %d images, %d captions",
             cfg.name,

@@ -24,11 +24,13 @@ def run_retrieval(
     image_size: int,
     device=None,
     rerank: bool | None = None,
+    rescore_all: bool = False,
 ) -> RetrievalOutput:
     """Two-stage (or ITC-only) retrieval on one set; returns metrics and per-query ranks.
 
-    ``eval_cfg`` is an :class:`cclm.config.EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``. The model is
-    put in eval mode for the call and its previous mode restored."""
+    ``eval_cfg`` is an :class:`cclm.config.EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``;
+    ``rescore_all`` re-scores every top-k pair, even of queries whose rank ITM cannot change (same metrics).
+    The model is put in eval mode for the call and its previous mode restored."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     do_rerank = eval_cfg.rerank if rerank is None else rerank
     max_length = int(model.cfg.text.max_length)
@@ -58,6 +60,7 @@ def run_retrieval(
             do_rerank=do_rerank,
             itc_weight=eval_cfg.itc_weight_in_rerank,
             precision=eval_cfg.precision,
+            rescore_all=rescore_all,
         )
     finally:
         model.train(was_training)
