@@ -211,6 +211,9 @@ class CrossViewModel(nn.Module):
             config.update(extra)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_model(self, str(directory / WEIGHTS_NAME))
+        from cclm.inference.model_card import write_model_card  # README.md: architecture, training, results
+
+        write_model_card(directory, self, extra)
         return directory
 
     @classmethod

@@ -1,0 +1,199 @@
+"""The model card: a README.md that ``CrossViewModel.save_pretrained`` writes next to the weights.
+
+It says what the model is (architecture and sizes, read from the model), how it was made (from ``extra``:
+``training`` = {step, checkpoint, run} from ``cclm export``; ``task`` from fine-tuning; ``converted_from`` from
+``cclm convert-reference``) and how well it does (``extra["eval_results"]`` or an ``eval_results.json`` in the
+folder: {benchmark: {metric: value}} or {benchmark: {language: {metric: value}}}). Call :func:`write_model_card`
+again after an evaluation to refresh it. A README.md that a person wrote (one without our marker line) is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cclm.inference")
+MARKER = "<!-- cclm model card: written by save_pretrained; delete this line to keep your own edits -->"
+EVAL_RESULTS = "eval_results.json"
+
+
+def _vision_line(cfg) -> str:
+    tower = dict(cfg.vision.tower)
+    if tower.get("timm_model_name"):
+        name = f"timm `{tower['timm_model_name']}` (open_clip timm tower)"
+    elif cfg.vision.name and not tower.get("width"):
+        name = f"open_clip `{cfg.vision.name}`"
+    else:
+        name = f"open_clip ViT (width {tower.get('width')}, {tower.get('layers')} layers, patch {tower.get('patch_size')})"
+    pretrained = f", initialised from `{cfg.vision.pretrained}`" if cfg.vision.pretrained else ""
+    return f"{name}, {cfg.vision.image_size} px images{pretrained}"
+
+
+def architecture_section(model) -> list[str]:
+    cfg, enc = model.cfg, model.encoder_config
+    n_params = sum(p.numel() for p in model.parameters())
+    source = f" from `{cfg.text.name_or_path}`" if cfg.text.name_or_path else ""
+    return [
+        "## Architecture",
+        "",
+        "CCLM cross-view model (Zeng et al., 2022): one fusion stack serves image-caption pairs and parallel "
+        "sentences alike; its cross-attention reads image tokens or the other language's text tokens.",
+        "",
+        "| part | |",
+        "| --- | --- |",
+        f"| vision tower | {_vision_line(cfg)}; {model.vision.width} wide |",
+        f"| text layers | {len(cfg.text.text_layers)} XLM-R-style layers (encoder layers {list(cfg.text.text_layers)})"
+        f"{source}; hidden {enc.hidden_size}, {enc.num_attention_heads} heads, vocabulary {enc.vocab_size} |",
+        f"| fusion layers | {len(cfg.text.fusion_layers)} layers with cross-attention (encoder layers "
+        f"{list(cfg.text.fusion_layers)}) |",
+        f"| contrastive | `vision_proj` / `text_proj` to {cfg.embed_dim} dims, learnable temperature |",
+        "| heads | one matching head (ITM and TTM), MLM head tied to the word embeddings |",
+        f"| parameters | {n_params / 1e6:.1f} M |",
+        f"| max text length | {cfg.text.max_length} tokens |",
+        "",
+    ]
+
+
+def usage_section() -> list[str]:
+    return [
+        "## Use",
+        "",
+        "```python",
+        "import cclm",
+        'model = cclm.load("path/to/this/folder")',
+        'texts = model.encode_texts(["a red circle", "ein roter Kreis"])',
+        'images = model.encode_images(["photo.jpg"])',
+        'print(model.match(["photo.jpg"], ["a red circle"]))',
+        "```",
+        "",
+        'or `cclm index IMAGE_DIR --model path/to/this/folder --out INDEX` and `cclm search INDEX "query"`.',
+        "",
+    ]
+
+
+def _streams(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in ("image_caption", "parallel_text"):
+        stream = data.get(name)
+        if stream:
+            langs = ", ".join(stream.get("languages") or []) or "all"
+            lines.append(
+                f"- {name.replace('_', '-')}: `{stream.get('shards')}` (batch {stream.get('batch_size')}, "
+                f"weight {stream.get('weight')}, languages: {langs})"
+            )
+    return lines
+
+
+def provenance_section(extra: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    training = extra.get("training")
+    if training:
+        run = training.get("run") or {}
+        train = run.get("train", {})
+        opt = train.get("optimizer", {})
+        lines += ["## Training", ""]
+        lines.append(
+            f"- steps: {training.get('step', '?')} (of max_steps {train.get('max_steps', '?')}), "
+            f"view schedule `{train.get('view_schedule', '?')}`"
+        )
+        lines.append(
+            f"- optimizer: {opt.get('name', '?')}, lr {opt.get('lr', '?')}, weight decay "
+            f"{opt.get('weight_decay', '?')}; precision {run.get('deepspeed', {}).get('precision', '?')}"
+        )
+        objectives = run.get("model", {}).get("objectives", {})
+        if objectives:
+            weights = ", ".join(
+                f"{k.split('_')[0]} {v}" for k, v in objectives.items() if k.endswith("_weight")
+            )
+            lines.append(f"- objective weights: {weights}")
+        streams = _streams(run.get("data", {}))
+        if streams:
+            lines += ["- data:", *[f"  {s}" for s in streams]]
+        if training.get("checkpoint"):
+            lines.append(f"- exported from `{training['checkpoint']}`")
+        lines.append("")
+    task = extra.get("task")
+    if task:
+        lines += ["## Fine-tuning", ""]
+        for key, value in task.items():
+            if key == "labels" and isinstance(value, list):
+                value = f"{len(value)} labels"
+            if isinstance(value, (str, int, float, bool)) or value is None or key == "labels":
+                lines.append(f"- {key}: {value}")
+        lines.append("")
+    converted = extra.get("converted_from")
+    if converted:
+        lines += [
+            "## Origin",
+            "",
+            f"Converted by `cclm convert-reference` from `{converted.get('checkpoint')}` "
+            f"({converted.get('layout', 'reference layout')}); position ids: {converted.get('position_ids')}.",
+        ]
+        dropped = converted.get("dropped") or {}
+        if dropped:
+            lines.append(
+                "Dropped source tensors: " + ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items())) + "."
+            )
+        if converted.get("left_at_init"):
+            lines.append(
+                f"Not in the source, left at initialisation: {', '.join(converted['left_at_init'])}."
+            )
+        lines.append("")
+    return lines
+
+
+def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, dict[str, float]]:
+    """{row name: {metric: value}} from nested result dicts."""
+    rows: dict[str, dict[str, float]] = {}
+    scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        rows[prefix or "result"] = scalars
+    for key, value in results.items():
+        if isinstance(value, dict):
+            rows.update(_flatten(value, f"{prefix} / {key}" if prefix else str(key)))
+    return rows
+
+
+def evaluation_section(results: dict[str, Any] | None) -> list[str]:
+    lines = ["## Evaluation", ""]
+    rows = _flatten(results or {})
+    if not rows:
+        return lines + ["No evaluation results were recorded with this model (see `cclm evaluate`).", ""]
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+    lines += ["| | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    for name, row in rows.items():
+        cells = [f"{row[m]:.2f}" if isinstance(row.get(m), float) else str(row.get(m, "")) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_model_card(
+    model, extra: dict[str, Any] | None = None, results: dict[str, Any] | None = None
+) -> str:
+    extra = extra or {}
+    title = "cclm cross-view model"
+    if extra.get("task", {}).get("task"):
+        title += f", fine-tuned for {extra['task']['task']}"
+    lines = [MARKER, f"# {title}", ""]
+    lines += architecture_section(model)
+    lines += usage_section()
+    lines += provenance_section(extra)
+    lines += evaluation_section(results or extra.get("eval_results"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_model_card(directory: str | Path, model, extra: dict[str, Any] | None = None) -> Path | None:
+    """Write ``directory/README.md``; returns its path, or None when a hand-written README.md is kept."""
+    directory = Path(directory)
+    path = directory / "README.md"
+    if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        log.warning("%s was written by hand; the model card is not written over it", path)
+        return None
+    results = None
+    if (directory / EVAL_RESULTS).exists():
+        results = json.loads((directory / EVAL_RESULTS).read_text())
+    path.write_text(render_model_card(model, extra, results), encoding="utf-8")
+    return path

@@ -1,0 +1,432 @@
+"""``cclm convert-reference``: a state dict with the CCLM reference key names and shapes (random values, tiny
+sizes, same layout) converts strictly; the text stack then equals HF XLMRobertaModel with the same weights, the
+vision tower equals timm's own import of the original Swin layout; bad checkpoints fail with a clear message;
+and nothing in cclm/ unpickles a checkpoint without ``weights_only=True``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
+from transformers import XLMRobertaConfig, XLMRobertaModel
+
+from cclm.cli import main as cclm_main
+from cclm.inference import convert_reference as cr
+from cclm.model import CrossViewModel
+
+REPO = Path(__file__).resolve().parent.parent
+# The tiny Swin on both sides: 32 px images, patch 4 -> 8x8 tokens, window 4 (stage 0 has a shifted block with
+# an attention mask), two stages of width 32 and 64. 64 = the tiny text width, as Swin-B's 1024 = XLM-R large's.
+SWIN = {
+    "img_size": 32,
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depths": (2, 2),
+    "num_heads": (2, 4),
+    "window_size": 4,
+}
+TEXT = {"hidden": 64, "layers": 4, "fusion_start": 2, "intermediate": 128, "positions": 66, "heads": 2}
+EMBED = 48
+TINY_SWIN = "cclm_test_swin_tiny"
+
+if not timm.list_models(TINY_SWIN):
+
+    @register_model
+    def cclm_test_swin_tiny(pretrained: bool = False, **kwargs):
+        factory_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+        return SwinTransformer(**SWIN, **{k: v for k, v in kwargs.items() if k not in factory_only})
+
+
+# --------------------------------------------------------------------------------- a reference-layout state dict
+def _linear(out_dim: int, in_dim: int, bias: bool = True) -> dict[str, torch.Tensor]:
+    weights = {"weight": torch.randn(out_dim, in_dim) * 0.05}
+    if bias:
+        weights["bias"] = torch.randn(out_dim) * 0.02
+    return weights
+
+
+def _norm(dim: int) -> dict[str, torch.Tensor]:
+    return {"weight": 1 + 0.1 * torch.randn(dim), "bias": 0.02 * torch.randn(dim)}
+
+
+def _put(state: dict, prefix: str, params: dict[str, torch.Tensor]) -> None:
+    state.update({f"{prefix}.{k}": v for k, v in params.items()})
+
+
+def reference_swin(prefix: str = "vision_encoder") -> dict[str, torch.Tensor]:
+    """Microsoft's Swin layout as CCLM's models/swin_transformer.py builds it: patch merging at the END of each
+    stage but the last, buffers relative_position_index (every block) and attn_mask (shifted blocks)."""
+    state: dict[str, torch.Tensor] = {}
+    dim, grid = SWIN["embed_dim"], SWIN["img_size"] // SWIN["patch_size"]
+    state[f"{prefix}.patch_embed.proj.weight"] = (
+        torch.randn(dim, 3, SWIN["patch_size"], SWIN["patch_size"]) * 0.1
+    )
+    state[f"{prefix}.patch_embed.proj.bias"] = torch.randn(dim) * 0.02
+    _put(state, f"{prefix}.patch_embed.norm", _norm(dim))
+    for stage, (depth, heads) in enumerate(zip(SWIN["depths"], SWIN["num_heads"])):
+        window = min(SWIN["window_size"], grid)
+        for block in range(depth):
+            p = f"{prefix}.layers.{stage}.blocks.{block}"
+            _put(state, f"{p}.norm1", _norm(dim))
+            state[f"{p}.attn.relative_position_bias_table"] = torch.randn((2 * window - 1) ** 2, heads) * 0.02
+            state[f"{p}.attn.relative_position_index"] = torch.randint(
+                0, (2 * window - 1) ** 2, (window**2,) * 2
+            )
+            _put(state, f"{p}.attn.qkv", _linear(3 * dim, dim))
+            _put(state, f"{p}.attn.proj", _linear(dim, dim))
+            _put(state, f"{p}.norm2", _norm(dim))
+            _put(state, f"{p}.mlp.fc1", _linear(4 * dim, dim))
+            _put(state, f"{p}.mlp.fc2", _linear(dim, 4 * dim))
+            if block % 2 == 1 and grid > window:
+                state[f"{p}.attn_mask"] = torch.zeros((grid // window) ** 2, window**2, window**2)
+        if stage < len(SWIN["depths"]) - 1:
+            _put(
+                state, f"{prefix}.layers.{stage}.downsample.reduction", _linear(2 * dim, 4 * dim, bias=False)
+            )
+            _put(state, f"{prefix}.layers.{stage}.downsample.norm", _norm(4 * dim))
+            dim, grid = 2 * dim, grid // 2
+    _put(state, f"{prefix}.norm", _norm(dim))
+    return state
+
+
+def reference_text(vocab: int, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
+    """xbert's BertModel naming: embeddings (+ position_ids buffer), encoder.layer.N with crossattention from
+    fusion_layer on (keys/values read the vision width, here equal to the text width)."""
+    h, state = TEXT["hidden"], {}
+    state[f"{prefix}embeddings.word_embeddings.weight"] = torch.randn(vocab, h) * 0.05
+    state[f"{prefix}embeddings.position_embeddings.weight"] = torch.randn(TEXT["positions"], h) * 0.05
+    state[f"{prefix}embeddings.token_type_embeddings.weight"] = torch.randn(1, h) * 0.05
+    _put(state, f"{prefix}embeddings.LayerNorm", _norm(h))
+    state[f"{prefix}embeddings.position_ids"] = torch.arange(TEXT["positions"])[None]
+    for i in range(TEXT["layers"]):
+        p = f"{prefix}encoder.layer.{i}"
+        attentions = ["attention"] + (["crossattention"] if i >= TEXT["fusion_start"] else [])
+        for attn in attentions:
+            for name in ("query", "key", "value"):
+                _put(state, f"{p}.{attn}.self.{name}", _linear(h, h))
+            _put(state, f"{p}.{attn}.output.dense", _linear(h, h))
+            _put(state, f"{p}.{attn}.output.LayerNorm", _norm(h))
+        _put(state, f"{p}.intermediate.dense", _linear(TEXT["intermediate"], h))
+        _put(state, f"{p}.output.dense", _linear(h, TEXT["intermediate"]))
+        _put(state, f"{p}.output.LayerNorm", _norm(h))
+    return state
+
+
+def reference_checkpoint(vocab: int, mlm_head: bool = True) -> dict[str, torch.Tensor]:
+    """A CCLM pretraining checkpoint's state dict (xvlm.XVLMBase + CrossViewLM), tiny."""
+    h = TEXT["hidden"]
+    state = reference_swin()
+    state.update(reference_text(vocab, "text_encoder.bert." if mlm_head else "text_encoder."))
+    if mlm_head:
+        p = "text_encoder.cls.predictions"
+        state[f"{p}.bias"] = torch.randn(vocab) * 0.02
+        _put(state, f"{p}.transform.dense", _linear(h, h))
+        _put(state, f"{p}.transform.LayerNorm", _norm(h))
+        state[f"{p}.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"].clone()
+        state[f"{p}.decoder.bias"] = state[f"{p}.bias"].clone()
+    _put(state, "vision_proj", _linear(EMBED, h))
+    _put(state, "text_proj", _linear(EMBED, h))
+    state["temp"] = torch.tensor(0.05)
+    for head, out_dim in (("itm_head", 2), ("bbox_head", 4)):
+        _put(state, f"{head}.0", _linear(2 * h, h))
+        _put(state, f"{head}.1", _norm(2 * h))
+        _put(state, f"{head}.3", _linear(out_dim, 2 * h))
+    return state
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny_swin.yaml"
+    path.write_text(
+        f"vision:\n  tower: {{timm_model_name: {TINY_SWIN}, image_size: 32}}\n  image_size: 32\n"
+        f"text:\n  encoder: {{num_attention_heads: {TEXT['heads']}}}\n  max_length: 32\n"
+    )
+    return path
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path, tiny_tokenizer) -> Path:
+    out = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_tokenizer) -> tuple[Path, dict[str, torch.Tensor]]:
+    state = reference_checkpoint(len(tiny_tokenizer))
+    path = tmp_path / "cclm_base.th"
+    torch.save({"model": state, "epoch": 29}, path)
+    return path, state
+
+
+def _convert(checkpoint, tmp_path, tiny_config, tokenizer_dir, name="converted", **kwargs):
+    return cr.convert(checkpoint, tmp_path / name, config=tiny_config, tokenizer=str(tokenizer_dir), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- strict load
+def test_reference_checkpoint_converts_strictly_with_a_report(
+    checkpoint, tmp_path, tiny_config, tokenizer_dir
+):
+    path, state = checkpoint
+    report = _convert(path, tmp_path, tiny_config, tokenizer_dir)
+    model = CrossViewModel.from_pretrained(tmp_path / "converted")  # strict safetensors load of every tensor
+    dropped = {reason: len(keys) for reason, keys in report.dropped.items()}
+    n_blocks, n_shifted = sum(SWIN["depths"]), 1
+    assert dropped == {
+        "bbox_head": 6,
+        "swin_buffer": n_blocks + n_shifted,
+        "position_ids": 1,
+        "tied_decoder_weight": 1,
+        "tied_decoder_bias": 1,
+    }
+    assert report.consumed + sum(dropped.values()) == report.source_tensors == len(state)
+    assert report.filled == len(model.state_dict()) and not report.left_at_init
+    assert (tmp_path / "converted" / "tokenizer.json").exists()
+    assert (tmp_path / "converted" / "conversion_report.json").exists()
+
+    # every consumed tensor sits where the mapping says, unchanged (the position table is checked below)
+    ours = model.state_dict()
+    layout = cr.SourceLayout.detect(state)
+    for key, value in state.items():
+        for name in cr.map_key(key, layout)[0]:
+            if name != "text.embeddings.position_embeddings.weight":
+                assert torch.equal(ours[name], value.reshape(ours[name].shape)), (key, name)
+    assert torch.equal(
+        ours["fusion.layers.1.crossattention.self.key.weight"],
+        state["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"],
+    )
+    assert torch.equal(
+        ours["vision.visual.trunk.layers.1.downsample.reduction.weight"],
+        state["vision_encoder.layers.0.downsample.reduction.weight"],
+    )
+    assert torch.equal(ours["mlm_head.decoder.weight"], ours["text.embeddings.word_embeddings.weight"])
+    assert model.cfg.text.text_layers == [0, 1] and model.cfg.text.fusion_layers == [2, 3]
+    assert model.cfg.embed_dim == EMBED and model.temp.item() == pytest.approx(0.05)
+
+
+def _hf_text_model(state: dict[str, torch.Tensor], vocab: int) -> XLMRobertaModel:
+    """HF XLMRobertaModel holding the reference's text-only layers, loaded under HF's own names."""
+    config = XLMRobertaConfig(
+        vocab_size=vocab,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["fusion_start"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["intermediate"],
+        max_position_embeddings=TEXT["positions"],
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    hf = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    prefix = "text_encoder.bert."
+    weights = {
+        k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and "position_ids" not in k
+    }
+    weights = {
+        k: v
+        for k, v in weights.items()
+        if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < TEXT["fusion_start"]
+    }
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not unexpected and all("position_ids" in k or "token_type_ids" in k for k in missing), missing
+    return hf
+
+
+@pytest.mark.parametrize("position_ids", ["reference", "xlmr"])
+def test_text_stack_equals_hf_xlmroberta_with_the_same_weights(
+    checkpoint, tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer, position_ids
+):
+    path, state = checkpoint
+    _convert(path, tmp_path, tiny_config, tokenizer_dir, position_ids=position_ids)
+    model = CrossViewModel.from_pretrained(tmp_path / "converted").eval()
+    hf = _hf_text_model(state, len(tiny_tokenizer))
+    enc = tiny_tokenizer(
+        ["a red circle above a blue square", "青い四角の上に赤い丸", "deux petits triangles"],
+        padding=True,
+        return_tensors="pt",
+    )
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask)[0]
+        # the reference numbers positions 0, 1, 2, ...; HF's default numbering starts at padding_idx + 1
+        hf_positions = (
+            torch.arange(ids.shape[1])[None].expand_as(ids) if position_ids == "reference" else None
+        )
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=hf_positions).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], expected[valid], atol=1e-5, rtol=1e-4)
+
+
+def test_vision_tower_equals_timms_own_import_of_the_original_swin_layout(
+    checkpoint, tmp_path, tiny_config, tokenizer_dir
+):
+    path, state = checkpoint
+    _convert(path, tmp_path, tiny_config, tokenizer_dir)
+    model = CrossViewModel.from_pretrained(tmp_path / "converted").eval()
+    reference = SwinTransformer(**SWIN, num_classes=0).eval()
+    original = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    reference.load_state_dict(checkpoint_filter_fn(original, reference), strict=True)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = model.vision(images)
+        expected = reference.forward_features(model.vision.normalize(images)).flatten(1, 2)
+    torch.testing.assert_close(tokens[:, 1:], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        tokens[:, 0], expected.mean(dim=1), atol=1e-5, rtol=1e-4
+    )  # CCLM's avg-pooled [CLS]
+    # the ITC feature is vision_proj of that token, as in the reference's get_features
+    feat = model.encode_image(images)[1]
+    expected_feat = torch.nn.functional.normalize(
+        expected.mean(1) @ state["vision_proj.weight"].t() + state["vision_proj.bias"], dim=-1
+    )
+    torch.testing.assert_close(feat.detach(), expected_feat, atol=1e-5, rtol=1e-4)
+
+
+def test_fine_tuned_layout_without_mlm_head_needs_an_explicit_flag(
+    tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer
+):
+    state = reference_checkpoint(len(tiny_tokenizer), mlm_head=False)
+    path = tmp_path / "retrieval_ft.pth"
+    torch.save(state, path)
+    with pytest.raises(cr.ConversionError, match="--allow-missing-mlm-head"):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir)
+    report = _convert(path, tmp_path, tiny_config, tokenizer_dir, allow_missing_mlm_head=True)
+    assert sorted(report.left_at_init) == [
+        "mlm_head.bias",
+        "mlm_head.decoder.bias",
+        "mlm_head.dense.bias",
+        "mlm_head.dense.weight",
+        "mlm_head.layer_norm.bias",
+        "mlm_head.layer_norm.weight",
+    ]
+    model = CrossViewModel.from_pretrained(tmp_path / "converted")
+    assert torch.equal(
+        model.text.layers[0].attention.self.query.weight,
+        state["text_encoder.encoder.layer.0.attention.self.query.weight"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_corrupt_or_unrelated_checkpoints_fail_with_a_clear_message(
+    checkpoint, tmp_path, tiny_config, tokenizer_dir
+):
+    path, state = checkpoint
+    corrupt = tmp_path / "corrupt.th"
+    corrupt.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(cr.ConversionError, match="cannot read .* weights_only=True"):
+        _convert(corrupt, tmp_path, tiny_config, tokenizer_dir)
+
+    unrelated = tmp_path / "resnet.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).state_dict(), unrelated)
+    with pytest.raises(cr.ConversionError, match="not a CCLM/X-VLM checkpoint"):
+        _convert(unrelated, tmp_path, tiny_config, tokenizer_dir)
+
+    pickled = tmp_path / "with_objects.th"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, pickled)
+    with pytest.raises(cr.ConversionError, match="never unpickled"):
+        _convert(pickled, tmp_path, tiny_config, tokenizer_dir)
+
+    with pytest.raises(cr.ConversionError, match="checkpoint not found"):
+        _convert(tmp_path / "nope.th", tmp_path, tiny_config, tokenizer_dir)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("drop", r"not in the checkpoint: fusion\.layers\.0\.crossattention\.self\.value\.weight"),
+        ("extra", r"no place in this model: text_encoder\.bert\.encoder\.layer\.0\.adapter\.weight"),
+        ("shape", r"shapes differ: text_proj\.weight \(40, 64\)"),
+        ("untied", r"differs from 'text_encoder\.bert\.embeddings\.word_embeddings\.weight'"),
+    ],
+)
+def test_incomplete_or_mismatched_checkpoints_name_the_keys(
+    tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer, damage, message
+):
+    state = reference_checkpoint(len(tiny_tokenizer))
+    if damage == "drop":
+        del state["text_encoder.bert.encoder.layer.2.crossattention.self.value.weight"]
+    elif damage == "extra":
+        state["text_encoder.bert.encoder.layer.0.adapter.weight"] = torch.zeros(4)
+    elif damage == "shape":
+        state["text_proj.weight"] = torch.zeros(40, TEXT["hidden"])
+    else:
+        state["text_encoder.cls.predictions.decoder.weight"] += 1
+    path = tmp_path / "damaged.th"
+    torch.save(state, path)
+    with pytest.raises(cr.ConversionError, match=message):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir)
+    assert not (tmp_path / "converted" / "model.safetensors").exists()
+
+
+def test_cli_prints_the_report_and_fails_cleanly(checkpoint, tmp_path, tiny_config, tokenizer_dir, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "cli_out"
+    args = [
+        "convert-reference",
+        str(path),
+        str(out),
+        "--config",
+        str(tiny_config),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+    assert cclm_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "consumed" in printed and "box regression head" in printed and "our tensors filled" in printed
+    assert (out / "README.md").exists()
+    bad = tmp_path / "bad.th"
+    bad.write_bytes(b"not a checkpoint")
+    assert cclm_main(["convert-reference", str(bad), str(tmp_path / "x"), "--config", str(tiny_config)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- no pickle
+def _unsafe_loads(source: str) -> list[str]:
+    """Calls that can unpickle arbitrary objects: torch.load without weights_only=True, pickle/dill/joblib
+    loads, numpy loads with allow_pickle=True."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        keywords = {kw.arg: kw.value for kw in node.keywords}
+        if func.endswith("torch.load") or func == "load" and "weights_only" in keywords:
+            safe = (
+                isinstance(keywords.get("weights_only"), ast.Constant)
+                and keywords["weights_only"].value is True
+            )
+            if not safe:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif func.split(".")[0] in ("pickle", "cPickle", "dill", "joblib") and func.split(".")[-1] in (
+            "load",
+            "loads",
+        ):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif func.endswith(("np.load", "numpy.load")):
+            allow = keywords.get("allow_pickle")
+            if isinstance(allow, ast.Constant) and allow.value is True:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_pickle_scan_catches_unsafe_loads():
+    assert _unsafe_loads("import torch\nx = torch.load(p)\ny = torch.load(p, weights_only=False)")
+    assert _unsafe_loads("import pickle\nx = pickle.loads(b)")
+    assert not _unsafe_loads("import torch\nx = torch.load(p, map_location='cpu', weights_only=True)")
+
+
+def test_no_checkpoint_is_loaded_with_unrestricted_pickle_in_cclm():
+    offenders = {}
+    for path in sorted((REPO / "cclm").rglob("*.py")):
+        found = _unsafe_loads(path.read_text(encoding="utf-8"))
+        if found:
+            offenders[str(path.relative_to(REPO))] = found
+    assert not offenders, f"unrestricted pickle loads: {offenders}"
