@@ -59,18 +59,18 @@ def _put(state: dict, prefix: str, params: dict[str, torch.Tensor]) -> None:
     state.update({f"{prefix}.{k}": v for k, v in params.items()})
 
 
-def reference_swin(prefix: str = "vision_encoder") -> dict[str, torch.Tensor]:
+def reference_swin(prefix: str = "vision_encoder", swin: dict = SWIN) -> dict[str, torch.Tensor]:
     """Microsoft's Swin layout as CCLM's models/swin_transformer.py builds it: patch merging at the END of each
     stage but the last, buffers relative_position_index (every block) and attn_mask (shifted blocks)."""
     state: dict[str, torch.Tensor] = {}
-    dim, grid = SWIN["embed_dim"], SWIN["img_size"] // SWIN["patch_size"]
+    dim, grid = swin["embed_dim"], swin["img_size"] // swin["patch_size"]
     state[f"{prefix}.patch_embed.proj.weight"] = (
-        torch.randn(dim, 3, SWIN["patch_size"], SWIN["patch_size"]) * 0.1
+        torch.randn(dim, 3, swin["patch_size"], swin["patch_size"]) * 0.1
     )
     state[f"{prefix}.patch_embed.proj.bias"] = torch.randn(dim) * 0.02
     _put(state, f"{prefix}.patch_embed.norm", _norm(dim))
-    for stage, (depth, heads) in enumerate(zip(SWIN["depths"], SWIN["num_heads"])):
-        window = min(SWIN["window_size"], grid)
+    for stage, (depth, heads) in enumerate(zip(swin["depths"], swin["num_heads"])):
+        window = min(swin["window_size"], grid)
         for block in range(depth):
             p = f"{prefix}.layers.{stage}.blocks.{block}"
             _put(state, f"{p}.norm1", _norm(dim))
@@ -85,7 +85,7 @@ def reference_swin(prefix: str = "vision_encoder") -> dict[str, torch.Tensor]:
             _put(state, f"{p}.mlp.fc2", _linear(dim, 4 * dim))
             if block % 2 == 1 and grid > window:
                 state[f"{p}.attn_mask"] = torch.zeros((grid // window) ** 2, window**2, window**2)
-        if stage < len(SWIN["depths"]) - 1:
+        if stage < len(swin["depths"]) - 1:
             _put(
                 state, f"{prefix}.layers.{stage}.downsample.reduction", _linear(2 * dim, 4 * dim, bias=False)
             )
@@ -95,34 +95,38 @@ def reference_swin(prefix: str = "vision_encoder") -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_text(vocab: int, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
+def reference_text(
+    vocab: int, prefix: str = "text_encoder.bert.", text: dict = TEXT
+) -> dict[str, torch.Tensor]:
     """xbert's BertModel naming: embeddings (+ position_ids buffer), encoder.layer.N with crossattention from
     fusion_layer on (keys/values read the vision width, here equal to the text width)."""
-    h, state = TEXT["hidden"], {}
+    h, state = text["hidden"], {}
     state[f"{prefix}embeddings.word_embeddings.weight"] = torch.randn(vocab, h) * 0.05
-    state[f"{prefix}embeddings.position_embeddings.weight"] = torch.randn(TEXT["positions"], h) * 0.05
+    state[f"{prefix}embeddings.position_embeddings.weight"] = torch.randn(text["positions"], h) * 0.05
     state[f"{prefix}embeddings.token_type_embeddings.weight"] = torch.randn(1, h) * 0.05
     _put(state, f"{prefix}embeddings.LayerNorm", _norm(h))
-    state[f"{prefix}embeddings.position_ids"] = torch.arange(TEXT["positions"])[None]
-    for i in range(TEXT["layers"]):
+    state[f"{prefix}embeddings.position_ids"] = torch.arange(text["positions"])[None]
+    for i in range(text["layers"]):
         p = f"{prefix}encoder.layer.{i}"
-        attentions = ["attention"] + (["crossattention"] if i >= TEXT["fusion_start"] else [])
+        attentions = ["attention"] + (["crossattention"] if i >= text["fusion_start"] else [])
         for attn in attentions:
             for name in ("query", "key", "value"):
                 _put(state, f"{p}.{attn}.self.{name}", _linear(h, h))
             _put(state, f"{p}.{attn}.output.dense", _linear(h, h))
             _put(state, f"{p}.{attn}.output.LayerNorm", _norm(h))
-        _put(state, f"{p}.intermediate.dense", _linear(TEXT["intermediate"], h))
-        _put(state, f"{p}.output.dense", _linear(h, TEXT["intermediate"]))
+        _put(state, f"{p}.intermediate.dense", _linear(text["intermediate"], h))
+        _put(state, f"{p}.output.dense", _linear(h, text["intermediate"]))
         _put(state, f"{p}.output.LayerNorm", _norm(h))
     return state
 
 
-def reference_checkpoint(vocab: int, mlm_head: bool = True) -> dict[str, torch.Tensor]:
+def reference_checkpoint(
+    vocab: int, mlm_head: bool = True, swin: dict = SWIN, text: dict = TEXT, embed: int = EMBED
+) -> dict[str, torch.Tensor]:
     """A CCLM pretraining checkpoint's state dict (xvlm.XVLMBase + CrossViewLM), tiny."""
-    h = TEXT["hidden"]
-    state = reference_swin()
-    state.update(reference_text(vocab, "text_encoder.bert." if mlm_head else "text_encoder."))
+    h = text["hidden"]
+    state = reference_swin(swin=swin)
+    state.update(reference_text(vocab, "text_encoder.bert." if mlm_head else "text_encoder.", text))
     if mlm_head:
         p = "text_encoder.cls.predictions"
         state[f"{p}.bias"] = torch.randn(vocab) * 0.02
@@ -130,8 +134,8 @@ def reference_checkpoint(vocab: int, mlm_head: bool = True) -> dict[str, torch.T
         _put(state, f"{p}.transform.LayerNorm", _norm(h))
         state[f"{p}.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"].clone()
         state[f"{p}.decoder.bias"] = state[f"{p}.bias"].clone()
-    _put(state, "vision_proj", _linear(EMBED, h))
-    _put(state, "text_proj", _linear(EMBED, h))
+    _put(state, "vision_proj", _linear(embed, h))
+    _put(state, "text_proj", _linear(embed, h))
     state["temp"] = torch.tensor(0.05)
     for head, out_dim in (("itm_head", 2), ("bbox_head", 4)):
         _put(state, f"{head}.0", _linear(2 * h, h))
@@ -312,6 +316,42 @@ def test_fine_tuned_layout_without_mlm_head_needs_an_explicit_flag(
         model.text.layers[0].attention.self.query.weight,
         state["text_encoder.encoder.layer.0.attention.self.query.weight"],
     )
+
+
+def test_base_swin_config_fits_the_released_checkpoint_layout():
+    """configs/model/base_swin.yaml (timm swin_base_patch4_window7_224 + 12 XLM-R-large layers) takes every
+    tensor of a CCLM-base-shaped checkpoint, shape for shape. Shapes only: both sides live on the meta device."""
+    swin_b = {
+        "img_size": 224,
+        "patch_size": 4,
+        "embed_dim": 128,
+        "depths": (2, 2, 18, 2),
+        "num_heads": (4, 8, 16, 32),
+        "window_size": 7,
+    }
+    xlmr_large = {"hidden": 1024, "layers": 12, "fusion_start": 6, "intermediate": 4096, "positions": 514}
+    with torch.device("meta"):
+        state = reference_checkpoint(250002, swin=swin_b, text=xlmr_large, embed=256)
+        state["temp"] = torch.tensor(0.07, device="cpu")
+        layout = cr.SourceLayout.detect(state)
+        cfg = cr.target_config(state, layout, cr.load_config(cr.ModelConfig, cr.DEFAULT_CONFIG))
+        model = CrossViewModel(cfg, load_pretrained=False)
+    assert model.encoder_config.num_attention_heads == 16 and model.vision.width == 1024
+    ours = model.state_dict()
+    filled = set()
+    for key, value in state.items():
+        names, reason = cr.map_key(key, layout)
+        assert names or reason, f"unmapped source key {key}"
+        for name in names:
+            assert name in ours and ours[name].numel() == value.numel(), (key, name)
+            assert ours[name].shape == value.shape or value.numel() == 1, (
+                key,
+                name,
+                ours[name].shape,
+                value.shape,
+            )
+            filled.add(name)
+    assert set(ours) - filled == {"mlm_head.decoder.weight"}  # tied to the word embeddings
 
 
 # ------------------------------------------------------------------------------------------------- bad input
