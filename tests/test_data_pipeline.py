@@ -280,3 +280,14 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .tar"):
         PretrainData(data_cfg(text=tmp_path / "empty"), tiny_tokenizer, 32)
+
+
+def test_a_stream_whose_samples_are_all_bad_fails_instead_of_hanging(tmp_path, tiny_tokenizer):
+    with ShardSink(tmp_path / "pt", VIEW_PARALLEL) as sink:
+        for i in range(3):
+            pair = {"src": "x", "tgt": "", "src_lang": "en", "tgt_lang": "de"}
+            sink.write(f"p{i}", {"json": json.dumps(pair).encode()})
+        sink.close()
+    data = PretrainData(data_cfg(text=tmp_path / "pt"), tiny_tokenizer, 32)
+    with pytest.raises(RuntimeError, match="every sample"):
+        data.next_batch("text")

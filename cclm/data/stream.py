@@ -139,13 +139,14 @@ class ShardStream(IterableDataset):
             rng = random.Random(derive_seed(p.seed, p.view, "shuffle", global_worker, epoch))
             stream = buffered_shuffle(self.raw_samples(epoch, global_worker), p.shuffle_buffer, rng)
             skip_until = start_offset if epoch == start_epoch else 0
-            index = -1
+            index, usable = -1, 0
             for index, sample in enumerate(stream):
                 if index < skip_until:
                     continue  # fast-forward: already consumed before the restart; not decoded
                 sample_rng = random.Random(derive_seed(p.seed, p.view, "sample", global_worker, epoch, index))
                 try:
                     pending.append(self.make_example(sample, sample_rng))
+                    usable += 1
                 except SkipSample as skip:
                     skips.add(skip.reason, skip.detail)
                 if len(pending) == p.batch_size:
@@ -155,6 +156,11 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(
                     f"{p.view}: worker {global_worker} read no samples in epoch {epoch} "
                     f"(shards: {self.epoch_shards(epoch, global_worker)[:3]}...)"
+                )
+            if usable == 0 and index >= skip_until and p.epochs is None:
+                raise RuntimeError(
+                    f"{p.view}: every sample of worker {global_worker}'s shards was skipped in epoch {epoch} "
+                    f"({skips.as_dict()}); the stream would never yield a batch"
                 )
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final
