@@ -138,6 +138,11 @@ def test_search_prints_matches_ranked_by_similarity(tiny_model_dir, image_dir, t
     top_path = Path(lines[1].split()[3])
     assert engine.match([top_path], [query])[0].item() == pytest.approx(matches[0], abs=1e-3)
 
+    # an image deleted after indexing is left out of re-ranking, with a warning, instead of failing the search
+    top_path.unlink()
+    hits = search.search_index(out, query, k=4, rerank=True, rerank_k=4)
+    assert len(hits) == 3 and top_path not in [hit.path for hit in hits]
+
 
 def test_search_of_a_missing_index_says_how_to_build_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="cclm index IMAGE_DIR"):

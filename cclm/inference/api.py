@@ -273,7 +273,8 @@ class CCLM:
     ) -> Retrieved:
         """Top-``k`` gallery items for each query by cosine similarity of the ITC features.
 
-        Text queries search an image gallery, image queries a text gallery. ``gallery`` may be the items
+        Text queries (``str``) search an image gallery; image queries (PIL images or ``pathlib.Path``: a ``str``
+        query is always text) search a text gallery. ``gallery`` may be the items
         themselves or their features from :meth:`encode_images` / :meth:`encode_texts` ([G, embed_dim]).
         ``rerank=True`` re-scores each query's top ``rerank_k`` (default ``k``) candidates with the ITM head and
         returns the top ``k`` by ITM probability; this needs the gallery items, not only their features.

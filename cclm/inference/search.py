@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from cclm.inference.api import CCLM, UnreadableImage, open_image
 
+log = logging.getLogger("cclm.inference")
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "cclm-image-index"
 SHARD_PATTERN = "embeddings-{:05d}.safetensors"
@@ -233,11 +235,20 @@ def search_index(
             for r, (s, i) in enumerate(zip(scores, rows))
         ]
     depth = max(k, min(rerank_k or k, len(index.paths)))
-    rows = cosine.topk(depth).indices
-    probs = engine.match([image_dir / index.paths[int(i)] for i in rows], [query])
+    candidates = [int(i) for i in cosine.topk(depth).indices]
+    gone = [i for i in candidates if not (image_dir / index.paths[i]).is_file()]
+    if gone:
+        names = ", ".join(index.paths[i] for i in gone)
+        log.warning(
+            "%d indexed images are gone from %s and are not re-ranked: %s", len(gone), image_dir, names
+        )
+        candidates = [i for i in candidates if i not in gone]
+    if not candidates:
+        return []
+    probs = engine.match([image_dir / index.paths[i] for i in candidates], [query])
     order = probs.argsort(descending=True)[:k]
     return [
-        Hit(r + 1, image_dir / index.paths[int(rows[j])], float(cosine[rows[j]]), float(probs[j]))
+        Hit(r + 1, image_dir / index.paths[candidates[j]], float(cosine[candidates[j]]), float(probs[j]))
         for r, j in enumerate(order)
     ]
 
