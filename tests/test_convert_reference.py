@@ -377,6 +377,11 @@ def test_corrupt_or_unrelated_checkpoints_fail_with_a_clear_message(
     with pytest.raises(cr.ConversionError, match="checkpoint not found"):
         _convert(tmp_path / "nope.th", tmp_path, tiny_config, tokenizer_dir)
 
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    with pytest.raises(cr.ConversionError, match="cannot load the tokenizer"):
+        _convert(path, tmp_path, tiny_config, empty)
+
 
 @pytest.mark.parametrize(
     "damage, message",

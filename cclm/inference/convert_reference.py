@@ -384,7 +384,12 @@ def convert(
             f"Swin width {vision_width} differs from the text width {cfg.text.encoder['hidden_size']}: the "
             "reference cross-attention reads Swin tokens directly, which this model supports only at equal widths"
         )
-    tok = load_tokenizer(tokenizer) if tokenizer else None
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+    except (OSError, ValueError) as err:
+        raise ConversionError(
+            f"cannot load the tokenizer '{tokenizer}' ({err}); pass --tokenizer with a local folder, or 'none'"
+        ) from err
     if tok is not None and len(tok) > cfg.text.encoder["vocab_size"]:
         raise ConversionError(
             f"tokenizer {tokenizer} has {len(tok)} tokens, the checkpoint's vocabulary only "
