@@ -291,3 +291,11 @@ def test_a_stream_whose_samples_are_all_bad_fails_instead_of_hanging(tmp_path, t
     data = PretrainData(data_cfg(text=tmp_path / "pt"), tiny_tokenizer, 32)
     with pytest.raises(RuntimeError, match="every sample"):
         data.next_batch("text")
+
+
+def test_pipe_urls_and_joined_patterns(shards, tiny_tokenizer):
+    root, _, pairs = shards
+    spec = f"pipe:cat {root}/pt/shard-000000.tar::{root}/pt/shard-{{000001..000002}}.tar"
+    data = PretrainData(data_cfg(text=spec), tiny_tokenizer, 32, train=False, epochs=1)
+    keys = sorted(k for b in drain(data, "text") for k in b["keys"])
+    assert keys == sorted(pairs)[:12]  # 3 shards of 4 pairs
