@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cclm.config import ConfigError, PretrainConfig, load_config
@@ -24,8 +25,11 @@ def main(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"cclm pretrain: config error: {err}", file=sys.stderr)
         return 2
-    if result:
-        print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        shown = {
+            k: v for k, v in result.items() if not k.startswith("eval/") or k.startswith("eval/world/mean/")
+        }
+        print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
     return 0
 
 
