@@ -254,6 +254,116 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
 
+# -------------------------------------------------------------------------------------------------- recipes
+@dataclass
+class ClipConfig:
+    # open_clip model name ("ViT-B-32", "hf-hub:org/repo", "local-dir:/path"); with `model_cfg` only a label.
+    name: str = "ViT-B-32"
+    # open_clip pretrained tag ("openai", "laion2b_s34b_b79k") or a local checkpoint file (.safetensors/.pt).
+    pretrained: str | None = None
+    # A full open_clip model config ({embed_dim, vision_cfg, text_cfg}) for a custom CLIP; empty = `name`.
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+    # open_clip tokenizer name for the English path; None = the model's own (SimpleTokenizer for model_cfg).
+    tokenizer: str | None = None
+
+
+@dataclass
+class MLAEmbeddingConfig:
+    tokenizer: str = MISSING  # HF multilingual tokenizer (hub name or folder)
+    # HF model whose input word embeddings initialise the table (e.g. "bert-base-multilingual-cased").
+    init_from: str | None = None
+    dim: int = 0  # table width for a random init; 0 = the CLIP text width (ignored with init_from)
+    max_length: int = 64  # token cap of non-English text (also capped at the CLIP context length)
+
+
+@dataclass
+class MLAAdapterConfig:
+    bottleneck: int = 64
+    shared: bool = True  # one acquirer set for all new languages; False = one set per language
+
+
+@dataclass
+class MLAStageConfig:
+    steps: int = 1000
+    lr: float | None = None  # None = train.optimizer.lr
+
+
+@dataclass
+class MLANltConfig(MLAStageConfig):
+    """Stage 1, Native Language Transfer: translation -> the frozen English text feature."""
+
+    mse_weight: float = 1.0
+    layerwise_weight: float = 0.0  # MSE of every block's pooled state too (0 = off)
+    infonce_weight: float = 0.0  # plus a contrastive term between translations and English features
+
+
+@dataclass
+class MLALeConfig(MLAStageConfig):
+    """Stage 2, Language Exposure: target-language captions vs frozen image features (InfoNCE)."""
+
+
+@dataclass
+class RecipeEvalConfig:
+    # name -> folder of held-out retrieval sets (demo_world format: <folder>/<lang>/retrieval.jsonl)
+    retrieval: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 64
+
+
+@dataclass
+class MLARecipeConfig:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    embedding: MLAEmbeddingConfig = field(default_factory=MLAEmbeddingConfig)
+    adapters: MLAAdapterConfig = field(default_factory=MLAAdapterConfig)
+    source_language: str = "en"  # the language the CLIP knows
+    languages: list[str] = MISSING  # new languages to acquire
+    nlt: MLANltConfig = field(default_factory=MLANltConfig)
+    le: MLALeConfig = field(default_factory=MLALeConfig)
+    # parallel_text (source <-> new languages) feeds stage 1, image_caption (new-language captions) stage 2.
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer/schedule/logging; steps per stage
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
+    output_dir: str = "output/mla"
+    world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
+
+
+@dataclass
+class CViLDataConfig:
+    task: str = "xvnli"  # a classification task of cclm.tasks (xvnli, xgqa, marvl, easy_vqa)
+    train: str = MISSING  # the English training file the teacher was fine-tuned on (distillation inputs)
+    # language -> the same training file translated (aligned with `train` by example id): parallel sentences
+    parallel: dict[str, str] = field(default_factory=dict)
+    test: dict[str, str] = field(default_factory=dict)  # language -> test file (English scores the teacher)
+    image_roots: dict[str, str] = field(default_factory=dict)
+    label_vocab: str | None = None  # xGQA: trainval_ans2label.json
+    max_examples: int = 0  # > 0: first N examples per file (smoke runs only)
+
+
+@dataclass
+class CViLDistillConfig:
+    temperature: float = 2.0
+    kl_weight: float = 1.0  # KL(teacher || student) on task logits at `temperature` (x T^2)
+    cls_weight: float = 1.0  # MSE between fused [CLS] features
+    epochs: int = 10  # passes over the parallel sentences (learning rate: train.optimizer.lr)
+    batch_size: int = 32
+    # Student parts that train; the vision side is always the teacher's, frozen.
+    trainable: list[str] = field(default_factory=lambda: ["text", "fusion", "head"])
+
+
+@dataclass
+class CViLRecipeConfig:
+    teacher: str = MISSING  # fine-tuned English task folder (cclm finetune output: <output_dir>/model)
+    # Student text side: None = start from the teacher; else a cclm model folder (e.g. multilingual pretrained)
+    student_init: str | None = None
+    languages: list[str] = MISSING  # target languages
+    data: CViLDataConfig = field(default_factory=CViLDataConfig)
+    distill: CViLDistillConfig = field(default_factory=CViLDistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # seed, logging, checkpoints, optimizer details
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output_dir: str = "output/cvil"
+    world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
+
+
 # ------------------------------------------------------------------------------------------------- loading
 def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
     keys = []
