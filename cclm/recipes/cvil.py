@@ -1,0 +1,353 @@
+"""cViL: cross-lingual transfer of a fine-tuned English task model by knowledge distillation.
+
+    teacher (frozen): image + English sentence    ──► fused [CLS] ──► task logits
+    student:          image + target-language sentence ──► fused [CLS] ──► task logits
+    loss = kl_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + cls_weight * MSE([CLS]s)
+
+The student has the teacher's vision side (copied and frozen) and a target-language text side: a copy of the
+teacher's text/fusion stacks and head, or the text/fusion stacks of another cclm model (``student_init``, e.g. a
+multilingually pretrained one) with the teacher's head. Which parts train is ``distill.trainable`` (text, fusion,
+head). The inputs are the task's English training sentences paired with their images and their translations
+(``data.parallel``: the same file translated, aligned by example id); the gold labels of the translations are
+never read. The student is then scored on each language's test file, next to the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cclm.config import ConfigError, FinetuneConfig, from_dict, require, to_dict
+from cclm.data.tokenize import load_tokenizer
+from cclm.model.cross_view import CrossViewModel
+from cclm.recipes.runner import StageSpec, check_train_config, run_stage, write_results
+from cclm.tasks.heads import HEAD_WEIGHTS, TaskModel
+from cclm.tasks.images import ImageRef, load_image
+from cclm.train.engine import init_distributed
+from cclm.train.loop import seed_everything
+
+log = logging.getLogger("cclm.recipes")
+TRAINABLE_PARTS = ("text", "fusion", "head")
+STAGE = "distill"
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def distillation_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_cls: torch.Tensor,
+    teacher_cls: torch.Tensor,
+    temperature: float,
+    kl_weight: float,
+    cls_weight: float,
+) -> dict[str, torch.Tensor]:
+    """KL on temperature-softened logits (scaled by T^2 so its gradients keep their size as T changes, as in
+    Hinton et al.) plus MSE on the fused [CLS] features; exactly zero when the student matches the teacher."""
+    t = float(temperature)
+    if t <= 0:
+        raise ConfigError(f"distill.temperature must be positive, got {t}")
+    kl = F.kl_div(
+        F.log_softmax(student_logits.float() / t, dim=-1),
+        F.log_softmax(teacher_logits.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+    mse = F.mse_loss(student_cls.float(), teacher_cls.float())
+    return {"kl": kl, "cls_mse": mse, "loss": kl_weight * kl + cls_weight * mse}
+
+
+def task_outputs(
+    model: TaskModel, batch: dict[str, torch.Tensor], prefix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class logits, fused [CLS] features) of a task model on ``<prefix>_ids/<prefix>_mask`` + ``images``; for
+    image-pair tasks the [CLS] of both images, concatenated (what the head sees)."""
+    ids, mask, images = batch[f"{prefix}_ids"], batch[f"{prefix}_mask"], batch["images"]
+    if model.kind == "single":
+        cls = model.fused_cls(images, ids, mask)
+    elif model.kind == "pair":
+        size = images.shape[0]
+        both = model.fused_cls(images.transpose(0, 1).flatten(0, 1), ids.repeat(2, 1), mask.repeat(2, 1))
+        cls = torch.cat([both[:size], both[size:]], dim=-1)
+    else:
+        raise ConfigError(f"cViL distils class logits; task kind '{model.kind}' has none")
+    return model.head(cls), cls
+
+
+class Distiller(nn.Module):
+    """The student (registered: it is what the engine trains and checkpoints) next to the frozen teacher (held)."""
+
+    def __init__(self, teacher: TaskModel, student: TaskModel, distill_cfg):
+        super().__init__()
+        object.__setattr__(self, "teacher", teacher)
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        teacher.eval()
+        self.student = student
+        self.cfg = distill_cfg
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn)
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor], stage: str = STAGE) -> dict[str, torch.Tensor]:
+        if stage != STAGE:
+            raise ValueError(f"unknown cViL stage '{stage}'")
+        with torch.no_grad():
+            teacher_logits, teacher_cls = task_outputs(self.teacher, batch, "teacher")
+        student_logits, student_cls = task_outputs(self.student, batch, "student")
+        cfg = self.cfg
+        return distillation_losses(
+            student_logits,
+            teacher_logits,
+            student_cls,
+            teacher_cls,
+            cfg.temperature,
+            cfg.kl_weight,
+            cfg.cls_weight,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def head_outputs(directory: str | Path) -> int:
+    """Number of classes of a saved task head (read from the weights, not trusted from task.json)."""
+    path = Path(directory) / HEAD_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no {HEAD_WEIGHTS}: not a fine-tuned classification model")
+    with safe_open(str(path), framework="pt") as f:
+        last = sorted(k for k in f.keys() if k.endswith(".weight") and k.startswith("net."))[-1]
+        return int(f.get_slice(last).get_shape()[0])
+
+
+def load_teacher(directory: str | Path, task: str, labels: list[str]) -> TaskModel:
+    directory = Path(directory)
+    info = TaskModel.task_info(directory) if (directory / "task.json").exists() else None
+    if info is None:
+        raise FileNotFoundError(f"teacher {directory} is not a fine-tuned task folder (no task.json)")
+    outputs = head_outputs(directory)
+    if outputs != len(labels):
+        raise ConfigError(
+            f"teacher {directory} has a task head with {outputs} outputs, but task '{task}' has {len(labels)} "
+            f"labels {labels}: distil a teacher fine-tuned on this task"
+        )
+    if list(info.get("labels", [])) != list(labels):
+        raise ConfigError(
+            f"teacher {directory} was trained with labels {info.get('labels')}, task '{task}' has {labels}"
+        )
+    return TaskModel.load(directory)
+
+
+def build_student(teacher: TaskModel, student_init: str | None, trainable: list[str]) -> TaskModel:
+    unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
+    if unknown or not trainable:
+        raise ConfigError(
+            f"distill.trainable: {unknown or trainable} not in {TRAINABLE_PARTS} (name at least one)"
+        )
+    if student_init is None:
+        student = copy.deepcopy(teacher)
+    else:
+        backbone = CrossViewModel.from_pretrained(student_init)
+        student = TaskModel(backbone, teacher.task, teacher.kind, teacher.label_names)
+        try:
+            student.backbone.vision.load_state_dict(teacher.backbone.vision.state_dict())
+            student.backbone.image_to_fusion.load_state_dict(teacher.backbone.image_to_fusion.state_dict())
+            student.head.load_state_dict(teacher.head.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(
+                f"student_init {student_init}: its vision side / hidden size differs from the teacher's, so the "
+                f"teacher's vision tower and head cannot be shared ({str(err).splitlines()[0]})"
+            ) from None
+    parts = {"text": student.backbone.text, "fusion": student.backbone.fusion, "head": student.head}
+    for param in student.parameters():
+        param.requires_grad_(False)
+    for name in trainable:
+        for param in parts[name].parameters():
+            param.requires_grad_(True)
+    return student
+
+
+# ------------------------------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class ParallelExample:
+    uid: str
+    images: tuple[ImageRef, ...]
+    english: str
+    target: str
+
+
+def align_parallel(english, target, lang: str) -> list[ParallelExample]:
+    """Pair the English and translated examples by id; the translation's labels are not used."""
+    by_uid = {e.uid: e for e in target.examples}
+    pairs, missing = [], 0
+    for example in english.examples:
+        other = by_uid.get(example.uid)
+        if other is None:
+            missing += 1
+            continue
+        if other.images != example.images:
+            raise ValueError(
+                f"{target.file}: example {example.uid} has images {other.images}, English has {example.images}"
+            )
+        pairs.append(ParallelExample(example.uid, example.images, example.text, other.text))
+    if not pairs:
+        raise ConfigError(
+            f"data.parallel.{lang} ({target.file}) shares no example id with data.train ({english.file})"
+        )
+    if missing:
+        log.warning("%s: %d English examples have no translation and are left out", lang, missing)
+    return pairs
+
+
+class ParallelDataset(Dataset):
+    def __init__(self, examples: list[ParallelExample], roots: dict[str, str], image_size: int):
+        self.examples, self.roots, self.image_size = examples, roots, image_size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        images = [load_image(ref.resolve(self.roots), self.image_size) for ref in ex.images]
+        return {
+            "images": images[0] if len(images) == 1 else torch.stack(images),
+            "en": ex.english,
+            "tgt": ex.target,
+        }
+
+
+class ParallelCollator:
+    """Tokenizes the English side with the teacher's tokenizer and the translation with the student's."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer, max_length: int):
+        self.tokenizers, self.max_length = (
+            {"teacher": teacher_tokenizer, "student": student_tokenizer},
+            max_length,
+        )
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {"images": torch.stack([item["images"] for item in items])}
+        for side, key in (("teacher", "en"), ("student", "tgt")):
+            enc = self.tokenizers[side](
+                [item[key] for item in items],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            batch[f"{side}_ids"], batch[f"{side}_mask"] = enc["input_ids"], enc["attention_mask"]
+        return batch
+
+
+def endless(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    for epoch in itertools.count():
+        if hasattr(loader.generator, "manual_seed"):
+            loader.generator.manual_seed(1000 + epoch)
+        yield from loader
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def task_runner(cfg):
+    """The IGLUE task runner (reading files, label vocabulary, scoring) configured from the recipe's data."""
+    from cclm.tasks.protocols import TaskRunner
+
+    d = cfg.data
+    finetune_cfg = from_dict(
+        FinetuneConfig,
+        {
+            "task": d.task,
+            "output_dir": str(Path(cfg.output_dir)),
+            "data": {
+                "image_roots": dict(d.image_roots),
+                "label_vocab": d.label_vocab,
+                "max_examples": d.max_examples,
+            },
+            "eval": {"batch_size": int(cfg.distill.batch_size)},
+        },
+    )
+    return TaskRunner(finetune_cfg)
+
+
+def run_cvil(cfg) -> dict[str, Any]:
+    require(cfg, "teacher", "languages", "data.train")
+    check_train_config(cfg)
+    languages = list(cfg.languages)
+    missing = [lang for lang in languages if lang not in cfg.data.parallel]
+    if missing:
+        raise ConfigError(
+            f"no parallel data for language(s) {missing}: data.parallel has {sorted(cfg.data.parallel)} "
+            "(map each target language to the training file translated into it)"
+        )
+    runner = task_runner(cfg)
+    labels = runner.label_names()
+    if not labels:
+        raise ConfigError(f"task '{cfg.data.task}' is not a classification task; cViL distils class logits")
+    teacher = load_teacher(cfg.teacher, cfg.data.task, labels)
+    teacher_tokenizer = load_tokenizer(cfg.teacher)
+    student_tokenizer = load_tokenizer(cfg.student_init) if cfg.student_init else teacher_tokenizer
+    english = runner.read(cfg.data.train)
+    examples = [
+        ex for lang in languages for ex in align_parallel(english, runner.read(cfg.data.parallel[lang]), lang)
+    ]
+    runner.check_images([english])
+
+    dist = init_distributed()
+    seed_everything(cfg.train.seed)
+    student = build_student(teacher, cfg.student_init, list(cfg.distill.trainable))
+    model = Distiller(teacher, student, cfg.distill)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in student.parameters())
+    log.info(
+        "cViL: training %d of %d student parameters on %d parallel examples", trained, total, len(examples)
+    )
+    image_size = int(teacher.backbone.cfg.vision.image_size)
+    loader = DataLoader(
+        ParallelDataset(examples, dict(cfg.data.image_roots), image_size),
+        batch_size=int(cfg.distill.batch_size),
+        shuffle=True,
+        generator=torch.Generator(),
+        collate_fn=ParallelCollator(
+            teacher_tokenizer, student_tokenizer, int(student.backbone.cfg.text.max_length)
+        ),
+        drop_last=len(examples) > int(cfg.distill.batch_size),
+    )
+    batches = endless(loader)
+    steps = int(cfg.distill.epochs) * len(loader)
+    out_dir = Path(cfg.output_dir)
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    stats = run_stage(
+        model, cfg, StageSpec(STAGE, steps, int(cfg.distill.batch_size), lambda: next(batches)), dist
+    )
+
+    rows: dict[str, dict[str, float]] = {}
+    for lang, path in cfg.data.test.items():
+        data = runner.read(path)
+        runner.check_images([data])
+        rows[lang] = {
+            "accuracy": runner.score(student, student_tokenizer, data)["accuracy"],
+            "teacher_accuracy": runner.score(teacher, teacher_tokenizer, data)["accuracy"],
+            "examples": len(data.examples),
+        }
+    teacher_en = rows.get("en", {}).get("teacher_accuracy")
+    if teacher_en:
+        for lang in languages:
+            if lang in rows:
+                rows[lang]["relative_to_teacher_en"] = rows[lang]["accuracy"] / teacher_en
+    extra = {"training": stats, "parallel_examples": len(examples), "teacher": str(cfg.teacher)}
+    if dist.rank == 0:
+        student.save(out_dir / "student", student_tokenizer, extra={"distilled_from": str(cfg.teacher)})
+        write_results(out_dir, rows, trained, total, extra)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return {"languages": rows, "trained_params": trained, "total_params": total, **extra}
