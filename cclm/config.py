@@ -248,6 +248,7 @@ class FinetuneConfig:
     checkpoint: str | None = None  # fine-tuned task model folder (few-shot start, evaluation)
     model: str | None = None  # model config yaml for a random init when `pretrained` is None
     tokenizer: str | None = None  # random init only: tokenizer folder; None = train one on the training texts
+    model_overrides: list[str] = field(default_factory=list)  # random init only: key=value on the model yaml
     output_dir: str = "output/finetune"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
