@@ -83,17 +83,18 @@ def per_query_reference(model, rset, tokenizer, k: int, batch_size: int, itc_wei
     image_tokens, image_feats = torch.cat(image_tokens), torch.cat(image_feats)
 
     sims = image_feats @ text_feats.t()
+    k_i2t, k_t2i = min(k, sims.shape[1]), min(k, sims.shape[0])
     scores_i2t = sims.double() - 1e6  # below every re-scored candidate, in ITC order
     for i in range(sims.shape[0]):
-        top_sim, top_idx = sims[i].topk(k)
-        memory = image_tokens[i].repeat(k, 1, 1)
+        top_sim, top_idx = sims[i].topk(k_i2t)
+        memory = image_tokens[i].repeat(k_i2t, 1, 1)
         fused = model.fuse(text_tokens[top_idx], text_masks[top_idx], memory)
         scores_i2t[i, top_idx] = (model.itm_logits(fused)[:, 1] + itc_weight * top_sim).double()
     sims_t2i = sims.t()
     scores_t2i = sims_t2i.double() - 1e6
     for t in range(sims_t2i.shape[0]):
-        top_sim, top_idx = sims_t2i[t].topk(k)
-        tokens, mask = text_tokens[t].repeat(k, 1, 1), text_masks[t].repeat(k, 1)
+        top_sim, top_idx = sims_t2i[t].topk(k_t2i)
+        tokens, mask = text_tokens[t].repeat(k_t2i, 1, 1), text_masks[t].repeat(k_t2i, 1)
         fused = model.fuse(tokens, mask, image_tokens[top_idx])
         scores_t2i[t, top_idx] = (model.itm_logits(fused)[:, 1] + itc_weight * top_sim).double()
     return itm_metrics(scores_i2t, scores_t2i, rset.txt2img, rset.img2txt)

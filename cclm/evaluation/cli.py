@@ -7,11 +7,13 @@ zero-shot retrieval on one benchmark, language by language, prints a table and w
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import MISSING
 
 from cclm.config import ConfigError, EvalConfig, load_config, require
@@ -52,9 +54,20 @@ class RetrievalRunConfig:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def init_distributed_from_env(device: torch.device) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, so that every rank scores a slice of the queries.
+    Returns whether this call created the group (and so should destroy it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
 
 
 def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
@@ -67,8 +80,6 @@ def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
 
 def evaluate_benchmark(cfg) -> dict[str, dict[str, float]]:
     """Rows {language: metrics} (plus the means) of a :class:`RetrievalRunConfig`; writes the results files."""
-    from cclm.data.tokenize import load_tokenizer
-    from cclm.model import CrossViewModel
 
     require(cfg, "checkpoint", "data.format", "data.root")
     if cfg.languages:
@@ -76,6 +87,18 @@ def evaluate_benchmark(cfg) -> dict[str, dict[str, float]]:
     # Read every language's annotations first: a missing file or unknown language fails before the model loads.
     sets = {lang: load_retrieval_set(cfg.data, lang, cfg.name) for lang in available_languages(cfg.data)}
     device = resolve_device(cfg.device)
+    created_group = init_distributed_from_env(device)
+    try:
+        return _evaluate_sets(cfg, sets, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _evaluate_sets(cfg, sets, device) -> dict[str, dict[str, float]]:
+    from cclm.data.tokenize import load_tokenizer
+    from cclm.model import CrossViewModel
+
     model = CrossViewModel.from_pretrained(cfg.checkpoint, device=device).eval()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
     image_size = cfg.image_size or int(model.cfg.vision.image_size)

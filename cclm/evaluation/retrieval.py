@@ -217,7 +217,7 @@ def shard_range(n: int, rank: int, world: int) -> range:
 
 def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
     """All-gather the per-rank slices made by :func:`shard_range` back into the full [n_total, ...] tensor."""
-    rank, world = dist_info()
+    world = dist_info()[1]
     if world == 1:
         return local
     chunk = math.ceil(n_total / world) if n_total else 0
@@ -255,7 +255,7 @@ def embed_images(
     with autocast_context(device, precision):
         for batch in loader:
             tok, feat = model.encode_image(batch.to(device, non_blocking=True))
-            feats.append(feat)
+            feats.append(feat.float())  # fp32 similarities: bf16 would create ties in the top-k
             if keep_tokens:
                 tokens.append(tok)
     return (torch.cat(tokens) if tokens else None), (torch.cat(feats) if feats else None)
@@ -312,7 +312,7 @@ def embed_texts(
             ids, mask = ids.to(device), mask.to(device)
             tok, feat = model.encode_text(ids, mask)
             if feats is None:
-                feats = feat.new_zeros((n, feat.shape[1]))
+                feats = feat.new_zeros((n, feat.shape[1]), dtype=torch.float32)
                 if keep_tokens:
                     tokens = tok.new_zeros((n, width, tok.shape[2]))
                     masks = torch.zeros((n, width), dtype=torch.long, device=device)
