@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from cclm.cli import main as cclm_main
 from cclm.config import FinetuneConfig, ModelConfig, load_config
 from cclm.model.cross_view import CrossViewModel
 from cclm.tasks import get_task, loop, protocols
-from cclm.tasks.cli import evaluate_main
 from cclm.tasks.cli import main as finetune_main
 from cclm.tasks.heads import TaskModel
 from cclm.tasks.metrics import average_non_english
@@ -192,12 +192,11 @@ def test_task_finetunes_and_writes_results(task, iglue_dir, tmp_path, pretrained
     checkpoint = tmp_path / "run" / "model"
     config_file = tmp_path / "task.yaml"
     OmegaConf.save(cfg, config_file)
-    assert (
-        evaluate_main(
-            ["evaluate", str(config_file), f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'eval'}"]
-        )
-        == 0
+    # through the top-level CLI: `cclm evaluate` delegates fine-tuning configs to cclm.tasks.cli.evaluate_main
+    code = cclm_main(
+        ["evaluate", str(config_file), f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'eval'}"]
     )
+    assert code == 0
     again = json.loads((tmp_path / "eval" / "results" / task / "zero_shot.json").read_text())
     columns, _ = runner.columns()
     for row, before in zip(again["rows"], tables["zero_shot"]["rows"]):

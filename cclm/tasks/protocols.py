@@ -86,7 +86,7 @@ class TaskRunner:
                 raise ValueError(
                     "set 'pretrained' (a cclm model folder) or 'model' (a model yaml for random init)"
                 )
-            model_cfg = load_config(ModelConfig, _model_yaml(cfg.model))
+            model_cfg = load_config(ModelConfig, _model_yaml(cfg.model), list(cfg.model_overrides))
             if cfg.tokenizer:
                 tokenizer = load_tokenizer(cfg.tokenizer)
             else:  # random init: a tokenizer trained on the training texts, saved with the model
