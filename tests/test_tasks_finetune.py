@@ -340,3 +340,28 @@ def test_classifier_learns_real_easy_vqa_examples(pretrained_dir, tmp_path):
         device=torch.device("cpu"),
     )
     assert selection.best_score == 100.0 > before
+
+
+def test_random_init_trains_its_own_tokenizer_and_saves_a_complete_task_folder(tmp_path):
+    pytest.importorskip("easy_vqa")
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs/finetune/easy_vqa.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "data.max_examples=8",
+            "train.max_steps=1",
+            "train.batch_size=4",
+            "train.device=cpu",
+            "model_overrides=[vision.image_size=48,vision.tower.image_size=48]",
+        ],
+    )
+    assert cfg.pretrained is None
+    table = protocols.run_zero_shot(cfg)["zero_shot"]
+    assert table["rows"][0]["examples"] == 8
+    folder = tmp_path / "model"
+    for name in ("config.json", "model.safetensors", "task_head.safetensors", "task.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    model = TaskModel.load(folder)
+    assert model.backbone.cfg.vision.image_size == 48
+    assert model.label_names == sorted(get_task("easy_vqa").labels())
