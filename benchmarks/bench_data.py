@@ -191,7 +191,9 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1, help="measure each pipeline this many times (best)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="passes per pipeline, order rotated (best kept)"
+    )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "data.json"))
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -207,15 +209,13 @@ def main() -> int:
         tokenizer = train_tokenizer([" ".join(WORDS)] * 50, Path(tmp) / "tok", vocab_size=200)
         best = {"bare": 0.0, "open_clip": 0.0, "cclm": 0.0}
         counts = {}
-        for _ in range(args.repeats):
-            for name, run in (
-                ("bare", lambda: bench_bare(folder, args.workers)),
-                (
-                    "open_clip",
-                    lambda: bench_open_clip(folder, args.num_images, args.workers, args.batch_size),
-                ),
-                ("cclm", lambda: bench_cclm(folder, tokenizer, args.workers, args.batch_size)),
-            ):
+        runs = [
+            ("bare", lambda: bench_bare(folder, args.workers)),
+            ("open_clip", lambda: bench_open_clip(folder, args.num_images, args.workers, args.batch_size)),
+            ("cclm", lambda: bench_cclm(folder, tokenizer, args.workers, args.batch_size)),
+        ]
+        for repeat in range(args.repeats):  # rotate the order so background load hits every pipeline alike
+            for name, run in runs[repeat % 3 :] + runs[: repeat % 3]:
                 rate, samples = run()
                 best[name], counts[name] = max(best[name], rate), samples
                 print(f"{name:>10}: {rate:7.1f} samples/s ({samples} samples)", flush=True)
@@ -229,6 +229,7 @@ def main() -> int:
         "samples": counts,
         "shards": shard_info,
         "workers": args.workers,
+        "repeats": args.repeats,
         "batch_size": args.batch_size,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

@@ -163,7 +163,7 @@ def run_table(args) -> int:
         captions = grouped.setdefault(image, {})
         _add_caption(captions, lang, caption, writer, reasons)
         for reason in reasons:
-            writer.skip(f"caption_{reason}")
+            writer.skip(f"caption_{reason.removesuffix('_caption')}")  # a dropped row, not a sample
     items = []
     for image, captions in grouped.items():
         path = resolve_image(root, image) if image else None

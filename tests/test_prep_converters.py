@@ -175,7 +175,7 @@ def test_image_caption_csv_with_header_and_jsonl_resize(tmp_path, image_folder, 
     assert back["sub_im2"]["text"] == "zwei" and back["sub_im2"]["lang"] == "de"
     assert close(back["sub_im2"]["pixels"], reference_pixels(picture(2)), tol=8)
     assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["skipped"] == {
-        "caption_empty_caption": 1,
+        "caption_empty": 1,
         "no_caption": 1,
     }
 
