@@ -89,7 +89,8 @@ def evaluate(model: MLAModel, sets: dict[str, dict[str, Any]], batch_size: int, 
     return rows
 
 
-def run_mla(cfg) -> dict[str, Any]:
+def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
+    """Run both stages; ``model`` (default: built from ``cfg``) is trained in place."""
     from cclm.data.pipeline import PretrainData
 
     require(cfg, "languages", "embedding.tokenizer")
@@ -101,7 +102,7 @@ def run_mla(cfg) -> dict[str, Any]:
     check_language_data(cfg.data.image_caption, languages, "data.image_caption", "captions (stage 2)")
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    model = MLAModel.build(cfg)
+    model = model if model is not None else MLAModel.build(cfg)
     trained, total = model.trainable_parameter_count()
     log.info("MLA: training %d of %d parameters (%.2f%%)", trained, total, 100.0 * trained / total)
     eval_langs = [cfg.source_language, *languages]
