@@ -9,10 +9,12 @@ en/de/fr/es/ja, so 5 per image). Model: ``configs/model/tiny.yaml``, random init
   across directions, sorted by caption length and re-scored by ITM in batches of ``rerank_batch_size``; queries
   whose gold item is not in their top-k are not re-scored since ITM cannot change their rank);
 * two-stage, rescore all: the same with ``rescore_all=True`` (re-scores exactly the pairs the reference does);
-* per-query: the ALBEF/CCLM ``evaluation()`` style -- captions padded to ``max_length``, the full similarity
-  matrix, then for every image and every caption one ITM forward of its k candidates. Candidates outside the
-  top-k keep their ITC order below the re-scored ones (ALBEF fills them with -100; keeping the ITC order makes
-  the median/mean ranks comparable too), and metrics come from the dense score matrices with ``itm_metrics``.
+* per-query: the ALBEF/CCLM ``evaluation()`` style of re-ranking -- the full similarity matrix, then for every
+  image and every caption one ITM forward of its k candidates, captions padded to the gallery's longest caption
+  (ALBEF pads to ``max_length``, which is slower still). Embeddings come from the same code as the two-stage
+  path, so the ITC numbers are bit-identical. Candidates outside the top-k keep their ITC order below the
+  re-scored ones (ALBEF fills them with -100; keeping the ITC order makes the median/mean ranks comparable too),
+  and metrics come from the dense score matrices with ``itm_metrics``.
 
 Threads: 1 by default (``--threads``), so that the numbers do not depend on what else runs on the machine.
 Writes benchmarks/results/eval.json and appends a line to benchmarks/RESULTS.md.
@@ -59,43 +61,41 @@ def build_inputs(n_images: int, image_size: int, seed: int = 0):
 
 @torch.inference_mode()
 def per_query_reference(model, rset, tokenizer, k: int, batch_size: int, itc_weight: float = 0.0) -> dict:
-    """The reference evaluation: padded-to-max_length captions, dense ITC, one ITM forward per query."""
-    from cclm.evaluation.retrieval import itm_metrics
+    """The reference re-ranking: the full similarity matrix, then one ITM forward of k candidates per query,
+    captions at the gallery's full padded width. Embeddings come from the same code as the two-stage path (the
+    comparison is about re-ranking; it also keeps the ITC numbers bit-identical, so that even the mean rank of
+    queries whose gold item is outside the top-k matches)."""
+    import functools
 
-    max_length = int(model.cfg.text.max_length)
-    enc = tokenizer(
-        rset.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    from cclm.evaluation.datasets import load_image_tensor
+    from cclm.evaluation.retrieval import embed_gallery, itm_metrics, tokenize_texts
+
+    image_size = int(model.cfg.vision.image_size)
+    token_ids = tokenize_texts(tokenizer, rset.texts, int(model.cfg.text.max_length))
+    emb = embed_gallery(
+        model,
+        rset.images,
+        token_ids,
+        functools.partial(load_image_tensor, image_size=image_size),
+        tokenizer.pad_token_id,
+        batch_size,
+        "cpu",
+        keep_tokens=True,
     )
-    text_tokens, text_feats = [], []
-    for start in range(0, len(rset.texts), batch_size):
-        tok, feat = model.encode_text(
-            enc.input_ids[start : start + batch_size], enc.attention_mask[start : start + batch_size]
-        )
-        text_tokens.append(tok)
-        text_feats.append(feat)
-    text_tokens, text_feats, text_masks = torch.cat(text_tokens), torch.cat(text_feats), enc.attention_mask
-    images = torch.stack(rset.images)
-    image_tokens, image_feats = [], []
-    for start in range(0, len(images), batch_size):
-        tok, feat = model.encode_image(images[start : start + batch_size])
-        image_tokens.append(tok)
-        image_feats.append(feat)
-    image_tokens, image_feats = torch.cat(image_tokens), torch.cat(image_feats)
-
-    sims = image_feats @ text_feats.t()
-    k_i2t, k_t2i = min(k, sims.shape[1]), min(k, sims.shape[0])
-    scores_i2t = sims.double() - 1e6  # below every re-scored candidate, in ITC order
-    for i in range(sims.shape[0]):
-        top_sim, top_idx = sims[i].topk(k_i2t)
-        memory = image_tokens[i].repeat(k_i2t, 1, 1)
-        fused = model.fuse(text_tokens[top_idx], text_masks[top_idx], memory)
+    sims_i2t = emb.image_feats @ emb.text_feats.t()
+    sims_t2i = emb.text_feats @ emb.image_feats.t()
+    k_i2t, k_t2i = min(k, sims_i2t.shape[1]), min(k, sims_t2i.shape[1])
+    scores_i2t = sims_i2t.double() - 1e6  # below every re-scored candidate, in ITC order (ALBEF: -100)
+    for i in range(sims_i2t.shape[0]):
+        top_sim, top_idx = sims_i2t[i].topk(k_i2t)
+        memory = emb.image_tokens[i].repeat(k_i2t, 1, 1)
+        fused = model.fuse(emb.text_tokens[top_idx], emb.text_masks[top_idx], memory)
         scores_i2t[i, top_idx] = (model.itm_logits(fused)[:, 1] + itc_weight * top_sim).double()
-    sims_t2i = sims.t()
     scores_t2i = sims_t2i.double() - 1e6
     for t in range(sims_t2i.shape[0]):
         top_sim, top_idx = sims_t2i[t].topk(k_t2i)
-        tokens, mask = text_tokens[t].repeat(k_t2i, 1, 1), text_masks[t].repeat(k_t2i, 1)
-        fused = model.fuse(tokens, mask, image_tokens[top_idx])
+        tokens, mask = emb.text_tokens[t].repeat(k_t2i, 1, 1), emb.text_masks[t].repeat(k_t2i, 1)
+        fused = model.fuse(tokens, mask, emb.image_tokens[top_idx])
         scores_t2i[t, top_idx] = (model.itm_logits(fused)[:, 1] + itc_weight * top_sim).double()
     return itm_metrics(scores_i2t, scores_t2i, rset.txt2img, rset.img2txt)
 

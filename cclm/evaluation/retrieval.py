@@ -192,12 +192,16 @@ class Embeddings:
         return self.text_masks.sum(dim=1)
 
 
-def autocast_context(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on GPU ("auto" or "bf16"), plain fp32 otherwise."""
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """bf16 on GPU ("auto") or when asked ("bf16"); fp32 otherwise."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"eval precision must be auto, bf16 or fp32, got '{precision}'")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """bf16 autocast when :func:`uses_bf16`, plain fp32 otherwise."""
+    if uses_bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -252,12 +256,13 @@ def embed_images(
         _MappedList(images, load_image), batch_size=batch_size, num_workers=num_workers, shuffle=False
     )
     tokens, feats = [], []
+    token_dtype = torch.bfloat16 if uses_bf16(device, precision) else None  # halves the ITM stage's memory
     with autocast_context(device, precision):
         for batch in loader:
             tok, feat = model.encode_image(batch.to(device, non_blocking=True))
             feats.append(feat.float())  # fp32 similarities: bf16 would create ties in the top-k
             if keep_tokens:
-                tokens.append(tok)
+                tokens.append(tok.to(token_dtype or tok.dtype))
     return (torch.cat(tokens) if tokens else None), (torch.cat(feats) if feats else None)
 
 
@@ -300,6 +305,7 @@ def embed_texts(
     width = int(width or (lengths.max().item() if n else 1))
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     tokens = masks = feats = None
+    token_dtype = torch.bfloat16 if uses_bf16(device, precision) else None
     with autocast_context(device, precision):
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
@@ -314,12 +320,12 @@ def embed_texts(
             if feats is None:
                 feats = feat.new_zeros((n, feat.shape[1]), dtype=torch.float32)
                 if keep_tokens:
-                    tokens = tok.new_zeros((n, width, tok.shape[2]))
+                    tokens = tok.new_zeros((n, width, tok.shape[2]), dtype=token_dtype or tok.dtype)
                     masks = torch.zeros((n, width), dtype=torch.long, device=device)
             where = torch.tensor(idx, device=device)
-            feats[where] = feat
+            feats[where] = feat.float()
             if keep_tokens:
-                tokens[where, :longest] = tok
+                tokens[where, :longest] = tok.to(tokens.dtype)
                 masks[where, :longest] = mask
     return tokens, masks, feats
 
