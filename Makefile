@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa clean
+.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa bench-recipes clean
 
 env:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -18,7 +18,7 @@ lint: env
 demo: env
 	$(PY) -m cclm.demo --output-dir demo_output
 
-bench: bench-eval bench-data bench-train
+bench: bench-eval bench-data bench-train bench-recipes
 
 bench-eval: env
 	$(PY) benchmarks/bench_eval.py
@@ -31,6 +31,9 @@ bench-easy-vqa: env
 
 bench-train: env
 	$(PY) benchmarks/bench_train.py
+
+bench-recipes: env
+	$(PY) benchmarks/bench_recipes.py
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info
