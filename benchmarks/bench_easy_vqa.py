@@ -66,6 +66,9 @@ def main() -> int:
         "best_step": selection["step"],
         "steps": selection["steps"],
         "batch_size": cfg.train.batch_size,
+        "image_size": json.loads((Path(args.output_dir) / "model" / "config.json").read_text())["model"][
+            "vision"
+        ]["image_size"],
         "training_budget_minutes": args.minutes,
         "wall_seconds_total": round(wall, 1),
         "cpu_seconds_total": round(cpu, 1),
