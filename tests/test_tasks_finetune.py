@@ -365,3 +365,9 @@ def test_random_init_trains_its_own_tokenizer_and_saves_a_complete_task_folder(t
     model = TaskModel.load(folder)
     assert model.backbone.cfg.vision.image_size == 48
     assert model.label_names == sorted(get_task("easy_vqa").labels())
+
+
+def test_schedule_warms_up_then_decays_to_zero_at_the_end():
+    factor = loop.warmup_linear(0.1)
+    assert [round(factor(p), 6) for p in (0.05, 0.1, 0.55, 1.0)] == [0.5, 1.0, 0.5, 0.0]
+    assert loop.warmup_linear(0.0)(0.0) == 1.0

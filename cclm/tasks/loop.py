@@ -57,13 +57,14 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    warmup = int(total_steps * warmup_ratio)
+def warmup_linear(warmup_ratio: float) -> Callable[[float], float]:
+    """Learning-rate factor of the training progress p in [0, 1]: linear warmup over the first ``warmup_ratio``,
+    then linear decay to 0 at p = 1."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    def factor(progress: float) -> float:
+        if progress < warmup_ratio:
+            return max(progress / warmup_ratio, 1e-3)
+        return max(0.0, (1.0 - progress) / max(1e-8, 1.0 - warmup_ratio))
 
     return factor
 
@@ -101,9 +102,17 @@ def finetune(
         raise ValueError("no training examples")
     total = max_steps if max_steps > 0 else epochs * len(loader)
     optimizer = build_optimizer(model, lr, weight_decay, head_lr_mult)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, warmup_ratio))
     selection, best_state = Selection(), None
     start, step, epoch, running = time.monotonic(), 0, 0, []
+
+    def progress() -> float:
+        """Fraction of the run done: by steps, or by wall time when a time limit ends the run sooner, so the
+        schedule anneals to 0 whichever limit comes first."""
+        by_time = (time.monotonic() - start) / time_limit_s if time_limit_s > 0 else 0.0
+        return min(1.0, max(step / total, by_time))
+
+    schedule = warmup_linear(warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: schedule(progress()))
 
     def evaluate() -> None:
         nonlocal best_state
@@ -130,8 +139,8 @@ def finetune(
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            scheduler.step()
             step += 1
+            scheduler.step()
             running.append(loss.item())
             out_of_time = time_limit_s > 0 and time.monotonic() - start > time_limit_s
             done = step >= total or out_of_time
