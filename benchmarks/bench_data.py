@@ -186,6 +186,22 @@ def bench_bare(folder: Path, workers: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+SECTION = "## Data loading (`make bench-data`)"
+
+
+def append_result_line(path: Path, line: str) -> None:
+    """Append ``line`` under this benchmark's heading, adding the heading when another section is last."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    headings = [h for h in text.splitlines() if h.startswith("## ")]
+    prefix = (
+        ""
+        if headings and headings[-1] == SECTION
+        else f"{'' if text.endswith(chr(10) * 2) or not text else chr(10)}{SECTION}\n\n"
+    )
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(prefix + line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=2000)
@@ -246,9 +262,7 @@ def main() -> int:
             f"{result['open_clip_samples_per_s']}, bare decode {result['bare_decode_samples_per_s']} -> "
             f"{result['cclm_vs_open_clip']}x open_clip, {100 * result['cclm_vs_bare']:.0f}% of bare\n"
         )
-        results_md = REPO / "benchmarks" / "RESULTS.md"
-        with open(results_md, "a", encoding="utf-8") as f:
-            f.write(line)
+        append_result_line(REPO / "benchmarks" / "RESULTS.md", line)
     return 0
 
 
