@@ -193,11 +193,10 @@ def append_result_line(path: Path, line: str) -> None:
     """Append ``line`` under this benchmark's heading, adding the heading when another section is last."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     headings = [h for h in text.splitlines() if h.startswith("## ")]
-    prefix = (
-        ""
-        if headings and headings[-1] == SECTION
-        else f"{'' if text.endswith(chr(10) * 2) or not text else chr(10)}{SECTION}\n\n"
-    )
+    prefix = ""
+    if not headings or headings[-1] != SECTION:
+        separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        prefix = f"{separator}{SECTION}\n\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(prefix + line)
 
