@@ -172,6 +172,7 @@ def test_image_caption_csv_with_header_and_jsonl_resize(tmp_path, image_folder, 
     (sample,) = list(iter_tar_samples(url))
     assert max(Image.open(io.BytesIO(sample["jpg"])).size) == 30
     back = read_back(tmp_path / "o2", tiny_tokenizer)
+    assert len(back) == sizes_total(tmp_path / "o2") == 1
     assert back["sub_im2"]["text"] == "zwei" and back["sub_im2"]["lang"] == "de"
     assert close(back["sub_im2"]["pixels"], reference_pixels(picture(2)), tol=8)
     assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["skipped"] == {
@@ -202,6 +203,7 @@ def test_cclm_jsonl_base64_and_paths(tmp_path, image_folder, tiny_tokenizer):
         [{"en": ["four"], "zh": ["四"]}, {"es": ["five", "5"]}], key=str
     )
     back = read_back(out, tiny_tokenizer)
+    assert len(back) == sizes_total(out) == 2
     b4 = next(v for k, v in back.items() if k.endswith("b4"))
     assert close(b4["pixels"], reference_pixels(picture(4)))
     assert json.loads((out / "manifest.json").read_text())["skipped"] == {"bad_image": 1}
@@ -226,6 +228,7 @@ def test_rekey_img2dataset_webdataset(tmp_path, tiny_tokenizer):
     out = tmp_path / "out"
     assert prep("rekey-wds", "--shards", src / "00000.tar", "--lang", "de", "--out", out) == 0
     back = read_back(out, tiny_tokenizer)
+    assert len(back) == sizes_total(out) == 3
     assert sorted((v["text"], v["lang"]) for v in back.values()) == [(f"Bild {i}", "de") for i in range(3)]
     assert close(back["00000_00001"]["pixels"], reference_pixels(picture(1)))
 
@@ -247,6 +250,7 @@ def test_parallel_converters_round_trip(tmp_path, tiny_tokenizer):
         == 0
     )
     back = read_back(tmp_path / "t", tiny_tokenizer, "text")
+    assert len(back) == sizes_total(tmp_path / "t") == 2
     assert sorted((v["text"], v["lang"], v["other"], v["other_lang"]) for v in back.values()) == [
         ("hello", "en", "hallo", "de"),
         ("world", "en", "Welt", "de"),
