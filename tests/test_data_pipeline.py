@@ -299,3 +299,13 @@ def test_pipe_urls_and_joined_patterns(shards, tiny_tokenizer):
     data = PretrainData(data_cfg(text=spec), tiny_tokenizer, 32, train=False, epochs=1)
     keys = sorted(k for b in drain(data, "text") for k in b["keys"])
     assert keys == sorted(pairs)[:12]  # 3 shards of 4 pairs
+
+
+def test_resampled_mode_continues_with_a_fresh_stream_after_a_topology_change(shards, tiny_tokenizer, caplog):
+    root, _, pairs = shards
+    data = PretrainData(data_cfg(text=root / "pt", resampled=True), tiny_tokenizer, 32)
+    data.next_batch("text")
+    other = PretrainData(data_cfg(text=root / "pt", resampled=True), tiny_tokenizer, 32, rank=1, world_size=2)
+    other.load_state_dict(data.state_dict())
+    assert "restarts with a fresh seed" in caplog.text
+    assert set(other.next_batch("text")["keys"]) <= set(pairs)

@@ -15,6 +15,7 @@ which is statistically equivalent but not the same sequence. State is per rank: 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import logging
@@ -206,8 +207,6 @@ class PretrainData:
         }
 
     def state_dict(self) -> dict:
-        import copy
-
         return {
             "version": STATE_VERSION,
             "topology": self._topology(),
