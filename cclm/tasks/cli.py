@@ -9,7 +9,8 @@ import sys
 from cclm.config import ConfigError, FinetuneConfig, load_config, require
 
 USAGE_FINETUNE = (
-    "usage: cclm finetune configs/finetune/<task>.yaml [protocol=zero_shot|few_shot] [key=value ...]"
+    "usage: cclm finetune configs/finetune/<task>.yaml [protocol=zero_shot|few_shot] [key=value ...]\n"
+    "       cclm finetune configs/finetune/<task>.yaml --check-images [key=value ...]   (list missing images)"
 )
 USAGE_EVALUATE = (
     "usage: cclm evaluate configs/finetune/<task>.yaml checkpoint=DIR [protocol=zero_shot|translate_test]"
