@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from cclm.config import CONFIG_ROOT, ModelConfig, load_config, to_dict
+from cclm.config import CONFIG_ROOT, ModelConfig, load_config
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.tasks import get_task, retrieval
@@ -332,7 +332,3 @@ def evaluate_checkpoint(cfg) -> dict:
     runner.check_images(runner.read_all(list(files.values())))
     model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
     return {cfg.protocol: runner.table(model, tokenizer, files, cfg.protocol)}
-
-
-def describe(cfg) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
