@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cclm.config import ConfigError, FinetuneConfig, from_dict, require, to_dict
 from cclm.data.tokenize import load_tokenizer
@@ -251,9 +251,9 @@ class ParallelCollator:
 
 
 def endless(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Epoch after epoch; the distributed sampler gives each rank its own share, reshuffled every epoch."""
     for epoch in itertools.count():
-        if hasattr(loader.generator, "manual_seed"):
-            loader.generator.manual_seed(1000 + epoch)
+        loader.sampler.set_epoch(epoch)
         yield from loader
 
 
@@ -312,15 +312,18 @@ def run_cvil(cfg) -> dict[str, Any]:
         "cViL: training %d of %d student parameters on %d parallel examples", trained, total, len(examples)
     )
     image_size = int(teacher.backbone.cfg.vision.image_size)
+    dataset = ParallelDataset(examples, dict(cfg.data.image_roots), image_size)
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(cfg.train.seed)
+    )
     loader = DataLoader(
-        ParallelDataset(examples, dict(cfg.data.image_roots), image_size),
+        dataset,
         batch_size=int(cfg.distill.batch_size),
-        shuffle=True,
-        generator=torch.Generator(),
+        sampler=sampler,
         collate_fn=ParallelCollator(
             teacher_tokenizer, student_tokenizer, int(student.backbone.cfg.text.max_length)
         ),
-        drop_last=len(examples) > int(cfg.distill.batch_size),
+        drop_last=len(sampler) > int(cfg.distill.batch_size),
     )
     batches = endless(loader)
     steps = int(cfg.distill.epochs) * len(loader)

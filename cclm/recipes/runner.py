@@ -82,6 +82,7 @@ def run_stage(model: torch.nn.Module, cfg, spec: StageSpec, dist: DistInfo) -> d
     counts: dict[str, int] = defaultdict(int)
     samples, last = 0, {}
     start = interval_start = time.perf_counter()
+    cpu_start = time.process_time()
     engine.train()
     try:
         for step in range(1, spec.steps + 1):
@@ -109,6 +110,7 @@ def run_stage(model: torch.nn.Module, cfg, spec: StageSpec, dist: DistInfo) -> d
     finally:
         logger.close()
     last[f"{spec.name}/seconds"] = time.perf_counter() - start
+    last[f"{spec.name}/cpu_seconds"] = time.process_time() - cpu_start  # this process, all its threads
     return last
 
 
