@@ -48,6 +48,7 @@ class CrossViewModel(nn.Module):
         if load_pretrained and cfg.vision.pretrained:
             state = load_pretrained_visual_state(cfg.vision.name, cfg.vision.pretrained)
             self.vision.visual.load_state_dict(state)
+        self.vision.drop_clip_projection()
         # Text: the full encoder, cut into the text and fusion stacks; its resolved config is stored likewise.
         name = cfg.text.name_or_path if load_pretrained else None
         encoder_kwargs = dict(cfg.text.encoder)
@@ -104,6 +105,15 @@ class CrossViewModel(nn.Module):
             names += [n for n, _ in self.named_parameters() if n == prefix or n.startswith(prefix + ".")]
         return names
 
+    def tied_parameter_aliases(self) -> set[str]:
+        """State-dict names that are aliases of an earlier tensor (MLM decoder weight/bias)."""
+        seen, aliases = set(), set()
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            if tensor.data_ptr() in seen:
+                aliases.add(name)
+            seen.add(tensor.data_ptr())
+        return aliases
+
     def new_parameter_names(self) -> list[str]:
         """Parameters that the pretrained towers did not provide (for a learning-rate multiplier)."""
         return list(self._new_parameter_names)
@@ -145,18 +155,23 @@ class CrossViewModel(nn.Module):
             memory, memory_feat = self.encode_text(batch["other_ids"], memory_mask)
         temp = self.clamped_temp()
         c_name, m_name, l_name = LOSS_NAMES[view]
-        out = {
-            c_name: losses.contrastive_loss(
+        # An objective whose weight is 0 is not computed at all (e.g. ITC-only training or benchmarking).
+        out, weights = {}, {}
+        if obj.itc_weight:
+            out[c_name] = losses.contrastive_loss(
                 memory_feat, query_feat, temp, obj.gather_features, obj.local_loss
-            ),
-            m_name: self._matching(
+            )
+            weights[c_name] = obj.itc_weight
+        if obj.itm_weight:
+            out[m_name] = self._matching(
                 (query, text_mask, query_feat), (memory, memory_mask, memory_feat), temp, batch["group_ids"]
-            ),
-        }
-        weights = {c_name: obj.itc_weight, m_name: obj.itm_weight}
-        if "mlm_ids" in batch:
+            )
+            weights[m_name] = obj.itm_weight
+        if obj.mlm_weight and "mlm_ids" in batch:
             out[l_name] = self._mlm(batch["mlm_ids"], text_mask, batch["mlm_labels"], memory, memory_mask)
             weights[l_name] = obj.mlm_weight
+        if not out:
+            raise ValueError("every objective weight is 0: nothing to train")
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 

@@ -26,4 +26,7 @@ class MatchingHead(nn.Module):
 def build_mlm_head(config, word_embeddings: nn.Embedding) -> XLMRobertaLMHead:
     head = XLMRobertaLMHead(config)
     head.decoder.weight = word_embeddings.weight  # tied: one matrix for input and output tokens
+    head.decoder.bias = (
+        head.bias
+    )  # as HF's MaskedLM ties them; otherwise `head.bias` would be a dead parameter
     return head

@@ -71,6 +71,14 @@ class VisionTower(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.width = self._infer_width()
 
+    def drop_clip_projection(self) -> None:
+        """Remove open_clip's own image->CLIP-space projection: cclm projects the first token with its own
+        ``vision_proj``, so the tower's projection would be a dead parameter (after any pretrained load)."""
+        if self.is_timm:
+            self.visual.head = nn.Identity()
+        else:
+            self.visual.proj = None
+
     def _infer_width(self) -> int:
         if self.is_timm:
             return int(self.visual.trunk.num_features)

@@ -34,8 +34,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     model = CrossViewModel(from_dict(ModelConfig, run_config["model"]), load_pretrained=False)
     state = load_file(str(ckpt / checkpoint.FP32_WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"mlm_head.decoder.weight"}
-    if unexpected or set(missing) - tied:
+    if unexpected or set(missing) - model.tied_parameter_aliases():
         raise ValueError(
             f"checkpoint {ckpt} does not match its config: missing={missing} unexpected={unexpected}"
         )
