@@ -199,7 +199,7 @@ def bench_objectives(steps: int) -> dict:
             torch.manual_seed(0)
             model = CrossViewModel(model_cfg(objectives), load_pretrained=False).train()
 
-            def step():
+            def step(model=model, data=data, view=view):
                 model(data, view)["loss"].backward()
 
             step()

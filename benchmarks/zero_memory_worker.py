@@ -52,8 +52,7 @@ def state_tensors(engine):
     for state in optimizer.state.values():
         yield from (v for v in state.values() if torch.is_tensor(v))
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "bit16_groups_flat"):
-        for t in getattr(engine.optimizer, name, []) or []:
-            yield t
+        yield from getattr(engine.optimizer, name, []) or []
 
 
 def main() -> int:
