@@ -38,6 +38,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--shard-samples", type=int, default=None, help="images per shard (default: ~16 shards)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="processes drawing images (0 = inline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -55,6 +57,8 @@ def run(args) -> int:
         xvnli_images=args.xvnli_images,
         shard_size=args.shard_samples,
         command="cclm prep " + " ".join(shlex.quote(a) for a in args.argv),
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
     )
     summary = {
         k: world[k]

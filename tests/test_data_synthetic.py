@@ -139,3 +139,18 @@ def test_world_rejects_bad_options(tmp_path):
     (tmp_path / "b" / "x").write_text("")
     with pytest.raises(FileExistsError):
         build_world(tmp_path / "b", num_images=5)
+
+
+def test_world_does_not_depend_on_the_number_of_drawing_processes(tmp_path):
+    kw = dict(
+        num_images=30, parallel_langs=["fr"], num_parallel=10, heldout_images=5, xvnli_images=3, image_size=24
+    )
+    build_world(tmp_path / "a", **kw)
+    build_world(tmp_path / "b", num_workers=2, **kw)
+    assert dict(_tar_members(tmp_path / "a" / "image_caption")) == dict(
+        _tar_members(tmp_path / "b" / "image_caption")
+    )
+    for name in ("heldout/en/images", "heldout/fr/images"):
+        a = {p.name: p.read_bytes() for p in (tmp_path / "a" / name).iterdir()}
+        b = {p.name: p.read_bytes() for p in (tmp_path / "b" / name).iterdir()}
+        assert a and a == b, name

@@ -23,11 +23,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import random
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
 from cclm.data.world_grammar import COLOURS, COUNTS, POSITIONS, RELATIONS, SHAPES, SIZES, grammar
@@ -194,6 +198,31 @@ def render_sentence(spec: tuple, lang: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- world
+def _render_jpeg(task: tuple[Scene, int]) -> bytes:
+    scene, size = task
+    return jpeg_bytes(render(scene, size))
+
+
+def _render_all(
+    scenes: list[Scene], size: int, num_workers: int, progress: bool, desc: str
+) -> Iterator[bytes]:
+    """JPEG bytes of ``scenes`` in order, drawn in ``num_workers`` processes, with an optional progress bar."""
+    tasks = [(scene, size) for scene in scenes]
+    bar = tqdm(total=len(tasks), desc=desc, unit="image", disable=not progress, file=sys.stderr)
+    try:
+        if num_workers <= 0:
+            for task in tasks:
+                yield _render_jpeg(task)
+                bar.update()
+        else:
+            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+                for data in pool.imap(_render_jpeg, tasks, chunksize=64):
+                    yield data
+                    bar.update()
+    finally:
+        bar.close()
+
+
 def _check_languages(langs, what: str) -> list[str]:
     langs = list(dict.fromkeys(langs))
     for lang in langs:
@@ -230,8 +259,11 @@ def build_world(
     xvnli_images: int = 150,
     shard_size: int | None = None,
     command: str | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Write the synthetic world under ``out_dir`` (layout in the module docstring); returns ``world.json``."""
+    """Write the synthetic world under ``out_dir`` (layout in the module docstring); returns ``world.json``.
+    Images are drawn in ``num_workers`` processes (0 = inline); the output does not depend on it."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new folder")
@@ -249,20 +281,18 @@ def build_world(
 
     # Training images with captions.
     rng = random.Random(f"{seed}-train")
+    scenes = [sample_scene(rng) for _ in range(num_images)]
+    jpegs = _render_all(scenes, image_size, num_workers, progress, "training images")
     with ShardSink(
         out / "image_caption", VIEW_IMAGE_CAPTION, max_samples=shard_size, command=command
     ) as sink:
-        for i in range(num_images):
-            scene = sample_scene(rng)
+        for i, (scene, data) in enumerate(zip(scenes, jpegs)):
             captions = {lang: scene.caption(lang) for lang in caption_langs}
             corpus.extend(captions.values())
             meta = {"captions": captions, "scene": scene.kind}
             sink.write(
                 f"img{i:07d}",
-                {
-                    "jpg": jpeg_bytes(render(scene, image_size)),
-                    "json": json.dumps(meta, ensure_ascii=False).encode(),
-                },
+                {"jpg": data, "json": json.dumps(meta, ensure_ascii=False).encode()},
                 list(captions),
             )
         ic_manifest = sink.close({"world_seed": seed, "image_size": image_size})
@@ -289,7 +319,7 @@ def build_world(
     # Held-out retrieval: new scenes with distinct captions, the same images in every language folder.
     rng = random.Random(f"{seed}-heldout")
     heldout = _unique_scenes(rng, heldout_images, set())
-    heldout_jpegs = [jpeg_bytes(render(scene, image_size)) for scene in heldout]
+    heldout_jpegs = list(_render_all(heldout, image_size, num_workers, progress, "held-out images"))
     for lang in heldout_langs:
         folder = out / "heldout" / lang
         (folder / "images").mkdir(parents=True)
