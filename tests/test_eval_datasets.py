@@ -195,6 +195,13 @@ def test_load_image_tensor_and_bad_images(tmp_path):
     assert image[0].float().mean() == pytest.approx(200, abs=2) and image[1].float().mean() == pytest.approx(
         30, abs=2
     )
+    # The whole image is resized (no crop): the blue right quarter of a wide photo is still there.
+    wide = Image.new("RGB", (800, 200), (200, 30, 30))
+    wide.paste((20, 20, 220), (600, 0, 800, 200))
+    wide.save(tmp_path / "wide.jpg", quality=95)
+    squashed = load_image_tensor(tmp_path / "wide.jpg", 16)
+    assert squashed.shape == (3, 16, 16)
+    assert squashed[2, :, -1].float().mean() > 180 and squashed[0, :, 0].float().mean() > 180
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
         load_image_tensor(tmp_path / "broken.jpg", 16)

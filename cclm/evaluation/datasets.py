@@ -124,9 +124,17 @@ class RetrievalSet:
 
 
 # ------------------------------------------------------------------------------------------------- images
+def whole_image(width: int, height: int) -> tuple[int, int, int, int]:
+    return (0, 0, width, height)
+
+
 def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch.Tensor:
-    """A path or PIL image -> uint8 [3, S, S] tensor: RGB, bicubic resize to the model's square input (the usual
-    retrieval evaluation transform; the model normalises). An unreadable file raises an error naming it."""
+    """A path or PIL image -> uint8 [3, S, S] tensor: RGB, the whole image resized (bicubic) to the model's square
+    input, as in the ALBEF/CCLM retrieval evaluation (no crop, so nothing a caption mentions is cut off; the model
+    normalises). Files are decoded by the data pipeline's :func:`cclm.data.transforms.decode_crop` (JPEG draft
+    decoding for large photos). An unreadable file raises an error naming it."""
+    from cclm.data.transforms import decode_crop
+
     if isinstance(image, torch.Tensor):
         if (
             image.dtype != torch.uint8
@@ -134,21 +142,18 @@ def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch
             or tuple(image.shape[1:]) != (image_size, image_size)
         ):
             raise ValueError(
-                f"image tensors must be uint8 [3, {image_size}, {image_size}], got {image.dtype} "
-                f"{tuple(image.shape)}"
+                f"image tensors must be uint8 [3, {image_size}, {image_size}], got {image.dtype} {tuple(image.shape)}"
             )
         return image
     if isinstance(image, Image.Image):
-        pil = image
+        pil = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
     else:
         try:
-            with Image.open(image) as opened:
-                pil = opened.convert("RGB")
+            pil = decode_crop(Path(image).read_bytes(), image_size, whole_image)
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {image}") from None
-        except (OSError, Image.UnidentifiedImageError) as err:
+        except (OSError, Image.UnidentifiedImageError, ValueError) as err:
             raise ValueError(f"cannot decode image {image}: {err}") from None
-    pil = pil.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
