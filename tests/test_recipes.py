@@ -169,6 +169,36 @@ def test_mla_per_language_acquirers(world, tmp_path):
         model.encode_target(enc["input_ids"], enc["attention_mask"], "es")
 
 
+def test_mla_embedding_from_a_multilingual_encoder(world, tmp_path):
+    """``embedding.init_from``: the table starts as the encoder's word embeddings (any width), projected to the
+    CLIP text width."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from cclm.data.tokenize import load_tokenizer
+
+    vocab = len(load_tokenizer(str(world / "tokenizer")))
+    encoder = XLMRobertaModel(
+        XLMRobertaConfig(
+            vocab_size=vocab + 5,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    encoder.save_pretrained(tmp_path / "encoder")
+    model = MLAModel.build(mla_cfg(world, None, tmp_path, f"embedding.init_from={tmp_path / 'encoder'}"))
+    words = encoder.get_input_embeddings().weight[:vocab]
+    assert torch.equal(model.embedding.table.weight, words)
+    assert model.embedding.proj.in_features == 48 and model.embedding.proj.out_features == 64
+    small = XLMRobertaModel(
+        XLMRobertaConfig(vocab_size=10, hidden_size=48, num_hidden_layers=1, num_attention_heads=2)
+    )
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(ConfigError, match="fewer than the tokenizer"):
+        MLAModel.build(mla_cfg(world, None, tmp_path, f"embedding.init_from={tmp_path / 'small'}"))
+
+
 # ------------------------------------------------------------------------------------------------------ cViL
 @pytest.fixture(scope="module")
 def teacher(world, tmp_path_factory) -> Path:
