@@ -163,3 +163,19 @@ def test_finetune_check_images_lists_every_missing_image_of_the_config(iglue_dir
     assert code == 1
     assert out.out.split() == [str(tmp_path / f"{i}.jpg") for i in sorted(ids)[1:]]
     assert f"1 of {len(ids)} images found, {len(ids) - 1} missing" in out.err
+
+
+def test_snli_ve_release_field_names_are_read(tmp_path):
+    # SNLI-VE as released (the English training source) spells the image id Flickr30K_ID
+    record = {
+        "gold_label": "neutral",
+        "sentence2": "A dog sleeps.",
+        "Flickr30K_ID": "42",
+        "pairID": "42#0r1n",
+    }
+    data = get_task("xvnli").read(write_lines(tmp_path / "snli_ve_train.jsonl", [json.dumps(record)]))
+    (example,) = data.examples
+    assert (example.images[0].path, example.label, example.language) == ("42.jpg", 1, "en")
+    del record["Flickr30K_ID"]
+    with pytest.raises(AnnotationError, match=r"snli_ve_dev.jsonl:1: missing field 'Flikr30kID'"):
+        get_task("xvnli").read(write_lines(tmp_path / "snli_ve_dev.jsonl", [json.dumps(record)]))

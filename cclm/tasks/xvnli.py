@@ -1,8 +1,8 @@
 """XVNLI (cross-lingual visual NLI): a Flickr30k image as premise, ``sentence2`` as hypothesis, 3 classes.
 
-Files: SNLI-VE-style jsonl (``gold_label``, ``sentence2``, ``Flikr30kID`` -- IGLUE's spelling). Records whose
-``gold_label`` is ``-`` (no annotator consensus, as in SNLI) are skipped and counted; any other unknown label
-fails. Images: ``<image_roots.flickr30k>/<Flikr30kID>.jpg``.
+Files: SNLI-VE-style jsonl (``gold_label``, ``sentence2``, ``Flikr30kID`` -- IGLUE's spelling -- or the SNLI-VE
+release's ``Flickr30K_ID``). Records whose ``gold_label`` is ``-`` (no annotator consensus, as in SNLI) are
+skipped and counted; any other unknown label fails. Images: ``<image_roots.flickr30k>/<Flikr30kID>.jpg``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,19 @@ KIND = "single"
 METRIC = "accuracy"
 LABELS = ["contradiction", "neutral", "entailment"]
 NO_GOLD_LABEL = "-"
+IMAGE_ID_FIELDS = ("Flikr30kID", "Flickr30K_ID")
 
 
 def labels(data_cfg=None) -> list[str]:
     return list(LABELS)
+
+
+def _image_id(record: dict, where: str) -> str:
+    """IGLUE writes ``Flikr30kID``; the SNLI-VE release (the English training source) ``Flickr30K_ID``."""
+    for key in IMAGE_ID_FIELDS:
+        if key in record:
+            return str(record[key])
+    raise AnnotationError(f"{where}: missing field '{IMAGE_ID_FIELDS[0]}' (or '{IMAGE_ID_FIELDS[1]}')")
 
 
 def read(path: str | Path, label_names: list[str] | None = None, max_examples: int = 0) -> ClassificationData:
@@ -31,7 +40,7 @@ def read(path: str | Path, label_names: list[str] | None = None, max_examples: i
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
         records += 1
-        image = ImageRef("flickr30k", f"{field(record, 'Flikr30kID', where)}.jpg")
+        image = ImageRef("flickr30k", f"{_image_id(record, where)}.jpg")
         refs.add(image)
         label = field(record, "gold_label", where)
         if label == NO_GOLD_LABEL:
