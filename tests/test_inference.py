@@ -86,7 +86,7 @@ def test_encode_images_equals_training_forward(tiny_model_dir, tmp_path):
     pipeline_pixels = torch.from_numpy(EvalTransform(32)(jpeg.read_bytes()).copy()).permute(2, 0, 1)[None]
     expected_jpeg = model.encode_image(pipeline_pixels)[1].detach()
     torch.testing.assert_close(engine.encode_images([jpeg]), expected_jpeg, atol=1e-5, rtol=1e-5)
-    # a larger, non-square image goes through resize + centre crop first
+    # a larger, non-square image is resized whole to the square input (no crop)
     big = images[0].resize((64, 96))
     expected_big = model.encode_image(eval_transform(32)(big)[None])[1].detach()
     torch.testing.assert_close(engine.encode_images([big]), expected_big, atol=1e-5, rtol=1e-5)

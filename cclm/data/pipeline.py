@@ -57,7 +57,7 @@ def _text_example(sample, rng, allowed, swap):
 class PretrainData:
     """Batches of both views for pretraining; see the module docstring for the resume guarantee.
 
-    ``train=False`` gives the deterministic evaluation transform (shorter side + centre crop, no flip, no
+    ``train=False`` gives the deterministic evaluation transform (whole image resized, no crop, no flip, no
     RandAugment) and never swaps parallel sides; ``epochs`` limits the stream (None = endless).
     """
 

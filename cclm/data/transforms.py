@@ -108,6 +108,12 @@ def random_resized_box(
     return (left, top, left + w, top + h)
 
 
+def whole_image(width: int, height: int) -> Box:
+    """The evaluation box: the whole image, resized to the square input without cropping (as the ALBEF/CCLM
+    evaluation does), so nothing a caption mentions is cut off."""
+    return (0, 0, width, height)
+
+
 def center_box(width: int, height: int) -> Box:
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
@@ -167,4 +173,4 @@ class EvalTransform:
     def __call__(
         self, data: bytes, text: str = "", lang: str = "", rng: random.Random | None = None
     ) -> np.ndarray:
-        return to_array(decode_crop(data, self.size, center_box))
+        return to_array(decode_crop(data, self.size, whole_image))

@@ -124,8 +124,6 @@ class RetrievalSet:
 
 
 # ------------------------------------------------------------------------------------------------- images
-def whole_image(width: int, height: int) -> tuple[int, int, int, int]:
-    return (0, 0, width, height)
 
 
 def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch.Tensor:
@@ -133,7 +131,7 @@ def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch
     input, as in the ALBEF/CCLM retrieval evaluation (no crop, so nothing a caption mentions is cut off; the model
     normalises). Files are decoded by the data pipeline's :func:`cclm.data.transforms.decode_crop` (JPEG draft
     decoding for large photos). An unreadable file raises an error naming it."""
-    from cclm.data.transforms import decode_crop
+    from cclm.data.transforms import decode_crop, whole_image
 
     if isinstance(image, torch.Tensor):
         if (

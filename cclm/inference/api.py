@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cclm.data.transforms import EvalTransform, center_box, to_array
+from cclm.data.transforms import EvalTransform, to_array
 from cclm.model import CrossViewModel
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -54,8 +54,8 @@ def _reason(err: BaseException) -> str:
 
 
 class ImageLoader:
-    """Path or PIL image -> uint8 [3, size, size]: the evaluation transform of the data pipeline (shorter side to
-    ``size`` + centre crop, see :class:`cclm.data.transforms.EvalTransform`), so inference sees exactly the pixels
+    """Path or PIL image -> uint8 [3, size, size]: the evaluation transform of the data pipeline (the whole image
+    resized to the square input, see :class:`cclm.data.transforms.EvalTransform`), so inference sees exactly the pixels
     that evaluation sees. Files are decoded completely here: an unreadable, truncated or corrupt file raises
     ``UnreadableImage`` (a ``ValueError``) naming it (a missing file raises ``FileNotFoundError``). Normalisation happens in the model."""
 
@@ -66,10 +66,7 @@ class ImageLoader:
     def __call__(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, Image.Image):
             image = item.convert("RGB")
-            box = center_box(*image.size)
-            array = to_array(
-                image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-            )
+            array = to_array(image.resize((self.size, self.size), Image.Resampling.BICUBIC, reducing_gap=3.0))
         else:
             path = Path(item)
             data = path.read_bytes()
