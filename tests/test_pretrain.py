@@ -92,15 +92,25 @@ def _view_losses(records: list[dict], view: str) -> list[float]:
     return [r[f"{view}/loss"] for r in records if f"{view}/loss" in r]
 
 
+# Each stage also exercises one training option: activation checkpointing, the X2-VLM "sum" schedule with
+# gradient accumulation, and CCLM's alternating schedule.
+STAGE_OPTIONS = {
+    1: {"train.activation_checkpointing": True},
+    2: {"train.view_schedule": "sum", "train.grad_accum": 2},
+    3: {},
+}
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
-    _run(
-        2,
-        _overrides(
-            world, out, **{"deepspeed.zero_stage": stage, "train.max_steps": 16, "train.save_every": 16}
-        ),
-    )
+    options = {
+        "deepspeed.zero_stage": stage,
+        "train.max_steps": 16,
+        "train.save_every": 16,
+        **STAGE_OPTIONS[stage],
+    }
+    _run(2, _overrides(world, out, **options))
     records = _metrics(out)
     assert [r["step"] for r in records] == list(range(1, 17))
     for view in ("image", "text"):

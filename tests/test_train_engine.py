@@ -1,0 +1,92 @@
+"""Optimizer parameter groups, the learning-rate schedule and the generated DeepSpeed config."""
+
+import math
+
+import pytest
+
+from cclm.config import ConfigError, PretrainConfig, from_dict
+from cclm.model import CrossViewModel
+from cclm.train.engine import build_optimizer, build_scheduler, deepspeed_config, param_groups
+from cclm.train.schedule import lr_factor
+
+
+def test_no_weight_decay_for_biases_norms_and_temperature_and_lr_multiplier_for_new_parameters(
+    tiny_model_cfg,
+):
+    model = CrossViewModel(tiny_model_cfg)
+    groups = param_groups(model, lr=1e-4, weight_decay=0.05, new_param_lr_mult=5.0)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    new = set(model.new_parameter_names())
+    seen = set()
+    for group in groups:
+        for param in group["params"]:
+            name = name_of[id(param)]
+            seen.add(name)
+            decays = not (
+                param.ndim < 2 or name == "temp" or name.endswith(("class_embedding", "positional_embedding"))
+            )
+            assert group["weight_decay"] == (0.05 if decays else 0.0), name
+            assert group["lr"] == pytest.approx(1e-4 * (5.0 if name in new else 1.0)), name
+    assert seen == set(name_of.values())  # every trainable parameter in exactly one group
+    assert "temp" in new and any(".crossattention." in n for n in new)
+    assert not any(n.startswith("text.") for n in new)  # the text stack is "pretrained"
+
+
+def test_warmup_then_cosine_or_linear_decay():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(40, 100, 0, "constant") == 1.0
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        lr_factor(0, 10, 0, "exponential")
+
+
+def test_scheduler_keeps_group_multipliers(tiny_model_cfg):
+    cfg = from_dict(
+        PretrainConfig,
+        {
+            "train": {
+                "max_steps": 20,
+                "scheduler": {"warmup_steps": 4},
+                "optimizer": {"lr": 1e-3, "new_param_lr_mult": 2.0},
+            }
+        },
+    )
+    optimizer = build_optimizer(CrossViewModel(tiny_model_cfg), cfg.train.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    factor = lr_factor(12, 20, 4)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 * group["lr_mult"] * factor)
+    assert not math.isnan(factor)
+
+
+def test_deepspeed_config_from_typed_config_and_file(tmp_path):
+    cfg = from_dict(
+        PretrainConfig,
+        {
+            "train": {"grad_accum": 2, "grad_clip": 0.5},
+            "deepspeed": {"zero_stage": 3, "precision": "bf16", "offload_params": True},
+        },
+    )
+    ds = deepspeed_config(cfg, micro_batch_size=16, world_size=4)
+    assert ds["train_batch_size"] == 16 * 2 * 4 and ds["gradient_clipping"] == 0.5
+    assert (
+        ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    )
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    # a JSON file gives stage and precision when the typed config leaves them unset
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}, "fp16": {"enabled": true}}')
+    ds = deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"config_file": str(path)}}), 8, 1)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["fp16"]["enabled"]
+    with pytest.raises(ConfigError, match="offload_params needs"):
+        deepspeed_config(
+            from_dict(PretrainConfig, {"deepspeed": {"zero_stage": 2, "offload_params": True}}), 8, 1
+        )
+    with pytest.raises(ConfigError, match="precision"):
+        deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}), 8, 1)
