@@ -205,9 +205,10 @@ class Trainer:
             while self.step < cfg.max_steps:
                 self.train_step(stats)
                 logger.advance()
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                evaluate = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or evaluate:
                     last = self._scalars(stats, time.perf_counter() - t_start)
-                    if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                    if evaluate:
                         last.update(self.periodic_eval())
                     logger.log(self.step, last)
                     stats.clear()

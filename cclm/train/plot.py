@@ -24,7 +24,15 @@ def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
     if not records:
         raise ValueError(f"{path} holds no records yet")
     losses = sorted({k for r in records for k in r if "/" in k and not k.startswith("eval/")})
-    evals = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith("r_mean")})
+    # one curve per held-out set and language: eval/<set>/<lang>/r_mean
+    evals = sorted(
+        {
+            k
+            for r in records
+            for k in r
+            if k.startswith("eval/") and k.endswith("/r_mean") and k.count("/") == 3
+        }
+    )
     panels = [
         ("losses by view", ["loss", *losses]),
         ("learning rate", ["lr"]),
@@ -37,7 +45,9 @@ def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
-                ax.plot(*zip(*points), label=key)
+                ax.plot(
+                    *zip(*points), label=key.removeprefix("eval/"), marker="o" if len(points) < 20 else None
+                )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
