@@ -358,7 +358,12 @@ def main() -> int:
         if gpu
         else "; GPU MFU not measured (no GPU on this machine)"
     )
-    with open(HERE / "RESULTS.md", "a") as f:
+    results_md = HERE / "RESULTS.md"
+    header = "## Training step and ZeRO memory (`make bench-train`)"
+    existing = results_md.read_text() if results_md.exists() else ""
+    with open(results_md, "a") as f:
+        if header not in existing:
+            f.write(f"\n{header}\n\n")
         f.write(line + "\n")
     print(line)
     return 0
