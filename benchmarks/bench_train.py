@@ -141,9 +141,10 @@ def bench_itc(rounds: int, steps: int) -> dict:
     peer.train()
     data = batch("image", TEXT["vocab_size"])
     data.pop("mlm_ids")
-    images = (
-        data["images"].float() / 255 - ours.vision.mean
-    ) / ours.vision.std  # peer gets normalised floats
+    # The same batch for both: normalised float images (our model also accepts uint8 and normalises itself,
+    # which moves that work from the data workers to the accelerator; not what is compared here).
+    images = (data["images"].float() / 255 - ours.vision.mean) / ours.vision.std
+    data["images"] = images
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
 
