@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -211,13 +210,9 @@ def bench_objectives(steps: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------- 3. ZeRO memory
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_zero_memory(stages=(0, 1, 2, 3)) -> dict:
+    from cclm.train.launch import free_port
+
     out = {}
     for stage in stages:
         with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +222,7 @@ def bench_zero_memory(stages=(0, 1, 2, 3)) -> dict:
                 "-m",
                 "torch.distributed.run",
                 "--nproc_per_node=2",
-                f"--master_port={_free_port()}",
+                f"--master_port={free_port()}",
                 str(HERE / "zero_memory_worker.py"),
                 "--stage",
                 str(stage),

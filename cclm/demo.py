@@ -21,22 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cclm.train.launch import local_pretrain_command
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 LANGS = ("en", "de", "fr", "es", "ja", "zh")
 RUNS = ("with_parallel", "without_parallel")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard_pattern(folder: Path) -> str:
@@ -97,18 +92,7 @@ def pretrain(
         overrides.append(f"data.parallel_text.shards={_shard_pattern(world / 'parallel')}")
     else:
         overrides.append("data.parallel_text=null")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
-        "-m",
-        "cclm.train.cli",
-        str(CONFIG),
-        *overrides,
-        *extra,
-    ]
+    command = local_pretrain_command(nproc, CONFIG, [*overrides, *extra])
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

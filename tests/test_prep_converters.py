@@ -16,7 +16,6 @@ from cclm.cli import main as cclm_main
 from cclm.config import DataConfig, from_dict
 from cclm.data.pipeline import PretrainData
 from cclm.data.shards import expand_shards, iter_tar_samples
-from cclm.data.transforms import center_box
 
 
 def picture(i: int, size=(60, 44)) -> Image.Image:
@@ -27,9 +26,8 @@ def picture(i: int, size=(60, 44)) -> Image.Image:
 
 
 def reference_pixels(img: Image.Image, size: int = 24) -> np.ndarray:
-    return np.asarray(
-        img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=center_box(*img.size))
-    )
+    """What the evaluation transform (PretrainData(train=False)) makes of it: the whole image, resized."""
+    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
 
 
 def prep(*args) -> int:

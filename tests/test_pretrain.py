@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cclm.train.launch import local_pretrain_command
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +55,7 @@ def _overrides(world: Path, output_dir: Path, **extra) -> list[str]:
 
 
 def _command(nproc: int, overrides: list[str]) -> list[str]:
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
-        "-m",
-        "cclm.train.cli",
-    ]
-    return [*launcher, str(CONFIG), *overrides]
+    return local_pretrain_command(nproc, CONFIG, overrides)
 
 
 def _env() -> dict[str, str]:

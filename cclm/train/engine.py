@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from cclm.config import ConfigError
+from cclm.train.launch import free_port
 from cclm.train.schedule import lr_factor
 
 OPTIMIZERS = ("adamw",)
@@ -26,12 +26,6 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> DistInfo:
@@ -47,7 +41,7 @@ def init_distributed() -> DistInfo:
 
     if "RANK" not in os.environ:  # plain `cclm pretrain` on one process
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
     if not cuda:
