@@ -458,6 +458,13 @@ def require(cfg: Any, *keys: str) -> None:
             raise ConfigError(f"config key '{key}' must be set")
 
 
+def require_complete(cfg: Any) -> None:
+    """Fail naming every mandatory value (``???``) that is still unset, e.g. shard paths to fill in."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError("config keys must be set (they are ??? in the config): " + ", ".join(missing))
+
+
 def _is_missing_dotted(cfg: Any, dotted: str) -> bool:
     parent, _, leaf = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent)

@@ -50,3 +50,39 @@ def test_shipped_model_configs_load(name):
 
     cfg = load_config(ModelConfig, CONFIG_ROOT / "model" / f"{name}.yaml")
     assert len(cfg.text.text_layers) >= 2 and len(cfg.text.fusion_layers) >= 2
+
+
+@pytest.mark.parametrize("name", ["cclm_3m", "cclm_4m", "demo"])
+def test_shipped_pretrain_configs_compose_and_name_what_must_be_filled_in(name):
+    from cclm.config import CONFIG_ROOT, require
+
+    path = CONFIG_ROOT / "pretrain" / f"{name}.yaml"
+    cfg = load_config(PretrainConfig, path)
+    with pytest.raises(ConfigError, match=r"data\.image_caption\.shards"):
+        require(cfg, "data.image_caption.shards")
+    filled = load_config(
+        PretrainConfig,
+        path,
+        [
+            "data.image_caption.shards=/data/a/{000000..000009}.tar",
+            "data.parallel_text.shards=/data/p/{000000..000009}.tar",
+        ],
+    )
+    require(filled, "data.image_caption.shards", "data.parallel_text.shards")
+    if name != "demo":  # the paper's settings
+        assert filled.data.image_caption.batch_size == 128 and filled.train.optimizer.lr == 1e-4
+        assert (
+            list(filled.train.optimizer.betas) == [0.9, 0.98] and filled.train.scheduler.warmup_steps == 2500
+        )
+        assert (
+            filled.model.text.name_or_path == "xlm-roberta-large"
+            and len(filled.model.text.fusion_layers) == 6
+        )
+
+
+def test_unset_mandatory_values_are_all_named():
+    from cclm.config import CONFIG_ROOT, require_complete
+
+    cfg = load_config(PretrainConfig, CONFIG_ROOT / "pretrain" / "cclm_3m.yaml")
+    with pytest.raises(ConfigError, match=r"data\.image_caption\.shards, data\.parallel_text\.shards"):
+        require_complete(cfg)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cclm.config import ConfigError, to_dict
+from cclm.config import ConfigError, require_complete, to_dict
 from cclm.train import checkpoint
 from cclm.train.engine import build_engine, deepspeed_config, init_distributed
 from cclm.train.flops import peak_flops, train_flops_per_sample
@@ -65,6 +65,7 @@ def _batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, cfg):
+        require_complete(cfg)
         self.cfg = cfg
         train = cfg.train
         if train.view_schedule not in VIEW_SCHEDULES:
