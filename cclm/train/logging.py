@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,8 +35,14 @@ class RunLogger:
         output_dir = Path(output_dir)
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
         self.file = open(output_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        # In a log file (not a terminal) a redraw per step floods it; redraw every 30 s there instead.
         self.bar = tqdm(
-            total=max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True, disable=not enabled_bar
+            total=max_steps,
+            initial=start_step,
+            desc="pretrain",
+            dynamic_ncols=True,
+            disable=not enabled_bar,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
