@@ -252,4 +252,4 @@ class PretrainData:
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to report to
-            pass
+            return

@@ -17,6 +17,8 @@ Chinese classifiers ("两个红色的圆形").
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 COLOURS = ("red", "green", "blue", "yellow", "purple", "black")
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = ("big", "small")
@@ -25,28 +27,30 @@ RELATIONS = ("left_of", "above")
 COUNTS = (2, 3)
 
 
-class Grammar:
+class Grammar(ABC):
     lang = ""
 
-    def single(self, size: str, colour: str, shape: str, position: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def single(self, size: str, colour: str, shape: str, position: str) -> str: ...
 
-    def count(self, n: int, colour: str, shape: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def count(self, n: int, colour: str, shape: str) -> str: ...
 
+    @abstractmethod
     def relation(self, a: tuple[str, str], relation: str, b: tuple[str, str]) -> str:
         """``a``/``b`` are (colour, shape)."""
-        raise NotImplementedError
+        ...
 
-    def exists(self, n: int, colour: str, shape: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def exists(self, n: int, colour: str, shape: str) -> str: ...
 
-    def neutral(self, colour: str, shape: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def neutral(self, colour: str, shape: str) -> str: ...
 
+    @abstractmethod
     def colour_words(self, colour: str) -> tuple[str, ...]:
         """Every form of the colour word (for tests that check the caption names the drawn colour)."""
-        raise NotImplementedError
+        ...
 
 
 class English(Grammar):

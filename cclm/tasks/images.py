@@ -13,7 +13,7 @@ from PIL import Image
 
 
 class MissingImageError(FileNotFoundError):
-    pass
+    """An annotation names an image file that is not under its configured image root."""
 
 
 @dataclass(frozen=True, order=True)
