@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-
-from tqdm import tqdm
 
 from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import ShardSink
@@ -136,20 +133,13 @@ class SplitWriter:
         return f"wrote {'; '.join(parts)}\nlanguages: {dict(sorted(langs.items()))}\nskipped: {skipped}"
 
 
-def imap(
-    fn: Callable, items: Iterable, num_workers: int, total: int | None, show: bool, desc: str
-) -> Iterator:
-    """Ordered map over ``items`` in ``num_workers`` processes (inline for 0), with a progress bar."""
-    bar = tqdm(total=total, desc=desc, unit="sample", disable=not show, file=sys.stderr)
-    try:
-        if num_workers <= 0:
-            for item in items:
-                yield fn(item)
-                bar.update()
-        else:
-            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-                for result in pool.imap(fn, items, chunksize=16):
-                    yield result
-                    bar.update()
-    finally:
-        bar.close()
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not JSON is an error naming file:line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None

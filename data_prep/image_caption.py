@@ -28,7 +28,8 @@ from cclm.data.shards import (
     read_sizes,
     safe_key,
 )
-from data_prep.common import SplitWriter, add_output_options, content_hash, imap, require_file
+from cclm.data.workers import ordered_map
+from data_prep.common import SplitWriter, add_output_options, content_hash, read_jsonl, require_file
 
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
@@ -88,8 +89,8 @@ def _add_caption(
 
 def _write_all(items: list, writer: SplitWriter, args, desc: str) -> int:
     prepare = functools.partial(_prepare, max_side=args.max_side, quality=args.jpeg_quality)
-    for key, jpeg, captions, reason in imap(
-        prepare, items, args.num_workers, len(items), not args.no_progress, desc
+    for key, jpeg, captions, reason in ordered_map(
+        prepare, items, args.num_workers, len(items), not args.no_progress, desc, unit="sample"
     ):
         if reason:
             writer.skip(reason)
@@ -115,19 +116,12 @@ def read_table(path: Path, fmt: str, default_lang: str) -> list[tuple[str, str, 
         if not fmt:
             raise ValueError(f"cannot tell the format of {path}; pass --format jsonl|tsv|csv")
     rows = []
+    if fmt == "jsonl":
+        return [
+            (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
+            for _, obj in read_jsonl(path)
+        ]
     with open(path, encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-                rows.append(
-                    (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
-                )
-            return rows
         reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
         table = [r for r in reader if r]
     if not table:

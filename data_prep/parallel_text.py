@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import VIEW_PARALLEL
-from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
+from data_prep.common import SplitWriter, add_output_options, content_hash, read_jsonl, require_file
 
 
 def _language(code: str | None, what: str) -> str:
@@ -43,20 +43,13 @@ def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str) -> Iterator[
 
 
 def jsonl_pairs(path: Path, src_lang: str | None, tgt_lang: str | None) -> Iterator[tuple]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            yield (
-                obj.get("source_text"),
-                obj.get("target_text"),
-                obj.get("source_lang") or src_lang,
-                obj.get("target_lang") or tgt_lang,
-            )
+    for _, obj in read_jsonl(path):
+        yield (
+            obj.get("source_text"),
+            obj.get("target_text"),
+            obj.get("source_lang") or src_lang,
+            obj.get("target_lang") or tgt_lang,
+        )
 
 
 def write_pairs(pairs: Iterator[tuple], args, desc: str) -> int:

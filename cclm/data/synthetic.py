@@ -23,17 +23,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
+from cclm.data.workers import ordered_map
 from cclm.data.world_grammar import COLOURS, COUNTS, POSITIONS, RELATIONS, SHAPES, SIZES, grammar
 
 RGB = {
@@ -208,19 +206,9 @@ def _render_all(
 ) -> Iterator[bytes]:
     """JPEG bytes of ``scenes`` in order, drawn in ``num_workers`` processes, with an optional progress bar."""
     tasks = [(scene, size) for scene in scenes]
-    bar = tqdm(total=len(tasks), desc=desc, unit="image", disable=not progress, file=sys.stderr)
-    try:
-        if num_workers <= 0:
-            for task in tasks:
-                yield _render_jpeg(task)
-                bar.update()
-        else:
-            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-                for data in pool.imap(_render_jpeg, tasks, chunksize=64):
-                    yield data
-                    bar.update()
-    finally:
-        bar.close()
+    return ordered_map(
+        _render_jpeg, tasks, num_workers, len(tasks), progress, desc, unit="image", chunksize=64
+    )
 
 
 def _check_languages(langs, what: str) -> list[str]:

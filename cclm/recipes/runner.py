@@ -3,7 +3,7 @@
 engine, checkpoints and logging as pretraining. Only parameters with ``requires_grad`` are optimised.
 
 Per stage, under ``<output_dir>/<stage>/``: ``metrics.jsonl`` + TensorBoard logs, and checkpoints every
-``train.save_every`` steps and at the end (``checkpoints/step_XXXXXXXX``, as pretraining writes them).
+``train.save_every`` steps and at the end (``checkpoints/step_<8-digit step>``, as pretraining writes them).
 """
 
 from __future__ import annotations

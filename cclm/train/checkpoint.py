@@ -1,4 +1,4 @@
-"""Checkpoints: ``<output_dir>/checkpoints/step_XXXXXXXX/`` holds
+"""Checkpoints: ``<output_dir>/checkpoints/step_<8-digit step>/`` holds
 
 * the DeepSpeed engine state (model, optimizer, scheduler; ZeRO partitions per rank),
 * ``rank<R>_state.json`` per rank: the data-stream state and the Python/NumPy/torch RNG states,

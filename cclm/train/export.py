@@ -50,7 +50,9 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cclm export", description=__doc__)
-    parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_XXXXXXXX) or output_dir")
+    parser.add_argument(
+        "checkpoint", help="checkpoint folder (…/checkpoints/step_<8-digit step>) or output_dir"
+    )
     parser.add_argument("out", help="destination folder")
     args = parser.parse_args(argv[1:])
     try:
