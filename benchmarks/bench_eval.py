@@ -41,14 +41,16 @@ LANGUAGES = ("en", "de", "fr", "es", "ja")
 
 def build_inputs(n_images: int, image_size: int, seed: int = 0):
     """Synthetic-world scenes: uint8 images and 5 captions per image (one per language); a tokenizer."""
-    from cclm.data.synthetic import _unique_scenes, render
+    from cclm.data.images import load_image
     from cclm.data.tokenize import train_tokenizer
-    from cclm.evaluation.datasets import RetrievalSet, load_image_tensor
+    from cclm.evaluation.datasets import RetrievalSet
+    from data_prep.world.build import _unique_scenes
+    from data_prep.world.scenes import render
 
     scenes = _unique_scenes(random.Random(seed), n_images, set())
     entries = [
         (
-            load_image_tensor(render(scene, image_size), image_size),
+            load_image(render(scene, image_size), image_size),
             f"s{i}",
             [scene.caption(x) for x in LANGUAGES],
         )
@@ -67,7 +69,7 @@ def per_query_reference(model, rset, tokenizer, k: int, batch_size: int, itc_wei
     queries whose gold item is outside the top-k matches)."""
     import functools
 
-    from cclm.evaluation.datasets import load_image_tensor
+    from cclm.data.images import load_image
     from cclm.evaluation.retrieval import embed_gallery, itm_metrics, tokenize_texts
 
     image_size = int(model.cfg.vision.image_size)
@@ -76,7 +78,7 @@ def per_query_reference(model, rset, tokenizer, k: int, batch_size: int, itc_wei
         model,
         rset.images,
         token_ids,
-        functools.partial(load_image_tensor, image_size=image_size),
+        functools.partial(load_image, size=image_size),
         tokenizer.pad_token_id,
         batch_size,
         "cpu",
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
 
-    from cclm.config import EvalConfig, ModelConfig, load_config
+    from cclm.config import ModelConfig, load_config
     from cclm.evaluation.run import run_retrieval
     from cclm.model import CrossViewModel
 
@@ -123,22 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg.text.encoder["vocab_size"] = len(tokenizer)
     torch.manual_seed(0)
     model = CrossViewModel(cfg).eval()
-    eval_cfg = load_config(
-        EvalConfig,
-        None,
-        [f"k_test={args.k}", f"batch_size={args.batch_size}", f"rerank_batch_size={args.rerank_batch_size}"],
-    )
+    settings = {"k_test": args.k, "batch_size": args.batch_size, "rerank_batch_size": args.rerank_batch_size}
     print(f"{len(rset.images)} images x {len(rset.texts)} captions, k={args.k}, {args.threads} thread(s)")
 
     start = time.perf_counter()
-    ours = run_retrieval(model, rset, tokenizer, eval_cfg, image_size)
+    ours = run_retrieval(model, rset, tokenizer, image_size, **settings)
     two_stage_s = time.perf_counter() - start
     print(f"two-stage: {two_stage_s:.1f} s")
 
     rescore_all_s, rescore_all_equal = None, None
     if not args.skip_rescore_all:
         start = time.perf_counter()
-        everything = run_retrieval(model, rset, tokenizer, eval_cfg, image_size, rescore_all=True)
+        everything = run_retrieval(model, rset, tokenizer, image_size, rescore_all=True, **settings)
         rescore_all_s = time.perf_counter() - start
         rescore_all_equal = everything.metrics == ours.metrics
         print(f"two-stage, rescore all: {rescore_all_s:.1f} s")

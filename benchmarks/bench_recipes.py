@@ -2,7 +2,7 @@
 pretraining with that language (see ``make bench-recipes``).
 
 * English base model (not counted in MLA's cost: MLA starts from an existing CLIP): the demo config's tiny
-  open_clip CLIP fitted on the world's English captions (``cclm.recipes.clip.fit_clip``).
+  open_clip CLIP fitted on the world's English captions (``tests/english_clip.fit_clip``).
 * MLA: ``cclm.recipes.mla_run.run_mla`` with ``configs/recipes/mla_demo.yaml`` -- stage 1 on en-de parallel text,
   stage 2 on German captions; only the multilingual embedding and the acquirers train.
 * CCLM: ``cclm.train.loop.Trainer`` with ``configs/pretrain/demo.yaml`` (the tiny cross-view model from scratch)
@@ -50,8 +50,8 @@ def r1(metrics: dict) -> float:
 
 
 def build_world(root: Path, images: int) -> Path:
-    from cclm.data.synthetic import build_world as build
     from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.build import build_world as build
 
     world = root / "world"
     build(
@@ -76,7 +76,8 @@ def english_clip(world: Path, root: Path, steps: int) -> tuple[Path, dict]:
     from cclm.config import DataConfig, MLARecipeConfig, load_config
     from cclm.data.pipeline import PretrainData
     from cclm.data.tokenize import load_tokenizer
-    from cclm.recipes.clip import build_clip, build_clip_tokenizer, fit_clip, text_tower
+    from cclm.recipes.clip import build_clip, build_clip_tokenizer, text_tower
+    from tests.english_clip import fit_clip
 
     cfg = load_config(
         MLARecipeConfig, REPO / "configs/recipes/mla_demo.yaml", [f"world={world}", "clip.pretrained=null"]
@@ -137,7 +138,7 @@ def run_cclm_bench(world: Path, root: Path, steps: int) -> dict:
     from cclm.config import EvalConfig, PretrainConfig, load_config
     from cclm.evaluation.datasets import load_heldout_sets
     from cclm.evaluation.run import evaluate_retrieval
-    from cclm.train.loop import Trainer
+    from cclm.train.pretrain import Pretraining
 
     cfg = load_config(
         PretrainConfig,
@@ -155,7 +156,7 @@ def run_cclm_bench(world: Path, root: Path, steps: int) -> dict:
     )
     torch.manual_seed(0)
     with Cost() as cost:
-        trainer = Trainer(cfg)
+        trainer = Pretraining(cfg)
         trainer.run()
     model = trainer.model.eval()
     sets = load_heldout_sets({"world": str(world / "heldout")}, ["en", "de"])["world"]

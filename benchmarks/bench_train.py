@@ -211,7 +211,7 @@ def bench_objectives(steps: int) -> dict:
 
 # --------------------------------------------------------------------------------------- 3. ZeRO memory
 def bench_zero_memory(stages=(0, 1, 2, 3)) -> dict:
-    from cclm.train.launch import free_port
+    from cclm.runtime.env import free_port
 
     out = {}
     for stage in stages:
@@ -245,8 +245,10 @@ def bench_gpu_base(steps: int) -> dict | None:
     from cclm.config import PretrainConfig, from_dict
     from cclm.model import CrossViewModel
     from cclm.model.vision import resolve_open_clip_vision_cfg
-    from cclm.train.engine import build_engine, init_distributed
-    from cclm.train.flops import peak_flops, train_flops_per_sample
+    from cclm.runtime.engine import build_engine
+    from cclm.runtime.env import init_distributed
+    from cclm.runtime.flops import peak_flops
+    from cclm.train.flops import train_flops_per_sample
 
     info = init_distributed()
     vision, _ = resolve_open_clip_vision_cfg("ViT-B-16")
@@ -265,11 +267,18 @@ def bench_gpu_base(steps: int) -> dict | None:
     cfg = from_dict(
         PretrainConfig, {"train": {"max_steps": steps}, "deepspeed": {"zero_stage": 2, "precision": "bf16"}}
     )
-    cfg.model = mcfg
     model = CrossViewModel(mcfg, load_pretrained=False)
     per_sample = {v: train_flops_per_sample(model, v, LENGTH, 224) for v in ("image", "text")}
     size = 64
-    engine, _, _ = build_engine(model, cfg, size, info.world_size)
+    engine, *_ = build_engine(
+        model,
+        env=info,
+        optimizer_cfg=cfg.train.optimizer,
+        scheduler_cfg=cfg.train.scheduler,
+        deepspeed_cfg=cfg.deepspeed,
+        micro_batch=size,
+        max_steps=cfg.train.max_steps,
+    )
     batches = {
         v: {k: t.to(info.device) if torch.is_tensor(t) else t for k, t in batch(v, 250002, 224, size).items()}
         for v in ("image", "text")

@@ -64,7 +64,8 @@ def main() -> int:
 
     from cclm.config import PretrainConfig, from_dict
     from cclm.model import CrossViewModel
-    from cclm.train.engine import build_engine, init_distributed
+    from cclm.runtime.engine import build_engine
+    from cclm.runtime.env import init_distributed
 
     info = init_distributed()
     torch.manual_seed(0)
@@ -73,11 +74,18 @@ def main() -> int:
         PretrainConfig,
         {"deepspeed": {"zero_stage": args.stage, "precision": args.precision}, "train": {"max_steps": 10}},
     )
-    cfg.model = mcfg
     model = CrossViewModel(mcfg, load_pretrained=False)
     n_params = sum(p.numel() for p in model.parameters())
     size = 8
-    engine, _, _ = build_engine(model, cfg, size, info.world_size)
+    engine, *_ = build_engine(
+        model,
+        env=info,
+        optimizer_cfg=cfg.train.optimizer,
+        scheduler_cfg=cfg.train.scheduler,
+        deepspeed_cfg=cfg.deepspeed,
+        micro_batch=size,
+        max_steps=cfg.train.max_steps,
+    )
     for step in range(3):
         view = "image" if step % 2 == 0 else "text"
         loss = engine(batch(view, TEXT["vocab_size"], VISION["image_size"], size), view)["loss"]

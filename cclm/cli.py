@@ -1,5 +1,6 @@
 """``cclm`` command line: a thin dispatcher. Each command lives in the module that implements it and exposes
-``main(argv: list[str]) -> int``; modules are imported only when their command runs, so ``cclm --help`` is fast.
+``main(argv: list[str]) -> int`` (or the function named after a colon); modules are imported only when their
+command runs, so ``cclm --help`` is fast.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("cclm.train.cli", "pretrain the cross-view model with DeepSpeed"),
     "export": ("cclm.train.export", "consolidate a DeepSpeed checkpoint into a save_pretrained folder"),
     "plot": ("cclm.train.plot", "render training curves of an output_dir to PNG"),
-    "evaluate": ("cclm.evaluation.cli", "evaluate a model (retrieval, IGLUE tasks)"),
+    "evaluate": ("cclm.cli:evaluate", "evaluate a model (retrieval benchmarks, IGLUE tasks)"),
     "finetune": ("cclm.tasks.cli", "fine-tune on an IGLUE task or easy-vqa"),
     "iglue": ("cclm.tasks.iglue_cli", "IGLUE utilities (inspect annotation files, check images)"),
     "recipe": ("cclm.recipes.cli", "cheap language extension recipes (mla, cvil)"),
@@ -31,6 +32,29 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+EVALUATE_FORMS = (
+    "The first form scores zero-shot retrieval on a benchmark (docs/evaluation.md), the second a fine-tuned IGLUE or\n"
+    "easy-VQA task model (docs/iglue.md)."
+)
+
+
+def evaluate(argv: list[str]) -> int:
+    """``cclm evaluate`` is two commands: ``retrieval`` benchmarks (:mod:`cclm.evaluation.cli`) and fine-tuning
+    configs (:mod:`cclm.tasks.cli`). Routing here keeps evaluation independent of the tasks."""
+    args = argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        from cclm.evaluation.cli import USAGE as RETRIEVAL_USAGE
+        from cclm.tasks.cli import USAGE_EVALUATE as TASK_USAGE
+
+        print(f"{RETRIEVAL_USAGE}\n\n{TASK_USAGE}\n\n{EVALUATE_FORMS}")
+        return 0
+    if args[0] == "retrieval":
+        from cclm.evaluation.cli import main
+    else:
+        from cclm.tasks.cli import evaluate_main as main
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -40,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"cclm: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main([command, *rest]) or 0)
+    module_name, _, function = COMMANDS[command][0].partition(":")
+    run = getattr(importlib.import_module(module_name), function or "main")
+    return int(run([command, *rest]) or 0)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,110 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_root() -> Path:
+    """The shipped configs: ``$CCLM_CONFIG_DIR``, else the source checkout's ``configs/``, else the copy an
+    installed package puts under ``<prefix>/share/cclm/configs`` (setup.cfg ``data_files``)."""
+    candidates = [
+        Path(os.environ["CCLM_CONFIG_DIR"]) if os.environ.get("CCLM_CONFIG_DIR") else None,
+        Path(__file__).resolve().parent.parent / "configs",
+        Path(sys.prefix) / "share" / "cclm" / "configs",
+    ]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "model").is_dir():
+            return candidate
+    return candidates[1]
+
+
+CONFIG_ROOT = _config_root()
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
+
+
+# ------------------------------------------------------------------------------------------------ modes
+# Every mode string is an Enum: OmegaConf checks it when the config is loaded (a typo fails naming the key and
+# the allowed values). The str mix-in keeps comparisons with plain strings and JSON dumps working.
+class Mode(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(Mode):
+    auto = "auto"  # bf16 on a GPU that supports it, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class AttnImplementation(Mode):
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+# "global" is a Python keyword, hence the functional form.
+Negatives = Mode("Negatives", {"local": "local", "global": "global"})
+Negatives.__doc__ = "Where ITM/TTM hard negatives come from: this rank's batch or every rank's."
+
+
+class ViewSchedule(Mode):
+    alternate = "alternate"  # one optimizer step per view (CCLM)
+    sum = "sum"  # both views summed in one step (X2-VLM)
+
+
+class OptimizerName(Mode):
+    adamw = "adamw"
+
+
+class ScheduleName(Mode):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Protocol(Mode):
+    zero_shot = "zero_shot"
+    few_shot = "few_shot"
+    translate_test = "translate_test"
+
+
+class TaskName(Mode):
+    xvnli = "xvnli"
+    xgqa = "xgqa"
+    marvl = "marvl"
+    nlvr2 = "nlvr2"
+    xflickrco = "xflickrco"
+    flickr30k = "flickr30k"
+    wit = "wit"
+    easy_vqa = "easy_vqa"
+
+
+class StudentPart(Mode):
+    text = "text"
+    fusion = "fusion"
+    head = "head"
+
+
+class RetrievalFormat(Mode):
+    lines = "lines"
+    json = "json"
+    id_tsv = "id_tsv"
+    xm3600 = "xm3600"
+    demo_world = "demo_world"
+    python = "python"  # a reader of your own: ``loader: MODULE:FUNCTION``
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -66,7 +158,7 @@ class ObjectiveConfig:
     gather_features: bool = True
     local_loss: bool = False
     # Hard negatives for ITM/TTM drawn from this rank's batch ("local") or from all ranks ("global").
-    itm_negatives: str = "local"
+    itm_negatives: Negatives = Negatives("local")
     temp_min: float = 0.001
     temp_max: float = 0.5
 
@@ -77,8 +169,8 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 256
     temp: float = 0.07
-    # "sdpa" or "eager" for the HF text/fusion layers.
-    attn_implementation: str = "sdpa"
+    # The HF text/fusion layers' attention implementation.
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
@@ -124,7 +216,7 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------------------- train
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -135,8 +227,9 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant
+    name: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0: this fraction of the run warms up
     min_lr_ratio: float = 0.0
 
 
@@ -151,7 +244,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     # "alternate": one optimizer step per view (CCLM); "sum": both views summed in one step (X2-VLM).
-    view_schedule: str = "alternate"
+    view_schedule: ViewSchedule = ViewSchedule.alternate
     activation_checkpointing: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -161,7 +254,7 @@ class TrainConfig:
 class DeepSpeedConfig:
     # None = take it from `config_file`, else ZeRO stage 0 / fp32.
     zero_stage: int | None = None
-    precision: str | None = None  # fp32 | bf16 | fp16
+    precision: Precision | None = None  # auto = bf16 on a GPU with bf16, fp32 elsewhere
     offload_optimizer: bool = False
     offload_params: bool = False
     # Raw DeepSpeed JSON file merged under the generated config (keys above win).
@@ -178,7 +271,7 @@ class EvalConfig:
     datasets: dict[str, str] = field(default_factory=dict)
     rerank_batch_size: int = 256  # (image, caption) pairs per ITM forward, pooled across queries
     num_workers: int = 0  # image-loading workers
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Precision = Precision.auto  # auto: bf16 autocast on GPU, fp32 on CPU
     periodic_rerank: bool = False  # periodic evaluation during pretraining: ITC only unless True (slower)
     languages: list[str] = field(
         default_factory=list
@@ -194,6 +287,41 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "output"
     resume: str | None = None  # None, "auto", or a checkpoint folder
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+@dataclass
+class RetrievalDataConfig:
+    """A retrieval benchmark's files (read by :mod:`cclm.evaluation.datasets`)."""
+
+    format: RetrievalFormat = MISSING
+    root: str = MISSING  # folder of the annotation files; relative file names below resolve against it
+    image_root: str | None = None  # folder of the images (default: root)
+    languages: list[str] = field(default_factory=list)  # empty = every language the files provide
+    images_file: str | None = None  # lines: one image path (relative to image_root) per line
+    captions: dict[str, list[str]] = field(default_factory=dict)  # lines / json / id_tsv: lang -> file(s)
+    split_file: str | None = None  # id_tsv: image ids of the split, one per line (default: every id)
+    image_template: str = "{id}.jpg"  # id_tsv: image path from its id; {coco_split} = train2014/val2014
+    folds: int = 1  # report the mean over this many consecutive image folds (MSCOCO 1k: 5)
+    max_images: int = 0  # > 0: first N images only (smoke runs; never for reported numbers)
+    loader: str | None = None  # format python: MODULE:FUNCTION, called as FUNCTION(data_cfg, lang)
+    options: dict[str, Any] = field(default_factory=dict)  # extra arguments of a python loader
+
+
+@dataclass
+class RetrievalRunConfig:
+    """``cclm evaluate retrieval``: one benchmark, one model."""
+
+    name: str = "retrieval"  # names the results files
+    checkpoint: str = MISSING  # model folder (CrossViewModel.save_pretrained)
+    tokenizer: str | None = None  # default: the checkpoint folder
+    languages: list[str] = field(default_factory=list)  # shortcut for data.languages
+    english_name: str = "en"  # excluded from the "mean (non-English)" row
+    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    image_size: int = 0  # 0 = the model's training resolution
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "results/retrieval"
 
 
 # ------------------------------------------------------------------------------------------------- finetune
@@ -226,9 +354,11 @@ class FinetuneTrainConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
+    log_every: int = 10
+    save_every: int = 0  # > 0: a checkpoint every N steps (resume=auto continues from the newest)
+    keep_last: int = 2
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU) | fp32 | bf16
+    device: str = "auto"  # auto (this process's GPU, else CPU) | cpu | cuda | cuda:N
     num_workers: int = 0
     time_limit_minutes: float = 0.0  # > 0 stops training after this much wall time
     threads: int = 0  # torch CPU threads (0 = torch default); small models on a busy CPU run best with 1
@@ -242,17 +372,20 @@ class FinetuneEvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: str = MISSING  # xvnli | xgqa | marvl | xflickrco | wit | easy_vqa
-    protocol: str = "zero_shot"  # zero_shot | few_shot | translate_test
+    task: TaskName = MISSING
+    protocol: Protocol = Protocol.zero_shot
     pretrained: str | None = None  # cclm model folder to fine-tune from (zero-shot); None = random tiny init
     checkpoint: str | None = None  # fine-tuned task model folder (few-shot start, evaluation)
     model: str | None = None  # model config yaml for a random init when `pretrained` is None
     tokenizer: str | None = None  # random init only: tokenizer folder; None = train one on the training texts
     model_overrides: list[str] = field(default_factory=list)  # random init only: key=value on the model yaml
     output_dir: str = "output/finetune"
+    resume: str | None = None  # "auto": continue from the newest checkpoint of output_dir (train.save_every)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    # ZeRO stage and precision of training (precision also sets evaluation's autocast).
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # -------------------------------------------------------------------------------------------------- recipes
@@ -330,7 +463,7 @@ class MLARecipeConfig:
 
 @dataclass
 class CViLDataConfig:
-    task: str = "xvnli"  # a classification task of cclm.tasks (xvnli, xgqa, marvl, easy_vqa)
+    task: TaskName = TaskName.xvnli  # a classification task (xvnli, xgqa, marvl, easy_vqa)
     train: str = MISSING  # the English training file the teacher was fine-tuned on (distillation inputs)
     # language -> the same training file translated (aligned with `train` by example id): parallel sentences
     parallel: dict[str, str] = field(default_factory=dict)
@@ -348,7 +481,9 @@ class CViLDistillConfig:
     epochs: int = 10  # passes over the parallel sentences (learning rate: train.optimizer.lr)
     batch_size: int = 32
     # Student parts that train; the vision side is always the teacher's, frozen.
-    trainable: list[str] = field(default_factory=lambda: ["text", "fusion", "head"])
+    trainable: list[StudentPart] = field(
+        default_factory=lambda: [StudentPart.text, StudentPart.fusion, StudentPart.head]
+    )
 
 
 @dataclass
@@ -391,8 +526,34 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return ConfigError(f"unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
+        enum = _enum_of(schema, str(key))
+        if enum is not None:  # a mode string: name the mode, the value and the choices
+            parts = str(key).split(".")
+            what = parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+            value = getattr(err, "value", None) if hasattr(err, "value") else None
+            shown = f" '{value}'" if value is not None else ""
+            choices = ", ".join(m.value for m in enum)
+            return ConfigError(f"config key '{key}': unknown {what}{shown}, expected one of: {choices}")
         return ConfigError(f"invalid value for config key '{key}': {err.msg}")
     return ConfigError(f"config error at '{key}': {err}")
+
+
+def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
+    """The Enum type of a dotted key of a dataclass schema (None when the key is not a mode)."""
+    import typing
+
+    node = schema
+    for part in dotted.split("."):
+        if not is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node if isinstance(node, type) else type(node))
+        if part not in hints:
+            return None
+        node = hints[part]
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if args and not (isinstance(node, type)):
+            node = args[0]  # Optional[X] / X | None
+    return node if isinstance(node, type) and issubclass(node, Enum) else None
 
 
 def _resolve_default(group: str, name: str, base_dir: Path) -> Path:

@@ -42,8 +42,8 @@ def _shard_pattern(folder: Path) -> str:
 
 
 def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
-    from cclm.data.synthetic import build_world as build
     from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.build import build_world as build
 
     world = out / "world"
     if (world / "world.json").exists() and (world / "tokenizer" / "tokenizer.json").exists():

@@ -13,11 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from cclm.runtime.env import dist_info
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

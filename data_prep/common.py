@@ -1,5 +1,5 @@
-"""What every converter shares: output options, the deterministic train/val split, de-duplication, the progress
-bar, parallel workers, and the closing summary."""
+"""What every converter shares: output options, the deterministic train/val split, de-duplication, skip counts
+and the closing summary. (Worker processes with a progress bar: :mod:`data_prep.workers`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from cclm.data.languages import language_allowed, normalize_language
@@ -131,15 +130,3 @@ class SplitWriter:
             langs.update(m["languages"])
         skipped = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items())) or "none"
         return f"wrote {'; '.join(parts)}\nlanguages: {dict(sorted(langs.items()))}\nskipped: {skipped}"
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not JSON is an error naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None

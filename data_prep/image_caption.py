@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -28,8 +29,9 @@ from cclm.data.shards import (
     read_sizes,
     safe_key,
 )
-from cclm.data.workers import ordered_map
-from data_prep.common import SplitWriter, add_output_options, content_hash, read_jsonl, require_file
+from cclm.jsonl import read_jsonl
+from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
+from data_prep.workers import ordered_map
 
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
@@ -85,6 +87,17 @@ def _add_caption(
         reasons.append("empty_caption")
     else:
         captions.setdefault(code, []).append(text.strip())
+
+
+def _captions(value, default_lang: str, writer: SplitWriter) -> tuple[dict[str, list[str]], list[str]]:
+    """Captions from ``{lang: text | [texts]}``, ``[texts]`` or ``text`` (in ``default_lang``), and the reasons
+    any of them were dropped."""
+    captions: dict[str, list[str]] = {}
+    reasons: list[str] = []
+    for lang, texts in (value if isinstance(value, dict) else {default_lang: value}).items():
+        for text in (texts or [None]) if isinstance(texts, list) else [texts]:
+            _add_caption(captions, lang, text, writer, reasons)
+    return captions, reasons
 
 
 def _write_all(items: list, writer: SplitWriter, args, desc: str) -> int:
@@ -171,49 +184,58 @@ def run_table(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- cclm jsonl
-def run_cclm_jsonl(args) -> int:
-    path = require_file(args.input)
-    root = Path(args.image_root) if args.image_root else None
-    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
-    items = []
+def _cclm_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a CCLM-style dump. Unlike the tables read with :func:`cclm.jsonl.read_jsonl`
+    (where a malformed line stops the run, naming it), a malformed line here is one bad record in a large scraped
+    file: it is counted as ``bad_json`` and skipped, like a bad image."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                yield number, record
+            else:
                 writer.skip("bad_json")
-                continue
-            caption = obj.get("caption", obj.get("captions"))
-            lang = obj.get("lang") or args.lang
-            captions: dict[str, list[str]] = {}
-            reasons: list[str] = []
-            if isinstance(caption, dict):
-                for code, texts in caption.items():
-                    for text in [texts] if isinstance(texts, str) else list(texts or [None]):
-                        _add_caption(captions, code, text, writer, reasons)
-            else:
-                for text in [caption] if not isinstance(caption, list) else caption or [None]:
-                    _add_caption(captions, lang, text, writer, reasons)
-            if not captions:
-                writer.skip(reasons[0] if reasons else "no_caption")
-                continue
-            if isinstance(obj.get("binary"), str):
-                try:
-                    source = base64.b64decode(obj["binary"], validate=True)
-                except (binascii.Error, ValueError):
-                    writer.skip("bad_image")
-                    continue
-                name = str(obj.get("image_id", obj.get("id", f"line{number:09d}")))
-            elif isinstance(obj.get("image"), str):
-                image = Path(obj["image"])
-                full = image if image.is_absolute() or root is None else root / image
-                source, name = str(full), str(obj.get("image_id", image.with_suffix("")))
-            else:
-                writer.skip("missing_image")
-                continue
-            items.append((safe_key(f"{number:09d}_{name}")[:120], source, captions))
+
+
+def _cclm_item(number: int, obj: dict, root: Path | None, default_lang: str, writer: SplitWriter):
+    """(key, image bytes or path, captions) of one CCLM-style record, or None after counting why it is skipped."""
+    captions, reasons = _captions(
+        obj.get("caption", obj.get("captions")), obj.get("lang") or default_lang, writer
+    )
+    if not captions:
+        writer.skip(reasons[0] if reasons else "no_caption")
+        return None
+    if isinstance(obj.get("binary"), str):
+        try:
+            source = base64.b64decode(obj["binary"], validate=True)
+        except (binascii.Error, ValueError):
+            writer.skip("bad_image")
+            return None
+        name = str(obj.get("image_id", obj.get("id", f"line{number:09d}")))
+    elif isinstance(obj.get("image"), str):
+        image = Path(obj["image"])
+        full = image if image.is_absolute() or root is None else root / image
+        source, name = str(full), str(obj.get("image_id", image.with_suffix("")))
+    else:
+        writer.skip("missing_image")
+        return None
+    return safe_key(f"{number:09d}_{name}")[:120], source, captions
+
+
+def run_cclm_jsonl(args) -> int:
+    path = require_file(args.input)
+    root = Path(args.image_root) if args.image_root else None
+    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
+    items = [
+        item
+        for number, obj in _cclm_records(path, writer)
+        if (item := _cclm_item(number, obj, root, args.lang, writer)) is not None
+    ]
     if not items and not writer.skipped:
         raise ValueError(f"{path} has no rows")
     return _write_all(items, writer, args, "cclm-jsonl")
@@ -234,21 +256,16 @@ def run_rekey(args) -> int:
             if jpeg is None:
                 writer.skip("missing_image")
                 continue
-            captions: dict[str, list[str]] = {}
-            reasons: list[str] = []
-            meta = {}
-            if "json" in sample:
-                try:
-                    meta = json.loads(sample["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    meta = {}
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}  # a broken json member still leaves the txt caption
             if isinstance(meta.get("captions"), dict):
-                for code, texts in meta["captions"].items():
-                    for text in [texts] if isinstance(texts, str) else list(texts or [None]):
-                        _add_caption(captions, code, text, writer, reasons)
+                value = meta["captions"]
             else:
-                text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
-                _add_caption(captions, meta.get("lang") or args.lang, text, writer, reasons)
+                value = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
+            captions, reasons = _captions(value, meta.get("lang") or args.lang, writer)
             if not captions:
                 writer.skip(reasons[0] if reasons else "no_caption")
                 continue

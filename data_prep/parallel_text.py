@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import VIEW_PARALLEL
-from data_prep.common import SplitWriter, add_output_options, content_hash, read_jsonl, require_file
+from cclm.jsonl import read_jsonl
+from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
 
 
 def _language(code: str | None, what: str) -> str:

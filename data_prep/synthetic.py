@@ -1,11 +1,12 @@
-"""``cclm prep synthetic``: the embedded world (see :mod:`cclm.data.synthetic`)."""
+"""``cclm prep synthetic``: the embedded world (see :mod:`data_prep.world`)."""
 
 from __future__ import annotations
 
 import json
 import shlex
 
-from cclm.data.synthetic import ALL_LANGUAGES, build_world
+from data_prep.world.build import build_world
+from data_prep.world.scenes import ALL_LANGUAGES
 
 
 def _langs(text: str) -> list[str]:

@@ -11,8 +11,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from cclm.data.synthetic import ALL_LANGUAGES, RGB, Scene, build_world, render, sample_scene
-from cclm.data.world_grammar import COLOURS, grammar
+from data_prep.world.build import build_world
+from data_prep.world.grammar import COLOURS, grammar
+from data_prep.world.scenes import ALL_LANGUAGES, RGB, Scene, render, sample_scene
 
 
 def test_captions_name_the_drawn_colour_in_every_language():
@@ -118,7 +119,7 @@ def test_heldout_sets_are_disjoint_from_training_and_well_formed(world):
 
 
 def test_entailment_hypotheses_are_true_and_contradictions_false():
-    from cclm.data.synthetic import hypotheses
+    from data_prep.world.scenes import hypotheses
 
     rng = random.Random(1)
     for _ in range(100):

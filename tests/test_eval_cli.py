@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cclm.cli import main as cclm_main
 from cclm.config import EvalConfig, ModelConfig, load_config
 from cclm.evaluation import cli
 from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
@@ -30,7 +33,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A small synthetic world (the data helper's generator): its held-out sets in en and de."""
-    from cclm.data.synthetic import build_world
+    from data_prep.world.build import build_world
 
     out = tmp_path_factory.mktemp("world") / "world"
     build_world(
@@ -48,13 +51,13 @@ def world(tmp_path_factory) -> Path:
 
 def train_on_world(model: CrossViewModel, tokenizer, steps: int, batch_size: int = 24, seed: int = 0) -> None:
     """Plain AdamW on the model's own losses over freshly drawn synthetic-world scenes (English captions)."""
-    from cclm.data.synthetic import render, sample_scene
-    from cclm.evaluation.datasets import load_image_tensor
+    from cclm.data.images import load_image
+    from data_prep.world.scenes import render, sample_scene
 
     rng = random.Random(seed)
     scenes = [sample_scene(rng) for _ in range(1000)]
     captions = [scene.caption("en") for scene in scenes]
-    images = torch.stack([load_image_tensor(render(scene, 32), 32) for scene in scenes])
+    images = torch.stack([load_image(render(scene, 32), 32) for scene in scenes])
     enc = tokenizer(captions, padding=True, truncation=True, max_length=32, return_tensors="pt")
     group_of = {caption: g for g, caption in enumerate(dict.fromkeys(captions))}
     groups = torch.tensor([group_of[c] for c in captions])
@@ -78,8 +81,8 @@ def train_on_world(model: CrossViewModel, tokenizer, steps: int, batch_size: int
 
 @pytest.fixture(scope="module")
 def world_tokenizer(tmp_path_factory):
-    from cclm.data.synthetic import sample_scene
     from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.scenes import sample_scene
 
     rng = random.Random(5)
     corpus = [sample_scene(rng).caption(lang) for _ in range(400) for lang in ("en", "de")]
@@ -179,8 +182,23 @@ def test_other_configs_are_delegated_to_the_finetune_evaluator(monkeypatch):
 
     seen = []
     monkeypatch.setattr(cclm.tasks.cli, "evaluate_main", lambda argv: seen.append(argv) or 0)
-    assert cli.main(["evaluate", "configs/finetune/xvnli.yaml", "checkpoint=some/dir"]) == 0
+    assert cclm_main(["evaluate", "configs/finetune/xvnli.yaml", "checkpoint=some/dir"]) == 0
     assert seen == [["evaluate", "configs/finetune/xvnli.yaml", "checkpoint=some/dir"]]
+
+
+def test_evaluate_help_names_both_kinds_and_evaluation_does_not_import_the_tasks(capsys):
+    assert cclm_main(["evaluate", "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "cclm evaluate retrieval CONFIG" in usage and "configs/finetune/<task>.yaml" in usage
+    assert cclm_main(["evaluate", "retrieval", "--help"]) == 0
+    assert "configs/eval/" in capsys.readouterr().out
+    assert cclm_main(["evaluate", "retrieval"]) == 2
+    assert "a config file is needed" in capsys.readouterr().err
+    code = (
+        "import sys, cclm.evaluation.cli; print(sorted(m for m in sys.modules if m.startswith('cclm.tasks')))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
 
 
 def test_periodic_evaluation_during_pretraining(world, world_tokenizer):

@@ -9,17 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cclm.config import load_config
-from cclm.evaluation.cli import RetrievalRunConfig
+from cclm.config import RetrievalRunConfig, load_config
+from cclm.data.images import load_image
 from cclm.evaluation.datasets import (
     RetrievalDataConfig,
     RetrievalSet,
     available_languages,
     load_heldout_sets,
-    load_image_tensor,
     load_retrieval_set,
-    write_results,
 )
+from cclm.evaluation.results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +158,8 @@ def test_demo_world_heldout_folders(tmp_path):
 
 def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     cfg = data_cfg(
-        format="xflickrco",
+        format="python",
+        loader="cclm.tasks.retrieval:load_xflickrco",
         root=str(iglue_dir / "xFlickrCO" / "annotations"),
         captions={"de": ["de/test.jsonl"]},
         options={"image_roots": {"flickr30k": "/f", "coco": "/c"}},
@@ -180,7 +180,8 @@ def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     )
     assert len(set(rset.image_ids)) == len(rset.images)
     wit = data_cfg(
-        format="wit",
+        format="python",
+        loader="cclm.tasks.retrieval:load_wit",
         root=str(iglue_dir / "wit" / "annotations"),
         captions={"ja": ["test_ja.jsonl"]},
         options={"image_roots": {"wit": "/w"}},
@@ -189,8 +190,8 @@ def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     assert len(wit_set.texts) == 1000 and all(len(t) == 1 for t in wit_set.img2txt)
 
 
-def test_load_image_tensor_and_bad_images(tmp_path):
-    image = load_image_tensor(write_image(tmp_path / "a.png", size=(50, 20)), 16)
+def test_load_image_and_bad_images(tmp_path):
+    image = load_image(write_image(tmp_path / "a.png", size=(50, 20)), 16)
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert image[0].float().mean() == pytest.approx(200, abs=2) and image[1].float().mean() == pytest.approx(
         30, abs=2
@@ -199,14 +200,14 @@ def test_load_image_tensor_and_bad_images(tmp_path):
     wide = Image.new("RGB", (800, 200), (200, 30, 30))
     wide.paste((20, 20, 220), (600, 0, 800, 200))
     wide.save(tmp_path / "wide.jpg", quality=95)
-    squashed = load_image_tensor(tmp_path / "wide.jpg", 16)
+    squashed = load_image(tmp_path / "wide.jpg", 16)
     assert squashed.shape == (3, 16, 16)
     assert squashed[2, :, -1].float().mean() > 180 and squashed[0, :, 0].float().mean() > 180
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
-        load_image_tensor(tmp_path / "broken.jpg", 16)
+        load_image(tmp_path / "broken.jpg", 16)
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
-        load_image_tensor(tmp_path / "missing.jpg", 16)
+        load_image(tmp_path / "missing.jpg", 16)
 
 
 def test_retrieval_set_checks_folds_and_results(tmp_path):
@@ -223,6 +224,8 @@ def test_retrieval_set_checks_folds_and_results(tmp_path):
         RetrievalSet("bad", "en", ["a.jpg", "b.jpg"], ["x"], [0], [[0], []])
     with pytest.raises(ValueError, match="txt2img is not"):
         RetrievalSet("bad", "en", ["a.jpg", "b.jpg"], ["x", "y"], [0, 0], [[0], [1]])
-    json_path, csv_path = write_results({"en": {"txt_r1": 12.5, "r_mean": 40.0}}, tmp_path / "out", "toy")
+    write_results(tmp_path / "out", "toy", {"en": {"txt_r1": 12.5, "r_mean": 40.0}})
+    json_path, csv_path = tmp_path / "out" / "toy.json", tmp_path / "out" / "toy.csv"
     assert json.loads(json_path.read_text()) == {"en": {"txt_r1": 12.5, "r_mean": 40.0}}
     assert csv_path.read_text().splitlines() == ["language,txt_r1,r_mean", "en,12.50,40.00"]
+    assert "| en | 12.50 | 40.00 |" in (tmp_path / "out" / "toy.md").read_text()

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from cclm.cli import main as cclm_main
+from cclm.data.images import load_image
 from cclm.tasks import get_task
 from cclm.tasks.annotations import AnnotationError
-from cclm.tasks.images import ImageRef, MissingImageError, load_image, require_images
+from cclm.tasks.images import ImageRef, MissingImageError, require_images
 
 REPO = Path(__file__).resolve().parent.parent
 XVNLI_RECORD = {

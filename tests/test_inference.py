@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import cclm
-from cclm.data.synthetic import RADIUS, Item, Scene, render
 from cclm.data.transforms import EvalTransform
-from cclm.data.world_grammar import COLOURS
 from cclm.inference.api import CCLM, eval_transform
 from cclm.model import CrossViewModel
+from data_prep.world.grammar import COLOURS
+from data_prep.world.scenes import RADIUS, Item, Scene, render
 
 WORLD_SHAPES = ("circle", "square", "triangle", "star", "square", "circle")
 
@@ -109,6 +109,40 @@ def test_match_is_the_itm_probability_of_the_fused_pair(tiny_model_dir):
     torch.testing.assert_close(engine.match(images[:1], texts), engine.match([images[0]] * 2, texts))
     with pytest.raises(ValueError, match="as many images as texts"):
         engine.match(images, texts + ["x"])
+
+
+def per_query_rerank(engine, queries, gallery, k: int, rerank_k: int):
+    """The re-ranking the API did before it pooled pairs across queries: each query's top ``rerank_k`` by ITC,
+    scored with :meth:`CCLM.match` one query at a time and sorted by that probability."""
+    text_queries = isinstance(queries[0], str)
+    encode_queries, encode_gallery = (
+        (engine.encode_texts, engine.encode_images)
+        if text_queries
+        else (engine.encode_images, engine.encode_texts)
+    )
+    similarity = encode_queries(queries) @ encode_gallery(gallery).t()
+    candidates = similarity.topk(max(k, min(rerank_k, len(gallery))), dim=1).indices
+    scores, indices = [], []
+    for query, row in zip(queries, candidates):
+        items = [gallery[int(i)] for i in row]
+        probs = engine.match(items, [query]) if text_queries else engine.match([query], items)
+        order = probs.argsort(descending=True)[:k]
+        scores.append(probs[order])
+        indices.append(row[order])
+    return torch.stack(scores), torch.stack(indices)
+
+
+def test_batched_rerank_equals_the_per_query_algorithm(tiny_model_dir):
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    rng = random.Random(0)
+    items = world()
+    images = [shape_image(scene, rng) for scene, *_ in items]
+    texts = [en for _, en, _ in items] + [de for _, _, de in items]
+    for queries, gallery in ((texts, images), (images[:4], texts)):
+        got = engine.retrieve(queries, gallery, k=3, rerank=True, rerank_k=5, batch_size=4)
+        scores, indices = per_query_rerank(engine, queries, gallery, k=3, rerank_k=5)
+        assert torch.equal(got.indices, indices)
+        torch.testing.assert_close(got.scores, scores)
 
 
 def test_bf16_inference_stays_close_to_fp32(tiny_model_dir):

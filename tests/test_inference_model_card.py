@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from cclm.config import PretrainConfig, StreamConfig, load_config, to_dict
-from cclm.inference.model_card import MARKER, write_model_card
 from cclm.model import CrossViewModel
+from cclm.model.card import MARKER, write_model_card
 
 
 def test_card_describes_the_architecture(tmp_path, tiny_model_cfg):

@@ -401,3 +401,35 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
         == 2
     )
     assert "unknown or missing language" in capsys.readouterr().err
+
+
+def test_a_malformed_jsonl_line_stops_a_table_but_is_a_counted_skip_in_a_cclm_dump(
+    tmp_path, image_folder, capsys
+):
+    # Tables and parallel jsonl: the project-wide reader's policy, an error naming file:line.
+    (tmp_path / "p.jsonl").write_text('{"source_text": "one", "target_text": "eins"}\n{"source_text": \n')
+    assert prep("parallel-jsonl", "--input", tmp_path / "p.jsonl", "--out", tmp_path / "p") == 2
+    assert f"{tmp_path / 'p.jsonl'}:2: malformed JSON" in capsys.readouterr().err
+    (tmp_path / "t.jsonl").write_text('{"image": "sub/im1.jpg", "caption": "one"}\n["not", "an", "object"]\n')
+    assert (
+        prep(
+            "image-caption",
+            "--input",
+            tmp_path / "t.jsonl",
+            "--image-root",
+            image_folder,
+            "--out",
+            tmp_path / "t",
+        )
+        == 2
+    )
+    assert f"{tmp_path / 't.jsonl'}:2: expected a JSON object" in capsys.readouterr().err
+    # A CCLM-style dump (often scraped, with base64 images): one broken record is skipped and counted.
+    lines = ['{"image": "sub/im1.jpg", "caption": "one"}', '{"image": "sub/im2.jp', "[1, 2]", ""]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "c"
+    assert (
+        prep("cclm-jsonl", "--input", tmp_path / "c.jsonl", "--image-root", image_folder, "--out", out) == 0
+    )
+    assert sizes_total(out) == 1
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"bad_json": 2}

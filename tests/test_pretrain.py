@@ -22,8 +22,8 @@ CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from cclm.data.synthetic import build_world
     from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.build import build_world
 
     root = tmp_path_factory.mktemp("world")
     build_world(root / "w", num_images=96, image_size=32, heldout_images=16, xvnli_images=10, seed=3)
@@ -169,7 +169,7 @@ def test_exact_resume_after_sigkill(world, tmp_path):
 
 
 def test_incomplete_checkpoint_is_never_latest(tmp_path):
-    from cclm.train import checkpoint
+    from cclm.runtime import checkpoint
 
     root = checkpoint.checkpoint_root(tmp_path)
     for step, complete in ((4, True), (8, True), (12, False)):

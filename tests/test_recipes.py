@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from cclm.config import ConfigError, CViLRecipeConfig, DataConfig, MLARecipeConfig, load_config
 from cclm.recipes import cli
-from cclm.recipes.clip import build_clip, build_clip_tokenizer, fit_clip, text_tower
+from cclm.recipes.clip import build_clip, build_clip_tokenizer, text_tower
 from cclm.recipes.cvil import Distiller, build_student, distillation_losses, load_teacher, run_cvil
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import run_mla
+
+from .english_clip import fit_clip
 
 REPO = Path(__file__).resolve().parent.parent
 MLA_YAML = REPO / "configs" / "recipes" / "mla_demo.yaml"
@@ -34,8 +36,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from cclm.data.synthetic import build_world
     from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.build import build_world
 
     out = tmp_path_factory.mktemp("recipe_world") / "world"
     build_world(
@@ -283,7 +285,7 @@ def test_cvil_student_learns_the_task_in_german_by_distillation(world, teacher, 
 
 def test_cvil_bad_inputs(world, teacher, tmp_path):
     from cclm.model.cross_view import CrossViewModel
-    from cclm.tasks.heads import TaskModel
+    from cclm.tasks.task_model import TaskModel
 
     with pytest.raises(ConfigError, match=r"no parallel data for language\(s\) \['fr'\]"):
         run_cvil(cvil_cfg(world, teacher, tmp_path / "a", "languages=[de,fr]"))

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cclm.config import EvalConfig, load_config
 from cclm.evaluation.datasets import RetrievalSet
 from cclm.evaluation.retrieval import (
     Embeddings,
@@ -24,6 +23,7 @@ from cclm.evaluation.retrieval import (
 from cclm.evaluation.run import run_retrieval
 from cclm.model import CrossViewModel
 
+SETTINGS = {"k_test": 6, "batch_size": 4, "rerank_batch_size": 9}
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "big", "left", "right", "above"]
 
 
@@ -171,8 +171,7 @@ def _two_rank_worker(rank: int, world: int, init_file: str, model_dir: str, tok_
     try:
         torch.set_num_threads(1)
         model = CrossViewModel.from_pretrained(model_dir)
-        cfg = load_config(EvalConfig, None, ["k_test=6", "batch_size=4", "rerank_batch_size=9"])
-        out = run_retrieval(model, make_set(11, seed=3), load_tokenizer(tok_dir), cfg, image_size=32)
+        out = run_retrieval(model, make_set(11, seed=3), load_tokenizer(tok_dir), 32, **SETTINGS)
         if rank == 0:
             payload = {"metrics": out.metrics, "i2t": out.i2t_ranks.tolist(), "t2i": out.t2i_ranks.tolist()}
             with open(out_file, "w") as handle:
@@ -185,9 +184,8 @@ def test_two_gloo_ranks_give_the_same_metrics_as_one(tiny_model, tiny_tokenizer,
     model_dir, tok_dir = tmp_path / "model", tmp_path / "tok"
     tiny_model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(str(tok_dir))
-    cfg = load_config(EvalConfig, None, ["k_test=6", "batch_size=4", "rerank_batch_size=9"])
     single = run_retrieval(
-        CrossViewModel.from_pretrained(model_dir), make_set(11, seed=3), tiny_tokenizer, cfg, 32
+        CrossViewModel.from_pretrained(model_dir), make_set(11, seed=3), tiny_tokenizer, 32, **SETTINGS
     )
     out_file = tmp_path / "ranks.json"
     mp.spawn(

@@ -15,12 +15,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cclm.cli import main as cclm_main
-from cclm.config import FinetuneConfig, ModelConfig, load_config
+from cclm.config import FinetuneConfig, ModelConfig, Protocol, load_config
 from cclm.model.cross_view import CrossViewModel
-from cclm.tasks import get_task, loop, protocols
+from cclm.runtime import engine, optim
+from cclm.runtime import trainer as trainer_module
+from cclm.runtime.env import init_distributed
+from cclm.runtime.schedule import lr_factor
+from cclm.runtime.sources import EpochBatches
+from cclm.tasks import finetune, get_task, protocols
 from cclm.tasks.cli import main as finetune_main
-from cclm.tasks.heads import TaskModel
 from cclm.tasks.metrics import average_non_english
+from cclm.tasks.task_model import TaskModel
 
 from .conftest import REPO
 
@@ -247,12 +252,12 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
         few_shot_train={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")},
         few_shot_dev={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_48.jsonl")},
     )
-    few.protocol, few.checkpoint, few.output_dir = "few_shot", str(checkpoint), str(tmp_path / "few")
+    few.protocol, few.checkpoint, few.output_dir = Protocol.few_shot, str(checkpoint), str(tmp_path / "few")
     few.train.lr_sweep = [1e-5, 3e-3]
     make_placeholder_images(few)
 
     first_step_weights = []
-    real_build = loop.build_optimizer
+    real_build = optim.build_optimizer
 
     def spy(model, *args, **kwargs):
         optimizer = real_build(model, *args, **kwargs)
@@ -267,7 +272,7 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
         optimizer.step = types.MethodType(step, optimizer)  # a bound method, as the LR scheduler expects
         return optimizer
 
-    monkeypatch.setattr(loop, "build_optimizer", spy)
+    monkeypatch.setattr(engine, "build_optimizer", spy)
     table = protocols.run_few_shot(few)["few_shot"]
 
     # every learning rate of the sweep started from the checkpoint's weights (not from the previous run's)
@@ -310,7 +315,15 @@ def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
         return next(scripted)
 
-    selection = loop.finetune(model, [batch], dev_score, lr=1e-3, epochs=3, device=torch.device("cpu"))
+    source = EpochBatches([batch], 1, lambda items: items[0], seed=0)
+    model, selection = finetune.finetune(
+        model,
+        source,
+        dev_score,
+        finetune.FinetuneSettings(lr=1e-3, epochs=3),
+        env=init_distributed("cpu"),
+        output_dir=tmp_path / "run",
+    )
     assert (selection.best_score, selection.best_step, selection.steps) == (80.0, 2, 3)
     assert not torch.equal(snapshots[1]["head.net.3.weight"], snapshots[2]["head.net.3.weight"])
     for key, value in model.state_dict().items():
@@ -328,16 +341,13 @@ def test_classifier_learns_real_easy_vqa_examples(pretrained_dir, tmp_path):
     data = runner.read("train")
     model, tokenizer = runner.start_model([data])
     before = runner.score(model, tokenizer, data)["accuracy"]
-    selection = loop.finetune(
+    _, selection = finetune.finetune(
         model,
-        runner.train_loader([data], model, tokenizer),
+        runner.train_batches([data], model, tokenizer),
         lambda m: runner.score(m, tokenizer, data)["accuracy"],
-        lr=2e-3,
-        epochs=60,
-        head_lr_mult=1.0,
-        warmup_ratio=0.0,
-        eval_every=10,
-        device=torch.device("cpu"),
+        finetune.FinetuneSettings(lr=2e-3, epochs=60, head_lr_mult=1.0, warmup_ratio=0.0, eval_every=10),
+        env=runner.env,
+        output_dir=tmp_path / "run",
     )
     assert selection.best_score == 100.0 > before
 
@@ -368,6 +378,69 @@ def test_random_init_trains_its_own_tokenizer_and_saves_a_complete_task_folder(t
 
 
 def test_schedule_warms_up_then_decays_to_zero_at_the_end():
-    factor = loop.warmup_linear(0.1)
-    assert [round(factor(p), 6) for p in (0.05, 0.1, 0.55, 1.0)] == [0.5, 1.0, 0.5, 0.0]
-    assert loop.warmup_linear(0.0)(0.0) == 1.0
+    def factor(step, warmup=10):  # fine-tuning's schedule: linear warm-up over 10% of 100 steps, linear decay
+        return lr_factor(step, 100, warmup, "linear")
+
+    assert [round(factor(s), 6) for s in (4, 10, 55, 100)] == [0.5, 1.0, 0.5, 0.0]
+    assert factor(0, warmup=0) == 1.0
+
+
+def test_finetuning_resumes_exactly_after_a_crash(iglue_dir, tmp_path, pretrained_dir, monkeypatch):
+    """A fine-tuning run that dies after its step-3 checkpoint and is resumed (``resume=auto``) trains steps 4-8
+    again and ends exactly where the uninterrupted run ends: same losses, same dev selection, same weights.
+    With a DataLoader worker, so the data order must not depend on the global RNG."""
+    setup = task_setups(iglue_dir)["xvnli"]
+
+    def config(out):
+        cfg = task_config(
+            "xvnli", iglue_dir, tmp_path, pretrained_dir, train=setup["train"], dev=setup["dev"]
+        )
+        cfg.output_dir = str(tmp_path / out)
+        cfg.data.max_examples = 12
+        cfg.train.max_steps, cfg.train.save_every, cfg.train.eval_every = 8, 3, 2
+        cfg.train.log_every, cfg.train.num_workers, cfg.train.lr = 1, 1, 1e-3
+        return cfg
+
+    straight = config("straight")
+    make_placeholder_images(straight)
+    protocols.run_zero_shot(straight)
+
+    real_step = trainer_module.Trainer.train_step
+    trained_steps = []
+
+    def crashing_step(self, stats):
+        if self.step == 5:
+            raise RuntimeError("injected crash after step 5")
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        protocols.run_zero_shot(config("resumed"))
+
+    def counting_step(self, stats):
+        trained_steps.append(self.step + 1)
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_step)
+    resumed = config("resumed")
+    resumed.resume = "auto"
+    protocols.run_zero_shot(resumed)
+
+    assert trained_steps == [4, 5, 6, 7, 8]  # really resumed from the step-3 checkpoint
+    expected = [
+        json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
+    got = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 9))
+    for want, have in zip(expected, got):
+        for key in ("loss", "task/ce", "dev"):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
+    history = [
+        json.loads((tmp_path / run / "train_history.json").read_text()) for run in ("straight", "resumed")
+    ]
+    assert [(h["step"], h["dev"]) for h in history[0]] == [(h["step"], h["dev"]) for h in history[1]]
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name

@@ -14,7 +14,7 @@ import torch
 from cclm.evaluation.retrieval import itm_metrics
 from cclm.tasks import get_task
 from cclm.tasks.metrics import accuracy, average_non_english
-from cclm.tasks.results import write_results
+from cclm.tasks.results import write_task_results
 from cclm.tasks.retrieval import to_retrieval_set
 
 
@@ -101,7 +101,7 @@ def test_average_excludes_english_and_results_files(tmp_path):
     ]
     assert average_non_english(rows, ["accuracy"]) == {"accuracy": 50.0}
     assert average_non_english(rows[:1], ["accuracy"]) is None
-    write_results(tmp_path, "xvnli", "zero_shot", rows, ["accuracy"], ["examples"])
+    write_task_results(tmp_path, "xvnli", "zero_shot", rows, ["accuracy"], ["examples"])
     folder = tmp_path / "results" / "xvnli"
     table = json.loads((folder / "zero_shot.json").read_text())
     assert table["average_non_english"] == {"accuracy": 50.0}

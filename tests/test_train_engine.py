@@ -6,15 +6,18 @@ import pytest
 
 from cclm.config import ConfigError, PretrainConfig, from_dict
 from cclm.model import CrossViewModel
-from cclm.train.engine import build_optimizer, build_scheduler, deepspeed_config, param_groups
-from cclm.train.schedule import lr_factor
+from cclm.runtime.engine import deepspeed_config
+from cclm.runtime.optim import build_optimizer, multipliers, param_groups
+from cclm.runtime.schedule import build_scheduler, lr_factor
 
 
 def test_no_weight_decay_for_biases_norms_and_temperature_and_lr_multiplier_for_new_parameters(
     tiny_model_cfg,
 ):
     model = CrossViewModel(tiny_model_cfg)
-    groups = param_groups(model, lr=1e-4, weight_decay=0.05, new_param_lr_mult=5.0)
+    groups = param_groups(
+        model, lr=1e-4, weight_decay=0.05, lr_mults=multipliers(model.new_parameter_names(), 5.0)
+    )
     name_of = {id(p): n for n, p in model.named_parameters()}
     new = set(model.new_parameter_names())
     seen = set()
@@ -54,8 +57,15 @@ def test_scheduler_keeps_group_multipliers(tiny_model_cfg):
             }
         },
     )
-    optimizer = build_optimizer(CrossViewModel(tiny_model_cfg), cfg.train.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    model = CrossViewModel(tiny_model_cfg)
+    opt = cfg.train.optimizer
+    optimizer = build_optimizer(
+        model,
+        lr=opt.lr,
+        weight_decay=opt.weight_decay,
+        lr_mults=multipliers(model.new_parameter_names(), opt.new_param_lr_mult),
+    )
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.max_steps)
     for _ in range(12):
         optimizer.step()
         scheduler.step()
@@ -73,7 +83,13 @@ def test_deepspeed_config_from_typed_config_and_file(tmp_path):
             "deepspeed": {"zero_stage": 3, "precision": "bf16", "offload_params": True},
         },
     )
-    ds = deepspeed_config(cfg, micro_batch_size=16, world_size=4)
+    ds = deepspeed_config(
+        cfg.deepspeed,
+        micro_batch_size=16,
+        world_size=4,
+        grad_accum=cfg.train.grad_accum,
+        grad_clip=cfg.train.grad_clip,
+    )
     assert ds["train_batch_size"] == 16 * 2 * 4 and ds["gradient_clipping"] == 0.5
     assert (
         ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -82,11 +98,15 @@ def test_deepspeed_config_from_typed_config_and_file(tmp_path):
     # a JSON file gives stage and precision when the typed config leaves them unset
     path = tmp_path / "ds.json"
     path.write_text('{"zero_optimization": {"stage": 2}, "fp16": {"enabled": true}}')
-    ds = deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"config_file": str(path)}}), 8, 1)
+    ds = deepspeed_config(
+        from_dict(PretrainConfig, {"deepspeed": {"config_file": str(path)}}).deepspeed, 8, 1
+    )
     assert ds["zero_optimization"]["stage"] == 2 and ds["fp16"]["enabled"]
     with pytest.raises(ConfigError, match="offload_params needs"):
         deepspeed_config(
-            from_dict(PretrainConfig, {"deepspeed": {"zero_stage": 2, "offload_params": True}}), 8, 1
+            from_dict(PretrainConfig, {"deepspeed": {"zero_stage": 2, "offload_params": True}}).deepspeed,
+            8,
+            1,
         )
     with pytest.raises(ConfigError, match="precision"):
-        deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}), 8, 1)
+        deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}).deepspeed, 8, 1)

@@ -2,8 +2,9 @@
 
 Train: random resized crop (area ``scale`` x aspect 3/4..4/3, as torchvision's ``RandomResizedCrop``), a
 horizontal flip that is skipped when the caption names a side ("left"/"links"/"gauche"/"左"...), optional
-RandAugment. Eval: shorter side to ``size`` + centre crop. Both return ``uint8`` HWC arrays; normalisation with
-the CLIP mean/std happens in the model (on the accelerator), so workers ship 4x fewer bytes.
+RandAugment. Eval: the whole image resized to the square input, no crop -- the pixels of
+:func:`cclm.data.images.load_image`, which evaluation, tasks and inference use. Both return ``uint8`` HWC arrays;
+normalisation with the CLIP mean/std happens in the model (on the accelerator), so workers ship 4x fewer bytes.
 
 Speed: the crop box is chosen from the image header before decoding, then a JPEG is decoded with
 ``Image.draft`` at the largest DCT reduction (1/2, 1/4, 1/8) that still leaves at least ``size`` pixels across
@@ -114,12 +115,6 @@ def whole_image(width: int, height: int) -> Box:
     return (0, 0, width, height)
 
 
-def center_box(width: int, height: int) -> Box:
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
-
-
 def decode_crop(data: bytes, size: int, choose_box) -> Image.Image:
     """Decode image bytes to an RGB ``size`` x ``size`` image of the box ``choose_box(width, height)``."""
     img = Image.open(io.BytesIO(data))
@@ -131,6 +126,11 @@ def decode_crop(data: bytes, size: int, choose_box) -> Image.Image:
             img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
             fx, fy = img.size[0] / width, img.size[1] / height
             box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    return resize_box(img, size, box)
+
+
+def resize_box(img: Image.Image, size: int, box: Box) -> Image.Image:
+    """The one resampling step of every transform: ``box`` of ``img`` to an RGB ``size`` x ``size`` image."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
@@ -167,6 +167,8 @@ class TrainTransform:
 
 
 class EvalTransform:
+    """The pipeline's evaluation transform: the bytes path of :func:`cclm.data.images.load_image`, as an array."""
+
     def __init__(self, size: int):
         self.size = size
 

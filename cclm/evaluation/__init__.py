@@ -1,6 +1,8 @@
-"""Evaluation: image-text retrieval (two-stage ITC -> ITM) on the standard multilingual benchmarks."""
+"""Evaluation: image-text retrieval (two-stage ITC -> ITM) on the standard multilingual benchmarks, and the
+per-language results tables."""
 
 from cclm.evaluation.datasets import RetrievalDataConfig, RetrievalSet, load_retrieval_set
+from cclm.evaluation.results import write_results
 from cclm.evaluation.retrieval import itm_metrics, metrics_from_ranks
 from cclm.evaluation.run import (
     evaluate_during_training,
@@ -19,4 +21,5 @@ __all__ = [
     "load_retrieval_set",
     "metrics_from_ranks",
     "run_retrieval",
+    "write_results",
 ]

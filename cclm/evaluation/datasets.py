@@ -11,31 +11,25 @@ Formats (``RetrievalDataConfig.format``):
   demo_world -- the synthetic world's held-out sets: a folder with retrieval.jsonl, one line per image
                 {"image": path relative to the folder, "image_id": str, "captions": {"<lang>": [...]}}, or a
                 folder of such folders (``heldout/<lang>/``).
-  xflickrco / wit -- IGLUE's xFlickr&CO and WIT test files, read by the IGLUE readers in ``cclm.tasks``.
-  python:MODULE:FUNCTION -- any other reader, called as FUNCTION(data_cfg, lang) -> RetrievalSet.
+  (IGLUE's xFlickr&CO and WIT test files come through ``python`` loaders of :mod:`cclm.tasks.retrieval`, see
+  configs/eval/xflickrco.yaml: evaluation never imports the tasks.)
+  python     -- any other reader, named by ``loader: MODULE:FUNCTION`` and called as FUNCTION(data_cfg, lang).
 Images are keyed on their id as a string (Flickr ids are strings, COCO ids ints: both become str keys).
 """
 
 from __future__ import annotations
 
-import csv
 import importlib
-import json
 import logging
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from omegaconf import MISSING
-from PIL import Image
+from cclm.config import RetrievalDataConfig, RetrievalFormat  # noqa: F401 - RetrievalDataConfig re-exported
+from cclm.data.images import ImageInput
+from cclm.jsonl import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
-
-ImageLike = str | Path | Image.Image
 
 
 @dataclass
@@ -46,7 +40,7 @@ class RetrievalSet:
 
     name: str
     lang: str
-    images: list[ImageLike]
+    images: list[ImageInput]
     texts: list[str]
     txt2img: list[int]
     img2txt: list[list[int]]
@@ -98,10 +92,10 @@ class RetrievalSet:
         return [self.subset(range(f * size, (f + 1) * size), f"{self.name}[fold{f}]") for f in range(n_folds)]
 
     @classmethod
-    def from_entries(cls, name: str, lang: str, entries: Iterable[tuple[ImageLike, str, Sequence[str]]]):
+    def from_entries(cls, name: str, lang: str, entries: Iterable[tuple[ImageInput, str, Sequence[str]]]):
         """Build from (image, image_id, captions) entries; entries with the same image id are merged, and images
         without any non-empty caption are skipped with a counted warning."""
-        by_key: dict[str, tuple[ImageLike, list[str]]] = {}
+        by_key: dict[str, tuple[ImageInput, list[str]]] = {}
         for image, image_id, captions in entries:
             key = str(image_id)
             if key not in by_key:
@@ -123,56 +117,7 @@ class RetrievalSet:
         return cls(name, lang, images, texts, txt2img, img2txt, ids)
 
 
-# ------------------------------------------------------------------------------------------------- images
-
-
-def load_image_tensor(image: ImageLike | torch.Tensor, image_size: int) -> torch.Tensor:
-    """A path or PIL image -> uint8 [3, S, S] tensor: RGB, the whole image resized (bicubic) to the model's square
-    input, as in the ALBEF/CCLM retrieval evaluation (no crop, so nothing a caption mentions is cut off; the model
-    normalises). Files are decoded by the data pipeline's :func:`cclm.data.transforms.decode_crop` (JPEG draft
-    decoding for large photos). An unreadable file raises an error naming it."""
-    from cclm.data.transforms import decode_crop, whole_image
-
-    if isinstance(image, torch.Tensor):
-        if (
-            image.dtype != torch.uint8
-            or image.ndim != 3
-            or tuple(image.shape[1:]) != (image_size, image_size)
-        ):
-            raise ValueError(
-                f"image tensors must be uint8 [3, {image_size}, {image_size}], got {image.dtype} {tuple(image.shape)}"
-            )
-        return image
-    if isinstance(image, Image.Image):
-        pil = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    else:
-        try:
-            pil = decode_crop(Path(image).read_bytes(), image_size, whole_image)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {image}") from None
-        except (OSError, Image.UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"cannot decode image {image}: {err}") from None
-    return torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 # ------------------------------------------------------------------------------------------------- loaders
-@dataclass
-class RetrievalDataConfig:
-    format: str = (
-        MISSING  # lines | json | id_tsv | xm3600 | demo_world | xflickrco | wit | python:MODULE:FUNCTION
-    )
-    root: str = MISSING  # folder of the annotation files; relative file names below resolve against it
-    image_root: str | None = None  # folder of the images (default: root)
-    languages: list[str] = field(default_factory=list)  # empty = every language the files provide
-    images_file: str | None = None  # lines: one image path (relative to image_root) per line
-    captions: dict[str, list[str]] = field(default_factory=dict)  # lines / json / id_tsv: lang -> file(s)
-    split_file: str | None = None  # id_tsv: image ids of the split, one per line (default: every id)
-    image_template: str = "{id}.jpg"  # id_tsv: image path from its id; {coco_split} = train2014/val2014
-    folds: int = 1  # report the mean over this many consecutive image folds (MSCOCO 1k: 5)
-    max_images: int = 0  # > 0: first N images only (smoke runs; never for reported numbers)
-    options: dict[str, Any] = field(default_factory=dict)  # extra arguments of a python: loader
-
-
 def _path(base: str | Path, name: str | Path) -> Path:
     path = Path(name)
     return path if path.is_absolute() else Path(base) / path
@@ -184,7 +129,8 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def _lang_files(cfg, lang: str) -> list[Path]:
+def caption_files(cfg, lang: str) -> list[Path]:
+    """The caption file(s) of one language of a data config, resolved against its root."""
     if lang not in cfg.captions:
         raise ValueError(f"unknown language '{lang}' for this data set; it has {sorted(cfg.captions)}")
     files = cfg.captions[lang]
@@ -198,7 +144,7 @@ def load_lines(cfg, lang: str, name: str) -> RetrievalSet:
         raise ValueError("format 'lines' needs data.images_file (one image path per line)")
     images = [line.strip() for line in _read_lines(_path(cfg.root, cfg.images_file)) if line.strip()]
     columns = []
-    for path in _lang_files(cfg, lang):
+    for path in caption_files(cfg, lang):
         lines = _read_lines(path)
         while lines and not lines[-1].strip():
             lines.pop()
@@ -214,10 +160,8 @@ def load_lines(cfg, lang: str, name: str) -> RetrievalSet:
 def load_json(cfg, lang: str, name: str) -> RetrievalSet:
     image_root = cfg.image_root or cfg.root
     entries = []
-    for path in _lang_files(cfg, lang):
-        if not path.exists():
-            raise FileNotFoundError(f"file not found: {path}")
-        items = json.loads(path.read_text(encoding="utf-8"))
+    for path in caption_files(cfg, lang):
+        items = read_json(path)
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} entries")
         for n, item in enumerate(items):
@@ -240,7 +184,7 @@ def _coco_split(image_id: str) -> str:
 def load_id_tsv(cfg, lang: str, name: str) -> RetrievalSet:
     image_root = cfg.image_root or cfg.root
     captions: dict[str, list[str]] = {}
-    for path in _lang_files(cfg, lang):
+    for path in caption_files(cfg, lang):
         for n, line in enumerate(_read_lines(path), 1):
             if not line.strip():
                 continue
@@ -271,13 +215,8 @@ def load_id_tsv(cfg, lang: str, name: str) -> RetrievalSet:
     return RetrievalSet.from_entries(name, lang, entries)
 
 
-def _jsonl(path: Path) -> Iterable[dict]:
-    for n, line in enumerate(_read_lines(path), 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+def _records(path: Path) -> list[dict]:
+    return [record for _, record in read_jsonl(path)]
 
 
 def _known_languages(records: list[dict], key: str | None) -> set[str]:
@@ -287,12 +226,20 @@ def _known_languages(records: list[dict], key: str | None) -> set[str]:
     return langs
 
 
-def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
-    path = _path(
+def _xm3600_file(cfg) -> Path:
+    return _path(
         cfg.root, cfg.captions.get("all", ["captions.jsonl"])[0] if cfg.captions else "captions.jsonl"
     )
-    records = list(_jsonl(path))
-    langs = _known_languages(records, None) - {"image/key"}
+
+
+def _xm3600_languages(records: list[dict]) -> set[str]:
+    return _known_languages(records, None) - {"image/key"}
+
+
+def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
+    path = _xm3600_file(cfg)
+    records = _records(path)
+    langs = _xm3600_languages(records)
     if lang not in langs:
         raise ValueError(f"unknown language '{lang}' for XM3600 ({path} has {sorted(langs)})")
     image_root = cfg.image_root or _path(cfg.root, "images")
@@ -319,7 +266,7 @@ def demo_world_files(root: str | Path) -> list[Path]:
 def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
     found = []
     for path in demo_world_files(cfg.root):
-        records = list(_jsonl(path))
+        records = _records(path)
         if lang in _known_languages(records, "captions"):
             found.append((path, records))
     if not found:
@@ -333,38 +280,12 @@ def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
     return RetrievalSet.from_entries(name, lang, entries)
 
 
-def _load_iglue(reader_module: str):
-    """xFlickr&CO / WIT through the IGLUE readers of :mod:`cclm.tasks`; ``captions: {lang: [file]}`` names the
-    IGLUE test files and ``options.image_roots`` the image folders (keys flickr30k, coco, wit). Images are keyed
-    on their annotation path (``img_path`` / image URL), never on the ambiguous numeric id; an image that the
-    reader lists several times (WIT: each line is its own gallery entry) stays several entries."""
-
-    def load(cfg, lang: str, name: str) -> RetrievalSet:
-        reader = importlib.import_module(reader_module)
-        roots = dict(cfg.options.get("image_roots", {}))
-        entries = []
-        for path in _lang_files(cfg, lang):
-            data = reader.read(path)
-            captions: list[list[str]] = [[] for _ in data.images]
-            for text, image in zip(data.texts, data.text_image):
-                captions[image].append(text)
-            repeated = {ref for ref, n in Counter(data.images).items() if n > 1}  # WIT: one entry per line
-            for i, (ref, caps) in enumerate(zip(data.images, captions)):
-                key = f"{ref.root}:{ref.path}" + (f"#{path.name}:{i}" if ref in repeated else "")
-                entries.append((ref.resolve(roots), key, caps))
-        return RetrievalSet.from_entries(name, lang, entries)
-
-    return load
-
-
 LOADERS = {
     "lines": load_lines,
     "json": load_json,
     "id_tsv": load_id_tsv,
     "xm3600": load_xm3600,
     "demo_world": load_demo_world,
-    "xflickrco": _load_iglue("cclm.tasks.xflickrco"),
-    "wit": _load_iglue("cclm.tasks.wit"),
 }
 
 
@@ -375,13 +296,10 @@ def available_languages(cfg) -> list[str]:
     if cfg.format == "demo_world":
         langs: set[str] = set()
         for path in demo_world_files(cfg.root):
-            langs |= _known_languages(list(_jsonl(path)), "captions")
+            langs |= _known_languages(_records(path), "captions")
         return sorted(langs)
     if cfg.format == "xm3600":
-        path = _path(
-            cfg.root, cfg.captions.get("all", ["captions.jsonl"])[0] if cfg.captions else "captions.jsonl"
-        )
-        return sorted(_known_languages(list(_jsonl(path)), None) - {"image/key"})
+        return sorted(_xm3600_languages(_records(_xm3600_file(cfg))))
     if cfg.captions:
         return list(cfg.captions)
     raise ValueError(f"data config of format '{cfg.format}' names no languages; set data.languages")
@@ -389,9 +307,11 @@ def available_languages(cfg) -> list[str]:
 
 def load_retrieval_set(cfg, lang: str, name: str = "retrieval") -> RetrievalSet:
     """The test set of one language described by a :class:`RetrievalDataConfig`."""
-    fmt = cfg.format
-    if fmt.startswith("python:"):
-        module_name, _, fn_name = fmt[len("python:") :].partition(":")
+    fmt = RetrievalFormat(cfg.format)
+    if fmt == RetrievalFormat.python:
+        module_name, _, fn_name = (cfg.loader or "").partition(":")
+        if not module_name or not fn_name:
+            raise ValueError("format 'python' needs data.loader: MODULE:FUNCTION")
         loader = getattr(importlib.import_module(module_name), fn_name)
         result = loader(cfg, lang)
     elif fmt in LOADERS:
@@ -417,18 +337,3 @@ def load_heldout_sets(
         cfg = RetrievalDataConfig(format="demo_world", root=str(folder), languages=list(languages))
         out[name] = [load_retrieval_set(cfg, lang, name) for lang in available_languages(cfg)]
     return out
-
-
-def write_results(rows: dict[str, dict[str, float]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """Write ``{name}.json`` and ``{name}.csv`` (one row per language) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    json_path.write_text(json.dumps(rows, indent=2))
-    keys = list(next(iter(rows.values())).keys()) if rows else []
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["language", *keys])
-        for lang, metrics in rows.items():
-            writer.writerow([lang, *(f"{metrics[k]:.2f}" for k in keys)])
-    return json_path, csv_path

@@ -22,7 +22,6 @@ every rank returns the same metrics as a single process would.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -32,6 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from cclm.config import Precision
+from cclm.runtime.env import autocast, compute_dtype, dist_info
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ METRIC_KEYS = (
     "img_medr",
     "img_meanr",
 )
+MATCH = 1  # index of the "match" class of the ITM head
 # Upper bound on the elements of one block of the similarity matrix (64 MiB of fp32).
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 
@@ -192,27 +195,6 @@ class Embeddings:
         return self.text_masks.sum(dim=1)
 
 
-def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """bf16 on GPU ("auto") or when asked ("bf16"); fp32 otherwise."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"eval precision must be auto, bf16 or fp32, got '{precision}'")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_context(device: torch.device, precision: str = "auto"):
-    """bf16 autocast when :func:`uses_bf16`, plain fp32 otherwise."""
-    if uses_bf16(device, precision):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def shard_range(n: int, rank: int, world: int) -> range:
     """The contiguous slice of ``n`` rows that ``rank`` handles (ceil-sized chunks, in rank order)."""
     chunk = math.ceil(n / world) if n else 0
@@ -246,7 +228,7 @@ def embed_images(
     device,
     keep_tokens: bool,
     num_workers: int = 0,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
 ):
     """Embed ``images`` (anything ``load_image`` turns into a uint8 [3,H,W] tensor) in batches.
 
@@ -256,13 +238,13 @@ def embed_images(
         _MappedList(images, load_image), batch_size=batch_size, num_workers=num_workers, shuffle=False
     )
     tokens, feats = [], []
-    token_dtype = torch.bfloat16 if uses_bf16(device, precision) else None  # halves the ITM stage's memory
-    with autocast_context(device, precision):
+    token_dtype = compute_dtype(device, precision)  # bf16 halves the ITM stage's memory
+    with autocast(device, precision):
         for batch in loader:
             tok, feat = model.encode_image(batch.to(device, non_blocking=True))
             feats.append(feat.float())  # fp32 similarities: bf16 would create ties in the top-k
             if keep_tokens:
-                tokens.append(tok.to(token_dtype or tok.dtype))
+                tokens.append(tok.to(token_dtype))
     return (torch.cat(tokens) if tokens else None), (torch.cat(feats) if feats else None)
 
 
@@ -293,7 +275,7 @@ def embed_texts(
     device,
     keep_tokens: bool,
     width: int | None = None,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
 ):
     """Embed pre-tokenised texts in batches of similar length (each padded only to its own longest text).
 
@@ -305,8 +287,8 @@ def embed_texts(
     width = int(width or (lengths.max().item() if n else 1))
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     tokens = masks = feats = None
-    token_dtype = torch.bfloat16 if uses_bf16(device, precision) else None
-    with autocast_context(device, precision):
+    token_dtype = compute_dtype(device, precision)
+    with autocast(device, precision):
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             longest = int(lengths[idx].max())
@@ -320,7 +302,7 @@ def embed_texts(
             if feats is None:
                 feats = feat.new_zeros((n, feat.shape[1]), dtype=torch.float32)
                 if keep_tokens:
-                    tokens = tok.new_zeros((n, width, tok.shape[2]), dtype=token_dtype or tok.dtype)
+                    tokens = tok.new_zeros((n, width, tok.shape[2]), dtype=token_dtype)
                     masks = torch.zeros((n, width), dtype=torch.long, device=device)
             where = torch.tensor(idx, device=device)
             feats[where] = feat.float()
@@ -338,9 +320,11 @@ def itm_scores(
     image_idx: torch.Tensor,
     text_idx: torch.Tensor,
     batch_size: int,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
+    probability: bool = False,
 ) -> torch.Tensor:
-    """ITM match logits (index 1 of the head) of the pairs (image_idx[j], text_idx[j]), batched.
+    """ITM match scores of the pairs (image_idx[j], text_idx[j]), batched: the match logit (index 1 of the head,
+    as ALBEF/CCLM rank), or with ``probability`` the match probability (softmax of the two logits, index 1).
 
     Pairs are sorted by caption length so that each batch is padded only to its own longest caption."""
     if emb.image_tokens is None or emb.text_tokens is None:
@@ -351,7 +335,7 @@ def itm_scores(
     order = torch.argsort(lengths, descending=True, stable=True)
     out = torch.empty(len(order), dtype=torch.float32, device=device)
     memory_mask = torch.ones((batch_size, emb.image_tokens.shape[1]), dtype=torch.long, device=device)
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         for start in range(0, len(order), batch_size):
             sel = order[start : start + batch_size]
             txt, img = text_idx[sel], image_idx[sel]
@@ -362,7 +346,8 @@ def itm_scores(
                 emb.image_tokens[img],
                 memory_mask[: len(sel)],
             )
-            out[sel] = model.itm_logits(fused)[:, 1].float()
+            logits = model.itm_logits(fused).float()
+            out[sel] = (logits.softmax(dim=-1) if probability else logits)[:, MATCH]
     return out
 
 
@@ -383,7 +368,7 @@ def rerank(
     text_queries: torch.Tensor,
     batch_size: int,
     itc_weight: float = 0.0,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
     rescore_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score the top-k lists with ITM (+ ``itc_weight`` x ITC); returns new [n_queries, k] scores per direction.
@@ -435,7 +420,7 @@ def two_stage_ranks(
     rerank_batch_size: int = 256,
     do_rerank: bool = True,
     itc_weight: float = 0.0,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     rescore_all: bool = False,
 ) -> RetrievalOutput:
@@ -474,7 +459,7 @@ def embed_gallery(
     device,
     keep_tokens: bool,
     num_workers: int = 0,
-    precision: str = "auto",
+    precision: str | Precision = Precision.auto,
 ) -> Embeddings:
     """Embed all images and (pre-tokenised) captions; on several ranks each embeds its slice and all get all."""
     rank, world = dist_info()

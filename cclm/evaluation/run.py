@@ -1,16 +1,18 @@
 """Evaluate a model on retrieval sets: the one code path used by ``cclm evaluate retrieval``, by periodic
-evaluation during pretraining, and by the demo."""
+evaluation during pretraining, by the IGLUE retrieval tasks and by the demo."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets, load_image_tensor
+from cclm.config import EvalConfig, Precision
+from cclm.data.images import load_image
+from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets
+from cclm.evaluation.results import mean_over_languages
 from cclm.evaluation.retrieval import RetrievalOutput, embed_gallery, tokenize_texts, two_stage_ranks
 
 logger = logging.getLogger(__name__)
@@ -20,21 +22,26 @@ def run_retrieval(
     model,
     retrieval_set: RetrievalSet,
     tokenizer,
-    eval_cfg,
     image_size: int,
+    *,
+    k_test: int = EvalConfig.k_test,
+    batch_size: int = EvalConfig.batch_size,
+    rerank: bool = EvalConfig.rerank,
+    rerank_batch_size: int = EvalConfig.rerank_batch_size,
+    itc_weight: float = EvalConfig.itc_weight_in_rerank,
+    precision: str | Precision = EvalConfig.precision,
+    num_workers: int = EvalConfig.num_workers,
     device=None,
-    rerank: bool | None = None,
     rescore_all: bool = False,
 ) -> RetrievalOutput:
-    """Two-stage (or ITC-only) retrieval on one set; returns metrics and per-query ranks.
+    """Two-stage (or, with ``rerank=False``, ITC-only) retrieval on one set; returns metrics and per-query ranks.
 
-    ``eval_cfg`` is an :class:`cclm.config.EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``;
-    ``rescore_all`` re-scores every top-k pair, even of queries whose rank ITM cannot change (same metrics).
-    The model is put in eval mode for the call and its previous mode restored."""
+    The settings are those of :class:`cclm.config.EvalConfig` (same names and defaults; ``itc_weight`` is its
+    ``itc_weight_in_rerank``). ``rescore_all`` re-scores every top-k pair, even of queries whose rank ITM cannot
+    change (same metrics). Images are loaded by :func:`cclm.data.images.load_image`. The model is put in eval
+    mode for the call and its previous mode restored."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    do_rerank = eval_cfg.rerank if rerank is None else rerank
-    max_length = int(model.cfg.text.max_length)
-    token_ids = tokenize_texts(tokenizer, retrieval_set.texts, max_length)
+    token_ids = tokenize_texts(tokenizer, retrieval_set.texts, int(model.cfg.text.max_length))
     was_training = model.training
     model.eval()
     try:
@@ -42,28 +49,41 @@ def run_retrieval(
             model,
             retrieval_set.images,
             token_ids,
-            functools.partial(load_image_tensor, image_size=image_size),
+            functools.partial(load_image, size=image_size),
             tokenizer.pad_token_id,
-            eval_cfg.batch_size,
+            batch_size,
             device,
-            keep_tokens=do_rerank,
-            num_workers=eval_cfg.num_workers,
-            precision=eval_cfg.precision,
+            keep_tokens=rerank,
+            num_workers=num_workers,
+            precision=precision,
         )
         return two_stage_ranks(
             model,
             emb,
             retrieval_set.txt2img,
             retrieval_set.img2txt,
-            eval_cfg.k_test,
-            rerank_batch_size=eval_cfg.rerank_batch_size,
-            do_rerank=do_rerank,
-            itc_weight=eval_cfg.itc_weight_in_rerank,
-            precision=eval_cfg.precision,
+            k_test,
+            rerank_batch_size=rerank_batch_size,
+            do_rerank=rerank,
+            itc_weight=itc_weight,
+            precision=precision,
             rescore_all=rescore_all,
         )
     finally:
         model.train(was_training)
+
+
+def settings(eval_cfg, rerank: bool | None = None) -> dict[str, Any]:
+    """The keyword settings of :func:`run_retrieval` from an :class:`EvalConfig` (``rerank`` overrides its own)."""
+    return {
+        "k_test": eval_cfg.k_test,
+        "batch_size": eval_cfg.batch_size,
+        "rerank": eval_cfg.rerank if rerank is None else rerank,
+        "rerank_batch_size": eval_cfg.rerank_batch_size,
+        "itc_weight": eval_cfg.itc_weight_in_rerank,
+        "precision": eval_cfg.precision,
+        "num_workers": eval_cfg.num_workers,
+    }
 
 
 def evaluate_retrieval(
@@ -75,8 +95,11 @@ def evaluate_retrieval(
     device=None,
     rerank: bool | None = None,
 ) -> dict[str, float]:
-    """Metrics (``txt_r1 ... r_mean``, median/mean ranks) of ``model`` on one retrieval set."""
-    return run_retrieval(model, retrieval_set, tokenizer, eval_cfg, image_size, device, rerank).metrics
+    """Metrics (``txt_r1 ... r_mean``, median/mean ranks) of ``model`` on one retrieval set with the settings of
+    an :class:`EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``."""
+    return run_retrieval(
+        model, retrieval_set, tokenizer, image_size, device=device, **settings(eval_cfg, rerank)
+    ).metrics
 
 
 def evaluate_folds(
@@ -111,13 +134,6 @@ def evaluate_during_training(
             )
         out.update(flatten_metrics({name: rows}))
     return out
-
-
-def mean_over_languages(rows: dict[str, dict[str, float]], exclude: Sequence[str] = ()) -> dict[str, float]:
-    kept = [m for lang, m in rows.items() if lang not in exclude]
-    if not kept:
-        return {}
-    return {key: sum(m[key] for m in kept) / len(kept) for key in kept[0]}
 
 
 def flatten_metrics(results: dict[str, dict[str, dict[str, float]]], prefix: str = "eval") -> dict[str, Any]:

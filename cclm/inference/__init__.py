@@ -1,5 +1,5 @@
-"""Using a trained model: the inference API (:func:`load`), image-folder search (``cclm index`` / ``cclm search``),
-import of the official CCLM checkpoints (``cclm convert-reference``) and model cards."""
+"""Using a trained model: the inference API (:func:`load`), image-folder search (``cclm index`` / ``cclm search``)
+and import of the official CCLM checkpoints (``cclm convert-reference``)."""
 
 from cclm.inference.api import CCLM, Retrieved, eval_transform, load
 

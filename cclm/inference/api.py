@@ -14,9 +14,9 @@ support the weights are cast to bf16 (``dtype="auto"``), and results always come
 
 from __future__ import annotations
 
+import functools
 import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -25,11 +25,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cclm.data.transforms import EvalTransform, to_array
+from cclm.config import Precision
+from cclm.data.images import UnreadableImage, load_image  # noqa: F401 - UnreadableImage re-exported
+from cclm.evaluation.retrieval import MATCH, Embeddings, embed_images, embed_texts, itm_scores, tokenize_texts
 from cclm.model import CrossViewModel
+from cclm.runtime.env import compute_dtype, resolve_device
 
-ImageLike = Union[str, os.PathLike, Image.Image]
-MATCH = 1  # index of the "match" class of the ITM head
+ImageLike = Union[str, os.PathLike, bytes, Image.Image]
+PRECISION_OF_DTYPE = {
+    torch.float32: Precision.fp32,
+    torch.bfloat16: Precision.bf16,
+    torch.float16: Precision.fp16,
+}
 
 
 class Retrieved(NamedTuple):
@@ -40,87 +47,10 @@ class Retrieved(NamedTuple):
     indices: torch.Tensor
 
 
-# ------------------------------------------------------------------------------------------------ images
-class UnreadableImage(ValueError):
-    """A file that is not a decodable image (not an image at all, truncated, corrupt, a decompression bomb)."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot decode image {path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def _reason(err: BaseException) -> str:
-    return re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
-
-
-class ImageLoader:
-    """Path or PIL image -> uint8 [3, size, size]: the evaluation transform of the data pipeline (the whole image
-    resized to the square input, see :class:`cclm.data.transforms.EvalTransform`), so inference sees exactly the pixels
-    that evaluation sees. Files are decoded completely here: an unreadable, truncated or corrupt file raises
-    ``UnreadableImage`` (a ``ValueError``) naming it (a missing file raises ``FileNotFoundError``). Normalisation happens in the model."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.from_bytes = EvalTransform(size)
-
-    def __call__(self, item: ImageLike) -> torch.Tensor:
-        if isinstance(item, Image.Image):
-            image = item.convert("RGB")
-            array = to_array(image.resize((self.size, self.size), Image.Resampling.BICUBIC, reducing_gap=3.0))
-        else:
-            path = Path(item)
-            data = path.read_bytes()
-            try:
-                array = self.from_bytes(data)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                raise UnreadableImage(path, _reason(err)) from err
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def eval_transform(image_size: int) -> ImageLoader:
-    return ImageLoader(image_size)
-
-
-def open_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image, fully decoded (``UnreadableImage`` for a bad file)."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    path = Path(item)
-    if not path.exists():
-        raise FileNotFoundError(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImage(path, _reason(err)) from err
-
-
-# ------------------------------------------------------------------------------------------------- model
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"``: bf16 on a GPU that supports it, else float32 (bf16 matmuls are slow on most CPUs)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    names = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if dtype not in names:
-        raise ValueError(f"unknown dtype '{dtype}', expected auto or one of {sorted(names)}")
-    return names[dtype]
+def eval_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
+    """Path, bytes or PIL image -> uint8 [3, size, size]: the project's one image loader
+    (:func:`cclm.data.images.load_image`), so inference sees exactly the pixels evaluation sees."""
+    return functools.partial(load_image, size=image_size)
 
 
 def load_model_tokenizer(path: str | os.PathLike) -> tuple[CrossViewModel, Any]:
@@ -156,25 +86,31 @@ class CCLM:
     dtype: torch.dtype
 
     def __post_init__(self):
+        if self.dtype not in PRECISION_OF_DTYPE:
+            raise ValueError(f"dtype must be one of {list(PRECISION_OF_DTYPE)}, got {self.dtype}")
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
         self.image_size = int(self.model.cfg.vision.image_size)
         self.max_length = int(self.model.cfg.text.max_length)
         self.transform = eval_transform(self.image_size)
+        self.precision = PRECISION_OF_DTYPE[self.dtype]
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype = "auto",
+        dtype: str | Precision | torch.dtype = Precision.auto,
     ) -> CCLM:
+        """``device``: None or ``auto`` = the GPU when there is one; ``dtype``: a :class:`~cclm.config.Precision`
+        (``auto`` = bf16 on a GPU that supports it, else fp32) or a torch dtype."""
         model, tokenizer = load_model_tokenizer(path)
         device = resolve_device(device)
-        return cls(model, tokenizer, device, resolve_dtype(dtype, device))
+        dtype = dtype if isinstance(dtype, torch.dtype) else compute_dtype(device, dtype)
+        return cls(model, tokenizer, device, dtype)
 
     # ------------------------------------------------------------------------------------------ inputs
     def image_tensor(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """uint8 [B, 3, S, S] on the model's device, through the evaluation transform."""
+        """uint8 [B, 3, S, S] on the model's device, through the one image loader."""
         return torch.stack([self.transform(item) for item in images]).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,15 +206,16 @@ class CCLM:
     ) -> Retrieved:
         """Top-``k`` gallery items for each query by cosine similarity of the ITC features.
 
-        Text queries (``str``) search an image gallery; image queries (PIL images or ``pathlib.Path``: a ``str``
-        query is always text) search a text gallery. ``gallery`` may be the items
+        Text queries (``str``) search an image gallery; image queries (PIL images, ``pathlib.Path`` or bytes: a
+        ``str`` query is always text) search a text gallery. ``gallery`` may be the items
         themselves or their features from :meth:`encode_images` / :meth:`encode_texts` ([G, embed_dim]).
-        ``rerank=True`` re-scores each query's top ``rerank_k`` (default ``k``) candidates with the ITM head and
-        returns the top ``k`` by ITM probability; this needs the gallery items, not only their features.
+        ``rerank=True`` re-scores each query's top ``rerank_k`` (default ``k``) candidates with the ITM head
+        (:meth:`rerank`) and returns the top ``k`` by ITM probability; this needs the gallery items, not only
+        their features.
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list, not one string")
-        text_queries = all(isinstance(q, str) for q in queries)
+        text_queries = _all_text(queries)
         query_feats = (
             self.encode_texts(queries, batch_size)
             if text_queries
@@ -305,24 +242,79 @@ class CCLM:
         if isinstance(gallery, torch.Tensor):
             raise ValueError("rerank=True needs the gallery items (images or texts), not their features")
         depth = max(k, min(rerank_k or k, similarity.shape[1]))
-        candidates = similarity.topk(depth, dim=1).indices
-        probs = torch.stack(
-            [
-                self._rerank_one(query, [gallery[int(i)] for i in row], text_queries, batch_size)
-                for query, row in zip(queries, candidates)
-            ]
+        return self.rerank(queries, gallery, similarity.topk(depth, dim=1).indices, k, batch_size)
+
+    @torch.inference_mode()
+    def rerank(
+        self,
+        queries: Sequence[str] | Sequence[ImageLike],
+        gallery: Sequence,
+        candidates: torch.Tensor,
+        k: int | None = None,
+        batch_size: int = 32,
+    ) -> Retrieved:
+        """Re-score ``candidates`` [Q, C] (indices into ``gallery`` per query) with the ITM head and return each
+        query's top ``k`` (default C) by match probability.
+
+        The evaluation's batched re-ranker (:func:`cclm.evaluation.retrieval.itm_scores`): the queries and the
+        distinct candidates are encoded once, and the (query, candidate) pairs of all queries are pooled into
+        batches of ``batch_size`` pairs of similar caption length."""
+        candidates = torch.as_tensor(candidates, dtype=torch.long).cpu()
+        k = candidates.shape[1] if k is None else min(k, candidates.shape[1])
+        if candidates.numel() == 0:
+            return Retrieved(torch.empty(candidates.shape[0], k), candidates[:, :k])
+        used, position = torch.unique(candidates, return_inverse=True)
+        items = [gallery[int(i)] for i in used]
+        query_index = torch.arange(len(queries))[:, None].expand_as(candidates)
+        if _all_text(queries):
+            text_tokens, text_masks, text_feats = self._text_tokens(queries, batch_size)
+            image_tokens, image_feats = self._image_tokens(items, batch_size)
+            image_index, text_index = position, query_index
+        else:
+            image_tokens, image_feats = self._image_tokens(queries, batch_size)
+            text_tokens, text_masks, text_feats = self._text_tokens(items, batch_size)
+            image_index, text_index = query_index, position
+        emb = Embeddings(image_feats, text_feats, image_tokens, text_tokens, text_masks)
+        probs = itm_scores(
+            self.model,
+            emb,
+            image_index.reshape(-1),
+            text_index.reshape(-1),
+            batch_size,
+            self.precision,
+            probability=True,
         )
+        probs = probs.view(candidates.shape).cpu()
         order = probs.argsort(dim=1, descending=True)[:, :k]
         return Retrieved(probs.gather(1, order), candidates.gather(1, order))
 
-    def _rerank_one(self, query, candidates: list, text_query: bool, batch_size: int) -> torch.Tensor:
-        if text_query:
-            return self.match(candidates, [query], batch_size=batch_size, progress=False)
-        return self.match([query], candidates, batch_size=batch_size, progress=False)
+    def _text_tokens(self, texts: Sequence[str], batch_size: int):
+        ids = tokenize_texts(self.tokenizer, texts, self.max_length)
+        pad_id = self.tokenizer.pad_token_id
+        return embed_texts(
+            self.model, ids, pad_id, batch_size, self.device, keep_tokens=True, precision=self.precision
+        )
+
+    def _image_tokens(self, images: Sequence[ImageLike], batch_size: int):
+        return embed_images(
+            self.model,
+            images,
+            self.transform,
+            batch_size,
+            self.device,
+            keep_tokens=True,
+            precision=self.precision,
+        )
+
+
+def _all_text(queries: Sequence) -> bool:
+    return all(isinstance(q, str) for q in queries)
 
 
 def load(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto"
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | Precision | torch.dtype = Precision.auto,
 ) -> CCLM:
     """Load a ``save_pretrained`` folder as a ready :class:`CCLM` (model, tokenizer, evaluation transform)."""
     return CCLM.from_pretrained(path, device=device, dtype=dtype)

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from cclm.inference.api import CCLM, UnreadableImage, open_image
+from cclm.data.images import UnreadableImage, open_image
+from cclm.inference.api import CCLM
 
 log = logging.getLogger("cclm.inference")
 INDEX_NAME = "index.json"
@@ -226,17 +227,15 @@ def search_index(
             f"model embed_dim {engine.model.cfg.embed_dim} does not match the index ({index.embed_dim})"
         )
     image_dir = Path(index.image_dir)
+    gallery = [image_dir / path for path in index.paths]  # paths only: re-ranking decodes just the candidates
     cosine = (engine.encode_texts([query]) @ feats.t())[0]
     k = min(k, len(index.paths))
     if not rerank:
         scores, rows = cosine.topk(k)
-        return [
-            Hit(r + 1, image_dir / index.paths[int(i)], float(s))
-            for r, (s, i) in enumerate(zip(scores, rows))
-        ]
+        return [Hit(r + 1, gallery[int(i)], float(s)) for r, (s, i) in enumerate(zip(scores, rows))]
     depth = max(k, min(rerank_k or k, len(index.paths)))
     candidates = [int(i) for i in cosine.topk(depth).indices]
-    gone = [i for i in candidates if not (image_dir / index.paths[i]).is_file()]
+    gone = [i for i in candidates if not gallery[i].is_file()]
     if gone:
         names = ", ".join(index.paths[i] for i in gone)
         log.warning(
@@ -245,11 +244,10 @@ def search_index(
         candidates = [i for i in candidates if i not in gone]
     if not candidates:
         return []
-    probs = engine.match([image_dir / index.paths[i] for i in candidates], [query])
-    order = probs.argsort(descending=True)[:k]
+    probs, rows = engine.rerank([query], gallery, torch.tensor([candidates]), k)
     return [
-        Hit(r + 1, image_dir / index.paths[candidates[j]], float(cosine[candidates[j]]), float(probs[j]))
-        for r, j in enumerate(order)
+        Hit(r + 1, gallery[int(i)], float(cosine[int(i)]), float(p))
+        for r, (p, i) in enumerate(zip(probs[0], rows[0]))
     ]
 
 
@@ -309,7 +307,7 @@ def _index_parser() -> argparse.ArgumentParser:
         "(resumable; unreadable files are skipped and listed).",
     )
     p.add_argument("image_dir")
-    p.add_argument("--model", required=True, help="a save_pretrained model folder")
+    p.add_argument("--model", dest="model_dir", required=True, help="a save_pretrained model folder")
     p.add_argument("--out", required=True, help="index folder (created, or resumed when it exists)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=512, help="images per shard (the unit of resumption)")
@@ -323,7 +321,7 @@ def _search_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cclm search", description="Search an image index with a text query in any language."
     )
-    p.add_argument("index")
+    p.add_argument("index_dir", metavar="index")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--rerank", action="store_true", help="re-score the top candidates with the ITM head")
@@ -338,16 +336,7 @@ def _search_parser() -> argparse.ArgumentParser:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    report = build_index(
-        args.image_dir,
-        args.model,
-        args.out,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    report = build_index(**vars(args))  # the parser's destinations are build_index's parameters
     total = report.indexed + report.already
     print(f"indexed {report.indexed} new images ({total} in the index) -> {args.out}")
     if report.skipped:
@@ -364,24 +353,17 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    hits = search_index(
-        args.index,
-        args.query,
-        k=args.k,
-        rerank=args.rerank,
-        rerank_k=args.rerank_k,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    options = vars(args)
+    html_file = options.pop("html")
+    hits = search_index(**options)  # the other destinations are search_index's parameters
     header = f"{'rank':>4}  {'cosine':>7}" + (f"  {'match':>6}" if args.rerank else "") + "  path"
     print(header)
     for hit in hits:
         match = f"  {hit.match:6.3f}" if hit.match is not None else ""
         print(f"{hit.rank:>4}  {hit.score:7.3f}{match}  {hit.path}")
-    if args.html:
-        Path(args.html).write_text(render_html(args.query, hits), encoding="utf-8")
-        print(f"wrote {args.html}")
+    if html_file:
+        Path(html_file).write_text(render_html(args.query, hits), encoding="utf-8")
+        print(f"wrote {html_file}")
     return 0
 
 

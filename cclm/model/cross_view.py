@@ -28,6 +28,7 @@ from cclm.data.masking import IGNORE_INDEX
 from cclm.model.heads import MatchingHead, build_mlm_head
 from cclm.model.text import FusionStack, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
+from cclm.runtime.checkpoint import tied_aliases
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -38,7 +39,9 @@ LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
 class CrossViewModel(nn.Module):
     def __init__(self, cfg: ModelConfig, load_pretrained: bool = True):
         super().__init__()
-        cfg = from_dict(ModelConfig, to_dict(cfg)) if not hasattr(cfg, "_metadata") else cfg
+        # A private copy: the resolved tower and encoder configs are recorded in ``self.cfg`` (what a saved model
+        # is rebuilt from), never written into the caller's config.
+        cfg = from_dict(ModelConfig, to_dict(cfg))
         # Vision: resolve the open_clip tower config once and store it, so a saved model rebuilds offline.
         tower_cfg, clip_dim = (dict(cfg.vision.tower), cfg.embed_dim)
         if not tower_cfg:
@@ -107,16 +110,21 @@ class CrossViewModel(nn.Module):
 
     def tied_parameter_aliases(self) -> set[str]:
         """State-dict names that are aliases of an earlier tensor (MLM decoder weight/bias)."""
-        seen, aliases = set(), set()
-        for name, tensor in self.state_dict(keep_vars=True).items():
-            if tensor.data_ptr() in seen:
-                aliases.add(name)
-            seen.add(tensor.data_ptr())
-        return aliases
+        return tied_aliases(self)
 
     def new_parameter_names(self) -> list[str]:
         """Parameters that the pretrained towers did not provide (for a learning-rate multiplier)."""
         return list(self._new_parameter_names)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing in the text, fusion and vision stacks (recompute in backward)."""
+        self.text.gradient_checkpointing = enabled
+        self.fusion.gradient_checkpointing = enabled
+        self.vision.visual.set_grad_checkpointing(enabled)
+
+    def logged_scalars(self) -> dict[str, float]:
+        """What the trainer logs of the model itself besides the losses."""
+        return {"temp": float(self.clamped_temp().detach())}
 
     def clamped_temp(self) -> torch.Tensor:
         obj = self.cfg.objectives
@@ -226,7 +234,7 @@ class CrossViewModel(nn.Module):
             config.update(extra)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_model(self, str(directory / WEIGHTS_NAME))
-        from cclm.inference.model_card import write_model_card  # README.md: architecture, training, results
+        from cclm.model.card import write_model_card  # README.md: architecture, training, results
 
         write_model_card(directory, self, extra)
         return directory

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from cclm.cli_args import add_config_arguments, start_logging
 from cclm.config import ConfigError, CViLRecipeConfig, MLARecipeConfig, load_config
 
 RECIPES = {"mla": MLARecipeConfig, "cvil": CViLRecipeConfig}
@@ -35,11 +35,9 @@ def main(argv: list[str]) -> int:
         prog="cclm recipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("recipe", choices=sorted(RECIPES), help="which recipe")
-    parser.add_argument("config", help="YAML config (see configs/recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nlt.steps=100")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_config_arguments(parser, "configs/recipes/", "nlt.steps=100")
     args = parser.parse_args(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start_logging()
     try:
         cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
         results = run(args.recipe, cfg)

@@ -1,6 +1,5 @@
 """The frozen open_clip CLIP the MLA recipe extends: building it from a model name / pretrained tag / custom config,
-its English tokenizer, reaching into its text tower, and (for the synthetic world and benchmarks) fitting a small
-CLIP on English image-caption shards.
+its English tokenizer, and reaching into its text tower.
 
 Both open_clip layouts are handled: ``CLIP`` (text tower parts on the model itself) and ``CustomTextCLIP`` with an
 open_clip ``TextTransformer`` (``model.text``). CLIPs whose text tower is a Hugging Face encoder are refused: MLA
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -181,38 +179,3 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return ((images.float() / 255.0 - mean) / std).to(dtype)
-
-
-def fit_clip(
-    clip: nn.Module,
-    tokenize: Callable[[list[str]], torch.Tensor],
-    data,
-    steps: int,
-    lr: float = 1e-3,
-    device: str | torch.device = "cpu",
-) -> list[float]:
-    """Train a CLIP contrastively on the image view of a :class:`cclm.data.pipeline.PretrainData` (e.g. English
-    captions of the synthetic world), with open_clip's own loss. Returns the loss of every step."""
-    from open_clip.loss import ClipLoss
-
-    loss_fn = ClipLoss()
-    clip.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    history = []
-    for _ in range(steps):
-        batch = data.next_batch("image")
-        images = normalize_images(batch["images"].to(device))
-        texts = tokenize(batch["texts"]).to(device)
-        image_feat = F.normalize(clip.encode_image(images), dim=-1)
-        text_feat = F.normalize(clip.encode_text(texts), dim=-1)
-        loss = loss_fn(image_feat, text_feat, clip.logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, 4.6052)
-        history.append(float(loss.detach()))
-    clip.eval()
-    return history

@@ -15,10 +15,8 @@ never read. The student is then scored on each language's test file, next to the
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +25,22 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from cclm.config import ConfigError, FinetuneConfig, from_dict, require, to_dict
+from cclm.config import ConfigError, Precision, StudentPart, require, to_dict
+from cclm.data.images import load_image
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
-from cclm.recipes.runner import StageSpec, check_train_config, run_stage, write_results
-from cclm.tasks.heads import HEAD_WEIGHTS, TaskModel
-from cclm.tasks.images import ImageRef, load_image
-from cclm.train.engine import init_distributed
-from cclm.train.loop import seed_everything
+from cclm.recipes.runner import run_stage, write_results
+from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.sources import EpochBatches
+from cclm.tasks.batching import Collator
+from cclm.tasks.images import ImageRef
+from cclm.tasks.protocols import TaskSuite
+from cclm.tasks.task_model import HEAD_WEIGHTS, TaskModel
 
 log = logging.getLogger("cclm.recipes")
-TRAINABLE_PARTS = ("text", "fusion", "head")
+TRAINABLE_PARTS = tuple(part.value for part in StudentPart)
 STAGE = "distill"
 
 
@@ -73,15 +74,9 @@ def task_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(class logits, fused [CLS] features) of a task model on ``<prefix>_ids/<prefix>_mask`` + ``images``; for
     image-pair tasks the [CLS] of both images, concatenated (what the head sees)."""
-    ids, mask, images = batch[f"{prefix}_ids"], batch[f"{prefix}_mask"], batch["images"]
-    if model.kind == "single":
-        cls = model.fused_cls(images, ids, mask)
-    elif model.kind == "pair":
-        size = images.shape[0]
-        both = model.fused_cls(images.transpose(0, 1).flatten(0, 1), ids.repeat(2, 1), mask.repeat(2, 1))
-        cls = torch.cat([both[:size], both[size:]], dim=-1)
-    else:
+    if model.kind == "retrieval":
         raise ConfigError(f"cViL distils class logits; task kind '{model.kind}' has none")
+    cls = model.features(batch["images"], batch[f"{prefix}_ids"], batch[f"{prefix}_mask"])
     return model.head(cls), cls
 
 
@@ -150,6 +145,7 @@ def load_teacher(directory: str | Path, task: str, labels: list[str]) -> TaskMod
 
 
 def build_student(teacher: TaskModel, student_init: str | None, trainable: list[str]) -> TaskModel:
+    trainable = [str(part) for part in trainable]
     unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
     if unknown or not trainable:
         raise ConfigError(
@@ -231,57 +227,22 @@ class ParallelCollator:
     """Tokenizes the English side with the teacher's tokenizer and the translation with the student's."""
 
     def __init__(self, teacher_tokenizer, student_tokenizer, max_length: int):
-        self.tokenizers, self.max_length = (
-            {"teacher": teacher_tokenizer, "student": student_tokenizer},
-            max_length,
-        )
+        self.sides = {
+            "teacher": ("en", Collator(teacher_tokenizer, max_length)),
+            "student": ("tgt", Collator(student_tokenizer, max_length)),
+        }
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {"images": torch.stack([item["images"] for item in items])}
-        for side, key in (("teacher", "en"), ("student", "tgt")):
-            enc = self.tokenizers[side](
-                [item[key] for item in items],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            batch[f"{side}_ids"], batch[f"{side}_mask"] = enc["input_ids"], enc["attention_mask"]
+        for side, (key, collator) in self.sides.items():
+            enc = collator.tokenize([item[key] for item in items])
+            batch[f"{side}_ids"], batch[f"{side}_mask"] = enc["text_ids"], enc["text_mask"]
         return batch
 
 
-def endless(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Epoch after epoch; the distributed sampler gives each rank its own share, reshuffled every epoch."""
-    for epoch in itertools.count():
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-
-
 # ------------------------------------------------------------------------------------------------------- run
-def task_runner(cfg):
-    """The IGLUE task runner (reading files, label vocabulary, scoring) configured from the recipe's data."""
-    from cclm.tasks.protocols import TaskRunner
-
-    d = cfg.data
-    finetune_cfg = from_dict(
-        FinetuneConfig,
-        {
-            "task": d.task,
-            "output_dir": str(Path(cfg.output_dir)),
-            "data": {
-                "image_roots": dict(d.image_roots),
-                "label_vocab": d.label_vocab,
-                "max_examples": d.max_examples,
-            },
-            "eval": {"batch_size": int(cfg.distill.batch_size)},
-        },
-    )
-    return TaskRunner(finetune_cfg)
-
-
 def run_cvil(cfg) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
-    check_train_config(cfg)
     languages = list(cfg.languages)
     missing = [lang for lang in languages if lang not in cfg.data.parallel]
     if missing:
@@ -289,7 +250,14 @@ def run_cvil(cfg) -> dict[str, Any]:
             f"no parallel data for language(s) {missing}: data.parallel has {sorted(cfg.data.parallel)} "
             "(map each target language to the training file translated into it)"
         )
-    runner = task_runner(cfg)
+    env = init_distributed()
+    runner = TaskSuite(
+        cfg.data.task,
+        cfg.data,
+        env=env,
+        precision=cfg.deepspeed.precision or Precision.auto,
+        eval_batch_size=cfg.distill.batch_size,
+    )
     labels = runner.label_names()
     if not labels:
         raise ConfigError(f"task '{cfg.data.task}' is not a classification task; cViL distils class logits")
@@ -302,7 +270,6 @@ def run_cvil(cfg) -> dict[str, Any]:
     ]
     runner.check_images([english])
 
-    dist = init_distributed()
     seed_everything(cfg.train.seed)
     student = build_student(teacher, cfg.student_init, list(cfg.distill.trainable))
     model = Distiller(teacher, student, cfg.distill)
@@ -313,26 +280,25 @@ def run_cvil(cfg) -> dict[str, Any]:
     )
     image_size = int(teacher.backbone.cfg.vision.image_size)
     dataset = ParallelDataset(examples, dict(cfg.data.image_roots), image_size)
-    sampler = DistributedSampler(
-        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(cfg.train.seed)
-    )
-    loader = DataLoader(
+    batch_size = int(cfg.distill.batch_size)
+    source = EpochBatches(
         dataset,
-        batch_size=int(cfg.distill.batch_size),
-        sampler=sampler,
-        collate_fn=ParallelCollator(
-            teacher_tokenizer, student_tokenizer, int(student.backbone.cfg.text.max_length)
-        ),
-        drop_last=len(sampler) > int(cfg.distill.batch_size),
+        batch_size,
+        ParallelCollator(teacher_tokenizer, student_tokenizer, int(student.backbone.cfg.text.max_length)),
+        seed=int(cfg.train.seed),
+        rank=env.rank,
+        world_size=env.world_size,
+        drop_last=len(dataset) // env.world_size > batch_size,
+        view=STAGE,
     )
-    batches = endless(loader)
-    steps = int(cfg.distill.epochs) * len(loader)
+    steps = int(cfg.distill.epochs) * len(source)
     out_dir = Path(cfg.output_dir)
-    if dist.rank == 0:
+    if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    stats = run_stage(
-        model, cfg, StageSpec(STAGE, steps, int(cfg.distill.batch_size), lambda: next(batches)), dist
-    )
+    try:
+        stats = run_stage(model, cfg, STAGE, steps, source, batch_size, env)
+    finally:
+        source.close()
 
     rows: dict[str, dict[str, float]] = {}
     for lang, path in cfg.data.test.items():
@@ -349,7 +315,7 @@ def run_cvil(cfg) -> dict[str, Any]:
             if lang in rows:
                 rows[lang]["relative_to_teacher_en"] = rows[lang]["accuracy"] / teacher_en
     extra = {"training": stats, "parallel_examples": len(examples), "teacher": str(cfg.teacher)}
-    if dist.rank == 0:
+    if env.is_main:
         student.save(out_dir / "student", student_tokenizer, extra={"distilled_from": str(cfg.teacher)})
         write_results(out_dir, rows, trained, total, extra)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

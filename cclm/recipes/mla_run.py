@@ -16,9 +16,9 @@ from cclm.config import ConfigError, require, to_dict
 from cclm.data.shards import expand_shards, read_manifest
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.retrieval import dual_encoder_metrics, heldout_sets
-from cclm.recipes.runner import StageSpec, check_train_config, run_stage, write_results
-from cclm.train.engine import init_distributed
-from cclm.train.loop import seed_everything
+from cclm.recipes.runner import run_stage, write_results
+from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.sources import StageView
 
 log = logging.getLogger("cclm.recipes")
 ACQUIRED_WEIGHTS = "acquired.safetensors"
@@ -94,13 +94,12 @@ def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
     from cclm.data.pipeline import PretrainData
 
     require(cfg, "languages", "embedding.tokenizer")
-    check_train_config(cfg)
     languages = list(cfg.languages)
     check_language_data(
         cfg.data.parallel_text, languages, "data.parallel_text", "parallel sentences (stage 1)"
     )
     check_language_data(cfg.data.image_caption, languages, "data.image_caption", "captions (stage 2)")
-    dist = init_distributed()
+    env = init_distributed()
     seed_everything(cfg.train.seed)
     model = model if model is not None else MLAModel.build(cfg)
     trained, total = model.trainable_parameter_count()
@@ -108,11 +107,11 @@ def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
     eval_langs = [cfg.source_language, *languages]
     sets = heldout_sets(dict(cfg.eval.retrieval), eval_langs) if cfg.eval.retrieval else {}
     out_dir = Path(cfg.output_dir)
-    if dist.rank == 0:
+    if env.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    model.to(dist.device)
-    before = evaluate(model, sets, cfg.eval.batch_size, dist.device) if sets else {}
+    model.to(env.device)
+    before = evaluate(model, sets, cfg.eval.batch_size, env.device) if sets else {}
 
     stats: dict[str, float] = {}
     for name, view, stage in (("nlt", "text", cfg.nlt), ("le", "image", cfg.le)):
@@ -121,27 +120,22 @@ def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
             model.tokenizer,
             model.max_length,
             image_size=model.image_size,
-            rank=dist.rank,
-            world_size=dist.world_size,
+            rank=env.rank,
+            world_size=env.world_size,
             seed=cfg.train.seed,
         )
         stream = cfg.data.parallel_text if view == "text" else cfg.data.image_caption
-        spec = StageSpec(
-            name,
-            int(stage.steps),
-            int(stream.batch_size),
-            lambda data=data, view=view: data.next_batch(view),
-            stage.lr,
-            data.state_dict,
-        )
+        source = StageView(data, name, view)
         try:
-            stats.update(run_stage(model, cfg, spec, dist))
+            stats.update(
+                run_stage(model, cfg, name, int(stage.steps), source, int(stream.batch_size), env, stage.lr)
+            )
         finally:
-            data.close()
+            source.close()
 
-    after = evaluate(model, sets, cfg.eval.batch_size, dist.device) if sets else {}
+    after = evaluate(model, sets, cfg.eval.batch_size, env.device) if sets else {}
     extra = {"before": before, "training": stats, "source_language": cfg.source_language}
-    if dist.rank == 0:
+    if env.rank == 0:
         save_file(model.acquired_state_dict(), str(out_dir / ACQUIRED_WEIGHTS))
         model.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         write_results(out_dir, after, trained, total, extra)

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets, load_image_tensor
+from cclm.data.images import load_image
+from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets
 from cclm.evaluation.retrieval import itm_metrics
 
 
@@ -24,9 +25,7 @@ def dual_encoder_metrics(
     image_feats = []
     for start in range(0, len(retrieval_set.images), batch_size):
         chunk = retrieval_set.images[start : start + batch_size]
-        image_feats.append(
-            encode_images(torch.stack([load_image_tensor(im, image_size) for im in chunk])).cpu()
-        )
+        image_feats.append(encode_images(torch.stack([load_image(im, image_size) for im in chunk])).cpu())
     text_feats = [
         encode_texts(list(retrieval_set.texts[start : start + batch_size])).cpu()
         for start in range(0, len(retrieval_set.texts), batch_size)

@@ -1,6 +1,7 @@
 """IGLUE tasks (XVNLI, xGQA, MaRVL, xFlickr&CO, WIT) and easy-VQA: one small module per task says how to read
-its annotations (``read``), which head it needs (``KIND``: single image, image pair, or retrieval) and which
-metric it reports (``METRIC``). Fine-tuning, evaluation and the protocols are shared (``loop``, ``protocols``).
+its annotations (``read``) and which head it needs (``KIND``: single image, image pair, or retrieval); the kind
+decides the metric (accuracy, or R@1 of image and text retrieval). Fine-tuning, evaluation and the protocols are
+shared (``loop``, ``protocols``).
 """
 
 from __future__ import annotations

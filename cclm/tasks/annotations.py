@@ -1,48 +1,16 @@
-"""Reading annotation files: JSON lines and JSON documents, with errors that name the file and line."""
+"""Reading annotation files: JSON lines and JSON documents through the project's reader (:mod:`cclm.jsonl`), whose
+errors name the file and line, plus the field check and the language of an IGLUE file."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cclm.jsonl import JsonFileError
 
-class AnnotationError(ValueError):
-    """An annotation file that cannot be used; the message names the file (and line where there is one)."""
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, record)`` for every non-blank line; a bad line fails naming ``file:line``."""
-    path = Path(path)
-    if not path.exists():
-        raise AnnotationError(f"annotation file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnnotationError(
-                    f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise AnnotationError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise AnnotationError(f"annotation file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AnnotationError(
-            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
-        ) from None
+# Annotation errors are the reader's errors: a bad line and a bad field are caught by the same except clause.
+AnnotationError = JsonFileError
 
 
 def field(record: dict[str, Any], key: str, where: str) -> Any:

@@ -1,4 +1,5 @@
-"""Torch datasets over task examples (images decoded lazily with PIL) and the collator that tokenizes texts."""
+"""Torch datasets over task examples (images decoded lazily by :func:`cclm.data.images.load_image`) and the collator
+that tokenizes texts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from cclm.data.images import load_image
 from cclm.tasks.examples import ClassificationExample, RetrievalData
-from cclm.tasks.images import load_image
 
 
 class ClassificationDataset(Dataset):
@@ -71,7 +72,3 @@ class Collator:
         if "group" in items[0]:
             batch["group_ids"] = torch.tensor([item["group"] for item in items], dtype=torch.long)
         return batch
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}

@@ -76,5 +76,6 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    """``cclm evaluate`` of a fine-tuning config (the evaluation CLI delegates here); argv[0] may be 'evaluate'."""
+    """``cclm evaluate`` of a fine-tuning config (:func:`cclm.cli.evaluate` routes it here); argv[0] may be
+    'evaluate'."""
     return _run(argv, "evaluate", USAGE_EVALUATE)

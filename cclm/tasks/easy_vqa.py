@@ -11,7 +11,6 @@ from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
 
 KIND = "single"
-METRIC = "accuracy"
 SPLITS = ("train", "dev", "test")
 DEV_EVERY = 10
 

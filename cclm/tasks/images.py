@@ -1,5 +1,6 @@
 """Images of task annotations: a reference (named root + relative path), its resolution against the configured
-image folders, decoding with PIL, and the check that lists every missing image before training starts."""
+image folders, and the check that lists every missing image before training starts. Images are decoded by the
+project's one loader, :func:`cclm.data.images.load_image`."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-
-class MissingImageError(FileNotFoundError):
-    """An annotation names an image file that is not under its configured image root."""
+from cclm.data.images import MissingImageError
 
 
 @dataclass(frozen=True, order=True)
@@ -31,18 +26,6 @@ class ImageRef:
                 f"config key 'data.image_roots.{self.root}' must be set (folder of the {self.root} images)"
             )
         return Path(roots[self.root]) / self.path
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode an image file to a uint8 tensor [3, size, size] (RGB, bicubic resize); the model normalises it."""
-    if not path.exists():
-        raise MissingImageError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    except OSError as err:
-        raise OSError(f"cannot decode image {path}: {err}") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
 def missing_images(refs: Iterable[ImageRef], roots: Mapping[str, str]) -> list[Path]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_jsonl
+from cclm.jsonl import read_jsonl
+from cclm.tasks.annotations import AnnotationError, field, language_from_path
 from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
 
 KIND = "pair"
-METRIC = "accuracy"
 LABELS = ["false", "true"]
 _TRUTH = {True: 1, False: 0, "true": 1, "false": 0, "True": 1, "False": 0}
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-ENGLISH = "en"
+from cclm.evaluation.results import non_english_average
 
 
 def accuracy(predictions: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
@@ -20,7 +20,4 @@ def accuracy(predictions: Sequence[int] | torch.Tensor, labels: Sequence[int] | 
 
 def average_non_english(rows: Sequence[dict], columns: Sequence[str]) -> dict[str, float] | None:
     """Mean of each metric column over the rows whose language is not English (IGLUE's 'avg'); None if none."""
-    others = [row for row in rows if row["language"] != ENGLISH]
-    if not others:
-        return None
-    return {column: sum(float(row[column]) for row in others) / len(others) for column in columns}
+    return non_english_average({row["language"]: row for row in rows}, columns)

@@ -13,45 +13,59 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from cclm.config import CONFIG_ROOT, ModelConfig, load_config
+from cclm.config import CONFIG_ROOT, ModelConfig, Precision, Protocol, load_config, to_dict
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
+from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
+from cclm.runtime.sources import EpochBatches
+from cclm.runtime.trainer import Selection
 from cclm.tasks import get_task, retrieval
 from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset, Collator
 from cclm.tasks.examples import ClassificationData, RetrievalData
-from cclm.tasks.heads import TaskModel
+from cclm.tasks.finetune import FinetuneSettings, finetune, predict
 from cclm.tasks.images import require_images
-from cclm.tasks.loop import Selection, autocast_factory, finetune, predict, resolve_device
 from cclm.tasks.metrics import accuracy
-from cclm.tasks.results import write_results
+from cclm.tasks.results import write_task_results
+from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger(__name__)
-PROTOCOLS = ("zero_shot", "few_shot", "translate_test")
 TaskData = ClassificationData | RetrievalData
 
 
-class TaskRunner:
-    """Everything a fine-tuning config needs: reading files, building/loading models, training, scoring."""
+class TaskSuite:
+    """A task's files and scores: reading annotations, the label vocabulary, the images, and a model's metrics.
 
-    def __init__(self, cfg):
-        if cfg.protocol not in PROTOCOLS:
-            raise ValueError(f"config key 'protocol' must be one of {PROTOCOLS}, got '{cfg.protocol}'")
-        self.cfg = cfg
-        self.task = get_task(cfg.task)
+    ``data_cfg`` needs ``image_roots``, ``label_vocab`` and ``max_examples`` (a fine-tuning or cViL data
+    section)."""
+
+    def __init__(
+        self,
+        task: str,
+        data_cfg,
+        *,
+        env: DistEnv,
+        precision: Precision | str = Precision.auto,
+        eval_batch_size: int = 64,
+        k_test: int = 128,
+        num_workers: int = 0,
+    ):
+        self.task_name = str(task)
+        self.task = get_task(self.task_name)
         self.kind = self.task.KIND
-        self.device = resolve_device(cfg.train.device)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
-        self.autocast = autocast_factory(self.device, cfg.train.precision)
-        self.roots = dict(cfg.data.image_roots)
-        self.output_dir = Path(cfg.output_dir)
+        self.data_cfg = data_cfg
+        self.env, self.device, self.precision = env, env.device, precision
+        self.eval_batch_size, self.k_test, self.num_workers = (
+            int(eval_batch_size),
+            int(k_test),
+            int(num_workers),
+        )
+        self.roots = dict(data_cfg.image_roots)
         self._labels: list[str] | None = None
 
     # ------------------------------------------------------------------------------------------------ data
@@ -59,11 +73,11 @@ class TaskRunner:
         if self.kind == "retrieval":
             return []
         if self._labels is None:
-            self._labels = self.task.labels(self.cfg.data)
+            self._labels = self.task.labels(self.data_cfg)
         return self._labels
 
     def read(self, path: str) -> TaskData:
-        data = self.task.read(path, self.label_names() or None, self.cfg.data.max_examples)
+        data = self.task.read(path, self.label_names() or None, self.data_cfg.max_examples)
         for reason, count in data.skipped.items():
             log.warning("%s: skipped %d record(s): %s", path, count, reason)
         return data
@@ -73,6 +87,77 @@ class TaskRunner:
 
     def check_images(self, datas: Sequence[TaskData]) -> None:
         require_images((ref for data in datas for ref in data.used_image_refs), self.roots)
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def collator(self, model: TaskModel, tokenizer) -> Collator:
+        return Collator(tokenizer, int(model.backbone.cfg.text.max_length))
+
+    def image_size(self, model: TaskModel) -> int:
+        return int(model.backbone.cfg.vision.image_size)
+
+    def score(self, model: TaskModel, tokenizer, data: TaskData) -> dict:
+        model.to(self.device)
+        size, collator, batch_size = (
+            self.image_size(model),
+            self.collator(model, tokenizer),
+            self.eval_batch_size,
+        )
+        if self.kind == "retrieval":
+            metrics = retrieval.evaluate(
+                model,
+                data,
+                self.roots,
+                tokenizer,
+                size,
+                k_test=self.k_test,
+                batch_size=batch_size,
+                precision=self.precision,
+                device=self.device,
+                num_workers=self.num_workers,
+            )
+            return {**metrics, "images": len(data.images), "captions": len(data.texts)}
+        loader = DataLoader(
+            ClassificationDataset(data.examples, self.roots, size),
+            batch_size=batch_size,
+            collate_fn=collator,
+            num_workers=self.num_workers,
+        )
+        predictions, labels = predict(model, loader, self.device, self.precision)
+        return {
+            "accuracy": accuracy(predictions, labels),
+            "examples": len(labels),
+            "skipped": sum(data.skipped.values()),
+        }
+
+    def main_score(self, metrics: dict) -> float:
+        if self.kind == "retrieval":
+            return (metrics[retrieval.IR_R1] + metrics[retrieval.TR_R1]) / 2
+        return metrics["accuracy"]
+
+    def columns(self) -> tuple[list[str], list[str]]:
+        if self.kind == "retrieval":
+            return [retrieval.IR_R1, retrieval.TR_R1], ["images", "captions"]
+        return ["accuracy"], ["examples", "skipped"]
+
+
+class TaskRunner(TaskSuite):
+    """A fine-tuning config on top of its task: starting or loading models, training, result tables."""
+
+    def __init__(self, cfg):
+        env = init_distributed(cfg.train.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        super().__init__(
+            cfg.task,
+            cfg.data,
+            env=env,
+            precision=cfg.deepspeed.precision or Precision.auto,
+            eval_batch_size=cfg.eval.batch_size,
+            k_test=cfg.eval.k_test,
+            num_workers=cfg.train.num_workers,
+        )
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
 
     # ---------------------------------------------------------------------------------------------- models
     def start_model(self, train_datas: Sequence[TaskData]) -> tuple[TaskModel, object]:
@@ -90,9 +175,13 @@ class TaskRunner:
             if cfg.tokenizer:
                 tokenizer = load_tokenizer(cfg.tokenizer)
             else:  # random init: a tokenizer trained on the training texts, saved with the model
-                texts = [t for data in train_datas for t in _texts(data)]
-                vocab = int(model_cfg.text.encoder.get("vocab_size", 1000))
-                tokenizer = train_tokenizer(texts, self.output_dir / "tokenizer", vocab_size=vocab)
+                folder = self.output_dir / "tokenizer"
+                if self.env.is_main:  # one rank trains and writes it; the others read what it wrote
+                    texts = [t for data in train_datas for t in _texts(data)]
+                    vocab = int(model_cfg.text.encoder.get("vocab_size", 1000))
+                    train_tokenizer(texts, folder, vocab_size=vocab)
+                barrier()
+                tokenizer = load_tokenizer(str(folder))
             model_cfg.text.encoder["vocab_size"] = len(tokenizer)
             log.warning("no pretrained model: fine-tuning a randomly initialised %s", cfg.model)
             backbone = CrossViewModel(model_cfg)
@@ -106,14 +195,8 @@ class TaskRunner:
             raise ValueError(f"{directory}: its labels differ from this task's label vocabulary")
         return model, load_tokenizer(directory)
 
-    def collator(self, model: TaskModel, tokenizer) -> Collator:
-        return Collator(tokenizer, int(model.backbone.cfg.text.max_length))
-
-    def image_size(self, model: TaskModel) -> int:
-        return int(model.backbone.cfg.vision.image_size)
-
     # ------------------------------------------------------------------------------------------- training
-    def train_loader(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> DataLoader:
+    def train_batches(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> EpochBatches:
         size = self.image_size(model)
         if self.kind == "retrieval":
             offsets = [0]
@@ -124,25 +207,22 @@ class TaskRunner:
             )
         else:
             dataset = ClassificationDataset([e for d in datas for e in d.examples], self.roots, size)
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        return DataLoader(
+        t = self.cfg.train
+        return EpochBatches(
             dataset,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=self.collator(model, tokenizer),
-            num_workers=self.cfg.train.num_workers,
-            drop_last=self.kind == "retrieval" and len(dataset) > self.cfg.train.batch_size,
+            t.batch_size,
+            self.collator(model, tokenizer),
+            seed=t.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            # contrastive batches need their full size (a last batch of 1 has no negative)
+            drop_last=self.kind == "retrieval" and len(dataset) > t.batch_size,
+            num_workers=t.num_workers,
         )
 
-    def train(self, model: TaskModel, tokenizer, train_datas, dev_datas, lr: float) -> Selection:
-        if not dev_datas:
-            raise ValueError("model selection needs a dev set: set data.dev (never a test file)")
+    def settings(self, lr: float) -> FinetuneSettings:
         t = self.cfg.train
-        return finetune(
-            model,
-            self.train_loader(train_datas, model, tokenizer),
-            lambda m: sum(self.main_score(self.score(m, tokenizer, d)) for d in dev_datas) / len(dev_datas),
+        return FinetuneSettings(
             lr=lr,
             epochs=t.epochs,
             max_steps=t.max_steps,
@@ -151,55 +231,30 @@ class TaskRunner:
             warmup_ratio=t.warmup_ratio,
             grad_clip=t.grad_clip,
             eval_every=t.eval_every,
-            device=self.device,
-            autocast=self.autocast,
+            log_every=t.log_every,
+            save_every=t.save_every,
+            keep_last=t.keep_last,
             time_limit_s=60.0 * t.time_limit_minutes,
         )
 
-    # -------------------------------------------------------------------------------------------- scoring
-    def score(self, model: TaskModel, tokenizer, data: TaskData) -> dict:
-        model.to(self.device)
-        size, collator, batch_size = (
-            self.image_size(model),
-            self.collator(model, tokenizer),
-            self.cfg.eval.batch_size,
+    def train(
+        self, model: TaskModel, tokenizer, train_datas, dev_datas, lr: float, output_dir: Path
+    ) -> tuple[TaskModel, Selection]:
+        """Fine-tune ``model`` at ``lr`` into ``output_dir`` (metrics, checkpoints); returns the dev-selected
+        model and the selection."""
+        if not dev_datas:
+            raise ValueError("model selection needs a dev set: set data.dev (never a test file)")
+        return finetune(
+            model,
+            self.train_batches(train_datas, model, tokenizer),
+            lambda m: sum(self.main_score(self.score(m, tokenizer, d)) for d in dev_datas) / len(dev_datas),
+            self.settings(lr),
+            env=self.env,
+            output_dir=output_dir,
+            deepspeed_cfg=self.cfg.deepspeed,
+            run_config=to_dict(self.cfg),
+            resume=self.cfg.resume,
         )
-        if self.kind == "retrieval":
-            metrics = retrieval.evaluate(
-                model,
-                data,
-                self.roots,
-                tokenizer,
-                size,
-                k_test=self.cfg.eval.k_test,
-                batch_size=batch_size,
-                precision=self.cfg.train.precision,
-                device=self.device,
-                num_workers=self.cfg.train.num_workers,
-            )
-            return {**metrics, "images": len(data.images), "captions": len(data.texts)}
-        loader = DataLoader(
-            ClassificationDataset(data.examples, self.roots, size),
-            batch_size=batch_size,
-            collate_fn=collator,
-            num_workers=self.cfg.train.num_workers,
-        )
-        predictions, labels = predict(model, loader, self.device, self.autocast)
-        return {
-            "accuracy": accuracy(predictions, labels),
-            "examples": len(labels),
-            "skipped": sum(data.skipped.values()),
-        }
-
-    def main_score(self, metrics: dict) -> float:
-        if self.kind == "retrieval":
-            return (metrics[retrieval.IR_R1] + metrics[retrieval.TR_R1]) / 2
-        return metrics["accuracy"]
-
-    def columns(self) -> tuple[list[str], list[str]]:
-        if self.kind == "retrieval":
-            return [retrieval.IR_R1, retrieval.TR_R1], ["images", "captions"]
-        return ["accuracy"], ["examples", "skipped"]
 
     def table(self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str) -> dict:
         rows = []
@@ -208,7 +263,7 @@ class TaskRunner:
             rows.append({"language": language, **metrics, "file": str(path)})
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
         columns, extra = self.columns()
-        return write_results(self.output_dir, self.cfg.task, protocol, rows, columns, extra)
+        return write_task_results(self.output_dir, str(self.cfg.task), protocol, rows, columns, extra)
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -219,11 +274,6 @@ def _texts(data: TaskData) -> list[str]:
 def _model_yaml(name: str) -> Path:
     """A model yaml path, or a name under configs/model/ (``tiny``, ``base``)."""
     return Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_ROOT / "model" / f"{name}.yaml"
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_zero_shot(cfg) -> dict:
@@ -238,12 +288,13 @@ def run_zero_shot(cfg) -> dict:
             *runner.read_all([*cfg.data.test.values(), *cfg.data.translate_test.values()]),
         ]
     )
-    _seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model, tokenizer = runner.start_model(train_datas)
-    selection = runner.train(model, tokenizer, train_datas, dev_datas, cfg.train.lr)
+    model, selection = runner.train(model, tokenizer, train_datas, dev_datas, cfg.train.lr, runner.output_dir)
     info = {"selection": {"dev": selection.best_score, "step": selection.best_step, "steps": selection.steps}}
-    model.save(runner.output_dir / "model", tokenizer, extra=info)
-    (runner.output_dir / "train_history.json").write_text(json.dumps(selection.history, indent=2))
+    if runner.env.is_main:
+        model.save(runner.output_dir / "model", tokenizer, extra=info)
+        (runner.output_dir / "train_history.json").write_text(json.dumps(selection.history, indent=2))
     tables = {}
     if cfg.data.test:
         tables["zero_shot"] = runner.table(model, tokenizer, cfg.data.test, "zero_shot")
@@ -277,9 +328,10 @@ def run_few_shot(cfg) -> dict:
         runner.check_images([train_data, *dev_datas, test_data])
         best, dev_by_lr = None, {}
         for lr in cfg.train.lr_sweep:
-            _seed(cfg.train.seed)
+            seed_everything(cfg.train.seed)
             model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
-            selection = runner.train(model, tokenizer, [train_data], dev_datas, float(lr))
+            run_dir = runner.output_dir / "few_shot" / language / f"lr_{float(lr):g}"
+            model, selection = runner.train(model, tokenizer, [train_data], dev_datas, float(lr), run_dir)
             log.info(
                 "few-shot %s lr %g: best dev %.2f at step %d",
                 language,
@@ -292,11 +344,12 @@ def run_few_shot(cfg) -> dict:
                 best = (float(lr), selection, {k: v.cpu() for k, v in model.state_dict().items()})
         lr, selection, state = best
         model.load_state_dict(state)
-        model.save(
-            runner.output_dir / "few_shot" / language,
-            tokenizer,
-            extra={"few_shot": {"language": language, "lr": lr, "dev": selection.best_score}},
-        )
+        if runner.env.is_main:
+            model.save(
+                runner.output_dir / "few_shot" / language,
+                tokenizer,
+                extra={"few_shot": {"language": language, "lr": lr, "dev": selection.best_score}},
+            )
         metrics = runner.score(model, tokenizer, test_data)
         rows.append(
             {
@@ -310,8 +363,8 @@ def run_few_shot(cfg) -> dict:
         )
     columns, extra = runner.columns()
     return {
-        "few_shot": write_results(
-            runner.output_dir, cfg.task, "few_shot", rows, columns, [*extra, "lr", "dev"]
+        "few_shot": write_task_results(
+            runner.output_dir, str(cfg.task), "few_shot", rows, columns, [*extra, "lr", "dev"]
         )
     }
 
@@ -321,14 +374,14 @@ def evaluate_checkpoint(cfg) -> dict:
     runner = TaskRunner(cfg)
     if not cfg.checkpoint:
         raise ValueError("config key 'checkpoint' must name a fine-tuned task model folder")
-    if cfg.protocol == "few_shot":
+    if cfg.protocol == Protocol.few_shot:
         raise ValueError(
             "few-shot models are per language: `cclm finetune ... protocol=few_shot` writes that table"
         )
-    files = cfg.data.test if cfg.protocol == "zero_shot" else cfg.data.translate_test
+    files = cfg.data.test if cfg.protocol == Protocol.zero_shot else cfg.data.translate_test
     if not files:
-        key = "data.test" if cfg.protocol == "zero_shot" else "data.translate_test"
+        key = "data.test" if cfg.protocol == Protocol.zero_shot else "data.translate_test"
         raise ValueError(f"config key '{key}' lists no files to evaluate")
     runner.check_images(runner.read_all(list(files.values())))
     model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
-    return {cfg.protocol: runner.table(model, tokenizer, files, cfg.protocol)}
+    return {str(cfg.protocol): runner.table(model, tokenizer, files, str(cfg.protocol))}

@@ -8,13 +8,15 @@ entries by image: WIT's lines must stay separate image entries, each with only i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
 
-from cclm.config import EvalConfig, from_dict
-from cclm.evaluation.datasets import RetrievalSet
-from cclm.evaluation.run import evaluate_retrieval
+from cclm.config import Precision
+from cclm.evaluation.datasets import RetrievalSet, caption_files
+from cclm.evaluation.run import run_retrieval
+from cclm.tasks import wit, xflickrco
 from cclm.tasks.examples import RetrievalData
 
 IR_R1, TR_R1 = "img_r1", "txt_r1"
@@ -45,21 +47,49 @@ def evaluate(
     *,
     k_test: int,
     batch_size: int,
-    precision: str,
+    precision: str | Precision,
     device: torch.device,
     num_workers: int = 0,
 ) -> dict[str, float]:
     """``txt_r1 ... img_r_mean, r_mean`` (percent) of a task model's backbone on one retrieval file."""
-    eval_cfg = from_dict(
-        EvalConfig,
-        {
-            "k_test": k_test,
-            "batch_size": batch_size,
-            "precision": precision,
-            "num_workers": num_workers,
-            "rerank": True,
-        },
-    )
-    return evaluate_retrieval(
-        model.backbone, to_retrieval_set(data, roots), tokenizer, eval_cfg, image_size, device
-    )
+    return run_retrieval(
+        model.backbone,
+        to_retrieval_set(data, roots),
+        tokenizer,
+        image_size,
+        k_test=k_test,
+        batch_size=batch_size,
+        precision=precision,
+        num_workers=num_workers,
+        device=device,
+    ).metrics
+
+
+def _iglue_retrieval_set(reader, cfg, lang: str, name: str) -> RetrievalSet:
+    """A benchmark set from IGLUE test files: ``captions: {lang: [file]}`` names them and ``options.image_roots``
+    the image folders (keys flickr30k, coco, wit). Images are keyed on their annotation path (``img_path`` / image
+    URL), never on the ambiguous numeric id; an image that the reader lists several times (WIT: each line is its
+    own gallery entry) stays several entries."""
+    roots = dict(cfg.options.get("image_roots", {}))
+    entries = []
+    for path in caption_files(cfg, lang):
+        data = reader(path)
+        captions: list[list[str]] = [[] for _ in data.images]
+        for text, image in zip(data.texts, data.text_image):
+            captions[image].append(text)
+        repeated = {ref for ref, n in Counter(data.images).items() if n > 1}
+        for i, (ref, caps) in enumerate(zip(data.images, captions)):
+            key = f"{ref.root}:{ref.path}" + (f"#{path.name}:{i}" if ref in repeated else "")
+            entries.append((ref.resolve(roots), key, caps))
+    return RetrievalSet.from_entries(name, lang, entries)
+
+
+def load_xflickrco(cfg, lang: str) -> RetrievalSet:
+    """``cclm evaluate retrieval`` loader of xFlickr&CO (``format: python``, ``loader: cclm.tasks.retrieval:
+    load_xflickrco``)."""
+    return _iglue_retrieval_set(xflickrco.read, cfg, lang, "xflickrco")
+
+
+def load_wit(cfg, lang: str) -> RetrievalSet:
+    """``cclm evaluate retrieval`` loader of IGLUE's WIT test files (``loader: cclm.tasks.retrieval:load_wit``)."""
+    return _iglue_retrieval_set(wit.read, cfg, lang, "wit")

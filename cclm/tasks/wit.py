@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from cclm.tasks.annotations import field, language_from_path, read_jsonl
+from cclm.jsonl import read_jsonl
+from cclm.tasks.annotations import field, language_from_path
 from cclm.tasks.examples import RetrievalData
 from cclm.tasks.images import ImageRef
 
 KIND = "retrieval"
-METRIC = "recall@1"
 
 
 def image_ref(url: str) -> ImageRef:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_jsonl
+from cclm.jsonl import read_jsonl
+from cclm.tasks.annotations import AnnotationError, field, language_from_path
 from cclm.tasks.examples import RetrievalData
 from cclm.tasks.images import ImageRef
 
 KIND = "retrieval"
-METRIC = "recall@1"
 
 
 def image_ref(img_path: str) -> ImageRef:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_json
+from cclm.jsonl import read_json
+from cclm.tasks.annotations import AnnotationError, field, language_from_path
 from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
 
 KIND = "single"
-METRIC = "accuracy"
 
 
 def labels(data_cfg) -> list[str]:

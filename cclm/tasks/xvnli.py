@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cclm.tasks.annotations import AnnotationError, field, language_from_path, read_jsonl
+from cclm.jsonl import read_jsonl
+from cclm.tasks.annotations import AnnotationError, field, language_from_path
 from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
 
 KIND = "single"
-METRIC = "accuracy"
 LABELS = ["contradiction", "neutral", "entailment"]
 NO_GOLD_LABEL = "-"
 IMAGE_ID_FIELDS = ("Flikr30kID", "Flickr30K_ID")

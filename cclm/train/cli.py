@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from cclm.cli_args import add_config_arguments, start_logging
 from cclm.config import ConfigError, PretrainConfig, load_config
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cclm pretrain", description=__doc__)
-    parser.add_argument("config", help="YAML config (see configs/pretrain/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_config_arguments(parser, "configs/pretrain/", "train.max_steps=100")
     args = parser.parse_args(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start_logging()
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        from cclm.train.loop import pretrain
+        from cclm.train.pretrain import pretrain
 
         result = pretrain(cfg)
     except (ConfigError, FileNotFoundError) as err:

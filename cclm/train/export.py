@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cclm.config import ModelConfig, from_dict
-from cclm.train import checkpoint
+from cclm.runtime import checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -1,30 +1,10 @@
-"""FLOPs of a training step, counted (not guessed) with torch's FlopCounterMode on a dummy batch, for MFU."""
+"""FLOPs of a cross-view training step, counted (not guessed) with torch's FlopCounterMode on a dummy batch, for
+MFU (the trainer divides by :func:`cclm.runtime.flops.peak_flops`)."""
 
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-# Dense bf16 peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-    "V100": 125e12,
-    "4090": 165e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
 
 
 def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vocab_size: int) -> dict:

@@ -3,15 +3,10 @@ through the scripts in ``launch/``."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cclm.runtime.env import free_port
 
 
 def local_pretrain_command(nproc: int, config: str | Path, overrides: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Checkpoints: ``<output_dir>/checkpoints/step_<8-digit step>/`` holds
 
 * the DeepSpeed engine state (model, optimizer, scheduler; ZeRO partitions per rank),
-* ``rank<R>_state.json`` per rank: the data-stream state and the Python/NumPy/torch RNG states,
+* ``rank<R>_state.json`` per rank: the data-stream state, the Python/NumPy/torch RNG states and the trainer's
+  own state (e.g. the model selection of a fine-tuning run),
 * ``model_fp32.safetensors`` + ``config.json``: the consolidated fp32 weights (gathered from every ZeRO stage at
   save time, so export needs no pickle and no ZeRO tooling) and the run's config,
 * ``complete.json``, written last, after every rank finished. Only folders with it count as checkpoints, so a
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
+
+from cclm.runtime.env import barrier, dist_info
 
 COMPLETE = "complete.json"
 FP32_WEIGHTS = "model_fp32.safetensors"
@@ -79,6 +81,17 @@ def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def tied_aliases(module) -> set[str]:
+    """State-dict names that alias an earlier tensor (e.g. an MLM decoder tied to the word embeddings): a
+    consolidated state dict stores such a tensor once."""
+    seen, aliases = set(), set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            aliases.add(name)
+        seen.add(tensor.data_ptr())
+    return aliases
+
+
 def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (a collective under ZeRO-3: all ranks must call it)."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -95,34 +108,46 @@ def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def save(
-    engine, output_dir: str | Path, step: int, rank: int, run_config: dict, data_state: Any, keep_last: int
+    engine,
+    output_dir: str | Path,
+    step: int,
+    rank: int,
+    run_config: dict,
+    data_state: Any,
+    keep_last: int,
+    trainer_state: dict | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
+    """Write a checkpoint (a collective: every rank calls it). ``extra_files`` (name -> file) are copied into
+    the folder by rank 0, e.g. the best weights so far of a run that selects a model."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     path = root / tag
     if rank == 0 and path.exists():  # a leftover of a crash at this very step
         shutil.rmtree(path)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     (path / f"rank{rank}_state.json").write_text(
-        json.dumps({"step": step, "data": data_state, "rng": rng_state()})
+        json.dumps({"step": step, "data": data_state, "rng": rng_state(), "trainer": trainer_state or {}})
     )
     weights = gather_fp32_state_dict(engine)
     if rank == 0:
         # named_parameters lists a tied tensor once (the MLM decoder shares the word embeddings).
         save_file({k: v.contiguous() for k, v in weights.items()}, str(path / FP32_WEIGHTS))
         (path / CONFIG).write_text(json.dumps(run_config, indent=2))
-    _barrier()
+        for name, source in (extra_files or {}).items():
+            shutil.copy2(source, path / name)
+    barrier()
     if rank == 0:
-        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": _world()}))
+        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist_info()[1]}))
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return path
 
 
-def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any]:
-    """Restore engine, RNG and data state; returns (step, data_state)."""
+def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:
+    """Restore engine and RNG state; returns (step, data_state, trainer_state)."""
     state_file = checkpoint / f"rank{rank}_state.json"
     if not state_file.exists():
         raise FileNotFoundError(
@@ -133,13 +158,4 @@ def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any]:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     state = json.loads(state_file.read_text())
     set_rng_state(state["rng"])
-    return int(state["step"]), state["data"]
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    return int(state["step"]), state["data"], state.get("trainer", {})

@@ -1,4 +1,4 @@
-"""Per-language grammars of the synthetic world (:mod:`cclm.data.synthetic`).
+"""Per-language grammars of the synthetic world (:mod:`data_prep.world`).
 
 Every language renders the same five sentence types from the same scene facts:
 
@@ -13,6 +13,10 @@ indefinite article (nominative/accusative/dative, "links von einem blauen Quadra
 number agreement with post-nominal colours (French size adjectives before the noun, Spanish after the colour),
 elision ("d'un", "l'étoile"), Japanese postpositions with the located object last ("青い四角の左に赤い丸") and
 Chinese classifiers ("两个红色的圆形").
+
+English, German, French and Spanish share their sentence frames (:class:`ArticleGrammar`: a noun phrase with an
+indefinite article, the position after it, "there is" before it); French and Spanish also share their agreement
+rules (:class:`RomanceGrammar`). Each language class holds only its words and what is its own.
 """
 
 from __future__ import annotations
@@ -53,7 +57,40 @@ class Grammar(ABC):
         ...
 
 
-class English(Grammar):
+def join_words(*words: str) -> str:
+    """The non-empty ``words`` separated by spaces, except after an elided word ("d'", "l'"), which is written
+    together with the next one."""
+    text = ""
+    for word in filter(None, words):
+        text += word if not text or text.endswith("'") else f" {word}"
+    return text
+
+
+class ArticleGrammar(Grammar):
+    """Sentence frames of the languages with an indefinite article: "<NP> <position>", "<NP> <link> <NP>",
+    "<there is> <NP | count>"."""
+
+    POS: dict[str, str]  # position -> the words after the noun phrase
+    LINK: dict[str, str]  # relation -> the words between the two noun phrases
+    THERE_IS: str
+
+    @abstractmethod
+    def _np(self, colour: str, shape: str, size: str | None = None, case: str = "nom") -> str:
+        """An indefinite noun phrase; ``case`` (nom, acc, dat) matters only where noun phrases decline (German)."""
+        ...
+
+    def single(self, size, colour, shape, position):
+        return join_words(self._np(colour, shape, size), self.POS[position])
+
+    def relation(self, a, relation, b):
+        return join_words(self._np(*a), self.LINK[relation], self._np(*b, case="dat"))
+
+    def exists(self, n, colour, shape):
+        thing = self._np(colour, shape, case="acc") if n == 1 else self.count(n, colour, shape)
+        return join_words(self.THERE_IS, thing)
+
+
+class English(ArticleGrammar):
     lang = "en"
     POS = {
         "left": "on the left",
@@ -62,22 +99,16 @@ class English(Grammar):
         "bottom": "at the bottom",
         "centre": "in the middle",
     }
+    LINK = {"left_of": "to the left of", "above": "above"}
     NUM = {1: "one", 2: "two", 3: "three"}
 
-    def _np(self, colour, shape, size=None):
-        return " ".join(w for w in ("a", size, colour, shape) if w)
-
-    def single(self, size, colour, shape, position):
-        return f"{self._np(colour, shape, size)} {self.POS[position]}"
+    def _np(self, colour, shape, size=None, case="nom"):
+        return join_words("a", size, colour, shape)
 
     def count(self, n, colour, shape):
         return f"{self.NUM[n]} {colour} {shape}s"
 
-    def relation(self, a, relation, b):
-        link = "to the left of" if relation == "left_of" else "above"
-        return f"{self._np(*a)} {link} {self._np(*b)}"
-
-    def exists(self, n, colour, shape):
+    def exists(self, n, colour, shape):  # the verb agrees in number
         return (
             f"there is {self._np(colour, shape)}" if n == 1 else f"there are {self.count(n, colour, shape)}"
         )
@@ -89,7 +120,7 @@ class English(Grammar):
         return (colour,)
 
 
-class German(Grammar):
+class German(ArticleGrammar):
     lang = "de"
     COLOUR = {
         "red": "rot",
@@ -120,27 +151,19 @@ class German(Grammar):
     }
     DEF_NOM = {"m": "der", "n": "das", "f": "die"}
     POS = {"left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "centre": "in der Mitte"}
+    LINK = {"left_of": "links von", "above": "über"}
+    THERE_IS = "es gibt"
     NUM = {2: "zwei", 3: "drei"}
 
-    def _np(self, case, colour, shape, size=None):
+    def _np(self, colour, shape, size=None, case="nom"):
         noun, _, gender = self.NOUN[shape]
         article, ending = self.INDEF[(case, gender)]
         adjectives = [self.SIZE[size] + ending] if size else []
         adjectives.append(self.COLOUR[colour] + ending)
         return " ".join([article, *adjectives, noun])
 
-    def single(self, size, colour, shape, position):
-        return f"{self._np('nom', colour, shape, size)} {self.POS[position]}"
-
     def count(self, n, colour, shape):
         return f"{self.NUM[n]} {self.COLOUR[colour]}e {self.NOUN[shape][1]}"  # strong plural: -e
-
-    def relation(self, a, relation, b):
-        link = "links von" if relation == "left_of" else "über"
-        return f"{self._np('nom', *a)} {link} {self._np('dat', *b)}"
-
-    def exists(self, n, colour, shape):
-        return f"es gibt {self._np('acc', colour, shape) if n == 1 else self.count(n, colour, shape)}"
 
     def neutral(self, colour, shape):
         noun, _, gender = self.NOUN[shape]
@@ -150,9 +173,45 @@ class German(Grammar):
         return (self.COLOUR[colour],)
 
 
-class French(Grammar):
+class RomanceGrammar(ArticleGrammar):
+    """French and Spanish: articles and adjectives agree with the noun in gender and number; the colour follows
+    the noun."""
+
+    COLOUR: dict[str, tuple[str, str, str, str]]  # masculine, feminine singular; masculine, feminine plural
+    SIZE: dict[str, tuple[str, str]]  # masculine, feminine
+    NOUN: dict[str, tuple[str, str, str]]  # singular, plural, gender
+    ARTICLE: tuple[str, str]  # indefinite: masculine, feminine
+    SIZE_BEFORE_NOUN: bool
+    NUM: dict[int, str]
+    WOODEN: str  # the predicate of the neutral hypothesis
+
+    @abstractmethod
+    def _definite(self, noun: str, feminine: bool) -> str: ...
+
+    def _np(self, colour, shape, size=None, case="nom"):
+        noun, _, gender = self.NOUN[shape]
+        fem = gender == "f"
+        size_word = self.SIZE[size][fem] if size else None
+        colour_word = self.COLOUR[colour][fem]
+        if self.SIZE_BEFORE_NOUN:
+            return join_words(self.ARTICLE[fem], size_word, noun, colour_word)
+        return join_words(self.ARTICLE[fem], noun, colour_word, size_word)
+
+    def count(self, n, colour, shape):
+        _, plural, gender = self.NOUN[shape]
+        return f"{self.NUM[n]} {plural} {self.COLOUR[colour][2 + (gender == 'f')]}"
+
+    def neutral(self, colour, shape):
+        noun, _, gender = self.NOUN[shape]
+        fem = gender == "f"
+        return join_words(self._definite(noun, fem), noun, self.COLOUR[colour][fem], self.WOODEN)
+
+    def colour_words(self, colour):
+        return self.COLOUR[colour]
+
+
+class French(RomanceGrammar):
     lang = "fr"
-    # colour: (m sg, f sg, m pl, f pl)
     COLOUR = {
         "red": ("rouge", "rouge", "rouges", "rouges"),
         "green": ("vert", "verte", "verts", "vertes"),
@@ -168,6 +227,8 @@ class French(Grammar):
         "triangle": ("triangle", "triangles", "m"),
         "star": ("étoile", "étoiles", "f"),
     }
+    ARTICLE = ("un", "une")
+    SIZE_BEFORE_NOUN = True
     POS = {
         "left": "à gauche",
         "right": "à droite",
@@ -175,41 +236,16 @@ class French(Grammar):
         "bottom": "en bas",
         "centre": "au centre",
     }
+    LINK = {"left_of": "à gauche d'", "above": "au-dessus d'"}  # de + un(e) -> d'un(e)
+    THERE_IS = "il y a"
     NUM = {2: "deux", 3: "trois"}
+    WOODEN = "est en bois"
 
-    def _np(self, colour, shape, size=None):
-        noun, _, gender = self.NOUN[shape]
-        fem = gender == "f"
-        words = ["une" if fem else "un"]
-        if size:
-            words.append(self.SIZE[size][fem])
-        words += [noun, self.COLOUR[colour][fem]]
-        return " ".join(words)
-
-    def single(self, size, colour, shape, position):
-        return f"{self._np(colour, shape, size)} {self.POS[position]}"
-
-    def count(self, n, colour, shape):
-        _, plural, gender = self.NOUN[shape]
-        return f"{self.NUM[n]} {plural} {self.COLOUR[colour][2 + (gender == 'f')]}"
-
-    def relation(self, a, relation, b):
-        link = "à gauche" if relation == "left_of" else "au-dessus"
-        return f"{self._np(*a)} {link} d'{self._np(*b)}"  # de + un(e) -> d'un(e)
-
-    def exists(self, n, colour, shape):
-        return f"il y a {self._np(colour, shape) if n == 1 else self.count(n, colour, shape)}"
-
-    def neutral(self, colour, shape):
-        noun, _, gender = self.NOUN[shape]
-        article = "l'" if noun[0] in "aeiouéè" else ("la " if gender == "f" else "le ")
-        return f"{article}{noun} {self.COLOUR[colour][gender == 'f']} est en bois"
-
-    def colour_words(self, colour):
-        return self.COLOUR[colour]
+    def _definite(self, noun, feminine):
+        return "l'" if noun[0] in "aeiouéè" else ("la" if feminine else "le")
 
 
-class Spanish(Grammar):
+class Spanish(RomanceGrammar):
     lang = "es"
     COLOUR = {
         "red": ("rojo", "roja", "rojos", "rojas"),
@@ -226,6 +262,8 @@ class Spanish(Grammar):
         "triangle": ("triángulo", "triángulos", "m"),
         "star": ("estrella", "estrellas", "f"),
     }
+    ARTICLE = ("un", "una")
+    SIZE_BEFORE_NOUN = False
     POS = {
         "left": "a la izquierda",
         "right": "a la derecha",
@@ -233,37 +271,13 @@ class Spanish(Grammar):
         "bottom": "abajo",
         "centre": "en el centro",
     }
+    LINK = {"left_of": "a la izquierda de", "above": "encima de"}
+    THERE_IS = "hay"
     NUM = {2: "dos", 3: "tres"}
+    WOODEN = "es de madera"
 
-    def _np(self, colour, shape, size=None):
-        noun, _, gender = self.NOUN[shape]
-        fem = gender == "f"
-        words = ["una" if fem else "un", noun, self.COLOUR[colour][fem]]
-        if size:
-            words.append(self.SIZE[size][fem])
-        return " ".join(words)
-
-    def single(self, size, colour, shape, position):
-        return f"{self._np(colour, shape, size)} {self.POS[position]}"
-
-    def count(self, n, colour, shape):
-        _, plural, gender = self.NOUN[shape]
-        return f"{self.NUM[n]} {plural} {self.COLOUR[colour][2 + (gender == 'f')]}"
-
-    def relation(self, a, relation, b):
-        link = "a la izquierda de" if relation == "left_of" else "encima de"
-        return f"{self._np(*a)} {link} {self._np(*b)}"
-
-    def exists(self, n, colour, shape):
-        return f"hay {self._np(colour, shape) if n == 1 else self.count(n, colour, shape)}"
-
-    def neutral(self, colour, shape):
-        noun, _, gender = self.NOUN[shape]
-        fem = gender == "f"
-        return f"{'la' if fem else 'el'} {noun} {self.COLOUR[colour][fem]} es de madera"
-
-    def colour_words(self, colour):
-        return self.COLOUR[colour]
+    def _definite(self, noun, feminine):
+        return "la" if feminine else "el"
 
 
 class Japanese(Grammar):

@@ -21,7 +21,13 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
 
 class RunLogger:
     def __init__(
-        self, output_dir: str | Path, rank: int, max_steps: int, start_step: int, enabled_bar: bool = True
+        self,
+        output_dir: str | Path,
+        rank: int,
+        max_steps: int,
+        start_step: int,
+        enabled_bar: bool = True,
+        desc: str = "train",
     ):
         self.rank = rank
         self.writer = None
@@ -39,7 +45,7 @@ class RunLogger:
         self.bar = tqdm(
             total=max_steps,
             initial=start_step,
-            desc="pretrain",
+            desc=desc,
             dynamic_ncols=True,
             disable=not enabled_bar,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,

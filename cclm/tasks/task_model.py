@@ -71,22 +71,36 @@ class TaskModel(nn.Module):
         image_mask = torch.ones(image_tokens.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
         return self.backbone.fuse(text_tokens, text_mask, image_tokens, image_mask)[:, 0]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class logits [B, num_labels] of a classification batch."""
-        ids, mask = batch["text_ids"], batch["text_mask"]
+    def features(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the fused [CLS] ([B, hidden]), or for image pairs (images [B, 2, 3, H, W]) the
+        [CLS] of the text fused with each image, concatenated ([B, 2 * hidden]; both images in one pass)."""
         if self.kind == "single":
-            return self.head(self.fused_cls(batch["images"], ids, mask))
-        if self.kind == "pair":  # images [B, 2, 3, H, W]: both images of every example in one pass
-            images = batch["images"]
+            return self.fused_cls(images, text_ids, text_mask)
+        if self.kind == "pair":
             size = images.shape[0]
-            cls = self.fused_cls(images.transpose(0, 1).flatten(0, 1), ids.repeat(2, 1), mask.repeat(2, 1))
-            return self.head(torch.cat([cls[:size], cls[size:]], dim=-1))
-        raise ValueError("retrieval models have no class logits; use loss() and the retrieval evaluation")
+            both = self.fused_cls(
+                images.transpose(0, 1).flatten(0, 1), text_ids.repeat(2, 1), text_mask.repeat(2, 1)
+            )
+            return torch.cat([both[:size], both[size:]], dim=-1)
+        raise ValueError("retrieval models have no class logits; use the retrieval evaluation")
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.kind == "retrieval":  # ITC + ITM (no MLM: the batch carries no masked ids)
-            return self.backbone(batch, "image")["loss"]
-        return F.cross_entropy(self(batch).float(), batch["labels"])
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits [B, num_labels] of a classification batch."""
+        return self.head(self.features(batch["images"], batch["text_ids"], batch["text_mask"]))
+
+    def forward(self, batch: dict[str, torch.Tensor], view: str = "task") -> dict[str, torch.Tensor]:
+        """The training losses of a batch, as the trainer calls every model: ``{"loss": ...}``. Retrieval tasks
+        fine-tune ITC + ITM of the backbone (no MLM: the batch carries no masked ids)."""
+        if self.kind == "retrieval":
+            return self.backbone(batch, "image")
+        loss = F.cross_entropy(self.logits(batch).float(), batch["labels"])
+        return {"ce": loss, "loss": loss}
+
+    def rebuilt(self) -> TaskModel:
+        """The same architecture with fresh, whole parameters (a ZeRO-3 engine partitions the trained ones)."""
+        return TaskModel(
+            CrossViewModel(self.backbone.cfg, load_pretrained=False), self.task, self.kind, self.label_names
+        )
 
     def head_parameter_names(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.startswith("head.")}

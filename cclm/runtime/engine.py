@@ -1,0 +1,139 @@
+"""The DeepSpeed engine: its JSON config generated from the typed ``deepspeed`` section (over an optional user
+file), and ``deepspeed.initialize`` around a model, optimizer and schedule built by :mod:`cclm.runtime`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cclm.config import ConfigError, Precision
+from cclm.runtime.env import DistEnv, resolve_precision
+from cclm.runtime.optim import build_optimizer
+from cclm.runtime.schedule import build_scheduler
+
+
+def deepspeed_config(
+    ds_cfg,
+    micro_batch_size: int,
+    world_size: int,
+    grad_accum: int = 1,
+    grad_clip: float = 1.0,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed JSON from a :class:`cclm.config.DeepSpeedConfig`; inconsistent batch sizes fail here.
+    ``precision: auto`` becomes bf16 on a GPU with bf16 support and fp32 elsewhere (``device``)."""
+    base: dict[str, Any] = {}
+    if ds_cfg.config_file:
+        path = Path(ds_cfg.config_file)
+        if not path.exists():
+            raise ConfigError(f"deepspeed.config_file: {path} does not exist")
+        base = json.loads(path.read_text())
+    expected = micro_batch_size * grad_accum * world_size
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", micro_batch_size),
+        ("gradient_accumulation_steps", grad_accum),
+        ("train_batch_size", expected),
+    ):
+        if key in base and base[key] not in (value, "auto"):
+            raise ConfigError(
+                f"batch size mismatch: {key}={base[key]} in {ds_cfg.config_file}, but micro-batch {micro_batch_size}"
+                f" x grad_accum {grad_accum} x world size {world_size} gives {key}={value}"
+            )
+    zero = dict(base.get("zero_optimization", {}))
+    stage = ds_cfg.zero_stage if ds_cfg.zero_stage is not None else int(zero.get("stage", 0))
+    precision = Precision(ds_cfg.precision) if ds_cfg.precision is not None else _file_precision(base)
+    precision = resolve_precision(device or torch.device("cpu"), precision)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: {stage} is not 0, 1, 2 or 3")
+    zero["stage"] = stage
+    if ds_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds_cfg.offload_params:
+        if stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {**base}
+    config.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        train_batch_size=expected,
+        gradient_clipping=grad_clip,
+        zero_optimization=zero,
+        bf16={"enabled": precision == Precision.bf16},
+        fp16={**base.get("fp16", {}), "enabled": precision == Precision.fp16},
+        steps_per_print=10**9,
+        zero_allow_untested_optimizer=True,
+        wall_clock_breakdown=False,
+    )
+    return config
+
+
+def _file_precision(base: dict[str, Any]) -> Precision:
+    if base.get("bf16", {}).get("enabled"):
+        return Precision.bf16
+    if base.get("fp16", {}).get("enabled"):
+        return Precision.fp16
+    return Precision.fp32
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config["zero_optimization"]["stage"])
+
+
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    return "offload_optimizer" in config["zero_optimization"]
+
+
+def build_engine(
+    model,
+    *,
+    env: DistEnv,
+    optimizer_cfg,
+    scheduler_cfg,
+    deepspeed_cfg,
+    micro_batch: int,
+    max_steps: int,
+    grad_accum: int = 1,
+    grad_clip: float = 1.0,
+    lr_mults: Mapping[str, float] | None = None,
+    effective_step: Callable[[int], float] | None = None,
+):
+    """AdamW (:mod:`cclm.runtime.optim`) + the schedule + ``deepspeed.initialize`` around ``model``.
+
+    ``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps`` (an :class:`OptimizerConfig`);
+    ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
+    Returns (engine, optimizer, scheduler, the DeepSpeed JSON config)."""
+    import deepspeed
+
+    config = deepspeed_config(deepspeed_cfg, micro_batch, env.world_size, grad_accum, grad_clip, env.device)
+    model.to(env.device)
+    optimizer = build_optimizer(
+        model,
+        lr=float(optimizer_cfg.lr),
+        weight_decay=float(optimizer_cfg.weight_decay),
+        betas=tuple(optimizer_cfg.betas),
+        eps=float(optimizer_cfg.eps),
+        lr_mults=lr_mults,
+        name=getattr(optimizer_cfg, "name", "adamw"),
+        fused=env.device.type == "cuda" and not offloads_optimizer(config),
+    )
+    scheduler = build_scheduler(optimizer, scheduler_cfg, max_steps, effective_step)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine, optimizer, scheduler, config
+
+
+def full_parameters(engine):
+    """A context in which every parameter of the engine's module is whole on every rank (ZeRO-3 partitions
+    them; other stages need nothing): for evaluation during training. A collective: all ranks enter it."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)

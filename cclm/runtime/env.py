@@ -1,0 +1,154 @@
+"""Where a process runs: distributed init (torchrun, the deepspeed launcher, srun, or none), rank and world, the
+device, one precision vocabulary, seeding, and moving a batch to the device."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cclm.config import Precision
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _join_group(device: torch.device) -> None:
+    """Join the process group through DeepSpeed: NCCL on GPUs, gloo on CPU (without compiling DeepSpeed's
+    shared-memory op, which takes ~25 s and is not needed for correctness)."""
+    import deepspeed
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the torch library under the
+    # name `torch`, so attribute-style import would hand back torch itself.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if device.type != "cuda":
+        ds_comm_torch.build_shm_op = lambda: None
+    else:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def init_distributed(device: str | torch.device | None = "auto") -> DistEnv:
+    """Join (or create) the process group and describe this process. Works under any launcher and alone: a
+    plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then)."""
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    device = resolve_device(device)
+    if not dist.is_initialized():
+        _join_group(device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
+
+
+def join_launched_group(device: torch.device) -> bool:
+    """Join the process group only when a launcher started several processes (evaluation, inference); returns
+    whether this call created it (and so should :func:`leave_group` afterwards)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    _join_group(device)
+    return True
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current_env(device: str | torch.device | None = "auto") -> DistEnv:
+    """This process as it stands (no initialisation)."""
+    rank, world = dist_info()
+    return DistEnv(rank, world, local_rank(), resolve_device(device))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def uses_bf16(device: torch.device, precision: str | Precision = Precision.auto) -> bool:
+    """``auto``: bf16 on a GPU that supports it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    precision = Precision(precision)
+    if precision == Precision.auto:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == Precision.bf16
+
+
+def resolve_precision(device: torch.device, precision: str | Precision = Precision.auto) -> Precision:
+    """``auto`` made concrete for ``device``: bf16 or fp32."""
+    precision = Precision(precision)
+    if precision != Precision.auto:
+        return precision
+    return Precision.bf16 if uses_bf16(device, precision) else Precision.fp32
+
+
+def compute_dtype(device: torch.device, precision: str | Precision = Precision.auto) -> torch.dtype:
+    return {
+        Precision.fp32: torch.float32,
+        Precision.bf16: torch.bfloat16,
+        Precision.fp16: torch.float16,
+    }[resolve_precision(device, precision)]
+
+
+def autocast(device: torch.device, precision: str | Precision = Precision.auto):
+    """Autocast to the half type of ``precision`` on ``device``; a no-op context for fp32."""
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------- seeding
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a batch moved to ``device``; other values (texts, language codes) as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

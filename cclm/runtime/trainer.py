@@ -1,0 +1,445 @@
+"""The one training loop, under pretraining, fine-tuning and the recipes' stages.
+
+A workflow hands the :class:`Trainer`
+* a module whose ``forward(batch, view) -> {"loss": ..., other named losses}``,
+* a :class:`BatchSource` (``views``, ``view_for_step``, ``next_batch``, and ``state_dict`` / ``load_state_dict``
+  so that a resumed run continues exactly where the stream was),
+* the loop, optimizer, schedule and DeepSpeed settings, and optionally an evaluation hook (``evaluate(module)
+  -> scalars``) with the name of the metric that selects the weights to keep.
+
+The trainer builds the optimizer (:mod:`cclm.runtime.optim`), the schedule and the DeepSpeed engine, resumes from
+the newest complete checkpoint when asked, and runs: ``grad_accum`` micro-steps per optimizer step over the step's
+view(s), logging (TensorBoard, ``metrics.jsonl``, a progress bar) with interval means of every loss, lr,
+grad norm, samples/s, tokens/s, the data-wait fraction and MFU on GPUs, periodic evaluation, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cclm.config import ConfigError, ViewSchedule
+from cclm.runtime import checkpoint
+from cclm.runtime.engine import (
+    build_engine,
+    full_parameters,
+    zero_stage,
+)
+from cclm.runtime.env import DistEnv, barrier, to_device
+from cclm.runtime.flops import peak_flops
+from cclm.runtime.logging import RunLogger, truncate_metrics
+
+log = logging.getLogger("cclm.train")
+BEST_DIR = "best"
+BEST_WEIGHTS = "model_fp32.safetensors"
+BEST_INFO = "best.json"
+CHECKPOINT_BEST = "best_fp32.safetensors"
+
+
+class BatchSource(Protocol):
+    views: Sequence[str]
+
+    def view_for_step(self, step: int) -> str: ...
+
+    def next_batch(self, view: str) -> dict[str, Any]: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """How long and how the loop runs; every workflow fills one from its own config section."""
+
+    max_steps: int
+    log_every: int = 10
+    save_every: int = 0  # 0: no checkpoints (the run cannot be resumed)
+    eval_every: int = 0  # with an evaluation hook: also at the last step
+    keep_last: int = 3
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    view_schedule: ViewSchedule = ViewSchedule.alternate
+    time_limit_s: float = 0.0  # > 0: stop after this much training time; the schedule anneals by time too
+    activation_checkpointing: bool = False
+    select_metric: str | None = (
+        None  # evaluation scalar whose maximum selects the weights :meth:`finish` keeps
+    )
+    desc: str = "train"  # progress-bar label
+    progress_bar: bool = True
+
+    @classmethod
+    def from_train_config(cls, train_cfg, max_steps: int | None = None, desc: str = "train") -> LoopConfig:
+        """From a :class:`cclm.config.TrainConfig` (pretraining, the recipes' stages)."""
+        return cls(
+            max_steps=int(max_steps if max_steps is not None else train_cfg.max_steps),
+            log_every=int(train_cfg.log_every),
+            save_every=int(train_cfg.save_every),
+            eval_every=int(train_cfg.eval_every),
+            keep_last=int(train_cfg.keep_last),
+            grad_accum=int(train_cfg.grad_accum),
+            grad_clip=float(train_cfg.grad_clip),
+            view_schedule=train_cfg.view_schedule,
+            activation_checkpointing=bool(train_cfg.activation_checkpointing),
+            desc=desc,
+        )
+
+    def validate(self) -> None:
+        if self.max_steps <= 0 or self.log_every <= 0:
+            raise ConfigError(f"steps ({self.max_steps}) and log_every ({self.log_every}) must be positive")
+        if self.save_every < 0 or self.eval_every < 0 or self.grad_accum <= 0:
+            raise ConfigError("save_every and eval_every must be >= 0, grad_accum > 0")
+
+
+@dataclass
+class Selection:
+    """The evaluation that selected the kept weights, and every evaluation of the run."""
+
+    best_score: float = float("-inf")
+    best_step: int = 0
+    steps: int = 0
+    history: list[dict] | None = None
+
+    def state(self) -> dict:
+        return {"best_score": self.best_score, "best_step": self.best_step, "history": self.history or []}
+
+
+def _batch_counts(batch: Mapping[str, Any]) -> tuple[int, int]:
+    """(samples, text tokens): rows of the first tensor, and the ones of every 2-D ``*_mask``."""
+    tensors = [v for v in batch.values() if torch.is_tensor(v)]
+    samples = int(tensors[0].shape[0]) if tensors else 0
+    tokens = sum(
+        int(v.sum()) for k, v in batch.items() if k.endswith("_mask") and torch.is_tensor(v) and v.ndim == 2
+    )
+    return samples, tokens
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        source: BatchSource,
+        loop: LoopConfig,
+        *,
+        env: DistEnv,
+        optimizer_cfg,
+        scheduler_cfg,
+        deepspeed_cfg,
+        micro_batch: int,
+        output_dir: str | Path,
+        lr_mults: Mapping[str, float] | None = None,
+        run_config: dict | None = None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        flops_per_sample: Mapping[str, float] | None = None,
+        resume: str | None = None,
+    ):
+        """``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps`` (an :class:`OptimizerConfig`);
+        ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
+        ``resume``: None, ``"auto"`` (the newest complete checkpoint in ``output_dir``, if any) or a checkpoint
+        folder. Nothing is written before the configuration has been checked."""
+        loop.validate()
+        if loop.select_metric and evaluate is None:
+            raise ConfigError("selecting weights by an evaluation metric needs an evaluation hook")
+        self.loop, self.env, self.source = loop, env, source
+        self.evaluate_fn, self.flops_per_sample = evaluate, dict(flops_per_sample or {})
+        self.output_dir = Path(output_dir)
+        self.run_config = run_config or {}
+        target = self._resume_target(resume)  # a bad resume path fails before anything is built
+        if loop.activation_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"activation checkpointing: {type(model).__name__} does not support it")
+            model.set_grad_checkpointing(True)
+        self._start_time = time.monotonic()
+        self._time_before = 0.0  # training seconds of the run before a resume (time-limited runs)
+        self.engine, self.optimizer, self.scheduler, ds_config = build_engine(
+            model,
+            env=env,
+            optimizer_cfg=optimizer_cfg,
+            scheduler_cfg=scheduler_cfg,
+            deepspeed_cfg=deepspeed_cfg,
+            micro_batch=micro_batch,
+            max_steps=loop.max_steps,
+            grad_accum=loop.grad_accum,
+            grad_clip=loop.grad_clip,
+            lr_mults=lr_mults,
+            effective_step=self._schedule_step,
+        )
+        self.model = self.engine.module
+        self.zero_stage = zero_stage(ds_config)
+        self.step = 0
+        self.selection = Selection(history=[])
+        self._start(target)
+
+    # ------------------------------------------------------------------------------------------------ start
+    def _resume_target(self, resume: str | None) -> Path | None:
+        if resume == "auto":
+            return checkpoint.latest_checkpoint(self.output_dir)
+        if resume:
+            target = Path(resume)
+            if not (target / checkpoint.COMPLETE).exists():
+                raise ConfigError(f"resume: {target} is not a complete checkpoint")
+            return target
+        return None
+
+    def _start(self, target: Path | None) -> None:
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        if target is not None:
+            self.step, data_state, state = checkpoint.load(self.engine, target, self.env.rank)
+            self.source.load_state_dict(data_state)
+            self._time_before = float(state.get("train_seconds", 0.0))
+            if "selection" in state:
+                sel = state["selection"]
+                self.selection = Selection(sel["best_score"], sel["best_step"], 0, list(sel["history"]))
+            if self.env.is_main:
+                truncate_metrics(self.output_dir, self.step)
+                self._restore_best(target)
+                log.info("resumed from %s at step %d", target, self.step)
+        else:
+            if self.env.is_main:
+                truncate_metrics(self.output_dir, 0)
+                best = self.output_dir / BEST_DIR
+                for name in (BEST_WEIGHTS, BEST_INFO):
+                    (best / name).unlink(missing_ok=True)
+        barrier()
+        self._start_time = time.monotonic()
+
+    def _restore_best(self, target: Path) -> None:
+        """The best weights as they were at the checkpoint (a later, lost evaluation must not leak in)."""
+        best = self.output_dir / BEST_DIR
+        saved = target / CHECKPOINT_BEST
+        if saved.exists():
+            best.mkdir(parents=True, exist_ok=True)
+            _atomic_copy(saved, best / BEST_WEIGHTS)
+            (best / BEST_INFO).write_text(json.dumps(self.selection.state()))
+        else:
+            for name in (BEST_WEIGHTS, BEST_INFO):
+                (best / name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------------- time
+    def train_seconds(self) -> float:
+        return self._time_before + time.monotonic() - self._start_time
+
+    def _schedule_step(self, step: int) -> float:
+        """The schedule's step: the optimizer step, or further along when a time limit will end the run first."""
+        limit = self.loop.time_limit_s
+        if limit <= 0:
+            return step
+        return max(step, min(1.0, self.train_seconds() / limit) * self.loop.max_steps)
+
+    def _out_of_time(self) -> bool:
+        if self.loop.time_limit_s <= 0:
+            return False
+        flag = torch.tensor([float(self.train_seconds() > self.loop.time_limit_s)])
+        if dist.is_initialized() and self.env.world_size > 1:  # every rank stops at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def views_for_step(self, step: int) -> list[str]:
+        if self.loop.view_schedule == ViewSchedule.sum:
+            return list(self.source.views)
+        return [self.source.view_for_step(step)]
+
+    def train_step(self, stats: dict[str, float]) -> None:
+        """One optimizer step: ``grad_accum`` micro-steps over the step's view(s)."""
+        for _ in range(self.loop.grad_accum):
+            total = 0.0
+            for view in self.views_for_step(self.step):
+                t0 = time.perf_counter()
+                batch = self.source.next_batch(view)
+                stats["data_time"] += time.perf_counter() - t0
+                samples, tokens = _batch_counts(batch)
+                stats["samples"] += samples
+                stats["tokens"] += tokens
+                stats["flops"] += samples * self.flops_per_sample.get(view, 0.0)
+                out = self.engine(to_device(batch, self.env.device), view)
+                for name, value in out.items():
+                    _accumulate(stats, f"{view}/{name}", value.detach().float().item())
+                total = total + out["loss"]
+            _accumulate(stats, "loss", total.detach().float().item() / self.loop.grad_accum)
+            self.engine.backward(total)
+            self.engine.step()
+        self.step += 1
+
+    def _scalars(self, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+        """Interval means, averaged over ranks. Every rank holds the same keys: views follow the step number."""
+        world = self.env.world_size
+        keys = sorted(k[len("sum:") :] for k in stats if k.startswith("sum:"))
+        values = torch.tensor([stats["sum:" + k] / stats["count:" + k] for k in keys], dtype=torch.float64)
+        totals = torch.tensor(
+            [stats["samples"], stats["tokens"], stats["flops"], stats["data_time"]], dtype=torch.float64
+        )
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(values)
+            values /= world
+            dist.all_reduce(totals)
+        out = {k: float(v) for k, v in zip(keys, values)}
+        out["lr"] = self._base_lr()
+        if hasattr(self.model, "logged_scalars"):
+            out.update(self.model.logged_scalars())
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            out["grad_norm"] = float(norm)
+        elapsed = max(elapsed, 1e-9)
+        out["samples_per_s"] = float(totals[0]) / elapsed
+        out["tokens_per_s"] = float(totals[1]) / elapsed
+        out["data_wait_frac"] = float(totals[3]) / world / elapsed
+        peak = peak_flops(self.env.device)
+        if peak and self.flops_per_sample:
+            out["mfu"] = float(totals[2]) / elapsed / (peak * world)
+        if hasattr(self.source, "skip_counts"):
+            out["skipped_samples"] = float(sum(self.source.skip_counts().values()))
+        return out
+
+    def _base_lr(self) -> float:
+        """The learning rate of the groups without a multiplier (the first group's when all have one)."""
+        groups = self.optimizer.param_groups
+        plain = [g for g in groups if g.get("lr_mult", 1.0) == 1.0]
+        return float((plain or groups)[0]["lr"])
+
+    # -------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, float]:
+        """Train to ``max_steps`` (or the time limit); returns the last logged scalars."""
+        loop = self.loop
+        logger = RunLogger(
+            self.output_dir, self.env.rank, loop.max_steps, self.step, loop.progress_bar, desc=loop.desc
+        )
+        stats: dict[str, float] = defaultdict(float)
+        last: dict[str, float] = {}
+        t_start = time.perf_counter()
+        self.engine.train()
+        try:
+            while self.step < loop.max_steps:
+                self.train_step(stats)
+                logger.advance()
+                done = self.step >= loop.max_steps or self._out_of_time()
+                evaluate = self.evaluate_fn is not None and (
+                    done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
+                )
+                if self.step % loop.log_every == 0 or done or evaluate:
+                    last = self._scalars(stats, time.perf_counter() - t_start)
+                    if evaluate:
+                        last.update(self.evaluate(last.get("loss")))
+                    logger.log(self.step, last)
+                    stats.clear()
+                    t_start = time.perf_counter()
+                if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
+                    self.save()
+                if done:
+                    break
+        finally:
+            logger.close()
+        self.selection.steps = self.step
+        return last
+
+    def evaluate(self, train_loss: float | None = None) -> dict[str, float]:
+        """Run the evaluation hook on whole weights (gathered under ZeRO-3); with ``select_metric``, keep the
+        weights of the best evaluation so far in ``<output_dir>/best/``."""
+        self.model.eval()
+        try:
+            with full_parameters(self.engine), torch.no_grad():
+                result = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+        finally:
+            self.model.train()
+        record = {"step": self.step, **result, "loss": train_loss if train_loss is not None else float("nan")}
+        if hasattr(self.source, "epochs_done"):
+            record["epoch"] = self.source.epochs_done
+        self.selection.history.append(record)
+        metric = self.loop.select_metric
+        if metric:
+            if metric not in result:
+                raise KeyError(
+                    f"the evaluation returned {sorted(result)}, not the selection metric '{metric}'"
+                )
+            if result[metric] > self.selection.best_score:
+                self.selection.best_score, self.selection.best_step = result[metric], self.step
+                self._write_best()
+        return result
+
+    def _write_best(self) -> None:
+        weights = checkpoint.gather_fp32_state_dict(self.engine)  # a collective under ZeRO-3
+        if self.env.is_main:
+            best = self.output_dir / BEST_DIR
+            best.mkdir(parents=True, exist_ok=True)
+            tmp = best / (BEST_WEIGHTS + ".tmp")
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+            os.replace(tmp, best / BEST_WEIGHTS)
+            (best / BEST_INFO).write_text(json.dumps(self.selection.state()))
+        barrier()
+
+    def save(self) -> Path:
+        best = self.output_dir / BEST_DIR / BEST_WEIGHTS
+        state = {"train_seconds": self.train_seconds()}
+        if self.loop.select_metric:
+            state["selection"] = self.selection.state()
+        return checkpoint.save(
+            self.engine,
+            self.output_dir,
+            self.step,
+            self.env.rank,
+            self.run_config,
+            self.source.state_dict(),
+            self.loop.keep_last,
+            trainer_state=state,
+            extra_files={CHECKPOINT_BEST: best} if self.loop.select_metric and best.exists() else None,
+        )
+
+    # ------------------------------------------------------------------------------------------------ finish
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights: the selected ones when the run selects by an evaluation metric, else the last.
+        A collective under ZeRO-3 (every rank calls it)."""
+        best = self.output_dir / BEST_DIR / BEST_WEIGHTS
+        if self.loop.select_metric:
+            barrier()
+            if not best.exists():
+                raise FileNotFoundError(f"{best} is missing: the run never evaluated")
+            return load_file(str(best))
+        return checkpoint.gather_fp32_state_dict(self.engine)
+
+    def finish(self, into: nn.Module | None = None) -> nn.Module:
+        """The trained module in fp32 holding :meth:`final_state_dict`, ready for evaluation or saving.
+        Under ZeRO-3 the engine's module is partitioned: pass a freshly built module of the same kind (``into``)."""
+        state = self.final_state_dict()
+        if into is None:
+            if self.zero_stage == 3:
+                raise ConfigError("under ZeRO-3 the trained module must be rebuilt: pass `into`")
+            into = self.model
+        into.float()
+        missing, unexpected = into.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - checkpoint.tied_aliases(into):
+            raise RuntimeError(
+                f"final weights do not match the module: missing={missing} unexpected={unexpected}"
+            )
+        return into.eval()
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _accumulate(stats: dict[str, float], key: str, value: float) -> None:
+    stats["sum:" + key] += value
+    stats["count:" + key] += 1
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, target)

@@ -1,0 +1,102 @@
+"""Fine-tuning a task model on the runtime's :class:`~cclm.runtime.trainer.Trainer` (DeepSpeed ZeRO, bf16,
+several GPUs, exact resume, TensorBoard), with model selection on a dev score: the weights of the best dev
+evaluation are kept (selection never looks at a test set). Predictions for scoring run on the trained module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cclm.config import DeepSpeedConfig, OptimizerConfig, ScheduleName, SchedulerConfig
+from cclm.runtime.env import DistEnv, autocast, to_device
+from cclm.runtime.optim import multipliers
+from cclm.runtime.sources import EpochBatches
+from cclm.runtime.trainer import LoopConfig, Selection, Trainer
+from cclm.tasks.task_model import TaskModel
+
+DEV = "dev"
+
+
+@dataclass
+class FinetuneSettings:
+    """One fine-tuning run: the loop and optimisation settings of ``cclm finetune`` for one learning rate."""
+
+    lr: float
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops earlier than `epochs`
+    weight_decay: float = 0.01
+    head_lr_mult: float = 1.0
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: at the end of every epoch
+    log_every: int = 10
+    save_every: int = 0  # > 0: checkpoints for resume
+    keep_last: int = 2
+    time_limit_s: float = 0.0
+
+
+def finetune(
+    model: TaskModel,
+    source: EpochBatches,
+    dev_score: Callable[[TaskModel], float],
+    settings: FinetuneSettings,
+    *,
+    env: DistEnv,
+    output_dir: str | Path,
+    deepspeed_cfg=None,
+    run_config: dict | None = None,
+    resume: str | None = None,
+) -> tuple[TaskModel, Selection]:
+    """Train ``model`` on ``source``; evaluate ``dev_score`` every ``eval_every`` steps (each epoch by default)
+    and at the end; return the module holding the weights of its best dev evaluation (fp32, eval mode)."""
+    steps = settings.max_steps if settings.max_steps > 0 else settings.epochs * len(source)
+    loop = LoopConfig(
+        max_steps=steps,
+        log_every=settings.log_every,
+        save_every=settings.save_every,
+        eval_every=settings.eval_every if settings.eval_every > 0 else len(source),
+        keep_last=settings.keep_last,
+        grad_clip=settings.grad_clip,
+        time_limit_s=settings.time_limit_s,
+        select_metric=DEV,
+        desc=model.task,
+    )
+    trainer = Trainer(
+        model,
+        source,
+        loop,
+        env=env,
+        optimizer_cfg=OptimizerConfig(lr=settings.lr, weight_decay=settings.weight_decay, betas=[0.9, 0.999]),
+        scheduler_cfg=SchedulerConfig(name=ScheduleName.linear, warmup_ratio=settings.warmup_ratio),
+        deepspeed_cfg=deepspeed_cfg if deepspeed_cfg is not None else DeepSpeedConfig(),
+        micro_batch=source.batch_size,
+        output_dir=output_dir,
+        lr_mults=multipliers(model.head_parameter_names(), settings.head_lr_mult),
+        run_config=run_config,
+        evaluate=lambda module: {DEV: float(dev_score(module))},
+        resume=resume,
+    )
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    trained = trainer.finish(into=model.rebuilt().to(env.device) if trainer.zero_stage == 3 else None)
+    return trained, trainer.selection
+
+
+@torch.no_grad()
+def predict(model: TaskModel, batches: Iterable[dict], device: torch.device, precision="auto"):
+    """(predicted class ids, gold labels) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    predictions, labels = [], []
+    for batch in batches:
+        with autocast(device, precision):
+            logits = model.logits(to_device(batch, device))
+        predictions.append(logits.argmax(dim=-1).cpu())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(predictions), torch.cat(labels)

@@ -1,0 +1,133 @@
+"""Pretraining, as a thin definition on the runtime's :class:`~cclm.runtime.trainer.Trainer`: the cross-view model,
+the two-view data pipeline (image-caption and parallel text, scheduled by weight), the CCLM objectives (the
+model's forward), and periodic zero-shot retrieval on held-out sets. Everything is validated before anything is
+written."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cclm.config import ConfigError, ModelConfig, from_dict, require_complete, to_dict
+from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.optim import multipliers
+from cclm.runtime.trainer import LoopConfig, Trainer
+from cclm.train.flops import train_flops_per_sample
+
+log = logging.getLogger("cclm.train")
+
+
+def load_run_tokenizer(text_cfg) -> Any:
+    """The tokenizer of ``model.text``: ``tokenizer``, else the encoder's own (``name_or_path``)."""
+    from cclm.data.tokenize import load_tokenizer
+
+    name = text_cfg.tokenizer or text_cfg.name_or_path
+    if not name:
+        raise ConfigError(
+            "model.text.tokenizer must be set when model.text.name_or_path is null (random init)"
+        )
+    if not Path(name).exists() and "/" in name and name.startswith((".", "/")):
+        raise ConfigError(f"model.text.tokenizer: folder {name} does not exist")
+    return load_tokenizer(name)
+
+
+def model_config_for(model_cfg, tokenizer) -> Any:
+    """A copy of ``model_cfg`` whose vocabulary fits ``tokenizer`` (a random init takes the tokenizer's size)."""
+    resolved = from_dict(ModelConfig, to_dict(model_cfg))
+    encoder = resolved.text.encoder
+    if not resolved.text.name_or_path:
+        encoder["vocab_size"] = len(tokenizer)
+    elif "vocab_size" in encoder and len(tokenizer) > encoder["vocab_size"]:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, more than model.text.encoder.vocab_size")
+    return resolved
+
+
+class Pretraining:
+    """Builds the pretraining run from a :class:`cclm.config.PretrainConfig`; :meth:`run` trains it."""
+
+    def __init__(self, cfg):
+        require_complete(cfg)
+        train = cfg.train
+        if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
+            raise ConfigError("train.max_steps, train.save_every and train.log_every must be positive")
+        self.cfg = cfg
+        self.env = init_distributed()
+        self.tokenizer = load_run_tokenizer(cfg.model.text)
+        model_cfg = model_config_for(cfg.model, self.tokenizer)
+        seed_everything(train.seed)  # identical initial weights on every rank
+
+        from cclm.data.pipeline import PretrainData
+        from cclm.model import CrossViewModel
+
+        self.data = PretrainData(
+            cfg.data,
+            self.tokenizer,
+            model_cfg.text.max_length,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=train.seed,
+            image_size=model_cfg.vision.image_size,
+        )
+        self.eval_sets = {}
+        if train.eval_every:
+            from cclm.evaluation.run import load_periodic_sets
+
+            self.eval_sets = load_periodic_sets(cfg.eval)
+        model = CrossViewModel(model_cfg)
+        flops = {
+            view: train_flops_per_sample(model, view, model_cfg.text.max_length, model_cfg.vision.image_size)
+            for view in self.data.views
+        }
+        self.trainer = Trainer(
+            model,
+            self.data,
+            LoopConfig.from_train_config(train, desc="pretrain"),
+            env=self.env,
+            optimizer_cfg=train.optimizer,
+            scheduler_cfg=train.scheduler,
+            deepspeed_cfg=cfg.deepspeed,
+            micro_batch=self._stream_batch_size(self.data.views[0]),
+            output_dir=cfg.output_dir,
+            lr_mults=multipliers(model.new_parameter_names(), train.optimizer.new_param_lr_mult),
+            run_config={
+                **to_dict(cfg),
+                "model": to_dict(model.cfg),
+            },  # the resolved model: export rebuilds it
+            evaluate=self.periodic_eval if self.eval_sets else None,
+            flops_per_sample=flops,
+            resume=cfg.resume,
+        )
+        self.model = self.trainer.model
+        if self.env.is_main:
+            self.tokenizer.save_pretrained(str(Path(cfg.output_dir) / "tokenizer"))
+        if self.trainer.step == 0:
+            seed_everything(train.seed + 1000 * (self.env.rank + 1))  # distinct sampling streams per rank
+
+    def _stream_batch_size(self, view: str) -> int:
+        stream = self.cfg.data.image_caption if view == "image" else self.cfg.data.parallel_text
+        return int(stream.batch_size)
+
+    def periodic_eval(self, model) -> dict[str, float]:
+        """Zero-shot retrieval on the held-out sets of ``eval.datasets`` (every rank scores a slice; ITC-only
+        unless ``eval.periodic_rerank``); returns ``eval/<set>/<lang>/<metric>`` scalars."""
+        from cclm.evaluation.run import evaluate_during_training
+
+        return evaluate_during_training(
+            model,
+            self.eval_sets,
+            self.tokenizer,
+            self.cfg.eval,
+            int(model.cfg.vision.image_size),
+            self.env.device,
+        )
+
+    def run(self) -> dict[str, float]:
+        try:
+            return self.trainer.run()
+        finally:
+            self.trainer.close()
+
+
+def pretrain(cfg) -> dict[str, float]:
+    return Pretraining(cfg).run()
