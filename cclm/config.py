@@ -142,7 +142,8 @@ class TextConfig:
     # HF tokenizer (hub name or folder); None = same as name_or_path.
     tokenizer: str | None = None
     # Which pretrained encoder layers fill the text-only stack and the fusion stack (with cross-attention).
-    # CCLM: layers 0-5 and 6-11 of xlm-roberta-large. E.g. every other layer of 24: [0,2,...] / [12,14,...].
+    # The defaults take layers 0-5 and 6-11. The CCLM reference takes every other layer of xlm-roberta-large:
+    # text [1,3,5,7,9,11], fusion [13,15,...,23] (models/xvlm.py, `mapper`).
     text_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     fusion_layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     max_length: int = 40
