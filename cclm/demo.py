@@ -108,22 +108,26 @@ def pretrain(
 def evaluate(model_dir: Path, world: Path, rerank: bool) -> dict[str, dict[str, float]]:
     import torch
 
-    from cclm.config import EvalConfig, from_dict
     from cclm.data.tokenize import load_tokenizer
     from cclm.evaluation.datasets import load_heldout_sets
-    from cclm.evaluation.run import evaluate_retrieval
+    from cclm.evaluation.run import run_retrieval
     from cclm.model import CrossViewModel
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = CrossViewModel.from_pretrained(model_dir).eval()
     tokenizer = load_tokenizer(str(model_dir))
-    eval_cfg = from_dict(EvalConfig, {"k_test": 32, "batch_size": 128})
     sets = load_heldout_sets({"world": str(world / "heldout")}, LANGS)["world"]
     rows = {}
     for retrieval_set in sets:
-        metrics = evaluate_retrieval(
-            model, retrieval_set, tokenizer, eval_cfg, model.cfg.vision.image_size, rerank=rerank
-        )
+        metrics = run_retrieval(
+            model,
+            retrieval_set,
+            tokenizer,
+            model.cfg.vision.image_size,
+            k_test=32,
+            batch_size=128,
+            rerank=rerank,
+        ).metrics
         rows[retrieval_set.lang] = {k: round(float(metrics[k]), 2) for k in ("txt_r1", "img_r1", "r_mean")}
     return rows
 

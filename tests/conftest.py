@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer trained in ~1 s and the tiny model config. Nothing is downloaded."""
+"""Shared fixtures: a tiny tokenizer trained in ~1 s, the tiny model config and a saved tiny model folder, the IGLUE
+annotation folder, and one torch thread for modules that train. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ SENTENCES = [
 ]
 
 
+def build_test_world(out: Path, tokenizer_vocab: int | None = 400, **world_options) -> Path:
+    """A synthetic world in ``out`` (``data_prep.world.build_world`` options) and, unless ``tokenizer_vocab`` is
+    None, a tokenizer trained on its text in ``out/tokenizer``."""
+    from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.build import build_world
+
+    build_world(out, **world_options)
+    if tokenizer_vocab:
+        corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+        train_tokenizer(corpus, out / "tokenizer", vocab_size=tokenizer_vocab)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from cclm.data.tokenize import train_tokenizer
@@ -40,6 +54,28 @@ def tiny_model_cfg(tiny_tokenizer):
     cfg = load_config(ModelConfig, REPO / "configs" / "model" / "tiny.yaml")
     cfg.text.encoder["vocab_size"] = len(tiny_tokenizer)
     return cfg
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model_cfg, tiny_tokenizer) -> Path:
+    """A saved tiny random cross-view model with its tokenizer (a ``save_pretrained`` folder)."""
+    from cclm.model import CrossViewModel
+
+    out = tmp_path / "model"
+    CrossViewModel(tiny_model_cfg, load_pretrained=False).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on the shared
+    2-core test machine torch's default threads oversubscribe, and tiny models train fastest single-threaded.
+    The process-wide setting is restored for the other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

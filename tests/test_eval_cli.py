@@ -17,27 +17,21 @@ from cclm.evaluation import cli
 from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
 from cclm.model import CrossViewModel
 
+from .conftest import build_test_world
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "eval" / "demo_world.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core test machine, torch's default threads oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A small synthetic world (the data helper's generator): its held-out sets in en and de."""
-    from data_prep.world.build import build_world
-
-    out = tmp_path_factory.mktemp("world") / "world"
-    build_world(
-        out,
+    return build_test_world(
+        tmp_path_factory.mktemp("world") / "world",
+        tokenizer_vocab=None,
         num_images=4,
         parallel_langs=("de",),
         heldout_images=60,
@@ -46,7 +40,6 @@ def world(tmp_path_factory) -> Path:
         image_size=32,
         seed=1,
     )
-    return out
 
 
 def train_on_world(model: CrossViewModel, tokenizer, steps: int, batch_size: int = 24, seed: int = 0) -> None:

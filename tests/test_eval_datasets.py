@@ -159,7 +159,7 @@ def test_demo_world_heldout_folders(tmp_path):
 def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     cfg = data_cfg(
         format="python",
-        loader="cclm.tasks.retrieval:load_xflickrco",
+        loader="cclm.tasks.iglue_retrieval:load_xflickrco",
         root=str(iglue_dir / "xFlickrCO" / "annotations"),
         captions={"de": ["de/test.jsonl"]},
         options={"image_roots": {"flickr30k": "/f", "coco": "/c"}},
@@ -181,7 +181,7 @@ def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     assert len(set(rset.image_ids)) == len(rset.images)
     wit = data_cfg(
         format="python",
-        loader="cclm.tasks.retrieval:load_wit",
+        loader="cclm.tasks.iglue_retrieval:load_wit",
         root=str(iglue_dir / "wit" / "annotations"),
         captions={"ja": ["test_ja.jsonl"]},
         options={"image_roots": {"wit": "/w"}},

@@ -17,10 +17,10 @@ from cclm.evaluation.run import run_retrieval
 from cclm.inference.api import CCLM
 from cclm.inference.search import ImageFiles
 from cclm.model import CrossViewModel
-from cclm.recipes.retrieval import dual_encoder_metrics
+from cclm.recipes.dual_encoder import dual_encoder_metrics
 from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset
-from cclm.tasks.examples import ClassificationExample, RetrievalData
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import ClassificationExample, RetrievalData
 
 SIZE = 32  # the tiny model's input
 

@@ -39,15 +39,6 @@ def shape_image(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image
     return render(replace(scene, items=(moved,)), size, supersample=2)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_model_cfg, tiny_tokenizer):
-    model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
-    out = tmp_path / "model"
-    model.save_pretrained(out)
-    tiny_tokenizer.save_pretrained(str(out))
-    return out
-
-
 def test_load_returns_ready_model_with_tokenizer_and_transform(tiny_model_dir):
     engine = cclm.load(tiny_model_dir, device="cpu")
     assert isinstance(engine, CCLM)

@@ -16,20 +16,22 @@ import torch
 
 from cclm.train.launch import local_pretrain_command
 
+from .conftest import build_test_world
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from cclm.data.tokenize import train_tokenizer
-    from data_prep.world.build import build_world
-
-    root = tmp_path_factory.mktemp("world")
-    build_world(root / "w", num_images=96, image_size=32, heldout_images=16, xvnli_images=10, seed=3)
-    corpus = (root / "w" / "text" / "corpus.txt").read_text().splitlines()
-    train_tokenizer(corpus, root / "w" / "tokenizer", vocab_size=400)
-    return root / "w"
+    return build_test_world(
+        tmp_path_factory.mktemp("world") / "w",
+        num_images=96,
+        image_size=32,
+        heldout_images=16,
+        xvnli_images=10,
+        seed=3,
+    )
 
 
 def _pattern(folder: Path) -> str:
@@ -96,6 +98,8 @@ def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
         "train.save_every": 16,
         **STAGE_OPTIONS[stage],
     }
+    if stage == 3:  # periodic evaluation on ZeRO-3-partitioned weights (gathered for it)
+        options.update({"train.eval_every": 8, "eval.datasets": f"{{world: {world / 'heldout'}}}"})
     _run(2, _overrides(world, out, **options))
     records = _metrics(out)
     assert [r["step"] for r in records] == list(range(1, 17))
@@ -107,6 +111,7 @@ def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
     assert (out / "checkpoints" / "step_00000016" / "rank1_state.json").exists()
     if stage == 3:
         _check_export_round_trip(out / "checkpoints" / "step_00000016", tmp_path / "exported")
+        _check_periodic_eval_sees_whole_weights(records, world, tmp_path / "exported")
 
 
 def _check_export_round_trip(ckpt: Path, out: Path) -> None:
@@ -133,6 +138,26 @@ def _check_export_round_trip(ckpt: Path, out: Path) -> None:
         ):
             assert torch.equal(a, b)
     assert (out / "tokenizer.json").exists()
+
+
+def _check_periodic_eval_sees_whole_weights(records: list[dict], world: Path, exported: Path) -> None:
+    """The step-16 evaluation, run by 2 ranks on gathered ZeRO-3 partitions, equals evaluating the exported
+    step-16 weights in one process."""
+    from cclm.config import EvalConfig, load_config
+    from cclm.data.tokenize import load_tokenizer
+    from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
+    from cclm.model import CrossViewModel
+
+    logged = {r["step"]: r for r in records if "eval/world/en/txt_r1" in r}
+    assert sorted(logged) == [8, 16]
+    eval_cfg = load_config(EvalConfig, None, [f"datasets={{world: {world / 'heldout'}}}"])
+    model = CrossViewModel.from_pretrained(exported).eval()
+    with torch.no_grad():
+        again = evaluate_during_training(
+            model, load_periodic_sets(eval_cfg), load_tokenizer(str(exported)), eval_cfg, 32, "cpu"
+        )
+    for key, value in again.items():
+        assert logged[16][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_exact_resume_after_sigkill(world, tmp_path):

@@ -18,6 +18,7 @@ from cclm.recipes.cvil import Distiller, build_student, distillation_losses, loa
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import run_mla
 
+from .conftest import build_test_world
 from .english_clip import fit_clip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,22 +27,13 @@ CVIL_YAML = REPO / "configs" / "recipes" / "cvil_demo.yaml"
 XVNLI_LABELS = ["contradiction", "neutral", "entailment"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads only thrash
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from cclm.data.tokenize import train_tokenizer
-    from data_prep.world.build import build_world
-
-    out = tmp_path_factory.mktemp("recipe_world") / "world"
-    build_world(
-        out,
+    return build_test_world(
+        tmp_path_factory.mktemp("recipe_world") / "world",
         num_images=1500,
         caption_langs=("en", "de"),
         parallel_langs=("de",),
@@ -51,9 +43,6 @@ def world(tmp_path_factory) -> Path:
         heldout_langs=("en", "de"),
         xvnli_images=200,
     )
-    corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(corpus, out / "tokenizer", vocab_size=400)
-    return out
 
 
 def mla_cfg(world: Path, clip_file: Path | None, out: Path, *overrides: str):
@@ -134,6 +123,9 @@ def test_mla_teaches_a_frozen_english_clip_german(world, english_clip, tmp_path)
     written = json.loads((out / "results.json").read_text())
     assert written["languages"]["de"]["txt_r1"] == after["de"]["txt_r1"]
     assert 0 < written["trained_params"] < 0.2 * written["total_params"]
+    table = json.loads((out / "languages.json").read_text())  # the per-language table, also .csv and .md
+    assert table["de"]["txt_r1"] == after["de"]["txt_r1"] and set(table) == set(after)
+    assert len((out / "languages.csv").read_text().splitlines()) == 1 + len(after)
     from safetensors.torch import load_file
 
     acquired = load_file(str(out / "acquired.safetensors"))

@@ -25,15 +25,7 @@ from cclm.model import CrossViewModel
 
 SETTINGS = {"k_test": 6, "batch_size": 4, "rerank_batch_size": 9}
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "big", "left", "right", "above"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core test machine, torch's default threads oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_set(n_images: int, seed: int = 0) -> RetrievalSet:

@@ -16,7 +16,6 @@ from PIL import Image
 import cclm
 from cclm.cli import main as cclm_main
 from cclm.inference import search
-from cclm.model import CrossViewModel
 
 SOLID = {
     "red.jpg": (230, 20, 20),
@@ -24,14 +23,6 @@ SOLID = {
     "sub/blue.jpg": (20, 40, 230),
     "yellow.jpg": (240, 220, 20),
 }
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_model_cfg, tiny_tokenizer):
-    out = tmp_path / "model"
-    CrossViewModel(tiny_model_cfg, load_pretrained=False).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(str(out))
-    return out
 
 
 def write_solid(path: Path, colour, size=(48, 40)) -> None:

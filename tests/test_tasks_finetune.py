@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import types
 
 import pytest
@@ -32,14 +33,7 @@ from .conftest import REPO
 IMAGE_ROOTS = ("flickr30k", "coco", "gqa", "marvl", "nlvr2", "wit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny model trains fastest single-threaded on a shared CPU (and configs may set train.threads):
-    restore the process-wide setting for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +438,79 @@ def test_finetuning_resumes_exactly_after_a_crash(iglue_dir, tmp_path, pretraine
     b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_path, pretrained_dir):
+    """``torchrun`` with 2 gloo ranks x batch 2 takes the same optimizer steps as 1 rank x batch 4 (each rank takes
+    its share of every epoch's order; gradients are averaged): same losses, same dev scores; only rank 0 writes."""
+    import subprocess
+    import sys
+
+    from cclm.runtime.env import free_port
+
+    setup = task_setups(iglue_dir)["xvnli"]
+    images = {name: str(tmp_path / "images" / name) for name in IMAGE_ROOTS}
+
+    def overrides(out, batch_size):
+        return [
+            f"data.iglue_dir={iglue_dir}",
+            f"pretrained={pretrained_dir}",
+            f"output_dir={tmp_path / out}",
+            f"data.train={json.dumps(setup['train'])}",
+            f"data.dev={json.dumps(setup['dev'])}",
+            f"data.test={json.dumps({'ar': setup['test']['ar']})}",
+            "data.translate_test={}",
+            f"data.image_roots={json.dumps(images)}",
+            "data.max_examples=16",
+            "train.max_steps=2",
+            "train.eval_every=1",
+            "train.log_every=1",
+            f"train.batch_size={batch_size}",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "eval.batch_size=8",
+        ]
+
+    yaml = REPO / "configs" / "finetune" / "xvnli.yaml"
+    one = load_config(FinetuneConfig, yaml, overrides("one", 4))
+    make_placeholder_images(one)
+    assert len(runner_examples(one)) >= 8  # both steps inside the first epoch: no padding, same examples
+    protocols.run_zero_shot(one)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "cclm.cli",
+        "finetune",
+        str(yaml),
+        *overrides("two", 2),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def records(out):
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    single, double = records("one"), records("two")
+    assert [r["step"] for r in double] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(single, double):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["dev"] == pytest.approx(
+            a["dev"], abs=1e-6
+        )
+    table = json.loads((tmp_path / "two" / "results" / "xvnli" / "zero_shot.json").read_text())
+    expected = json.loads((tmp_path / "one" / "results" / "xvnli" / "zero_shot.json").read_text())
+    assert table["rows"][0]["accuracy"] == pytest.approx(expected["rows"][0]["accuracy"])
+    assert (tmp_path / "two" / "model" / "task_head.safetensors").is_file()
+
+
+def runner_examples(cfg) -> list:
+    task = get_task(cfg.task)
+    return [
+        e
+        for path in cfg.data.train
+        for e in task.read(path, task.labels(cfg.data), cfg.data.max_examples).examples
+    ]

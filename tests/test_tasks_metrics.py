@@ -13,9 +13,9 @@ import torch
 
 from cclm.evaluation.retrieval import itm_metrics
 from cclm.tasks import get_task
+from cclm.tasks.iglue_retrieval import to_retrieval_set
 from cclm.tasks.metrics import accuracy, average_non_english
 from cclm.tasks.results import write_task_results
-from cclm.tasks.retrieval import to_retrieval_set
 
 
 def test_accuracy_is_percent_correct():

@@ -11,7 +11,7 @@ Formats (``RetrievalDataConfig.format``):
   demo_world -- the synthetic world's held-out sets: a folder with retrieval.jsonl, one line per image
                 {"image": path relative to the folder, "image_id": str, "captions": {"<lang>": [...]}}, or a
                 folder of such folders (``heldout/<lang>/``).
-  (IGLUE's xFlickr&CO and WIT test files come through ``python`` loaders of :mod:`cclm.tasks.retrieval`, see
+  (IGLUE's xFlickr&CO and WIT test files come through ``python`` loaders of :mod:`cclm.tasks.iglue_retrieval`, see
   configs/eval/xflickrco.yaml: evaluation never imports the tasks.)
   python     -- any other reader, named by ``loader: MODULE:FUNCTION`` and called as FUNCTION(data_cfg, lang).
 Images are keyed on their id as a string (Flickr ids are strings, COCO ids ints: both become str keys).

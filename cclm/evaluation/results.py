@@ -51,6 +51,7 @@ def write_results(
     title: str | None = None,
     header: Mapping[str, Any] | None = None,
     iglue_average: bool = False,
+    write: bool = True,
 ) -> dict:
     """Write the three files of ``rows`` (language -> values) into ``out_dir``; returns the JSON document.
 
@@ -58,9 +59,9 @@ def write_results(
     the CSV and Markdown files. Without ``header`` the JSON file is ``{language: values}``; with it (IGLUE:
     ``{"task", "protocol"}``) it is ``{**header, "metrics", "rows": [{"language", ...}], "average_non_english"}``.
     ``iglue_average`` adds the IGLUE average over the non-English languages as a last row (``avg``) and,
-    in the Markdown file, IGLUE's own layout of each metric: languages as columns, then the average."""
+    in the Markdown file, IGLUE's own layout of each metric: languages as columns, then the average.
+    ``write=False`` only returns the document (the other ranks of a multi-process run)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     columns = list(next(iter(rows.values()), {}) if columns is None else columns)
     average = non_english_average(rows, columns) if iglue_average else None
     if header is None:
@@ -72,6 +73,9 @@ def write_results(
             "rows": [{"language": lang, **values} for lang, values in rows.items()],
             "average_non_english": average,
         }
+    if not write:
+        return document
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(
         json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8"
     )

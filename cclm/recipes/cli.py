@@ -4,7 +4,8 @@
         adapters (stage 1 on parallel text, stage 2 on new-language captions);
   cvil  a target-language student distils an English task model (teacher) on translated task sentences.
 
-Both write ``<output_dir>/results.json``: {"languages": {lang: metrics}, "trained_params", "total_params"}.
+Both write ``<output_dir>/results.json``: {"languages": {lang: metrics}, "trained_params", "total_params"}, and
+the per-language table ``languages.{json,csv,md}``.
 Configs: ``configs/recipes/``.
 """
 

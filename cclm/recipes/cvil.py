@@ -25,16 +25,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from torch.utils.data import Dataset
 
 from cclm.config import ConfigError, Precision, StudentPart, require, to_dict
-from cclm.data.images import load_image
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
-from cclm.recipes.runner import run_stage, write_results
+from cclm.recipes.runner import run_stage, write_recipe_results
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
-from cclm.tasks.batching import Collator
+from cclm.tasks.batching import ClassificationDataset, TaskCollator
 from cclm.tasks.images import ImageRef
 from cclm.tasks.protocols import TaskSuite
 from cclm.tasks.task_model import HEAD_WEIGHTS, TaskModel
@@ -206,21 +204,11 @@ def align_parallel(english, target, lang: str) -> list[ParallelExample]:
     return pairs
 
 
-class ParallelDataset(Dataset):
-    def __init__(self, examples: list[ParallelExample], roots: dict[str, str], image_size: int):
-        self.examples, self.roots, self.image_size = examples, roots, image_size
+class ParallelDataset(ClassificationDataset):
+    """Items: ``images`` (as the task's), the English sentence ``en`` and its translation ``tgt``."""
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self.examples[index]
-        images = [load_image(ref.resolve(self.roots), self.image_size) for ref in ex.images]
-        return {
-            "images": images[0] if len(images) == 1 else torch.stack(images),
-            "en": ex.english,
-            "tgt": ex.target,
-        }
+    def fields(self, example: ParallelExample) -> dict[str, Any]:
+        return {"en": example.english, "tgt": example.target}
 
 
 class ParallelCollator:
@@ -228,8 +216,8 @@ class ParallelCollator:
 
     def __init__(self, teacher_tokenizer, student_tokenizer, max_length: int):
         self.sides = {
-            "teacher": ("en", Collator(teacher_tokenizer, max_length)),
-            "student": ("tgt", Collator(student_tokenizer, max_length)),
+            "teacher": ("en", TaskCollator(teacher_tokenizer, max_length)),
+            "student": ("tgt", TaskCollator(student_tokenizer, max_length)),
         }
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -317,6 +305,6 @@ def run_cvil(cfg) -> dict[str, Any]:
     extra = {"training": stats, "parallel_examples": len(examples), "teacher": str(cfg.teacher)}
     if env.is_main:
         student.save(out_dir / "student", student_tokenizer, extra={"distilled_from": str(cfg.teacher)})
-        write_results(out_dir, rows, trained, total, extra)
+        write_recipe_results(out_dir, rows, trained, total, extra)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return {"languages": rows, "trained_params": trained, "total_params": total, **extra}

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from cclm.config import ConfigError, require, to_dict
 from cclm.data.shards import expand_shards, read_manifest
+from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.mla import MLAModel
-from cclm.recipes.retrieval import dual_encoder_metrics, heldout_sets
-from cclm.recipes.runner import run_stage, write_results
+from cclm.recipes.runner import run_stage, write_recipe_results
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import StageView
 
@@ -71,7 +71,9 @@ def stage_data_cfg(cfg, view: str, languages: list[str]):
     return data
 
 
-def evaluate(model: MLAModel, sets: dict[str, dict[str, Any]], batch_size: int, device) -> dict[str, dict]:
+def retrieval_by_language(
+    model: MLAModel, sets: dict[str, dict[str, Any]], batch_size: int, device
+) -> dict[str, dict]:
     """language -> metrics (one set) or ``<set>/<metric>`` keys (several sets)."""
     model.eval()
     rows: dict[str, dict[str, float]] = {}
@@ -111,7 +113,7 @@ def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     model.to(env.device)
-    before = evaluate(model, sets, cfg.eval.batch_size, env.device) if sets else {}
+    before = retrieval_by_language(model, sets, cfg.eval.batch_size, env.device) if sets else {}
 
     stats: dict[str, float] = {}
     for name, view, stage in (("nlt", "text", cfg.nlt), ("le", "image", cfg.le)):
@@ -133,10 +135,10 @@ def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
         finally:
             source.close()
 
-    after = evaluate(model, sets, cfg.eval.batch_size, env.device) if sets else {}
+    after = retrieval_by_language(model, sets, cfg.eval.batch_size, env.device) if sets else {}
     extra = {"before": before, "training": stats, "source_language": cfg.source_language}
     if env.rank == 0:
         save_file(model.acquired_state_dict(), str(out_dir / ACQUIRED_WEIGHTS))
         model.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-        write_results(out_dir, after, trained, total, extra)
+        write_recipe_results(out_dir, after, trained, total, extra)
     return {"languages": after, "trained_params": trained, "total_params": total, **extra}

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from cclm.config import ConfigError, to_dict
+from cclm.evaluation.results import write_results
 from cclm.runtime.env import DistEnv
 from cclm.runtime.trainer import LoopConfig, Trainer
 
@@ -64,14 +65,15 @@ def run_stage(
     return stats
 
 
-def write_results(
+def write_recipe_results(
     output_dir: str | Path,
     languages: dict[str, dict[str, float]],
     trained_params: int,
     total_params: int,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """``<output_dir>/results.json``: ``{"languages": {lang: metrics}, "trained_params", "total_params", ...}``."""
+    """``<output_dir>/results.json``: ``{"languages": {lang: metrics}, "trained_params", "total_params", ...}``,
+    and the per-language table ``languages.{json,csv,md}`` (the project's one results writer)."""
     path = Path(output_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     results = {
@@ -81,4 +83,7 @@ def write_results(
         **(extra or {}),
     }
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    columns = list(dict.fromkeys(key for metrics in languages.values() for key in metrics))
+    if languages:
+        write_results(output_dir, "languages", languages, columns)
     return path

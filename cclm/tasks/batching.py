@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cclm.data.images import load_image
-from cclm.tasks.examples import ClassificationExample, RetrievalData
+from cclm.tasks.task_data import ClassificationExample, RetrievalData
 
 
 class ClassificationDataset(Dataset):
@@ -25,11 +25,11 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         images = [load_image(ref.resolve(self.roots), self.image_size) for ref in example.images]
-        return {
-            "images": images[0] if len(images) == 1 else torch.stack(images),
-            "text": example.text,
-            "label": example.label,
-        }
+        return {"images": images[0] if len(images) == 1 else torch.stack(images), **self.fields(example)}
+
+    def fields(self, example) -> dict[str, Any]:
+        """What an item carries besides its images (subclasses over other example types change this)."""
+        return {"text": example.text, "label": example.label}
 
 
 class CaptionImagePairs(Dataset):
@@ -52,7 +52,7 @@ class CaptionImagePairs(Dataset):
         return {"images": image, "text": self.data.texts[index], "group": self.group_offset + image_index}
 
 
-class Collator:
+class TaskCollator:
     """Stacks images and tokenizes texts (padding to the longest, truncating by tokens at ``max_length``)."""
 
     def __init__(self, tokenizer, max_length: int):

@@ -7,8 +7,8 @@ model selection never sees the test split, and no image is shared between train 
 from __future__ import annotations
 
 from cclm.tasks.annotations import AnnotationError
-from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "single"
 SPLITS = ("train", "dev", "test")

@@ -13,8 +13,8 @@ from typing import Any
 
 from cclm.jsonl import read_jsonl
 from cclm.tasks.annotations import AnnotationError, field, language_from_path
-from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "pair"
 LABELS = ["false", "true"]

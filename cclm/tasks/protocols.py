@@ -25,13 +25,13 @@ from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import Selection
-from cclm.tasks import get_task, retrieval
-from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset, Collator
-from cclm.tasks.examples import ClassificationData, RetrievalData
+from cclm.tasks import get_task, iglue_retrieval
+from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset, TaskCollator
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
 from cclm.tasks.images import require_images
 from cclm.tasks.metrics import accuracy
 from cclm.tasks.results import write_task_results
+from cclm.tasks.task_data import ClassificationData, RetrievalData
 from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class TaskSuite:
         require_images((ref for data in datas for ref in data.used_image_refs), self.roots)
 
     # -------------------------------------------------------------------------------------------- scoring
-    def collator(self, model: TaskModel, tokenizer) -> Collator:
-        return Collator(tokenizer, int(model.backbone.cfg.text.max_length))
+    def collator(self, model: TaskModel, tokenizer) -> TaskCollator:
+        return TaskCollator(tokenizer, int(model.backbone.cfg.text.max_length))
 
     def image_size(self, model: TaskModel) -> int:
         return int(model.backbone.cfg.vision.image_size)
@@ -103,7 +103,7 @@ class TaskSuite:
             self.eval_batch_size,
         )
         if self.kind == "retrieval":
-            metrics = retrieval.evaluate(
+            metrics = iglue_retrieval.score_retrieval(
                 model,
                 data,
                 self.roots,
@@ -131,12 +131,12 @@ class TaskSuite:
 
     def main_score(self, metrics: dict) -> float:
         if self.kind == "retrieval":
-            return (metrics[retrieval.IR_R1] + metrics[retrieval.TR_R1]) / 2
+            return (metrics[iglue_retrieval.IR_R1] + metrics[iglue_retrieval.TR_R1]) / 2
         return metrics["accuracy"]
 
     def columns(self) -> tuple[list[str], list[str]]:
         if self.kind == "retrieval":
-            return [retrieval.IR_R1, retrieval.TR_R1], ["images", "captions"]
+            return [iglue_retrieval.IR_R1, iglue_retrieval.TR_R1], ["images", "captions"]
         return ["accuracy"], ["examples", "skipped"]
 
 
@@ -263,7 +263,9 @@ class TaskRunner(TaskSuite):
             rows.append({"language": language, **metrics, "file": str(path)})
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
         columns, extra = self.columns()
-        return write_task_results(self.output_dir, str(self.cfg.task), protocol, rows, columns, extra)
+        return write_task_results(
+            self.output_dir, str(self.cfg.task), protocol, rows, columns, extra, write=self.env.is_main
+        )
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -364,7 +366,13 @@ def run_few_shot(cfg) -> dict:
     columns, extra = runner.columns()
     return {
         "few_shot": write_task_results(
-            runner.output_dir, str(cfg.task), "few_shot", rows, columns, [*extra, "lr", "dev"]
+            runner.output_dir,
+            str(cfg.task),
+            "few_shot",
+            rows,
+            columns,
+            [*extra, "lr", "dev"],
+            write=runner.env.is_main,
         )
     }
 

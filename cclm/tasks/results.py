@@ -17,10 +17,11 @@ def write_task_results(
     rows: Sequence[dict],
     columns: Sequence[str],
     extra_columns: Sequence[str] = (),
+    write: bool = True,
 ) -> dict:
     """Write the table of ``rows`` (dicts with ``language``); ``columns`` are the metrics averaged,
     ``extra_columns`` are shown per row only. Returns ``{"task", "protocol", "metrics", "rows",
-    "average_non_english"}`` (the JSON file)."""
+    "average_non_english"}`` (the JSON file; ``write=False``: only returned)."""
     by_language = {row["language"]: row for row in rows}
     if len(by_language) != len(rows):
         raise ValueError(
@@ -35,4 +36,5 @@ def write_task_results(
         title=f"{task} -- {protocol.replace('_', '-')}",
         header={"task": task, "protocol": protocol},
         iglue_average=True,
+        write=write,
     )

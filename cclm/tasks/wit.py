@@ -12,8 +12,8 @@ from urllib.parse import unquote, urlparse
 
 from cclm.jsonl import read_jsonl
 from cclm.tasks.annotations import field, language_from_path
-from cclm.tasks.examples import RetrievalData
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import RetrievalData
 
 KIND = "retrieval"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from cclm.jsonl import read_jsonl
 from cclm.tasks.annotations import AnnotationError, field, language_from_path
-from cclm.tasks.examples import RetrievalData
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import RetrievalData
 
 KIND = "retrieval"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from cclm.jsonl import read_json
 from cclm.tasks.annotations import AnnotationError, field, language_from_path
-from cclm.tasks.examples import ClassificationData, ClassificationExample
 from cclm.tasks.images import ImageRef
+from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "single"
 

@@ -17,7 +17,7 @@ from cclm.config import Precision
 from cclm.evaluation.datasets import RetrievalSet, caption_files
 from cclm.evaluation.run import run_retrieval
 from cclm.tasks import wit, xflickrco
-from cclm.tasks.examples import RetrievalData
+from cclm.tasks.task_data import RetrievalData
 
 IR_R1, TR_R1 = "img_r1", "txt_r1"
 
@@ -38,7 +38,7 @@ def to_retrieval_set(data: RetrievalData, roots: Mapping[str, str]) -> Retrieval
     )
 
 
-def evaluate(
+def score_retrieval(
     model,
     data: RetrievalData,
     roots: Mapping[str, str],
@@ -85,11 +85,11 @@ def _iglue_retrieval_set(reader, cfg, lang: str, name: str) -> RetrievalSet:
 
 
 def load_xflickrco(cfg, lang: str) -> RetrievalSet:
-    """``cclm evaluate retrieval`` loader of xFlickr&CO (``format: python``, ``loader: cclm.tasks.retrieval:
+    """``cclm evaluate retrieval`` loader of xFlickr&CO (``format: python``, ``loader: cclm.tasks.iglue_retrieval:
     load_xflickrco``)."""
     return _iglue_retrieval_set(xflickrco.read, cfg, lang, "xflickrco")
 
 
 def load_wit(cfg, lang: str) -> RetrievalSet:
-    """``cclm evaluate retrieval`` loader of IGLUE's WIT test files (``loader: cclm.tasks.retrieval:load_wit``)."""
+    """``cclm evaluate retrieval`` loader of IGLUE's WIT test files (``loader: cclm.tasks.iglue_retrieval:load_wit``)."""
     return _iglue_retrieval_set(wit.read, cfg, lang, "wit")
