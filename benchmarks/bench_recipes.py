@@ -5,7 +5,7 @@ pretraining with that language (see ``make bench-recipes``).
   open_clip CLIP fitted on the world's English captions (``tests/english_clip.fit_clip``).
 * MLA: ``cclm.recipes.mla_run.run_mla`` with ``configs/recipes/mla_demo.yaml`` -- stage 1 on en-de parallel text,
   stage 2 on German captions; only the multilingual embedding and the acquirers train.
-* CCLM: ``cclm.train.loop.Trainer`` with ``configs/pretrain/demo.yaml`` (the tiny cross-view model from scratch)
+* CCLM: ``cclm.train.pretrain.Pretraining`` with ``configs/pretrain/demo.yaml`` (the tiny cross-view model from scratch)
   on English + German captions and en-de parallel text; retrieval with ITC top-k + ITM re-ranking.
 
 Both on the same world (German captions and parallel pairs available to both), same held-out retrieval sets

@@ -109,6 +109,11 @@ def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, (view, losses)
     assert (out / "checkpoints" / "step_00000016" / "complete.json").exists()
     assert (out / "checkpoints" / "step_00000016" / "rank1_state.json").exists()
+    if stage == 1:  # `cclm plot` renders the run's curves
+        from cclm.train.plot import plot_curves
+
+        picture = plot_curves(out)
+        assert picture.is_file() and picture.stat().st_size > 10_000
     if stage == 3:
         _check_export_round_trip(out / "checkpoints" / "step_00000016", tmp_path / "exported")
         _check_periodic_eval_sees_whole_weights(records, world, tmp_path / "exported")

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cclm.cli import main as cclm_main
-from cclm.config import FinetuneConfig, ModelConfig, Protocol, load_config
+from cclm.config import DeepSpeedConfig, FinetuneConfig, ModelConfig, Protocol, load_config
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime import engine, optim
 from cclm.runtime import trainer as trainer_module
@@ -321,6 +321,41 @@ def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
     assert (selection.best_score, selection.best_step, selection.steps) == (80.0, 2, 3)
     assert not torch.equal(snapshots[1]["head.net.3.weight"], snapshots[2]["head.net.3.weight"])
     for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[1][key]), key
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_sharded_fine_tuning_keeps_the_best_dev_weights(pretrained_dir, tmp_path, stage):
+    """Under ZeRO-2 and ZeRO-3 (weights partitioned across ranks: the dev evaluation sees them gathered, and the
+    selected weights come back into a rebuilt module) the run keeps the weights of its best dev evaluation."""
+    backbone = CrossViewModel.from_pretrained(pretrained_dir)
+    model = TaskModel(backbone, "xvnli", "single", ["contradiction", "neutral", "entailment"])
+    batch = {
+        "images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+        "text_ids": torch.randint(5, 50, (4, 6)),
+        "text_mask": torch.ones(4, 6, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 2, 1]),
+    }
+    scripted, snapshots = iter([50.0, 80.0, 60.0]), []
+
+    def dev_score(m):
+        assert all(p.numel() > 0 for p in m.parameters())  # whole weights, also under ZeRO-3
+        snapshots.append({k: v.detach().clone().float() for k, v in m.state_dict().items()})
+        return next(scripted)
+
+    trained, selection = finetune.finetune(
+        model,
+        EpochBatches([batch], 1, lambda items: items[0], seed=0),
+        dev_score,
+        finetune.FinetuneSettings(lr=1e-3, epochs=3),
+        env=init_distributed("cpu"),
+        output_dir=tmp_path / "run",
+        deepspeed_cfg=DeepSpeedConfig(zero_stage=stage),
+    )
+    assert (selection.best_score, selection.best_step) == (80.0, 2)
+    assert trained is not model if stage == 3 else trained is model  # ZeRO-3: a rebuilt, whole module
+    assert not torch.equal(snapshots[1]["head.net.3.weight"], snapshots[2]["head.net.3.weight"])
+    for key, value in trained.state_dict().items():
         assert torch.equal(value, snapshots[1][key]), key
 
 

@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from cclm.config import ConfigError, RetrievalRunConfig, load_config, require
 from cclm.evaluation.datasets import available_languages, load_retrieval_set
 from cclm.evaluation.results import mean_over_languages, write_results
@@ -34,14 +36,13 @@ def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
     return "\n".join(lines)
 
 
-def evaluate_benchmark(cfg) -> dict[str, dict[str, float]]:
+def evaluate_benchmark(cfg: RetrievalRunConfig) -> dict[str, dict[str, float]]:
     """Rows {language: metrics} (plus the means) of a :class:`RetrievalRunConfig`; writes the results files."""
 
     require(cfg, "checkpoint", "data.format", "data.root")
-    if cfg.languages:
-        cfg.data.languages = list(cfg.languages)
+    data = OmegaConf.merge(cfg.data, {"languages": list(cfg.languages)}) if cfg.languages else cfg.data
     # Read every language's annotations first: a missing file or unknown language fails before the model loads.
-    sets = {lang: load_retrieval_set(cfg.data, lang, cfg.name) for lang in available_languages(cfg.data)}
+    sets = {lang: load_retrieval_set(data, lang, cfg.name) for lang in available_languages(data)}
     device = resolve_device(cfg.device)
     created_group = join_launched_group(device)
     try:
@@ -51,7 +52,7 @@ def evaluate_benchmark(cfg) -> dict[str, dict[str, float]]:
             leave_group()
 
 
-def _evaluate_sets(cfg, sets, device) -> dict[str, dict[str, float]]:
+def _evaluate_sets(cfg: RetrievalRunConfig, sets, device) -> dict[str, dict[str, float]]:
     from cclm.data.tokenize import load_tokenizer
     from cclm.model import CrossViewModel
 

@@ -73,7 +73,7 @@ def run_retrieval(
         model.train(was_training)
 
 
-def settings(eval_cfg, rerank: bool | None = None) -> dict[str, Any]:
+def settings(eval_cfg: EvalConfig, rerank: bool | None = None) -> dict[str, Any]:
     """The keyword settings of :func:`run_retrieval` from an :class:`EvalConfig` (``rerank`` overrides its own)."""
     return {
         "k_test": eval_cfg.k_test,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from cclm.config import ConfigError, Precision, StudentPart, require, to_dict
+from cclm.config import ConfigError, CViLRecipeConfig, Precision, StudentPart, require, to_dict
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.recipes.runner import run_stage, write_recipe_results
@@ -229,7 +229,7 @@ class ParallelCollator:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def run_cvil(cfg) -> dict[str, Any]:
+def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
     languages = list(cfg.languages)
     missing = [lang for lang in languages if lang not in cfg.data.parallel]

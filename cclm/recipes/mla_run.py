@@ -12,7 +12,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from cclm.config import ConfigError, require, to_dict
+from cclm.config import ConfigError, DataConfig, MLARecipeConfig, require, to_dict
 from cclm.data.shards import expand_shards, read_manifest
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.mla import MLAModel
@@ -58,7 +58,7 @@ def check_language_data(stream_cfg, languages: list[str], key: str, what: str) -
         )
 
 
-def stage_data_cfg(cfg, view: str, languages: list[str]):
+def stage_data_cfg(cfg: MLARecipeConfig, view: str, languages: list[str]) -> DataConfig:
     """The data config of one stage: only its stream, filtered to its languages."""
     data = copy.deepcopy(cfg.data)
     if view == "text":
@@ -91,7 +91,7 @@ def retrieval_by_language(
     return rows
 
 
-def run_mla(cfg, model: MLAModel | None = None) -> dict[str, Any]:
+def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, Any]:
     """Run both stages; ``model`` (default: built from ``cfg``) is trained in place."""
     from cclm.data.pipeline import PretrainData
 

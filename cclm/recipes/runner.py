@@ -20,7 +20,7 @@ from torch import nn
 from cclm.config import ConfigError, to_dict
 from cclm.evaluation.results import write_results
 from cclm.runtime.env import DistEnv
-from cclm.runtime.trainer import LoopConfig, Trainer
+from cclm.runtime.trainer import LoopSettings, Trainer
 
 log = logging.getLogger("cclm.recipes")
 RESULTS_FILE = "results.json"
@@ -48,7 +48,7 @@ def run_stage(
     trainer = Trainer(
         model,
         source,
-        LoopConfig.from_train_config(cfg.train, max_steps=steps, desc=name),
+        LoopSettings.from_train_config(cfg.train, max_steps=steps, desc=name),
         env=env,
         optimizer_cfg=optimizer,
         scheduler_cfg=cfg.train.scheduler,

@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from cclm.config import ConfigError, Precision
+from cclm.config import ConfigError, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
 from cclm.runtime.env import DistEnv, resolve_precision
 from cclm.runtime.optim import build_optimizer
 from cclm.runtime.schedule import build_scheduler
 
 
 def deepspeed_config(
-    ds_cfg,
+    ds_cfg: DeepSpeedConfig,
     micro_batch_size: int,
     world_size: int,
     grad_accum: int = 1,
@@ -93,9 +93,9 @@ def build_engine(
     model,
     *,
     env: DistEnv,
-    optimizer_cfg,
-    scheduler_cfg,
-    deepspeed_cfg,
+    optimizer_cfg: OptimizerConfig,
+    scheduler_cfg: SchedulerConfig,
+    deepspeed_cfg: DeepSpeedConfig,
     micro_batch: int,
     max_steps: int,
     grad_accum: int = 1,

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from cclm.config import ScheduleName
+from cclm.config import ScheduleName, SchedulerConfig
 
 SCHEDULES = tuple(s.value for s in ScheduleName)
 
@@ -28,7 +28,7 @@ def lr_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
-def warmup_steps_of(sched_cfg, max_steps: int) -> int:
+def warmup_steps_of(sched_cfg: SchedulerConfig, max_steps: int) -> int:
     """``warmup_steps``, or ``warmup_ratio`` of the run when the steps are 0."""
     if sched_cfg.warmup_steps > 0:
         return int(sched_cfg.warmup_steps)
@@ -37,7 +37,7 @@ def warmup_steps_of(sched_cfg, max_steps: int) -> int:
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
-    sched_cfg,
+    sched_cfg: SchedulerConfig,
     max_steps: int,
     effective_step: Callable[[int], float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:

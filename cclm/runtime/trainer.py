@@ -30,7 +30,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cclm.config import ConfigError, ViewSchedule
+from cclm.config import (
+    ConfigError,
+    DeepSpeedConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+    ViewSchedule,
+)
 from cclm.runtime import checkpoint
 from cclm.runtime.engine import (
     build_engine,
@@ -63,7 +70,7 @@ class BatchSource(Protocol):
 
 
 @dataclass
-class LoopConfig:
+class LoopSettings:
     """How long and how the loop runs; every workflow fills one from its own config section."""
 
     max_steps: int
@@ -83,7 +90,9 @@ class LoopConfig:
     progress_bar: bool = True
 
     @classmethod
-    def from_train_config(cls, train_cfg, max_steps: int | None = None, desc: str = "train") -> LoopConfig:
+    def from_train_config(
+        cls, train_cfg: TrainConfig, max_steps: int | None = None, desc: str = "train"
+    ) -> LoopSettings:
         """From a :class:`cclm.config.TrainConfig` (pretraining, the recipes' stages)."""
         return cls(
             max_steps=int(max_steps if max_steps is not None else train_cfg.max_steps),
@@ -133,12 +142,12 @@ class Trainer:
         self,
         model: nn.Module,
         source: BatchSource,
-        loop: LoopConfig,
+        loop: LoopSettings,
         *,
         env: DistEnv,
-        optimizer_cfg,
-        scheduler_cfg,
-        deepspeed_cfg,
+        optimizer_cfg: OptimizerConfig,
+        scheduler_cfg: SchedulerConfig,
+        deepspeed_cfg: DeepSpeedConfig,
         micro_batch: int,
         output_dir: str | Path,
         lr_mults: Mapping[str, float] | None = None,
@@ -245,7 +254,8 @@ class Trainer:
     def _out_of_time(self) -> bool:
         if self.loop.time_limit_s <= 0:
             return False
-        flag = torch.tensor([float(self.train_seconds() > self.loop.time_limit_s)])
+        # on the device: NCCL reduces only GPU tensors
+        flag = torch.tensor([float(self.train_seconds() > self.loop.time_limit_s)], device=self.env.device)
         if dist.is_initialized() and self.env.world_size > 1:  # every rank stops at the same step
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -281,14 +291,20 @@ class Trainer:
         """Interval means, averaged over ranks. Every rank holds the same keys: views follow the step number."""
         world = self.env.world_size
         keys = sorted(k[len("sum:") :] for k in stats if k.startswith("sum:"))
-        values = torch.tensor([stats["sum:" + k] / stats["count:" + k] for k in keys], dtype=torch.float64)
+        device = self.env.device  # NCCL reduces only GPU tensors
+        values = torch.tensor(
+            [stats["sum:" + k] / stats["count:" + k] for k in keys], dtype=torch.float64, device=device
+        )
         totals = torch.tensor(
-            [stats["samples"], stats["tokens"], stats["flops"], stats["data_time"]], dtype=torch.float64
+            [stats["samples"], stats["tokens"], stats["flops"], stats["data_time"]],
+            dtype=torch.float64,
+            device=device,
         )
         if dist.is_initialized() and world > 1:
             dist.all_reduce(values)
             values /= world
             dist.all_reduce(totals)
+        values, totals = values.tolist(), totals.tolist()
         out = {k: float(v) for k, v in zip(keys, values)}
         out["lr"] = self._base_lr()
         if hasattr(self.model, "logged_scalars"):

@@ -14,7 +14,7 @@ from cclm.config import DeepSpeedConfig, OptimizerConfig, ScheduleName, Schedule
 from cclm.runtime.env import DistEnv, autocast, to_device
 from cclm.runtime.optim import multipliers
 from cclm.runtime.sources import EpochBatches
-from cclm.runtime.trainer import LoopConfig, Selection, Trainer
+from cclm.runtime.trainer import LoopSettings, Selection, Trainer
 from cclm.tasks.task_model import TaskModel
 
 DEV = "dev"
@@ -53,7 +53,7 @@ def finetune(
     """Train ``model`` on ``source``; evaluate ``dev_score`` every ``eval_every`` steps (each epoch by default)
     and at the end; return the module holding the weights of its best dev evaluation (fp32, eval mode)."""
     steps = settings.max_steps if settings.max_steps > 0 else settings.epochs * len(source)
-    loop = LoopConfig(
+    loop = LoopSettings(
         max_steps=steps,
         log_every=settings.log_every,
         save_every=settings.save_every,

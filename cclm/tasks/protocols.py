@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from cclm.config import CONFIG_ROOT, ModelConfig, Precision, Protocol, load_config, to_dict
+from cclm.config import CONFIG_ROOT, FinetuneConfig, ModelConfig, Precision, Protocol, load_config, to_dict
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
@@ -143,7 +143,7 @@ class TaskSuite:
 class TaskRunner(TaskSuite):
     """A fine-tuning config on top of its task: starting or loading models, training, result tables."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: FinetuneConfig):
         env = init_distributed(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -278,7 +278,7 @@ def _model_yaml(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_ROOT / "model" / f"{name}.yaml"
 
 
-def run_zero_shot(cfg) -> dict:
+def run_zero_shot(cfg: FinetuneConfig) -> dict:
     runner = TaskRunner(cfg)
     train_datas, dev_datas = runner.read_all(cfg.data.train), runner.read_all(cfg.data.dev)
     if not train_datas:
@@ -305,7 +305,7 @@ def run_zero_shot(cfg) -> dict:
     return tables
 
 
-def run_few_shot(cfg) -> dict:
+def run_few_shot(cfg: FinetuneConfig) -> dict:
     runner = TaskRunner(cfg)
     if not cfg.checkpoint:
         raise ValueError("few-shot continues from the English fine-tuned model: set 'checkpoint'")
@@ -377,7 +377,7 @@ def run_few_shot(cfg) -> dict:
     }
 
 
-def evaluate_checkpoint(cfg) -> dict:
+def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:
     """Evaluate ``checkpoint`` with ``protocol`` zero_shot (``data.test``) or translate_test."""
     runner = TaskRunner(cfg)
     if not cfg.checkpoint:

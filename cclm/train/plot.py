@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from cclm.train.logging import METRICS_FILE
+from cclm.jsonl import read_jsonl
+from cclm.runtime.logging import METRICS_FILE
 
 
 def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -20,7 +20,7 @@ def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
     path = output_dir / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {output_dir} a pretraining output_dir?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_jsonl(path)]
     if not records:
         raise ValueError(f"{path} holds no records yet")
     losses = sorted({k for r in records for k in r if "/" in k and not k.startswith("eval/")})

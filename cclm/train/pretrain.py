@@ -9,10 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cclm.config import ConfigError, ModelConfig, from_dict, require_complete, to_dict
+from cclm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, require_complete, to_dict
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.optim import multipliers
-from cclm.runtime.trainer import LoopConfig, Trainer
+from cclm.runtime.trainer import LoopSettings, Trainer
 from cclm.train.flops import train_flops_per_sample
 
 log = logging.getLogger("cclm.train")
@@ -46,7 +46,7 @@ def model_config_for(model_cfg, tokenizer) -> Any:
 class Pretraining:
     """Builds the pretraining run from a :class:`cclm.config.PretrainConfig`; :meth:`run` trains it."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: PretrainConfig):
         require_complete(cfg)
         train = cfg.train
         if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
@@ -82,7 +82,7 @@ class Pretraining:
         self.trainer = Trainer(
             model,
             self.data,
-            LoopConfig.from_train_config(train, desc="pretrain"),
+            LoopSettings.from_train_config(train, desc="pretrain"),
             env=self.env,
             optimizer_cfg=train.optimizer,
             scheduler_cfg=train.scheduler,
@@ -129,5 +129,5 @@ class Pretraining:
             self.trainer.close()
 
 
-def pretrain(cfg) -> dict[str, float]:
+def pretrain(cfg: PretrainConfig) -> dict[str, float]:
     return Pretraining(cfg).run()
