@@ -123,6 +123,27 @@ def open_clip_peer(tmp: Path):
     return model, ClipLoss()
 
 
+def pretraining_engine(model, env, zero_stage: int, precision: str, micro_batch: int, steps: int):
+    """``model`` under the runtime's DeepSpeed engine with pretraining's default AdamW and schedule."""
+    from cclm.config import PretrainConfig, from_dict
+    from cclm.runtime.engine import build_engine
+
+    cfg = from_dict(
+        PretrainConfig,
+        {"train": {"max_steps": steps}, "deepspeed": {"zero_stage": zero_stage, "precision": precision}},
+    )
+    engine, *_ = build_engine(
+        model,
+        env=env,
+        optimizer_cfg=cfg.train.optimizer,
+        scheduler_cfg=cfg.train.scheduler,
+        deepspeed_cfg=cfg.deepspeed,
+        micro_batch=micro_batch,
+        max_steps=steps,
+    )
+    return engine
+
+
 def time_steps(step_fn, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -242,10 +263,8 @@ def bench_gpu_base(steps: int) -> dict | None:
         return None
     import deepspeed
 
-    from cclm.config import PretrainConfig, from_dict
     from cclm.model import CrossViewModel
     from cclm.model.vision import resolve_open_clip_vision_cfg
-    from cclm.runtime.engine import build_engine
     from cclm.runtime.env import init_distributed
     from cclm.runtime.flops import peak_flops
     from cclm.train.flops import train_flops_per_sample
@@ -264,21 +283,10 @@ def bench_gpu_base(steps: int) -> dict | None:
         "eos_token_id": 2,
     }
     mcfg = model_cfg(text_layers=6, fusion_layers=6, vision=dict(vision, image_size=224), text=large)
-    cfg = from_dict(
-        PretrainConfig, {"train": {"max_steps": steps}, "deepspeed": {"zero_stage": 2, "precision": "bf16"}}
-    )
     model = CrossViewModel(mcfg, load_pretrained=False)
     per_sample = {v: train_flops_per_sample(model, v, LENGTH, 224) for v in ("image", "text")}
     size = 64
-    engine, *_ = build_engine(
-        model,
-        env=info,
-        optimizer_cfg=cfg.train.optimizer,
-        scheduler_cfg=cfg.train.scheduler,
-        deepspeed_cfg=cfg.deepspeed,
-        micro_batch=size,
-        max_steps=cfg.train.max_steps,
-    )
+    engine = pretraining_engine(model, info, zero_stage=2, precision="bf16", micro_batch=size, steps=steps)
     batches = {
         v: {k: t.to(info.device) if torch.is_tensor(t) else t for k, t in batch(v, 250002, 224, size).items()}
         for v in ("image", "text")

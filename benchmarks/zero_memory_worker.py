@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import batch, model_cfg  # noqa: E402
+from bench_train import batch, model_cfg, pretraining_engine  # noqa: E402
 
 # ~40M parameters: large enough that parameter and optimizer state dominate the per-rank footprint.
 TEXT = {
@@ -62,30 +62,15 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
 
-    from cclm.config import PretrainConfig, from_dict
     from cclm.model import CrossViewModel
-    from cclm.runtime.engine import build_engine
     from cclm.runtime.env import init_distributed
 
     info = init_distributed()
     torch.manual_seed(0)
-    mcfg = model_cfg(text=TEXT, vision=VISION)
-    cfg = from_dict(
-        PretrainConfig,
-        {"deepspeed": {"zero_stage": args.stage, "precision": args.precision}, "train": {"max_steps": 10}},
-    )
-    model = CrossViewModel(mcfg, load_pretrained=False)
+    model = CrossViewModel(model_cfg(text=TEXT, vision=VISION), load_pretrained=False)
     n_params = sum(p.numel() for p in model.parameters())
     size = 8
-    engine, *_ = build_engine(
-        model,
-        env=info,
-        optimizer_cfg=cfg.train.optimizer,
-        scheduler_cfg=cfg.train.scheduler,
-        deepspeed_cfg=cfg.deepspeed,
-        micro_batch=size,
-        max_steps=cfg.train.max_steps,
-    )
+    engine = pretraining_engine(model, info, args.stage, args.precision, micro_batch=size, steps=10)
     for step in range(3):
         view = "image" if step % 2 == 0 else "text"
         loss = engine(batch(view, TEXT["vocab_size"], VISION["image_size"], size), view)["loss"]

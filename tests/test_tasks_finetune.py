@@ -297,12 +297,7 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
 def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
     backbone = CrossViewModel.from_pretrained(pretrained_dir)
     model = TaskModel(backbone, "xvnli", "single", ["contradiction", "neutral", "entailment"])
-    batch = {
-        "images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
-        "text_ids": torch.randint(5, 50, (4, 6)),
-        "text_mask": torch.ones(4, 6, dtype=torch.long),
-        "labels": torch.tensor([0, 1, 2, 1]),
-    }
+    batch = xvnli_batch()
     scripted, snapshots = iter([50.0, 80.0, 60.0]), []
 
     def dev_score(m):
@@ -324,18 +319,23 @@ def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
         assert torch.equal(value, snapshots[1][key]), key
 
 
+def xvnli_batch() -> dict[str, torch.Tensor]:
+    """Four random image + hypothesis examples with XVNLI labels."""
+    return {
+        "images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+        "text_ids": torch.randint(5, 50, (4, 6)),
+        "text_mask": torch.ones(4, 6, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 2, 1]),
+    }
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_sharded_fine_tuning_keeps_the_best_dev_weights(pretrained_dir, tmp_path, stage):
     """Under ZeRO-2 and ZeRO-3 (weights partitioned across ranks: the dev evaluation sees them gathered, and the
     selected weights come back into a rebuilt module) the run keeps the weights of its best dev evaluation."""
     backbone = CrossViewModel.from_pretrained(pretrained_dir)
     model = TaskModel(backbone, "xvnli", "single", ["contradiction", "neutral", "entailment"])
-    batch = {
-        "images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
-        "text_ids": torch.randint(5, 50, (4, 6)),
-        "text_mask": torch.ones(4, 6, dtype=torch.long),
-        "labels": torch.tensor([0, 1, 2, 1]),
-    }
+    batch = xvnli_batch()
     scripted, snapshots = iter([50.0, 80.0, 60.0]), []
 
     def dev_score(m):

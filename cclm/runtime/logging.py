@@ -57,8 +57,11 @@ class RunLogger:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
         self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+        # refresh=False: the bar redraws on its own interval (every 30 s in a log file), not at every log step
         self.bar.set_postfix(
-            loss=f"{scalars.get('loss', float('nan')):.3f}", sps=f"{scalars.get('samples_per_s', 0):.1f}"
+            loss=f"{scalars.get('loss', float('nan')):.3f}",
+            sps=f"{scalars.get('samples_per_s', 0):.1f}",
+            refresh=False,
         )
 
     def advance(self, n: int = 1) -> None:
