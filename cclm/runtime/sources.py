@@ -47,8 +47,8 @@ class EpochBatches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(n))
-        per_rank = math.ceil(n / self.world_size)
-        order += order[: per_rank * self.world_size - n]  # pad: every rank takes the same number of batches
+        total = math.ceil(n / self.world_size) * self.world_size
+        order = (order * math.ceil(total / n))[:total]  # pad: every rank takes the same number of batches
         return order[self.rank :: self.world_size]
 
     def _batches(self, epoch: int) -> list[list[int]]:
@@ -59,8 +59,10 @@ class EpochBatches:
         return batches
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return len(self._batches(0))
+        """Batches per epoch on this rank (arithmetic: no permutation is drawn)."""
+        per_rank = math.ceil(len(self.dataset) / self.world_size)
+        full, rest = divmod(per_rank, self.batch_size)
+        return full + (1 if rest and not (self.drop_last and full > 0) else 0)
 
     @property
     def epochs_done(self) -> float:

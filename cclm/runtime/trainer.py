@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -454,8 +455,6 @@ def _accumulate(stats: dict[str, float], key: str, value: float) -> None:
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    import shutil
-
     tmp = target.with_name(target.name + ".tmp")
     shutil.copy2(source, tmp)
     os.replace(tmp, target)
