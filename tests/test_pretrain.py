@@ -147,22 +147,63 @@ def _check_export_round_trip(ckpt: Path, out: Path) -> None:
 
 def _check_periodic_eval_sees_whole_weights(records: list[dict], world: Path, exported: Path) -> None:
     """The step-16 evaluation, run by 2 ranks on gathered ZeRO-3 partitions, equals evaluating the exported
-    step-16 weights in one process."""
+    step-16 weights in one process, up to near-ties: two ranks embed in other batch shapes, so a score may move
+    by float rounding and a query whose gold and best other candidate are within ``NEAR_TIE`` may flip. Every
+    logged metric must lie between the metrics of the exported model's ranks with such ties resolved for and
+    against the gold, and most queries must have no near-tie (else the check would prove nothing)."""
+    import functools
+
     from cclm.config import EvalConfig, load_config
+    from cclm.data.images import load_image
     from cclm.data.tokenize import load_tokenizer
-    from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
+    from cclm.evaluation.retrieval import (
+        _gold_mask,
+        embed_gallery,
+        gold_matrix,
+        metrics_from_ranks,
+        tokenize_texts,
+    )
+    from cclm.evaluation.run import load_periodic_sets
     from cclm.model import CrossViewModel
 
+    near_tie = 1e-5  # well above float32 rounding of a cosine (~1e-7), well below the typical gap
     logged = {r["step"]: r for r in records if "eval/world/en/txt_r1" in r}
     assert sorted(logged) == [8, 16]
     eval_cfg = load_config(EvalConfig, None, [f"datasets={{world: {world / 'heldout'}}}"])
     model = CrossViewModel.from_pretrained(exported).eval()
-    with torch.no_grad():
-        again = evaluate_during_training(
-            model, load_periodic_sets(eval_cfg), load_tokenizer(str(exported)), eval_cfg, 32, "cpu"
-        )
-    for key, value in again.items():
-        assert logged[16][key] == pytest.approx(value, abs=1e-6), key
+    tokenizer = load_tokenizer(str(exported))
+    queries = flips = 0
+    for retrieval_set in load_periodic_sets(eval_cfg)["world"]:
+        with torch.no_grad():
+            emb = embed_gallery(
+                model,
+                retrieval_set.images,
+                tokenize_texts(tokenizer, retrieval_set.texts, int(model.cfg.text.max_length)),
+                functools.partial(load_image, size=32),
+                tokenizer.pad_token_id,
+                32,
+                "cpu",
+                keep_tokens=False,
+            )
+        sims = (emb.image_feats @ emb.text_feats.t()).double()
+        bounds = []
+        for scores, gold in ((sims, retrieval_set.img2txt), (sims.t(), retrieval_set.txt2img)):
+            gold_mask = _gold_mask(gold_matrix(gold, scores.shape[1]), scores.shape[1])
+            best_gold = scores.masked_fill(~gold_mask, float("-inf")).amax(dim=1, keepdim=True)
+            best = 1 + ((scores >= best_gold + near_tie) & ~gold_mask).sum(dim=1)
+            worst = 1 + ((scores >= best_gold - near_tie) & ~gold_mask).sum(dim=1)
+            bounds.append((best, worst))
+            queries += len(best)
+            flips += int((best != worst).sum())
+        optimistic = metrics_from_ranks(bounds[0][0], bounds[1][0])
+        pessimistic = metrics_from_ranks(bounds[0][1], bounds[1][1])
+        for key in optimistic:
+            low, high = sorted((optimistic[key], pessimistic[key]))
+            value = logged[16][f"eval/world/{retrieval_set.lang}/{key}"]
+            assert low - 1e-6 <= value <= high + 1e-6, (retrieval_set.lang, key, value, low, high)
+    assert flips <= queries // 10, (
+        f"{flips} of {queries} queries have a near-tie: the comparison is too loose"
+    )
 
 
 def test_exact_resume_after_sigkill(world, tmp_path):
