@@ -23,6 +23,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from cclm.errors import UserError
+
 
 def _config_root() -> Path:
     """The shipped configs: ``$CCLM_CONFIG_DIR``, else the source checkout's ``configs/``, else the copy an
@@ -41,7 +43,7 @@ def _config_root() -> Path:
 CONFIG_ROOT = _config_root()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -109,6 +111,11 @@ class StudentPart(Mode):
     text = "text"
     fusion = "fusion"
     head = "head"
+
+
+class UnlistedShards(Mode):
+    warn = "warn"  # read a shard that no manifest.json lists, with a warning naming it
+    refuse = "refuse"  # fail naming it (a converter that died part-way leaves such shards)
 
 
 class RetrievalFormat(Mode):
@@ -212,6 +219,8 @@ class DataConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     # Randomly swap source/target of parallel pairs so both directions are learned.
     swap_parallel: bool = True
+    # Shards that no manifest.json beside them lists (an unfinished conversion): warn and read, or refuse.
+    unlisted_shards: UnlistedShards = UnlistedShards.warn
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -247,6 +256,10 @@ class TrainConfig:
     # "alternate": one optimizer step per view (CCLM); "sum": both views summed in one step (X2-VLM).
     view_schedule: ViewSchedule = ViewSchedule.alternate
     activation_checkpointing: bool = False
+    # A rank that has not finished a step this long ends the job (every rank exits naming it); also the
+    # timeout of collectives. A step slower than stall_factor x the running median logs which rank is behind.
+    collective_timeout_s: float = 1800.0
+    stall_factor: float = 20.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -288,6 +301,9 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "output"
     resume: str | None = None  # None, "auto", or a checkpoint folder
+    # A fresh run (no resume) into an output_dir holding a run is refused unless True: the old run is moved
+    # aside to <output_dir>.old-<time>, never deleted.
+    overwrite: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -363,6 +379,8 @@ class FinetuneTrainConfig:
     num_workers: int = 0
     time_limit_minutes: float = 0.0  # > 0 stops training after this much wall time
     threads: int = 0  # torch CPU threads (0 = torch default); small models on a busy CPU run best with 1
+    collective_timeout_s: float = 1800.0  # as TrainConfig
+    stall_factor: float = 20.0
 
 
 @dataclass
@@ -382,6 +400,7 @@ class FinetuneConfig:
     model_overrides: list[str] = field(default_factory=list)  # random init only: key=value on the model yaml
     output_dir: str = "output/finetune"
     resume: str | None = None  # "auto": continue from the newest checkpoint of output_dir (train.save_every)
+    overwrite: bool = False  # as PretrainConfig
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cclm.errors import DataError
 
-class JsonFileError(ValueError):
+
+class JsonFileError(DataError, ValueError):
     """A JSON / JSON-lines file that cannot be used; the message names the file (and line)."""
 
 

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = {
     "cclm.config": 0,
     "cclm.jsonl": 0,
+    "cclm.errors": 0,
     "cclm.runtime": 1,
     "cclm.losses": 2,
     "cclm.data": 2,

@@ -1,0 +1,1 @@
+"""Fault injection: one test per promise of docs/reliability.md, each reproducing the fault on purpose."""
