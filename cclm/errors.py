@@ -19,3 +19,15 @@ class DataError(UserError):
 
 class StalledRankError(UserError):
     """A rank stopped making progress for longer than the collective timeout."""
+
+
+class RunInterrupted(SystemExit):
+    """Training stopped on a signal (SLURM's warning before the time limit) after saving a checkpoint; the
+    process exits with status 0 and ``resume=auto`` continues the run."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

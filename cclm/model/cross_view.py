@@ -37,6 +37,10 @@ LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
 
 
 class CrossViewModel(nn.Module):
+    # Draws the ITM/TTM hard negatives; the trainer sets a seeded one whose state its checkpoints keep (None:
+    # torch's global generator).
+    sampling_generator: torch.Generator | None = None
+
     def __init__(self, cfg: ModelConfig, load_pretrained: bool = True):
         super().__init__()
         # A private copy: the resolved tower and encoder configs are recorded in ``self.cfg`` (what a saved model
@@ -203,10 +207,10 @@ class CrossViewModel(nn.Module):
             cand_query_feat, cand_memory_feat, cand_groups = query_feat, memory_feat, group_ids
         positives = losses.positive_mask(group_ids, cand_groups)
         neg_memory, memory_valid = losses.sample_hard_negatives(
-            query_feat @ cand_memory_feat.t() / temp, positives
+            query_feat @ cand_memory_feat.t() / temp, positives, self.sampling_generator
         )
         neg_query, query_valid = losses.sample_hard_negatives(
-            memory_feat @ cand_query_feat.t() / temp, positives
+            memory_feat @ cand_query_feat.t() / temp, positives, self.sampling_generator
         )
         tokens = _cat_padded([query, query, cand_query[neg_query]])
         masks = _cat_padded([query_mask, query_mask, cand_query_mask[neg_query]])

@@ -56,6 +56,7 @@ def run_stage(
         micro_batch=micro_batch,
         output_dir=Path(cfg.output_dir) / name,
         run_config=to_dict(cfg),
+        overwrite=bool(getattr(cfg, "overwrite", False)),
     )
     last = trainer.run()
     trainer.finish()

@@ -5,14 +5,24 @@
   own state (e.g. the model selection of a fine-tuning run),
 * ``model_fp32.safetensors`` + ``config.json``: the consolidated fp32 weights (gathered from every ZeRO stage at
   save time, so export needs no pickle and no ZeRO tooling) and the run's config,
-* ``complete.json``, written last, after every rank finished. Only folders with it count as checkpoints, so a
-  crash while writing never leaves a broken "latest". The last ``keep_last`` complete checkpoints are kept.
+* ``complete.json``, written last, after every rank finished: the step, the world size and a sha256 manifest of
+  every other file. Only folders with it count as checkpoints, so a crash while writing never leaves a broken
+  "latest". The last ``keep_last`` complete checkpoints are kept.
+
+Loading executes no code from the folder: the manifest is checked first (a truncated, altered or missing file
+fails naming it), and DeepSpeed's ``*.pt`` files are unpickled with ``weights_only=True`` and an allow-list of
+the few DeepSpeed classes they hold. ``resume=auto`` falls back to the previous checkpoint, with a warning,
+when the newest fails its check.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
+import os
+import pickle
 import random
 import re
 import shutil
@@ -23,7 +33,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from cclm.errors import CheckpointError
 from cclm.runtime.env import barrier, dist_info
+
+log = logging.getLogger("cclm.train")
 
 COMPLETE = "complete.json"
 FP32_WEIGHTS = "model_fp32.safetensors"
@@ -139,7 +152,8 @@ def save(
             shutil.copy2(source, path / name)
     barrier()
     if rank == 0:
-        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist_info()[1]}))
+        record = {"step": step, "world_size": dist_info()[1], "files": manifest(path)}
+        _atomic_write(path / COMPLETE, json.dumps(record, indent=1))
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -147,15 +161,160 @@ def save(
 
 
 def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:
-    """Restore engine and RNG state; returns (step, data_state, trainer_state)."""
+    """Restore engine and RNG state from a checkpoint that passed :func:`verify`; returns (step, data_state,
+    trainer_state)."""
     state_file = checkpoint / f"rank{rank}_state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(
-            f"{state_file} is missing: was {checkpoint} written with a different number of ranks?"
-        )
-    load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    state = read_json(state_file)
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    try:
+        load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    except CheckpointError:
+        raise
+    except Exception as err:  # DeepSpeed's own errors name no file
+        raise CheckpointError(
+            f"{checkpoint}: DeepSpeed could not load it ({type(err).__name__}: {err})"
+        ) from err
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
-    state = json.loads(state_file.read_text())
+        raise CheckpointError(f"{checkpoint}: DeepSpeed found no model states to load")
     set_rng_state(state["rng"])
     return int(state["step"]), state["data"], state.get("trainer", {})
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but ``complete.json``, by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+    return {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt ({err})") from None
+
+
+def read_record(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's ``complete.json``."""
+    record = read_json(checkpoint / COMPLETE)
+    if not isinstance(record, dict) or "step" not in record:
+        raise CheckpointError(f"{checkpoint / COMPLETE}: not a checkpoint record")
+    return record
+
+
+def verify(checkpoint: Path, world_size: int | None = None, files: list[str] | None = None) -> dict[str, Any]:
+    """Check ``complete.json``, the world size it was written with, and the sha256 of ``files`` (default: all
+    in the manifest) before anything is loaded; raises :class:`CheckpointError` naming the first bad file."""
+    record = read_record(checkpoint)
+    written_by = record.get("world_size")
+    if world_size is not None and written_by is not None and int(written_by) != world_size:
+        raise CheckpointError(
+            f"{checkpoint} was written by {written_by} ranks and this run has {world_size}: resume with "
+            f"{written_by} ranks, or start a new run from its weights (cclm export)"
+        )
+    expected = record.get("files")
+    if expected is None:
+        log.warning(
+            "%s has no file manifest (written by an older cclm): its files are not checked", checkpoint
+        )
+        return record
+    for name in files if files is not None else sorted(expected):
+        path = checkpoint / name
+        if name not in expected:
+            raise CheckpointError(f"{path}: not listed in {checkpoint / COMPLETE}")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if sha256(path) != expected[name]:
+            raise CheckpointError(f"{path}: corrupt or altered (sha256 differs from {COMPLETE})")
+    return record
+
+
+def verify_on_all_ranks(checkpoint: Path) -> None:
+    """:func:`verify` with the hashing split over the ranks; every rank raises if any rank found a bad file."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    error = ""
+    try:
+        names = sorted(read_record(checkpoint).get("files") or {})
+        verify(checkpoint, world_size=world, files=names[rank::world])
+    except CheckpointError as err:
+        error = str(err)
+    if dist.is_initialized() and world > 1:
+        errors: list[str] = [""] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), "")
+    if error:
+        raise CheckpointError(error)
+
+
+def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from, verified: with ``"auto"`` the newest complete one that passes
+    (a bad newer one is skipped with a warning naming its bad file), else the folder given, which must pass."""
+    if not resume:
+        return None
+    if resume != "auto":
+        target = Path(resume)
+        if not (target / COMPLETE).exists():
+            raise CheckpointError(f"resume: {target} is not a complete checkpoint (no {COMPLETE})")
+        verify_on_all_ranks(target)
+        return target
+    for candidate in reversed(complete_checkpoints(output_dir)):
+        try:
+            verify_on_all_ranks(candidate)
+            return candidate
+        except CheckpointError as err:
+            if dist_info()[0] == 0:
+                log.warning(
+                    "resume=auto: skipping %s: %s; trying the previous checkpoint", candidate.name, err
+                )
+    return None
+
+
+# --------------------------------------------------------------------------------------- safe loading
+def _allowed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a loader that executes nothing: ``torch.load(weights_only=True)``
+    with :func:`_allowed_globals`; everything else is delegated to the engine it wraps."""
+
+    def __init__(self, inner):
+        self._inner = inner.__dict__.get("_inner", inner)  # never wrap twice
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: refused to load: it holds something other than tensors and DeepSpeed state ({first})"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{path}: corrupt ({type(err).__name__}: {err})") from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

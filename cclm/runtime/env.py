@@ -9,6 +9,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _join_group(device: torch.device) -> None:
+def _join_group(device: torch.device, timeout_s: float | None = None) -> None:
     """Join the process group through DeepSpeed: NCCL on GPUs, gloo on CPU (without compiling DeepSpeed's
     shared-memory op, which takes ~25 s and is not needed for correctness)."""
     import deepspeed
@@ -68,19 +69,24 @@ def _join_group(device: torch.device) -> None:
         ds_comm_torch.build_shm_op = lambda: None
     else:
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if timeout_s is None:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
 
 
-def init_distributed(device: str | torch.device | None = "auto") -> DistEnv:
+def init_distributed(device: str | torch.device | None = "auto", timeout_s: float | None = None) -> DistEnv:
     """Join (or create) the process group and describe this process. Works under any launcher and alone: a
-    plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then)."""
+    plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then). ``timeout_s``: the
+    collectives' timeout (a training run's watchdog speaks first: the group waits a minute longer)."""
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = resolve_device(device)
     if not dist.is_initialized():
-        _join_group(device)
+        _join_group(device, None if timeout_s is None else float(timeout_s) + 60.0)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
 
 

@@ -11,14 +11,22 @@ The trainer builds the optimizer (:mod:`cclm.runtime.optim`), the schedule and t
 the newest complete checkpoint when asked, and runs: ``grad_accum`` micro-steps per optimizer step over the step's
 view(s), logging (TensorBoard, ``metrics.jsonl``, a progress bar) with interval means of every loss, lr,
 grad norm, samples/s, tokens/s, the data-wait fraction and MFU on GPUs, periodic evaluation, and checkpoints.
+
+Trust (docs/reliability.md): a fresh run never writes into a folder holding another run; resuming is exact (the
+data source cannot touch the training RNG, and hard negatives come from a generator the checkpoints keep); a
+``SIGUSR1`` saves a checkpoint at the next step and ends the run with status 0; a watchdog ends every rank when
+one stalls longer than the collective timeout.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +47,7 @@ from cclm.config import (
     TrainConfig,
     ViewSchedule,
 )
+from cclm.errors import RunInterrupted
 from cclm.runtime import checkpoint
 from cclm.runtime.engine import (
     build_engine,
@@ -48,6 +57,8 @@ from cclm.runtime.engine import (
 from cclm.runtime.env import DistEnv, barrier, to_device
 from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import RunLogger, truncate_metrics
+from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
+from cclm.runtime.watchdog import Watchdog
 
 log = logging.getLogger("cclm.train")
 BEST_DIR = "best"
@@ -89,6 +100,9 @@ class LoopSettings:
     )
     desc: str = "train"  # progress-bar label
     progress_bar: bool = True
+    seed: int = 0  # of the hard-negative sampling generator (offset by rank)
+    collective_timeout_s: float = 1800.0  # the watchdog ends every rank after this long without progress
+    stall_factor: float = 20.0  # a step this many times the median logs which rank is behind
 
     @classmethod
     def from_train_config(
@@ -106,6 +120,9 @@ class LoopSettings:
             view_schedule=train_cfg.view_schedule,
             activation_checkpointing=bool(train_cfg.activation_checkpointing),
             desc=desc,
+            seed=int(train_cfg.seed),
+            collective_timeout_s=float(train_cfg.collective_timeout_s),
+            stall_factor=float(train_cfg.stall_factor),
         )
 
     def validate(self) -> None:
@@ -113,6 +130,8 @@ class LoopSettings:
             raise ConfigError(f"steps ({self.max_steps}) and log_every ({self.log_every}) must be positive")
         if self.save_every < 0 or self.eval_every < 0 or self.grad_accum <= 0:
             raise ConfigError("save_every and eval_every must be >= 0, grad_accum > 0")
+        if self.collective_timeout_s <= 0 or self.stall_factor <= 1:
+            raise ConfigError("collective_timeout_s must be > 0 and stall_factor > 1")
 
 
 @dataclass
@@ -156,11 +175,13 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         flops_per_sample: Mapping[str, float] | None = None,
         resume: str | None = None,
+        overwrite: bool = False,
     ):
         """``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps`` (an :class:`OptimizerConfig`);
         ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
         ``resume``: None, ``"auto"`` (the newest complete checkpoint in ``output_dir``, if any) or a checkpoint
-        folder. Nothing is written before the configuration has been checked."""
+        folder. ``overwrite``: a fresh run may replace a run in ``output_dir`` (moved aside, not deleted).
+        Nothing is written before the configuration has been checked."""
         loop.validate()
         if loop.select_metric and evaluate is None:
             raise ConfigError("selecting weights by an evaluation metric needs an evaluation hook")
@@ -168,7 +189,9 @@ class Trainer:
         self.evaluate_fn, self.flops_per_sample = evaluate, dict(flops_per_sample or {})
         self.output_dir = Path(output_dir)
         self.run_config = run_config or {}
-        target = self._resume_target(resume)  # a bad resume path fails before anything is built
+        self.resume, self.overwrite = resume, overwrite
+        check_output_dir(self.output_dir, resume, overwrite)
+        target = checkpoint.resume_target(self.output_dir, resume)  # checked before anything is built
         if loop.activation_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"activation checkpointing: {type(model).__name__} does not support it")
@@ -190,29 +213,31 @@ class Trainer:
         )
         self.model = self.engine.module
         self.zero_stage = zero_stage(ds_config)
+        self.sampling_generator = torch.Generator(device=env.device)
+        self.sampling_generator.manual_seed(loop.seed * 1000 + 7919 * (env.rank + 1))
+        for module in self.model.modules():
+            if hasattr(module, "sampling_generator"):
+                module.sampling_generator = self.sampling_generator
+        self._signal: str | None = None
         self.step = 0
         self.selection = Selection(history=[])
         self._start(target)
 
     # ------------------------------------------------------------------------------------------------ start
-    def _resume_target(self, resume: str | None) -> Path | None:
-        if resume == "auto":
-            return checkpoint.latest_checkpoint(self.output_dir)
-        if resume:
-            target = Path(resume)
-            if not (target / checkpoint.COMPLETE).exists():
-                raise ConfigError(f"resume: {target} is not a complete checkpoint")
-            return target
-        return None
-
     def _start(self, target: Path | None) -> None:
         if self.env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            claim_output_dir(self.output_dir, self.resume, self.overwrite)
             (self.output_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        barrier()
         if target is not None:
             self.step, data_state, state = checkpoint.load(self.engine, target, self.env.rank)
             self.source.load_state_dict(data_state)
             self._time_before = float(state.get("train_seconds", 0.0))
+            if "sampling_rng" in state:
+                saved = torch.frombuffer(
+                    bytearray(base64.b64decode(state["sampling_rng"])), dtype=torch.uint8
+                )
+                self.sampling_generator.set_state(saved)
             if "selection" in state:
                 sel = state["selection"]
                 self.selection = Selection(sel["best_score"], sel["best_step"], 0, list(sel["history"]))
@@ -252,15 +277,6 @@ class Trainer:
             return step
         return max(step, min(1.0, self.train_seconds() / limit) * self.loop.max_steps)
 
-    def _out_of_time(self) -> bool:
-        if self.loop.time_limit_s <= 0:
-            return False
-        # on the device: NCCL reduces only GPU tensors
-        flag = torch.tensor([float(self.train_seconds() > self.loop.time_limit_s)], device=self.env.device)
-        if dist.is_initialized() and self.env.world_size > 1:  # every rank stops at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     # ------------------------------------------------------------------------------------------------ steps
     def views_for_step(self, step: int) -> list[str]:
         if self.loop.view_schedule == ViewSchedule.sum:
@@ -273,7 +289,12 @@ class Trainer:
             total = 0.0
             for view in self.views_for_step(self.step):
                 t0 = time.perf_counter()
-                batch = self.source.next_batch(view)
+                self._phase("data")
+                # A data source (a DataLoader drawing its workers' base seed, say) must not advance the training
+                # RNG: a resumed run creates its iterators at other steps than the uninterrupted one did.
+                with torch.random.fork_rng(devices=[]):
+                    batch = self.source.next_batch(view)
+                self._phase("compute")
                 stats["data_time"] += time.perf_counter() - t0
                 samples, tokens = _batch_counts(batch)
                 stats["samples"] += samples
@@ -321,8 +342,22 @@ class Trainer:
         if peak and self.flops_per_sample:
             out["mfu"] = float(totals[2]) / elapsed / (peak * world)
         if hasattr(self.source, "skip_counts"):
-            out["skipped_samples"] = float(sum(self.source.skip_counts().values()))
+            skips = self._skips_over_ranks(self.source.skip_counts())
+            out["skipped_samples"] = float(sum(skips.values()))
+            out.update({f"skipped/{reason}": float(n) for reason, n in skips.items()})
         return out
+
+    def _skips_over_ranks(self, mine: Mapping[str, int]) -> dict[str, int]:
+        """Skipped samples by reason, summed over every rank (each rank reads its own shards)."""
+        if not (dist.is_initialized() and self.env.world_size > 1):
+            return dict(mine)
+        everyone: list[Mapping[str, int]] = [{}] * self.env.world_size
+        dist.all_gather_object(everyone, dict(mine))
+        total: dict[str, int] = {}
+        for counts in everyone:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + int(n)
+        return dict(sorted(total.items()))
 
     def _base_lr(self) -> float:
         """The learning rate of the groups without a multiplier (the first group's when all have one)."""
@@ -341,11 +376,23 @@ class Trainer:
         last: dict[str, float] = {}
         t_start = time.perf_counter()
         self.engine.train()
+        self._watchdog = Watchdog(
+            self.output_dir / "heartbeats",
+            self.env.rank,
+            self.env.world_size,
+            loop.collective_timeout_s,
+            loop.stall_factor,
+        ).start()
+        previous_handler = self._catch_signal()
         try:
             while self.step < loop.max_steps:
                 self.train_step(stats)
+                self._watchdog.step_done(self.step)
                 logger.advance()
-                done = self.step >= loop.max_steps or self._out_of_time()
+                out_of_time, signalled = self._stop_requests()
+                if signalled:
+                    self._stop_on_signal()
+                done = self.step >= loop.max_steps or out_of_time
                 evaluate = self.evaluate_fn is not None and (
                     done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
                 )
@@ -362,12 +409,53 @@ class Trainer:
                     break
         finally:
             logger.close()
+            self._watchdog.stop()
+            if previous_handler is not None:
+                signal.signal(signal.SIGUSR1, previous_handler)
         self.selection.steps = self.step
         return last
+
+    def _phase(self, phase: str) -> None:
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            watchdog.set_phase(phase)
+
+    # ------------------------------------------------------------------------------------------- stopping
+    def _catch_signal(self):
+        """SIGUSR1 (SLURM's warning before the time limit) asks for a checkpoint and a clean exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request(signum, frame):
+            self._signal = signal.Signals(signum).name
+
+        return signal.signal(signal.SIGUSR1, request)
+
+    def _stop_requests(self) -> tuple[bool, bool]:
+        """(out of time, a stop signal arrived), agreed by every rank so that all stop at the same step."""
+        out_of_time = self.loop.time_limit_s > 0 and self.train_seconds() > self.loop.time_limit_s
+        flags = [float(out_of_time), float(self._signal is not None)]
+        if dist.is_initialized() and self.env.world_size > 1:
+            agreed = torch.tensor(flags, device=self.env.device)  # on the device: NCCL reduces GPU tensors
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        return bool(flags[0]), bool(flags[1])
+
+    def _stop_on_signal(self) -> None:
+        self._phase("save")
+        path = self.save()
+        why = self._signal or "a signal on another rank"
+        if self.env.is_main:
+            record = {"step": self.step, "signal": why, "checkpoint": str(path)}
+            (self.output_dir / INTERRUPTED).write_text(json.dumps(record))
+        message = f"stopped at step {self.step} on {why}: checkpoint {path} saved; resume=auto continues"
+        log.warning(message)
+        raise RunInterrupted(message)
 
     def evaluate(self, train_loss: float | None = None) -> dict[str, float]:
         """Run the evaluation hook on whole weights (gathered under ZeRO-3); with ``select_metric``, keep the
         weights of the best evaluation so far in ``<output_dir>/best/``."""
+        self._phase("eval")
         self.model.eval()
         try:
             with full_parameters(self.engine), torch.no_grad():
@@ -402,7 +490,11 @@ class Trainer:
 
     def save(self) -> Path:
         best = self.output_dir / BEST_DIR / BEST_WEIGHTS
-        state = {"train_seconds": self.train_seconds()}
+        self._phase("save")
+        state = {
+            "train_seconds": self.train_seconds(),
+            "sampling_rng": base64.b64encode(self.sampling_generator.get_state().numpy().tobytes()).decode(),
+        }
         if self.loop.select_metric:
             state["selection"] = self.selection.state()
         return checkpoint.save(

@@ -36,6 +36,9 @@ class FinetuneSettings:
     save_every: int = 0  # > 0: checkpoints for resume
     keep_last: int = 2
     time_limit_s: float = 0.0
+    seed: int = 42  # hard-negative sampling (retrieval tasks)
+    collective_timeout_s: float = 1800.0
+    stall_factor: float = 20.0
 
 
 def finetune(
@@ -49,6 +52,7 @@ def finetune(
     deepspeed_cfg=None,
     run_config: dict | None = None,
     resume: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[TaskModel, Selection]:
     """Train ``model`` on ``source``; evaluate ``dev_score`` every ``eval_every`` steps (each epoch by default)
     and at the end; return the module holding the weights of its best dev evaluation (fp32, eval mode)."""
@@ -63,6 +67,9 @@ def finetune(
         time_limit_s=settings.time_limit_s,
         select_metric=DEV,
         desc=model.task,
+        seed=settings.seed,
+        collective_timeout_s=settings.collective_timeout_s,
+        stall_factor=settings.stall_factor,
     )
     trainer = Trainer(
         model,
@@ -78,6 +85,7 @@ def finetune(
         run_config=run_config,
         evaluate=lambda module: {DEV: float(dev_score(module))},
         resume=resume,
+        overwrite=overwrite,
     )
     try:
         trainer.run()

@@ -23,6 +23,7 @@ from cclm.config import CONFIG_ROOT, FinetuneConfig, ModelConfig, Precision, Pro
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
+from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import Selection
 from cclm.tasks import get_task, iglue_retrieval
@@ -235,6 +236,9 @@ class TaskRunner(TaskSuite):
             save_every=t.save_every,
             keep_last=t.keep_last,
             time_limit_s=60.0 * t.time_limit_minutes,
+            seed=t.seed,
+            collective_timeout_s=t.collective_timeout_s,
+            stall_factor=t.stall_factor,
         )
 
     def train(
@@ -254,6 +258,7 @@ class TaskRunner(TaskSuite):
             deepspeed_cfg=self.cfg.deepspeed,
             run_config=to_dict(self.cfg),
             resume=self.cfg.resume,
+            overwrite=self.cfg.overwrite,
         )
 
     def table(self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str) -> dict:
@@ -279,6 +284,7 @@ def _model_yaml(name: str) -> Path:
 
 
 def run_zero_shot(cfg: FinetuneConfig) -> dict:
+    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is read or written
     runner = TaskRunner(cfg)
     train_datas, dev_datas = runner.read_all(cfg.data.train), runner.read_all(cfg.data.dev)
     if not train_datas:

@@ -5,7 +5,6 @@ loads. Works for every ZeRO stage: the consolidated fp32 weights were gathered w
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cclm.config import ModelConfig, from_dict
+from cclm.errors import CheckpointError, UserError
 from cclm.runtime import checkpoint
 
 
@@ -30,15 +30,20 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     from cclm.model import CrossViewModel
 
     ckpt = resolve_checkpoint(ckpt)
-    run_config = json.loads((ckpt / checkpoint.CONFIG).read_text())
+    record = checkpoint.verify(ckpt, files=[checkpoint.FP32_WEIGHTS, checkpoint.CONFIG])
+    run_config = checkpoint.read_json(ckpt / checkpoint.CONFIG)
     model = CrossViewModel(from_dict(ModelConfig, run_config["model"]), load_pretrained=False)
-    state = load_file(str(ckpt / checkpoint.FP32_WEIGHTS))
+    weights = ckpt / checkpoint.FP32_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{weights}: corrupt ({err})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - model.tied_parameter_aliases():
         raise ValueError(
             f"checkpoint {ckpt} does not match its config: missing={missing} unexpected={unexpected}"
         )
-    step = json.loads((ckpt / checkpoint.COMPLETE).read_text())["step"]
+    step = record["step"]
     out = Path(out)
     model.save_pretrained(out, extra={"training": {"step": step, "checkpoint": str(ckpt), "run": run_config}})
     tokenizer_dir = ckpt.parent.parent / "tokenizer"
@@ -57,7 +62,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     try:
         out = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, ValueError) as err:
         print(f"cclm export: {err}", file=sys.stderr)
         return 2
     print(f"exported {out}")

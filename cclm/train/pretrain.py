@@ -12,6 +12,7 @@ from typing import Any
 from cclm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, require_complete, to_dict
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.optim import multipliers
+from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.trainer import LoopSettings, Trainer
 from cclm.train.flops import train_flops_per_sample
 
@@ -52,7 +53,8 @@ class Pretraining:
         if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
             raise ConfigError("train.max_steps, train.save_every and train.log_every must be positive")
         self.cfg = cfg
-        self.env = init_distributed()
+        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is built or written
+        self.env = init_distributed(timeout_s=train.collective_timeout_s)
         self.tokenizer = load_run_tokenizer(cfg.model.text)
         model_cfg = model_config_for(cfg.model, self.tokenizer)
         seed_everything(train.seed)  # identical initial weights on every rank
@@ -97,6 +99,7 @@ class Pretraining:
             evaluate=self.periodic_eval if self.eval_sets else None,
             flops_per_sample=flops,
             resume=cfg.resume,
+            overwrite=cfg.overwrite,
         )
         self.model = self.trainer.model
         if self.env.is_main:

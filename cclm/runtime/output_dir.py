@@ -1,0 +1,58 @@
+"""An output folder holds one run. A fresh run never writes into a folder that holds another run: it is refused
+(nothing written) unless ``overwrite``, which moves the old run aside; ``resume`` continues the run there."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from cclm.errors import UserError
+
+log = logging.getLogger("cclm.train")
+# What a run leaves in its output_dir; a folder with any of them holds a run.
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+INTERRUPTED = "interrupted.json"
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key: str = "output_dir") -> None:
+    """Fail (naming the folder) when ``path`` cannot be written, or when a fresh run (no ``resume``) would write
+    into a folder holding a run without ``overwrite``. Writes nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path}: {existing} is not writable")
+    if not resume and not overwrite and holds_run(path):
+        raise UserError(
+            f"{key}={path} already holds a run: continue it with resume=auto, or start anew with "
+            f"overwrite=true (the old run is moved to {path}.old-<time>, not deleted)"
+        )
+
+
+def claim_output_dir(path: str | Path, resume: str | None, overwrite: bool) -> Path:
+    """:func:`check_output_dir`, then move an old run aside when a fresh run overwrites it, and create the
+    folder. Called by the main rank only."""
+    path = Path(path)
+    check_output_dir(path, resume, overwrite)
+    if not resume and overwrite and holds_run(path):
+        aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        suffix = 1
+        while aside.exists():
+            aside = aside.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+            suffix += 1
+        path.rename(aside)
+        log.warning("overwrite=true: the previous run in %s was moved to %s", path, aside)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / INTERRUPTED).unlink(missing_ok=True)
+    return path
