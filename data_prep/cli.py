@@ -8,6 +8,8 @@ import importlib
 import logging
 import sys
 
+from cclm.errors import UserError
+
 SUBCOMMANDS = {
     "synthetic": "data_prep.synthetic",
     "tokenizer": "data_prep.tokenizer",
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return int(args.run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (UserError, OSError, ValueError) as err:  # bad input, or the disk (full, unwritable): one line
         print(f"cclm prep {args.subcommand}: error: {err}", file=sys.stderr)
         return 2
 

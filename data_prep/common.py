@@ -1,5 +1,10 @@
-"""What every converter shares: output options, the deterministic train/val split, de-duplication, skip counts
-and the closing summary. (Worker processes with a progress bar: :mod:`data_prep.workers`.)"""
+"""What every converter shares: output options, the deterministic train/val split, de-duplication, skip counts,
+reading input lines, and the closing summary. (Worker processes with a progress bar: :mod:`data_prep.workers`.)
+
+One policy for bad records in large inputs: a line that is not UTF-8 (and, in a ``cclm-jsonl`` dump, a line that
+is not a JSON object) is skipped, counted in the summary and ``manifest.json``, and warned about naming
+``file:line`` (rate-limited). Output is published only when a converter succeeds (:class:`SplitWriter` is a
+context manager that discards its shards otherwise)."""
 
 from __future__ import annotations
 
@@ -9,10 +14,15 @@ import json
 import shlex
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import ShardSink
+from cclm.data.skips import SkipCounter
+from cclm.jsonl import JsonFileError
+
+BAD_UTF8 = "bad_utf8"
 
 
 def add_output_options(parser: argparse.ArgumentParser, images: bool = False) -> None:
@@ -71,7 +81,8 @@ def content_hash(*parts) -> str:
 
 
 class SplitWriter:
-    """Routes samples to ``OUT`` (or ``OUT/train`` and ``OUT/val``), de-duplicates, counts skips."""
+    """Routes samples to ``OUT`` (or ``OUT/train`` and ``OUT/val``), de-duplicates, counts skips. Use it as a
+    context manager: leaving the block without :meth:`close` (an error, Ctrl-C) deletes every shard written."""
 
     def __init__(self, args: argparse.Namespace, view: str):
         out = Path(args.out)
@@ -92,13 +103,25 @@ class SplitWriter:
             self.sinks = {"train": ShardSink(out, **kw)}
         self.out, self.dedup, self.seen = out, args.dedup, set()
         self.allowed = language_filter(args.languages)
-        self.skipped: Counter[str] = Counter()
+        self.skips = SkipCounter(where=f"cclm prep {getattr(args, 'subcommand', view)}")
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sink in self.sinks.values():
+            sink.abort()  # a no-op for a published sink
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.skips.counts
 
     def allowed_language(self, lang: str) -> bool:
         return language_allowed(lang, self.allowed)
 
-    def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] += n
+    def skip(self, reason: str, n: int = 1, detail: str = "") -> None:
+        """Count ``n`` dropped inputs; with a ``detail`` (where and why) also warn, rate-limited."""
+        self.skips.add(reason, detail, n, warn=bool(detail))
 
     def write(self, key: str, members: dict[str, bytes], languages: list[str], content_id: str) -> bool:
         if self.dedup:
@@ -130,3 +153,43 @@ class SplitWriter:
             langs.update(m["languages"])
         skipped = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items())) or "none"
         return f"wrote {'; '.join(parts)}\nlanguages: {dict(sorted(langs.items()))}\nskipped: {skipped}"
+
+
+# ----------------------------------------------------------------------------------------------- reading input
+def decode_text(raw: bytes, where: str, writer: SplitWriter) -> str | None:
+    """``raw`` decoded as UTF-8, or None after counting it as ``bad_utf8`` with a warning naming ``where``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        writer.skip(
+            BAD_UTF8, detail=f"{where}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1})"
+        )
+        return None
+
+
+def text_lines(path: Path, writer: SplitWriter) -> Iterator[tuple[int, str]]:
+    """(line number, line with its newline) of a UTF-8 file; lines that are not UTF-8 are counted skips. Lines
+    are decoded one by one so that a bad one is named by its own number."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            text = decode_text(raw, f"{path}:{number}", writer)
+            if text is not None:
+                yield number, text
+
+
+def jsonl_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines table, with :func:`cclm.jsonl.read_jsonl`'s policy (a malformed or
+    non-object line stops the run, naming ``file:line``) except that a line that is not UTF-8 is a counted
+    skip."""
+    for number, line in text_lines(path, writer):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise JsonFileError(
+                f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
+            ) from None
+        if not isinstance(record, dict):
+            raise JsonFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record

@@ -5,6 +5,9 @@
 * ``cclm-jsonl``: CCLM-style jsonl, ``{"binary": base64 | "image": path, "caption": {lang: text} | [..] | text}``;
 * ``rekey-wds``: an img2dataset-style WebDataset (``jpg`` + ``txt`` or ``json`` with ``caption``), re-keyed into
   cclm's format with a language code.
+
+Input lines that are not UTF-8 (and ``txt`` captions that are not) are skipped and counted as ``bad_utf8``, with a
+warning naming ``file:line`` (or ``shard:member``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,15 @@ from cclm.data.shards import (
     read_sizes,
     safe_key,
 )
-from cclm.jsonl import read_jsonl
-from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
+from data_prep.common import (
+    SplitWriter,
+    add_output_options,
+    content_hash,
+    decode_text,
+    jsonl_records,
+    require_file,
+    text_lines,
+)
 from data_prep.workers import ordered_map
 
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
@@ -121,9 +131,9 @@ def _write_all(items: list, writer: SplitWriter, args, desc: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- tables
-def read_table(path: Path, fmt: str, default_lang: str) -> list[tuple[str, str, str]]:
+def read_table(path: Path, fmt: str, default_lang: str, writer: SplitWriter) -> list[tuple[str, str, str]]:
     """Rows (image, caption, lang) from jsonl (keys image/caption/lang) or csv/tsv (header with image and caption
-    columns, or positional ``image, caption[, lang]``)."""
+    columns, or positional ``image, caption[, lang]``); lines that are not UTF-8 are counted on ``writer``."""
     if fmt == "auto":
         fmt = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(path.suffix.lower(), "")
         if not fmt:
@@ -132,11 +142,10 @@ def read_table(path: Path, fmt: str, default_lang: str) -> list[tuple[str, str, 
     if fmt == "jsonl":
         return [
             (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
-            for _, obj in read_jsonl(path)
+            for _, obj in jsonl_records(path, writer)
         ]
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
-        table = [r for r in reader if r]
+    lines = (line for _, line in text_lines(path, writer))
+    table = [r for r in csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",") if r]
     if not table:
         return rows
     header = [c.strip().lower() for c in table[0]]
@@ -160,10 +169,14 @@ def run_table(args) -> int:
     root = Path(args.image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"--image-root {root} is not a folder")
-    rows = read_table(table, args.format, args.lang)
-    if not rows:
+    with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
+        return _convert_table(table, root, writer, args)
+
+
+def _convert_table(table: Path, root: Path, writer: SplitWriter, args) -> int:
+    rows = read_table(table, args.format, args.lang, writer)
+    if not rows and not writer.skipped:
         raise ValueError(f"{table} has no rows")
-    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
     grouped: dict[str, dict[str, list[str]]] = {}
     for image, caption, lang in rows:
         reasons: list[str] = []
@@ -185,21 +198,20 @@ def run_table(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- cclm jsonl
 def _cclm_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a CCLM-style dump. Unlike the tables read with :func:`cclm.jsonl.read_jsonl`
-    (where a malformed line stops the run, naming it), a malformed line here is one bad record in a large scraped
-    file: it is counted as ``bad_json`` and skipped, like a bad image."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                yield number, record
-            else:
-                writer.skip("bad_json")
+    """(line number, record) of a CCLM-style dump. Unlike the tables (:func:`data_prep.common.jsonl_records`,
+    where a malformed line stops the run, naming it), a malformed line here is one bad record in a large scraped
+    file: it is counted as ``bad_json`` and skipped with a warning, like a line that is not UTF-8."""
+    for number, line in text_lines(path, writer):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            yield number, record
+        else:
+            writer.skip("bad_json", detail=f"{path}:{number}: not a JSON object")
 
 
 def _cclm_item(number: int, obj: dict, root: Path | None, default_lang: str, writer: SplitWriter):
@@ -230,48 +242,55 @@ def _cclm_item(number: int, obj: dict, root: Path | None, default_lang: str, wri
 def run_cclm_jsonl(args) -> int:
     path = require_file(args.input)
     root = Path(args.image_root) if args.image_root else None
-    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
-    items = [
-        item
-        for number, obj in _cclm_records(path, writer)
-        if (item := _cclm_item(number, obj, root, args.lang, writer)) is not None
-    ]
-    if not items and not writer.skipped:
-        raise ValueError(f"{path} has no rows")
-    return _write_all(items, writer, args, "cclm-jsonl")
+    with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
+        items = [
+            item
+            for number, obj in _cclm_records(path, writer)
+            if (item := _cclm_item(number, obj, root, args.lang, writer)) is not None
+        ]
+        if not items and not writer.skipped:
+            raise ValueError(f"{path} has no rows")
+        return _write_all(items, writer, args, "cclm-jsonl")
 
 
 # ----------------------------------------------------------------------------------------------- re-keying
 def run_rekey(args) -> int:
     urls = expand_shards(args.shards)
     sizes = read_sizes(urls)
-    writer = SplitWriter(args, VIEW_IMAGE_CAPTION)
-    items = []
-    for url in urls:
-        for sample in iter_tar_samples(url, sizes[url]):
-            if SKIP_KEY in sample:
-                writer.skip(sample[SKIP_KEY])
+    with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
+        items = [item for url in urls for item in _rekey_items(url, sizes[url], writer, args.lang)]
+        return _write_all(items, writer, args, "rekey-wds")
+
+
+def _rekey_items(url: str, size: int | None, writer: SplitWriter, default_lang: str) -> Iterator[tuple]:
+    """(key, image bytes, captions) of one img2dataset shard's usable samples; the others are counted."""
+    base = url.rsplit("/", 1)[-1].removesuffix(".tar")
+    for sample in iter_tar_samples(url, size):
+        if SKIP_KEY in sample:
+            writer.skip(sample[SKIP_KEY])
+            continue
+        jpeg = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if jpeg is None:
+            writer.skip("missing_image")
+            continue
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}  # a broken json member still leaves the txt caption
+        if isinstance(meta.get("captions"), dict):
+            value = meta["captions"]
+        elif "txt" in sample:
+            value = decode_text(sample["txt"], f"{url}:{sample['__key__']}.txt", writer)
+            if value is None:
                 continue
-            jpeg = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-            if jpeg is None:
-                writer.skip("missing_image")
-                continue
-            try:
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-            meta = meta if isinstance(meta, dict) else {}  # a broken json member still leaves the txt caption
-            if isinstance(meta.get("captions"), dict):
-                value = meta["captions"]
-            else:
-                value = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
-            captions, reasons = _captions(value, meta.get("lang") or args.lang, writer)
-            if not captions:
-                writer.skip(reasons[0] if reasons else "no_caption")
-                continue
-            base = url.rsplit("/", 1)[-1].removesuffix(".tar")
-            items.append((safe_key(f"{base}_{sample['__key__']}"), jpeg, captions))
-    return _write_all(items, writer, args, "rekey-wds")
+        else:
+            value = meta.get("caption")
+        captions, reasons = _captions(value, meta.get("lang") or default_lang, writer)
+        if not captions:
+            writer.skip(reasons[0] if reasons else "no_caption")
+            continue
+        yield safe_key(f"{base}_{sample['__key__']}"), jpeg, captions
 
 
 # ------------------------------------------------------------------------------------------------- parsers

@@ -1,6 +1,7 @@
 """Parallel-text converters: ``parallel-tsv`` (``src<TAB>tgt``), ``parallel-moses`` (two aligned files, OPUS /
 WikiMatrix style ``corpus.en`` + ``corpus.de``) and ``parallel-jsonl`` (``source_text``, ``target_text``, optional
-``source_lang``/``target_lang``). Output samples: ``{key}.json`` = ``{"src", "tgt", "src_lang", "tgt_lang"}``."""
+``source_lang``/``target_lang``). Output samples: ``{key}.json`` = ``{"src", "tgt", "src_lang", "tgt_lang"}``.
+A line that is not UTF-8 (in Moses files: on either side) skips its pair, counted as ``bad_utf8``."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from tqdm import tqdm
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import VIEW_PARALLEL
-from cclm.jsonl import read_jsonl
-from data_prep.common import SplitWriter, add_output_options, content_hash, require_file
+from data_prep.common import (
+    SplitWriter,
+    add_output_options,
+    content_hash,
+    decode_text,
+    jsonl_records,
+    require_file,
+    text_lines,
+)
 
 
 def _language(code: str | None, what: str) -> str:
@@ -25,26 +33,32 @@ def _language(code: str | None, what: str) -> str:
     return lang
 
 
-def tsv_pairs(path: Path, src_lang: str, tgt_lang: str) -> Iterator[tuple[str | None, str | None, str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            yield (cols[0], cols[1] if len(cols) > 1 else None, src_lang, tgt_lang)
+def tsv_pairs(
+    path: Path, src_lang: str, tgt_lang: str, writer: SplitWriter
+) -> Iterator[tuple[str | None, str | None, str, str]]:
+    for _, line in text_lines(path, writer):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        yield (cols[0], cols[1] if len(cols) > 1 else None, src_lang, tgt_lang)
 
 
-def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str) -> Iterator[tuple]:
-    with open(src, encoding="utf-8") as fs, open(tgt, encoding="utf-8") as ft:
+def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str, writer: SplitWriter) -> Iterator[tuple]:
+    with open(src, "rb") as fs, open(tgt, "rb") as ft:
         for number, (a, b) in enumerate(zip_longest(fs, ft), 1):
             if a is None or b is None:
                 raise ValueError(f"{src} and {tgt} are not aligned: line counts differ (at line {number})")
-            yield (a.rstrip("\n"), b.rstrip("\n"), src_lang, tgt_lang)
+            a_text = decode_text(a, f"{src}:{number}", writer)
+            b_text = decode_text(b, f"{tgt}:{number}", writer) if a_text is not None else None
+            if b_text is not None:  # one skip per pair, even with both sides undecodable
+                yield (a_text.rstrip("\r\n"), b_text.rstrip("\r\n"), src_lang, tgt_lang)
 
 
-def jsonl_pairs(path: Path, src_lang: str | None, tgt_lang: str | None) -> Iterator[tuple]:
-    for _, obj in read_jsonl(path):
+def jsonl_pairs(
+    path: Path, src_lang: str | None, tgt_lang: str | None, writer: SplitWriter
+) -> Iterator[tuple]:
+    for _, obj in jsonl_records(path, writer):
         yield (
             obj.get("source_text"),
             obj.get("target_text"),
@@ -53,8 +67,7 @@ def jsonl_pairs(path: Path, src_lang: str | None, tgt_lang: str | None) -> Itera
         )
 
 
-def write_pairs(pairs: Iterator[tuple], args, desc: str) -> int:
-    writer = SplitWriter(args, VIEW_PARALLEL)
+def write_pairs(pairs: Iterator[tuple], writer: SplitWriter, args, desc: str) -> int:
     rows = 0
     for index, (src, tgt, src_lang, tgt_lang) in enumerate(
         tqdm(pairs, desc=desc, unit="pair", disable=args.no_progress, file=sys.stderr)
@@ -77,8 +90,7 @@ def write_pairs(pairs: Iterator[tuple], args, desc: str) -> int:
             langs,
             content_hash(pair),
         )
-    if rows == 0:
-        writer.close()
+    if rows == 0 and not writer.skipped:
         raise ValueError("the input has no rows")
     print(writer.summary(writer.close()))
     return 0
@@ -86,23 +98,25 @@ def write_pairs(pairs: Iterator[tuple], args, desc: str) -> int:
 
 def run_tsv(args) -> int:
     path = require_file(args.input)
-    return write_pairs(
-        tsv_pairs(path, _language(args.src_lang, "--src-lang"), _language(args.tgt_lang, "--tgt-lang")),
-        args,
-        "parallel-tsv",
-    )
+    src_lang, tgt_lang = _language(args.src_lang, "--src-lang"), _language(args.tgt_lang, "--tgt-lang")
+    with SplitWriter(args, VIEW_PARALLEL) as writer:
+        return write_pairs(tsv_pairs(path, src_lang, tgt_lang, writer), writer, args, "parallel-tsv")
 
 
 def run_moses(args) -> int:
     src, tgt = require_file(args.src, "--src"), require_file(args.tgt, "--tgt")
     src_lang = _language(args.src_lang or src.suffix.lstrip("."), "--src-lang (or the --src file extension)")
     tgt_lang = _language(args.tgt_lang or tgt.suffix.lstrip("."), "--tgt-lang (or the --tgt file extension)")
-    return write_pairs(moses_pairs(src, tgt, src_lang, tgt_lang), args, "parallel-moses")
+    with SplitWriter(args, VIEW_PARALLEL) as writer:
+        return write_pairs(moses_pairs(src, tgt, src_lang, tgt_lang, writer), writer, args, "parallel-moses")
 
 
 def run_jsonl(args) -> int:
     path = require_file(args.input)
-    return write_pairs(jsonl_pairs(path, args.src_lang, args.tgt_lang), args, "parallel-jsonl")
+    with SplitWriter(args, VIEW_PARALLEL) as writer:
+        return write_pairs(
+            jsonl_pairs(path, args.src_lang, args.tgt_lang, writer), writer, args, "parallel-jsonl"
+        )
 
 
 def add_parser(subparsers) -> None:

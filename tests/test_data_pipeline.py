@@ -310,3 +310,17 @@ def test_resampled_mode_continues_with_a_fresh_stream_after_a_topology_change(sh
     other.load_state_dict(data.state_dict())
     assert "restarts with a fresh seed" in caplog.text
     assert set(other.next_batch("text")["keys"]) <= set(pairs)
+
+
+def test_manifests_list_their_shards_and_older_ones_vouch_for_sizes_json(tmp_path, tiny_tokenizer, caplog):
+    pairs = write_parallel_shards(tmp_path / "pt", n=6, per_shard=4)
+    manifest_path = tmp_path / "pt" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["files"] == ["shard-000000.tar", "shard-000001.tar"]
+    del manifest["files"]  # as written before manifests listed their files
+    manifest_path.write_text(json.dumps(manifest))
+    data = PretrainData(
+        data_cfg(text=tmp_path / "pt", unlisted_shards="refuse"), tiny_tokenizer, 32, train=False, epochs=1
+    )
+    assert sorted(k for b in drain(data, "text") for k in b["keys"]) == sorted(pairs)
+    assert "manifest" not in caplog.text

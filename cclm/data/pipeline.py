@@ -11,6 +11,11 @@ seed, shard list, world size, rank and number of workers are the same. This hold
 shard draws are seeded). If the topology changed, a non-resampled run refuses to resume (it could not keep the
 no-repeat promise); a resampled run warns and continues with a fresh stream seeded by (seed, batches taken),
 which is statistically equivalent but not the same sequence. State is per rank: save one per rank.
+
+Unfinished conversions. Converters publish a shard folder's ``manifest.json`` last, so a local shard that no
+manifest beside it lists is what an interrupted conversion (or a partial copy) leaves: it is read with a warning
+naming it, or refused with ``data.unlisted_shards=refuse``. Remote shards (``pipe:``, URLs) cannot be checked;
+one info line says so.
 """
 
 from __future__ import annotations
@@ -26,16 +31,19 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from cclm.config import UnlistedShards
 from cclm.data.collate import Collator
 from cclm.data.examples import image_caption_example, parallel_example
 from cclm.data.masking import MaskingSpec
-from cclm.data.shards import expand_shards, read_sizes
+from cclm.data.shards import expand_shards, is_remote, read_sizes, unlisted_shards
 from cclm.data.stream import STREAM_KEY, ShardStream, StreamPlan, derive_seed
 from cclm.data.transforms import EvalTransform, TrainTransform
+from cclm.errors import DataError
 
 log = logging.getLogger("cclm.data")
 VIEWS = ("image", "text")
 STATE_VERSION = 1
+SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are counted
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -44,6 +52,26 @@ def _worker_init(_worker_id: int) -> None:
 
 def _fingerprint(urls: list[str]) -> str:
     return hashlib.sha1("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()[:16]
+
+
+def check_listed(urls: list[str], policy: UnlistedShards | str, key: str) -> None:
+    """Apply the ``data.unlisted_shards`` policy to the shards of the config key ``key``."""
+    remote = sum(is_remote(url) for url in urls)
+    if remote:
+        log.info("%s: %d remote shard(s) (pipe: or URL) are read without a manifest check", key, remote)
+    unlisted = unlisted_shards(urls)
+    if not unlisted:
+        return
+    named = ", ".join(unlisted[:SHOWN_SHARDS])
+    if len(unlisted) > SHOWN_SHARDS:
+        named += f" and {len(unlisted) - SHOWN_SHARDS} more"
+    message = (
+        f"{key}: {len(unlisted)} shard(s) that no manifest.json beside them lists (an interrupted conversion "
+        f"or an incomplete copy?): {named}"
+    )
+    if UnlistedShards(policy) == UnlistedShards.refuse:
+        raise DataError(f"{message}; convert again, or set data.unlisted_shards=warn to read them anyway")
+    log.warning("%s; reading them anyway (data.unlisted_shards=refuse refuses them)", message)
 
 
 def _image_example(sample, rng, transform, allowed):
@@ -95,11 +123,12 @@ class PretrainData:
         self._epochs = epochs
         self._urls = {}
         for view in self.views:
+            key = f"data.{'image_caption' if view == 'image' else 'parallel_text'}.shards"
             try:
                 self._urls[view] = expand_shards(self._stream_cfgs[view].shards)
             except (FileNotFoundError, ValueError) as err:
-                name = "image_caption" if view == "image" else "parallel_text"
-                raise type(err)(f"data.{name}.shards: {err}") from None
+                raise type(err)(f"{key}: {err}") from None
+            check_listed(self._urls[view], data_cfg.unlisted_shards, key)
         self._sizes = {v: read_sizes(u) for v, u in self._urls.items()}
         self._reseed = 0
         self._state = {v: {"batches": 0, "workers": {}} for v in self.views}

@@ -3,7 +3,12 @@
 Both views are WebDataset tar shards (``{prefix}-{index:06d}.tar``) in one folder together with
 
 * ``sizes.json``: ``{"<shard file name>": samples}`` (the convention open_clip reads too);
-* ``manifest.json``: ``{"view", "languages": {lang: count}, "samples", "shards", "skipped", "command", ...}``.
+* ``manifest.json``: ``{"view", "languages": {lang: count}, "samples", "shards", "files", "skipped", "command",
+  ...}`` (``files``: the shard file names, in order).
+
+Writing is atomic (:class:`ShardSink`): shards and index files are written under ``*.partial`` names and renamed
+into place only when the conversion succeeds, ``manifest.json`` last. A shard that no ``manifest.json`` beside it
+lists (:func:`unlisted_shards`) therefore comes from an interrupted conversion or a partial copy.
 
 Samples (one tar member per extension, sharing the key; keys never contain dots):
 
@@ -19,6 +24,7 @@ corrupt member) yields the samples before the damage and then one *tombstone* pe
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -41,6 +47,7 @@ VIEW_PARALLEL = "parallel_text"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_KEY = "__skip__"
 FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"  # files being written: no shard pattern (``*.tar``) matches them
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -55,7 +62,12 @@ def safe_key(text: str) -> str:
 
 class ShardSink:
     """Writes samples to ``{out_dir}/{prefix}-NNNNNN.tar``, starting a new shard at ``max_samples`` samples or
-    ``max_bytes`` bytes, and on :meth:`close` writes ``sizes.json`` and ``manifest.json``."""
+    ``max_bytes`` bytes, and on :meth:`close` writes ``sizes.json`` and ``manifest.json``.
+
+    Nothing is published before :meth:`close`: shards and index files are written as ``NAME.partial`` and renamed
+    into place at the end, ``manifest.json`` last. A sink that leaves its ``with`` block unclosed (an exception)
+    or is :meth:`abort`-ed deletes its temporaries; a killed process leaves only ``*.partial`` files, which the
+    next sink in the folder removes."""
 
     def __init__(
         self,
@@ -77,6 +89,8 @@ class ShardSink:
             raise FileExistsError(
                 f"{self.out_dir} already holds shards ({existing[0].name}); use a new folder"
             )
+        for leftover in self.out_dir.glob(f"{prefix}-*.tar{PARTIAL_SUFFIX}"):
+            leftover.unlink()  # an interrupted conversion's temporaries
         self.view, self.prefix = view, prefix
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
@@ -87,18 +101,22 @@ class ShardSink:
         self._name = ""
         self._bytes = 0
         self._keys: set[str] = set()
+        self._manifest: dict | None = None  # set once published
+
+    def _partial(self, name: str) -> Path:
+        return self.out_dir / f"{name}{PARTIAL_SUFFIX}"
 
     def _open_next(self) -> None:
         self._close_current()
         self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
-        self._tar = tarfile.open(self.out_dir / self._name, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._partial(self._name), "w", format=tarfile.USTAR_FORMAT)
         self.sizes[self._name] = 0
         self._bytes = 0
 
     def _close_current(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        tar, self._tar = self._tar, None
+        if tar is not None:
+            tar.close()
 
     def write(self, key: str, members: dict[str, bytes], languages: list[str] | tuple[str, ...] = ()) -> None:
         """Write one sample: ``members`` maps extension (``"jpg"``, ``"json"``) to bytes."""
@@ -135,31 +153,49 @@ class ShardSink:
         return sum(self.sizes.values())
 
     def close(self, extra: dict | None = None) -> dict:
+        """Finish the last shard and publish the shards, ``sizes.json`` and ``manifest.json``."""
+        if self._manifest is not None:
+            return self._manifest
         self._close_current()
-        (self.out_dir / SIZES_NAME).write_text(json.dumps(self.sizes, indent=1))
         manifest = {
             "format_version": FORMAT_VERSION,
             "view": self.view,
             "samples": self.count,
             "shards": len(self.sizes),
+            "files": list(self.sizes),
             "languages": dict(sorted(self.languages.items())),
             "skipped": dict(sorted(self.skipped.items())),
             "command": self.command,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        (self.out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        self._partial(SIZES_NAME).write_text(json.dumps(self.sizes, indent=1))
+        self._partial(MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        # Everything is on disk before the first rename, and the manifest that vouches for the shards comes last.
+        for name in [*self.sizes, SIZES_NAME, MANIFEST_NAME]:
+            os.replace(self._partial(name), self.out_dir / name)
+        self._manifest = manifest
         return manifest
+
+    def abort(self) -> None:
+        """Delete everything written so far (nothing of an unpublished sink is visible to readers)."""
+        if self._manifest is not None:
+            return
+        with contextlib.suppress(OSError, tarfile.TarError):  # e.g. the disk filled up: remove what is there
+            self._close_current()
+        for name in [*self.sizes, SIZES_NAME, MANIFEST_NAME]:
+            self._partial(name).unlink(missing_ok=True)
 
     def __enter__(self) -> ShardSink:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._close_current()
+        self.abort()
 
 
 # --------------------------------------------------------------------------------------------- shard lists
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """A ``pipe:`` command or a URL (read as a stream, with no folder beside it to look in)."""
     return url.startswith("pipe:") or "://" in url
 
 
@@ -174,7 +210,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     urls: list[str] = []
     for part in parts:
         for url in braceexpand.braceexpand(part):
-            if _is_remote(url):
+            if is_remote(url):
                 urls.append(url)
                 continue
             path = Path(os.path.expanduser(url))
@@ -200,7 +236,7 @@ def read_sizes(urls: list[str]) -> dict[str, int | None]:
     cache: dict[Path, dict] = {}
     sizes: dict[str, int | None] = {}
     for url in urls:
-        if _is_remote(url):
+        if is_remote(url):
             sizes[url] = None
             continue
         folder = Path(url).parent
@@ -210,6 +246,33 @@ def read_sizes(urls: list[str]) -> dict[str, int | None]:
         value = cache[folder].get(Path(url).name)
         sizes[url] = int(value) if value is not None else None
     return sizes
+
+
+def _listed_names(folder: Path) -> set[str]:
+    """The shard file names the folder's ``manifest.json`` lists; none without a readable manifest. (Manifests
+    from before they listed ``files`` vouch for the ``sizes.json`` published with them.)"""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files = manifest["files"] if "files" in manifest else json.loads((folder / SIZES_NAME).read_text())
+        return {str(name) for name in files}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def unlisted_shards(urls: list[str]) -> list[str]:
+    """The local shards among ``urls`` that no ``manifest.json`` beside them lists. Remote shards (``pipe:``,
+    URLs) have no folder to look in and are never returned."""
+    listed: dict[Path, set[str]] = {}
+    unlisted = []
+    for url in urls:
+        if is_remote(url):
+            continue
+        path = Path(os.path.expanduser(url))
+        if path.parent not in listed:
+            listed[path.parent] = _listed_names(path.parent)
+        if path.name not in listed[path.parent]:
+            unlisted.append(url)
+    return unlisted
 
 
 def read_manifest(folder: str | Path) -> dict:

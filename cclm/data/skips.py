@@ -2,7 +2,7 @@
 
 A multi-day run must not die on one bad JPEG, and must not flood the log either: each reason is logged on its
 1st, 2nd, ..., 10th occurrence, then on the 100th, 1,000th, ... The exact counts are kept for logging by the
-trainer (``PretrainData.skip_counts``) and for the converters' closing summaries.
+trainer (``PretrainData.skip_counts``) and for the converters' closing summaries and manifests.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ class SkipCounter:
         self.counts: Counter[str] = Counter(initial or {})
         self.where = where
 
-    def add(self, reason: str, detail: str = "", n: int = 1) -> None:
+    def add(self, reason: str, detail: str = "", n: int = 1, warn: bool = True) -> None:
+        """Count ``n`` skips under ``reason``; ``warn=False`` counts without logging."""
         before = self.counts[reason]
         self.counts[reason] += n
-        if any(_should_log(c) for c in range(before + 1, before + n + 1)):
+        if warn and any(_should_log(c) for c in range(before + 1, before + n + 1)):
             where = f" [{self.where}]" if self.where else ""
             log.warning(
                 "skipped sample%s: %s%s (%d so far)",
