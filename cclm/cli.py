@@ -1,12 +1,15 @@
 """``cclm`` command line: a thin dispatcher. Each command lives in the module that implements it and exposes
 ``main(argv: list[str]) -> int`` (or the function named after a colon); modules are imported only when their
-command runs, so ``cclm --help`` is fast.
+command runs, so ``cclm --help`` is fast. Every command runs under :func:`cclm.cli_args.run_command`: a user's error
+is one line and exit status 2; ``cclm --debug COMMAND`` (or ``CCLM_DEBUG=1``) shows its traceback too.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from cclm.cli_args import DEBUG_VARIABLE, run_command
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": (
@@ -27,8 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: cclm COMMAND [args...]", "", "commands:"]
+    lines = ["usage: cclm [--debug] COMMAND [args...]", "", "commands:"]
     lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", f"--debug (or {DEBUG_VARIABLE}=1): show the traceback of an error too"]
     return "\n".join(lines)
 
 
@@ -57,6 +61,8 @@ def evaluate(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]
+    argv = argv[debug:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _, function = COMMANDS[command][0].partition(":")
     run = getattr(importlib.import_module(module_name), function or "main")
-    return int(run([command, *rest]) or 0)
+    return run_command(command, run, [command, *rest], debug=debug)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,33 @@
-"""Arguments of the config-driven training commands (``cclm pretrain``, ``cclm recipe``): a YAML config,
-``key=value`` overrides, and the ``--local_rank`` that the DeepSpeed launcher appends to every process's
-arguments (the rank is also in ``LOCAL_RANK``, which is what the runtime reads)."""
+"""What every ``cclm`` command shares: the arguments of the config-driven training commands (``cclm pretrain``,
+``cclm recipe``: a YAML config, ``key=value`` overrides, and the ``--local_rank`` that the DeepSpeed launcher appends
+to every process's arguments; the rank is also in ``LOCAL_RANK``, which is what the runtime reads), and one way of
+reporting a user's error (:func:`run_command`), used by the ``cclm`` dispatcher and by the modules that launchers
+start directly (``python -m cclm.train.cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from cclm.errors import UserError
+
+# Errors that mean bad input rather than a bug: one line, exit status 2. Besides UserError: a path that is
+# missing, in the way or not allowed, and ValueError, which the commands raised for bad input before UserError
+# existed (a ValueError from a bug gets a hint to the traceback).
+USER_ERRORS = (
+    UserError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ValueError,
+)
+DEBUG_VARIABLE = "CCLM_DEBUG"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, configs: str, example: str) -> None:
@@ -17,3 +39,36 @@ def add_config_arguments(parser: argparse.ArgumentParser, configs: str, example:
 
 def start_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def debugging() -> bool:
+    """True when ``CCLM_DEBUG`` is set (to anything but 0/false/no): user errors show their traceback."""
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_command(
+    command: str, main: Callable[[list[str]], int | None], argv: list[str], debug: bool = False
+) -> int:
+    """``main(argv)``'s exit status; a user error (:data:`USER_ERRORS`) becomes ``cclm <command>: <message>`` on
+    stderr and status 2, with the traceback above it when ``debug`` or :func:`debugging`. Other exceptions
+    propagate."""
+    try:
+        return int(main(argv) or 0)
+    except USER_ERRORS as err:
+        if debug or debugging():
+            traceback.print_exc()
+        print(f"cclm {command}: {describe(err)}", file=sys.stderr)
+        return 2
+
+
+def describe(err: BaseException) -> str:
+    message = str(err) or type(err).__name__
+    if not isinstance(err, (UserError, OSError)):  # a ValueError: bad input as a rule, but maybe a bug
+        message += f" ({type(err).__name__}; {DEBUG_VARIABLE}=1 shows the traceback)"
+    return message
+
+
+def run_module(command: str, main: Callable[[list[str]], int | None]) -> None:
+    """The ``__main__`` block of a command module that launchers start with ``python -m``: exit with
+    :func:`run_command`'s status."""
+    sys.exit(run_command(command, main, [command, *sys.argv[1:]]))

@@ -5,7 +5,8 @@ A run's config is composed in this order, later wins:
   2. ``defaults:`` of the YAML file, a mapping ``group: name`` resolved to ``configs/<group>/<name>.yaml``
      (e.g. ``defaults: {model: tiny}``), or to a path when the name ends in ``.yaml``;
   3. the YAML file's own keys;
-  4. command-line ``key=value`` overrides (dotted keys, YAML values).
+  4. command-line ``key=value`` overrides (dotted keys, YAML values), each key once; ``null`` for an entry of a
+     mapping removes it (``data.test.ar=null`` drops Arabic).
 An unknown key or a value of the wrong type fails at load time with a :class:`ConfigError` naming the full key
 and, for unknown keys, the closest valid key.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -478,6 +481,7 @@ class MLARecipeConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
     output_dir: str = "output/mla"
+    overwrite: bool = False  # a stage folder holding a run is refused unless True (then moved aside)
     world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
 
 
@@ -517,6 +521,7 @@ class CViLRecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # seed, logging, checkpoints, optimizer details
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "output/cvil"
+    overwrite: bool = False  # as the MLA recipe
     world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
 
 
@@ -554,14 +559,17 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
             shown = f" '{value}'" if value is not None else ""
             choices = ", ".join(m.value for m in enum)
             return ConfigError(f"config key '{key}': unknown {what}{shown}, expected one of: {choices}")
-        return ConfigError(f"invalid value for config key '{key}': {err.msg}")
-    return ConfigError(f"config error at '{key}': {err}")
+        return ConfigError(f"invalid value for config key '{key}': {_first_line(err.msg)}")
+    return ConfigError(f"config error at '{key}': {_first_line(str(err))}")
+
+
+def _first_line(message: str) -> str:
+    """OmegaConf appends the full key and the node's types on lines of their own; the key is named already."""
+    return message.strip().splitlines()[0] if message.strip() else message
 
 
 def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
     """The Enum type of a dotted key of a dataclass schema (None when the key is not a mode)."""
-    import typing
-
     node = schema
     for part in dotted.split("."):
         if not is_dataclass(node):
@@ -617,19 +625,93 @@ def load_config(
     Returns the config as an instance-like OmegaConf object with the schema's type checking kept on.
     """
     base = OmegaConf.structured(schema)
+    pairs = parse_overrides(overrides or [])
     try:
         merged = base
         if path is not None:
             merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' must look like key=value")
-            key, value = item.split("=", 1)
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        for key, value in pairs:
+            override = OmegaConf.from_dotlist([f"{key}={value}"])
+            if OmegaConf.select(override, key) is None and _drop_mapping_entry(merged, key):
+                continue
+            merged = OmegaConf.merge(merged, override)
         OmegaConf.to_container(merged, throw_on_missing=False)  # forces validation of interpolations
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
     return merged
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """``key=value`` items as (key, value) pairs. A key given twice is refused, and so is what an unquoted brace
+    pattern becomes once the shell has expanded it: ``k=a-{1..3}.tar`` arrives as ``k=a-1.tar k=a-2.tar
+    k=a-3.tar`` (bash), or as ``k=a-1.tar a-2.tar a-3.tar``; either way only one value would be used."""
+    pairs: list[tuple[str, str]] = []
+    values: dict[str, list[str]] = {}
+    loose: dict[str, str] = {}  # key -> the first path that followed its key=value item
+    for item in items:
+        if "=" not in item:
+            if not (pairs and _looks_like_path(item) and _looks_like_path(pairs[-1][1])):
+                raise ConfigError(f"override '{item}' must look like key=value")
+            values[pairs[-1][0]].append(item)
+            loose.setdefault(pairs[-1][0], item)
+            continue
+        key, value = item.split("=", 1)
+        key = key.strip()
+        pairs.append((key, value))
+        values.setdefault(key, []).append(value)
+    for key, given in values.items():
+        pattern = _brace_pattern(given) if len(given) > 1 and all(map(_looks_like_path, given)) else None
+        if pattern:
+            raise ConfigError(
+                f"config key '{key}' has {len(given)} values: the shell expanded a brace pattern; quote it, "
+                f"e.g. '{key}={pattern}'"
+            )
+        if key in loose:
+            raise ConfigError(f"override '{loose[key]}' must look like key=value")
+        if len(given) > 1:
+            shown = ", ".join(f"{key}={v}" for v in given)
+            raise ConfigError(f"config key '{key}' is given {len(given)} times ({shown}): give it once")
+    return pairs
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or bool(re.search(r"\.[A-Za-z]\w*$", text)) or os.path.exists(text)
+
+
+def _brace_pattern(values: list[str]) -> str | None:
+    """The brace pattern that expands to ``values`` (``a-{1..3}.tar``); None when they share no prefix or suffix
+    around distinct middles, so that no pattern made them."""
+    if len(set(values)) < len(values):
+        return None
+    prefix = os.path.commonprefix(values).rstrip("0123456789")
+    rest = [v[len(prefix) :] for v in values]
+    suffix = os.path.commonprefix([r[::-1] for r in rest])[::-1].lstrip("0123456789")
+    middles = [r[: len(r) - len(suffix)] for r in rest]
+    if not (prefix or suffix):
+        return None
+    numbers = [int(m) for m in middles] if all(m.isdigit() for m in middles) else []
+    if numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"{prefix}{{{middles[0]}..{middles[-1]}}}{suffix}"
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
+def _drop_mapping_entry(cfg: DictConfig, key: str) -> bool:
+    """``key=null`` where ``key`` is an entry of a mapping whose values cannot be null (``data.test.ar=null``)
+    removes the entry; False when ``key`` is anything else (a field or an entry that takes null)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or OmegaConf.get_type(parent) is not dict:
+        return False
+    element_type = parent._metadata.element_type
+    if element_type is Any or type(None) in typing.get_args(element_type):
+        return False
+    if leaf not in parent:
+        raise ConfigError(
+            f"config key '{key}': '{parent_key}' has no entry '{leaf}' to drop (it has: {', '.join(parent)})"
+        )
+    del parent[leaf]
+    return True
 
 
 def require(cfg: Any, *keys: str) -> None:

@@ -86,3 +86,58 @@ def test_unset_mandatory_values_are_all_named():
     cfg = load_config(PretrainConfig, CONFIG_ROOT / "pretrain" / "cclm_3m.yaml")
     with pytest.raises(ConfigError, match=r"data\.image_caption\.shards, data\.parallel_text\.shards"):
         require_complete(cfg)
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"'train\.seed' is given 2 times"):
+        load_config(PretrainConfig, overrides=["train.seed=1", "train.seed=2"])
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (
+            ["k=/d/shard-000008.tar", "k=/d/shard-000009.tar", "k=/d/shard-000010.tar"],
+            "/d/shard-{000008..000010}.tar",
+        ),
+        (["k=/d/shard-000000.tar", "/d/shard-000001.tar"], "/d/shard-{000000..000001}.tar"),
+        (["k=/d/train.tar", "k=/d/val.tar"], "/d/{train,val}.tar"),
+    ],
+)
+def test_a_brace_pattern_the_shell_expanded_is_named_with_its_quoted_form(overrides, pattern):
+    from cclm.config import parse_overrides
+
+    with pytest.raises(ConfigError, match="quote it") as err:
+        parse_overrides(overrides)
+    assert f"'k={pattern}'" in str(err.value)
+
+
+def test_a_loose_word_that_is_no_path_is_not_taken_for_a_pattern():
+    from cclm.config import parse_overrides
+
+    with pytest.raises(ConfigError, match="override '0.002' must look like key=value"):
+        parse_overrides(["train.optimizer.lr=0.001", "0.002"])
+
+
+def test_null_drops_an_entry_of_a_mapping_and_names_a_missing_one():
+    from cclm.config import CONFIG_ROOT, FinetuneConfig
+
+    xvnli = CONFIG_ROOT / "finetune" / "xvnli.yaml"
+    cfg = load_config(FinetuneConfig, xvnli, ["data.test.ar=null", "data.translate_test.ar="])
+    assert "ar" not in cfg.data.test and "ar" not in cfg.data.translate_test and "es" in cfg.data.test
+    with pytest.raises(ConfigError, match=r"'data\.test\.xx'.*no entry 'xx'"):
+        load_config(FinetuneConfig, xvnli, ["data.test.xx=null"])
+    # A field (not a mapping entry) keeps OmegaConf's meaning of null: refused where it is not optional.
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        load_config(PretrainConfig, overrides=["train.max_steps=null"])
+    # A mapping whose values may be null keeps the null.
+    cfg = load_config(
+        ModelConfig, CONFIG_ROOT / "model" / "tiny.yaml", ["text.encoder.classifier_dropout=null"]
+    )
+    assert "classifier_dropout" in cfg.text.encoder and cfg.text.encoder.classifier_dropout is None
+
+
+def test_type_errors_are_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, overrides=["train.max_steps=many"])
+    assert "\n" not in str(err.value)

@@ -13,7 +13,6 @@ import torch
 
 from cclm.cli import main as cclm_main
 from cclm.config import EvalConfig, ModelConfig, load_config
-from cclm.evaluation import cli
 from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
 from cclm.model import CrossViewModel
 
@@ -89,7 +88,7 @@ def save_model(model: CrossViewModel, tokenizer, folder: Path) -> Path:
 
 
 def run_cli(*args: str) -> int:
-    return cli.main(["evaluate", "retrieval", str(DEMO_CONFIG), *args])
+    return cclm_main(["evaluate", "retrieval", str(DEMO_CONFIG), *args])
 
 
 def tiny_cfg(tokenizer) -> ModelConfig:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cclm.cli import main as cclm_main
 from cclm.config import ConfigError, CViLRecipeConfig, DataConfig, MLARecipeConfig, load_config
-from cclm.recipes import cli
 from cclm.recipes.clip import build_clip, build_clip_tokenizer, text_tower
 from cclm.recipes.cvil import Distiller, build_student, distillation_losses, load_teacher, run_cvil
 from cclm.recipes.mla import MLAModel
@@ -141,7 +141,7 @@ def test_mla_refuses_a_language_without_parallel_data(world, tmp_path):
     with pytest.raises(ConfigError, match=r"no parallel sentences .*\['fr'\]"):
         run_mla(cfg)
     assert (
-        cli.main(["recipe", "mla", str(MLA_YAML), f"world={world}", "clip.pretrained=null", "languages=[en]"])
+        cclm_main(["recipe", "mla", str(MLA_YAML), f"world={world}", "clip.pretrained=null", "languages=[en]"])
         == 2
     )
     with pytest.raises(ConfigError, match="nlt.stepz"):
@@ -297,5 +297,5 @@ def test_cvil_bad_inputs(world, teacher, tmp_path):
 
 
 def test_recipe_cli_reports_config_errors(tmp_path, capsys):
-    assert cli.main(["recipe", "cvil", str(CVIL_YAML), "distill.temprature=2"]) == 2
+    assert cclm_main(["recipe", "cvil", str(CVIL_YAML), "distill.temprature=2"]) == 2
     assert "distill.temperature" in capsys.readouterr().err

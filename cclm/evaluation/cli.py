@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cclm.config import ConfigError, RetrievalRunConfig, load_config, require
+from cclm.config import RetrievalRunConfig, load_config, require
 from cclm.evaluation.datasets import available_languages, load_retrieval_set
 from cclm.evaluation.results import mean_over_languages, write_results
 from cclm.evaluation.run import evaluate_folds
@@ -103,10 +103,6 @@ def main(argv: list[str]) -> int:
         print(f"cclm evaluate retrieval: a config file is needed\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(RetrievalRunConfig, Path(args[0]), [_list_override(a) for a in args[1:]])
-        evaluate_benchmark(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"cclm evaluate retrieval: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(RetrievalRunConfig, Path(args[0]), [_list_override(a) for a in args[1:]])
+    evaluate_benchmark(cfg)
     return 0

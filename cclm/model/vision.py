@@ -2,11 +2,14 @@
 
 Towers are always built from an open_clip vision config (so a saved model can be rebuilt offline), and
 pretrained weights, when asked for, are loaded afterwards from an open_clip pretrained tag, an ``hf-hub:`` /
-``local-dir:`` model, or a local checkpoint file.
+``local-dir:`` model, or a local checkpoint file. :func:`check_vision_config` checks a user's ``model.vision``
+(tower fields, model name, pretrained tag) before anything is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,14 +17,76 @@ from typing import Any
 import torch
 from torch import nn
 
+from cclm.config import ConfigError
+from cclm.model.text import loadable_from_hub
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resolve_open_clip_vision_cfg(name: str) -> tuple[dict[str, Any], int]:
+def check_vision_config(vision_cfg: Any, key: str = "model.vision") -> None:
+    """Fail naming the key when ``tower`` has a field open_clip's CLIPVisionCfg lacks, when ``name`` (used without
+    a tower, or to load pretrained weights) is no open_clip model, or ``pretrained`` neither a tag nor a file."""
+    tower = dict(vision_cfg.tower)
+    if tower:
+        check_tower_fields(tower, f"{key}.tower")
+    if tower and not vision_cfg.pretrained:
+        return
+    check_open_clip_name(vision_cfg.name, key)
+    if vision_cfg.pretrained and not vision_cfg.name.startswith(("hf-hub:", "local-dir:")):
+        check_pretrained_tag(vision_cfg.name, vision_cfg.pretrained, f"{key}.pretrained")
+
+
+def check_tower_fields(tower: dict[str, Any], key: str = "model.vision.tower") -> None:
+    from open_clip.model import CLIPVisionCfg
+
+    known = sorted(f.name for f in dataclasses.fields(CLIPVisionCfg))
+    for name in tower:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key '{key}.{name}': not a field of open_clip's CLIPVisionCfg{hint}")
+
+
+def check_open_clip_name(name: str, key: str = "model.vision") -> None:
+    """``key``: the vision config's key; its ``.name`` is the one checked."""
+    import open_clip
+
+    shown = f"{key}.name={name!r}"
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ConfigError(f"{shown}: {folder} is not a folder with an open_clip_config.json")
+    elif name.startswith("hf-hub:"):
+        if not loadable_from_hub(name[len("hf-hub:") :], ("open_clip_config.json",)):
+            raise ConfigError(
+                f"{shown}: not loadable from the Hugging Face Hub (offline?): download the repository and give "
+                "'local-dir:/path/to/it'"
+            )
+    elif open_clip.get_model_config(name) is None:
+        raise ConfigError(
+            f"{shown}: not an open_clip model (open_clip.list_models() lists them); for a local copy give "
+            f"'local-dir:/path/to/folder' (with open_clip_config.json), or describe the tower in {key}.tower "
+            f"and give its weights file in {key}.pretrained"
+        )
+
+
+def check_pretrained_tag(name: str, pretrained: str, key: str = "model.vision.pretrained") -> None:
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(name, pretrained) or Path(pretrained).is_file():
+        return
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+    raise ConfigError(
+        f"{key}={pretrained!r}: neither a local checkpoint file nor a pretrained tag of {name} (tags: {tags})"
+    )
+
+
+def resolve_open_clip_vision_cfg(name: str, key: str = "model.vision") -> tuple[dict[str, Any], int]:
     """The ``vision_cfg`` and ``embed_dim`` of an open_clip model name (built-in, ``local-dir:`` or ``hf-hub:``)."""
     import open_clip
 
+    check_open_clip_name(name, key)
     if name.startswith("local-dir:"):
         model_cfg = json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())[
             "model_cfg"
@@ -33,8 +98,6 @@ def resolve_open_clip_vision_cfg(name: str) -> tuple[dict[str, Any], int]:
         model_cfg = json.loads(Path(path).read_text())["model_cfg"]
     else:
         model_cfg = open_clip.get_model_config(name)
-        if model_cfg is None:
-            raise ValueError(f"unknown open_clip model '{name}'; see open_clip.list_models()")
     return dict(model_cfg["vision_cfg"]), int(model_cfg["embed_dim"])
 
 
@@ -64,6 +127,7 @@ class VisionTower(nn.Module):
 
         cfg = dict(tower_cfg)
         cfg.pop("output_tokens", None)
+        check_tower_fields(cfg)
         self.visual = _build_vision_tower(embed_dim, cfg)
         self.tower_cfg = cfg
         self.is_timm = bool(cfg.get("timm_model_name"))

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from cclm.cli_args import add_config_arguments, start_logging
-from cclm.config import ConfigError, CViLRecipeConfig, MLARecipeConfig, load_config
+from cclm.cli_args import add_config_arguments, run_module, start_logging
+from cclm.config import CViLRecipeConfig, MLARecipeConfig, load_config
 
 RECIPES = {"mla": MLARecipeConfig, "cvil": CViLRecipeConfig}
 
@@ -39,12 +38,8 @@ def main(argv: list[str]) -> int:
     add_config_arguments(parser, "configs/recipes/", "nlt.steps=100")
     args = parser.parse_args(argv[1:])
     start_logging()
-    try:
-        cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
-        results = run(args.recipe, cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"cclm recipe {args.recipe}: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
+    results = run(args.recipe, cfg)
     summary = {
         "languages": results["languages"],
         "trained_params": results["trained_params"],
@@ -55,4 +50,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(["recipe", *sys.argv[1:]]))
+    run_module("recipe", main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from cclm.config import ConfigError, FinetuneConfig, load_config, require
+from cclm.config import ConfigError, FinetuneConfig, ModelConfig, load_config, require
 
 USAGE_FINETUNE = (
     "usage: cclm finetune configs/finetune/<task>.yaml [protocol=zero_shot|few_shot] [key=value ...]\n"
@@ -37,8 +37,6 @@ def _report(tables: dict) -> None:
 
 def _run(argv: list[str], command: str, usage: str) -> int:
     from cclm.tasks import protocols
-    from cclm.tasks.annotations import AnnotationError
-    from cclm.tasks.images import MissingImageError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = argv[1:] if argv and argv[0] == command else argv
@@ -46,10 +44,12 @@ def _run(argv: list[str], command: str, usage: str) -> int:
         from cclm.tasks.iglue_cli import check_config_images
 
         return check_config_images([a for a in args if a != "--check-images"])
+    cfg = _load(args, usage)
+    if cfg is None:
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    if command == "finetune":
+        _check_random_init_model(cfg)
     try:
-        cfg = _load(args, usage)
-        if cfg is None:
-            return 0 if args and args[0] in ("-h", "--help") else 2
         if command == "evaluate":
             tables = protocols.evaluate_checkpoint(cfg)
         elif cfg.protocol == "few_shot":
@@ -57,17 +57,30 @@ def _run(argv: list[str], command: str, usage: str) -> int:
         elif cfg.protocol == "zero_shot":
             tables = protocols.run_zero_shot(cfg)
         else:
-            print(
+            raise ConfigError(
                 "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
-                " (zero-shot fine-tuning also writes it when data.translate_test is set)",
-                file=sys.stderr,
+                " (zero-shot fine-tuning also writes it when data.translate_test is set)"
             )
-            return 2
-    except (ConfigError, AnnotationError, MissingImageError, ValueError, KeyError) as err:
-        print(f"cclm {command}: {err}", file=sys.stderr)
-        return 1
+    except KeyError as err:  # an image root that the annotations name but data.image_roots lacks
+        raise ConfigError(err.args[0] if err.args else str(err)) from err
     _report(tables)
     return 0
+
+
+def _check_random_init_model(cfg) -> None:
+    """The model yaml and ``model_overrides`` of a random init, checked before any annotation file is read."""
+    if cfg.pretrained or not cfg.model:
+        return
+    from cclm.model.text import check_text_config
+    from cclm.model.vision import check_vision_config
+    from cclm.tasks.protocols import _model_yaml
+
+    model_cfg = load_config(ModelConfig, _model_yaml(cfg.model), list(cfg.model_overrides))
+    try:
+        check_vision_config(model_cfg.vision, "vision")
+        check_text_config(model_cfg.text, "text")
+    except ConfigError as err:
+        raise ConfigError(f"model {cfg.model} (with model_overrides): {err}") from None
 
 
 def main(argv: list[str]) -> int:

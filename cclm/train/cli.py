@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from cclm.cli_args import add_config_arguments, start_logging
-from cclm.config import ConfigError, PretrainConfig, load_config
+from cclm.cli_args import add_config_arguments, run_module, start_logging
+from cclm.config import PretrainConfig, load_config, require_complete
 
 
 def main(argv: list[str]) -> int:
@@ -15,14 +14,17 @@ def main(argv: list[str]) -> int:
     add_config_arguments(parser, "configs/pretrain/", "train.max_steps=100")
     args = parser.parse_args(argv[1:])
     start_logging()
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        from cclm.train.pretrain import pretrain
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    require_complete(cfg)
+    from cclm.model.text import check_text_config
+    from cclm.model.vision import check_vision_config
 
-        result = pretrain(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"cclm pretrain: config error: {err}", file=sys.stderr)
-        return 2
+    # Before any data, process group or output folder: a misspelt field or an unknown model name fails now.
+    check_vision_config(cfg.model.vision, "model.vision")
+    check_text_config(cfg.model.text, "model.text")
+    from cclm.train.pretrain import pretrain
+
+    result = pretrain(cfg)
     if result and int(os.environ.get("RANK", "0")) == 0:
         shown = {
             k: v for k, v in result.items() if not k.startswith("eval/") or k.startswith("eval/world/mean/")
@@ -32,4 +34,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    run_module("pretrain", main)
