@@ -1,79 +1,22 @@
-"""Pretraining under DeepSpeed on CPU (gloo): ZeRO stages, exact resume after SIGKILL, checkpoint integrity,
-export from ZeRO-3, and configs that must fail before writing anything."""
+"""Pretraining under DeepSpeed on CPU (gloo): ZeRO stages, export from ZeRO-3, and configs that must fail before
+writing anything (resume and checkpoint faults: tests/faults/)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cclm.train.launch import local_pretrain_command
-
-from .conftest import build_test_world
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
+from .pretrain_runs import CONFIG, REPO, metrics, overrides, quiet_env, run_pretrain, small_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return build_test_world(
-        tmp_path_factory.mktemp("world") / "w",
-        num_images=96,
-        image_size=32,
-        heldout_images=16,
-        xvnli_images=10,
-        seed=3,
-    )
-
-
-def _pattern(folder: Path) -> str:
-    count = len(list(folder.glob("shard-*.tar")))
-    return str(folder / f"shard-{{000000..{count - 1:06d}}}.tar")
-
-
-def _overrides(world: Path, output_dir: Path, **extra) -> list[str]:
-    base = {
-        "model.text.tokenizer": str(world / "tokenizer"),
-        "data.image_caption.shards": _pattern(world / "image_caption"),
-        "data.parallel_text.shards": _pattern(world / "parallel"),
-        "data.image_caption.batch_size": 8,
-        "data.parallel_text.batch_size": 8,
-        "data.num_workers": 1,
-        "output_dir": str(output_dir),
-        "train.log_every": 1,
-        "train.scheduler.warmup_steps": 2,
-        "train.optimizer.lr": 2e-3,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _command(nproc: int, overrides: list[str]) -> list[str]:
-    return local_pretrain_command(nproc, CONFIG, overrides)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _run(nproc: int, overrides: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        _command(nproc, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def _metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return small_world(tmp_path_factory.mktemp("world") / "w")
 
 
 def _view_losses(records: list[dict], view: str) -> list[float]:
@@ -100,8 +43,8 @@ def test_two_process_pretraining_per_zero_stage(world, tmp_path, stage):
     }
     if stage == 3:  # periodic evaluation on ZeRO-3-partitioned weights (gathered for it)
         options.update({"train.eval_every": 8, "eval.datasets": f"{{world: {world / 'heldout'}}}"})
-    _run(2, _overrides(world, out, **options))
-    records = _metrics(out)
+    run_pretrain(2, overrides(world, out, **options))
+    records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, 17))
     for view in ("image", "text"):
         losses = _view_losses(records, view)
@@ -206,39 +149,6 @@ def _check_periodic_eval_sees_whole_weights(records: list[dict], world: Path, ex
     )
 
 
-def test_exact_resume_after_sigkill(world, tmp_path):
-    steps = 10
-    common = {"deepspeed.zero_stage": 2, "train.max_steps": steps, "train.save_every": 4}
-    straight = tmp_path / "straight"
-    _run(2, _overrides(world, straight, **common))
-
-    resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        _command(2, _overrides(world, resumed, **common)),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    marker = resumed / "checkpoints" / "step_00000004" / "complete.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the run never completed its first checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _run(2, _overrides(world, resumed, **common, resume="auto"))
-
-    expected = {r["step"]: r for r in _metrics(straight)}
-    got = {r["step"]: r for r in _metrics(resumed)}
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(5, steps + 1):
-        for key in ("loss", "image/loss", "text/loss", "image/itm", "text/ttm", "image/mlm"):
-            if key in expected[step]:
-                assert abs(got[step][key] - expected[step][key]) < 1e-6, (step, key)
-
-
 def test_incomplete_checkpoint_is_never_latest(tmp_path):
     from cclm.runtime import checkpoint
 
@@ -268,8 +178,8 @@ def test_bad_config_fails_at_start_and_writes_nothing(world, tmp_path, extra, me
         bad.write_text(json.dumps({"train_batch_size": 1000, "zero_optimization": {"stage": 1}}))
         extra = {"deepspeed.config_file": str(bad)}
     out = tmp_path / "never"
-    cmd = [sys.executable, "-m", "cclm.cli", "pretrain", str(CONFIG), *_overrides(world, out, **extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "cclm.cli", "pretrain", str(CONFIG), *overrides(world, out, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()

@@ -269,15 +269,23 @@ def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
             raise CheckpointError(f"resume: {target} is not a complete checkpoint (no {COMPLETE})")
         verify_on_all_ranks(target)
         return target
-    for candidate in reversed(complete_checkpoints(output_dir)):
+    candidates = complete_checkpoints(output_dir)
+    failures = []
+    for candidate in reversed(candidates):
         try:
             verify_on_all_ranks(candidate)
             return candidate
         except CheckpointError as err:
+            failures.append(str(err))
             if dist_info()[0] == 0:
                 log.warning(
                     "resume=auto: skipping %s: %s; trying the previous checkpoint", candidate.name, err
                 )
+    if candidates:  # starting over would silently discard the run
+        raise CheckpointError(
+            f"resume=auto: no usable checkpoint in {checkpoint_root(output_dir)} ({len(candidates)} failed "
+            f"their check; the newest: {failures[0]})"
+        )
     return None
 
 

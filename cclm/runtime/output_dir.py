@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,18 @@ log = logging.getLogger("cclm.train")
 # What a run leaves in its output_dir; a folder with any of them holds a run.
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
 INTERRUPTED = "interrupted.json"
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, and removed: permission bits do not tell for root or
+    for a read-only mount)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".cclm-write-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
 
 
 def holds_run(path: Path) -> bool:
@@ -31,7 +44,7 @@ def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{key}={path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _can_create_in(existing):
         raise UserError(f"{key}={path}: {existing} is not writable")
     if not resume and not overwrite and holds_run(path):
         raise UserError(

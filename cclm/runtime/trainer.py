@@ -444,7 +444,7 @@ class Trainer:
     def _stop_on_signal(self) -> None:
         self._phase("save")
         path = self.save()
-        why = self._signal or "a signal on another rank"
+        why = "SIGUSR1"  # the one stop signal; the rank that got it may be another
         if self.env.is_main:
             record = {"step": self.step, "signal": why, "checkpoint": str(path)}
             (self.output_dir / INTERRUPTED).write_text(json.dumps(record))

@@ -1,0 +1,62 @@
+"""Running ``cclm pretrain`` on a test world under torchrun, for the pretraining and fault-injection tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from cclm.train.launch import local_pretrain_command
+
+from .conftest import build_test_world
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def small_world(folder: Path) -> Path:
+    """The demo world at test size: 96 training images, 16 held out, with its tokenizer."""
+    return build_test_world(folder, num_images=96, image_size=32, heldout_images=16, xvnli_images=10, seed=3)
+
+
+def shard_pattern(folder: Path) -> str:
+    count = len(list(folder.glob("shard-*.tar")))
+    return str(folder / f"shard-{{000000..{count - 1:06d}}}.tar")
+
+
+def overrides(world: Path, output_dir: Path, **extra) -> list[str]:
+    base = {
+        "model.text.tokenizer": str(world / "tokenizer"),
+        "data.image_caption.shards": shard_pattern(world / "image_caption"),
+        "data.parallel_text.shards": shard_pattern(world / "parallel"),
+        "data.image_caption.batch_size": 8,
+        "data.parallel_text.batch_size": 8,
+        "data.num_workers": 1,
+        "output_dir": str(output_dir),
+        "train.log_every": 1,
+        "train.scheduler.warmup_steps": 2,
+        "train.optimizer.lr": 2e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def command(nproc: int, overrides: list[str]) -> list[str]:
+    return local_pretrain_command(nproc, CONFIG, overrides)
+
+
+def quiet_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_pretrain(nproc: int, overrides: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(nproc, overrides), cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
