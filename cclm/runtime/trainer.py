@@ -289,12 +289,12 @@ class Trainer:
             total = 0.0
             for view in self.views_for_step(self.step):
                 t0 = time.perf_counter()
-                self._phase("data")
+                self._phase("loading data")
                 # A data source (a DataLoader drawing its workers' base seed, say) must not advance the training
                 # RNG: a resumed run creates its iterators at other steps than the uninterrupted one did.
                 with torch.random.fork_rng(devices=[]):
                     batch = self.source.next_batch(view)
-                self._phase("compute")
+                self._phase("computing")
                 stats["data_time"] += time.perf_counter() - t0
                 samples, tokens = _batch_counts(batch)
                 stats["samples"] += samples
@@ -442,7 +442,7 @@ class Trainer:
         return bool(flags[0]), bool(flags[1])
 
     def _stop_on_signal(self) -> None:
-        self._phase("save")
+        self._phase("saving")
         path = self.save()
         why = "SIGUSR1"  # the one stop signal; the rank that got it may be another
         if self.env.is_main:
@@ -455,7 +455,7 @@ class Trainer:
     def evaluate(self, train_loss: float | None = None) -> dict[str, float]:
         """Run the evaluation hook on whole weights (gathered under ZeRO-3); with ``select_metric``, keep the
         weights of the best evaluation so far in ``<output_dir>/best/``."""
-        self._phase("eval")
+        self._phase("evaluating")
         self.model.eval()
         try:
             with full_parameters(self.engine), torch.no_grad():
@@ -490,7 +490,7 @@ class Trainer:
 
     def save(self) -> Path:
         best = self.output_dir / BEST_DIR / BEST_WEIGHTS
-        self._phase("save")
+        self._phase("saving")
         state = {
             "train_seconds": self.train_seconds(),
             "sampling_rng": base64.b64encode(self.sampling_generator.get_state().numpy().tobytes()).decode(),

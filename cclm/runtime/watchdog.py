@@ -20,6 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger("cclm.train")
 EXIT_STALLED = 3
+SYNCING = "synchronising"  # the phase between steps: logging and the ranks' agreement on stopping
 
 
 class Watchdog:
@@ -36,7 +37,7 @@ class Watchdog:
         self.timeout_s, self.stall_factor = float(timeout_s), float(stall_factor)
         self.poll_s = max(0.2, min(5.0, self.timeout_s / 10))
         self._exit = exit_process
-        self.step, self.phase = 0, "start"
+        self.step, self.phase = 0, "starting"
         self._progress_at = self._phase_at = time.time()
         self._durations: deque[float] = deque(maxlen=100)
         self._warned_step = -1
@@ -58,7 +59,7 @@ class Watchdog:
         now = time.time()
         self._durations.append(now - self._progress_at)
         self.step, self._progress_at = step, now
-        self.set_phase("step")
+        self.set_phase(SYNCING)
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,7 +109,7 @@ class Watchdog:
     def _give_up(self, idle: float) -> None:
         message = (
             f"cclm: rank {self.rank} made no progress for {idle:.0f} s (train.collective_timeout_s="
-            f"{self.timeout_s:g}) in {self.phase} after step {self.step}; {self.describe_others()}. "
+            f"{self.timeout_s:g}) while {self.phase} after step {self.step}; {self.describe_others()}. "
             "Ending this rank so that the job stops."
         )
         log.error(message)
@@ -130,9 +131,8 @@ class Watchdog:
             where = f"rank {rank} ({beat['host']}, pid {beat['pid']})"
             if now - beat["time"] > stale_after:
                 behind.append(f"{where}: no heartbeat for {now - beat['time']:.0f} s (stopped or dead)")
-            elif beat["step"] < self.step or beat["phase"] not in ("step", self.phase):
+            elif beat["step"] < self.step or beat["phase"] not in (SYNCING, self.phase):
                 behind.append(
-                    f"{where}: in {beat['phase']} after step {beat['step']} for "
-                    f"{now - beat['phase_since']:.0f} s"
+                    f"{where}: {beat['phase']} after step {beat['step']} for {now - beat['phase_since']:.0f} s"
                 )
         return "behind: " + "; ".join(behind) if behind else "no other rank is behind"
