@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("cclm.train")
 
 
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
@@ -15,8 +18,20 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            log.warning("%s:%d: dropping a torn record", path, number)
+            continue
+        if step <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class RunLogger:

@@ -168,3 +168,16 @@ def test_export_of_truncated_weights_is_one_line_naming_the_file(tmp_path, tiny_
         assert export_main(["export", str(folder), str(tmp_path / "exported")]) == 2
         err = capsys.readouterr().err.strip()
         assert str(weights) in err and len(err.splitlines()) == 1, err
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(run, caplog):
+    metrics_file = run / "metrics.jsonl"
+    intact = metrics_file.read_text()
+    metrics_file.write_text(intact + '{"step": 7, "loss": 0.1')  # the kill hit mid-write
+    with caplog.at_level(logging.WARNING, logger="cclm.train"):
+        trainer = toy_trainer(run, steps=8, resume="auto")
+    assert any("dropping a torn record" in r.getMessage() for r in caplog.records)
+    trainer.run()
+    trainer.close()
+    steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert steps == list(range(1, 9))
