@@ -41,9 +41,13 @@ def start_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
+_debug_flag = False  # ``cclm --debug``, while its command runs
+
+
 def debugging() -> bool:
-    """True when ``CCLM_DEBUG`` is set (to anything but 0/false/no): user errors show their traceback."""
-    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+    """True under ``cclm --debug`` or when ``CCLM_DEBUG`` is set (to anything but 0/false/no): user errors show
+    their traceback (also in commands that report their own errors, like ``prep``)."""
+    return _debug_flag or os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def run_command(
@@ -52,13 +56,17 @@ def run_command(
     """``main(argv)``'s exit status; a user error (:data:`USER_ERRORS`) becomes ``cclm <command>: <message>`` on
     stderr and status 2, with the traceback above it when ``debug`` or :func:`debugging`. Other exceptions
     propagate."""
+    global _debug_flag
+    outer, _debug_flag = _debug_flag, _debug_flag or debug
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as err:
-        if debug or debugging():
+        if debugging():
             traceback.print_exc()
         print(f"cclm {command}: {describe(err)}", file=sys.stderr)
         return 2
+    finally:
+        _debug_flag = outer
 
 
 def describe(err: BaseException) -> str:

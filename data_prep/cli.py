@@ -7,7 +7,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
+from cclm.cli_args import debugging
 from cclm.errors import UserError
 
 SUBCOMMANDS = {
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (UserError, OSError, ValueError) as err:  # bad input, or the disk (full, unwritable): one line
+        if debugging():
+            traceback.print_exc()
         print(f"cclm prep {args.subcommand}: error: {err}", file=sys.stderr)
         return 2
 

@@ -191,3 +191,17 @@ def test_module_entry_points_that_launchers_start_report_the_same_way(tmp_path):
             timeout=120,
         )
         assert_one_line_error(proc.returncode, proc.stderr, command, str(tmp_path / "missing.yaml"))
+
+
+def test_prep_reports_in_one_line_and_shows_the_traceback_under_debug(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CCLM_DEBUG", raising=False)
+    missing = tmp_path / "missing.tsv"
+    argv = ["prep", "parallel-tsv", "--input", str(missing), "--out", str(tmp_path / "out")]
+    argv += ["--src-lang", "en", "--tgt-lang", "de"]
+    code, err = run_cclm(capsys, *argv)
+    assert code == 2 and str(missing) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    code, err = run_cclm(capsys, "--debug", *argv)
+    assert code == 2 and "Traceback" in err
+    code, err = run_cclm(capsys, *argv)  # --debug held for that command only
+    assert "Traceback" not in err
