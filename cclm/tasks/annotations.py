@@ -1,25 +1,217 @@
-"""Reading annotation files: JSON lines and JSON documents through the project's reader (:mod:`cclm.jsonl`), whose
-errors name the file and line, plus the field check and the language of an IGLUE file."""
+"""Reading IGLUE annotation files: JSON lines and JSON documents, every problem an :class:`AnnotationError` naming
+``file:line``; each field a reader uses is type-checked as it is read, so a bad record fails before training
+starts, never as a crash in the middle of it. Also the language of an IGLUE file.
+
+Unlike the converters (which skip and count an undecodable line), a line that is not UTF-8 is an error here: the
+IGLUE annotations are curated releases, so such a line means a damaged copy, and dropping it would silently
+change the benchmark.
+"""
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cclm.jsonl import JsonFileError
-
-# Annotation errors are the reader's errors: a bad line and a bad field are caught by the same except clause.
-AnnotationError = JsonFileError
+from cclm.errors import DataError
+from cclm.text_safety import printable_json
 
 
-def field(record: dict[str, Any], key: str, where: str) -> Any:
-    """``record[key]``, or an error naming the location and the missing field."""
+class AnnotationError(DataError, ValueError):
+    """An annotation file that cannot be used; the message names the file and line (and the field)."""
+
+
+# ----------------------------------------------------------------------------------------------- field types
+@dataclass(frozen=True)
+class FieldType:
+    """What a field must hold, as said in an error message (``a string``), and the check of a value."""
+
+    name: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the number 1
+
+
+TEXT = FieldType("a string", lambda v: isinstance(v, str))
+# Image and record ids: IGLUE writes strings, but some releases write numbers (COCO ids in xFlickr&CO).
+IDENTIFIER = FieldType("a string or an integer", lambda v: isinstance(v, str) or _is_integer(v))
+TEXT_LIST = FieldType(
+    "a non-empty list of strings",
+    lambda v: isinstance(v, list) and bool(v) and all(isinstance(s, str) for s in v),
+)
+BOOLEAN_OR_TEXT = FieldType("a boolean or a string", lambda v: isinstance(v, (bool, str)))
+INTEGER = FieldType("an integer", _is_integer)
+OBJECT = FieldType("a JSON object", lambda v: isinstance(v, dict))
+
+
+def json_kind(value: Any) -> str:
+    """How JSON calls a value's type (``null``, ``a number``, ``a list`` ...), for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as JSON, its control characters escaped: a crafted value cannot drive the terminal."""
+    text = printable_json(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_type(value: Any, expected: FieldType, what: str, where: str) -> Any:
+    """``value``, or an error saying where, what (``field 'x'``), what it must be and what it is."""
+    if not expected.accepts(value):
+        got = json_kind(value) if value is None else f"{json_kind(value)} {_shown(value)}"
+        raise AnnotationError(f"{where}: {what} must be {expected.name}, got {got}")
+    return value
+
+
+def field(record: dict[str, Any], key: str, where: str, expected: FieldType = TEXT) -> Any:
+    """``record[key]`` checked against ``expected``; a missing field or a wrong type fails naming ``where``."""
     if key not in record:
         raise AnnotationError(f"{where}: missing field '{key}'")
-    return record[key]
+    return check_type(record[key], expected, f"field '{key}'", where)
 
 
+def optional_field(
+    record: dict[str, Any], key: str, where: str, expected: FieldType = TEXT, default: Any = None
+) -> Any:
+    """``record[key]`` checked against ``expected`` when the record has it, else ``default``."""
+    if key not in record:
+        return default
+    return check_type(record[key], expected, f"field '{key}'", where)
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise AnnotationError(f"file not found: {path}")
+
+
+def _not_utf8(path: Path, line: int, byte: int, column: int) -> AnnotationError:
+    return AnnotationError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x} at column {column}); IGLUE annotations are "
+        "curated files, so an undecodable line is an error rather than a skipped line: download the file "
+        "again or repair that line"
+    )
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for every non-blank line of a JSON-lines file; a missing file, a line that is
+    not UTF-8, not JSON, or not a JSON object fails naming ``file:line``."""
+    path = Path(path)
+    _require_file(path)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, number, raw[err.start], err.start + 1) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise AnnotationError(
+                    f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{path}:{number}: expected a JSON object, got {json_kind(record)}")
+            yield number, record
+
+
+def _document_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise _not_utf8(path, line, raw[err.start], err.start - line_start + 1) from None
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def read_object_entries(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line, key, value)`` of each member of a JSON document that is one object (xGQA's ``{question_id:
+    question}``, ``trainval_ans2label.json``), ``line`` being where the value starts. A missing file, bytes that
+    are not UTF-8, malformed JSON, a document that is not an object or a key given twice fail naming
+    ``file:line``. One pass over the text: the members are decoded one by one to learn their lines."""
+    path = Path(path)
+    _require_file(path)
+    text = _document_text(path)
+    decoder = json.JSONDecoder()
+    counted = {"position": 0, "line": 1}
+
+    def line_at(position: int) -> int:  # positions only grow: count the newlines since the last call
+        counted["line"] += text.count("\n", counted["position"], position)
+        counted["position"] = position
+        return counted["line"]
+
+    def malformed(message: str, position: int) -> AnnotationError:
+        err = json.JSONDecodeError(message, text, position)
+        return AnnotationError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})")
+
+    def decode_at(position: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, position)
+        except json.JSONDecodeError as err:
+            raise malformed(err.msg, err.pos) from None
+
+    def skip_space(position: int) -> int:
+        return _JSON_SPACE.match(text, position).end()
+
+    position = skip_space(0)
+    if not text.startswith("{", position):
+        document, _ = decode_at(position)
+        raise AnnotationError(
+            f"{path}:{line_at(position)}: expected a JSON object, got {json_kind(document)}"
+        )
+    position = skip_space(position + 1)
+    first_line: dict[str, int] = {}
+    while not text.startswith("}", position):
+        if first_line:
+            if not text.startswith(",", position):
+                raise malformed("Expecting ',' delimiter", position)
+            position = skip_space(position + 1)
+        if not text.startswith('"', position):
+            raise malformed("Expecting property name enclosed in double quotes", position)
+        key, position = decode_at(position)
+        position = skip_space(position)
+        if not text.startswith(":", position):
+            raise malformed("Expecting ':' delimiter", position)
+        start = skip_space(position + 1)
+        value, position = decode_at(start)
+        line = line_at(start)
+        if key in first_line:
+            raise AnnotationError(
+                f"{path}:{line}: key {_shown(key)} given twice (first at line {first_line[key]})"
+            )
+        first_line[key] = line
+        yield line, key, value
+        position = skip_space(position)
+    end = skip_space(position + 1)
+    if end != len(text):
+        raise malformed("Extra data", end)
+
+
+# -------------------------------------------------------------------------------------------------- language
 _LANG = re.compile(r"^[a-z]{2,3}$")
 _FILE_LANG = re.compile(r"(?:^|[-_])([a-z]{2,3})(?:_gmt|_train\d+)?$")
 

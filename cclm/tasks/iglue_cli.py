@@ -5,12 +5,12 @@ list every missing image, before any training starts (exit status 1 when some ar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cclm.tasks import TASKS, get_task
 from cclm.tasks.annotations import AnnotationError
 from cclm.tasks.images import missing_images
+from cclm.text_safety import printable, printable_json
 
 INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
 
@@ -37,9 +37,9 @@ def _inspect(args: list[str]) -> int:
     status = 0
     for path in opts.files:
         try:
-            print(json.dumps(inspect_file(opts.task, path), ensure_ascii=False))
+            print(printable_json(inspect_file(opts.task, path)))
         except AnnotationError as err:
-            print(f"cclm iglue inspect: {err}", file=sys.stderr)
+            print(f"cclm iglue inspect: {printable(err)}", file=sys.stderr)
             status = 1
     return status
 
@@ -64,10 +64,10 @@ def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
             refs |= module.read(path).image_refs
         missing = missing_images(refs, roots)
     except (AnnotationError, KeyError) as err:
-        print(f"cclm iglue check-images: {err}", file=sys.stderr)
+        print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
         return 1
     for path in missing:
-        print(path)
+        print(printable(path))
     sys.stdout.flush()
     print(f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing", file=sys.stderr)
     return 1 if missing else 0
@@ -80,7 +80,7 @@ def check_config_images(args: list[str]) -> int:
     try:
         cfg = load_config(FinetuneConfig, args[0], args[1:])
     except ConfigError as err:
-        print(f"cclm iglue check-images: {err}", file=sys.stderr)
+        print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
         return 1
     return _report_missing(cfg.task, _files_of_config(cfg), dict(cfg.data.image_roots))
 
@@ -115,5 +115,5 @@ def main(argv: list[str]) -> int:
         return _inspect(rest)
     if sub == "check-images":
         return _check_images(rest)
-    print(f"cclm iglue: unknown subcommand '{sub}' (inspect, check-images)", file=sys.stderr)
+    print(f"cclm iglue: unknown subcommand '{printable(sub)}' (inspect, check-images)", file=sys.stderr)
     return 2

@@ -11,8 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cclm.jsonl import read_jsonl
-from cclm.tasks.annotations import AnnotationError, field, language_from_path
+from cclm.tasks.annotations import (
+    BOOLEAN_OR_TEXT,
+    IDENTIFIER,
+    AnnotationError,
+    field,
+    optional_field,
+    read_records,
+)
 from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
@@ -30,38 +36,40 @@ def _marvl_images(record: dict[str, Any], where: str) -> tuple[ImageRef, ImageRe
     concept = field(record, "concept", where)
     refs = []
     for key in ("left_img", "right_img"):
-        name = str(field(record, key, where))
+        name = field(record, key, where)
         relative = name if "/" in name else f"{concept}/{name}"
         refs.append(ImageRef("marvl", f"{language}/images/{relative}"))
     return refs[0], refs[1]
 
 
 def _nlvr2_images(record: dict[str, Any], where: str) -> tuple[ImageRef, ImageRef]:
-    identifier = str(field(record, "identifier", where))
+    identifier = field(record, "identifier", where)
     stem = identifier.rsplit("-", 1)[0]
     split = stem.split("-", 1)[0]
-    folder = f"{split}/{record['directory']}" if "directory" in record else split
+    directory = optional_field(record, "directory", where, IDENTIFIER)  # the train split's sub-folders
+    folder = split if directory is None else f"{split}/{directory}"
     return ImageRef("nlvr2", f"{folder}/{stem}-img0.png"), ImageRef("nlvr2", f"{folder}/{stem}-img1.png")
 
 
 def read(path: str | Path, label_names: list[str] | None = None, max_examples: int = 0) -> ClassificationData:
-    default_language = language_from_path(path)
     examples, refs, languages, records = [], set(), set(), 0
-    for number, record in read_jsonl(path):
+    for number, record in read_records(path):
         where = f"{path}:{number}"
         records += 1
+        # every field is checked on every record, also those not used below: a wrong type means a damaged file
         if "caption" in record:
-            images, text = _marvl_images(record, where), record["caption"]
-            language = record.get("language", default_language)
+            images, text = _marvl_images(record, where), field(record, "caption", where)
+            language = record["language"]
         else:
             images, text, language = _nlvr2_images(record, where), field(record, "sentence", where), "en"
+        label = field(record, "label", where, BOOLEAN_OR_TEXT)
+        if label not in _TRUTH:
+            raise AnnotationError(f"{where}: unknown label {label!r} (expected true/false)")
+        fallback_uid = record.get("identifier", f"{Path(path).name}:{number}")
+        uid = str(optional_field(record, "id", where, IDENTIFIER, fallback_uid))
         refs.update(images)
         languages.add(language)
-        label = field(record, "label", where)
-        if not isinstance(label, (bool, str)) or label not in _TRUTH:
-            raise AnnotationError(f"{where}: unknown label {label!r} (expected true/false)")
         if max_examples and len(examples) >= max_examples:
             continue
-        uid = str(record.get("id", record.get("identifier", f"{Path(path).name}:{number}")))
         examples.append(ClassificationExample(uid, text, images, _TRUTH[label], language))
     return ClassificationData(str(path), examples, records, refs, languages)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from cclm.jsonl import read_jsonl
-from cclm.tasks.annotations import field, language_from_path
+from cclm.tasks.annotations import IDENTIFIER, field, language_from_path, optional_field, read_records
 from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import RetrievalData
 
@@ -25,11 +24,11 @@ def image_ref(url: str) -> ImageRef:
 def read(path: str | Path, label_names=None, max_examples: int = 0) -> RetrievalData:
     default_language = language_from_path(path)
     images, ids, texts, languages = [], [], [], set()
-    for number, record in read_jsonl(path):
+    for number, record in read_records(path):
         where = f"{path}:{number}"
-        images.append(image_ref(str(field(record, "image_url", where))))
-        ids.append(str(record.get("wit_ix", f"{Path(path).name}:{number}")))
-        texts.append(str(field(record, "caption_reference_description", where)))
-        languages.add(record.get("language", default_language))
+        images.append(image_ref(field(record, "image_url", where)))
+        ids.append(str(optional_field(record, "wit_ix", where, IDENTIFIER, f"{Path(path).name}:{number}")))
+        texts.append(field(record, "caption_reference_description", where))
+        languages.add(optional_field(record, "language", where, default=default_language))
     data = RetrievalData(str(path), images, ids, texts, list(range(len(texts))), languages)
     return data.truncated(max_examples)

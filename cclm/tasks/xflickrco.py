@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cclm.jsonl import read_jsonl
-from cclm.tasks.annotations import AnnotationError, field, language_from_path
+from cclm.tasks.annotations import (
+    IDENTIFIER,
+    TEXT_LIST,
+    field,
+    language_from_path,
+    optional_field,
+    read_records,
+)
 from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import RetrievalData
 
@@ -24,16 +30,15 @@ def image_ref(img_path: str) -> ImageRef:
 def read(path: str | Path, label_names=None, max_examples: int = 0) -> RetrievalData:
     index: dict[str, int] = {}
     images, ids, texts, text_image = [], [], [], []
-    for number, record in read_jsonl(path):
+    for number, record in read_records(path):
         where = f"{path}:{number}"
-        img_path = str(field(record, "img_path", where))
-        sentences = field(record, "sentences", where)
-        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-            raise AnnotationError(f"{where}: 'sentences' must be a list of strings")
+        img_path = field(record, "img_path", where)
+        sentences = field(record, "sentences", where, TEXT_LIST)
+        image_id = optional_field(record, "id", where, IDENTIFIER, img_path)
         if img_path not in index:
             index[img_path] = len(images)
             images.append(image_ref(img_path))
-            ids.append(record.get("id", img_path))
+            ids.append(image_id)
         texts.extend(sentences)
         text_image.extend([index[img_path]] * len(sentences))
     data = RetrievalData(str(path), images, ids, texts, text_image, {language_from_path(path)})

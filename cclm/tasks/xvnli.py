@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cclm.jsonl import read_jsonl
-from cclm.tasks.annotations import AnnotationError, field, language_from_path
+from cclm.tasks.annotations import (
+    IDENTIFIER,
+    AnnotationError,
+    check_type,
+    field,
+    language_from_path,
+    optional_field,
+    read_records,
+)
 from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
@@ -29,7 +36,7 @@ def _image_id(record: dict, where: str) -> str:
     """IGLUE writes ``Flikr30kID``; the SNLI-VE release (the English training source) ``Flickr30K_ID``."""
     for key in IMAGE_ID_FIELDS:
         if key in record:
-            return str(record[key])
+            return str(check_type(record[key], IDENTIFIER, f"field '{key}'", where))
     raise AnnotationError(f"{where}: missing field '{IMAGE_ID_FIELDS[0]}' (or '{IMAGE_ID_FIELDS[1]}')")
 
 
@@ -37,12 +44,15 @@ def read(path: str | Path, label_names: list[str] | None = None, max_examples: i
     index = {name: i for i, name in enumerate(label_names or LABELS)}
     language = language_from_path(path)
     examples, refs, skipped, records = [], set(), Counter(), 0
-    for number, record in read_jsonl(path):
+    for number, record in read_records(path):
         where = f"{path}:{number}"
         records += 1
+        # every field is checked on every record, also those skipped below: a wrong type means a damaged file
         image = ImageRef("flickr30k", f"{_image_id(record, where)}.jpg")
-        refs.add(image)
         label = field(record, "gold_label", where)
+        hypothesis = field(record, "sentence2", where)
+        uid = str(optional_field(record, "pairID", where, IDENTIFIER, f"{Path(path).name}:{number}"))
+        refs.add(image)
         if label == NO_GOLD_LABEL:
             skipped["no gold label ('-')"] += 1
             continue
@@ -50,8 +60,5 @@ def read(path: str | Path, label_names: list[str] | None = None, max_examples: i
             raise AnnotationError(f"{where}: unknown label '{label}' (expected one of {sorted(index)})")
         if max_examples and len(examples) >= max_examples:
             continue
-        uid = str(record.get("pairID", f"{Path(path).name}:{number}"))
-        examples.append(
-            ClassificationExample(uid, field(record, "sentence2", where), (image,), index[label], language)
-        )
+        examples.append(ClassificationExample(uid, hypothesis, (image,), index[label], language))
     return ClassificationData(str(path), examples, records, refs, {language}, skipped)
