@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 
 from cclm.errors import UserError
+from cclm.text_safety import printable
 
 # Errors that mean bad input rather than a bug: one line, exit status 2. Besides UserError: a path that is
 # missing, in the way or not allowed, and ValueError, which the commands raised for bad input before UserError
@@ -63,7 +64,7 @@ def run_command(
     except USER_ERRORS as err:
         if debugging():
             traceback.print_exc()
-        print(f"cclm {command}: {describe(err)}", file=sys.stderr)
+        print(f"cclm {command}: {printable(describe(err))}", file=sys.stderr)  # names may hold escapes
         return 2
     finally:
         _debug_flag = outer

@@ -13,6 +13,7 @@ LAYERS = {
     "cclm.config": 0,
     "cclm.jsonl": 0,
     "cclm.errors": 0,
+    "cclm.text_safety": 0,
     "cclm.runtime": 1,
     "cclm.losses": 2,
     "cclm.data": 2,

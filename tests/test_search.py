@@ -135,9 +135,15 @@ def test_search_prints_matches_ranked_by_similarity(tiny_model_dir, image_dir, t
     assert len(hits) == 3 and top_path not in [hit.path for hit in hits]
 
 
-def test_search_of_a_missing_index_says_how_to_build_one(tmp_path):
+def test_search_of_a_missing_index_says_how_to_build_one(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="cclm index IMAGE_DIR"):
-        cclm_main(["search", str(tmp_path), "query"])
+        search.search_index(tmp_path, "query")
+    # the command line reports it as one line (a user's error), status 2
+    assert cclm_main(["search", str(tmp_path), "query"]) == 2
+    assert capsys.readouterr().err == (
+        f"cclm search: {tmp_path} is not a cclm image index (index.json missing); "
+        "build one with `cclm index IMAGE_DIR --model MODEL --out INDEX`\n"
+    )
 
 
 def _write_page(tiny_model_dir, image_dir, tmp_path) -> Path:

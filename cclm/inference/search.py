@@ -8,6 +8,8 @@ that could not be read, with the reason) and ``embeddings-NNNNN.safetensors`` sh
 features. Indexing writes one shard per chunk of files and then updates ``index.json`` atomically, so an
 interrupted run resumes where it stopped, and running it again later adds only the new files of the folder.
 Unreadable files (not an image, truncated, corrupt) are skipped, counted and listed, never retried silently.
+File names are printed with their control characters escaped (:func:`cclm.text_safety.printable`): a crafted
+name cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cclm.data.images import UnreadableImage, open_image
 from cclm.inference.api import CCLM
+from cclm.text_safety import printable
 
 log = logging.getLogger("cclm.inference")
 INDEX_NAME = "index.json"
@@ -54,12 +57,14 @@ class ImageIndex:
         path = folder / INDEX_NAME
         if not path.exists():
             raise FileNotFoundError(
-                f"{folder} is not a cclm image index ({INDEX_NAME} missing); build one with "
+                f"{printable(folder)} is not a cclm image index ({INDEX_NAME} missing); build one with "
                 "`cclm index IMAGE_DIR --model MODEL --out INDEX`"
             )
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path} is not a cclm image index (format {data.get('format')!r})")
+            raise ValueError(
+                f"{printable(path)} is not a cclm image index (format {printable(repr(data.get('format')))})"
+            )
         return cls(
             data["model"],
             data["image_dir"],
@@ -72,7 +77,11 @@ class ImageIndex:
     def write(self, folder: Path) -> None:
         data = {"format": INDEX_FORMAT, "version": 1, **self.__dict__}
         tmp = folder / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+        # A file name that is not UTF-8 reaches us with lone surrogates (os.fsdecode); "backslashreplace" writes
+        # them as \udcNN, which in a JSON string is the escape that reads back as the same surrogate.
+        tmp.write_text(
+            json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace"
+        )
         os.replace(tmp, folder / INDEX_NAME)
 
     def embeddings(self, folder: Path) -> torch.Tensor:
@@ -80,7 +89,7 @@ class ImageIndex:
         feats = torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
         if feats.shape[0] != len(self.paths):
             raise ValueError(
-                f"index {folder} is inconsistent: {feats.shape[0]} embeddings for {len(self.paths)} "
+                f"index {printable(folder)} is inconsistent: {feats.shape[0]} embeddings for {len(self.paths)} "
                 "paths; rebuild it"
             )
         return feats
@@ -139,7 +148,7 @@ def build_index(
     """Embed every readable image under ``image_dir`` into the index folder ``out`` (created or resumed)."""
     image_dir, out = Path(image_dir).resolve(), Path(out)
     if not image_dir.is_dir():
-        raise NotADirectoryError(f"image folder not found: {image_dir}")
+        raise NotADirectoryError(f"image folder not found: {printable(image_dir)}")
     model_path = str(Path(model_dir).resolve())
     out.mkdir(parents=True, exist_ok=True)
     engine = CCLM.from_pretrained(model_path, device=device, dtype=dtype)
@@ -150,7 +159,10 @@ def build_index(
             ("image folder", str(image_dir), index.image_dir),
         ):
             if ours != theirs:
-                raise ValueError(f"index {out} was built with {name} {theirs}, not {ours}; use another --out")
+                raise ValueError(
+                    f"index {printable(out)} was built with {name} {printable(theirs)}, not {printable(ours)}; "
+                    "use another --out"
+                )
     else:
         index = ImageIndex(model_path, str(image_dir), int(engine.model.cfg.embed_dim))
     done = set(index.paths) | set(index.skipped)
@@ -237,9 +249,12 @@ def search_index(
     candidates = [int(i) for i in cosine.topk(depth).indices]
     gone = [i for i in candidates if not gallery[i].is_file()]
     if gone:
-        names = ", ".join(index.paths[i] for i in gone)
+        names = ", ".join(printable(index.paths[i]) for i in gone)
         log.warning(
-            "%d indexed images are gone from %s and are not re-ranked: %s", len(gone), image_dir, names
+            "%d indexed images are gone from %s and are not re-ranked: %s",
+            len(gone),
+            printable(image_dir),
+            names,
         )
         candidates = [i for i in candidates if i not in gone]
     if not candidates:
@@ -274,13 +289,19 @@ figcaption { font-size: 12px; margin-top: 6px; word-break: break-all; }
 """
 
 
+def _html_text(text) -> str:
+    """Text for the page: control characters (and the undecodable bytes of a file name, which could not even be
+    written as UTF-8) shown as escapes, then HTML-escaped."""
+    return html.escape(printable(text))
+
+
 def render_html(query: str, hits: list[Hit], thumb_size: int = 192) -> str:
     """A self-contained page: the query, and each hit's thumbnail (embedded), rank, scores and path."""
     cards = []
     for hit in hits:
         uri = thumbnail_data_uri(hit.path, thumb_size)
         picture = (
-            f'<a href="{html.escape(hit.path.as_uri())}"><img src="{uri}" alt="{html.escape(hit.path.name)}"></a>'
+            f'<a href="{html.escape(hit.path.as_uri())}"><img src="{uri}" alt="{_html_text(hit.path.name)}"></a>'
             if uri
             else '<div class="missing">image unreadable</div>'
         )
@@ -288,13 +309,13 @@ def render_html(query: str, hits: list[Hit], thumb_size: int = 192) -> str:
             f" &middot; match {hit.match:.3f}" if hit.match is not None else ""
         )
         cards.append(
-            f"<figure>{picture}<figcaption><b>#{hit.rank}</b> {scores}<br>{html.escape(str(hit.path))}"
+            f"<figure>{picture}<figcaption><b>#{hit.rank}</b> {scores}<br>{_html_text(hit.path)}"
             "</figcaption></figure>"
         )
     body = "\n".join(cards) if cards else "<p>No images in the index.</p>"
     return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>cclm search: {html.escape(query)}</title>'
-        f"<style>{PAGE_STYLE}</style></head>\n<body><h1>Top {len(hits)} for <q>{html.escape(query)}</q></h1>\n"
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>cclm search: {_html_text(query)}</title>'
+        f"<style>{PAGE_STYLE}</style></head>\n<body><h1>Top {len(hits)} for <q>{_html_text(query)}</q></h1>\n"
         f'<div class="grid">\n{body}\n</div></body></html>\n'
     )
 
@@ -338,15 +359,15 @@ def _search_parser() -> argparse.ArgumentParser:
 def run_index(args: argparse.Namespace) -> int:
     report = build_index(**vars(args))  # the parser's destinations are build_index's parameters
     total = report.indexed + report.already
-    print(f"indexed {report.indexed} new images ({total} in the index) -> {args.out}")
+    print(f"indexed {report.indexed} new images ({total} in the index) -> {printable(args.out)}")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable files:", file=sys.stderr)
         for rel, reason in sorted(report.skipped.items()):
-            print(f"  {rel}: {reason}", file=sys.stderr)
+            print(f"  {printable(rel)}: {printable(reason)}", file=sys.stderr)
     if report.skipped_before:
         print(
             f"({report.skipped_before} unreadable files from earlier runs are listed in "
-            f"{Path(args.out) / INDEX_NAME})",
+            f"{printable(Path(args.out) / INDEX_NAME)})",
             file=sys.stderr,
         )
     return 0
@@ -360,10 +381,10 @@ def run_search(args: argparse.Namespace) -> int:
     print(header)
     for hit in hits:
         match = f"  {hit.match:6.3f}" if hit.match is not None else ""
-        print(f"{hit.rank:>4}  {hit.score:7.3f}{match}  {hit.path}")
+        print(f"{hit.rank:>4}  {hit.score:7.3f}{match}  {printable(hit.path)}")
     if html_file:
         Path(html_file).write_text(render_html(args.query, hits), encoding="utf-8")
-        print(f"wrote {html_file}")
+        print(f"wrote {printable(html_file)}")
     return 0
 
 
@@ -373,4 +394,6 @@ def main(argv: list[str]) -> int:
         return run_index(_index_parser().parse_args(rest))
     if command == "search":
         return run_search(_search_parser().parse_args(rest))
-    raise SystemExit(f"cclm.inference.search: unknown command '{command}' (expected index or search)")
+    raise SystemExit(
+        f"cclm.inference.search: unknown command '{printable(command)}' (expected index or search)"
+    )
