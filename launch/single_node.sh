@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # One node, all its GPUs, through the DeepSpeed launcher.
-#   launch/single_node.sh configs/pretrain/cclm_3m.yaml data.image_caption.shards=/data/cc3m/{000000..000331}.tar ...
+#   launch/single_node.sh configs/pretrain/cclm_3m.yaml data.image_caption.shards='/data/cc3m/{000000..000331}.tar' ...
+# NUM_GPUS: how many processes (default: every GPU launch/gpus.sh finds). CPU runs: launch/torchrun.sh.
+# To stop with a checkpoint, send SIGUSR1 to the training processes (not to the deepspeed launcher, which does not
+# pass it on): they save at the next step, write <output_dir>/interrupted.json and exit; resume with resume=auto.
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [key=value ...]}; shift
-NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-[[ "$NUM_GPUS" -gt 0 ]] || { echo "no GPU found; set NUM_GPUS or use launch/torchrun.sh for CPU runs" >&2; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+if [[ -z "${NUM_GPUS:-}" ]]; then
+  count_gpus
+  NUM_GPUS=$GPU_COUNT
+  if [[ "$NUM_GPUS" -eq 0 ]]; then
+    echo "single_node.sh: no GPU found ($GPU_COUNT_SOURCE); set NUM_GPUS=N, or use launch/torchrun.sh for" \
+      "CPU processes" >&2
+    exit 1
+  fi
+fi
 # export NCCL_DEBUG=WARN            # verbose NCCL diagnostics
 # export NCCL_IB_DISABLE=1          # no InfiniBand on this node
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --module cclm.train.cli "$CONFIG" "$@"

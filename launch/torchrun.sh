@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# torchrun on one node (GPUs, or CPU processes with gloo). For several nodes set NNODES, NODE_RANK and
-# MASTER_ADDR on each node and run the same command there.
+# torchrun on one node: one process per GPU, or CPU processes with gloo. For several nodes set NNODES, NODE_RANK
+# and MASTER_ADDR on each node and run the same command there.
 #   NPROC=2 launch/torchrun.sh configs/pretrain/demo.yaml train.max_steps=100
+# Without NPROC: one process per GPU (launch/gpus.sh counts them), or 1 CPU process where there is no GPU.
+# `kill -USR1 <torchrun's pid>` stops the run with a checkpoint: torchrun passes SIGUSR1 to its processes, which
+# save at the next step, write <output_dir>/interrupted.json and exit; resume with resume=auto. torchrun waits
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (600 here) for that before it kills them; it then exits with status 1 and
+# a SignalException traceback of its own, which is expected (interrupted.json says the processes saved).
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [key=value ...]}; shift
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
 if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); [[ "$NPROC" -gt 0 ]] || NPROC=1
+  count_gpus
+  NPROC=$GPU_COUNT
+  if [[ "$NPROC" -eq 0 ]]; then
+    NPROC=1
+    echo "torchrun.sh: no GPU found ($GPU_COUNT_SOURCE): starting 1 CPU process; set NPROC=N for more" >&2
+  fi
 fi
+# torchrun's own default handles SIGTERM, SIGINT, SIGHUP and SIGQUIT only: SIGUSR1 would kill it and leave its
+# processes running on their own.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m cclm.train.cli "$CONFIG" "$@"

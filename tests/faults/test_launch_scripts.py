@@ -1,0 +1,575 @@
+"""Issue 15 item 13: the scripts in launch/ on a cluster, run here with stand-in ``nvidia-smi``, ``torchrun``,
+``deepspeed``, ``srun`` and ``scontrol`` executables on a PATH that holds nothing else of the system's.
+
+- torchrun.sh / single_node.sh count GPUs without nvidia-smi (and say so), never exit 127 in silence;
+- torchrun.sh makes torchrun pass SIGUSR1 on to its processes (torch's default would kill torchrun alone);
+- multi_node.sh forwards the virtual environment and the NCCL/HF/... settings through a temporary DeepSpeed
+  environment file, written outside the repository, in a form DeepSpeed's own quoting keeps intact;
+- slurm.sbatch logs into a folder that exists, asks for SIGUSR1 before the time limit, starts one srun task per
+  process (2 "nodes" x 1 give the losses of 1 node x 2), and requeues a job that stopped on SIGUSR1 with a
+  checkpoint; the requeued job resumes and the run loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cclm.runtime.env import free_port
+
+from ..conftest import build_test_world
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+BASH = shutil.which("bash")
+# The system tools the scripts use; they are linked one by one into the test's PATH, so that no nvidia-smi (nor
+# any other program of the machine) is found by accident.
+TOOLS = ("awk", "cat", "cut", "dirname", "grep", "head", "mktemp", "paste", "rm", "sleep", "sort")
+VENV_BIN = str(Path(sys.executable).parent)  # python, with torch, as a user's activated environment has it
+
+
+def stand_in(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text(f"#!{BASH}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+def make_machine(tmp: Path) -> SimpleNamespace:
+    """A PATH of stand-ins (``fake``, filled by each test), the system tools, then the virtual environment; an
+    environment without launcher, SLURM or GPU settings of the machine that runs the tests."""
+    fake, tools, home = tmp / "fake-bin", tmp / "tools", tmp / "home"
+    for folder in (fake, tools, home):
+        folder.mkdir()
+    for tool in (BASH, *TOOLS):
+        (tools / Path(tool).name).symlink_to(shutil.which(tool))
+    record = tmp / "record"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "CUDA_", "PET_", "TORCH_ELASTIC", "NCCL_", "HF_", "CCLM_", "DS_"))
+        and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "NUM_GPUS")
+    }
+    env.update(PATH=f"{fake}:{tools}:{VENV_BIN}", HOME=str(home), RECORD=str(record))
+    return SimpleNamespace(fake=fake, env=env, record=record, tmp=tmp)
+
+
+@pytest.fixture
+def machine(tmp_path) -> SimpleNamespace:
+    return make_machine(tmp_path)
+
+
+def run_script(machine, script: str, *args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BASH, str(LAUNCH / script), *args],
+        cwd=REPO,
+        env={**machine.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+RECORD_ARGS = 'printf "%s\\n" "$@" > "$RECORD"\n'
+
+
+def recorded(machine) -> list[str]:
+    return machine.record.read_text().splitlines()
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def torch_gpus() -> int:
+    return torch.cuda.device_count()  # what the launch scripts' python sees here (0 on the CPU test machines)
+
+
+# --------------------------------------------------------------------------------- counting GPUs, torchrun.sh
+def test_torchrun_without_nproc_or_nvidia_smi_counts_with_torch(machine):
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    result = run_script(machine, "torchrun.sh", "configs/pretrain/demo.yaml", "train.max_steps=5")
+    assert result.returncode == 0, result.stderr
+    args = recorded(machine)
+    assert option(args, "--nproc_per_node") == str(max(torch_gpus(), 1))
+    assert args[-4:] == ["-m", "cclm.train.cli", "configs/pretrain/demo.yaml", "train.max_steps=5"]
+    if torch_gpus() == 0:
+        assert result.stderr == (
+            "torchrun.sh: no GPU found (no nvidia-smi on PATH; torch.cuda.device_count() of python): starting 1 "
+            "CPU process; set NPROC=N for more\n"
+        )
+
+
+def test_gpus_listed_by_nvidia_smi_without_its_mig_lines(machine):
+    stand_in(
+        machine.fake,
+        "nvidia-smi",
+        'echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"\n'
+        'echo "  MIG 3g.40gb     Device  0: (UUID: MIG-a)"\n'
+        'echo "GPU 1: NVIDIA H100 (UUID: GPU-1)"\n',
+    )
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    assert run_script(machine, "torchrun.sh", "c.yaml").returncode == 0
+    assert option(recorded(machine), "--nproc_per_node") == "2"
+    assert run_script(machine, "single_node.sh", "c.yaml").returncode == 0
+    assert option(recorded(machine), "--num_gpus") == "2"
+
+
+def test_cuda_visible_devices_and_explicit_counts_win(machine):
+    stand_in(machine.fake, "nvidia-smi", "echo 'nvidia-smi must not be asked' >&2; exit 9\n")
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    assert run_script(machine, "torchrun.sh", "c.yaml", CUDA_VISIBLE_DEVICES="0,3,5").returncode == 0
+    assert option(recorded(machine), "--nproc_per_node") == "3"
+    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="4").returncode == 0
+    assert option(recorded(machine), "--nproc_per_node") == "4"
+    assert run_script(machine, "single_node.sh", "c.yaml", NUM_GPUS="2").returncode == 0
+    assert option(recorded(machine), "--num_gpus") == "2"
+
+
+def test_single_node_without_gpus_says_what_to_do(machine):
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    result = run_script(machine, "single_node.sh", "c.yaml", CUDA_VISIBLE_DEVICES="")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "single_node.sh: no GPU found (CUDA_VISIBLE_DEVICES=''); set NUM_GPUS=N, or use launch/torchrun.sh for "
+        "CPU processes\n"
+    )
+    assert not machine.record.exists()
+    if torch_gpus() == 0:  # no nvidia-smi on this PATH: torch is asked, and says 0
+        result = run_script(machine, "single_node.sh", "c.yaml")
+        assert result.returncode == 1
+        assert "no GPU found (no nvidia-smi on PATH; torch.cuda.device_count() of python)" in result.stderr
+
+
+def test_torchrun_passes_sigusr1_to_its_processes(machine):
+    """torchrun.sh's settings given to the real torchrun agent: SIGUSR1 sent to torchrun reaches both processes
+    (torch's default set of handled signals would let SIGUSR1 kill the agent and orphan them)."""
+    worker = machine.tmp / "worker.py"
+    worker.write_text(
+        "import os, pathlib, signal, sys, time\n"
+        "folder = pathlib.Path(sys.argv[1])\n"
+        "def stop(signum, frame):\n"
+        "    (folder / f'got-{os.environ[\"RANK\"]}').write_text(signal.Signals(signum).name)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGUSR1, stop)\n"
+        "(folder / f'ready-{os.environ[\"RANK\"]}').write_text(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    # the real torchrun with the script's options, running the worker instead of cclm
+    stand_in(
+        machine.fake,
+        "torchrun",
+        'args=()\nfor a in "$@"; do [[ "$a" == -m ]] && break; args+=("$a"); done\n'
+        f'exec {sys.executable} -m torch.distributed.run "${{args[@]}}" {worker} {machine.tmp}\n',
+    )
+    proc = subprocess.Popen(
+        [BASH, str(LAUNCH / "torchrun.sh"), "c.yaml"],
+        cwd=REPO,
+        env={**machine.env, "NPROC": "2", "MASTER_PORT": str(free_port())},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not all((machine.tmp / f"ready-{rank}").exists() for rank in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, "torchrun did not start its processes"
+            time.sleep(0.1)
+        # bash exec'd the stand-in, which exec'd torchrun: this pid is torchrun's agent
+        os.kill(proc.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [(machine.tmp / f"got-{rank}").read_text() for rank in (0, 1)] == ["SIGUSR1", "SIGUSR1"], err
+    for rank in (0, 1):  # and nothing is left running
+        pid = int((machine.tmp / f"ready-{rank}").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_torchrun_reads_the_signal_settings_torchrun_sh_exports(monkeypatch):
+    from torch.distributed.run import get_args_parser
+
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    script = (LAUNCH / "torchrun.sh").read_text()
+    assert "PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}" in script
+    assert get_args_parser().parse_args(["worker.py"]).signals_to_handle.split(",")[-1] == "SIGUSR1"
+
+
+# ----------------------------------------------------------------------------------------------- multi_node.sh
+def test_multi_node_forwards_the_environment_through_a_temporary_file(machine):
+    stand_in(
+        machine.fake,
+        "deepspeed",
+        RECORD_ARGS + 'cat "$DS_ENV_FILE" > "$RECORD.env"\necho "$DS_ENV_FILE" > "$RECORD.path"\n',
+    )
+    hostfile = machine.tmp / "hostfile"
+    hostfile.write_text("# nodes\nnode01 slots=8\nnode02 slots=8\n")
+    (machine.tmp / "home" / ".deepspeed_env").write_text("UCX_TLS=rc\n")
+    venv = str(Path(VENV_BIN).parent)
+    settings = {
+        "VIRTUAL_ENV": venv,
+        "NCCL_SOCKET_IFNAME": "ib0",
+        "NCCL_IB_HCA": "mlx5_0,mlx5_1",
+        "HF_HOME": "/shared/hf cache",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CCLM_DEBUG": "1",
+        "OMP_NUM_THREADS": "4",
+        "NCCL_BAD": 'has "quotes" and $HOME',
+        "SECRET_TOKEN": "not for other nodes",
+    }
+    result = run_script(
+        machine,
+        "multi_node.sh",
+        "configs/pretrain/cclm_4m.yaml",
+        "train.max_steps=10",
+        HOSTFILE=str(hostfile),
+        **settings,
+    )
+    assert result.returncode == 0, result.stderr
+    args = recorded(machine)
+    assert args[:6] == ["--hostfile", str(hostfile), "--master_addr", "node01", "--master_port", "29500"]
+    assert args[6:] == ["--module", "cclm.train.cli", "configs/pretrain/cclm_4m.yaml", "train.max_steps=10"]
+
+    lines = Path(f"{machine.record}.env").read_text().splitlines()
+    forwarded = dict(line.split("=", 1) for line in lines)
+    assert lines[0] == "UCX_TLS=rc"  # the user's own ~/.deepspeed_env comes first
+    for key in (
+        "VIRTUAL_ENV",
+        "NCCL_SOCKET_IFNAME",
+        "NCCL_IB_HCA",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+    ):
+        assert forwarded[key] == settings[key]
+    assert forwarded["CCLM_DEBUG"] == "1" and forwarded["OMP_NUM_THREADS"] == "4"
+    assert forwarded["PATH"] == machine.env["PATH"]
+    assert forwarded["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert "SECRET_TOKEN" not in forwarded and "NCCL_BAD" not in forwarded
+    assert (
+        "multi_node.sh: not forwarding NCCL_BAD: its value holds a quote, $, `, \\ or a newline"
+        in result.stderr
+    )
+
+    # written outside the repository, removed afterwards, and nothing left in the checkout
+    env_file = Path(Path(f"{machine.record}.path").read_text().strip())
+    assert not env_file.exists() and REPO not in env_file.parents
+    assert not (REPO / ".deepspeed_env").exists()
+    _check_deepspeed_reads(env_file, lines)
+
+
+def _check_deepspeed_reads(env_file: Path, lines: list[str]) -> None:
+    """DeepSpeed's runner finds an absolute DS_ENV_FILE, and the values survive the quoting with which it puts
+    them on every node's command line (``export KEY=VALUE; ...`` run by a shell there)."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; from deepspeed.launcher import runner as r\n"
+            "print(sorted({os.path.join(p, r.DEEPSPEED_ENVIRONMENT_NAME) for p in r.DEEPSPEED_ENVIRONMENT_PATHS}))",
+        ],
+        env={**os.environ, "DS_ENV_FILE": str(env_file)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.stdout.splitlines()[-1] == repr([str(env_file)]), probe.stderr[-2000:]
+    from deepspeed.launcher.multinode_runner import MultiNodeRunner
+
+    runner = SimpleNamespace(exports={})
+    for line in lines:
+        MultiNodeRunner.add_export(runner, *line.split("=", 1))
+    exports = "".join(f"export {key}={value}; " for key, value in runner.exports.items())
+    shell = subprocess.run(
+        [BASH, "-c", exports + f"{shutil.which('env')} -0"],
+        capture_output=True,
+        text=True,
+        env={},
+        timeout=30,
+    )
+    remote = dict(item.split("=", 1) for item in shell.stdout.split("\0") if item)
+    for line in lines:
+        key, value = line.split("=", 1)
+        assert remote[key] == value, key
+
+
+def test_multi_node_without_hostfile_says_so(machine):
+    result = run_script(machine, "multi_node.sh", "c.yaml", HOSTFILE=str(machine.tmp / "nope"))
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"multi_node.sh: hostfile {machine.tmp / 'nope'} not found (see launch/hostfile.example)\n",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- slurm.sbatch
+SBATCH = LAUNCH / "slurm.sbatch"
+JOB_ID = 4242
+
+
+def sbatch_options() -> dict[str, str]:
+    """The #SBATCH options, read as sbatch reads them: up to the first line that is not a comment."""
+    options = {}
+    for line in SBATCH.read_text().splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            name, _, value = line.removeprefix("#SBATCH ").partition("=")
+            options[name] = value
+    return options
+
+
+def test_sbatch_header_logs_where_slurm_can_write_and_warns_before_the_limit():
+    options = sbatch_options()
+    assert options["--output"] == "%x-%j.out"  # the submit folder: exists before the job starts
+    assert options["--open-mode"] == "append"  # a requeued job continues the same log
+    assert "--requeue" in options
+    # SIGUSR1 to every process of the job's steps (not to the batch shell), at least 5 minutes before the limit
+    signal_name, _, seconds = options["--signal"].partition("@")
+    assert signal_name == "USR1" and int(seconds) >= 300
+    assert options["--ntasks-per-node"] == options["--gpus-per-node"]  # one task per GPU
+    # a mkdir in the job would run after SLURM opened the log
+    commands = [line for line in SBATCH.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in commands if "mkdir" in line]
+
+
+def slurm_machine(machine, nodes: int, tasks_per_node: int) -> dict[str, str]:
+    """Stand-in srun (every task of every "node" on this machine, with SLURM's task variables; the tasks' pids go
+    to ``$RECORD.pids``) and scontrol (node names; a requeue is recorded), and a job's environment."""
+    stand_in(
+        machine.fake,
+        "srun",
+        'echo "$*" >> "$RECORD.srun"\n'
+        "per_node=1\n"
+        'while [[ "$1" == --* ]]; do [[ "$1" == --ntasks-per-node=* ]] && per_node=${1#*=}; shift; done\n'
+        "pids=()\n"
+        "for ((node = 0; node < SLURM_NNODES; node++)); do\n"
+        "  for ((local = 0; local < per_node; local++)); do\n"
+        '    SLURM_NODEID=$node SLURM_LOCALID=$local SLURM_PROCID=$((node * per_node + local)) "$@" &\n'
+        '    pids+=($!); echo $! >> "$RECORD.pids"\n'
+        "  done\n"
+        "done\n"
+        'status=0; for pid in "${pids[@]}"; do wait "$pid" || status=$?; done; exit $status\n',
+    )
+    stand_in(
+        machine.fake,
+        "scontrol",
+        'case "$1" in\n'
+        "  show) for ((i = 1; i <= SLURM_NNODES; i++)); do echo localhost; done ;;\n"
+        '  *) echo "$*" >> "$RECORD.scontrol" ;;\n'
+        "esac\n",
+    )
+    return {
+        **machine.env,
+        "SLURM_JOB_ID": str(JOB_ID),
+        "SLURM_JOB_NAME": "cclm-pretrain",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * tasks_per_node),
+        "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+        "SLURM_CPUS_PER_TASK": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def test_sbatch_refuses_more_tasks_than_gpus(machine):
+    env = {**slurm_machine(machine, 2, 8), "SLURM_GPUS_ON_NODE": "4"}
+    result = subprocess.run([BASH, str(SBATCH), "c.yaml"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (
+        2,
+        "slurm.sbatch: 8 tasks per node for 4 GPUs per node: one training process per GPU, submit with "
+        "--ntasks-per-node=4\n",
+    )
+
+
+def test_sbatch_outside_a_job_says_so(machine):
+    result = subprocess.run(
+        [BASH, str(SBATCH), "c.yaml"], cwd=REPO, env=machine.env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "SLURM_NNODES: not inside a SLURM job: submit with sbatch" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return build_test_world(
+        tmp_path_factory.mktemp("world") / "w",
+        num_images=48,
+        image_size=32,
+        heldout_images=4,
+        xvnli_images=4,
+        seed=5,
+    )
+
+
+MAX_STEPS = 16
+
+
+def pretrain_args(world: Path, output_dir: Path) -> list[str]:
+    def shards(folder: Path) -> str:
+        return f"{folder}/shard-{{000000..{len(list(folder.glob('shard-*.tar'))) - 1:06d}}}.tar"
+
+    overrides = {
+        "model.text.tokenizer": world / "tokenizer",
+        "data.image_caption.shards": shards(world / "image_caption"),
+        "data.parallel_text.shards": shards(world / "parallel"),
+        "data.image_caption.batch_size": 8,
+        "data.parallel_text.batch_size": 8,
+        "data.num_workers": 1,  # as in the demo config: the step's processes include DataLoader workers
+        "output_dir": output_dir,
+        "train.max_steps": MAX_STEPS,
+        "train.log_every": 1,
+        "train.save_every": MAX_STEPS,
+        "train.scheduler.warmup_steps": 2,
+        "train.optimizer.lr": 2e-3,
+    }
+    return ["configs/pretrain/demo.yaml", *(f"{key}={value}" for key, value in overrides.items())]
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(records: list[dict]) -> dict[int, dict[str, float]]:
+    """Per step, the losses (every objective of each view) -- what must not depend on how processes were laid
+    out over nodes, nor on an interruption."""
+    objectives = ("loss", "itc", "itm", "mlm", "ttc", "ttm")
+    return {r["step"]: {k: v for k, v in r.items() if k.split("/")[-1] in objectives} for r in records}
+
+
+def sbatch(machine, env: dict, args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [BASH, str(SBATCH), *args],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the job's process group: a failed test kills all of it
+    )
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def two_node_run(world, tmp_path_factory) -> dict:
+    """An uninterrupted job on 2 "nodes" x 1 process: the reference of the tests below."""
+    tmp = tmp_path_factory.mktemp("two-nodes")
+    machine = make_machine(tmp)
+    out = tmp / "out"
+    log = tmp / "job.log"
+    output = finish(sbatch(machine, slurm_machine(machine, 2, 1), pretrain_args(world, out), log), log)
+    srun_calls = Path(f"{machine.record}.srun").read_text().splitlines()
+    return {"out": out, "log": output, "srun": srun_calls, "records": metrics(out), "machine": machine}
+
+
+def test_sbatch_two_nodes_give_the_losses_of_one_node(two_node_run, world, machine):
+    assert [r["step"] for r in two_node_run["records"]] == list(range(1, MAX_STEPS + 1)), two_node_run["log"][
+        -3000:
+    ]
+    assert two_node_run["srun"] == [
+        "--kill-on-bad-exit=1 --ntasks=2 --ntasks-per-node=1 bash -c export RANK=$SLURM_PROCID "
+        f'LOCAL_RANK=$SLURM_LOCALID; exec "$@" cclm-task python -m cclm.train.cli '
+        f"{' '.join(pretrain_args(world, two_node_run['out']))} resume=auto"
+    ]
+    assert re.search(
+        r"slurm.sbatch: job 4242 \(restart 0\): 2 node\(s\) x 1 process\(es\), rendezvous localhost:\d+",
+        two_node_run["log"],
+    )
+    assert not Path(f"{two_node_run['machine'].record}.scontrol").exists()  # finished: no requeue
+
+    out = machine.tmp / "one-node"
+    log = machine.tmp / "job.log"
+    output = finish(sbatch(machine, slurm_machine(machine, 1, 2), pretrain_args(world, out), log), log)
+    one_node = metrics(out)
+    assert [r["step"] for r in one_node] == list(range(1, MAX_STEPS + 1)), output[-3000:]
+    reference = losses(two_node_run["records"])
+    assert all(reference[step] for step in reference) and "image/itm" in reference[2]
+    assert losses(one_node) == reference
+
+
+def step_processes(task_pids: list[int]) -> list[int]:
+    """The tasks and every process they started (DataLoader workers): what SLURM signals in a job step, the
+    processes of its cgroup."""
+    children = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children[parent].append(int(stat.parent.name))
+    found, todo = [], list(task_pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children[pid]
+    return found
+
+
+def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_nothing(
+    two_node_run, world, machine
+):
+    """SLURM's warning before the time limit (--signal=USR1@...) reaches every training process: they save a
+    checkpoint, rank 0 writes interrupted.json, all exit 0, and the script requeues the job. The requeued job
+    (same command) resumes from that checkpoint and ends with the uninterrupted run's losses at every step."""
+    env = slurm_machine(machine, 2, 1)
+    out = machine.tmp / "requeued"
+    log = machine.tmp / "job.log"
+    proc = sbatch(machine, env, pretrain_args(world, out), log)
+    try:
+        deadline = time.monotonic() + 240
+        while len(metrics(out)) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job logged no step in time"
+            time.sleep(0.1)
+        # as SLURM does: every process of the job step, the tasks and their DataLoader workers
+        tasks = [int(pid) for pid in Path(f"{machine.record}.pids").read_text().split()]
+        for pid in step_processes(tasks):
+            os.kill(pid, signal.SIGUSR1)
+    finally:
+        output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+    marker = json.loads((out / "interrupted.json").read_text())
+    assert set(marker) == {"step", "signal", "checkpoint"} and marker["signal"] == "SIGUSR1"
+    assert 2 <= marker["step"] < MAX_STEPS, "the job was not stopped before its end"
+    assert (Path(marker["checkpoint"]) / "complete.json").exists()
+    assert Path(f"{machine.record}.scontrol").read_text() == f"requeue {JOB_ID}\n"
+    assert (
+        "slurm.sbatch: stopped by a signal with a checkpoint" in output
+        and f"requeueing job {JOB_ID}" in output
+    )
+
+    Path(f"{machine.record}.pids").unlink()
+    env.update(SLURM_RESTART_COUNT="1", MASTER_PORT=str(free_port()))
+    output = finish(sbatch(machine, env, pretrain_args(world, out), log), log)
+    assert "slurm.sbatch: job 4242 (restart 1)" in output, output[-3000:]
+    assert not (out / "interrupted.json").exists()
+    assert Path(f"{machine.record}.scontrol").read_text() == f"requeue {JOB_ID}\n"  # not requeued again
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1)), output[-3000:]
+    assert losses(records) == losses(two_node_run["records"])
