@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are co
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
+    # SLURM signals every process of a job step: the trainer handles SIGUSR1 (save and stop), a worker ignores it
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _fingerprint(urls: list[str]) -> str:

@@ -9,6 +9,7 @@ ones before it. DataLoader workers get their seeds from the same per-epoch gener
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,6 +78,7 @@ class EpochBatches:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed + self.epoch),
+            worker_init_fn=_ignore_stop_signal if self.num_workers else None,
         )
         return iter(loader)
 
@@ -132,3 +134,9 @@ class StageView:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _ignore_stop_signal(_worker_id: int) -> None:
+    """SLURM signals every process of a job step: the trainer handles SIGUSR1 (save and stop), a worker ignores
+    it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

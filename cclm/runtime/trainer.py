@@ -390,19 +390,19 @@ class Trainer:
                 self._watchdog.step_done(self.step)
                 logger.advance()
                 out_of_time, signalled = self._stop_requests()
-                if signalled:
-                    self._stop_on_signal()
                 done = self.step >= loop.max_steps or out_of_time
                 evaluate = self.evaluate_fn is not None and (
                     done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
                 )
-                if self.step % loop.log_every == 0 or done or evaluate:
+                if self.step % loop.log_every == 0 or done or evaluate or signalled:
                     last = self._scalars(stats, time.perf_counter() - t_start)
                     if evaluate:
                         last.update(self.evaluate(last.get("loss")))
                     logger.log(self.step, last)
                     stats.clear()
                     t_start = time.perf_counter()
+                if signalled:  # after logging the step: the resumed run starts at the next one
+                    self._stop_on_signal()
                 if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
                     self.save()
                 if done:

@@ -320,6 +320,9 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     if not cfg.train.lr_sweep:
         raise ValueError("config key 'train.lr_sweep' must list at least one learning rate")
     rows = []
+    # Every language's files are read and their images checked before the first one trains: a bad file of the
+    # last language fails now, not after hours of training the others.
+    languages = {}
     for language, train_path in cfg.data.few_shot_train.items():
         if language not in cfg.data.test:
             raise ValueError(f"few-shot language '{language}' has no test file in data.test")
@@ -334,6 +337,8 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         dev_datas = runner.read_all(dev_paths)
         test_data = runner.read(cfg.data.test[language])
         runner.check_images([train_data, *dev_datas, test_data])
+        languages[language] = (train_path, train_data, dev_datas, test_data)
+    for language, (train_path, train_data, dev_datas, test_data) in languages.items():
         best, dev_by_lr = None, {}
         for lr in cfg.train.lr_sweep:
             seed_everything(cfg.train.seed)
