@@ -141,7 +141,9 @@ def test_mla_refuses_a_language_without_parallel_data(world, tmp_path):
     with pytest.raises(ConfigError, match=r"no parallel sentences .*\['fr'\]"):
         run_mla(cfg)
     assert (
-        cclm_main(["recipe", "mla", str(MLA_YAML), f"world={world}", "clip.pretrained=null", "languages=[en]"])
+        cclm_main(
+            ["recipe", "mla", str(MLA_YAML), f"world={world}", "clip.pretrained=null", "languages=[en]"]
+        )
         == 2
     )
     with pytest.raises(ConfigError, match="nlt.stepz"):
