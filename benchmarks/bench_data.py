@@ -93,6 +93,8 @@ def make_shards(folder: Path, num_images: int, per_shard: int = 100) -> dict:
     with multiprocessing.get_context("fork").Pool(2) as pool:
         sizes = [n for shard in pool.map(_write_shard, tasks) for n in shard]
     (folder / "sizes.json").write_text(json.dumps({t[0].name: t[2] for t in tasks}))
+    # the shard list the reader checks (a converter's manifest has more: languages, skips, the command)
+    (folder / "manifest.json").write_text(json.dumps({"files": [t[0].name for t in tasks]}))
     return {
         "images": len(sizes),
         "shards": len(tasks),

@@ -20,7 +20,7 @@ from pathlib import Path
 from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import ShardSink
 from cclm.data.skips import SkipCounter
-from cclm.jsonl import JsonFileError
+from cclm.jsonl import read_jsonl
 
 BAD_UTF8 = "bad_utf8"
 
@@ -181,15 +181,8 @@ def jsonl_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]
     """(line number, object) of a JSON-lines table, with :func:`cclm.jsonl.read_jsonl`'s policy (a malformed or
     non-object line stops the run, naming ``file:line``) except that a line that is not UTF-8 is a counted
     skip."""
-    for number, line in text_lines(path, writer):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise JsonFileError(
-                f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
-            ) from None
-        if not isinstance(record, dict):
-            raise JsonFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+
+    def skip(path: Path, number: int, raw: bytes, err: UnicodeDecodeError) -> None:
+        decode_text(raw, f"{path}:{number}", writer)  # counts it as bad_utf8, with a warning
+
+    return read_jsonl(path, on_undecodable=skip)

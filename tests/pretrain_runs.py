@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+
+import psutil
 
 from cclm.train.launch import local_pretrain_command
 
@@ -60,3 +63,47 @@ def run_pretrain(nproc: int, overrides: list[str], timeout: int = 400) -> subpro
 
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ runs a fault test interrupts
+def start_pretrain(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen:
+    """A pretraining run in the background writing its output (stdout and stderr) to ``log`` (a file, not a
+    pipe: nobody reads a pipe while the test waits, and a full one would stall the run)."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            command(nproc, overrides),
+            cwd=REPO,
+            env=quiet_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_until(ready, launcher: subprocess.Popen, timeout: float = 300, poll: float = 0.05) -> None:
+    """Poll ``ready()`` while the run is alive; fail if the run ends or the time runs out first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert launcher.poll() is None, "the run ended before the awaited moment"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(poll)
+
+
+def logged_steps(output_dir: Path) -> int:
+    path = output_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def training_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The training processes under a launcher, by rank (they may sit in process sessions of their own), not
+    their DataLoader workers (which share their command line and environment)."""
+
+    def trains(proc: psutil.Process) -> bool:  # the launcher's command line names the module too
+        line = " ".join(proc.cmdline())
+        return "cclm.train.cli" in line and "torch.distributed.run" not in line
+
+    ranks = {}
+    for proc in psutil.Process(launcher.pid).children(recursive=True):
+        if trains(proc) and not trains(proc.parent()):
+            ranks[int(proc.environ()["RANK"])] = proc
+    return ranks

@@ -32,8 +32,9 @@ class DistEnv:
 
 
 def free_port() -> int:
+    """A TCP port free on every address (the rendezvous store listens on all of them)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -80,13 +81,25 @@ def init_distributed(device: str | torch.device | None = "auto", timeout_s: floa
     """Join (or create) the process group and describe this process. Works under any launcher and alone: a
     plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then). ``timeout_s``: the
     collectives' timeout (a training run's watchdog speaks first: the group waits a minute longer)."""
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    our_port = alone and "MASTER_PORT" not in os.environ
+    if alone:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = resolve_device(device)
-    if not dist.is_initialized():
-        _join_group(device, None if timeout_s is None else float(timeout_s) + 60.0)
+    timeout = None if timeout_s is None else float(timeout_s) + 60.0
+    for attempt in range(3):
+        if dist.is_initialized():
+            break
+        try:
+            _join_group(device, timeout)
+        except dist.DistNetworkError as err:
+            # Alone, the port is ours to choose: another process may have taken it between the probe and the
+            # store's bind. Under a launcher the port is the launcher's, and the error is the user's to see.
+            if not our_port or "EADDRINUSE" not in str(err) or attempt == 2:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
 
 

@@ -9,7 +9,6 @@ change the benchmark.
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cclm.errors import DataError
+from cclm.jsonl import json_kind, read_jsonl
 from cclm.text_safety import printable_json
 
 
@@ -48,21 +48,6 @@ TEXT_LIST = FieldType(
 BOOLEAN_OR_TEXT = FieldType("a boolean or a string", lambda v: isinstance(v, (bool, str)))
 INTEGER = FieldType("an integer", _is_integer)
 OBJECT = FieldType("a JSON object", lambda v: isinstance(v, dict))
-
-
-def json_kind(value: Any) -> str:
-    """How JSON calls a value's type (``null``, ``a number``, ``a list`` ...), for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -112,27 +97,11 @@ def _not_utf8(path: Path, line: int, byte: int, column: int) -> AnnotationError:
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for every non-blank line of a JSON-lines file; a missing file, a line that is
     not UTF-8, not JSON, or not a JSON object fails naming ``file:line``."""
-    path = Path(path)
-    _require_file(path)
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _not_utf8(path, number, raw[err.start], err.start + 1) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnnotationError(
-                    f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise AnnotationError(f"{path}:{number}: expected a JSON object, got {json_kind(record)}")
-            yield number, record
+
+    def refuse(path: Path, number: int, raw: bytes, err: UnicodeDecodeError) -> None:
+        raise _not_utf8(path, number, raw[err.start], err.start + 1)
+
+    return read_jsonl(path, error=AnnotationError, on_undecodable=refuse)
 
 
 def _document_text(path: Path) -> str:

@@ -7,7 +7,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -15,7 +14,16 @@ import pytest
 
 from cclm.runtime import checkpoint
 
-from ..pretrain_runs import REPO, command, metrics, overrides, quiet_env, run_pretrain, small_world
+from ..pretrain_runs import (
+    logged_steps,
+    metrics,
+    overrides,
+    run_pretrain,
+    small_world,
+    start_pretrain,
+    training_processes,
+    wait_until,
+)
 
 LOSSES = (
     "loss",
@@ -83,19 +91,9 @@ def test_resume_after_killing_every_training_process_is_exact(world, tmp_path):
     run_pretrain(2, overrides(world, straight, **common))
 
     resumed = tmp_path / "resumed"
-    launcher = subprocess.Popen(
-        command(2, overrides(world, resumed, **common)),
-        cwd=REPO,
-        env=quiet_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    launcher = start_pretrain(2, overrides(world, resumed, **common), tmp_path / "killed.log")
     first = resumed / "checkpoints" / "step_00000004" / checkpoint.COMPLETE
-    deadline = time.time() + 300
-    while not first.exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), "the run never completed its first checkpoint"
+    wait_until(first.exists, launcher)
     assert kill_every_process(launcher) >= 3  # the launcher and both ranks
     start = checkpoint.latest_checkpoint(resumed)
     start_step = int(checkpoint.read_record(start)["step"])
@@ -115,34 +113,16 @@ def test_sigusr1_saves_a_checkpoint_and_ends_every_rank_cleanly(world, tmp_path)
     resumed run starts there and the marker is gone."""
     out = tmp_path / "run"
     common = {"train.max_steps": 400, "train.save_every": 1000}
-    launcher = subprocess.Popen(
-        command(2, overrides(world, out, **common)),
-        cwd=REPO,
-        env=quiet_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and launcher.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
-            break
-        time.sleep(0.1)
-    workers = [
-        p
-        for p in psutil.Process(launcher.pid).children(recursive=True)
-        if "cclm.train.cli" in " ".join(p.cmdline())
-    ]
-    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
-    rank1.send_signal(signal.SIGUSR1)
-    output, _ = launcher.communicate(timeout=120)
+    log = tmp_path / "run.log"
+    launcher = start_pretrain(2, overrides(world, out, **common), log)
+    wait_until(lambda: logged_steps(out) >= 3, launcher)
+    training_processes(launcher)[1].send_signal(signal.SIGUSR1)
+    launcher.wait(timeout=120)
+    output = log.read_text()
     assert launcher.returncode == 0, output[-3000:]
     record = json.loads((out / "interrupted.json").read_text())
     stopped = int(record["step"])
-    assert (
-        3 <= stopped < 400 and record["signal"] == "a signal on another rank" or record["signal"] == "SIGUSR1"
-    )
+    assert 3 <= stopped < 400 and record["signal"] == "SIGUSR1"
     saved = Path(record["checkpoint"])
     assert saved.name == checkpoint.tag_for(stopped) and (saved / checkpoint.COMPLETE).exists()
     assert f"stopped at step {stopped}" in output

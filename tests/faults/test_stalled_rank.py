@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import psutil
 
-from ..pretrain_runs import REPO, command, metrics, overrides, quiet_env, small_world
+from ..pretrain_runs import (
+    logged_steps,
+    overrides,
+    small_world,
+    start_pretrain,
+    training_processes,
+    wait_until,
+)
 
 TIMEOUT_S = 12
 
@@ -24,29 +30,18 @@ def test_a_stopped_rank_ends_the_job_naming_it_within_the_timeout(tmp_path):
         "train.collective_timeout_s": TIMEOUT_S,
         "train.stall_factor": 5,
     }
-    launcher = subprocess.Popen(
-        command(2, overrides(world, out, **options)),
-        cwd=REPO,
-        env=quiet_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log = tmp_path / "run.log"
+    launcher = start_pretrain(2, overrides(world, out, **options), log)
     tree: list[psutil.Process] = []
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and launcher.poll() is None:
-            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 5:
-                break
-            time.sleep(0.1)
+        wait_until(lambda: logged_steps(out) >= 5, launcher)
         tree = psutil.Process(launcher.pid).children(recursive=True)
-        ranks = [p for p in tree if "cclm.train.cli" in " ".join(p.cmdline())]
-        stalled = next(p for p in ranks if p.environ().get("RANK") == "1")
+        stalled = training_processes(launcher)[1]
         stalled.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
-        output, _ = launcher.communicate(timeout=TIMEOUT_S + 120)
+        launcher.wait(timeout=TIMEOUT_S + 120)
         ended_after = time.time() - stopped_at
+        output = log.read_text()
     finally:
         for proc in [psutil.Process(launcher.pid), *tree] if launcher.poll() is None else tree:
             try:
