@@ -49,8 +49,13 @@ def command(nproc: int, overrides: list[str]) -> list[str]:
     return local_pretrain_command(nproc, CONFIG, overrides)
 
 
+# Set in this test process by in-process runs (init_distributed alone): a child must not try to join that group.
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def quiet_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_pretrain(nproc: int, overrides: list[str], timeout: int = 400) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import types
 
 import pytest
@@ -29,6 +28,7 @@ from cclm.tasks.metrics import average_non_english
 from cclm.tasks.task_model import TaskModel
 
 from .conftest import REPO
+from .pretrain_runs import quiet_env
 
 IMAGE_ROOTS = ("flickr30k", "coco", "gqa", "marvl", "nlvr2", "wit")
 
@@ -523,8 +523,7 @@ def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_p
         str(yaml),
         *overrides("two", 2),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     def records(out):
