@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa bench-recipes clean
+.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa bench-recipes gpu-wheels bench-gpu clean
 
 env:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -34,6 +34,15 @@ bench-train: env
 
 bench-recipes: env
 	$(PY) benchmarks/bench_recipes.py
+
+# Where there is network: the wheels a GPU machine without network lacks, into .gpu-wheels/ (docs/performance.md).
+gpu-wheels: env
+	@VENV=$(VENV) bash tools/gpu_wheels.sh
+
+# On the GPU machine (no venv needed: its python3 has CUDA PyTorch): install from .gpu-wheels/, the GPU smoke tests,
+# then benchmarks/bench_gpu.py, appending to benchmarks/RESULTS.md; under 8 minutes. BENCH_GPU_OUT=DIR copies results.
+bench-gpu:
+	@bash tools/bench_gpu.sh
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info

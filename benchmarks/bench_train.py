@@ -8,10 +8,10 @@
 3. Parameter+optimizer memory per rank under DeepSpeed ZeRO 0/1/2/3 with 2 gloo processes, bf16 (bytes of the
    distinct tensors each rank holds: bf16 module parameters or their ZeRO-3 shards, fp32 master partitions and
    Adam states; gradients excluded), plus each rank's peak RSS. ~51M-parameter model.
-4. On a CUDA machine only: samples/s and MFU of the base architecture (ViT-B/16 + 12 layers of an
-   xlm-roberta-large-sized encoder, random init, bf16, ZeRO-2, one process).
+GPU samples/s and MFU of the base architecture: ``make bench-gpu`` (benchmarks/bench_gpu.py).
 
-Writes ``benchmarks/results/train.json`` and appends a line to ``benchmarks/RESULTS.md``.
+Writes ``benchmarks/results/train.json`` and appends a line to ``benchmarks/RESULTS.md``; ``--itc-only`` runs
+section 1 alone and only prints it.
 """
 
 from __future__ import annotations
@@ -256,66 +256,6 @@ def bench_zero_memory(stages=(0, 1, 2, 3)) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------- 4. GPU MFU
-def bench_gpu_base(steps: int) -> dict | None:
-    """Base architecture on one GPU under DeepSpeed ZeRO-2, bf16. Random init: the shapes are what count."""
-    if not torch.cuda.is_available():
-        return None
-    import deepspeed
-
-    from cclm.model import CrossViewModel
-    from cclm.model.vision import resolve_open_clip_vision_cfg
-    from cclm.runtime.env import init_distributed
-    from cclm.runtime.flops import peak_flops
-    from cclm.train.flops import train_flops_per_sample
-
-    info = init_distributed()
-    vision, _ = resolve_open_clip_vision_cfg("ViT-B-16")
-    large = {
-        "vocab_size": 250002,
-        "hidden_size": 1024,
-        "num_attention_heads": 16,
-        "intermediate_size": 4096,
-        "max_position_embeddings": 514,
-        "type_vocab_size": 1,
-        "pad_token_id": 1,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-    }
-    mcfg = model_cfg(text_layers=6, fusion_layers=6, vision=dict(vision, image_size=224), text=large)
-    model = CrossViewModel(mcfg, load_pretrained=False)
-    per_sample = {v: train_flops_per_sample(model, v, LENGTH, 224) for v in ("image", "text")}
-    size = 64
-    engine = pretraining_engine(model, info, zero_stage=2, precision="bf16", micro_batch=size, steps=steps)
-    batches = {
-        v: {k: t.to(info.device) if torch.is_tensor(t) else t for k, t in batch(v, 250002, 224, size).items()}
-        for v in ("image", "text")
-    }
-
-    def step(view):
-        loss = engine(batches[view], view)["loss"]
-        engine.backward(loss)
-        engine.step()
-
-    for view in ("image", "text"):
-        step(view)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        step("image" if i % 2 == 0 else "text")
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    flops = sum(per_sample["image" if i % 2 == 0 else "text"] * size for i in range(steps))
-    peak = peak_flops(info.device)
-    del deepspeed
-    return {
-        "device": torch.cuda.get_device_name(),
-        "samples_per_s": steps * size / elapsed,
-        "mfu": flops / elapsed / peak if peak else None,
-        "batch_per_view": size,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,6 +263,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=str(HERE / "results" / "train.json"))
+    parser.add_argument("--itc-only", action="store_true", help="section 1 only, printed, nothing written")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     itc = bench_itc(args.rounds, args.steps)
@@ -330,19 +271,19 @@ def main() -> int:
         f"ITC step: ours {itc['ours_steps_per_s']:.2f}/s vs open_clip {itc['open_clip_steps_per_s']:.2f}/s "
         f"-> ratio {itc['itc_step_ratio_vs_open_clip']:.2f}"
     )
+    if args.itc_only:
+        return 0
     objectives = bench_objectives(args.steps)
     print("objectives (ms per forward+backward):", {k: round(v, 1) for k, v in objectives.items()})
     memory = bench_zero_memory()
     mem_mb = {stage: round(m["state_bytes_per_rank"] / 2**20, 1) for stage, m in memory.items()}
     print("param+optimizer MiB per rank by ZeRO stage:", mem_mb)
-    gpu = bench_gpu_base(steps=20)
     result = {
         "itc_step_ratio_vs_open_clip": itc["itc_step_ratio_vs_open_clip"],
         "peak_memory_mb_by_zero_stage": mem_mb,
         "itc": itc,
         "objectives_ms": objectives,
         "zero_memory": memory,
-        "gpu_base": gpu,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "config": {
             "batch": BATCH,
@@ -365,12 +306,7 @@ def main() -> int:
         f"bf16 param+optimizer MiB/rank ZeRO-0/1/2/3 (2 ranks, 51M params): {mem_mb['0']}/{mem_mb['1']}/{mem_mb['2']}/{mem_mb['3']}"
         f" (ZeRO-3/ZeRO-0 = {mem_mb['3'] / mem_mb['0']:.2f})"
     )
-    line += (
-        f"; GPU base (ViT-B/16 + 12 XLM-R-large layers, bf16, ZeRO-2) on {gpu['device']}: "
-        f"{gpu['samples_per_s']:.0f} samples/s, MFU {gpu['mfu']:.1%}"
-        if gpu
-        else "; GPU MFU not measured (no GPU on this machine)"
-    )
+    line += "; GPU samples/s and MFU: `make bench-gpu`"
     results_md = HERE / "RESULTS.md"
     header = "## Training step and ZeRO memory (`make bench-train`)"
     existing = results_md.read_text() if results_md.exists() else ""

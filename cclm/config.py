@@ -182,6 +182,9 @@ class ModelConfig:
     temp: float = 0.07
     # The HF text/fusion layers' attention implementation.
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    # torch.compile the vision, text and fusion layers when training (cclm.runtime.compile): for long GPU runs
+    # under ZeRO 0-2, after `make bench-gpu` shows a gain; off on CPU (minutes of compiling, no gain measured).
+    compile: bool = False
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cclm.config import ConfigError, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
+from cclm.runtime.compile import compile_towers, wants_compile
 from cclm.runtime.env import DistEnv, resolve_precision
 from cclm.runtime.optim import build_optimizer
 from cclm.runtime.schedule import build_scheduler
@@ -103,7 +104,8 @@ def build_engine(
     lr_mults: Mapping[str, float] | None = None,
     effective_step: Callable[[int], float] | None = None,
 ):
-    """AdamW (:mod:`cclm.runtime.optim`) + the schedule + ``deepspeed.initialize`` around ``model``.
+    """AdamW (:mod:`cclm.runtime.optim`) + the schedule + ``deepspeed.initialize`` around ``model``, its tower
+    layers compiled first when its config says ``compile: true`` (:mod:`cclm.runtime.compile`).
 
     ``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps`` (an :class:`OptimizerConfig`);
     ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
@@ -112,6 +114,13 @@ def build_engine(
 
     config = deepspeed_config(deepspeed_cfg, micro_batch, env.world_size, grad_accum, grad_clip, env.device)
     model.to(env.device)
+    if wants_compile(model):
+        if zero_stage(config) == 3:
+            raise ConfigError(
+                "model.compile: not with deepspeed.zero_stage=3 (its parameter gathering runs inside the layers "
+                "and is untested under torch.compile); use zero_stage <= 2 or model.compile=false"
+            )
+        compile_towers(model)
     optimizer = build_optimizer(
         model,
         lr=float(optimizer_cfg.lr),

@@ -169,5 +169,20 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of a batch moved to ``device``; other values (texts, language codes) as they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of a batch moved to ``device``; other values (texts, language codes) as they are.
+
+    To a GPU the copies are asynchronous: the host queues them and goes on to queue the step. That needs
+    page-locked host memory (pageable memory is copied synchronously whatever ``non_blocking`` says): a
+    DataLoader with ``pin_memory`` delivers it from its own thread; other host tensors are staged into it here,
+    from torch's caching pinned allocator, which keeps each buffer until its copy has run."""
+    if device.type != "cuda":
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {
+        k: _pinned(v).to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu" or tensor.is_pinned():
+        return tensor
+    return tensor.pin_memory()

@@ -283,8 +283,9 @@ class Trainer:
             return list(self.source.views)
         return [self.source.view_for_step(step)]
 
-    def train_step(self, stats: dict[str, float]) -> None:
-        """One optimizer step: ``grad_accum`` micro-steps over the step's view(s)."""
+    def train_step(self, stats: IntervalStats) -> None:
+        """One optimizer step: ``grad_accum`` micro-steps over the step's view(s). Nothing here waits for the
+        device: the losses are summed where they are computed and read at log steps (:meth:`_scalars`)."""
         for _ in range(self.loop.grad_accum):
             total = 0.0
             for view in self.views_for_step(self.step):
@@ -295,30 +296,28 @@ class Trainer:
                 with torch.random.fork_rng(devices=[]):
                     batch = self.source.next_batch(view)
                 self._phase("computing")
-                stats["data_time"] += time.perf_counter() - t0
+                stats.add("data_time", time.perf_counter() - t0)
                 samples, tokens = _batch_counts(batch)
-                stats["samples"] += samples
-                stats["tokens"] += tokens
-                stats["flops"] += samples * self.flops_per_sample.get(view, 0.0)
+                stats.add("samples", samples)
+                stats.add("tokens", tokens)
+                stats.add("flops", samples * self.flops_per_sample.get(view, 0.0))
                 out = self.engine(to_device(batch, self.env.device), view)
                 for name, value in out.items():
-                    _accumulate(stats, f"{view}/{name}", value.detach().float().item())
+                    stats.add_loss(f"{view}/{name}", value)
                 total = total + out["loss"]
-            _accumulate(stats, "loss", total.detach().float().item() / self.loop.grad_accum)
+            stats.add_loss("loss", total.detach().double() / self.loop.grad_accum)
             self.engine.backward(total)
             self.engine.step()
         self.step += 1
 
-    def _scalars(self, stats: dict[str, float], elapsed: float) -> dict[str, float]:
-        """Interval means, averaged over ranks. Every rank holds the same keys: views follow the step number."""
+    def _scalars(self, stats: IntervalStats, elapsed: float) -> dict[str, float]:
+        """Interval means, averaged over ranks. Every rank holds the same keys: views follow the step number.
+        The one read of the device per log interval."""
         world = self.env.world_size
-        keys = sorted(k[len("sum:") :] for k in stats if k.startswith("sum:"))
         device = self.env.device  # NCCL reduces only GPU tensors
-        values = torch.tensor(
-            [stats["sum:" + k] / stats["count:" + k] for k in keys], dtype=torch.float64, device=device
-        )
+        keys, values = stats.loss_means(device)
         totals = torch.tensor(
-            [stats["samples"], stats["tokens"], stats["flops"], stats["data_time"]],
+            [stats.counters[k] for k in ("samples", "tokens", "flops", "data_time")],
             dtype=torch.float64,
             device=device,
         )
@@ -372,7 +371,7 @@ class Trainer:
         logger = RunLogger(
             self.output_dir, self.env.rank, loop.max_steps, self.step, loop.progress_bar, desc=loop.desc
         )
-        stats: dict[str, float] = defaultdict(float)
+        stats = IntervalStats()
         last: dict[str, float] = {}
         t_start = time.perf_counter()
         self.engine.train()
@@ -389,7 +388,11 @@ class Trainer:
                 self.train_step(stats)
                 self._watchdog.step_done(self.step)
                 logger.advance()
-                out_of_time, signalled = self._stop_requests()
+                # The ranks agree on stopping at log steps only: one small all-reduce (a host sync) per interval,
+                # not per step; a signal or the time limit is acted on at most log_every steps late.
+                out_of_time, signalled = (
+                    self._stop_requests() if self.step % loop.log_every == 0 else (False, False)
+                )
                 done = self.step >= loop.max_steps or out_of_time
                 evaluate = self.evaluate_fn is not None and (
                     done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
@@ -541,9 +544,39 @@ class Trainer:
         self.source.close()
 
 
-def _accumulate(stats: dict[str, float], key: str, value: float) -> None:
-    stats["sum:" + key] += value
-    stats["count:" + key] += 1
+class IntervalStats:
+    """What one log interval adds up: host counters (samples, tokens, FLOPs, seconds waiting for data) and every
+    named loss, summed on the loss's device so that no micro-step waits for the accelerator.
+
+    Sums are float64 from the first value on: the same arithmetic as adding the losses' Python floats, so the
+    logged means are what reading every loss with ``.item()`` would give."""
+
+    def __init__(self):
+        self.counters: dict[str, float] = defaultdict(float)
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.loss_counts: dict[str, int] = defaultdict(int)
+
+    def add(self, key: str, value: float) -> None:
+        self.counters[key] += value
+
+    def add_loss(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        previous = self.loss_sums.get(key)
+        self.loss_sums[key] = value if previous is None else previous + value
+        self.loss_counts[key] += 1
+
+    def loss_means(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """(sorted keys, their interval means as one float64 tensor on ``device``), still on the device."""
+        keys = sorted(self.loss_sums)
+        if not keys:
+            return [], torch.zeros(0, dtype=torch.float64, device=device)
+        means = [(self.loss_sums[k] / self.loss_counts[k]).reshape(()).to(device) for k in keys]
+        return keys, torch.stack(means)
+
+    def clear(self) -> None:
+        self.counters.clear()
+        self.loss_sums.clear()
+        self.loss_counts.clear()
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
