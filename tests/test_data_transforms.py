@@ -87,3 +87,52 @@ def test_train_transform_never_flips_side_captions_and_is_seeded():
     augmented = TrainTransform(32, randaugment=True)
     a = augmented(data, "x", "en", random.Random(3))
     np.testing.assert_array_equal(a, augmented(data, "x", "en", random.Random(3)))
+
+
+def test_batch_images_are_the_transposed_arrays_in_shared_memory_inside_a_worker(monkeypatch):
+    import torch
+
+    import cclm.data.collate as collate
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
+    arrays[1] = arrays[1][:, ::-1]  # a flipped training image is a mirrored view
+    expected = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    in_process = collate.stack_images(arrays)
+    assert torch.equal(in_process, expected) and in_process.is_contiguous() and not in_process.is_shared()
+    # in a DataLoader worker the batch is built in shared memory, so sending it to the main process copies nothing
+    monkeypatch.setattr(collate, "get_worker_info", lambda: object())
+    in_worker = collate.stack_images(arrays)
+    assert torch.equal(in_worker, expected) and in_worker.is_contiguous() and in_worker.is_shared()
+
+
+def test_reusing_image_buffers_changes_no_pixel_and_never_lowers_a_larger_limit():
+    from cclm.data.transforms import WORKER_IMAGE_BUFFERS, reuse_image_buffers
+
+    data = photo_like(300, 200)
+    before = TrainTransform(64)(data, "a circle", "en", random.Random(1))
+    limit = Image.core.get_blocks_max()
+    try:
+        Image.core.set_blocks_max(0)
+        reuse_image_buffers()
+        assert Image.core.get_blocks_max() == WORKER_IMAGE_BUFFERS
+        for _ in range(3):  # decode with recycled (dirty) buffers
+            np.testing.assert_array_equal(
+                TrainTransform(64)(data, "a circle", "en", random.Random(1)), before
+            )
+        Image.core.set_blocks_max(WORKER_IMAGE_BUFFERS + 5)
+        reuse_image_buffers()
+        assert Image.core.get_blocks_max() == WORKER_IMAGE_BUFFERS + 5
+    finally:
+        Image.core.set_blocks_max(limit)
+
+
+def test_a_flip_mirrors_the_unflipped_crop_exactly():
+    data = photo_like(300, 200)
+    flipped = 0
+    for seed in range(12):
+        out = TrainTransform(48, hflip=True)(data, "a circle", "en", random.Random(seed))
+        plain = TrainTransform(48, hflip=False)(data, "a circle", "en", random.Random(seed))
+        flipped += not np.array_equal(out, plain)
+        assert np.array_equal(out, plain) or np.array_equal(out, plain[:, ::-1])
+    assert 0 < flipped < 12

@@ -4,14 +4,20 @@ Tokenisation is by tokens (``truncation=True, max_length``) with the tokenizer's
 lowercasing or punctuation stripping, which would damage cased multilingual vocabularies. Padding is to the
 longest sequence of the batch. MLM masking (:mod:`cclm.data.masking`) runs here, i.e. in the loader workers, with a
 generator seeded per batch so that a resumed stream masks exactly as the uninterrupted one would have.
+
+Images: each example's HWC array is copied once, transposed, straight into the batch tensor [B,3,H,W]; inside a
+DataLoader worker that tensor is allocated in shared memory (as torch's ``default_collate`` does), so handing
+the batch to the main process does not copy it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from cclm.data.masking import MaskingSpec, mask_tokens
 
@@ -19,6 +25,21 @@ from cclm.data.masking import MaskingSpec, mask_tokens
 def group_id(key: str) -> int:
     """A stable signed 64-bit id for a sample key (equal keys = same image / same sentence pair)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC arrays of one shape -> a contiguous uint8 tensor [B, C, H, W] (see the module docstring)."""
+    height, width, channels = arrays[0].shape
+    shape = (len(arrays), channels, height, width)
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        images = torch.empty(shape, dtype=torch.uint8)
+    out = images.numpy()
+    for i, array in enumerate(arrays):
+        out[i] = array.transpose(2, 0, 1)
+    return images
 
 
 class Collator:
@@ -38,8 +59,10 @@ class Collator:
         return {"text_ids": ids, "text_mask": mask, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
 
     def image_batch(self, examples: list[dict], seed: int) -> dict:
-        images = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
-        batch = {"images": images, **self._text_fields([e["text"] for e in examples], seed)}
+        batch = {
+            "images": stack_images([e["image"] for e in examples]),
+            **self._text_fields([e["text"] for e in examples], seed),
+        }
         batch["group_ids"] = torch.tensor([group_id(e["key"]) for e in examples], dtype=torch.int64)
         batch["langs"] = [e["lang"] for e in examples]
         batch["keys"] = [e["key"] for e in examples]

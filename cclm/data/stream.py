@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cclm.data.shards import iter_tar_samples
 from cclm.data.skips import SkipCounter, SkipSample
+from cclm.data.transforms import reuse_image_buffers
 
 STREAM_KEY = "_stream"
 
@@ -125,6 +126,8 @@ class ShardStream(IterableDataset):
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         if count != self.plan.num_workers:
             raise RuntimeError(f"stream planned for {self.plan.num_workers} workers but runs in {count}")
+        if info is not None:  # a loader worker: the process is ours to tune
+            reuse_image_buffers()
         yield from self.worker_batches((physical + self.plan.rotation) % count)
 
     def worker_batches(self, worker: int) -> Iterator[dict]:
