@@ -111,7 +111,8 @@ def test_two_stage_with_k_equal_n_is_full_itm_ranking(tiny_model, tiny_tokenizer
 
 
 class OracleMatcher(torch.nn.Module):
-    """A stand-in model whose ITM head knows the answer: text token value == image token value."""
+    """A stand-in model whose ITM head knows the answer: text token value == image token value. It has only the
+    full fusion stack (``fuse``), so it re-ranks with ``kv_cache=False``."""
 
     def fuse(self, tokens, mask, memory, memory_mask=None):
         match = (tokens[:, 0, 0] == memory[:, 0, 0]).float()
@@ -136,7 +137,7 @@ def test_small_k_gold_outside_top_k_is_a_miss():
         text_masks=torch.ones(2 * n_images, 2, dtype=torch.long),
     )
     itc = image_feats @ text_feats.t()
-    out = two_stage_ranks(OracleMatcher(), emb, txt2img, img2txt, k=k, rerank_batch_size=7)
+    out = two_stage_ranks(OracleMatcher(), emb, txt2img, img2txt, k=k, rerank_batch_size=7, kv_cache=False)
 
     def itc_rank(row: torch.Tensor, gold: list[int]) -> int:
         order = torch.argsort(row, descending=True).tolist()

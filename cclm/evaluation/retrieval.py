@@ -5,7 +5,11 @@ Two stages, as in ALBEF/X-VLM/CCLM, but batched across queries:
      the ITC similarities are computed in blocks of queries, never the whole matrix at once, keeping each query's
      top-k candidates and the ITC rank of its gold items;
   2. the (query, candidate) pairs of all queries are pooled, de-duplicated across the two directions, sorted by
-     caption length (so each batch is padded only to its own longest caption) and re-scored by the ITM head.
+     caption length (so each batch is padded only to its own longest caption) and re-scored by the ITM head;
+     what depends on one side of a pair only is shared across pairs -- an image's cross-attention keys/values in
+     every fusion layer are computed once (in chunks of images, so the cache stays bounded), a caption's
+     first-layer self-attention once per batch of its pairs (which are adjacent) -- and the last fusion layer
+     computes only the [CLS] position the head reads.
 Candidates outside a query's top-k rank below all re-scored ones, in their ITC order; so a gold item outside the
 top-k has its ITC rank (> k) and is a miss for every R@K with K <= k. With ``k = n`` this is full ITM ranking.
 A query with no gold item in its top-k therefore has the same rank whatever ITM says: its pairs are not
@@ -56,6 +60,10 @@ METRIC_KEYS = (
 MATCH = 1  # index of the "match" class of the ITM head
 # Upper bound on the elements of one block of the similarity matrix (64 MiB of fp32).
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Upper bound on the cached cross-attention keys/values of the images being re-ranked (256 MiB of fp32).
+DEFAULT_KV_CACHE_ELEMENTS = 1 << 26
+# Batches of pairs whose captions are prepared (query_prefix) together: few, since their pairs are adjacent.
+PREFIX_BATCHES = 8
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -322,33 +330,86 @@ def itm_scores(
     batch_size: int,
     precision: str | Precision = Precision.auto,
     probability: bool = False,
+    kv_cache: bool = True,
+    kv_cache_elements: int = DEFAULT_KV_CACHE_ELEMENTS,
 ) -> torch.Tensor:
     """ITM match scores of the pairs (image_idx[j], text_idx[j]), batched: the match logit (index 1 of the head,
     as ALBEF/CCLM rank), or with ``probability`` the match probability (softmax of the two logits, index 1).
 
-    Pairs are sorted by caption length so that each batch is padded only to its own longest caption."""
+    Pairs are sorted by caption length so that each batch is padded only to its own longest caption. With
+    ``kv_cache`` (the default) the work that depends on one side of a pair only is shared by its pairs
+    (:func:`_cached_pair_logits`; the same scores to float rounding), with at most ``kv_cache_elements``
+    cached key/value elements at a time; without it every pair runs through the whole fusion stack."""
     if emb.image_tokens is None or emb.text_tokens is None:
         raise ValueError("ITM scoring needs embeddings computed with keep_tokens=True")
     device = emb.image_tokens.device
     image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-    lengths = emb.text_lengths[text_idx]
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = torch.empty(len(order), dtype=torch.float32, device=device)
-    memory_mask = torch.ones((batch_size, emb.image_tokens.shape[1]), dtype=torch.long, device=device)
+    out = torch.empty(len(image_idx), dtype=torch.float32, device=device)
+    if kv_cache:
+        batches = _cached_pair_logits(model, emb, image_idx, text_idx, batch_size, kv_cache_elements)
+    else:
+        batches = _pair_logits(model, emb, image_idx, text_idx, batch_size)
     with autocast(device, precision):
-        for start in range(0, len(order), batch_size):
-            sel = order[start : start + batch_size]
-            txt, img = text_idx[sel], image_idx[sel]
-            longest = int(lengths[sel].max())
-            fused = model.fuse(
-                emb.text_tokens[txt, :longest],
-                emb.text_masks[txt, :longest],
-                emb.image_tokens[img],
-                memory_mask[: len(sel)],
-            )
-            logits = model.itm_logits(fused).float()
+        for sel, logits in batches:
+            logits = logits.float()
             out[sel] = (logits.softmax(dim=-1) if probability else logits)[:, MATCH]
     return out
+
+
+def _pair_logits(model, emb: Embeddings, image_idx, text_idx, batch_size: int):
+    """Yield (pair positions, ITM logits) per batch: every pair through the whole fusion stack."""
+    lengths = emb.text_lengths[text_idx]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    memory_mask = torch.ones((batch_size, emb.image_tokens.shape[1]), dtype=torch.long, device=lengths.device)
+    for start in range(0, len(order), batch_size):
+        sel = order[start : start + batch_size]
+        txt, img = text_idx[sel], image_idx[sel]
+        longest = int(lengths[sel].max())
+        fused = model.fuse(
+            emb.text_tokens[txt, :longest],
+            emb.text_masks[txt, :longest],
+            emb.image_tokens[img],
+            memory_mask[: len(sel)],
+        )
+        yield sel, model.itm_logits(fused)
+
+
+def _cached_pair_logits(model, emb: Embeddings, image_idx, text_idx, batch_size: int, kv_cache_elements: int):
+    """Yield (pair positions, ITM logits) per batch, doing per image and per caption what depends on it alone.
+
+    The distinct images are taken in chunks whose cross-attention keys/values (every fusion layer) fit in
+    ``kv_cache_elements``; each chunk's are computed once and gathered per pair. Within a chunk the pairs are
+    sorted by caption length, then caption, so that the pairs of a caption are adjacent; the captions of
+    :data:`PREFIX_BATCHES` batches at a time are prepared together
+    (:meth:`~cclm.model.CrossViewModel.query_prefix`)."""
+    images, image_rows = torch.unique(image_idx, return_inverse=True)
+    per_chunk = max(1, kv_cache_elements // _kv_elements_per_image(model, emb))
+    lengths = emb.text_lengths[text_idx]
+    for first in range(0, len(images), per_chunk):
+        memory = model.memory_kv(emb.image_tokens[images[first : first + per_chunk]])
+        pairs = torch.nonzero(image_rows // per_chunk == first // per_chunk).squeeze(1)
+        pairs = pairs[_longest_caption_first(lengths[pairs], text_idx[pairs])]
+        for block in pairs.split(batch_size * PREFIX_BATCHES):
+            captions, caption_rows = torch.unique_consecutive(text_idx[block], return_inverse=True)
+            longest = int(lengths[block[0]])  # the block's pairs are sorted longest first
+            prefix = model.query_prefix(
+                emb.text_tokens[captions, :longest], emb.text_masks[captions, :longest]
+            )
+            for start in range(0, len(block), batch_size):
+                sel = block[start : start + batch_size]
+                queries = prefix.select(caption_rows[start : start + batch_size], int(lengths[sel[0]]))
+                yield sel, model.cached_itm_logits(queries, memory.select(image_rows[sel] - first))
+
+
+def _kv_elements_per_image(model, emb: Embeddings) -> int:
+    """Elements of one image's cached keys and values: two per token and fusion layer, at the fusion width."""
+    return 2 * len(model.fusion.layers) * emb.image_tokens.shape[1] * emb.image_tokens.shape[2]
+
+
+def _longest_caption_first(lengths: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    """The order of pairs by caption length (longest first), then by caption, so equal captions are adjacent."""
+    by_caption = torch.argsort(captions, stable=True)
+    return by_caption[torch.argsort(lengths[by_caption], descending=True, stable=True)]
 
 
 def _query_pairs(top: TopK, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,12 +431,13 @@ def rerank(
     itc_weight: float = 0.0,
     precision: str | Precision = Precision.auto,
     rescore_all: bool = False,
+    kv_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score the top-k lists with ITM (+ ``itc_weight`` x ITC); returns new [n_queries, k] scores per direction.
 
     Only queries with a gold item in their top-k are re-scored unless ``rescore_all``: the others rank their
     gold at its ITC rank whatever ITM says (their rows are left at -inf). Pairs occurring in both directions
-    are scored once."""
+    are scored once; ``kv_cache`` as in :func:`itm_scores`."""
     n_texts = emb.text_feats.shape[0]
     device = i2t.indices.device
     rows_i2t = torch.ones_like(i2t.has_gold) if rescore_all else i2t.has_gold
@@ -384,7 +446,9 @@ def rerank(
     txt_b, img_b = _query_pairs(t2i, text_queries, rows_t2i)
     keys = torch.cat([img_a * n_texts + txt_a, img_b * n_texts + txt_b])
     unique, inverse = torch.unique(keys, return_inverse=True)
-    scores = itm_scores(model, emb, unique // n_texts, unique % n_texts, batch_size, precision)[inverse]
+    scores = itm_scores(
+        model, emb, unique // n_texts, unique % n_texts, batch_size, precision, kv_cache=kv_cache
+    )[inverse]
     out = []
     for top, rows, part in (
         (i2t, rows_i2t, scores[: txt_a.numel()]),
@@ -423,12 +487,14 @@ def two_stage_ranks(
     precision: str | Precision = Precision.auto,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     rescore_all: bool = False,
+    kv_cache: bool = True,
 ) -> RetrievalOutput:
     """Stage 1 (ITC top-k) and stage 2 (ITM re-ranking) over embeddings already computed for the whole gallery.
 
     This rank scores its slice of the image queries and of the caption queries; ranks are gathered. ITM scores
     only the queries whose rank depends on it (a gold item in the top-k) unless ``rescore_all``; the ranks and
-    metrics are the same either way."""
+    metrics are the same either way. ``kv_cache=False`` runs every pair through the whole fusion stack (see
+    :func:`itm_scores`; the same scores to float rounding)."""
     rank, world = dist_info()
     n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
     gold_i2t, gold_t2i = gold_matrix(img2txt, n_texts), gold_matrix(txt2img, n_images)
@@ -438,7 +504,17 @@ def two_stage_ranks(
     t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements)
     if do_rerank and k > 0:
         i2t_scores, t2i_scores = rerank(
-            model, emb, i2t, t2i, my_images, my_texts, rerank_batch_size, itc_weight, precision, rescore_all
+            model,
+            emb,
+            i2t,
+            t2i,
+            my_images,
+            my_texts,
+            rerank_batch_size,
+            itc_weight,
+            precision,
+            rescore_all,
+            kv_cache,
         )
         i2t_ranks = ranks_after_rerank(i2t, i2t_scores)
         t2i_ranks = ranks_after_rerank(t2i, t2i_scores)

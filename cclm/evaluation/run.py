@@ -33,13 +33,16 @@ def run_retrieval(
     num_workers: int = EvalConfig.num_workers,
     device=None,
     rescore_all: bool = False,
+    kv_cache: bool = True,
 ) -> RetrievalOutput:
     """Two-stage (or, with ``rerank=False``, ITC-only) retrieval on one set; returns metrics and per-query ranks.
 
     The settings are those of :class:`cclm.config.EvalConfig` (same names and defaults; ``itc_weight`` is its
     ``itc_weight_in_rerank``). ``rescore_all`` re-scores every top-k pair, even of queries whose rank ITM cannot
-    change (same metrics). Images are loaded by :func:`cclm.data.images.load_image`. The model is put in eval
-    mode for the call and its previous mode restored."""
+    change (same metrics); ``kv_cache=False`` re-scores without sharing the per-image and per-caption work
+    across pairs (same metrics; see :func:`cclm.evaluation.retrieval.itm_scores`). Images are loaded by
+    :func:`cclm.data.images.load_image`. The model is put in eval mode for the call and its previous mode
+    restored."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     token_ids = tokenize_texts(tokenizer, retrieval_set.texts, int(model.cfg.text.max_length))
     was_training = model.training
@@ -68,6 +71,7 @@ def run_retrieval(
             itc_weight=itc_weight,
             precision=precision,
             rescore_all=rescore_all,
+            kv_cache=kv_cache,
         )
     finally:
         model.train(was_training)

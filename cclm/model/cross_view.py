@@ -26,7 +26,7 @@ from cclm import losses
 from cclm.config import ModelConfig, from_dict, to_dict
 from cclm.data.masking import IGNORE_INDEX
 from cclm.model.heads import MatchingHead, build_mlm_head
-from cclm.model.text import FusionStack, TextStack, load_encoder
+from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
 from cclm.runtime.checkpoint import tied_aliases
 
@@ -150,6 +150,21 @@ class CrossViewModel(nn.Module):
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused[:, 0])
+
+    # Re-ranking scores each memory with many queries and each query with many memories: these three split
+    # ``itm_logits(fuse(...))`` into the work done once per memory, once per query, and once per pair.
+    def memory_kv(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> MemoryKV:
+        """The fusion stack's cross-attention keys/values of ``memory`` (image or text tokens, hidden width)."""
+        return self.fusion.memory_kv(memory, memory_mask)
+
+    def query_prefix(self, tokens: torch.Tensor, mask: torch.Tensor) -> QueryPrefix:
+        """The fusion stack's work on query text tokens that does not depend on the memory."""
+        return self.fusion.query_prefix(tokens, mask)
+
+    def cached_itm_logits(self, prefix: QueryPrefix, memory: MemoryKV) -> torch.Tensor:
+        """ITM logits [B, 2] of the pairs (``prefix`` row j, ``memory`` row j): equal to :meth:`itm_logits` of
+        :meth:`fuse` on the same pairs."""
+        return self.itm_logits(self.fusion.forward_cached(prefix, memory, cls_only=True))
 
     # ---------------------------------------------------------------------------------------------- objectives
     def forward(self, batch: dict[str, Any], view: str) -> dict[str, torch.Tensor]:

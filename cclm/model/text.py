@@ -7,6 +7,13 @@ to a memory (image tokens or the other language's text tokens). We reuse HF's ow
 :func:`check_text_config` checks a user's ``model.text`` before anything is built: ``encoder`` fields against
 XLMRobertaConfig, and that ``name_or_path`` / ``tokenizer`` can be loaded (a local folder, the Hugging Face cache, or
 one request to the Hub, so that an offline machine gets an answer at once instead of retries).
+
+Re-ranking pairs every query text with many memories and every memory with many query texts, so
+:class:`FusionStack` can also run in two halves: what depends on one side only (:meth:`FusionStack.memory_kv`: the
+memory's cross-attention keys and values in every layer; :meth:`FusionStack.query_prefix`: the first layer's
+self-attention over the query) is computed once per item, and :meth:`FusionStack.forward_cached` finishes each
+pair from those, optionally for the [CLS] position of the last layer only (all the ITM head reads). The halves use
+the HF layers' own modules and weights; only the attention products are ours.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
@@ -134,6 +143,58 @@ class TextStack(nn.Module):
         return hidden
 
 
+@dataclass
+class MemoryKV:
+    """What the fusion stack computes from memories alone: every layer's cross-attention keys and values
+    ([n, heads, M, head_dim] each) and the additive memory mask [n, 1, 1, M].
+
+    :meth:`select` picks rows (one per pair) without copying; :meth:`layer` gathers them for one layer at a
+    time, so a batch of pairs never holds more than one layer's keys and values."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    rows: torch.Tensor | None = None  # None: every memory, in order
+
+    def __len__(self) -> int:
+        return self.mask.shape[0] if self.rows is None else len(self.rows)
+
+    def select(self, rows: torch.Tensor) -> MemoryKV:
+        """The memories at ``rows`` (repeats allowed: one row per pair)."""
+        rows = rows if self.rows is None else self.rows[rows]
+        return MemoryKV(self.keys, self.values, self.mask, rows)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, mask) of fusion layer ``i`` for the selected rows."""
+        tensors = [self.keys[i], self.values[i], self.mask]
+        return tuple(tensors) if self.rows is None else tuple(_rows(tensors, self.rows))
+
+
+@dataclass
+class QueryPrefix:
+    """What the fusion stack computes from query texts alone: the first layer's self-attention output
+    [n, L, H] (also the residual of its cross-attention), that layer's cross-attention queries
+    [n, heads, L, head_dim], and the additive self-attention mask [n, 1, 1, L] of the later layers."""
+
+    attended: torch.Tensor
+    cross_queries: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def select(self, rows: torch.Tensor, length: int | None = None) -> QueryPrefix:
+        """The queries at ``rows`` (repeats allowed: one row per pair), cut to their first ``length`` positions
+        (None: all; what lies beyond a query's own length is masked, so any length >= it gives its result)."""
+        cut = [self.attended[:, :length], self.cross_queries[:, :, :length], self.mask[..., :length]]
+        return QueryPrefix(*_rows(cut, rows))
+
+
+def _rows(tensors: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+    # index_select: several times faster than advanced indexing for gathering whole rows on CPU
+    return [t.index_select(0, rows) for t in tensors]
+
+
 class FusionStack(nn.Module):
     """Layers with self-attention over the query text and cross-attention to a memory sequence.
 
@@ -179,6 +240,92 @@ class FusionStack(nn.Module):
                 layer, self.gradient_checkpointing and self.training, hidden, self_mask, memory, cross_mask
             )
         return hidden
+
+    # ------------------------------------------------------------------------- re-ranking in two halves
+    def memory_kv(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> MemoryKV:
+        """Every layer's cross-attention keys and values of ``memory`` [n, M, H] (mask [n, M], None = all)."""
+        if memory_mask is None:
+            memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+        keys, values = [], []
+        for layer in self.layers:
+            attention = layer.crossattention.self
+            keys.append(_split_heads(attention.key(memory), attention))
+            values.append(_split_heads(attention.value(memory), attention))
+        return MemoryKV(keys, values, additive_mask(memory_mask, memory.dtype))
+
+    def query_prefix(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> QueryPrefix:
+        """The first layer's work on the query text [n, L, H] (mask [n, L]) up to its cross-attention."""
+        if not self.layers:
+            raise ValueError("a fusion stack without layers has no cross-attention to prepare")
+        mask = additive_mask(attention_mask, hidden.dtype)
+        first = self.layers[0]
+        attended = first.attention(hidden, attention_mask=mask)[0]
+        cross_queries = _split_heads(first.crossattention.self.query(attended), first.crossattention.self)
+        return QueryPrefix(attended, cross_queries, mask)
+
+    def forward_cached(self, prefix: QueryPrefix, memory: MemoryKV, cls_only: bool = False) -> torch.Tensor:
+        """:meth:`forward` of the pairs (``prefix`` row j, ``memory`` row j), from their precomputed halves.
+
+        ``cls_only``: the last layer computes the first ([CLS]) position only ([B, 1, H]), all the ITM head
+        reads; its self-attention still reads every position."""
+        if len(prefix) != len(memory):
+            raise ValueError(f"{len(prefix)} query rows for {len(memory)} memory rows")
+        last = len(self.layers) - 1
+        attended, cross_queries = prefix.attended, prefix.cross_queries  # layer 0's, from the prefix
+        hidden = None
+        for i, layer in enumerate(self.layers):
+            cross = layer.crossattention
+            cls_row_only = cls_only and i == last
+            if i > 0:
+                if cls_row_only:
+                    attended = _cls_self_attention(layer, hidden, prefix.mask)
+                else:
+                    attended = layer.attention(hidden, attention_mask=prefix.mask)[0]
+                cross_queries = _split_heads(cross.self.query(attended), cross.self)
+            elif cls_row_only:  # a one-layer stack
+                attended, cross_queries = attended[:, :1], cross_queries[:, :, :1]
+            mixed = _attend(cross.self, cross_queries, *memory.layer(i))
+            hidden = layer.feed_forward_chunk(cross.output(mixed, attended))
+        return hidden
+
+
+def _split_heads(x: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """[B, L, heads * head_dim] -> [B, heads, L, head_dim]."""
+    return x.view(*x.shape[:-1], -1, attention.attention_head_size).transpose(1, 2)
+
+
+def _attend(attention: nn.Module, queries, keys, values, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention with an HF attention module's scaling and dropout -> [B, L, H]."""
+    dropout = attention.dropout.p if attention.training else 0.0
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, dropout_p=dropout, scale=attention.scaling
+    )
+    return out.transpose(1, 2).flatten(2)
+
+
+def _cls_self_attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A layer's self-attention block (attention, output projection, residual norm) for the first ([CLS])
+    position only, attending to every position of ``hidden`` [B, L, H] -> [B, 1, H].
+
+    Keys and values are linear in the hidden states, so instead of projecting every position (2 x L x H x H per
+    row) the [CLS] query is folded into the key weights and the attention-weighted hidden states go through
+    the value weights once (2 x H x H). The key bias adds the same score to every position, which the softmax
+    ignores; the weights sum to 1, so the value bias is added once."""
+    attention = layer.attention.self
+    heads, head_size = attention.num_attention_heads, attention.attention_head_size
+    cls = hidden[:, :1]
+    # Shapes: n heads of size d; the per-head weight products are batched over the heads.
+    query = attention.query(cls[:, 0]).view(-1, heads, head_size).transpose(0, 1)  # [n, B, d]
+    key_weight = attention.key.weight.view(heads, head_size, -1)  # [n, d, H]
+    folded_query = torch.bmm(query, key_weight).transpose(0, 1)  # [B, n, H]
+    # [B, n, L]: the folded query against every position's hidden state, plus the padding mask
+    scores = torch.baddbmm(mask[:, 0], folded_query, hidden.transpose(1, 2), alpha=attention.scaling)
+    weights = F.dropout(scores.softmax(dim=-1), attention.dropout.p, attention.training)
+    mixed = torch.bmm(weights, hidden).transpose(0, 1)  # [n, B, H]
+    value_weight = attention.value.weight.view(heads, head_size, -1)  # [n, d, H]
+    values = torch.bmm(mixed, value_weight.transpose(1, 2)).transpose(0, 1)  # [B, n, d]
+    values = values + attention.value.bias.view(heads, head_size)
+    return layer.attention.output(values.reshape(-1, 1, heads * head_size), cls)
 
 
 def _run(layer: nn.Module, checkpoint: bool, hidden, mask, memory=None, memory_mask=None) -> torch.Tensor:
