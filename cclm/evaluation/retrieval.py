@@ -8,8 +8,8 @@ Two stages, as in ALBEF/X-VLM/CCLM, but batched across queries:
      caption length (so each batch is padded only to its own longest caption) and re-scored by the ITM head;
      what depends on one side of a pair only is shared across pairs -- an image's cross-attention keys/values in
      every fusion layer are computed once (in chunks of images, so the cache stays bounded), a caption's
-     first-layer self-attention once per batch of its pairs (which are adjacent) -- and the last fusion layer
-     computes only the [CLS] position the head reads.
+     first-layer self-attention once per few batches of its pairs (which are adjacent) -- and the last fusion
+     layer computes only the [CLS] position the head reads.
 Candidates outside a query's top-k rank below all re-scored ones, in their ITC order; so a gold item outside the
 top-k has its ITC rank (> k) and is a miss for every R@K with K <= k. With ``k = n`` this is full ITM ranking.
 A query with no gold item in its top-k therefore has the same rank whatever ITM says: its pairs are not

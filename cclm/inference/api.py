@@ -259,8 +259,8 @@ class CCLM:
         The evaluation's batched re-ranker (:func:`cclm.evaluation.retrieval.itm_scores`): the queries and the
         distinct candidates are encoded once, and the (query, candidate) pairs of all queries are pooled into
         batches of ``batch_size`` pairs of similar caption length. Each image's cross-attention keys/values and
-        each caption's first fusion-layer self-attention are computed once for its pairs (per batch), not once
-        per pair (the same probabilities as :meth:`match` to float rounding)."""
+        each caption's first fusion-layer self-attention are shared by its pairs, not computed once per pair
+        (the same probabilities as :meth:`match` to float rounding)."""
         candidates = torch.as_tensor(candidates, dtype=torch.long).cpu()
         k = candidates.shape[1] if k is None else min(k, candidates.shape[1])
         if candidates.numel() == 0:
