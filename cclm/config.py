@@ -79,8 +79,42 @@ Negatives.__doc__ = "Where ITM/TTM hard negatives come from: this rank's batch o
 
 
 class ViewSchedule(Mode):
-    alternate = "alternate"  # one optimizer step per view (CCLM)
+    alternate = "alternate"  # one optimizer step per view, the view drawn per step by the streams' weights
+    interleave = "interleave"  # parallel text, then image-caption, strictly in turn (the CCLM reference)
     sum = "sum"  # both views summed in one step (X2-VLM)
+
+
+class ScheduleCounting(Mode):
+    updates = "updates"  # the schedule advances once per optimizer update; warm-up factor (u + 1) / warmup
+    # once per iteration (one update of each view), warm-up factor i / warmup: the reference's LambdaLR
+    iterations = "iterations"
+
+
+class DecayRule(Mode):
+    shape = "shape"  # matrices decay; biases, norms, the temperature and position tables do not
+    reference = "reference"  # the reference's name rule (optim.py): all but names holding bias/LayerNorm/norm
+
+
+class MaskRule(Mode):
+    bernoulli = "bernoulli"  # each maskable token with probability mask_prob (BERT)
+    count = "count"  # exactly min(max_masks, max(1, round(mask_prob x length))) positions (the reference)
+
+
+class TextNormalize(Mode):
+    none = "none"  # the tokenizer's own normalisation only: case and punctuation kept
+    pre_caption = "pre_caption"  # the reference's: lower-case, punctuation to spaces, max_words words
+
+
+class PositionIds(Mode):
+    xlmr = "xlmr"  # the pretrained encoder's own numbering (XLM-R: positions from padding_idx + 1)
+    # position i uses row i of the pretrained table (the reference's BertModel over XLM-R weights)
+    reference = "reference"
+
+
+class ContrastiveGrad(Mode):
+    exact = "exact"  # the gradient of the global contrastive loss (open_clip)
+    # the reference's all-gather backward: the local slice only, so after averaging 1/world of exact
+    reference = "reference"
 
 
 class OptimizerName(Mode):
@@ -157,6 +191,13 @@ class TextConfig:
     text_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     fusion_layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     max_length: int = 40
+    # Text normalisation before tokenising, saved with the model: pretraining, fine-tuning, evaluation, search
+    # and inference all apply the one the model was trained with (cclm.data.normalize).
+    normalize: TextNormalize = TextNormalize.none
+    max_words: int = 0  # pre_caption: keep the first N whitespace words (0 = all)
+    # How the pretrained position table is read when training starts from name_or_path (a saved cclm model
+    # keeps the table as it was trained, whatever this says).
+    position_ids: PositionIds = PositionIds.xlmr
 
 
 @dataclass
@@ -170,6 +211,8 @@ class ObjectiveConfig:
     local_loss: bool = False
     # Hard negatives for ITM/TTM drawn from this rank's batch ("local") or from all ranks ("global").
     itm_negatives: Negatives = Negatives("local")
+    contrastive_grad: ContrastiveGrad = ContrastiveGrad.exact
+    # The temperature is clamped in place to [temp_min, temp_max] before each forward (as the reference).
     temp_min: float = 0.001
     temp_max: float = 0.5
 
@@ -191,12 +234,16 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------------- data
 @dataclass
 class MaskingConfig:
+    rule: MaskRule = MaskRule.bernoulli
     mask_prob: float = 0.4
     mask_token_frac: float = 0.8  # of the chosen positions, replaced by <mask>
     random_token_frac: float = 0.1  # replaced by a random token; the rest keep the original token
-    max_masks: int | None = None
+    max_masks: int | None = None  # cap per sequence (a uniform subset of the chosen positions is kept)
     span: bool = False  # whole spans (geometric lengths) instead of independent tokens
     span_mean_length: float = 3.0
+    # rule=count: a chosen position starts an n-gram of 2..skipgram_size tokens with this probability
+    skipgram_prob: float = 0.0
+    skipgram_size: int = 3
 
 
 @dataclass
@@ -208,6 +255,9 @@ class StreamConfig:
     batch_size: int = 32
     # Languages to read; empty = all. Captions in other languages are skipped (counted).
     languages: list[str] = field(default_factory=list)
+    # Token cap and MLM mask cap of this view (None: model.text.max_length, data.masking.max_masks).
+    max_length: int | None = None
+    max_masks: int | None = None
 
 
 @dataclass
@@ -220,7 +270,11 @@ class DataConfig:
     # Resampled mode draws shards with replacement (infinite stream, for multi-node runs).
     resampled: bool = False
     randaugment: bool = False
+    randaugment_ops: int = 2  # operations per image
+    randaugment_magnitude: int = 7  # of 10 (the reference's RandomAugment(2, 7))
     hflip: bool = True
+    # no flip for a caption that says left or right (the reference flips every image-caption pair)
+    hflip_careful: bool = True
     crop_scale_min: float = 0.5
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     # Randomly swap source/target of parallel pairs so both directions are learned.
@@ -239,6 +293,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     # Learning-rate multiplier for parameters that are newly initialised (cross-attention, heads, projections).
     new_param_lr_mult: float = 1.0
+    decay_rule: DecayRule = DecayRule.shape
 
 
 @dataclass
@@ -247,11 +302,16 @@ class SchedulerConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: this fraction of the run warms up
     min_lr_ratio: float = 0.0
+    counting: ScheduleCounting = ScheduleCounting.updates
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # > 0: the run's length instead of max_steps, as the reference counts it: epochs x ceil(N / (batch x
+    # world)) iterations, N the image-caption samples in the shards' manifests (or dataset_size when > 0).
+    epochs: float = 0.0
+    dataset_size: int = 0
     seed: int = 42
     log_every: int = 10
     save_every: int = 500

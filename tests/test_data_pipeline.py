@@ -324,3 +324,172 @@ def test_manifests_list_their_shards_and_older_ones_vouch_for_sizes_json(tmp_pat
     )
     assert sorted(k for b in drain(data, "text") for k in b["keys"]) == sorted(pairs)
     assert "manifest" not in caplog.text
+
+
+# ------------------------------------------------------------------- per-view lengths, normaliser, schedule
+def count_rule_masks(n: int, mask_prob: float, cap: int) -> int:
+    """The reference's n_pred (Python round), limited to the n - 1 candidates."""
+    return min(cap, max(1, int(round(n * mask_prob))), n - 1)
+
+
+PUNCTUATION_ONLY = {
+    "img_punct": "?! ... (*)",
+    "pair_punct0": ("Fine.", "--- !"),
+    "pair_punct1": ("...", "Gut."),
+}
+
+
+def write_long_shards(root, n=12, punctuation_only=False) -> None:
+    """Captions and pairs of very different lengths, cased and with punctuation; ``punctuation_only`` adds one
+    caption and two pairs (one per side) that ``pre_caption`` empties."""
+    with ShardSink(root / "ic", VIEW_IMAGE_CAPTION, max_samples=4) as sink:
+        for i in range(n):
+            text = "A Red Circle, above a BLUE square! " * (1 + i % 5)
+            meta = {"captions": {"en": text}}
+            sink.write(f"img{i:04d}", {"jpg": jpeg(make_image(i)), "json": json.dumps(meta).encode()}, ["en"])
+        if punctuation_only:
+            meta = {"captions": {"en": PUNCTUATION_ONLY["img_punct"]}}
+            sink.write("img_punct", {"jpg": jpeg(make_image(99)), "json": json.dumps(meta).encode()}, ["en"])
+        sink.close()
+    with ShardSink(root / "pt", VIEW_PARALLEL, max_samples=4) as sink:
+        for i in range(n):
+            pair = {
+                "src": "Two small green Triangles (on the left). " * (1 + i % 4),
+                "tgt": "Zwei kleine grüne Dreiecke links! " * (1 + (i + 2) % 4),
+                "src_lang": "en",
+                "tgt_lang": "de",
+            }
+            sink.write(f"pair{i:04d}", {"json": json.dumps(pair).encode()}, ["en", "de"])
+        for key in ("pair_punct0", "pair_punct1") if punctuation_only else ():
+            src, tgt = PUNCTUATION_ONLY[key]
+            pair = {"src": src, "tgt": tgt, "src_lang": "en", "tgt_lang": "de"}
+            sink.write(key, {"json": json.dumps(pair).encode()}, ["en", "de"])
+        sink.close()
+
+
+def per_view_cfg(root, masking=None, image=None, text=None, **kw):
+    cfg = {
+        "num_workers": 0,
+        "sample_shuffle_buffer": 8,
+        "image_caption": {"shards": str(root / "ic"), "batch_size": 4, **(image or {})},
+        "parallel_text": {"shards": str(root / "pt"), "batch_size": 3, **(text or {})},
+        "masking": masking or {},
+        **kw,
+    }
+    return from_dict(DataConfig, cfg)
+
+
+def test_each_view_has_its_own_max_length_and_max_masks(tmp_path, tiny_tokenizer):
+    write_long_shards(tmp_path)
+    cfg = per_view_cfg(
+        tmp_path,
+        masking={"rule": "count", "mask_prob": 0.4, "skipgram_prob": 0.2, "max_masks": 7},
+        image={"max_length": 12, "max_masks": 3},
+        text={"max_length": 20, "max_masks": 5},
+    )
+    data = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, train=False, epochs=1)
+    assert data.max_lengths == {"image": 12, "text": 20}
+    assert {v: s.max_masks for v, s in data.masking.items()} == {"image": 3, "text": 5}
+    for view, width, cap in (("image", 12, 3), ("text", 20, 5)):
+        batches = drain(data, view)
+        assert batches
+        full = 0
+        for batch in batches:
+            expected = tiny_tokenizer(
+                batch["texts"], padding="longest", truncation=True, max_length=width, return_tensors="pt"
+            )["input_ids"]
+            assert torch.equal(batch["text_ids"], expected)
+            lengths = batch["text_mask"].sum(1)
+            assert int(lengths.max()) <= width
+            full += int((lengths == width).sum())
+            ends = batch["text_ids"][torch.arange(len(lengths)), lengths - 1]
+            assert (ends == tiny_tokenizer.eos_token_id).all()  # truncated rows still close with </s>
+            masks = (batch["mlm_labels"] != -100).sum(1).tolist()
+            assert masks == [count_rule_masks(n, 0.4, cap) for n in lengths.tolist()]
+            if view == "text":
+                assert int(batch["other_mask"].sum(1).max()) <= width
+        assert full > 0  # the long texts did hit the view's cap
+
+
+def test_views_fall_back_to_the_shared_settings(tmp_path, tiny_tokenizer):
+    write_long_shards(tmp_path, n=4)
+    cfg = per_view_cfg(tmp_path, masking={"rule": "count", "max_masks": 7}, text={"max_masks": 2})
+    data = PretrainData(cfg, tiny_tokenizer, 24, image_size=16)
+    assert data.max_lengths == {"image": 24, "text": 24}
+    assert {v: s.max_masks for v, s in data.masking.items()} == {"image": 7, "text": 2}
+    with pytest.raises(ValueError, match="data.parallel_text.max_masks=0"):
+        PretrainData(per_view_cfg(tmp_path, text={"max_masks": 0}), tiny_tokenizer, 24)
+    with pytest.raises(ValueError, match="skipgram_size"):
+        bad = {"rule": "count", "skipgram_prob": 0.2, "skipgram_size": 1}
+        PretrainData(per_view_cfg(tmp_path, masking=bad), tiny_tokenizer, 24)
+
+
+def test_the_normaliser_is_applied_and_texts_it_empties_are_skipped(tmp_path, tiny_tokenizer):
+    import functools
+
+    from cclm.data.normalize import pre_caption
+
+    write_long_shards(tmp_path, punctuation_only=True)
+    normalizer = functools.partial(pre_caption, max_words=0)
+    cfg = per_view_cfg(tmp_path, num_workers=2)
+    data = PretrainData(cfg, tiny_tokenizer, 40, image_size=16, train=False, epochs=1, normalizer=normalizer)
+    keys = {}
+    views = {"image": [("text_ids", "texts")], "text": [("text_ids", "texts"), ("other_ids", "other_texts")]}
+    for view, fields in views.items():
+        keys[view] = set()
+        for batch in drain(data, view):
+            keys[view] |= set(batch["keys"])
+            for ids_key, texts_key in fields:
+                raw = batch[texts_key]
+                cleaned = [pre_caption(t) for t in raw]
+                assert all(c != r for c, r in zip(cleaned, raw))  # the raw texts are cased and punctuated
+                expected = tiny_tokenizer(
+                    cleaned, padding="longest", truncation=True, max_length=40, return_tensors="pt"
+                )["input_ids"]
+                assert torch.equal(batch[ids_key], expected)
+    assert keys["image"] == {f"img{i:04d}" for i in range(12)}
+    assert keys["text"] == {f"pair{i:04d}" for i in range(12)}
+    assert data.skip_counts() == {"empty_after_normalize": 3}
+    data.close()
+    # without a normaliser the same samples are read as they are
+    plain = PretrainData(per_view_cfg(tmp_path), tiny_tokenizer, 40, image_size=16, train=False, epochs=1)
+    assert "img_punct" in {k for b in drain(plain, "image") for k in b["keys"]}
+    assert plain.skip_counts() == {}
+
+
+def test_interleave_takes_text_then_image_and_resumes_exactly(tmp_path, tiny_tokenizer):
+    write_long_shards(tmp_path)
+    cfg = per_view_cfg(tmp_path, masking={"rule": "count", "skipgram_prob": 0.2}, num_workers=2)
+
+    def build():
+        return PretrainData(cfg, tiny_tokenizer, 24, image_size=16, seed=3, view_schedule="interleave")
+
+    full = build()
+    assert [full.view_for_step(s) for s in range(6)] == ["text", "image"] * 3
+    total, cut = 16, 7  # an odd cut: the resumed run starts with an image step
+    reference = run_steps(full, range(total))
+    full.close()
+    first = build()
+    head = run_steps(first, range(cut))
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert_same(head + run_steps(resumed, range(cut, total)), reference)
+    assert [v for v, _ in reference] == ["text", "image"] * (total // 2)
+    resumed.close()
+
+
+def test_interleave_refuses_stream_weights_and_unknown_schedules(tmp_path, tiny_tokenizer):
+    write_long_shards(tmp_path, n=4)
+    weighted = per_view_cfg(tmp_path, image={"weight": 2.0})
+    with pytest.raises(ValueError, match=r"data\.image_caption\.weight=2"):
+        PretrainData(weighted, tiny_tokenizer, 24, view_schedule="interleave")
+    assert (
+        PretrainData(weighted, tiny_tokenizer, 24).view_schedule == "alternate"
+    )  # the default draws by weight
+    with pytest.raises(ValueError, match="view_schedule"):
+        PretrainData(per_view_cfg(tmp_path), tiny_tokenizer, 24, view_schedule="round_robin")
+    only_text = from_dict(DataConfig, {"parallel_text": {"shards": str(tmp_path / "pt")}, "num_workers": 0})
+    data = PretrainData(only_text, tiny_tokenizer, 24, view_schedule="interleave")
+    assert {data.view_for_step(s) for s in range(5)} == {"text"}

@@ -1,5 +1,6 @@
 """Transforms: draft-mode decoding matches a full decode, crops follow torchvision's rules, side words block the
-flip in each language, and randomness comes only from the generator passed in."""
+flip in each language, RandAugment's ops are the CCLM reference's (computed here with PIL directly), and randomness
+comes only from the generator passed in."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
+import cclm.data.transforms as transforms
 from cclm.data.transforms import (
+    RANDAUGMENT_OPS,
     EvalTransform,
+    RandAugment,
     TrainTransform,
+    apply_op,
     decode_crop,
     flip_allowed,
     mentions_side,
@@ -127,6 +132,20 @@ def test_reusing_image_buffers_changes_no_pixel_and_never_lowers_a_larger_limit(
         Image.core.set_blocks_max(limit)
 
 
+def test_without_hflip_careful_side_captions_flip_as_the_reference_does():
+    data = photo_like(300, 200)
+    careless = TrainTransform(48, hflip=True, hflip_careful=False)
+    flips = 0
+    for seed in range(12):
+        out = careless(data, "the dog on the left", "xx", random.Random(seed))
+        same_draws = TrainTransform(48, hflip=True)(data, "a circle", "en", random.Random(seed))
+        np.testing.assert_array_equal(out, same_draws)  # a side word or unknown language changes nothing
+        flips += not np.array_equal(
+            out, TrainTransform(48, hflip=False)(data, "x", "en", random.Random(seed))
+        )
+    assert 0 < flips < 12
+
+
 def test_a_flip_mirrors_the_unflipped_crop_exactly():
     data = photo_like(300, 200)
     flipped = 0
@@ -136,3 +155,204 @@ def test_a_flip_mirrors_the_unflipped_crop_exactly():
         flipped += not np.array_equal(out, plain)
         assert np.array_equal(out, plain) or np.array_equal(out, plain[:, ::-1])
     assert 0 < flipped < 12
+
+
+# ------------------------------------------------------------------------------------------------ RandAugment
+GREY = (128, 128, 128)
+
+
+def small_image(width=24, height=20, seed=0) -> Image.Image:
+    """A low-contrast gradient with noise: every channel's minimum is above 0 and its maximum below 255."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    base = 60 + 80 * x + 40 * y * np.array([1.0, 0.5, -0.5])
+    noise = rng.integers(-15, 16, (height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def pixel_affine(img: Image.Image, a, b, c, d, e, f) -> Image.Image:
+    """out[y, x] = img at (a x + b y + c, d x + e y + f), pixel centres at integers (OpenCV's convention, which
+    the reference's warpAffine uses); PIL's transform puts them at i + 0.5, hence the shift."""
+    shifted = (a, b, c + (1 - a - b) / 2, d, e, f + (1 - d - e) / 2)
+    return img.transform(img.size, Image.Transform.AFFINE, shifted, Image.Resampling.BILINEAR, fillcolor=GREY)
+
+
+def reference_op(img: Image.Image, name: str, negative: bool) -> Image.Image:
+    """The reference's op at magnitude 7 (of 10), written with PIL: enhance factor 0.7 * 1.8 + 0.1 = 1.36, shear
+    0.7 * 0.3 = 0.21, translation 0.7 * 10 = 7 px, rotation 0.7 * 30 = 21 degrees, grey 128 fill; OpenCV's
+    warpAffine maps out(p) = img(M^-1 p), so a shear factor s samples x - s y."""
+    sign = -1 if negative else 1
+    w, h = img.size
+    return {
+        "Identity": lambda: img,
+        "AutoContrast": lambda: ImageOps.autocontrast(img),
+        "Equalize": lambda: ImageOps.equalize(img),
+        "Brightness": lambda: ImageEnhance.Brightness(img).enhance(1.36),
+        "Sharpness": lambda: ImageEnhance.Sharpness(img).enhance(1.36),
+        "ShearX": lambda: pixel_affine(img, 1, -0.21 * sign, 0, 0, 1, 0),
+        "ShearY": lambda: pixel_affine(img, 1, 0, 0, -0.21 * sign, 1, 0),
+        "TranslateX": lambda: pixel_affine(img, 1, 0, 7 * sign, 0, 1, 0),
+        "TranslateY": lambda: pixel_affine(img, 1, 0, 0, 0, 1, 7 * sign),
+        # counter-clockwise about pixel-index point (w/2, h/2), as OpenCV's getRotationMatrix2D
+        "Rotate": lambda: img.rotate(
+            21 * sign, Image.Resampling.BILINEAR, center=(w / 2 + 0.5, h / 2 + 0.5), fillcolor=GREY
+        ),
+    }[name]()
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("name", RANDAUGMENT_OPS)
+def test_each_op_is_the_reference_op_at_magnitude_7(name, negative):
+    img = small_image()
+    out = np.asarray(apply_op(img, name, 7, negative))
+    np.testing.assert_array_equal(out, np.asarray(reference_op(img, name, negative)))
+    assert out.shape == (20, 24, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("magnitude", [0, 3.5, 7, 10])
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("name", ["TranslateX", "TranslateY"])
+def test_translation_by_whole_and_fractional_pixels_is_the_bilinear_warp(name, negative, magnitude):
+    for img in (small_image(24, 20), small_image(6, 5)):  # offsets smaller and larger than the image
+        offset = (-1 if negative else 1) * magnitude
+        dx, dy = (offset, 0) if name == "TranslateX" else (0, offset)
+        expected = pixel_affine(img, 1, 0, dx, 0, 1, dy)
+        np.testing.assert_array_equal(
+            np.asarray(apply_op(img, name, magnitude, negative)), np.asarray(expected)
+        )
+
+
+def test_the_ops_move_and_change_pixels_as_the_reference_does():
+    img = small_image(24, 20)
+    pixels = np.asarray(img).astype(int)
+
+    def op(name, magnitude=10, negative=False):
+        return np.asarray(apply_op(img, name, magnitude, negative)).astype(int)
+
+    # translation: 10 px at magnitude 10, content moves left/up for a positive sign, grey comes in
+    assert (
+        np.array_equal(op("TranslateX")[:, :14], pixels[:, 10:]) and (op("TranslateX")[:, 14:] == 128).all()
+    )
+    assert np.array_equal(op("TranslateX", negative=True)[:, 10:], pixels[:, :14])
+    assert np.array_equal(op("TranslateY")[:10], pixels[10:]) and (op("TranslateY")[10:] == 128).all()
+    # shear about the top-left pixel: row 0 (ShearX) / column 0 (ShearY) stays, the far rows move by 0.3 per px
+    assert np.array_equal(op("ShearX")[0], pixels[0]) and np.array_equal(op("ShearY")[:, 0], pixels[:, 0])
+    assert (op("ShearX")[19, :5] == 128).all()  # row 19 moved right by 5.7 px: grey enters from the left
+    assert (op("ShearX", negative=True)[19, -5:] == 128).all()
+    # magnitude 0 moves nothing; brightness 0.1 darkens, 1.9 brightens (truncating, clipped at 255)
+    for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        assert np.abs(op(name, 0) - pixels).max() <= 1
+    np.testing.assert_allclose(op("Brightness", 0), np.floor(pixels * 0.1), atol=1)
+    np.testing.assert_allclose(op("Brightness", 10), np.minimum(np.floor(pixels * 1.9), 255), atol=1)
+    # rotation is counter-clockwise: a dot right of the centre goes up
+    dot = np.full((41, 41, 3), 128, np.uint8)  # on the fill's grey, so only the dot stands out
+    dot[20, 35] = 255
+    rotated = np.asarray(apply_op(Image.fromarray(dot), "Rotate", 10)).astype(int)[..., 0]
+    ys, xs = np.nonzero(rotated > 150)
+    assert ys.mean() < 15 and 30 < xs.mean() < 35  # 15 px at 30 degrees: (20 - 7.5, 20 + 13)
+    # autocontrast stretches each channel to 0..255, equalize flattens the histogram
+    stretched = op("AutoContrast", 7)
+    assert (stretched.min(axis=(0, 1)) == 0).all() and (stretched.max(axis=(0, 1)) == 255).all()
+    assert (op("Equalize", 7).std(axis=(0, 1)) > pixels.std(axis=(0, 1))).all()
+
+
+def test_randaugment_draws_n_ops_with_replacement_each_applied_with_probability_half():
+    names, counts, signs = [], [], set()
+    for seed in range(2000):
+        applied = RandAugment(ops=2, magnitude=7).sample(random.Random(seed))
+        counts.append(len(applied))
+        names += [name for name, _ in applied]
+        signs |= {(name, neg) for name, neg in applied}
+    assert set(names) == set(RANDAUGMENT_OPS)
+    assert np.mean(counts) == pytest.approx(1.0, abs=0.06)  # 2 ops x probability 1/2
+    assert set(counts) == {0, 1, 2}
+    assert ("Rotate", True) in signs and ("Rotate", False) in signs and ("Identity", True) not in signs
+    for n in (0, 1, 3, 5):
+        always = RandAugment(ops=n, magnitude=7, prob=1.0)
+        assert all(len(always.sample(random.Random(seed))) == n for seed in range(20))
+    same = [RandAugment(ops=2, prob=1.0).sample(random.Random(s)) for s in range(400)]
+    assert any(a[0] == b[0] for a, b in same)  # with replacement: the same op twice happens
+
+
+def test_randaugment_applies_the_sampled_ops_in_order_and_is_reproducible_from_the_seed():
+    img = small_image(32, 32)
+    augment = RandAugment(ops=3, magnitude=7, prob=1.0)
+    for seed in range(10):
+        expected = img
+        for name, negative in augment.sample(random.Random(seed)):
+            expected = apply_op(expected, name, 7, negative)
+        out = np.asarray(augment(img, random.Random(seed)))
+        np.testing.assert_array_equal(out, np.asarray(expected))
+        np.testing.assert_array_equal(out, np.asarray(augment(img, random.Random(seed))))
+    assert np.array_equal(np.asarray(RandAugment(ops=0)(img, random.Random(0))), np.asarray(img))
+
+
+@pytest.mark.parametrize("magnitude", [-1, -0.5, 10.5, 11, 100, float("nan")])
+def test_magnitude_outside_0_to_10_is_refused(magnitude):
+    with pytest.raises(ValueError, match="randaugment_magnitude"):
+        RandAugment(2, magnitude)
+    with pytest.raises(ValueError, match="randaugment_magnitude"):
+        TrainTransform(32, randaugment=True, randaugment_magnitude=magnitude)
+
+
+def test_magnitude_ends_and_op_count_are_checked():
+    RandAugment(2, 0), RandAugment(2, 10), RandAugment(0, 7)
+    for ops in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="randaugment_ops"):
+            RandAugment(ops, 7)
+    with pytest.raises(ValueError, match="unknown RandAugment op"):
+        apply_op(small_image(), "Solarize", 7)
+
+
+def test_train_transform_flips_then_augments_from_the_one_seeded_generator():
+    def crop(data, rng):
+        return decode_crop(data, 48, lambda w, h: random_resized_box(w, h, rng, (0.2, 1.0)))
+
+    data = photo_like(300, 200)
+    transform = TrainTransform(48, scale_min=0.2, hflip=True, randaugment=True, randaugment_ops=2)
+    flipped = 0
+    for seed in range(16):
+        out = transform(data, "a circle", "en", random.Random(seed))
+        rng = random.Random(seed)
+        img = crop(data, rng)
+        if rng.random() < 0.5:
+            img, flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flipped + 1
+        np.testing.assert_array_equal(out, np.asarray(RandAugment(2, 7)(img, rng)))
+        np.testing.assert_array_equal(out, transform(data, "a circle", "en", random.Random(seed)))
+        assert out.flags.c_contiguous and out.shape == (48, 48, 3)
+        # a caption naming a side is never flipped, augmented or not
+        side = transform(data, "the left circle", "en", random.Random(seed))
+        rng = random.Random(seed)
+        img = crop(data, rng)
+        rng.random()
+        np.testing.assert_array_equal(side, np.asarray(RandAugment(2, 7)(img, rng)))
+    assert 0 < flipped < 16
+
+
+def test_train_transform_crop_scale_and_bicubic_resampling(monkeypatch):
+    boxes, resamples = [], []
+    choose = transforms.random_resized_box
+
+    def spy_box(width, height, rng, scale):
+        boxes.append((width, height, scale, choose(width, height, rng, scale)))
+        return boxes[-1][-1]
+
+    resize = Image.Image.resize
+
+    def spy_resize(self, size, resample=None, *args, **kwargs):
+        resamples.append(resample)
+        return resize(self, size, resample, *args, **kwargs)
+
+    monkeypatch.setattr(transforms, "random_resized_box", spy_box)
+    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    data = photo_like(320, 240)
+    transform = TrainTransform(32, scale_min=0.2, randaugment=True)
+    for seed in range(50):
+        transform(data, "x", "en", random.Random(seed))
+    assert len(boxes) == 50 and all(scale == (0.2, 1.0) for _, _, scale, _ in boxes)
+    areas = [(r - left) * (b - t) / (w * h) for w, h, _, (left, t, r, b) in boxes]
+    assert min(areas) >= 0.2 * 0.97 and max(areas) <= 1.0 and min(areas) < 0.4
+    assert resamples and set(resamples) == {Image.Resampling.BICUBIC}
+    with pytest.raises(ValueError, match="crop_scale_min"):
+        TrainTransform(32, scale_min=0.0)

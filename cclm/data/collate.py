@@ -1,9 +1,15 @@
 """Examples -> the batch dicts :meth:`cclm.model.cross_view.CrossViewModel.forward` takes (see its docstring).
 
-Tokenisation is by tokens (``truncation=True, max_length``) with the tokenizer's own normalisation: no
-lowercasing or punctuation stripping, which would damage cased multilingual vocabularies. Padding is to the
-longest sequence of the batch. MLM masking (:mod:`cclm.data.masking`) runs here, i.e. in the loader workers, with a
-generator seeded per batch so that a resumed stream masks exactly as the uninterrupted one would have.
+Every text (a caption, both sides of a parallel pair) first goes through the model's configured normaliser
+(``model.text.normalize``, :func:`cclm.data.normalize.normalizer_for`): the identity by default, which leaves
+case and punctuation to the tokenizer, or the reference's ``pre_caption`` (lower-case, punctuation removed).
+Tokenisation is then by tokens (``truncation=True, max_length``); with an XLM-R-style tokenizer that is ``<s>``,
+at most ``max_length - 2`` tokens and ``</s>``, the layout of the CCLM reference's ``[CLS] + tokens[:max_tokens
+- 1]`` cut to ``max_tokens - 1`` plus EOS. Padding is to the longest sequence of the batch. ``max_length`` and the
+MLM masking spec may differ per view (``"image"``: the caption; ``"text"``: both sides of a pair). MLM masking
+(:mod:`cclm.data.masking`) runs here, i.e. in the loader workers, with a generator seeded per batch so that a
+resumed stream masks exactly as the uninterrupted one would have. The batch's ``texts`` / ``other_texts`` are the
+texts as read, before the normaliser.
 
 Images: each example's HWC array is copied once, transposed, straight into the batch tensor [B,3,H,W]; inside a
 DataLoader worker that tensor is allocated in shared memory (as torch's ``default_collate`` does), so handing
@@ -14,12 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
 from cclm.data.masking import MaskingSpec, mask_tokens
+from cclm.data.normalize import Normalizer, normalize_all
+
+VIEWS = ("image", "text")
 
 
 def group_id(key: str) -> int:
@@ -42,26 +52,51 @@ def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
     return images
 
 
-class Collator:
-    def __init__(self, tokenizer, max_length: int, masking: MaskingSpec):
-        self.tokenizer, self.max_length, self.masking = tokenizer, max_length, masking
+def _per_view(value, name: str) -> dict:
+    """One value for both views, or a mapping that names each of them."""
+    if isinstance(value, Mapping):
+        missing = [v for v in VIEWS if v not in value]
+        if missing:
+            raise ValueError(f"Collator: {name} names no value for view(s) {missing}")
+        return {v: value[v] for v in VIEWS}
+    return dict.fromkeys(VIEWS, value)
 
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+
+class Collator:
+    """Batches of either view. ``max_length`` and ``masking`` are one value for both views or a mapping
+    ``{"image": ..., "text": ...}``; ``normalizer`` (str -> str, picklable for loader workers) is applied to
+    every text before tokenising (None: the identity)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int | Mapping[str, int],
+        masking: MaskingSpec | Mapping[str, MaskingSpec],
+        normalizer: Normalizer | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.max_length = {v: int(n) for v, n in _per_view(max_length, "max_length").items()}
+        self.masking = _per_view(masking, "masking")
+        self.normalizer = normalizer
+
+    def _tokenize(self, texts: list[str], view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalizer is not None:
+            texts = normalize_all(self.normalizer, texts)
         enc = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts, padding="longest", truncation=True, max_length=self.max_length[view], return_tensors="pt"
         )
         return enc["input_ids"].long(), enc["attention_mask"].long()
 
-    def _text_fields(self, texts: list[str], seed: int) -> dict:
-        ids, mask = self._tokenize(texts)
+    def _text_fields(self, texts: list[str], seed: int, view: str) -> dict:
+        ids, mask = self._tokenize(texts, view)
         generator = torch.Generator().manual_seed(seed)
-        mlm_ids, mlm_labels = mask_tokens(ids, self.masking, generator)
+        mlm_ids, mlm_labels = mask_tokens(ids, self.masking[view], generator, attention_mask=mask)
         return {"text_ids": ids, "text_mask": mask, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
 
     def image_batch(self, examples: list[dict], seed: int) -> dict:
         batch = {
             "images": stack_images([e["image"] for e in examples]),
-            **self._text_fields([e["text"] for e in examples], seed),
+            **self._text_fields([e["text"] for e in examples], seed, "image"),
         }
         batch["group_ids"] = torch.tensor([group_id(e["key"]) for e in examples], dtype=torch.int64)
         batch["langs"] = [e["lang"] for e in examples]
@@ -70,8 +105,8 @@ class Collator:
         return batch
 
     def text_batch(self, examples: list[dict], seed: int) -> dict:
-        batch = self._text_fields([e["text"] for e in examples], seed)
-        batch["other_ids"], batch["other_mask"] = self._tokenize([e["other"] for e in examples])
+        batch = self._text_fields([e["text"] for e in examples], seed, "text")
+        batch["other_ids"], batch["other_mask"] = self._tokenize([e["other"] for e in examples], "text")
         batch["group_ids"] = torch.tensor([group_id(e["key"]) for e in examples], dtype=torch.int64)
         batch["langs"] = [e["lang"] for e in examples]
         batch["other_langs"] = [e["other_lang"] for e in examples]

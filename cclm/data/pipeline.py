@@ -1,8 +1,15 @@
 """``PretrainData``: the two training streams (image-caption, parallel text), their mixing, skip counts and
 exact-resume state. This is the one place that shows the whole data path:
 
-    shards ─► split by rank/worker ─► shuffle ─► PIL decode to the crop ─► flip/RandAugment ─► tokenise ─► mask
-           ─► batch (all in DataLoader workers) ─► next_batch(view), view_for_step(step) picks the view
+    shards ─► split by rank/worker ─► shuffle ─► PIL decode to the crop ─► flip/RandAugment ─► normalise text
+           ─► tokenise ─► mask ─► batch (all in DataLoader workers) ─► next_batch(view), view_for_step(step)
+           picks the view
+
+Per view. Each stream (``data.image_caption``, ``data.parallel_text``) may set its own ``max_length`` (tokens per
+text, ``<s>`` and ``</s>`` included; default: the ``max_length`` argument, i.e. ``model.text.max_length``) and
+``max_masks`` (default ``data.masking.max_masks``); the CCLM reference uses 40 / 12 for captions and 64 / 20 for
+parallel text. Texts go through the model's normaliser (``normalizer``) before tokenising; a sample whose text
+(either side of a pair) normalises to nothing is skipped and counted as ``empty_after_normalize``.
 
 Resume guarantee. ``state_dict()`` records, per view, how many batches were taken and each worker's position
 (epoch, index in its shuffled stream) and skip counts; ``load_state_dict()`` on a freshly built object makes
@@ -32,17 +39,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cclm.config import UnlistedShards
+from cclm.config import UnlistedShards, ViewSchedule
 from cclm.data.collate import Collator
 from cclm.data.examples import image_caption_example, parallel_example
 from cclm.data.masking import MaskingSpec
+from cclm.data.normalize import Normalizer
 from cclm.data.shards import expand_shards, is_remote, read_sizes, unlisted_shards
+from cclm.data.skips import SkipSample
 from cclm.data.stream import STREAM_KEY, ShardStream, StreamPlan, derive_seed
 from cclm.data.transforms import EvalTransform, TrainTransform
 from cclm.errors import DataError
 
 log = logging.getLogger("cclm.data")
 VIEWS = ("image", "text")
+STREAM_KEYS = {"image": "data.image_caption", "text": "data.parallel_text"}
 STATE_VERSION = 1
 SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are counted
 
@@ -77,19 +87,30 @@ def check_listed(urls: list[str], policy: UnlistedShards | str, key: str) -> Non
     log.warning("%s; reading them anyway (data.unlisted_shards=refuse refuses them)", message)
 
 
-def _image_example(sample, rng, transform, allowed):
-    return image_caption_example(sample, transform, allowed, rng)
+def _check_normalized(example: dict, normalizer: Normalizer | None, fields: tuple[str, ...]) -> dict:
+    if normalizer is not None:
+        for field in fields:
+            if not normalizer(example[field]):
+                raise SkipSample("empty_after_normalize", f"{example['key']}: {example[field][:80]!r}")
+    return example
 
 
-def _text_example(sample, rng, allowed, swap):
-    return parallel_example(sample, allowed, swap, rng)
+def _image_example(sample, rng, transform, allowed, normalizer=None):
+    return _check_normalized(image_caption_example(sample, transform, allowed, rng), normalizer, ("text",))
+
+
+def _text_example(sample, rng, allowed, swap, normalizer=None):
+    return _check_normalized(parallel_example(sample, allowed, swap, rng), normalizer, ("text", "other"))
 
 
 class PretrainData:
     """Batches of both views for pretraining; see the module docstring for the resume guarantee.
 
     ``train=False`` gives the deterministic evaluation transform (whole image resized, no crop, no flip, no
-    RandAugment) and never swaps parallel sides; ``epochs`` limits the stream (None = endless).
+    RandAugment) and never swaps parallel sides; ``epochs`` limits the stream (None = endless). ``max_length``
+    is the token cap of a view whose stream sets none; ``normalizer`` (str -> str, picklable; None = identity)
+    is the model's text normaliser; ``view_schedule`` (``train.view_schedule``) decides
+    :meth:`view_for_step`.
     """
 
     def __init__(
@@ -103,6 +124,8 @@ class PretrainData:
         seed: int = 42,
         train: bool = True,
         epochs: int | None = None,
+        normalizer: Normalizer | None = None,
+        view_schedule: ViewSchedule | str = ViewSchedule.alternate,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -114,12 +137,55 @@ class PretrainData:
         if not self.views:
             raise ValueError("data: set data.image_caption.shards and/or data.parallel_text.shards")
         self._stream_cfgs = {v: streams[v] for v in self.views}
-        masking = MaskingSpec.from_tokenizer(tokenizer, **dict(data_cfg.masking))
-        self._collator = Collator(tokenizer, max_length, masking)
+        try:
+            self.view_schedule = ViewSchedule(getattr(view_schedule, "value", view_schedule))
+        except ValueError:
+            choices = ", ".join(m.value for m in ViewSchedule)
+            raise ValueError(f"train.view_schedule must be one of {choices}, got {view_schedule!r}") from None
+        if self.view_schedule == ViewSchedule.interleave and len(self.views) == 2:
+            odd = {
+                STREAM_KEYS[v]: float(c.weight) for v, c in self._stream_cfgs.items() if float(c.weight) != 1
+            }
+            if odd:
+                named = ", ".join(f"{key}.weight={w:g}" for key, w in odd.items())
+                raise ValueError(
+                    f"train.view_schedule=interleave takes the two views strictly in turn and ignores stream "
+                    f"weights: {named}; set them to 1.0 or use train.view_schedule=alternate"
+                )
+        self.max_lengths, masking = {}, {}
+        for view in VIEWS:
+            cfg = streams[view]
+            view_max = max_length if cfg is None or cfg.max_length is None else cfg.max_length
+            if int(view_max) < 2:
+                raise ValueError(
+                    f"{STREAM_KEYS[view]}.max_length must be >= 2 (<s> and </s>), got {view_max}"
+                )
+            self.max_lengths[view] = int(view_max)
+            spec = dict(data_cfg.masking)
+            if cfg is not None and cfg.max_masks is not None:
+                spec["max_masks"] = cfg.max_masks
+            try:
+                masking[view] = MaskingSpec.from_tokenizer(tokenizer, **spec)
+            except ValueError as err:
+                override = cfg is not None and cfg.max_masks is not None and "max_masks" in str(err)
+                where = f" ({STREAM_KEYS[view]}.max_masks={cfg.max_masks})" if override else ""
+                raise ValueError(f"data.{err}{where}") from None
+        self.masking = masking
+        self._normalizer = normalizer
+        self._collator = Collator(tokenizer, self.max_lengths, masking, normalizer)
         if train:
-            transform = TrainTransform(
-                image_size, data_cfg.crop_scale_min, data_cfg.hflip, data_cfg.randaugment
-            )
+            try:
+                transform = TrainTransform(
+                    image_size,
+                    data_cfg.crop_scale_min,
+                    data_cfg.hflip,
+                    data_cfg.randaugment,
+                    randaugment_ops=data_cfg.randaugment_ops,
+                    randaugment_magnitude=data_cfg.randaugment_magnitude,
+                    hflip_careful=data_cfg.hflip_careful,
+                )
+            except ValueError as err:
+                raise ValueError(f"data.{err}") from None  # the messages start with the key
         else:
             transform = EvalTransform(image_size)
         self._transform, self._swap = transform, bool(data_cfg.swap_parallel) and train
@@ -167,10 +233,14 @@ class PretrainData:
                 plan.global_workers,
             )
         if view == "image":
-            make = functools.partial(_image_example, transform=self._transform, allowed=allowed)
+            make = functools.partial(
+                _image_example, transform=self._transform, allowed=allowed, normalizer=self._normalizer
+            )
             collate = self._collator.image_batch
         else:
-            make = functools.partial(_text_example, allowed=allowed, swap=self._swap)
+            make = functools.partial(
+                _text_example, allowed=allowed, swap=self._swap, normalizer=self._normalizer
+            )
             collate = self._collator.text_batch
         return ShardStream(plan, make, collate)
 
@@ -208,10 +278,13 @@ class PretrainData:
                 return batch
 
     def view_for_step(self, step: int) -> str:
-        """The view of optimizer step ``step`` for the "alternate" schedule: a draw weighted by the streams'
-        ``weight``, a pure function of (seed, step) so a resumed run picks the same views."""
+        """The view of optimizer step ``step``, a pure function of (seed, step) so a resumed run picks the same
+        views. "alternate": a draw weighted by the streams' ``weight``; "interleave": parallel text on even
+        steps, image-caption on odd ones (the reference's order: its iteration does the text step first)."""
         if len(self.views) == 1:
             return self.views[0]
+        if self.view_schedule == ViewSchedule.interleave:
+            return "text" if int(step) % 2 == 0 else "image"
         weights = [float(self._stream_cfgs[v].weight) for v in self.views]
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"stream weights must be >= 0 with a positive sum, got {weights}")

@@ -1,8 +1,9 @@
 """Image transforms that decode straight to the crop.
 
-Train: random resized crop (area ``scale`` x aspect 3/4..4/3, as torchvision's ``RandomResizedCrop``), a
-horizontal flip that is skipped when the caption names a side ("left"/"links"/"gauche"/"左"...), optional
-RandAugment. Eval: the whole image resized to the square input, no crop -- the pixels of
+Train: random resized crop (area ``scale`` x aspect 3/4..4/3, bicubic, as torchvision's ``RandomResizedCrop``
+in the reference), a horizontal flip that is skipped when the caption names a side ("left"/"links"/"gauche"/"左"
+...), then optionally :class:`RandAugment` (the CCLM reference's ``RandomAugment(2, 7)``: its ten ops, magnitude
+of 10). Eval: the whole image resized to the square input, no crop -- the pixels of
 :func:`cclm.data.images.load_image`, which evaluation, tasks and inference use. Both return ``uint8`` HWC arrays
 (a flipped training image without RandAugment is a mirrored view, with a negative stride: wrap it in
 ``np.ascontiguousarray`` before ``torch.from_numpy``); normalisation with the CLIP mean/std happens in the model
@@ -26,7 +27,7 @@ import random
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from cclm.data.languages import base_language
 
@@ -157,33 +158,171 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+# ---------------------------------------------------------------------------------------------- RandAugment
+# The CCLM reference's RandomAugment(2, 7) op list (ALBEF's augmentation): photometric ops without colour or
+# solarize/posterize, and small geometric ops.
+RANDAUGMENT_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+MAX_MAGNITUDE = 10
+FILL = (128, 128, 128)  # what the geometric ops move in from outside the image
+MAX_SHEAR = 0.3  # shear factor at magnitude 10
+MAX_TRANSLATE = 10.0  # pixels at magnitude 10 (absolute, as the reference, whatever the image size)
+MAX_ROTATE = 30.0  # degrees at magnitude 10
+SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
+
+
+def enhance_factor(magnitude: float) -> float:
+    """Brightness/Sharpness factor: 0.1 .. 1.9 over magnitude 0 .. 10, no sign (magnitude 7 gives 1.36)."""
+    return magnitude / MAX_MAGNITUDE * 1.8 + 0.1
+
+
+def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+    """``out(x, y) = img(matrix @ (x, y, 1))`` in pixel-index coordinates (pixel centres at integers, as OpenCV's
+    ``warpAffine``, which the reference uses); PIL's ``transform`` works with pixel centres at ``i + 0.5``."""
+    a, b, c, d, e, f = matrix
+    c -= (a + b - 1) / 2
+    f -= (d + e - 1) / 2
+    return img.transform(
+        img.size, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR, fillcolor=FILL
+    )
+
+
+def _shift(img: Image.Image, dx: int, dy: int) -> Image.Image:
+    """``out(x, y) = img(x + dx, y + dy)``, grey outside: what :func:`_affine` gives for whole pixels."""
+    w, h = img.size
+    out = Image.new(img.mode, img.size, FILL)
+    if abs(dx) < w and abs(dy) < h:
+        box = (max(dx, 0), max(dy, 0), min(w, w + dx), min(h, h + dy))
+        out.paste(img.crop(box), (max(-dx, 0), max(-dy, 0)))
+    return out
+
+
+def apply_op(img: Image.Image, name: str, magnitude: float, negative: bool = False) -> Image.Image:
+    """One RandAugment op at ``magnitude`` (0..10); ``negative`` flips the sign of a shear, translation or
+    rotation (the other ops have none). Geometric ops resample bilinearly and fill with grey 128, as the
+    reference's: ShearX moves row ``y`` by ``shear * y`` pixels to the right, ShearY column ``x`` by ``shear * x``
+    down, TranslateX/Y move the content left/up by the offset, Rotate turns counter-clockwise about the centre."""
+    sign = -1.0 if negative else 1.0
+    level = magnitude / MAX_MAGNITUDE
+    if name == "Identity":
+        return img
+    if name == "AutoContrast":
+        # PIL's, which the reference's OpenCV version means to equal; that one has a bug (it negates the channel
+        # minimum as uint8, so a channel whose minimum is above 0 turns all 255), not reproduced here.
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Brightness":
+        return ImageEnhance.Brightness(img).enhance(enhance_factor(magnitude))
+    if name == "Sharpness":
+        # PIL's clips to 0..255; the reference's OpenCV version does not (a pixel pushed past either end wraps).
+        return ImageEnhance.Sharpness(img).enhance(enhance_factor(magnitude))
+    if name == "ShearX":
+        return _affine(img, (1, -sign * level * MAX_SHEAR, 0, 0, 1, 0))
+    if name == "ShearY":
+        return _affine(img, (1, 0, 0, -sign * level * MAX_SHEAR, 1, 0))
+    if name in ("TranslateX", "TranslateY"):
+        offset = sign * magnitude * MAX_TRANSLATE / MAX_MAGNITUDE
+        dx, dy = (offset, 0.0) if name == "TranslateX" else (0.0, offset)
+        if offset.is_integer():  # whole pixels (every integer magnitude): a copy, 100x faster than resampling
+            return _shift(img, int(dx), int(dy))
+        return _affine(img, (1, 0, dx, 0, 1, dy))
+    if name == "Rotate":
+        # about pixel-index point (W/2, H/2), as OpenCV's getRotationMatrix2D in the reference
+        w, h = img.size
+        return img.rotate(
+            sign * level * MAX_ROTATE,
+            Image.Resampling.BILINEAR,
+            center=((w + 1) / 2, (h + 1) / 2),
+            fillcolor=FILL,
+        )
+    raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(RANDAUGMENT_OPS)}")
+
+
+class RandAugment:
+    """The CCLM reference's ``RandomAugment(N=ops, M=magnitude)``: ``ops`` names drawn uniformly with replacement
+    from ``op_names``; each is applied with probability ``prob`` at the fixed ``magnitude`` (of 10), a geometric
+    op with a random sign. All randomness comes from the ``random.Random`` passed per call."""
+
+    def __init__(
+        self,
+        ops: int = 2,
+        magnitude: float = 7,
+        op_names: tuple[str, ...] = RANDAUGMENT_OPS,
+        prob: float = 0.5,
+    ):
+        if isinstance(ops, bool) or not isinstance(ops, int) or ops < 0:
+            raise ValueError(f"randaugment_ops must be an integer >= 0, got {ops!r}")
+        if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 10:
+            raise ValueError(f"randaugment_magnitude must be in 0..{MAX_MAGNITUDE}, got {magnitude!r}")
+        if not 0 <= prob <= 1:
+            raise ValueError(f"RandAugment probability must be in [0, 1], got {prob}")
+        unknown = [name for name in op_names if name not in RANDAUGMENT_OPS]
+        if unknown or not op_names:
+            raise ValueError(
+                f"RandAugment ops must be a non-empty subset of {RANDAUGMENT_OPS}, got {op_names}"
+            )
+        self.ops, self.magnitude, self.op_names, self.prob = ops, magnitude, tuple(op_names), prob
+
+    def sample(self, rng: random.Random) -> list[tuple[str, bool]]:
+        """The ops to apply to one image, in order, each with its sign (True: negative)."""
+        chosen = [self.op_names[rng.randrange(len(self.op_names))] for _ in range(self.ops)]
+        applied = []
+        for name in chosen:
+            if rng.random() < self.prob:
+                applied.append((name, name in SIGNED_OPS and rng.random() < 0.5))
+        return applied
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        for name, negative in self.sample(rng):
+            img = apply_op(img, name, self.magnitude, negative)
+        return img
+
+
+# -------------------------------------------------------------------------------------------------- transforms
 class TrainTransform:
-    def __init__(self, size: int, scale_min: float = 0.5, hflip: bool = True, randaugment: bool = False):
+    """Random resized crop (bicubic, area ``scale_min``..1), a horizontal flip with probability 1/2 (with
+    ``hflip_careful``, never when the caption names a side; without, every pair as the reference), then
+    (``randaugment``) :class:`RandAugment` with ``randaugment_ops`` ops at ``randaugment_magnitude`` -- the order
+    of the reference's pretraining transform."""
+
+    def __init__(
+        self,
+        size: int,
+        scale_min: float = 0.5,
+        hflip: bool = True,
+        randaugment: bool = False,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: float = 7,
+        hflip_careful: bool = True,
+    ):
         if not 0 < scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {scale_min}")
         self.size, self.scale, self.hflip, self.randaugment = size, (scale_min, 1.0), hflip, randaugment
-        self._randaugment = None
+        self.hflip_careful = hflip_careful
+        # validated even when off, so a bad config fails at start-up rather than when switched on
+        self._randaugment = RandAugment(randaugment_ops, randaugment_magnitude)
 
     def __call__(self, data: bytes, text: str, lang: str, rng: random.Random) -> np.ndarray:
         img = decode_crop(data, self.size, lambda w, h: random_resized_box(w, h, rng, self.scale))
-        flip = self.hflip and rng.random() < 0.5 and flip_allowed(text, lang)
+        flip = self.hflip and rng.random() < 0.5 and (not self.hflip_careful or flip_allowed(text, lang))
         if self.randaugment:  # its geometric ops do not commute with a flip: flip the image first
             if flip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return to_array(self._apply_randaugment(img, rng.getrandbits(63)))
+            return to_array(self._randaugment(img, rng))
         pixels = to_array(img)
         # a mirrored view (negative stride) instead of a flipped copy; the batch's one copy reads it as it is
         return pixels[:, ::-1] if flip else pixels
-
-    def _apply_randaugment(self, img: Image.Image, seed: int) -> Image.Image:
-        import torch
-        from torchvision.transforms import RandAugment
-
-        if self._randaugment is None:
-            self._randaugment = RandAugment()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._randaugment(img)
 
 
 class EvalTransform:
