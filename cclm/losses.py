@@ -1,7 +1,9 @@
 """The three CCLM objectives, written once for both views.
 
 * contrastive (ITC / TTC): symmetric cross-entropy of L2-normalised features at a learnable temperature, with
-  features all-gathered across ranks *with gradient* so that W ranks x batch b equal 1 rank x batch W*b;
+  features all-gathered across ranks *with gradient* so that W ranks x batch b equal 1 rank x batch W*b
+  (``grad="reference"``: the CCLM reference's all-gather, whose backward keeps only this rank's slice of its
+  own gradient, so that after the ranks' gradients are averaged the contrastive terms weigh 1/W of the exact);
 * matching (ITM / TTM): hard negatives drawn from softmax(similarity), positives and their duplicates excluded,
   sampled for all rows at once;
 * conditional MLM: cross-entropy on masked positions only.
@@ -17,25 +19,28 @@ from cclm.runtime.env import dist_info
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice (reduce-scatter)."""
+    """all_gather whose backward sums every rank's gradient for this rank's slice (reduce-scatter), or with
+    ``reduce=False`` returns this rank's own gradient for its slice (the CCLM reference's ``AllGather``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, reduce: bool) -> torch.Tensor:
         rank, world = dist_info()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
+        ctx.rank, ctx.rows, ctx.reduce = rank, x.shape[0], reduce
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        if ctx.reduce:
+            dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, differentiably."""
+def gather_with_grad(x: torch.Tensor, reduce_grad: bool = True) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, differentiably;
+    ``reduce_grad=False`` gives the reference's backward (see the module docstring)."""
     _, world = dist_info()
     if world == 1:
         return x
@@ -43,7 +48,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)
-    return _AllGatherWithGrad.apply(x)
+    return _AllGatherWithGrad.apply(x, reduce_grad)
 
 
 def gather_padded(x: torch.Tensor, pad_value: int | float = 0) -> torch.Tensor:
@@ -67,16 +72,25 @@ def contrastive_loss(
     temp: torch.Tensor | float,
     gather: bool = True,
     local_loss: bool = False,
+    grad: str = "exact",
 ) -> torch.Tensor:
     """Symmetric InfoNCE between row-aligned, L2-normalised features ``feat_a[i] <-> feat_b[i]``.
 
     ``gather``: score against the features of every rank. ``local_loss``: each rank only scores its own rows
     (the ranks' mean is the global loss; open_clip's memory-saving option). Equal to open_clip's ``ClipLoss``
-    with ``logit_scale = 1 / temp``.
+    with ``logit_scale = 1 / temp``. ``grad``: "exact" or "reference" (module docstring; not with local_loss,
+    whose per-rank losses differ, so the reference's scaling would not be the reference's gradient).
     """
+    if grad not in ("exact", "reference"):
+        raise ValueError(f"contrastive gradient must be 'exact' or 'reference', got {grad!r}")
+    if grad == "reference" and local_loss:
+        raise ValueError(
+            "model.objectives.contrastive_grad=reference needs local_loss=false, as the reference"
+        )
     rank, world = dist_info()
     if gather and world > 1:
-        all_a, all_b = gather_with_grad(feat_a), gather_with_grad(feat_b)
+        reduce_grad = grad == "exact"
+        all_a, all_b = gather_with_grad(feat_a, reduce_grad), gather_with_grad(feat_b, reduce_grad)
         if local_loss:
             logits_a = feat_a @ all_b.t() / temp
             logits_b = feat_b @ all_a.t() / temp

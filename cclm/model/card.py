@@ -32,6 +32,30 @@ def _vision_line(cfg) -> str:
     return f"{name}, {cfg.vision.image_size} px images{pretrained}"
 
 
+def describe_normalizer(text_cfg) -> str:
+    """The text normaliser of a model's ``text`` config in a few words: ``none``, ``pre_caption (max_words 40)``
+    or ``pre_caption (all words)``."""
+    name = str(getattr(text_cfg, "normalize", "none"))
+    if name == "none":
+        return name
+    words = int(getattr(text_cfg, "max_words", 0) or 0)
+    return f"{name} ({f'max_words {words}' if words > 0 else 'all words'})"
+
+
+def _normalizer_line(text_cfg) -> str:
+    name = str(getattr(text_cfg, "normalize", "none"))
+    if name == "none":
+        return "`none`: texts are tokenised as given (case and punctuation kept)"
+    if name == "pre_caption":
+        words = int(getattr(text_cfg, "max_words", 0) or 0)
+        cut = f", first {words} words kept" if words > 0 else ""
+        return (
+            "`pre_caption` (the CCLM reference's): lower-cased, punctuation to spaces, whitespace collapsed"
+            f"{cut}; `cclm.load`, evaluation, search and fine-tuning apply it before tokenising"
+        )
+    return f"`{name}`"
+
+
 def architecture_section(model) -> list[str]:
     cfg, enc = model.cfg, model.encoder_config
     n_params = sum(p.numel() for p in model.parameters())
@@ -53,6 +77,7 @@ def architecture_section(model) -> list[str]:
         "| heads | one matching head (ITM and TTM), MLM head tied to the word embeddings |",
         f"| parameters | {n_params / 1e6:.1f} M |",
         f"| max text length | {cfg.text.max_length} tokens |",
+        f"| text normaliser | {_normalizer_line(cfg.text)} |",
         "",
     ]
 

@@ -14,6 +14,7 @@ Batches (dicts of tensors) accepted by :meth:`forward`:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,25 @@ from torch import nn
 from cclm import losses
 from cclm.config import ModelConfig, from_dict, to_dict
 from cclm.data.masking import IGNORE_INDEX
-from cclm.model.heads import MatchingHead, build_mlm_head
+from cclm.model.heads import MatchingHead, build_mlm_head, pretrained_lm_head
 from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
 from cclm.runtime.checkpoint import tied_aliases
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VIEWS = ("image", "text")
 LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
+
+
+def _number_positions_from_zero(encoder) -> None:
+    """Make position i read row i of the pretrained table, as the reference's BertModel over XLM-R weights did
+    (HF's XLM-R numbers real tokens from padding_idx + 1): rows move up by padding_idx + 1."""
+    table = encoder.embeddings.position_embeddings.weight
+    with torch.no_grad():
+        table.copy_(torch.roll(table, shifts=encoder.config.pad_token_id + 1, dims=0))
 
 
 class CrossViewModel(nn.Module):
@@ -51,7 +62,7 @@ class CrossViewModel(nn.Module):
         if not tower_cfg:
             tower_cfg, clip_dim = resolve_open_clip_vision_cfg(cfg.vision.name)
             tower_cfg["image_size"] = cfg.vision.image_size
-        self.vision = VisionTower(tower_cfg, clip_dim)
+        self.vision = VisionTower(tower_cfg, clip_dim, load_pretrained=load_pretrained)
         if load_pretrained and cfg.vision.pretrained:
             state = load_pretrained_visual_state(cfg.vision.name, cfg.vision.pretrained)
             self.vision.visual.load_state_dict(state)
@@ -67,6 +78,8 @@ class CrossViewModel(nn.Module):
                 raise ValueError(
                     f"model.text.{ids_key}: layers {bad} do not exist in a {n_layers}-layer encoder"
                 )
+        if name and str(cfg.text.position_ids) == "reference":
+            _number_positions_from_zero(encoder)
         self.text = TextStack(encoder, list(cfg.text.text_layers))
         self.fusion = FusionStack(encoder, list(cfg.text.fusion_layers))
         hidden = encoder.config.hidden_size
@@ -87,6 +100,16 @@ class CrossViewModel(nn.Module):
             self.mlm_head.layer_norm,
         ):
             module.apply(encoder._init_weights)
+        self._mlm_head_pretrained = False
+        if name:
+            head_state = pretrained_lm_head(name)
+            if head_state is None:
+                logger.warning(
+                    "%s has no lm_head: the MLM head starts random (and learns at the new lr)", name
+                )
+            else:
+                self.mlm_head.load_state_dict(head_state, strict=False)
+                self._mlm_head_pretrained = True
 
         # Record what is needed to rebuild this exact architecture without downloads.
         cfg.vision.tower = tower_cfg
@@ -108,7 +131,10 @@ class CrossViewModel(nn.Module):
     # ------------------------------------------------------------------------------------------ building blocks
     def _collect_new_parameter_names(self) -> list[str]:
         names = [f"fusion.{n}" for n in self.fusion.new_parameter_names()]
-        for prefix in ("image_to_fusion", "vision_proj", "text_proj", "itm_head", "temp"):
+        prefixes = ["image_to_fusion", "vision_proj", "text_proj", "itm_head", "temp"]
+        if not self._mlm_head_pretrained:  # tied decoder weight: the word embeddings, never new
+            prefixes += ["mlm_head.dense", "mlm_head.layer_norm", "mlm_head.bias"]
+        for prefix in prefixes:
             names += [n for n, _ in self.named_parameters() if n == prefix or n.startswith(prefix + ".")]
         return names
 
@@ -131,8 +157,20 @@ class CrossViewModel(nn.Module):
         return {"temp": float(self.clamped_temp().detach())}
 
     def clamped_temp(self) -> torch.Tensor:
+        """The temperature within its bounds, for reading it (evaluation, logs)."""
         obj = self.cfg.objectives
         return self.temp.clamp(obj.temp_min, obj.temp_max).squeeze(0)
+
+    def _training_temp(self) -> torch.Tensor:
+        """The temperature a training forward uses: the parameter clamped *in place* first, as the reference
+        does, so that one that reached a bound keeps its gradient and can come back (a clamp in the graph would
+        give it zero gradient and it would stick there)."""
+        obj = self.cfg.objectives
+        with torch.no_grad():
+            self.temp.clamp_(obj.temp_min, obj.temp_max)
+        # a copy: the next forward's clamp must not change a value that this forward's backward still needs
+        # (both views in one step, gradient accumulation)
+        return self.temp.squeeze(0).clone()
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image tokens at the fusion width [B, 1+N, hidden], normalised ITC feature [B, embed_dim])."""
@@ -180,13 +218,13 @@ class CrossViewModel(nn.Module):
         else:
             memory_mask = batch["other_mask"]
             memory, memory_feat = self.encode_text(batch["other_ids"], memory_mask)
-        temp = self.clamped_temp()
+        temp = self._training_temp() if self.training else self.clamped_temp()
         c_name, m_name, l_name = LOSS_NAMES[view]
         # An objective whose weight is 0 is not computed at all (e.g. ITC-only training or benchmarking).
         out, weights = {}, {}
         if obj.itc_weight:
             out[c_name] = losses.contrastive_loss(
-                memory_feat, query_feat, temp, obj.gather_features, obj.local_loss
+                memory_feat, query_feat, temp, obj.gather_features, obj.local_loss, str(obj.contrastive_grad)
             )
             weights[c_name] = obj.itc_weight
         if obj.itm_weight:

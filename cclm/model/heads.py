@@ -1,6 +1,10 @@
-"""Output heads: ITM/TTM matching (one head for both views) and the MLM head tied to the word embeddings."""
+"""Output heads: ITM/TTM matching (one head for both views) and the MLM head tied to the word embeddings, which
+starts from the pretrained encoder's own ``lm_head`` when its checkpoint has one (as the CCLM reference's
+``load_roberta_lm_head``)."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from torch import nn
@@ -30,3 +34,54 @@ def build_mlm_head(config, word_embeddings: nn.Embedding) -> XLMRobertaLMHead:
         head.bias
     )  # as HF's MaskedLM ties them; otherwise `head.bias` would be a dead parameter
     return head
+
+
+# Our head's state-dict names <- the suffixes of an HF XLM-R masked-LM checkpoint's lm_head tensors.
+LM_HEAD_KEYS = {
+    "dense.weight": "lm_head.dense.weight",
+    "dense.bias": "lm_head.dense.bias",
+    "layer_norm.weight": "lm_head.layer_norm.weight",
+    "layer_norm.bias": "lm_head.layer_norm.bias",
+    "bias": "lm_head.bias",
+}
+
+
+def pretrained_lm_head(name_or_path: str) -> dict[str, torch.Tensor] | None:
+    """The ``lm_head`` tensors (transform dense, LayerNorm, output bias) of an HF checkpoint -- a local folder or
+    a Hub repository in the cache -- under :func:`build_mlm_head`'s names; None when the checkpoint has no
+    ``lm_head`` (an encoder saved without its masked-LM head). Reads only those tensors."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(
+            name_or_path,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+
+    wanted = set(LM_HEAD_KEYS.values())
+    index = find("model.safetensors.index.json")
+    if index:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = {weight_map[k] for k in wanted if k in weight_map}
+        files = [find(shard) for shard in sorted(shards)]
+    else:
+        files = [find("model.safetensors")]
+    tensors: dict[str, torch.Tensor] = {}
+    for path in (p for p in files if p):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+    if not any(files):
+        binary = find("pytorch_model.bin")
+        if binary:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+            tensors = {k: v for k, v in state.items() if k in wanted}
+    if not tensors:
+        return None
+    missing = wanted - set(tensors)
+    if missing:
+        raise ValueError(f"{name_or_path}: the checkpoint's lm_head lacks {sorted(missing)}")
+    return {ours: tensors[theirs] for ours, theirs in LM_HEAD_KEYS.items()}

@@ -3,7 +3,13 @@
 Towers are always built from an open_clip vision config (so a saved model can be rebuilt offline), and
 pretrained weights, when asked for, are loaded afterwards from an open_clip pretrained tag, an ``hf-hub:`` /
 ``local-dir:`` model, or a local checkpoint file. :func:`check_vision_config` checks a user's ``model.vision``
-(tower fields, model name, pretrained tag) before anything is built.
+(tower fields, timm model name, model name, pretrained tag) before anything is built.
+
+A timm tower (``tower.timm_model_name``) may name timm's pretrained weights with a tag, ``ARCH.TAG``: timm parses
+it when it builds the trunk (open_clip passes the name through unchanged), and with ``timm_model_pretrained`` it
+loads that tag's weights, dropping their classifier (the tower has none). Without a tag timm picks its default:
+for ``swin_base_patch4_window7_224`` the ImageNet-22k-then-1k fine-tuned weights, whereas CCLM starts from the
+ImageNet-22k ones, ``swin_base_patch4_window7_224.ms_in22k``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def check_vision_config(vision_cfg: Any, key: str = "model.vision") -> None:
     tower = dict(vision_cfg.tower)
     if tower:
         check_tower_fields(tower, f"{key}.tower")
+        if tower.get("timm_model_name"):
+            check_timm_model_name(str(tower["timm_model_name"]), f"{key}.tower.timm_model_name")
     if tower and not vision_cfg.pretrained:
         return
     check_open_clip_name(vision_cfg.name, key)
@@ -46,6 +54,28 @@ def check_tower_fields(tower: dict[str, Any], key: str = "model.vision.tower") -
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}.{name}': not a field of open_clip's CLIPVisionCfg{hint}")
+
+
+def check_timm_model_name(name: str, key: str = "model.vision.tower.timm_model_name") -> None:
+    """``name`` is a timm architecture, optionally with one of its pretrained tags (``ARCH.TAG``). ``hf-hub:`` and
+    ``local-dir:`` names are left to timm, which reads their config when it builds the trunk."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.8)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key '{key}'={name!r}: not a timm model{hint}")
+    if tag:
+        tags = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+        if tag not in tags:
+            raise ConfigError(
+                f"config key '{key}'={name!r}: timm has no pretrained tag '{tag}' for {arch} "
+                f"(tags: {', '.join(tags) or 'none'})"
+            )
 
 
 def check_open_clip_name(name: str, key: str = "model.vision") -> None:
@@ -119,16 +149,20 @@ class VisionTower(nn.Module):
     class token (Swin, ConvNeXt) get the mean of their spatial tokens prepended, as X-VLM/CCLM do.
     uint8 images (the data pipeline's output) are normalised here with the CLIP statistics, so that
     normalisation runs on the training device.
+
+    ``load_pretrained=False`` builds a timm tower without fetching its ``timm_model_pretrained`` weights (a saved
+    model's own weights replace them); ``tower_cfg`` is recorded as given either way.
     """
 
-    def __init__(self, tower_cfg: dict[str, Any], embed_dim: int):
+    def __init__(self, tower_cfg: dict[str, Any], embed_dim: int, load_pretrained: bool = True):
         super().__init__()
         from open_clip.model import _build_vision_tower
 
         cfg = dict(tower_cfg)
         cfg.pop("output_tokens", None)
         check_tower_fields(cfg)
-        self.visual = _build_vision_tower(embed_dim, cfg)
+        build_cfg = cfg if load_pretrained else {**cfg, "timm_model_pretrained": False}
+        self.visual = _build_vision_tower(embed_dim, build_cfg)
         self.tower_cfg = cfg
         self.is_timm = bool(cfg.get("timm_model_name"))
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
