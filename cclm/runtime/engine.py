@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cclm.config import ConfigError, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
+from cclm.config import ConfigError, DecayRule, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
 from cclm.runtime.compile import compile_towers, wants_compile
 from cclm.runtime.env import DistEnv, resolve_precision
 from cclm.runtime.optim import build_optimizer
@@ -103,12 +103,16 @@ def build_engine(
     grad_clip: float = 1.0,
     lr_mults: Mapping[str, float] | None = None,
     effective_step: Callable[[int], float] | None = None,
+    views_per_iteration: int = 1,
 ):
     """AdamW (:mod:`cclm.runtime.optim`) + the schedule + ``deepspeed.initialize`` around ``model``, its tower
     layers compiled first when its config says ``compile: true`` (:mod:`cclm.runtime.compile`).
 
-    ``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps`` (an :class:`OptimizerConfig`);
-    ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
+    ``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``decay_rule`` (an
+    :class:`OptimizerConfig`); ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a
+    :class:`DeepSpeedConfig`.
+    ``max_steps`` counts optimizer updates; ``views_per_iteration`` (updates per iteration, one per view) is
+    what a schedule counting ``iterations`` divides them by (:func:`cclm.runtime.schedule.build_scheduler`).
     Returns (engine, optimizer, scheduler, the DeepSpeed JSON config)."""
     import deepspeed
 
@@ -130,8 +134,9 @@ def build_engine(
         lr_mults=lr_mults,
         name=getattr(optimizer_cfg, "name", "adamw"),
         fused=env.device.type == "cuda" and not offloads_optimizer(config),
+        decay_rule=getattr(optimizer_cfg, "decay_rule", DecayRule.shape),
     )
-    scheduler = build_scheduler(optimizer, scheduler_cfg, max_steps, effective_step)
+    scheduler = build_scheduler(optimizer, scheduler_cfg, max_steps, effective_step, views_per_iteration)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )

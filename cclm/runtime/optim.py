@@ -1,5 +1,6 @@
-"""The optimizer every workflow uses: AdamW over parameter groups built by one weight-decay rule, with a
-learning-rate multiplier per parameter (new cross-attention, heads, a task head)."""
+"""The optimizer every workflow uses: AdamW over parameter groups built by a weight-decay rule (``shape``,
+ours, or ``reference``, CCLM's), with a learning-rate multiplier per parameter (new cross-attention, heads, a
+task head)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,52 @@ from typing import Any
 import torch
 from torch import nn
 
-from cclm.config import ConfigError, OptimizerName
+from cclm.config import ConfigError, DecayRule, OptimizerName
 
-# Leaf names that never decay, whatever their shape: the temperature and the ViT's embeddings (decaying a
-# position table or the class token towards zero only hurts; CLIP/open_clip exclude them as well).
-NO_DECAY_LEAVES = frozenset({"temp", "logit_scale", "class_embedding", "positional_embedding"})
+# Leaf names that never decay under the ``shape`` rule, whatever their shape: the temperature, the ViT's
+# embeddings (decaying a position table or the class token towards zero only hurts; CLIP/open_clip exclude
+# them as well) and Swin's relative position bias table (2-D, but timm's Swin excludes it from decay too).
+NO_DECAY_LEAVES = frozenset(
+    {"temp", "logit_scale", "class_embedding", "positional_embedding", "relative_position_bias_table"}
+)
+
+# The reference's rule (CCLM optim.py): a parameter whose name holds any of these strings, anywhere, does not
+# decay; every other one does (the temperature included). "bias" alone already covers the ``*.bias`` entries,
+# and, as a substring, Swin's ``relative_position_bias_table``. Norms named otherwise (open_clip's ViT
+# ``ln_1``/``ln_pre``/``ln_post``, the ITM head's ``net.1``) decay under it, as they would in the reference.
+REFERENCE_NO_DECAY = (
+    "bias",
+    "LayerNorm.bias",
+    "LayerNorm.weight",
+    "norm.bias",
+    "norm.weight",
+    "norm1.bias",
+    "norm1.weight",
+    "norm2.bias",
+    "norm2.weight",
+)
 
 
-def decays(name: str, param: nn.Parameter) -> bool:
-    """The one weight-decay rule: matrices decay; biases, norms (every tensor below 2-D) and the leaves in
-    :data:`NO_DECAY_LEAVES` do not."""
+def decays(name: str, param: nn.Parameter, rule: DecayRule | str = DecayRule.shape) -> bool:
+    """Whether ``name`` takes weight decay. ``shape`` (ours): matrices decay; biases, norms (every tensor
+    below 2-D) and the leaves in :data:`NO_DECAY_LEAVES` do not. ``reference``: all but the names holding one
+    of :data:`REFERENCE_NO_DECAY`."""
+    if DecayRule(rule) == DecayRule.reference:
+        return not any(part in name for part in REFERENCE_NO_DECAY)
     return param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_LEAVES
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, lr_mults: Mapping[str, float] | None = None
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    lr_mults: Mapping[str, float] | None = None,
+    decay_rule: DecayRule | str = DecayRule.shape,
 ) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters, one per (decay, multiplier); ``lr_mults`` maps parameter names
-    to their learning-rate multiplier (1 for the rest). Each group records its ``lr_mult``."""
+    """AdamW groups of the trainable parameters, one per (decay, multiplier), decay by ``decay_rule``
+    (:func:`decays`); ``lr_mults`` maps parameter names to their learning-rate multiplier (1 for the rest).
+    Each group records its ``lr_mult``."""
+    rule = DecayRule(decay_rule)
     lr_mults = lr_mults or {}
     unknown = set(lr_mults) - {name for name, _ in model.named_parameters()}
     if unknown:
@@ -34,7 +63,7 @@ def param_groups(
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((decays(name, param), float(lr_mults.get(name, 1.0))), []).append(param)
+            groups.setdefault((decays(name, param, rule), float(lr_mults.get(name, 1.0))), []).append(param)
     return [
         {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult, "lr_mult": mult}
         for (decay, mult), params in sorted(groups.items())
@@ -56,12 +85,13 @@ def build_optimizer(
     lr_mults: Mapping[str, float] | None = None,
     name: OptimizerName | str = OptimizerName.adamw,
     fused: bool = False,
+    decay_rule: DecayRule | str = DecayRule.shape,
 ) -> torch.optim.Optimizer:
     """torch's AdamW (``fused`` on CUDA when the optimizer state stays on the GPU): DeepSpeed's own fused Adam
-    would JIT-compile for ~40 s and needs a GPU."""
+    would JIT-compile for ~40 s and needs a GPU. ``decay_rule``: which parameters decay (:func:`decays`)."""
     if OptimizerName(name) != OptimizerName.adamw:
         raise ConfigError(f"optimizer.name: unknown optimizer '{name}'")
-    groups = param_groups(model, lr, weight_decay, lr_mults)
+    groups = param_groups(model, lr, weight_decay, lr_mults, decay_rule)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)

@@ -58,6 +58,7 @@ from cclm.runtime.env import DistEnv, barrier, to_device
 from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import RunLogger, truncate_metrics
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
+from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.watchdog import Watchdog
 
 log = logging.getLogger("cclm.train")
@@ -210,6 +211,7 @@ class Trainer:
             grad_clip=loop.grad_clip,
             lr_mults=lr_mults,
             effective_step=self._schedule_step,
+            views_per_iteration=views_per_iteration(loop.view_schedule, source.views),
         )
         self.model = self.engine.module
         self.zero_stage = zero_stage(ds_config)
@@ -219,6 +221,7 @@ class Trainer:
             if hasattr(module, "sampling_generator"):
                 module.sampling_generator = self.sampling_generator
         self._signal: str | None = None
+        self._step_lr = self._base_lr()  # the lr the last optimizer update used (logged as "lr")
         self.step = 0
         self.selection = Selection(history=[])
         self._start(target)
@@ -271,7 +274,8 @@ class Trainer:
         return self._time_before + time.monotonic() - self._start_time
 
     def _schedule_step(self, step: int) -> float:
-        """The schedule's step: the optimizer step, or further along when a time limit will end the run first."""
+        """The optimizer update the schedule is at: ``step``, or further along when a time limit will end the
+        run first (in updates whatever the schedule counts: one counting iterations divides by the views)."""
         limit = self.loop.time_limit_s
         if limit <= 0:
             return step
@@ -286,6 +290,7 @@ class Trainer:
     def train_step(self, stats: IntervalStats) -> None:
         """One optimizer step: ``grad_accum`` micro-steps over the step's view(s). Nothing here waits for the
         device: the losses are summed where they are computed and read at log steps (:meth:`_scalars`)."""
+        self._step_lr = self._base_lr()  # a host float: the schedule set it after the previous update
         for _ in range(self.loop.grad_accum):
             total = 0.0
             for view in self.views_for_step(self.step):
@@ -327,7 +332,7 @@ class Trainer:
             dist.all_reduce(totals)
         values, totals = values.tolist(), totals.tolist()
         out = {k: float(v) for k, v in zip(keys, values)}
-        out["lr"] = self._base_lr()
+        out["lr"] = self._step_lr
         if hasattr(self.model, "logged_scalars"):
             out.update(self.model.logged_scalars())
         norm = self.engine.get_global_grad_norm()
@@ -359,7 +364,8 @@ class Trainer:
         return dict(sorted(total.items()))
 
     def _base_lr(self) -> float:
-        """The learning rate of the groups without a multiplier (the first group's when all have one)."""
+        """The learning rate of the groups without a multiplier (the first group's when all have one), as the
+        next optimizer update will use it."""
         groups = self.optimizer.param_groups
         plain = [g for g in groups if g.get("lr_mult", 1.0) == 1.0]
         return float((plain or groups)[0]["lr"])

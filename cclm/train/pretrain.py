@@ -1,7 +1,8 @@
 """Pretraining, as a thin definition on the runtime's :class:`~cclm.runtime.trainer.Trainer`: the cross-view model,
-the two-view data pipeline (image-caption and parallel text, scheduled by weight), the CCLM objectives (the
-model's forward), and periodic zero-shot retrieval on held-out sets. Everything is validated before anything is
-written."""
+the two-view data pipeline (image-caption and parallel text, drawn by weight or interleaved as the reference),
+the CCLM objectives (the model's forward), and periodic zero-shot retrieval on held-out sets. The run's length is
+``train.max_steps``, or ``train.epochs`` over the image-caption shards as the reference counts it. Everything is
+validated before anything is written."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from cclm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, req
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.optim import multipliers
 from cclm.runtime.output_dir import check_output_dir
+from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.trainer import LoopSettings, Trainer
 from cclm.train.flops import train_flops_per_sample
+from cclm.train.run_length import train_max_steps
 
 log = logging.getLogger("cclm.train")
 
@@ -59,6 +62,7 @@ class Pretraining:
         model_cfg = model_config_for(cfg.model, self.tokenizer)
         seed_everything(train.seed)  # identical initial weights on every rank
 
+        from cclm.data.normalize import normalizer_for
         from cclm.data.pipeline import PretrainData
         from cclm.model import CrossViewModel
 
@@ -70,7 +74,14 @@ class Pretraining:
             world_size=self.env.world_size,
             seed=train.seed,
             image_size=model_cfg.vision.image_size,
+            normalizer=normalizer_for(model_cfg.text),
+            view_schedule=train.view_schedule,
         )
+        per_iteration = views_per_iteration(train.view_schedule, self.data.views)
+        max_steps = train_max_steps(train, cfg.data, self.env.world_size, per_iteration)
+        if max_steps != train.max_steps:
+            log.info("train.epochs=%s: %d optimizer updates", train.epochs, max_steps)
+            train.max_steps = max_steps  # the run config records the length the run trains for
         self.eval_sets = {}
         if train.eval_every:
             from cclm.evaluation.run import load_periodic_sets
@@ -78,7 +89,7 @@ class Pretraining:
             self.eval_sets = load_periodic_sets(cfg.eval)
         model = CrossViewModel(model_cfg)
         flops = {
-            view: train_flops_per_sample(model, view, model_cfg.text.max_length, model_cfg.vision.image_size)
+            view: train_flops_per_sample(model, view, self._max_length(view), model_cfg.vision.image_size)
             for view in self.data.views
         }
         self.trainer = Trainer(
@@ -107,9 +118,15 @@ class Pretraining:
         if self.trainer.step == 0:
             seed_everything(train.seed + 1000 * (self.env.rank + 1))  # distinct sampling streams per rank
 
+    def _stream(self, view: str) -> Any:
+        return self.cfg.data.image_caption if view == "image" else self.cfg.data.parallel_text
+
     def _stream_batch_size(self, view: str) -> int:
-        stream = self.cfg.data.image_caption if view == "image" else self.cfg.data.parallel_text
-        return int(stream.batch_size)
+        return int(self._stream(view).batch_size)
+
+    def _max_length(self, view: str) -> int:
+        length = self._stream(view).max_length
+        return int(length if length is not None else self.cfg.model.text.max_length)
 
     def periodic_eval(self, model) -> dict[str, float]:
         """Zero-shot retrieval on the held-out sets of ``eval.datasets`` (every rank scores a slice; ITC-only
