@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from cclm.config import Precision
+from cclm.data.normalize import Normalizer, normalizer_for
 from cclm.runtime.env import autocast, compute_dtype, dist_info
 
 logger = logging.getLogger(__name__)
@@ -267,11 +268,23 @@ class _MappedList(torch.utils.data.Dataset):
         return self.fn(self.items[i])
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of every text, truncated to ``max_length`` tokens (never whitespace words)."""
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], max_length: int, normalize: Normalizer | None = None
+) -> list[list[int]]:
+    """Token ids of every text, truncated to ``max_length`` tokens. ``normalize`` (the model's text normaliser,
+    :func:`cclm.data.normalize.normalizer_for`) is applied to each text first; None tokenises the text as given.
+    Use :func:`tokenize_for_model` to get both from a model's config."""
     if not texts:
         return []
-    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    texts = [normalize(t) for t in texts] if normalize is not None else list(texts)
+    return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+
+def tokenize_for_model(model, tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``texts`` as ``model`` was trained to read them: its text normaliser
+    (``model.cfg.text.normalize`` / ``max_words``, saved with the model) and its ``max_length``."""
+    text_cfg = model.cfg.text
+    return tokenize_texts(tokenizer, texts, int(text_cfg.max_length), normalizer_for(text_cfg))
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from cclm.config import EvalConfig, Precision
 from cclm.data.images import load_image
 from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets
 from cclm.evaluation.results import mean_over_languages
-from cclm.evaluation.retrieval import RetrievalOutput, embed_gallery, tokenize_texts, two_stage_ranks
+from cclm.evaluation.retrieval import RetrievalOutput, embed_gallery, tokenize_for_model, two_stage_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,11 @@ def run_retrieval(
     ``itc_weight_in_rerank``). ``rescore_all`` re-scores every top-k pair, even of queries whose rank ITM cannot
     change (same metrics); ``kv_cache=False`` re-scores without sharing the per-image and per-caption work
     across pairs (same metrics; see :func:`cclm.evaluation.retrieval.itm_scores`). Images are loaded by
-    :func:`cclm.data.images.load_image`. The model is put in eval mode for the call and its previous mode
-    restored."""
+    :func:`cclm.data.images.load_image`; captions go through the model's own text normaliser
+    (``model.cfg.text.normalize``, :func:`cclm.evaluation.retrieval.tokenize_for_model`) before tokenising. The
+    model is put in eval mode for the call and its previous mode restored."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    token_ids = tokenize_texts(tokenizer, retrieval_set.texts, int(model.cfg.text.max_length))
+    token_ids = tokenize_for_model(model, tokenizer, retrieval_set.texts)
     was_training = model.training
     model.eval()
     try:

@@ -10,6 +10,11 @@
 Features are the L2-normalised ITC/TTC projections (the ones the contrastive loss trains), so a dot product is
 a cosine similarity. Everything runs batched under ``torch.inference_mode``, on CPU or GPU; on a GPU with bf16
 support the weights are cast to bf16 (``dtype="auto"``), and results always come back as float32 on the CPU.
+
+Texts are read as the model was trained to read them: its text normaliser (``model.cfg.text.normalize``, saved
+with the model) is applied before tokenising, as in evaluation and fine-tuning. With ``pre_caption`` (the CCLM
+reference's, carried by converted reference checkpoints) "A Dog, Running!" and "a dog running" are the same
+query; with ``none`` the tokenizer sees the text as given.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cclm.config import Precision
 from cclm.data.images import UnreadableImage, load_image  # noqa: F401 - UnreadableImage re-exported
+from cclm.data.normalize import normalizer_for
 from cclm.evaluation.retrieval import MATCH, Embeddings, embed_images, embed_texts, itm_scores, tokenize_texts
 from cclm.model import CrossViewModel
 from cclm.runtime.env import compute_dtype, resolve_device
@@ -78,7 +84,8 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
 
 @dataclass
 class CCLM:
-    """A trained cross-view model ready for inference: model, tokenizer and evaluation transform."""
+    """A trained cross-view model ready for inference: model, tokenizer, its text normaliser and evaluation
+    transform."""
 
     model: CrossViewModel
     tokenizer: Any
@@ -91,6 +98,7 @@ class CCLM:
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
         self.image_size = int(self.model.cfg.vision.image_size)
         self.max_length = int(self.model.cfg.text.max_length)
+        self.normalize = normalizer_for(self.model.cfg.text)  # the one the model was trained with
         self.transform = eval_transform(self.image_size)
         self.precision = PRECISION_OF_DTYPE[self.dtype]
 
@@ -114,10 +122,16 @@ class CCLM:
         return torch.stack([self.transform(item) for item in images]).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) [B, L] on the model's device: each text through the model's normaliser,
+        then the tokenizer (padded to the longest, truncated at ``max_length`` tokens)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            [self.normalize(t) for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
@@ -291,7 +305,7 @@ class CCLM:
         return Retrieved(probs.gather(1, order), candidates.gather(1, order))
 
     def _text_tokens(self, texts: Sequence[str], batch_size: int):
-        ids = tokenize_texts(self.tokenizer, texts, self.max_length)
+        ids = tokenize_texts(self.tokenizer, texts, self.max_length, self.normalize)
         pad_id = self.tokenizer.pad_token_id
         return embed_texts(
             self.model, ids, pad_id, batch_size, self.device, keep_tokens=True, precision=self.precision

@@ -23,6 +23,18 @@ rolled by ``padding_idx + 1`` rows so that our XLM-R-style ids read exactly the 
 trained with (texts shorter than the table minus 2 tokens give the reference's outputs); ``xlmr`` copies the
 table unchanged.
 
+Text normalisation: the reference lower-cases, turns punctuation into spaces and keeps the first ``max_words``
+words of every text it tokenises (``dataset/utils.py`` ``pre_caption``; ``max_words: 40`` in its pretraining
+configs), so the converted model's config carries ``text.normalize: pre_caption`` and ``text.max_words: 40``, and
+``cclm.load``, evaluation, search and fine-tuning apply it. ``--max-words`` sets another cut (0 keeps every word),
+``--normalize none`` turns it off.
+
+Layers: the converted encoder has exactly the checkpoint's layers (``num_hidden_layers`` = its layer count), and
+``text.text_layers`` / ``text.fusion_layers`` are set to the layers before / from the first one with
+cross-attention (12 layers with cross-attention from layer 6: [0..5] and [6..11]), whatever the template says.
+These index the converted encoder, not xlm-roberta-large: the reference picked its xlm-roberta-large layers
+before pretraining, and the checkpoint holds the result as layers 0..N-1.
+
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors: never with unrestricted pickle.
 """
 
@@ -40,10 +52,14 @@ from typing import Any
 
 import torch
 
-from cclm.config import CONFIG_ROOT, ModelConfig, load_config
+from cclm.config import CONFIG_ROOT, ModelConfig, TextNormalize, load_config
 
 DEFAULT_CONFIG = CONFIG_ROOT / "model" / "base_swin.yaml"
 DEFAULT_TOKENIZER = "xlm-roberta-large"
+# The reference's text normalisation (dataset/utils.py pre_caption) and its word cut (max_words: 40 in the
+# pretraining configs Pretrain_3m/4m.yaml).
+REFERENCE_NORMALIZE = TextNormalize.pre_caption
+REFERENCE_MAX_WORDS = 40
 # XLM-R fields that shapes cannot tell; the shape-derived ones (sizes, layer count) are read from the checkpoint.
 XLMR_DEFAULTS: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
@@ -144,9 +160,24 @@ class SourceLayout:
         return cls(prefix, max(layers) + 1, min(cross), has_mlm)
 
 
-def target_config(state: dict[str, torch.Tensor], layout: SourceLayout, template: ModelConfig) -> ModelConfig:
-    """Our model config: the template (vision tower, image size, attention heads...) with every size that the
-    checkpoint's shapes determine taken from the checkpoint."""
+def target_config(
+    state: dict[str, torch.Tensor],
+    layout: SourceLayout,
+    template: ModelConfig,
+    normalize: TextNormalize | str = REFERENCE_NORMALIZE,
+    max_words: int = REFERENCE_MAX_WORDS,
+) -> ModelConfig:
+    """Our model config: the template (vision tower, image size, attention heads, max_length...) with every size
+    that the checkpoint's shapes determine taken from the checkpoint, the text/fusion layer split of the
+    checkpoint, and the reference's text normaliser (``normalize``, ``max_words``) that the model was trained
+    with."""
+    try:
+        normalize = TextNormalize(str(normalize))
+    except ValueError:
+        choices = ", ".join(m.value for m in TextNormalize)
+        raise ConversionError(f"unknown text normaliser {normalize!r}, expected one of: {choices}") from None
+    if int(max_words) < 0:
+        raise ConversionError(f"max_words must be >= 0 (0 keeps every word), got {max_words}")
     p = layout.text_prefix
     vocab, hidden = state[f"{p}embeddings.word_embeddings.weight"].shape
     shapes = {
@@ -177,6 +208,8 @@ def target_config(state: dict[str, torch.Tensor], layout: SourceLayout, template
     cfg.text.encoder = encoder
     cfg.text.text_layers = list(range(layout.fusion_start))
     cfg.text.fusion_layers = list(range(layout.fusion_start, layout.num_layers))
+    cfg.text.normalize = normalize
+    cfg.text.max_words = int(max_words)
     cfg.embed_dim = (
         int(state["vision_proj.weight"].shape[0]) if "vision_proj.weight" in state else template.embed_dim
     )
@@ -245,6 +278,7 @@ class ConversionReport:
     filled: int = 0
     left_at_init: list[str] = field(default_factory=list)
     position_ids: str = "reference"
+    text_normalize: str = ""
 
     def summary(self) -> str:
         lines = [
@@ -258,6 +292,8 @@ class ConversionReport:
         if self.left_at_init:
             lines.append(f"  left at initialisation, as asked: {', '.join(self.left_at_init)}")
         lines.append(f"  position ids: {self.position_ids}")
+        if self.text_normalize:
+            lines.append(f"  text normaliser: {self.text_normalize}")
         return "\n".join(lines)
 
 
@@ -365,16 +401,20 @@ def convert(
     tokenizer: str | None = DEFAULT_TOKENIZER,
     position_ids: str = "reference",
     allow_missing_mlm_head: bool = False,
+    normalize: TextNormalize | str = REFERENCE_NORMALIZE,
+    max_words: int = REFERENCE_MAX_WORDS,
 ) -> ConversionReport:
     """Convert ``checkpoint`` into the model folder ``out`` (config, safetensors weights, tokenizer, model card,
-    ``conversion_report.json``)."""
+    ``conversion_report.json``). The config carries the text normaliser ``normalize`` / ``max_words`` (default:
+    the reference's ``pre_caption`` cut at 40 words), which every user of the folder applies."""
     from cclm.data.tokenize import load_tokenizer
     from cclm.model import CrossViewModel
+    from cclm.model.card import describe_normalizer
 
     state = read_checkpoint(checkpoint)
     layout = SourceLayout.detect(state)
     template = load_config(ModelConfig, config or DEFAULT_CONFIG)
-    cfg = target_config(state, layout, template)
+    cfg = target_config(state, layout, template, normalize, max_words)
     cfg.text.tokenizer = tokenizer
     vision_width = (
         state["vision_encoder.norm.weight"].shape[0] if "vision_encoder.norm.weight" in state else None
@@ -399,6 +439,7 @@ def convert(
     target, report = convert_state(state, model, layout, position_ids, allow_missing_mlm_head)
     model.load_state_dict(target, strict=True)
     report.source, report.out = str(checkpoint), str(out)
+    report.text_normalize = describe_normalizer(cfg.text)
     extra = {
         "converted_from": {
             "checkpoint": str(checkpoint),
@@ -435,6 +476,19 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--position-ids", choices=("reference", "xlmr"), default="reference")
     parser.add_argument(
+        "--normalize",
+        choices=[m.value for m in TextNormalize],
+        default=REFERENCE_NORMALIZE.value,
+        help="text normaliser saved with the model (default: pre_caption, the reference's)",
+    )
+    parser.add_argument(
+        "--max-words",
+        type=int,
+        default=REFERENCE_MAX_WORDS,
+        help=f"pre_caption keeps this many words (default {REFERENCE_MAX_WORDS}, the reference's pretraining "
+        "configs; 0 keeps every word)",
+    )
+    parser.add_argument(
         "--allow-missing-mlm-head",
         action="store_true",
         help="fine-tuned checkpoints have no MLM head: leave ours at initialisation",
@@ -448,6 +502,8 @@ def main(argv: list[str]) -> int:
             None if args.tokenizer.lower() == "none" else args.tokenizer,
             args.position_ids,
             args.allow_missing_mlm_head,
+            args.normalize,
+            args.max_words,
         )
     except ConversionError as err:
         print(f"cclm convert-reference: {err}", file=sys.stderr)

@@ -8,6 +8,8 @@ that could not be read, with the reason) and ``embeddings-NNNNN.safetensors`` sh
 features. Indexing writes one shard per chunk of files and then updates ``index.json`` atomically, so an
 interrupted run resumes where it stopped, and running it again later adds only the new files of the folder.
 Unreadable files (not an image, truncated, corrupt) are skipped, counted and listed, never retried silently.
+The query is read as the model reads text (:class:`cclm.inference.api.CCLM`): through the text normaliser saved
+with it (``model.cfg.text.normalize``), so with ``pre_caption`` case and punctuation do not change the hits.
 File names are printed with their control characters escaped (:func:`cclm.text_safety.printable`): a crafted
 name cannot drive the terminal.
 """

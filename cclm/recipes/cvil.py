@@ -212,12 +212,13 @@ class ParallelDataset(ClassificationDataset):
 
 
 class ParallelCollator:
-    """Tokenizes the English side with the teacher's tokenizer and the translation with the student's."""
+    """Tokenizes the English side as the teacher reads text (its tokenizer, text normaliser and max length) and
+    the translation as the student does (:meth:`TaskCollator.for_model` of each backbone)."""
 
-    def __init__(self, teacher_tokenizer, student_tokenizer, max_length: int):
+    def __init__(self, teacher: TaskModel, teacher_tokenizer, student: TaskModel, student_tokenizer):
         self.sides = {
-            "teacher": ("en", TaskCollator(teacher_tokenizer, max_length)),
-            "student": ("tgt", TaskCollator(student_tokenizer, max_length)),
+            "teacher": ("en", TaskCollator.for_model(teacher.backbone, teacher_tokenizer)),
+            "student": ("tgt", TaskCollator.for_model(student.backbone, student_tokenizer)),
         }
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -272,7 +273,7 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     source = EpochBatches(
         dataset,
         batch_size,
-        ParallelCollator(teacher_tokenizer, student_tokenizer, int(student.backbone.cfg.text.max_length)),
+        ParallelCollator(teacher, teacher_tokenizer, student, student_tokenizer),
         seed=int(cfg.train.seed),
         rank=env.rank,
         world_size=env.world_size,

@@ -1,5 +1,5 @@
 """Torch datasets over task examples (images decoded lazily by :func:`cclm.data.images.load_image`) and the collator
-that tokenizes texts."""
+that normalises (the model's own text normaliser) and tokenizes texts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cclm.data.images import load_image
+from cclm.data.normalize import Normalizer, normalizer_for
 from cclm.tasks.task_data import ClassificationExample, RetrievalData
 
 
@@ -53,14 +54,24 @@ class CaptionImagePairs(Dataset):
 
 
 class TaskCollator:
-    """Stacks images and tokenizes texts (padding to the longest, truncating by tokens at ``max_length``)."""
+    """Stacks images and tokenizes texts (padding to the longest, truncating by tokens at ``max_length``), each
+    text first put through ``normalize`` (the model's text normaliser; None: the text as given). Build it with
+    :meth:`for_model` so that fine-tuning and scoring read texts as the model was trained to."""
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length: int, normalize: Normalizer | None = None):
+        self.tokenizer, self.max_length, self.normalize = tokenizer, max_length, normalize
+
+    @classmethod
+    def for_model(cls, backbone, tokenizer) -> TaskCollator:
+        """The collator of a cross-view model (``backbone.cfg.text``): its ``max_length`` and its normaliser."""
+        text_cfg = backbone.cfg.text
+        return cls(tokenizer, int(text_cfg.max_length), normalizer_for(text_cfg))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.normalize is not None:
+            texts = [self.normalize(t) for t in texts]
         encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"text_ids": encoded["input_ids"], "text_mask": encoded["attention_mask"]}
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from cclm.config import CONFIG_ROOT, FinetuneConfig, ModelConfig, Precision, Protocol, load_config, to_dict
+from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
@@ -91,7 +92,8 @@ class TaskSuite:
 
     # -------------------------------------------------------------------------------------------- scoring
     def collator(self, model: TaskModel, tokenizer) -> TaskCollator:
-        return TaskCollator(tokenizer, int(model.backbone.cfg.text.max_length))
+        """Batches for ``model``: its text normaliser (``model.backbone.cfg.text.normalize``) and max length."""
+        return TaskCollator.for_model(model.backbone, tokenizer)
 
     def image_size(self, model: TaskModel) -> int:
         return int(model.backbone.cfg.vision.image_size)
@@ -178,7 +180,9 @@ class TaskRunner(TaskSuite):
             else:  # random init: a tokenizer trained on the training texts, saved with the model
                 folder = self.output_dir / "tokenizer"
                 if self.env.is_main:  # one rank trains and writes it; the others read what it wrote
-                    texts = [t for data in train_datas for t in _texts(data)]
+                    # on the texts as the model will read them (model.text.normalize)
+                    normalize = normalizer_for(model_cfg.text)
+                    texts = [normalize(t) for data in train_datas for t in _texts(data)]
                     vocab = int(model_cfg.text.encoder.get("vocab_size", 1000))
                     train_tokenizer(texts, folder, vocab_size=vocab)
                 barrier()
