@@ -52,3 +52,18 @@ def test_every_parameter_gets_a_gradient_from_the_two_views(tiny_model_cfg):
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead
     assert model.tied_parameter_aliases() == {"mlm_head.decoder.weight", "mlm_head.decoder.bias"}
+
+
+def test_an_unmasked_image_memory_fuses_exactly_as_an_all_ones_mask(tiny_model_cfg):
+    """Image tokens go to the fusion stack with no cross-attention mask (so SDPA may use its flash kernel);
+    the result is the one an explicit all-ones mask gives."""
+    torch.manual_seed(0)
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False).eval()
+    image = _batches(model.encoder_config.vocab_size)["image"]
+    with torch.no_grad():
+        text, _ = model.encode_text(image["text_ids"], image["text_mask"])
+        memory, _ = model.encode_image(image["images"])
+        ones = torch.ones(memory.shape[:2], dtype=torch.long)
+        masked = model.fuse(text, image["text_mask"], memory, ones)
+        unmasked = model.fuse(text, image["text_mask"], memory, None)
+    torch.testing.assert_close(unmasked, masked, rtol=0, atol=1e-6)

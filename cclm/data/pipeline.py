@@ -257,6 +257,8 @@ class PretrainData:
                     prefetch_factor=2,
                     worker_init_fn=_worker_init,
                     persistent_workers=False,
+                    # page-locked batches from the loader's own thread, so the host-to-GPU copy is asynchronous
+                    pin_memory=torch.cuda.is_available(),
                 )
                 self._iters[view] = iter(loader)
         return self._iters[view]

@@ -214,7 +214,7 @@ class CrossViewModel(nn.Module):
         query, query_feat = self.encode_text(text_ids, text_mask)
         if view == "image":
             memory, memory_feat = self.encode_image(batch["images"])
-            memory_mask = torch.ones(memory.shape[:2], dtype=text_mask.dtype, device=memory.device)
+            memory_mask = None  # every image token is real: no cross-attention mask (lets SDPA use flash)
         else:
             memory_mask = batch["other_mask"]
             memory, memory_feat = self.encode_text(batch["other_ids"], memory_mask)
@@ -246,7 +246,8 @@ class CrossViewModel(nn.Module):
         memory, memory_mask, memory_feat = memory_side
         if self.cfg.objectives.itm_negatives == "global":
             cand_query, cand_query_mask = losses.gather_padded(query), losses.gather_padded(query_mask)
-            cand_memory, cand_memory_mask = losses.gather_padded(memory), losses.gather_padded(memory_mask)
+            cand_memory = losses.gather_padded(memory)
+            cand_memory_mask = None if memory_mask is None else losses.gather_padded(memory_mask)
             cand_query_feat = losses.gather_with_grad(query_feat)
             cand_memory_feat = losses.gather_with_grad(memory_feat)
             cand_groups = losses.gather_with_grad(group_ids)
@@ -268,7 +269,11 @@ class CrossViewModel(nn.Module):
         tokens = _cat_padded([query, query, cand_query[neg_query]])
         masks = _cat_padded([query_mask, query_mask, cand_query_mask[neg_query]])
         mem = _cat_padded([memory, cand_memory[neg_memory], memory])
-        mem_masks = _cat_padded([memory_mask, cand_memory_mask[neg_memory], memory_mask])
+        mem_masks = (
+            None  # image memories: one length, no padding
+            if memory_mask is None
+            else _cat_padded([memory_mask, cand_memory_mask[neg_memory], memory_mask])
+        )
         logits = self.itm_logits(self.fuse(tokens, masks, mem, mem_masks))
         batch_size = query.shape[0]
         return losses.matching_loss(

@@ -231,10 +231,9 @@ class FusionStack(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if memory_mask is None:
-            memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
         self_mask = additive_mask(attention_mask, hidden.dtype)
-        cross_mask = additive_mask(memory_mask, hidden.dtype)
+        # No mask at all for a memory without padding (image tokens): SDPA can then pick its flash kernel.
+        cross_mask = None if memory_mask is None else additive_mask(memory_mask, hidden.dtype)
         for layer in self.layers:
             hidden = _run(
                 layer, self.gradient_checkpointing and self.training, hidden, self_mask, memory, cross_mask

@@ -79,6 +79,7 @@ class EpochBatches:
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed + self.epoch),
             worker_init_fn=_ignore_stop_signal if self.num_workers else None,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         )
         return iter(loader)
 
