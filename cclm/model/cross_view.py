@@ -228,9 +228,10 @@ class CrossViewModel(nn.Module):
             )
             weights[c_name] = obj.itc_weight
         if obj.itm_weight:
-            out[m_name] = self._matching(
-                (query, text_mask, query_feat), (memory, memory_mask, memory_feat), temp, batch["group_ids"]
-            )
+            query_side, memory_side = (query, text_mask, query_feat), (memory, memory_mask, memory_feat)
+            if view == "text":  # TTM reads side B over side A (the reference, model_pretrain_cclm.py:99)
+                query_side, memory_side = memory_side, query_side
+            out[m_name] = self._matching(query_side, memory_side, temp, batch["group_ids"])
             weights[m_name] = obj.itm_weight
         if obj.mlm_weight and "mlm_ids" in batch:
             out[l_name] = self._mlm(batch["mlm_ids"], text_mask, batch["mlm_labels"], memory, memory_mask)
