@@ -144,6 +144,24 @@ class TaskName(Mode):
     easy_vqa = "easy_vqa"
 
 
+class TaskHeadStyle(Mode):
+    iglue = "iglue"  # IGLUE/VOLTA-style classifiers (answer classifier; two fused images concatenated)
+    cclm = "cclm"  # the reference's: a generative answer decoder ranking the answer list (xGQA); fusion layers
+    # that cross-attend to each of the two images in turn (MaRVL/NLVR2)
+
+
+class DuplicateImages(Mode):
+    iglue = "iglue"  # IGLUE's convention: one entry per line, ties broken by index order
+    merge = "merge"  # the CCLM reference's: lines sharing an image (image_url) are one image with many captions
+
+
+class SelectOn(Mode):
+    dev = "dev"  # few-shot: the learning rate and step are selected on the dev set (default)
+    # the reference's few-shot configs select on the target-language TEST file: only to compare with the
+    # published few-shot numbers; results are labelled as selected on test
+    test = "test"
+
+
 class StudentPart(Mode):
     text = "text"
     fusion = "fusion"
@@ -423,6 +441,14 @@ class FinetuneDataConfig:
     image_roots: dict[str, str] = field(default_factory=dict)
     # Read at most this many examples per file (0 = all); for smoke runs, never for reported numbers.
     max_examples: int = 0
+    # Retrieval tasks (WIT, xFlickr&CO): what lines that share an image are.
+    duplicate_images: DuplicateImages = DuplicateImages.iglue
+    # Training-image augmentation (the reference fine-tunes with crop 0.5-1, flip, RandomAugment(2, 7)).
+    augment: bool = False
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+    randaugment: bool = True  # with augment
+    max_length: int = 0  # > 0: token cap of the task's texts (the reference uses 80 for some tasks); 0 = model's
 
 
 @dataclass
@@ -434,6 +460,8 @@ class FinetuneTrainConfig:
     lr_sweep: list[float] = field(default_factory=lambda: [1e-5, 5e-5, 1e-4])  # few-shot: best on dev wins
     head_lr_mult: float = 5.0  # the newly initialised task head learns faster
     weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    select_on: SelectOn = SelectOn.dev
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
@@ -464,6 +492,11 @@ class FinetuneConfig:
     model: str | None = None  # model config yaml for a random init when `pretrained` is None
     tokenizer: str | None = None  # random init only: tokenizer folder; None = train one on the training texts
     model_overrides: list[str] = field(default_factory=list)  # random init only: key=value on the model yaml
+    # > 0: fine-tune and evaluate at this image size; the vision tower's position tables are interpolated (the
+    # reference fine-tunes at 384 px, Swin windows 7 -> 12). 0 = the pretrained model's size.
+    image_size: int = 0
+    window_size: int = 0  # Swin towers: the window at image_size (0 = scaled with the image: 7 at 224 -> 12 at 384)
+    head: TaskHeadStyle = TaskHeadStyle.iglue
     output_dir: str = "output/finetune"
     resume: str | None = None  # "auto": continue from the newest checkpoint of output_dir (train.save_every)
     overwrite: bool = False  # as PretrainConfig

@@ -33,14 +33,44 @@ SWIN = {
 }
 TEXT = {"hidden": 64, "layers": 4, "fusion_start": 2, "intermediate": 128, "positions": 66, "heads": 2}
 EMBED = 48
+# The reference's CLIP ViT, tiny: 32 px, patch 8 (4x4 grid), width 48 < the text width 64.
+CLIP_VIT = {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "heads": 2, "intermediate": 96}
 TINY_SWIN = "cclm_test_swin_tiny"
+# Swin-B's geometry (4 stages, patch 4, window 7 at 224 px; 384 px fine-tuning: window 12) at tiny widths
+# (8 -> 64 = the tiny text width), and a Swin narrower than the text (width 32).
+SWIN_B_SHAPE = {
+    "img_size": 224,
+    "patch_size": 4,
+    "embed_dim": 8,
+    "depths": (2, 2, 2, 2),
+    "num_heads": (1, 2, 2, 4),
+    "window_size": 7,
+}
+SWIN_384 = {**SWIN_B_SHAPE, "img_size": 384, "window_size": 12}
+TINY_SWIN_B = "cclm_test_swin_b_shape"
+SWIN_NARROW = {**SWIN, "embed_dim": 16, "num_heads": (1, 2)}
+TINY_SWIN_NARROW = "cclm_test_swin_narrow"
+_FACTORY_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 if not timm.list_models(TINY_SWIN):
 
     @register_model
     def cclm_test_swin_tiny(pretrained: bool = False, **kwargs):
-        factory_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-        return SwinTransformer(**SWIN, **{k: v for k, v in kwargs.items() if k not in factory_only})
+        return SwinTransformer(**SWIN, **{k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY})
+
+
+if not timm.list_models(TINY_SWIN_B):
+
+    @register_model
+    def cclm_test_swin_b_shape(pretrained: bool = False, **kwargs):
+        return SwinTransformer(**SWIN_B_SHAPE, **{k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY})
+
+
+if not timm.list_models(TINY_SWIN_NARROW):
+
+    @register_model
+    def cclm_test_swin_narrow(pretrained: bool = False, **kwargs):
+        return SwinTransformer(**SWIN_NARROW, **{k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY})
 
 
 # --------------------------------------------------------------------------------- a reference-layout state dict
@@ -95,12 +125,37 @@ def reference_swin(prefix: str = "vision_encoder", swin: dict = SWIN) -> dict[st
     return state
 
 
+def reference_clip_vit(prefix: str = "vision_encoder", vit: dict | None = None) -> dict[str, torch.Tensor]:
+    """models/clip_vit.py's CLIPVisionTransformer: HF CLIP names, patch_embed / pos_embed renamed, a
+    position_ids buffer."""
+    vit = vit or CLIP_VIT
+    w, grid = vit["width"], vit["image_size"] // vit["patch_size"]
+    state = {
+        f"{prefix}.patch_embed.weight": torch.randn(w, 3, vit["patch_size"], vit["patch_size"]) * 0.1,
+        f"{prefix}.class_embedding": torch.randn(w) * 0.1,
+        f"{prefix}.pos_embed.weight": torch.randn(grid * grid + 1, w) * 0.1,
+        f"{prefix}.position_ids": torch.arange(grid * grid + 1)[None],
+    }
+    _put(state, f"{prefix}.pre_layrnorm", _norm(w))
+    for i in range(vit["layers"]):
+        p = f"{prefix}.encoder.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            _put(state, f"{p}.self_attn.{name}", _linear(w, w))
+        _put(state, f"{p}.layer_norm1", _norm(w))
+        _put(state, f"{p}.mlp.fc1", _linear(vit["intermediate"], w))
+        _put(state, f"{p}.mlp.fc2", _linear(w, vit["intermediate"]))
+        _put(state, f"{p}.layer_norm2", _norm(w))
+    _put(state, f"{prefix}.post_layernorm", _norm(w))
+    return state
+
+
 def reference_text(
-    vocab: int, prefix: str = "text_encoder.bert.", text: dict = TEXT
+    vocab: int, prefix: str = "text_encoder.bert.", text: dict = TEXT, encoder_width: int | None = None
 ) -> dict[str, torch.Tensor]:
     """xbert's BertModel naming: embeddings (+ position_ids buffer), encoder.layer.N with crossattention from
-    fusion_layer on (keys/values read the vision width, here equal to the text width)."""
+    fusion_layer on (keys/values read the vision width ``encoder_width``, by default the text width)."""
     h, state = text["hidden"], {}
+    vision_w = encoder_width or h
     state[f"{prefix}embeddings.word_embeddings.weight"] = torch.randn(vocab, h) * 0.05
     state[f"{prefix}embeddings.position_embeddings.weight"] = torch.randn(text["positions"], h) * 0.05
     state[f"{prefix}embeddings.token_type_embeddings.weight"] = torch.randn(1, h) * 0.05
@@ -111,7 +166,8 @@ def reference_text(
         attentions = ["attention"] + (["crossattention"] if i >= text["fusion_start"] else [])
         for attn in attentions:
             for name in ("query", "key", "value"):
-                _put(state, f"{p}.{attn}.self.{name}", _linear(h, h))
+                reads = vision_w if attn == "crossattention" and name != "query" else h
+                _put(state, f"{p}.{attn}.self.{name}", _linear(h, reads))
             _put(state, f"{p}.{attn}.output.dense", _linear(h, h))
             _put(state, f"{p}.{attn}.output.LayerNorm", _norm(h))
         _put(state, f"{p}.intermediate.dense", _linear(text["intermediate"], h))
@@ -121,12 +177,20 @@ def reference_text(
 
 
 def reference_checkpoint(
-    vocab: int, mlm_head: bool = True, swin: dict = SWIN, text: dict = TEXT, embed: int = EMBED
+    vocab: int,
+    mlm_head: bool = True,
+    swin: dict = SWIN,
+    text: dict = TEXT,
+    embed: int = EMBED,
+    clip_vit: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A CCLM pretraining checkpoint's state dict (xvlm.XVLMBase + CrossViewLM), tiny."""
+    """A CCLM pretraining checkpoint's state dict (xvlm.XVLMBase + CrossViewLM), tiny; with ``clip_vit`` its
+    vision encoder is the reference's CLIP ViT instead of the Swin."""
     h = text["hidden"]
-    state = reference_swin(swin=swin)
-    state.update(reference_text(vocab, "text_encoder.bert." if mlm_head else "text_encoder.", text))
+    state = reference_clip_vit(vit=clip_vit) if clip_vit else reference_swin(swin=swin)
+    vision_width = clip_vit["width"] if clip_vit else swin["embed_dim"] * 2 ** (len(swin["depths"]) - 1)
+    prefix = "text_encoder.bert." if mlm_head else "text_encoder."
+    state.update(reference_text(vocab, prefix, text, encoder_width=vision_width))
     if mlm_head:
         p = "text_encoder.cls.predictions"
         state[f"{p}.bias"] = torch.randn(vocab) * 0.02
@@ -134,7 +198,7 @@ def reference_checkpoint(
         _put(state, f"{p}.transform.LayerNorm", _norm(h))
         state[f"{p}.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"].clone()
         state[f"{p}.decoder.bias"] = state[f"{p}.bias"].clone()
-    _put(state, "vision_proj", _linear(embed, h))
+    _put(state, "vision_proj", _linear(embed, vision_width))
     _put(state, "text_proj", _linear(embed, h))
     state["temp"] = torch.tensor(0.05)
     for head, out_dim in (("itm_head", 2), ("bbox_head", 4)):
@@ -354,6 +418,224 @@ def test_base_swin_config_fits_the_released_checkpoint_layout():
     assert set(ours) - filled == {"mlm_head.decoder.weight"}  # tied to the word embeddings
 
 
+# ------------------------------------------------------------------------------------------------- resolution
+def _template(tmp_path: Path, tower: str, size: int, heads: int | None = TEXT["heads"]) -> Path:
+    path = tmp_path / f"{tower}.yaml"
+    encoder = f"  encoder: {{num_attention_heads: {heads}}}\n" if heads else ""
+    path.write_text(
+        f"vision:\n  tower: {{timm_model_name: {tower}, image_size: {size}}}\n  image_size: {size}\n"
+        f"text:\n{encoder}  max_length: 32\n"
+    )
+    return path
+
+
+def _timm_features(swin: dict, state: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    """timm's own Swin built at ``swin``'s size and window, importing the original layout."""
+    reference = SwinTransformer(**swin, num_classes=0).eval()
+    original = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    reference.load_state_dict(checkpoint_filter_fn(original, reference), strict=True)
+    with torch.no_grad():
+        return reference.forward_features(pixels).flatten(1, 2)
+
+
+def test_a_384px_window_12_checkpoint_converts_and_equals_timms_swin_at_window_12(
+    tmp_path, tokenizer_dir, tiny_tokenizer
+):
+    """The fine-tuned checkpoints' geometry: 529-row tables (window 12) and 384 px attention masks, converted
+    with a config whose tower is built at 224 px / window 7 (as base_swin.yaml's Swin-B)."""
+    state = reference_checkpoint(len(tiny_tokenizer), mlm_head=False, swin=SWIN_384)
+    assert state["vision_encoder.layers.0.blocks.0.attn.relative_position_bias_table"].shape == (529, 1)
+    path = tmp_path / "nlvr_ft.th"
+    torch.save(state, path)
+    config = _template(tmp_path, TINY_SWIN_B, 224)
+    report = _convert(path, tmp_path, config, tokenizer_dir, allow_missing_mlm_head=True)
+    assert report.vision["window_size"] == 12 and report.vision["image_size"] == 384
+    assert report.vision["image_size_from"] == "the checkpoint's attention masks"
+    assert report.vision["heads"] == [1, 2, 2, 4]
+    model = CrossViewModel.from_pretrained(
+        tmp_path / "converted"
+    ).eval()  # rebuilt at 384 / window 12 offline
+    assert model.cfg.vision.image_size == 384
+    assert model.cfg.vision.tower["image_size"] == 384 and model.cfg.vision.tower["window_size"] == 12
+    trunk = model.vision.visual.trunk
+    assert [s.blocks[0].attn.window_size for s in trunk.layers] == [(12, 12)] * 4
+    images = torch.randint(0, 256, (1, 3, 384, 384), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = model.vision(images)
+    expected = _timm_features(SWIN_384, state, model.vision.normalize(images))
+    torch.testing.assert_close(tokens[:, 1:], expected, atol=1e-5, rtol=1e-4)
+    assert "window 12, 384 px" in report.summary()
+
+
+def test_without_masks_the_resolution_is_inferred_from_the_window_and_a_wrong_one_is_refused(
+    tmp_path, tokenizer_dir, tiny_tokenizer
+):
+    state = reference_checkpoint(len(tiny_tokenizer), swin=SWIN_384)
+    state = {k: v for k, v in state.items() if not k.endswith("attn_mask")}
+    path = tmp_path / "no_masks.th"
+    torch.save(state, path)
+    config = _template(tmp_path, TINY_SWIN_B, 224)
+    report = _convert(path, tmp_path, config, tokenizer_dir)
+    assert report.vision["image_size"] == 384 and report.vision["image_size_from"].startswith("inferred")
+    # a resolution that 12x12 windows do not tile is refused naming the size and the window
+    with pytest.raises(
+        cr.ConversionError, match=r"image_size=224 with window_size=12.*stage 0 is 56x56"
+    ) as err:
+        _convert(path, tmp_path, config, tokenizer_dir, name="at224", image_size=224)
+    assert "529" in str(err.value) and "384" in str(err.value)
+
+
+def test_an_image_size_other_than_the_checkpoints_resizes_after_loading(
+    tmp_path, tokenizer_dir, tiny_tokenizer
+):
+    state = reference_checkpoint(len(tiny_tokenizer), swin=SWIN_384)
+    path = tmp_path / "ft384.th"
+    torch.save(state, path)
+    report = _convert(path, tmp_path, _template(tmp_path, TINY_SWIN_B, 224), tokenizer_dir, image_size=480)
+    assert report.vision["image_size"] == 384 and report.vision["resized_to"] == 480
+    model = CrossViewModel.from_pretrained(tmp_path / "converted")
+    assert (
+        model.cfg.vision.image_size == 480 and model.cfg.vision.tower["window_size"] == 15
+    )  # 12 * 120 // 96
+    table = model.vision.visual.trunk.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 15 - 1) ** 2, 1)
+
+
+def test_head_counts_that_differ_are_refused(tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer):
+    state = reference_checkpoint(len(tiny_tokenizer), swin={**SWIN, "num_heads": (4, 4)})
+    path = tmp_path / "heads.th"
+    torch.save(state, path)
+    with pytest.raises(cr.ConversionError, match=r"gives \[4, 4\] heads per stage.*has \[2, 4\]"):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir)
+
+    path = tmp_path / "ok.th"
+    torch.save(reference_checkpoint(len(tiny_tokenizer)), path)
+    with pytest.raises(cr.ConversionError, match=r"--text-heads 4 disagrees .*num_attention_heads=2"):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir, text_heads=4)
+    with pytest.raises(cr.ConversionError, match="3 text attention heads do not divide the text width 64"):
+        _convert(path, tmp_path, _template(tmp_path, TINY_SWIN, 32, heads=None), tokenizer_dir, text_heads=3)
+    report = _convert(path, tmp_path, tiny_config, tokenizer_dir, text_heads=2)
+    assert report.text_heads == {"heads": 2, "source": "--text-heads (agrees with the config)"}
+    report = _convert(
+        path, tmp_path, _template(tmp_path, TINY_SWIN, 32, heads=None), tokenizer_dir, name="c2"
+    )
+    assert report.text_heads["heads"] == 1 and report.text_heads["source"].startswith("assumed")  # 64 / 64
+    assert CrossViewModel.from_pretrained(tmp_path / "c2").encoder_config.num_attention_heads == 1
+
+
+def test_a_vision_tower_narrower_than_the_text_converts_exactly(tmp_path, tokenizer_dir, tiny_tokenizer):
+    """The reference's cross-attention keys/values read 32-wide Swin tokens ([64, 32] weights); ours read
+    image_to_fusion's 64-wide tokens: identity into the first 32 channels, zero key/value columns after."""
+    state = reference_checkpoint(len(tiny_tokenizer), swin=SWIN_NARROW)
+    key = "text_encoder.bert.encoder.layer.2.crossattention.self.key.weight"
+    assert state[key].shape == (64, 32)
+    path = tmp_path / "narrow.th"
+    torch.save(state, path)
+    report = _convert(path, tmp_path, _template(tmp_path, TINY_SWIN_NARROW, 32), tokenizer_dir)
+    assert any(line.startswith("image_to_fusion: identity") for line in report.derived)
+    model = CrossViewModel.from_pretrained(tmp_path / "converted").eval()
+    assert model.vision.width == 32 and isinstance(model.image_to_fusion, torch.nn.Linear)
+    tokens = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        memory = model.image_to_fusion(tokens)
+        for i in range(TEXT["layers"] - TEXT["fusion_start"]):
+            attention = model.fusion.layers[i].crossattention.self
+            for name in ("key", "value"):
+                src = f"text_encoder.bert.encoder.layer.{TEXT['fusion_start'] + i}.crossattention.self.{name}"
+                expected = tokens @ state[f"{src}.weight"].t() + state[f"{src}.bias"]
+                torch.testing.assert_close(getattr(attention, name)(memory), expected, atol=1e-6, rtol=1e-5)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.tensor([[0, 5, 6, 2], [0, 7, 2, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        fused = model.fuse(model.encode_text(ids, mask)[0], mask, model.encode_image(images)[0])
+    assert torch.isfinite(fused).all()
+
+
+def test_a_vision_tower_wider_than_the_text_is_refused(tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer):
+    state = reference_checkpoint(len(tiny_tokenizer), swin={**SWIN, "embed_dim": 64})
+    path = tmp_path / "wide.th"
+    torch.save(state, path)
+    with pytest.raises(cr.ConversionError, match="vision width 128 is larger than the text width 64"):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir)
+
+
+def test_a_clip_vit_checkpoint_equals_hf_clip_with_the_same_weights(
+    tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer
+):
+    """use_clip_vit checkpoints: models/clip_vit.py is HF's CLIP vision transformer (QuickGELU), its tokens
+    post_layernorm'd; ours is open_clip's ViT with q/k/v fused."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    state = reference_checkpoint(len(tiny_tokenizer), clip_vit=CLIP_VIT)
+    path = tmp_path / "clip.th"
+    torch.save(state, path)
+    report = _convert(path, tmp_path, tiny_config, tokenizer_dir, vision_heads=CLIP_VIT["heads"])
+    assert report.vision["kind"] == "clip_vit" and report.vision["heads"] == 2
+    assert report.dropped["vit_position_ids"] == ["vision_encoder.position_ids"]
+    model = CrossViewModel.from_pretrained(tmp_path / "converted").eval()
+    assert model.vision.tower_cfg["quick_gelu"] is True and model.vision.width == CLIP_VIT["width"]
+
+    hf = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=CLIP_VIT["width"],
+            intermediate_size=CLIP_VIT["intermediate"],
+            num_hidden_layers=CLIP_VIT["layers"],
+            num_attention_heads=CLIP_VIT["heads"],
+            image_size=CLIP_VIT["image_size"],
+            patch_size=CLIP_VIT["patch_size"],
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+    ).eval()
+    renames = {
+        "patch_embed.weight": "embeddings.patch_embedding.weight",
+        "class_embedding": "embeddings.class_embedding",
+        "pos_embed.weight": "embeddings.position_embedding.weight",
+    }
+    weights = {}
+    for key, value in state.items():
+        if key.startswith("vision_encoder.") and not key.endswith("position_ids"):
+            rest = key[len("vision_encoder.") :]
+            weights[renames.get(rest, rest)] = value
+    inner = getattr(hf, "vision_model", hf)  # transformers 5 flattened CLIPVisionModel
+    missing, unexpected = inner.load_state_dict(weights, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), missing
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = model.vision(images)
+        hidden = hf(pixel_values=model.vision.normalize(images)).last_hidden_state
+        expected = inner.post_layernorm(hidden)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+    # at another resolution the position grid is resampled as the reference's interpolate_pos_embed does
+    _convert(path, tmp_path, tiny_config, tokenizer_dir, name="at48", vision_heads=2, image_size=48)
+    resized = CrossViewModel.from_pretrained(tmp_path / "at48")
+    grid = state["vision_encoder.pos_embed.weight"][1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    expected_pos = torch.cat(
+        [state["vision_encoder.pos_embed.weight"][:1], grid.permute(0, 2, 3, 1).reshape(36, -1)]
+    )
+    torch.testing.assert_close(resized.vision.visual.positional_embedding.detach(), expected_pos)
+
+
+def test_other_vision_layouts_are_refused_by_name(tmp_path, tiny_config, tokenizer_dir, tiny_tokenizer):
+    state = {
+        k: v for k, v in reference_checkpoint(len(tiny_tokenizer)).items() if not k.startswith("vision_")
+    }
+    state.update(
+        {
+            "vision_encoder.cls_token": torch.zeros(1, 1, 64),
+            "vision_encoder.pos_embed": torch.zeros(1, 17, 64),
+            "vision_encoder.blocks.0.attn.qkv.weight": torch.zeros(192, 64),
+        }
+    )
+    path = tmp_path / "deit.th"
+    torch.save(state, path)
+    with pytest.raises(cr.ConversionError, match=r"DeiT/BEiT-style ViT \(models/vit.py"):
+        _convert(path, tmp_path, tiny_config, tokenizer_dir)
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 def test_corrupt_or_unrelated_checkpoints_fail_with_a_clear_message(
     checkpoint, tmp_path, tiny_config, tokenizer_dir
@@ -422,10 +704,13 @@ def test_cli_prints_the_report_and_fails_cleanly(checkpoint, tmp_path, tiny_conf
         str(tiny_config),
         "--tokenizer",
         str(tokenizer_dir),
+        "--text-heads",
+        "2",
     ]
     assert cclm_main(args) == 0
     printed = capsys.readouterr().out
     assert "consumed" in printed and "box regression head" in printed and "our tensors filled" in printed
+    assert "text attention heads: 2 (--text-heads" in printed and "window 4, 32 px" in printed
     assert (out / "README.md").exists()
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"not a checkpoint")

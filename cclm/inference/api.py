@@ -2,6 +2,7 @@
 
     import cclm
     model = cclm.load("path/to/model")            # a save_pretrained folder (config, weights, tokenizer)
+    model = cclm.load("path/to/model", image_size=384)  # at another resolution (Swin window scaled: 7 -> 12)
     image_feats = model.encode_images(["a.jpg", "b.jpg"])
     text_feats = model.encode_texts(["a red circle", "ein roter Kreis"])
     probs = model.match(["a.jpg"], ["a red circle"])  # ITM probability that the text describes the image
@@ -59,13 +60,16 @@ def eval_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
     return functools.partial(load_image, size=image_size)
 
 
-def load_model_tokenizer(path: str | os.PathLike) -> tuple[CrossViewModel, Any]:
+def load_model_tokenizer(
+    path: str | os.PathLike, image_size: int | None = None, window_size: int | None = None
+) -> tuple[CrossViewModel, Any]:
     """The model of a ``save_pretrained`` folder and its tokenizer (saved in the same folder, as the project's
-    convention; else the tokenizer named in the model config, e.g. a hub name)."""
+    convention; else the tokenizer named in the model config, e.g. a hub name). ``image_size`` /
+    ``window_size``: the vision tower resized (:meth:`CrossViewModel.from_pretrained`)."""
     from cclm.data.tokenize import load_tokenizer
 
     path = Path(path)
-    model = CrossViewModel.from_pretrained(path)
+    model = CrossViewModel.from_pretrained(path, image_size=image_size, window_size=window_size)
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
         return model, load_tokenizer(str(path))
     fallback = model.cfg.text.tokenizer or model.cfg.text.name_or_path
@@ -108,10 +112,14 @@ class CCLM:
         path: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: str | Precision | torch.dtype = Precision.auto,
+        image_size: int | None = None,
+        window_size: int | None = None,
     ) -> CCLM:
         """``device``: None or ``auto`` = the GPU when there is one; ``dtype``: a :class:`~cclm.config.Precision`
-        (``auto`` = bf16 on a GPU that supports it, else fp32) or a torch dtype."""
-        model, tokenizer = load_model_tokenizer(path)
+        (``auto`` = bf16 on a GPU that supports it, else fp32) or a torch dtype; ``image_size`` (and, for Swin,
+        ``window_size``): run at another resolution, position tables interpolated as the reference does when it
+        fine-tunes at 384 px (:func:`cclm.model.resize.resize_vision`); images are then loaded at that size."""
+        model, tokenizer = load_model_tokenizer(path, image_size, window_size)
         device = resolve_device(device)
         dtype = dtype if isinstance(dtype, torch.dtype) else compute_dtype(device, dtype)
         return cls(model, tokenizer, device, dtype)
@@ -331,6 +339,12 @@ def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | Precision | torch.dtype = Precision.auto,
+    image_size: int | None = None,
+    window_size: int | None = None,
 ) -> CCLM:
-    """Load a ``save_pretrained`` folder as a ready :class:`CCLM` (model, tokenizer, evaluation transform)."""
-    return CCLM.from_pretrained(path, device=device, dtype=dtype)
+    """Load a ``save_pretrained`` folder as a ready :class:`CCLM` (model, tokenizer, evaluation transform).
+    ``image_size`` / ``window_size``: run the vision tower at another resolution (see
+    :meth:`CCLM.from_pretrained`); None keeps the model's own."""
+    return CCLM.from_pretrained(
+        path, device=device, dtype=dtype, image_size=image_size, window_size=window_size
+    )

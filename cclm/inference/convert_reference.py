@@ -35,6 +35,30 @@ cross-attention (12 layers with cross-attention from layer 6: [0..5] and [6..11]
 These index the converted encoder, not xlm-roberta-large: the reference picked its xlm-roberta-large layers
 before pretraining, and the checkpoint holds the result as layers 0..N-1.
 
+Resolution: the Swin window of the checkpoint is read from its ``relative_position_bias_table`` rows
+(``(2*window-1)**2``: 169 rows = window 7, the 224 px pretraining; 529 rows = window 12, the 384 px fine-tuned
+checkpoints) and its image size from the shifted blocks' ``attn_mask`` buffers (windows per stage); without
+those buffers ``--image-size`` gives it, else it is inferred by scaling the config's size with the window
+(224 px at window 7 -> 384 px at window 12). The target is built at that window and size (the config's timm Swin
+set to it, :mod:`cclm.model.resize`) and a size the window does not tile is refused naming both. An
+``--image-size`` that differs from the one the masks prove converts at the checkpoint's own size and then resizes
+(tables interpolated as the reference does when it fine-tunes at another resolution).
+
+Heads: a Swin's heads per stage are the tables' last dimension and must equal the target tower's. Text heads
+cannot be read from shapes: ``--text-heads`` is checked against ``text.encoder.num_attention_heads`` of the config
+(a mismatch is refused); without either, hidden / 64 (XLM-R) is assumed; the report says which.
+
+Widths: the reference's cross-attention reads the vision tokens at the vision width (its key/value weights are
+``[hidden, vision_width]``). A narrower vision tower converts exactly: ``image_to_fusion`` becomes the identity
+into the first ``vision_width`` channels and the key/value weights get zero columns for the rest. A vision tower
+wider than the text is refused (one shared projection cannot reproduce per-layer keys/values).
+
+CLIP ViT (``use_clip_vit``, ``models/clip_vit.py``: OpenAI CLIP's vision transformer in HF naming) maps onto
+open_clip's ViT: q/k/v projections concatenated into ``in_proj``, ``pre_layrnorm``/``post_layernorm`` into
+``ln_pre``/``ln_post``; the tower (width, layers, patch, grid, MLP) is read from the shapes, QuickGELU activations
+(``--vision-act``) and ``--vision-heads`` (default width / 64) from the arguments. The DeiT ViT of
+``models/vit.py`` and other vision layouts (X2-VLM's BEiT) are refused naming the layout.
+
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors: never with unrestricted pickle.
 """
 
@@ -43,6 +67,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import re
 import sys
 from collections import defaultdict
@@ -52,7 +77,8 @@ from typing import Any
 
 import torch
 
-from cclm.config import CONFIG_ROOT, ModelConfig, TextNormalize, load_config
+from cclm.config import CONFIG_ROOT, ConfigError, ModelConfig, TextNormalize, load_config
+from cclm.model.resize import check_swin_fit, resize_vision, swin_geometry, window_of_table_rows
 
 DEFAULT_CONFIG = CONFIG_ROOT / "model" / "base_swin.yaml"
 DEFAULT_TOKENIZER = "xlm-roberta-large"
@@ -68,7 +94,8 @@ XLMR_DEFAULTS: dict[str, Any] = {
     "eos_token_id": 2,
     "hidden_act": "gelu",
 }
-HEAD_DIM = 64  # XLM-R base/large: hidden / heads; override with text.encoder.num_attention_heads in --config
+HEAD_DIM = 64  # XLM-R base/large and CLIP ViTs: width / heads; --text-heads / --vision-heads otherwise
+VISION_ACTS = ("quick_gelu", "gelu")
 
 DROPPED_REASONS = {
     "bbox_head": "box regression head of X-VLM's grounding objective; not part of the cross-view model",
@@ -77,6 +104,7 @@ DROPPED_REASONS = {
     "tied_decoder_weight": "MLM decoder weight; tied to the word embeddings (checked equal)",
     "tied_decoder_bias": "MLM decoder bias; the same tensor as cls.predictions.bias (checked equal)",
     "pooler": "BERT pooler; CCLM builds its encoder without one and never reads it",
+    "vit_position_ids": "CLIP ViT position_ids buffer; positions are the token order",
 }
 
 
@@ -125,12 +153,129 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- layout
+_SWIN_TABLE = re.compile(r"vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table")
+_SWIN_MASK = re.compile(r"vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn_mask")
+_CLIP_LAYER = re.compile(r"vision_encoder\.encoder\.layers\.(\d+)\.")
+
+
+@dataclass
+class SwinSource:
+    """What the checkpoint's shapes say about its Swin (Microsoft layout: stage i's blocks run at grid / 2**i)."""
+
+    patch_size: int
+    width: int  # channels of the last stage (the tokens the fusion layers read)
+    windows: list[int]  # per stage, as built (a stage no larger than the window is one window)
+    heads: list[int]  # per stage: the tables' last dimension
+    image_size: int | None  # proven by the shifted blocks' attention masks; None without them
+    kind: str = "swin"
+
+    @property
+    def window(self) -> int:
+        return self.windows[0]
+
+    @classmethod
+    def detect(cls, state: dict[str, torch.Tensor]) -> SwinSource:
+        stages: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        for key, value in state.items():
+            if m := _SWIN_TABLE.fullmatch(key):
+                if value.ndim != 2:
+                    raise ConversionError(
+                        f"'{key}' has shape {tuple(value.shape)}, expected [(2*window-1)**2, heads]"
+                    )
+                stages[int(m.group(1))].add((int(value.shape[0]), int(value.shape[1])))
+        if sorted(stages) != list(range(len(stages))):
+            raise ConversionError(f"Swin stages {sorted(stages)} are not 0..N-1")
+        windows, heads = [], []
+        for stage in range(len(stages)):
+            if len(stages[stage]) != 1:
+                raise ConversionError(
+                    f"Swin stage {stage}: its blocks' relative_position_bias_table shapes differ: {sorted(stages[stage])}"
+                )
+            rows, n_heads = next(iter(stages[stage]))
+            try:
+                windows.append(window_of_table_rows(rows))
+            except ValueError as err:
+                raise ConversionError(f"Swin stage {stage}: {err}") from None
+            heads.append(n_heads)
+        patch = state.get("vision_encoder.patch_embed.proj.weight")
+        norm = state.get("vision_encoder.norm.weight")
+        if patch is None or norm is None:
+            raise ConversionError(
+                "Swin vision encoder without 'vision_encoder.patch_embed.proj.weight' / 'norm.weight'"
+            )
+        patch_size = int(patch.shape[-1])
+        sizes = {}
+        for key, value in state.items():
+            if m := _SWIN_MASK.fullmatch(key):
+                stage = int(m.group(1))
+                side = math.isqrt(int(value.shape[0]))
+                if value.ndim != 3 or side * side != value.shape[0] or stage >= len(windows):
+                    raise ConversionError(f"'{key}' has shape {tuple(value.shape)}, not [windows, w*w, w*w]")
+                sizes[key] = windows[stage] * side * 2**stage * patch_size
+        if len(set(sizes.values())) > 1:
+            raise ConversionError(f"the Swin attention masks disagree on the image size: {sizes}")
+        image_size = next(iter(sizes.values())) if sizes else None
+        return cls(patch_size, int(norm.shape[0]), windows, heads, image_size)
+
+
+@dataclass
+class ClipVitSource:
+    """The reference's CLIP ViT (models/clip_vit.py), read from its shapes."""
+
+    patch_size: int
+    width: int
+    layers: int
+    grid: int
+    intermediate: int
+    kind: str = "clip_vit"
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.patch_size
+
+    @classmethod
+    def detect(cls, state: dict[str, torch.Tensor]) -> ClipVitSource:
+        p = "vision_encoder."
+        needed = [f"{p}patch_embed.weight", f"{p}pos_embed.weight", f"{p}encoder.layers.0.mlp.fc1.weight"]
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise ConversionError(f"CLIP ViT vision encoder without {missing}")
+        patch = state[f"{p}patch_embed.weight"]
+        rows, width = state[f"{p}pos_embed.weight"].shape
+        grid = math.isqrt(int(rows) - 1)
+        if grid * grid != rows - 1:
+            raise ConversionError(f"CLIP ViT pos_embed has {rows} rows: not a class token plus a square grid")
+        layers = {int(m.group(1)) for k in state if (m := _CLIP_LAYER.match(k))}
+        if layers != set(range(len(layers))):
+            raise ConversionError(f"CLIP ViT layers {sorted(layers)} are not 0..N-1")
+        inter = int(state[f"{p}encoder.layers.0.mlp.fc1.weight"].shape[0])
+        return cls(int(patch.shape[-1]), int(width), len(layers), grid, inter)
+
+
+def detect_vision(state: dict[str, torch.Tensor]) -> SwinSource | ClipVitSource:
+    """The vision encoder's layout: the reference's Swin or its CLIP ViT; anything else is refused by name."""
+    if any(_SWIN_TABLE.fullmatch(k) for k in state):
+        return SwinSource.detect(state)
+    if "vision_encoder.pos_embed.weight" in state and any(".self_attn.q_proj." in k for k in state):
+        return ClipVitSource.detect(state)
+    keys = sorted(k for k in state if k.startswith("vision_encoder."))
+    if "vision_encoder.pos_embed" in state or any(k.startswith("vision_encoder.blocks.") for k in keys):
+        what = (
+            "a DeiT/BEiT-style ViT (models/vit.py, or X2-VLM's BEiT): only the reference's Swin "
+            "(use_swin) and CLIP ViT (use_clip_vit) encoders are supported"
+        )
+    else:
+        what = "neither the reference's Swin (use_swin) nor its CLIP ViT (use_clip_vit)"
+    raise ConversionError(f"the vision encoder is {what}; its keys: {_first(keys, 8)}")
+
+
 @dataclass
 class SourceLayout:
     text_prefix: str  # "text_encoder.bert." or "text_encoder."
     num_layers: int
     fusion_start: int  # first layer with cross-attention
     has_mlm_head: bool
+    vision: SwinSource | ClipVitSource | None = None
 
     @classmethod
     def detect(cls, state: dict[str, torch.Tensor]) -> SourceLayout:
@@ -157,7 +302,44 @@ class SourceLayout:
                 "no contiguous block of fusion layers with 'crossattention' weights was found"
             )
         has_mlm = any(k.startswith("text_encoder.cls.") for k in state)
-        return cls(prefix, max(layers) + 1, min(cross), has_mlm)
+        return cls(prefix, max(layers) + 1, min(cross), has_mlm, detect_vision(state))
+
+
+def resolve_text_heads(hidden: int, template: ModelConfig, text_heads: int | None = None) -> tuple[int, str]:
+    """The text attention heads and where they come from: ``--text-heads`` (checked against the config), the
+    config's ``text.encoder.num_attention_heads``, or hidden / 64 assumed."""
+    given = dict(template.text.encoder).get("num_attention_heads")
+    if text_heads is not None and given is not None and int(given) != int(text_heads):
+        raise ConversionError(
+            f"--text-heads {text_heads} disagrees with the config's text.encoder.num_attention_heads={given}: "
+            "attention with other heads computes something else; fix one of them"
+        )
+    if text_heads is not None:
+        heads, source = int(text_heads), "--text-heads" + (" (agrees with the config)" if given else "")
+    elif given is not None:
+        heads, source = int(given), "the config's text.encoder.num_attention_heads"
+    else:
+        heads, source = (
+            hidden // HEAD_DIM,
+            f"assumed: hidden {hidden} / {HEAD_DIM} (pass --text-heads to state it)",
+        )
+    if heads <= 0 or hidden % heads:
+        raise ConversionError(f"{heads} text attention heads do not divide the text width {hidden}")
+    return heads, source
+
+
+def resolve_vision_heads(width: int, vision_heads: int | None = None) -> tuple[int, str]:
+    """The CLIP ViT's heads (shapes cannot tell): ``--vision-heads`` or width / 64 (OpenAI's CLIP ViTs)."""
+    if vision_heads is not None:
+        heads, source = int(vision_heads), "--vision-heads"
+    else:
+        heads, source = (
+            width // HEAD_DIM,
+            f"assumed: width {width} / {HEAD_DIM} (pass --vision-heads to state it)",
+        )
+    if heads <= 0 or width % heads:
+        raise ConversionError(f"{heads} vision attention heads do not divide the CLIP ViT width {width}")
+    return heads, source
 
 
 def target_config(
@@ -166,11 +348,16 @@ def target_config(
     template: ModelConfig,
     normalize: TextNormalize | str = REFERENCE_NORMALIZE,
     max_words: int = REFERENCE_MAX_WORDS,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    vision_act: str = "quick_gelu",
 ) -> ModelConfig:
-    """Our model config: the template (vision tower, image size, attention heads, max_length...) with every size
-    that the checkpoint's shapes determine taken from the checkpoint, the text/fusion layer split of the
-    checkpoint, and the reference's text normaliser (``normalize``, ``max_words``) that the model was trained
-    with."""
+    """Our model config: the template (vision tower, image size, max_length...) with every size that the
+    checkpoint's shapes determine taken from the checkpoint, the text/fusion layer split of the checkpoint, the
+    text heads (:func:`resolve_text_heads`), and the reference's text normaliser (``normalize``, ``max_words``)
+    that the model was trained with. A Swin checkpoint keeps the template's timm tower at its own size (the
+    converter sets its window and size afterwards); a CLIP ViT one gets an open_clip ViT read from its
+    shapes."""
     try:
         normalize = TextNormalize(str(normalize))
     except ValueError:
@@ -194,15 +381,40 @@ def target_config(
         raise ConversionError(
             f"config text.encoder disagrees with the checkpoint (config, checkpoint): {clashes}"
         )
-    encoder = {**XLMR_DEFAULTS, "num_attention_heads": int(hidden) // HEAD_DIM, **given, **shapes}
+    heads, _ = resolve_text_heads(int(hidden), template, text_heads)
+    encoder = {**XLMR_DEFAULTS, **given, **shapes, "num_attention_heads": heads}
     cfg = copy.deepcopy(template)
     cfg.vision.pretrained = None
-    tower = dict(template.vision.tower)
-    if not tower.get("timm_model_name"):
-        raise ConversionError("the target config must use a timm Swin tower (vision.tower.timm_model_name)")
-    # The cross-view model reads the trunk's tokens; open_clip's pooled-head projection would be an unused,
-    # unfilled parameter, so the converted tower has none.
-    tower.update(timm_model_pretrained=False, timm_pool="", timm_proj="none")
+    vision = layout.vision or detect_vision(state)
+    if vision.width > int(hidden):
+        raise ConversionError(
+            f"the vision width {vision.width} is larger than the text width {hidden}: the reference's "
+            "cross-attention reads the vision tokens at their own width in every fusion layer, which one shared "
+            "projection into a narrower fusion width cannot reproduce"
+        )
+    if vision.kind == "swin":
+        tower = dict(template.vision.tower)
+        if not tower.get("timm_model_name"):
+            raise ConversionError(
+                "a Swin checkpoint needs a target config with a timm Swin tower (vision.tower.timm_model_name)"
+            )
+        # The cross-view model reads the trunk's tokens; open_clip's pooled-head projection would be an unused,
+        # unfilled parameter, so the converted tower has none.
+        tower.update(timm_model_pretrained=False, timm_pool="", timm_proj="none")
+    else:
+        if vision_act not in VISION_ACTS:
+            raise ConversionError(f"--vision-act must be one of {VISION_ACTS}, got {vision_act!r}")
+        v_heads, _ = resolve_vision_heads(vision.width, vision_heads)
+        tower = {
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "width": vision.width,
+            "layers": vision.layers,
+            "head_width": vision.width // v_heads,
+            "mlp_ratio": vision.intermediate / vision.width,
+            "quick_gelu": vision_act == "quick_gelu",
+        }
+        cfg.vision.image_size = vision.image_size
     cfg.vision.tower = tower
     cfg.text.name_or_path = None
     cfg.text.encoder = encoder
@@ -219,12 +431,50 @@ def target_config(
 
 # ------------------------------------------------------------------------------------------------- mapping
 _SWIN_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
+_CROSS_KV = re.compile(r"fusion\.layers\.\d+\.crossattention\.self\.(key|value)\.weight")
 _ITM = {"0": "net.0", "1": "net.1", "3": "net.3"}
 _MLM = {"transform.dense.": "dense.", "transform.LayerNorm.": "layer_norm."}
 
 
+_CLIP_NAMES = {
+    "patch_embed.weight": "conv1.weight",
+    "class_embedding": "class_embedding",
+    "pos_embed.weight": "positional_embedding",
+}
+_CLIP_BLOCK = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def _map_clip_vit(rest: str) -> tuple[list[str], str | None]:
+    """open_clip ViT names for the reference's CLIP ViT; q/k/v become parts ``#0..2`` of ``in_proj``."""
+    if rest == "position_ids":
+        return [], "vit_position_ids"
+    if rest in _CLIP_NAMES:
+        return [f"vision.visual.{_CLIP_NAMES[rest]}"], None
+    for old, new in (("pre_layrnorm.", "ln_pre."), ("post_layernorm.", "ln_post.")):
+        if rest.startswith(old):
+            return [f"vision.visual.{new}{rest[len(old) :]}"], None
+    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", rest):
+        block, tail = f"vision.visual.transformer.resblocks.{m.group(1)}", m.group(2)
+        if q := re.fullmatch(r"self_attn\.([qkv]_proj)\.(weight|bias)", tail):
+            return [f"{block}.attn.in_proj_{q.group(2)}#{_QKV[q.group(1)]}"], None
+        for old, new in _CLIP_BLOCK.items():
+            if tail.startswith(old):
+                return [f"{block}.{new}{tail[len(old) :]}"], None
+    return [], None
+
+
 def map_key(key: str, layout: SourceLayout) -> tuple[list[str], str | None]:
-    """Our key(s) for one source key, or ``([], reason)`` when the key is dropped; ``([], None)``: unknown."""
+    """Our key(s) for one source key, or ``([], reason)`` when the key is dropped; ``([], None)``: unknown.
+    ``NAME#i``: part i of our tensor NAME (concatenated along dim 0: CLIP ViT q/k/v into ``in_proj``)."""
+    if key.startswith("vision_encoder.") and layout.vision is not None and layout.vision.kind == "clip_vit":
+        return _map_clip_vit(key[len("vision_encoder.") :])
     if key.startswith("vision_encoder."):
         rest = key[len("vision_encoder.") :]
         if rest.endswith(("relative_position_index", "attn_mask")):
@@ -279,6 +529,9 @@ class ConversionReport:
     left_at_init: list[str] = field(default_factory=list)
     position_ids: str = "reference"
     text_normalize: str = ""
+    vision: dict[str, Any] = field(default_factory=dict)  # kind, image size (and where from), window, heads
+    text_heads: dict[str, Any] = field(default_factory=dict)  # heads, source
+    derived: list[str] = field(default_factory=list)  # tensors of ours computed rather than copied
 
     def summary(self) -> str:
         lines = [
@@ -289,6 +542,22 @@ class ConversionReport:
         for reason, keys in sorted(self.dropped.items()):
             lines.append(f"  dropped {len(keys):>4} x {DROPPED_REASONS[reason]}  (e.g. {keys[0]})")
         lines.append(f"  our tensors filled: {self.filled}")
+        for line in self.derived:
+            lines.append(f"  derived: {line}")
+        if self.vision:
+            v = self.vision
+            geometry = f"window {v['window_size']}, " if v.get("window_size") else ""
+            heads = v.get("heads")
+            heads = "/".join(map(str, heads)) if isinstance(heads, list) else heads
+            lines.append(
+                f"  vision: {v['kind']}, {geometry}{v['image_size']} px ({v['image_size_from']}), heads {heads}"
+                + (f" ({v['heads_from']})" if v.get("heads_from") else "")
+            )
+            if v.get("resized_to"):
+                window = f", window {v['resized_window_size']}" if v.get("resized_window_size") else ""
+                lines.append(f"  resized to {v['resized_to']} px{window} after loading (--image-size)")
+        if self.text_heads:
+            lines.append(f"  text attention heads: {self.text_heads['heads']} ({self.text_heads['source']})")
         if self.left_at_init:
             lines.append(f"  left at initialisation, as asked: {', '.join(self.left_at_init)}")
         lines.append(f"  position ids: {self.position_ids}")
@@ -322,8 +591,12 @@ def convert_state(
     ours = model.state_dict()
     target: dict[str, torch.Tensor] = {}
     dropped: dict[str, list[str]] = defaultdict(list)
-    unknown, mismatched = [], []
+    unknown, mismatched, derived = [], [], []
+    parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = defaultdict(dict)
     consumed = 0
+    hidden = int(model.encoder_config.hidden_size)
+    vision_width = layout.vision.width if layout.vision is not None else hidden
+    padded = 0
     for key, value in state.items():
         names, reason = map_key(key, layout)
         if reason:
@@ -334,6 +607,17 @@ def convert_state(
             continue
         consumed += 1
         for name in names:
+            if "#" in name:
+                base, index = name.split("#")
+                parts[base][int(index)] = (key, value)
+                continue
+            if (
+                vision_width < hidden
+                and _CROSS_KV.fullmatch(name)
+                and tuple(value.shape) == (hidden, vision_width)
+            ):
+                value = torch.cat([value, value.new_zeros(hidden, hidden - vision_width)], dim=1)
+                padded += 1
             if name not in ours:
                 unknown.append(f"{key} (-> {name}, which this model does not have)")
             elif value.numel() == ours[name].numel() == 1:  # the temperature: a 0-d or a 1-element tensor
@@ -342,6 +626,31 @@ def convert_state(
                 mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
             else:
                 target[name] = value.to(ours[name].dtype)
+    for base, pieces in parts.items():
+        keys = [pieces[i][0] for i in sorted(pieces)]
+        if sorted(pieces) != [0, 1, 2]:
+            unknown.append(f"{', '.join(keys)} (-> {base}: q, k and v are all needed)")
+        elif base not in ours:
+            unknown.append(f"{', '.join(keys)} (-> {base}, which this model does not have)")
+        else:
+            value = torch.cat([pieces[i][1] for i in range(3)], dim=0)
+            if tuple(value.shape) != tuple(ours[base].shape):
+                mismatched.append(
+                    f"{', '.join(keys)} {tuple(value.shape)} -> {base} {tuple(ours[base].shape)}"
+                )
+            else:
+                target[base] = value.to(ours[base].dtype)
+    if parts:
+        derived.append(f"{len(parts)} CLIP ViT in_proj weights/biases: q, k, v projections concatenated")
+    if vision_width < hidden and "image_to_fusion.weight" in ours:
+        weight = ours["image_to_fusion.weight"]
+        target["image_to_fusion.weight"] = torch.eye(hidden, vision_width, dtype=weight.dtype)
+        target["image_to_fusion.bias"] = torch.zeros(hidden, dtype=ours["image_to_fusion.bias"].dtype)
+        derived.append(
+            f"image_to_fusion: identity into the first {vision_width} of {hidden} fusion channels; the "
+            f"{padded} cross-attention key/value weights [{hidden}, {vision_width}] get {hidden - vision_width} "
+            "zero columns (the same keys and values as the reference's)"
+        )
     _check_tied(state, layout)
     if "mlm_head.decoder.weight" in ours and "text.embeddings.word_embeddings.weight" in target:
         target["mlm_head.decoder.weight"] = target["text.embeddings.word_embeddings.weight"]
@@ -364,9 +673,7 @@ def convert_state(
                 "initialisation)"
             )
         if any(n.startswith("image_to_fusion.") for n in missing):
-            hint += (
-                " (the Swin width differs from the text width: the target config does not fit the checkpoint)"
-            )
+            hint += " (the vision width differs from the text width: the target config does not fit the checkpoint)"
         problems.append(f"{len(missing)} tensors of ours are not in the checkpoint: {_first(missing)}{hint}")
     if problems:
         raise ConversionError("strict conversion failed:\n  " + "\n  ".join(problems))
@@ -384,6 +691,7 @@ def convert_state(
         len(target) - len(left_at_init),
         left_at_init,
         position_ids,
+        derived=derived,
     )
     return target, report
 
@@ -394,6 +702,89 @@ def _first(items: list[str], n: int = 12) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- convert
+def native_swin_size(
+    source: SwinSource, geometry: dict[str, Any], image_size: int | None = None
+) -> tuple[int, str]:
+    """The image size the checkpoint's Swin ran at, and how it is known: its attention masks, ``--image-size``
+    (when it has none), the target's own size (same window), or the target's size scaled with the window."""
+    if source.image_size is not None:
+        return source.image_size, "the checkpoint's attention masks"
+    if image_size is not None:
+        return int(image_size), "--image-size (the checkpoint holds no attention masks to check it against)"
+    base_size, base_window = geometry["image_size"], geometry["window"]
+    if source.window == base_window:
+        return base_size, f"the config's size at window {base_window}"
+    scaled = base_size * source.window / base_window
+    unit = geometry["patch_size"] * 2 ** (geometry["stages"] - 1)
+    if not scaled.is_integer() or int(scaled) % unit:
+        raise ConversionError(
+            f"the checkpoint's Swin windows are {source.window} (relative_position_bias_table rows "
+            f"(2*{source.window}-1)**2 = {(2 * source.window - 1) ** 2}) and it holds no attention masks that "
+            f"tell its resolution: pass --image-size (the config's tower runs {base_size} px at window "
+            f"{base_window})"
+        )
+    return int(scaled), f"inferred: {base_size} px at window {base_window} scaled to window {source.window}"
+
+
+def prepare_swin(model, source: SwinSource, image_size: int | None = None) -> dict[str, Any]:
+    """Check the target Swin against the checkpoint's (stages, heads per stage) and set it to the checkpoint's
+    window and resolution; returns the report's vision entry. Refusals name the resolution and the window."""
+    trunk = model.vision.visual.trunk
+    try:
+        geometry = swin_geometry(trunk)
+    except AttributeError:
+        raise ConversionError(
+            f"the config's timm tower {type(trunk).__name__} is not a Swin, the checkpoint's vision encoder is"
+        ) from None
+    name = model.cfg.vision.tower.get("timm_model_name")
+    if geometry["stages"] != len(source.heads):
+        raise ConversionError(
+            f"the checkpoint's Swin has {len(source.heads)} stages, the config's tower {name} {geometry['stages']}"
+        )
+    if geometry["heads"] != source.heads:
+        raise ConversionError(
+            f"Swin attention heads differ: the checkpoint's relative_position_bias_table gives {source.heads} "
+            f"heads per stage (its last dimension), the config's tower {name} has {geometry['heads']}; a model "
+            "with other heads computes something else: use a config whose tower has the checkpoint's heads"
+        )
+    if geometry["patch_size"] != source.patch_size:
+        raise ConversionError(
+            f"the checkpoint's Swin patches are {source.patch_size} px, the config's tower {name} uses "
+            f"{geometry['patch_size']} px"
+        )
+    native, native_from = native_swin_size(source, geometry, image_size)
+    what = (
+        f"the checkpoint's Swin (windows {source.window}: relative_position_bias_table rows "
+        f"{(2 * source.window - 1) ** 2} = (2*{source.window}-1)**2)"
+    )
+    try:
+        check_swin_fit(native, source.window, source.patch_size, len(source.heads), what=what)
+    except ConfigError as err:
+        hint = ""
+        if source.image_size is None and image_size is None:
+            hint = "; pass --image-size with the resolution it was trained at"
+        raise ConversionError(f"{err}{hint}") from None
+    grid = native // source.patch_size
+    expected = [min(source.window, grid >> i) for i in range(len(source.windows))]
+    if expected != source.windows:
+        stage = next(i for i, (a, b) in enumerate(zip(expected, source.windows)) if a != b)
+        raise ConversionError(
+            f"at {native} px ({native_from}) with window {source.window}, Swin stage {stage} would use "
+            f"{expected[stage]}x{expected[stage]} windows ({grid >> stage}x{grid >> stage} tokens) but its table is "
+            f"for {source.windows[stage]}x{source.windows[stage]}: the image size does not fit the checkpoint"
+        )
+    if (native, source.window) != (geometry["image_size"], geometry["window"]):
+        resize_vision(model, native, source.window)  # shapes only: the weights are replaced
+    return {
+        "kind": "swin",
+        "image_size": native,
+        "image_size_from": native_from,
+        "window_size": source.window,
+        "heads": list(source.heads),
+        "heads_from": "the relative_position_bias_tables' last dimension",
+    }
+
+
 def convert(
     checkpoint: str | Path,
     out: str | Path,
@@ -403,27 +794,29 @@ def convert(
     allow_missing_mlm_head: bool = False,
     normalize: TextNormalize | str = REFERENCE_NORMALIZE,
     max_words: int = REFERENCE_MAX_WORDS,
+    image_size: int | None = None,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    vision_act: str = "quick_gelu",
 ) -> ConversionReport:
     """Convert ``checkpoint`` into the model folder ``out`` (config, safetensors weights, tokenizer, model card,
     ``conversion_report.json``). The config carries the text normaliser ``normalize`` / ``max_words`` (default:
-    the reference's ``pre_caption`` cut at 40 words), which every user of the folder applies."""
+    the reference's ``pre_caption`` cut at 40 words), which every user of the folder applies. ``image_size``:
+    the resolution the converted model runs at (default: the checkpoint's own, see the module doc);
+    ``text_heads`` / ``vision_heads`` (CLIP ViT) / ``vision_act`` (CLIP ViT): what shapes cannot tell."""
     from cclm.data.tokenize import load_tokenizer
     from cclm.model import CrossViewModel
     from cclm.model.card import describe_normalizer
 
+    if image_size is not None and int(image_size) <= 0:
+        raise ConversionError(f"--image-size must be positive, got {image_size}")
     state = read_checkpoint(checkpoint)
     layout = SourceLayout.detect(state)
     template = load_config(ModelConfig, config or DEFAULT_CONFIG)
-    cfg = target_config(state, layout, template, normalize, max_words)
+    cfg = target_config(state, layout, template, normalize, max_words, text_heads, vision_heads, vision_act)
     cfg.text.tokenizer = tokenizer
-    vision_width = (
-        state["vision_encoder.norm.weight"].shape[0] if "vision_encoder.norm.weight" in state else None
-    )
-    if vision_width is not None and vision_width != cfg.text.encoder["hidden_size"]:
-        raise ConversionError(
-            f"Swin width {vision_width} differs from the text width {cfg.text.encoder['hidden_size']}: the "
-            "reference cross-attention reads Swin tokens directly, which this model supports only at equal widths"
-        )
+    hidden = cfg.text.encoder["hidden_size"]
+    heads, heads_from = resolve_text_heads(hidden, template, text_heads)
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
     except (OSError, ValueError) as err:
@@ -436,10 +829,33 @@ def convert(
             f"{cfg.text.encoder['vocab_size']}"
         )
     model = CrossViewModel(cfg, load_pretrained=False)
+    vision = layout.vision
+    if vision.kind == "swin":
+        vision_info = prepare_swin(model, vision, image_size)
+    else:
+        v_heads, v_heads_from = resolve_vision_heads(vision.width, vision_heads)
+        vision_info = {
+            "kind": "clip_vit",
+            "image_size": vision.image_size,
+            "image_size_from": f"the checkpoint's {vision.grid}x{vision.grid} position grid",
+            "heads": v_heads,
+            "heads_from": v_heads_from,
+            "activation": vision_act,
+        }
     target, report = convert_state(state, model, layout, position_ids, allow_missing_mlm_head)
     model.load_state_dict(target, strict=True)
+    if image_size is not None and int(image_size) != vision_info["image_size"]:
+        try:
+            resize_vision(model, int(image_size))  # interpolated as the reference does
+        except ConfigError as err:
+            raise ConversionError(f"--image-size {image_size}: {err}") from None
+        vision_info["resized_to"] = int(image_size)
+        if model.cfg.vision.tower.get("window_size"):
+            vision_info["resized_window_size"] = model.cfg.vision.tower["window_size"]
     report.source, report.out = str(checkpoint), str(out)
     report.text_normalize = describe_normalizer(cfg.text)
+    report.vision = vision_info
+    report.text_heads = {"heads": heads, "source": heads_from}
     extra = {
         "converted_from": {
             "checkpoint": str(checkpoint),
@@ -447,6 +863,8 @@ def convert(
             "position_ids": position_ids,
             "dropped": {k: len(v) for k, v in report.dropped.items()},
             "left_at_init": report.left_at_init,
+            "vision": vision_info,
+            "text_heads": report.text_heads,
         }
     }
     out = Path(out)
@@ -467,7 +885,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
-        help="model config giving the timm Swin tower and image size (default: base_swin.yaml)",
+        help="model config giving the timm Swin tower at its pretraining size (default: base_swin.yaml)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -493,6 +911,33 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="fine-tuned checkpoints have no MLM head: leave ours at initialisation",
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resolution of the converted model (default: the checkpoint's: Swin attention masks, else the "
+        "config's size scaled with the window read from the relative-position tables: 384 for window 12)",
+    )
+    parser.add_argument(
+        "--text-heads",
+        type=int,
+        default=None,
+        help="text attention heads (shapes cannot tell; checked against the config's "
+        "text.encoder.num_attention_heads; default: the config's, else hidden / 64)",
+    )
+    parser.add_argument(
+        "--vision-heads",
+        type=int,
+        default=None,
+        help="CLIP ViT checkpoints: vision attention heads (default width / 64); Swin heads are read from the "
+        "checkpoint",
+    )
+    parser.add_argument(
+        "--vision-act",
+        choices=VISION_ACTS,
+        default="quick_gelu",
+        help="CLIP ViT checkpoints: the activation (default quick_gelu, OpenAI CLIP's)",
+    )
     args = parser.parse_args(argv[1:])
     try:
         report = convert(
@@ -504,6 +949,10 @@ def main(argv: list[str]) -> int:
             args.allow_missing_mlm_head,
             args.normalize,
             args.max_words,
+            image_size=args.image_size,
+            text_heads=args.text_heads,
+            vision_heads=args.vision_heads,
+            vision_act=args.vision_act,
         )
     except ConversionError as err:
         print(f"cclm convert-reference: {err}", file=sys.stderr)

@@ -303,7 +303,18 @@ class CrossViewModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CrossViewModel:
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        image_size: int | None = None,
+        window_size: int | None = None,
+    ) -> CrossViewModel:
+        """The model of a :meth:`save_pretrained` folder, rebuilt offline from its config. ``image_size`` /
+        ``window_size``: run the vision tower at another resolution (Swin windows and relative-position tables,
+        ViT position grid interpolated as the reference does: :func:`cclm.model.resize.resize_vision`); the
+        model's config then records the new size."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
@@ -314,6 +325,10 @@ class CrossViewModel(nn.Module):
             raise ValueError(f"{config_path} is not a cclm cross-view model config")
         model = cls(from_dict(ModelConfig, config["model"]), load_pretrained=False)
         load_model(model, str(weights_path), strict=True, device=str(device))
+        if image_size is not None or window_size is not None:
+            from cclm.model.resize import resize_vision
+
+            resize_vision(model, image_size or model.cfg.vision.image_size, window_size)
         return model.to(device)
 
 

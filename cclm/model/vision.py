@@ -28,6 +28,15 @@ from cclm.model.text import loadable_from_hub
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Tower keys of cclm's own, beside open_clip's CLIPVisionCfg fields (removed before open_clip builds the tower):
+CCLM_TOWER_FIELDS = {
+    # timm Swin towers: the window at ``image_size`` (the trunk is built at its own size, then set to
+    # image_size / window_size by cclm.model.resize; the reference fine-tunes Swin-B at 384 px with window 12)
+    "window_size": "Swin window size at image_size",
+    # open_clip ViTs: QuickGELU activations (OpenAI CLIP weights, the reference's CLIP-ViT); open_clip takes it as
+    # a model-level flag, not a vision field
+    "quick_gelu": "QuickGELU activations in an open_clip ViT",
+}
 
 
 def check_vision_config(vision_cfg: Any, key: str = "model.vision") -> None:
@@ -48,12 +57,20 @@ def check_vision_config(vision_cfg: Any, key: str = "model.vision") -> None:
 def check_tower_fields(tower: dict[str, Any], key: str = "model.vision.tower") -> None:
     from open_clip.model import CLIPVisionCfg
 
-    known = sorted(f.name for f in dataclasses.fields(CLIPVisionCfg))
+    known = sorted([f.name for f in dataclasses.fields(CLIPVisionCfg)] + list(CCLM_TOWER_FIELDS))
     for name in tower:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}.{name}': not a field of open_clip's CLIPVisionCfg{hint}")
+    window = tower.get("window_size")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ConfigError(f"config key '{key}.window_size'={window!r}: must be a positive integer")
+        if not tower.get("timm_model_name"):
+            raise ConfigError(f"config key '{key}.window_size': only timm Swin towers have windows")
+    if tower.get("quick_gelu") and tower.get("timm_model_name"):
+        raise ConfigError(f"config key '{key}.quick_gelu': timm towers keep timm's own activations")
 
 
 def check_timm_model_name(name: str, key: str = "model.vision.tower.timm_model_name") -> None:
@@ -152,6 +169,11 @@ class VisionTower(nn.Module):
 
     ``load_pretrained=False`` builds a timm tower without fetching its ``timm_model_pretrained`` weights (a saved
     model's own weights replace them); ``tower_cfg`` is recorded as given either way.
+
+    timm builds its trunk at the architecture's own input size; when ``tower_cfg`` asks for another
+    ``image_size`` or a ``window_size`` (a resized Swin, :mod:`cclm.model.resize`), the trunk is set to it after
+    it is built (pretrained weights interpolated as the reference does), so a saved resized model rebuilds with
+    the shapes of its weights.
     """
 
     def __init__(self, tower_cfg: dict[str, Any], embed_dim: int, load_pretrained: bool = True):
@@ -161,10 +183,22 @@ class VisionTower(nn.Module):
         cfg = dict(tower_cfg)
         cfg.pop("output_tokens", None)
         check_tower_fields(cfg)
-        build_cfg = cfg if load_pretrained else {**cfg, "timm_model_pretrained": False}
-        self.visual = _build_vision_tower(embed_dim, build_cfg)
+        build_cfg = {k: v for k, v in cfg.items() if k not in CCLM_TOWER_FIELDS}
+        if not load_pretrained:
+            build_cfg["timm_model_pretrained"] = False
+        self.visual = _build_vision_tower(embed_dim, build_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)))
         self.tower_cfg = cfg
         self.is_timm = bool(cfg.get("timm_model_name"))
+        if self.is_timm and (cfg.get("window_size") is not None or "image_size" in cfg):
+            from cclm.model.resize import resize_tower, timm_trunk_image_size
+
+            size = timm_trunk_image_size(self.visual.trunk)
+            wanted = cfg.get("image_size")
+            if isinstance(wanted, (list, tuple)):  # (h, w): square ones only are resized
+                wanted = wanted[0] if len(set(wanted)) == 1 else None
+            wanted = int(wanted) if wanted else size
+            if wanted and (cfg.get("window_size") is not None or wanted != size):
+                resize_tower(self, wanted, cfg.get("window_size"))
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.width = self._infer_width()
