@@ -495,7 +495,7 @@ class FinetuneConfig:
     # > 0: fine-tune and evaluate at this image size; the vision tower's position tables are interpolated (the
     # reference fine-tunes at 384 px, Swin windows 7 -> 12). 0 = the pretrained model's size.
     image_size: int = 0
-    window_size: int = 0  # Swin towers: the window at image_size (0 = scaled with the image: 7 at 224 -> 12 at 384)
+    window_size: int = 0  # Swin: the window at image_size (0 = scaled with the image: 7 at 224 -> 12 at 384)
     head: TaskHeadStyle = TaskHeadStyle.iglue
     output_dir: str = "output/finetune"
     resume: str | None = None  # "auto": continue from the newest checkpoint of output_dir (train.save_every)
