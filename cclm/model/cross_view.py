@@ -60,7 +60,9 @@ class CrossViewModel(nn.Module):
         # Vision: resolve the open_clip tower config once and store it, so a saved model rebuilds offline.
         tower_cfg, clip_dim = (dict(cfg.vision.tower), cfg.embed_dim)
         if not tower_cfg:
-            tower_cfg, clip_dim = resolve_open_clip_vision_cfg(cfg.vision.name)
+            tower_cfg, clip_dim = resolve_open_clip_vision_cfg(
+                cfg.vision.name, pretrained=cfg.vision.pretrained
+            )
             tower_cfg["image_size"] = cfg.vision.image_size
         self.vision = VisionTower(tower_cfg, clip_dim, load_pretrained=load_pretrained)
         if load_pretrained and cfg.vision.pretrained:

@@ -129,8 +129,12 @@ def check_pretrained_tag(name: str, pretrained: str, key: str = "model.vision.pr
     )
 
 
-def resolve_open_clip_vision_cfg(name: str, key: str = "model.vision") -> tuple[dict[str, Any], int]:
-    """The ``vision_cfg`` and ``embed_dim`` of an open_clip model name (built-in, ``local-dir:`` or ``hf-hub:``)."""
+def resolve_open_clip_vision_cfg(
+    name: str, key: str = "model.vision", pretrained: str | None = None
+) -> tuple[dict[str, Any], int]:
+    """The ``vision_cfg`` and ``embed_dim`` of an open_clip model name (built-in, ``local-dir:`` or ``hf-hub:``).
+    ``quick_gelu`` is set when the model config or the ``pretrained`` tag says its weights were trained with
+    QuickGELU (OpenAI's CLIP): the same weights under plain GELU compute other features."""
     import open_clip
 
     check_open_clip_name(name, key)
@@ -145,7 +149,13 @@ def resolve_open_clip_vision_cfg(name: str, key: str = "model.vision") -> tuple[
         model_cfg = json.loads(Path(path).read_text())["model_cfg"]
     else:
         model_cfg = open_clip.get_model_config(name)
-    return dict(model_cfg["vision_cfg"]), int(model_cfg["embed_dim"])
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    quick_gelu = bool(model_cfg.get("quick_gelu"))
+    if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+        quick_gelu |= bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    if quick_gelu:
+        vision_cfg["quick_gelu"] = True
+    return vision_cfg, int(model_cfg["embed_dim"])
 
 
 def load_pretrained_visual_state(name: str, pretrained: str | None) -> dict[str, torch.Tensor]:
