@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cclm.cli import main as cclm_main
-from cclm.config import DeepSpeedConfig, FinetuneConfig, ModelConfig, Protocol, load_config
+from cclm.config import DeepSpeedConfig, FinetuneConfig, ModelConfig, Protocol, TaskHeadStyle, load_config
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime import engine, optim
 from cclm.runtime import trainer as trainer_module
@@ -548,3 +548,33 @@ def runner_examples(cfg) -> list:
         for path in cfg.data.train
         for e in task.read(path, task.labels(cfg.data), cfg.data.max_examples).examples
     ]
+
+
+@pytest.mark.parametrize("task", ["xgqa", "marvl"])
+def test_cclm_heads_finetune_save_and_evaluate_through_the_protocol(
+    task, iglue_dir, tmp_path, pretrained_dir
+):
+    """``head: cclm``: xGQA trains the answer decoder (its answer list tokenised from the label vocabulary by the
+    run's collator), MaRVL the doubled fusion stack; the saved folder keeps the head, and evaluating it reproduces
+    the zero-shot table."""
+    setup = dict(task_setups(iglue_dir)[task], translate_test={})
+    cfg = task_config(task, iglue_dir, tmp_path, pretrained_dir, **setup)
+    cfg.head = TaskHeadStyle.cclm
+    make_placeholder_images(cfg)
+    tables = protocols.run_zero_shot(cfg)
+    checkpoint = tmp_path / "run" / "model"
+    model = TaskModel.load(checkpoint)
+    assert (json.loads((checkpoint / "task.json").read_text())["head"], model.head_style) == ("cclm", "cclm")
+    if task == "xgqa":
+        assert model.decodes_answers and model.head.answer_ids.shape[0] == len(model.label_names) == 1842
+    else:
+        assert model.pair_fusion is not None
+    config_file = tmp_path / "task.yaml"
+    OmegaConf.save(cfg, config_file)
+    code = cclm_main(
+        ["evaluate", str(config_file), f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'eval'}"]
+    )
+    assert code == 0
+    again = json.loads((tmp_path / "eval" / "results" / task / "zero_shot.json").read_text())
+    for row, before in zip(again["rows"], tables["zero_shot"]["rows"], strict=True):
+        assert row["accuracy"] == pytest.approx(before["accuracy"], abs=1e-6)

@@ -1,5 +1,5 @@
 """easy-VQA (PyPI ``easy-vqa``): real 64x64 shape images with English questions and 13 answers, through the
-xGQA-style answer classifier. Files are split names: ``train``, ``dev`` and ``test``. The package ships no dev
+xGQA-style answer classifier, or with ``head: cclm`` the CCLM reference's answer decoder (as xGQA). Files are split names: ``train``, ``dev`` and ``test``. The package ships no dev
 split, so ``dev`` is every tenth training image (by image id) with its questions, and ``train`` the rest:
 model selection never sees the test split, and no image is shared between train and dev.
 """
@@ -11,6 +11,7 @@ from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "single"
+CCLM_HEAD = "answer_decoder"  # head: cclm (the reference's VQA model)
 SPLITS = ("train", "dev", "test")
 DEV_EVERY = 10
 

@@ -1,6 +1,10 @@
 """Fine-tuning a task model on the runtime's :class:`~cclm.runtime.trainer.Trainer` (DeepSpeed ZeRO, bf16,
 several GPUs, exact resume, TensorBoard), with model selection on a dev score: the weights of the best dev
-evaluation are kept (selection never looks at a test set). Predictions for scoring run on the trained module."""
+evaluation are kept (selection never looks at a test set). Predictions for scoring run on the trained module.
+
+An answer decoder (``head: cclm`` VQA tasks) needs its answers' token ids: when the model does not hold them yet,
+:func:`finetune` and :func:`predict` tokenise the answer list with the batches' own collator (its tokenizer and the
+model's text normaliser)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from cclm.runtime.env import DistEnv, autocast, to_device
 from cclm.runtime.optim import multipliers
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import LoopSettings, Selection, Trainer
+from cclm.tasks.answer_decoder import K_TEST
 from cclm.tasks.task_model import TaskModel
 
 DEV = "dev"
@@ -28,6 +33,7 @@ class FinetuneSettings:
     epochs: int = 10
     max_steps: int = 0  # > 0 stops earlier than `epochs`
     weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (the fine-tuning config's train.betas)
     head_lr_mult: float = 1.0
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -39,6 +45,29 @@ class FinetuneSettings:
     seed: int = 42  # hard-negative sampling (retrieval tasks)
     collective_timeout_s: float = 1800.0
     stall_factor: float = 20.0
+
+    @classmethod
+    def from_train_config(cls, train, lr: float) -> FinetuneSettings:
+        """The settings of a fine-tuning config's ``train`` section (:class:`~cclm.config.FinetuneTrainConfig`)
+        at learning rate ``lr`` (the zero-shot ``train.lr`` or one of the few-shot ``train.lr_sweep``)."""
+        return cls(
+            lr=float(lr),
+            epochs=train.epochs,
+            max_steps=train.max_steps,
+            weight_decay=train.weight_decay,
+            betas=tuple(float(b) for b in train.betas),
+            head_lr_mult=train.head_lr_mult,
+            warmup_ratio=train.warmup_ratio,
+            grad_clip=train.grad_clip,
+            eval_every=train.eval_every,
+            log_every=train.log_every,
+            save_every=train.save_every,
+            keep_last=train.keep_last,
+            time_limit_s=60.0 * train.time_limit_minutes,
+            seed=train.seed,
+            collective_timeout_s=train.collective_timeout_s,
+            stall_factor=train.stall_factor,
+        )
 
 
 def finetune(
@@ -56,6 +85,7 @@ def finetune(
 ) -> tuple[TaskModel, Selection]:
     """Train ``model`` on ``source``; evaluate ``dev_score`` every ``eval_every`` steps (each epoch by default)
     and at the end; return the module holding the weights of its best dev evaluation (fp32, eval mode)."""
+    prepare_answers(model, getattr(source, "collate_fn", None))
     steps = settings.max_steps if settings.max_steps > 0 else settings.epochs * len(source)
     loop = LoopSettings(
         max_steps=steps,
@@ -76,7 +106,9 @@ def finetune(
         source,
         loop,
         env=env,
-        optimizer_cfg=OptimizerConfig(lr=settings.lr, weight_decay=settings.weight_decay, betas=[0.9, 0.999]),
+        optimizer_cfg=OptimizerConfig(
+            lr=settings.lr, weight_decay=settings.weight_decay, betas=[float(b) for b in settings.betas]
+        ),
         scheduler_cfg=SchedulerConfig(name=ScheduleName.linear, warmup_ratio=settings.warmup_ratio),
         deepspeed_cfg=deepspeed_cfg if deepspeed_cfg is not None else DeepSpeedConfig(),
         micro_batch=source.batch_size,
@@ -95,16 +127,32 @@ def finetune(
     return trained, trainer.selection
 
 
+def prepare_answers(model: TaskModel, collate_fn) -> None:
+    """Give an answer decoder that has none its answers' token ids, tokenised by the batches' collator."""
+    if model.needs_answer_tokens():
+        tokenize = getattr(collate_fn, "tokenize", None)
+        if tokenize is None:
+            raise ValueError(
+                "the answer decoder has no answer tokens and the batches' collator cannot tokenise them: "
+                "call model.set_answer_tokens(TaskCollator.for_model(model.backbone, tokenizer).tokenize)"
+            )
+        model.set_answer_tokens(tokenize)
+
+
 @torch.no_grad()
-def predict(model: TaskModel, batches: Iterable[dict], device: torch.device, precision="auto"):
-    """(predicted class ids, gold labels) over ``batches``."""
+def predict(
+    model: TaskModel, batches: Iterable[dict], device: torch.device, precision="auto", k: int = K_TEST
+):
+    """(predicted class ids, gold labels) over ``batches``; an answer decoder scores the ``k`` answers with the
+    most probable first token in full (the reference's ``k_test``)."""
+    prepare_answers(model, getattr(batches, "collate_fn", None))
     was_training = model.training
     model.eval()
     predictions, labels = [], []
     for batch in batches:
         with autocast(device, precision):
-            logits = model.logits(to_device(batch, device))
-        predictions.append(logits.argmax(dim=-1).cpu())
+            predicted = model.predict_labels(to_device(batch, device), k)
+        predictions.append(predicted.cpu())
         labels.append(batch["labels"])
     model.train(was_training)
     return torch.cat(predictions), torch.cat(labels)

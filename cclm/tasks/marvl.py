@@ -1,4 +1,6 @@
-"""MaRVL (and its English training source NLVR2): is a caption true of a pair of images? Binary.
+"""MaRVL (and its English training source NLVR2): is a caption true of a pair of images? Binary. ``head: iglue``
+fuses the caption with each image and concatenates the two [CLS]; ``head: cclm`` reads both images through the
+reference's doubled fusion stack (:mod:`cclm.tasks.nlvr_fusion`).
 
 MaRVL records: ``caption``, ``left_img``/``right_img``, ``concept``, ``language``, ``label`` (bool); images at
 ``<image_roots.marvl>/<language>/images/<concept>/<file>`` (few-shot files already name ``<concept>/<file>``).
@@ -23,6 +25,7 @@ from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "pair"
+CCLM_HEAD = "dual_image_fusion"  # head: cclm (the reference's NLVR model)
 LABELS = ["false", "true"]
 _TRUTH = {True: 1, False: 0, "true": 1, "false": 0, "True": 1, "False": 0}
 

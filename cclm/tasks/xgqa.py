@@ -1,4 +1,6 @@
-"""xGQA (cross-lingual GQA): a question about a GQA image, classified over GQA's 1,842 answers.
+"""xGQA (cross-lingual GQA): a question about a GQA image, classified over GQA's 1,842 answers (``head: iglue``),
+or answered by the CCLM reference's answer decoder ranking those answers (``head: cclm``,
+:mod:`cclm.tasks.answer_decoder`).
 
 Files: GQA question JSON (``{question_id: {"question", "answer", "imageId", ...}}``); the answer vocabulary is
 ``trainval_ans2label.json`` (``data.label_vocab``). Images: ``<image_roots.gqa>/<imageId>.jpg``.
@@ -22,6 +24,7 @@ from cclm.tasks.images import ImageRef
 from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "single"
+CCLM_HEAD = "answer_decoder"  # head: cclm (the reference's VQA model)
 
 
 def labels(data_cfg) -> list[str]:
