@@ -15,9 +15,13 @@ top-k has its ITC rank (> k) and is a miss for every R@K with K <= k. With ``k =
 A query with no gold item in its top-k therefore has the same rank whatever ITM says: its pairs are not
 re-scored (``rescore_all=True`` scores them anyway; ranks and metrics are identical).
 
-Ranks are 1-based. Ties count against the query: a query's rank is 1 + the number of non-gold candidates that
-score at least as high as its best gold candidate (a constant scorer therefore gets chance-level recall, not
-100%). An image query's gold items are all its captions; a caption query's gold item is its image.
+Ranks are 1-based. By default ties count against the query: a query's rank is 1 + the number of non-gold
+candidates that score at least as high as its best gold candidate (a constant scorer therefore gets chance-level
+recall, not 100%). With ``ties="index"`` (IGLUE's convention: its evaluation ranks by ``argsort(-scores)``) ties
+are broken by candidate index, as a stable sort by descending score would: a non-gold candidate that ties the best
+gold score ranks above it only when it comes first. Functions take ``ties`` (None = the default of the calling
+context, :func:`tie_breaking`; ``"against"`` outside one). An image query's gold items are all its captions; a
+caption query's gold item is its image.
 
 On several ranks (``torch.distributed`` initialised) each rank embeds a slice of the images and captions (the
 embeddings are all-gathered), scores a slice of the queries of both directions, and the ranks are gathered, so
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +104,52 @@ def _gold_mask(gold: torch.Tensor, n_candidates: int) -> torch.Tensor:
     return mask[:, :n_candidates]
 
 
-def ranks_from_scores(scores: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:
-    """Rank of each query's best gold candidate: 1 + #non-gold candidates scoring >= the best gold score."""
+# -------------------------------------------------------------------------------------------------------- ties
+TIES_AGAINST = "against"  # a non-gold candidate scoring as high as the best gold one ranks above it
+TIES_INDEX = "index"  # ties broken by candidate index (a stable sort by descending score): IGLUE's convention
+TIES = (TIES_AGAINST, TIES_INDEX)
+_DEFAULT_TIES: ContextVar[str] = ContextVar("cclm_retrieval_ties", default=TIES_AGAINST)
+
+
+def resolve_ties(ties: str | None = None) -> str:
+    """``ties``, or the calling context's default (:func:`tie_breaking`) when None; an unknown value fails."""
+    ties = _DEFAULT_TIES.get() if ties is None else str(ties)
+    if ties not in TIES:
+        raise ValueError(f"unknown tie breaking '{ties}' (expected one of {', '.join(TIES)})")
+    return ties
+
+
+@contextmanager
+def tie_breaking(ties: str) -> Iterator[None]:
+    """Within the block, the functions of this module called without ``ties`` break ties ``ties``
+    (``"index"``: the IGLUE tasks' convention; a ``contextvars`` default, so it stays with this thread/task)."""
+    token = _DEFAULT_TIES.set(resolve_ties(ties))
+    try:
+        yield
+    finally:
+        _DEFAULT_TIES.reset(token)
+
+
+def ranks_from_scores(
+    scores: torch.Tensor,
+    gold_mask: torch.Tensor,
+    ties: str | None = None,
+    order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rank of each query's best gold candidate: 1 + #non-gold candidates scoring >= the best gold score
+    (``ties="against"``), or, with ``ties="index"``, 1 + #non-gold candidates scoring higher or scoring the same
+    and coming before the first gold candidate with that score. ``order`` [b, n] gives each column's candidate
+    index (default: the column index), e.g. the candidates of a top-k list."""
+    ties = resolve_ties(ties)
     best_gold = scores.masked_fill(~gold_mask, float("-inf")).amax(dim=1, keepdim=True)
-    return 1 + ((scores >= best_gold) & ~gold_mask).sum(dim=1)
+    if ties == TIES_AGAINST:
+        return 1 + ((scores >= best_gold) & ~gold_mask).sum(dim=1)
+    if order is None:
+        order = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    tied = scores == best_gold
+    first_gold = order.masked_fill(~(tied & gold_mask), torch.iinfo(torch.long).max).amin(dim=1, keepdim=True)
+    ahead = (scores > best_gold) | (tied & (order < first_gold))
+    return 1 + (ahead & ~gold_mask).sum(dim=1)
 
 
 def metrics_from_ranks(i2t_ranks: Any, t2i_ranks: Any) -> dict[str, float]:
@@ -121,14 +169,18 @@ def metrics_from_ranks(i2t_ranks: Any, t2i_ranks: Any) -> dict[str, float]:
 
 
 def itm_metrics(
-    scores_i2t: Any, scores_t2i: Any, txt2img: Sequence[Any], img2txt: Sequence[Any]
+    scores_i2t: Any,
+    scores_t2i: Any,
+    txt2img: Sequence[Any],
+    img2txt: Sequence[Any],
+    ties: str | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics from dense score matrices (arrays or tensors).
 
     ``scores_i2t`` [n_images, n_texts] (text retrieval, image queries), ``scores_t2i`` [n_texts, n_images];
     ``txt2img[t]`` the gold image of text t, ``img2txt[i]`` the list of gold texts of image i. Returns the
     percentages ``txt_r1 ... img_r_mean, r_mean`` plus ``*_medr`` / ``*_meanr`` (an image's rank is the best rank
-    of its gold texts). Vectorised: no Python loop over queries."""
+    of its gold texts); ``ties`` as in :func:`ranks_from_scores`. Vectorised: no Python loop over queries."""
     s_i2t, s_t2i = _to_tensor(scores_i2t).double(), _to_tensor(scores_t2i).double()
     n_images, n_texts = s_i2t.shape
     if s_t2i.shape != (n_texts, n_images):
@@ -137,8 +189,8 @@ def itm_metrics(
         raise ValueError(
             f"{len(img2txt)} img2txt / {len(txt2img)} txt2img entries for a {n_images}x{n_texts} matrix"
         )
-    i2t = ranks_from_scores(s_i2t, _gold_mask(gold_matrix(img2txt, n_texts), n_texts))
-    t2i = ranks_from_scores(s_t2i, _gold_mask(gold_matrix(txt2img, n_images), n_images))
+    i2t = ranks_from_scores(s_i2t, _gold_mask(gold_matrix(img2txt, n_texts), n_texts), ties)
+    t2i = ranks_from_scores(s_t2i, _gold_mask(gold_matrix(txt2img, n_images), n_images), ties)
     return metrics_from_ranks(i2t, t2i)
 
 
@@ -164,9 +216,13 @@ def itc_topk(
     gold: torch.Tensor,
     k: int,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    ties: str | None = None,
 ) -> TopK:
     """Top-k candidates of every query by cosine similarity, computed in blocks of query rows so that at most
-    ``block_elements`` similarities exist at a time. ``gold`` is the [n_queries, max_gold] padded gold matrix."""
+    ``block_elements`` similarities exist at a time. ``gold`` is the [n_queries, max_gold] padded gold matrix.
+    With ``ties="index"`` the top-k list is the head of a stable sort (equal scores in candidate order), as the
+    ranks."""
+    ties = resolve_ties(ties)
     n_queries, n_candidates = query_feats.shape[0], candidate_feats.shape[0]
     k = min(k, n_candidates)
     rows = max(1, block_elements // max(1, n_candidates))
@@ -175,11 +231,15 @@ def itc_topk(
     for start in range(0, n_queries, rows):
         sims = (query_feats[start : start + rows] @ candidate_feats.t()).float()
         gold_mask = _gold_mask(gold[start : start + rows], n_candidates)
-        ranks.append(ranks_from_scores(sims, gold_mask))
-        top = sims.topk(k, dim=1)
-        indices.append(top.indices)
-        scores.append(top.values)
-        is_gold.append(gold_mask.gather(1, top.indices))
+        ranks.append(ranks_from_scores(sims, gold_mask, ties))
+        if ties == TIES_INDEX:
+            values, top_indices = sims.sort(dim=1, descending=True, stable=True)
+            values, top_indices = values[:, :k], top_indices[:, :k]
+        else:
+            values, top_indices = sims.topk(k, dim=1)
+        indices.append(top_indices)
+        scores.append(values)
+        is_gold.append(gold_mask.gather(1, top_indices))
     device = query_feats.device
     if not indices:
         empty = torch.empty(0, k, device=device)
@@ -473,10 +533,11 @@ def rerank(
     return out[0], out[1]
 
 
-def ranks_after_rerank(top: TopK, rerank_scores: torch.Tensor) -> torch.Tensor:
+def ranks_after_rerank(top: TopK, rerank_scores: torch.Tensor, ties: str | None = None) -> torch.Tensor:
     """Final rank of each query: its rank among the re-scored top-k when a gold item is in it, else its ITC rank
-    (every top-k candidate then ranks above the gold items, the rest keep their ITC order)."""
-    topk_ranks = ranks_from_scores(rerank_scores, top.is_gold)
+    (every top-k candidate then ranks above the gold items, the rest keep their ITC order). With ``ties="index"``
+    equal re-scores are ordered by candidate index."""
+    topk_ranks = ranks_from_scores(rerank_scores, top.is_gold, ties, order=top.indices)
     return torch.where(top.has_gold, topk_ranks, top.itc_ranks)
 
 
@@ -501,20 +562,23 @@ def two_stage_ranks(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     rescore_all: bool = False,
     kv_cache: bool = True,
+    ties: str | None = None,
 ) -> RetrievalOutput:
     """Stage 1 (ITC top-k) and stage 2 (ITM re-ranking) over embeddings already computed for the whole gallery.
 
     This rank scores its slice of the image queries and of the caption queries; ranks are gathered. ITM scores
     only the queries whose rank depends on it (a gold item in the top-k) unless ``rescore_all``; the ranks and
     metrics are the same either way. ``kv_cache=False`` runs every pair through the whole fusion stack (see
-    :func:`itm_scores`; the same scores to float rounding)."""
+    :func:`itm_scores`; the same scores to float rounding). ``ties`` as in :func:`ranks_from_scores` (None: the
+    context's, :func:`tie_breaking`)."""
+    ties = resolve_ties(ties)
     rank, world = dist_info()
     n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
     gold_i2t, gold_t2i = gold_matrix(img2txt, n_texts), gold_matrix(txt2img, n_images)
     my_images = torch.tensor(shard_range(n_images, rank, world), dtype=torch.long)
     my_texts = torch.tensor(shard_range(n_texts, rank, world), dtype=torch.long)
-    i2t = itc_topk(emb.image_feats[my_images], emb.text_feats, gold_i2t[my_images], k, block_elements)
-    t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements)
+    i2t = itc_topk(emb.image_feats[my_images], emb.text_feats, gold_i2t[my_images], k, block_elements, ties)
+    t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements, ties)
     if do_rerank and k > 0:
         i2t_scores, t2i_scores = rerank(
             model,
@@ -529,8 +593,8 @@ def two_stage_ranks(
             rescore_all,
             kv_cache,
         )
-        i2t_ranks = ranks_after_rerank(i2t, i2t_scores)
-        t2i_ranks = ranks_after_rerank(t2i, t2i_scores)
+        i2t_ranks = ranks_after_rerank(i2t, i2t_scores, ties)
+        t2i_ranks = ranks_after_rerank(t2i, t2i_scores, ties)
     else:
         i2t_ranks, t2i_ranks = i2t.itc_ranks, t2i.itc_ranks
     i2t_ranks = gather_rows(i2t_ranks, n_images).cpu()

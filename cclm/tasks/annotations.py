@@ -182,12 +182,13 @@ def read_object_entries(path: str | Path) -> Iterator[tuple[int, str, Any]]:
 
 # -------------------------------------------------------------------------------------------------- language
 _LANG = re.compile(r"^[a-z]{2,3}$")
-_FILE_LANG = re.compile(r"(?:^|[-_])([a-z]{2,3})(?:_gmt|_train\d+)?$")
+_FILE_LANG = re.compile(r"(?:^|[-_])([a-z]{2,3})(?:_gmt|_train\d+(?:x\d+)?)?$")
 
 
 def language_from_path(path: str | Path, default: str = "en") -> str:
     """The language an IGLUE file is for: its folder (``annotations/de/test.jsonl``) or its name
-    (``marvl-id.jsonl``, ``test_ar_gmt.jsonl``, ``marvl-zh_train10.jsonl``); English sources get ``default``."""
+    (``marvl-id.jsonl``, ``test_ar_gmt.jsonl``, ``marvl-zh_train10.jsonl``, ``marvl-tr_train10x2.jsonl``); English
+    sources get ``default``."""
     path = Path(path)
     if _LANG.match(path.parent.name):
         return path.parent.name

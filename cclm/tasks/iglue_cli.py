@@ -1,6 +1,8 @@
 """``cclm iglue inspect --task TASK FILE...``: one JSON line per annotation file with its counts.
 ``cclm iglue check-images CONFIG [key=value ...]`` or ``cclm iglue check-images --task TASK --root NAME=DIR FILE...``:
-list every missing image, before any training starts (exit status 1 when some are missing)."""
+list every missing image, before any training starts (exit status 1 when some are missing).
+``cclm iglue report RESULTS_DIR... --out DIR``: our results beside the published baselines, one table and chart per
+task and protocol (:mod:`cclm.tasks.report`)."""
 
 from __future__ import annotations
 
@@ -45,15 +47,19 @@ def _inspect(args: list[str]) -> int:
 
 
 def _files_of_config(cfg) -> list[str]:
+    """Every annotation file a fine-tuning config names (few-shot brace patterns expanded), each once."""
+    from cclm.tasks.protocols import few_shot_files
+
     data = cfg.data
-    return [
+    files = [
         *data.train,
         *data.dev,
         *data.test.values(),
         *data.translate_test.values(),
-        *data.few_shot_train.values(),
+        *few_shot_files(data),
         *data.few_shot_dev.values(),
     ]
+    return list(dict.fromkeys(str(f) for f in files))
 
 
 def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
@@ -115,5 +121,11 @@ def main(argv: list[str]) -> int:
         return _inspect(rest)
     if sub == "check-images":
         return _check_images(rest)
-    print(f"cclm iglue: unknown subcommand '{printable(sub)}' (inspect, check-images)", file=sys.stderr)
+    if sub == "report":
+        from cclm.tasks.report import main as report_main
+
+        return report_main(rest)
+    print(
+        f"cclm iglue: unknown subcommand '{printable(sub)}' (inspect, check-images, report)", file=sys.stderr
+    )
     return 2

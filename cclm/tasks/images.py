@@ -1,14 +1,22 @@
 """Images of task annotations: a reference (named root + relative path), its resolution against the configured
-image folders, and the check that lists every missing image before training starts. Images are decoded by the
-project's one loader, :func:`cclm.data.images.load_image`."""
+image folders, the check that lists every missing image before training starts, and the training augmentation of
+fine-tuning (:class:`TaskAugment`). Images are decoded by the project's one loader,
+:func:`cclm.data.images.load_image` (dev, test and translate-test images always; training images without
+``data.augment``), or by the pretraining augmentation, :class:`cclm.data.transforms.TrainTransform`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cclm.data.images import MissingImageError
+import numpy as np
+import torch
+
+from cclm.data.images import DECODE_ERRORS, MissingImageError, UnreadableImage
+from cclm.data.transforms import TrainTransform, mentions_side
 
 
 @dataclass(frozen=True, order=True)
@@ -43,3 +51,78 @@ def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int
             f"{len(missing)} image(s) missing:\n  {listed}{more}\n"
             "(`cclm iglue check-images CONFIG` lists them all; set data.image_roots to your image folders)"
         )
+
+
+class TaskAugment:
+    """The reference's fine-tuning augmentation of training images (``dataset/__init__.py`` ``train_transform``):
+    a random resized crop (area ``scale_min``..1 of the image, bicubic), a horizontal flip with probability 1/2,
+    then RandAugment(2, 7) -- the pretraining :class:`~cclm.data.transforms.TrainTransform`.
+
+    Flips are careful, as in pretraining: an image is never flipped when its text names a side in the example's
+    language ("left", "links", ...; a language without a word list is never flipped), nor when the example's
+    label does in English (``label_names``: an xGQA answer "left" or "right" -- the reference fine-tunes GQA
+    without flips for that reason).
+
+    Reproducible: the randomness of one image is ``random.Random`` seeded with (``seed``, ``epoch``, ``index``,
+    ``slot``): ``index`` the example's position in the training set, ``slot`` the image's position in the example
+    (MaRVL's two images). The loader sets ``epoch`` (:meth:`set_epoch`) before each epoch, so a resumed
+    fine-tuning run, and a loader with any number of workers, augment exactly as the uninterrupted run."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        *,
+        scale_min: float = 0.5,
+        hflip: bool = True,
+        randaugment: bool = True,
+        label_names: Sequence[str] = (),
+    ):
+        self.size, self.seed, self.epoch = int(size), int(seed), 0
+        self.transform = TrainTransform(self.size, scale_min, hflip=hflip, randaugment=randaugment)
+        self.no_flip = TrainTransform(self.size, scale_min, hflip=False, randaugment=randaugment)
+        self.side_labels = frozenset(
+            i for i, name in enumerate(label_names) if mentions_side(str(name), "en")
+        )
+
+    @classmethod
+    def from_config(
+        cls, data_cfg, size: int, seed: int, label_names: Sequence[str] = ()
+    ) -> TaskAugment | None:
+        """The augmentation a fine-tuning ``data`` section asks for (``augment``, ``crop_scale_min``, ``hflip``,
+        ``randaugment``); None without ``data.augment``."""
+        if not getattr(data_cfg, "augment", False):
+            return None
+        return cls(
+            size,
+            seed,
+            scale_min=float(data_cfg.crop_scale_min),
+            hflip=bool(data_cfg.hflip),
+            randaugment=bool(data_cfg.randaugment),
+            label_names=label_names,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, index: int, slot: int = 0) -> random.Random:
+        """The randomness of image ``slot`` of training example ``index`` in this epoch (a string seed: the same in
+        every process, whatever ``PYTHONHASHSEED``)."""
+        return random.Random(f"cclm-finetune-augment:{self.seed}:{self.epoch}:{int(index)}:{int(slot)}")
+
+    def load(
+        self, path: Path, text: str, lang: str, index: int, slot: int = 0, label: int | None = None
+    ) -> torch.Tensor:
+        """The augmented image at ``path`` as uint8 [3, size, size] (errors as :func:`~cclm.data.images.load_image`:
+        :class:`MissingImageError`, :class:`UnreadableImage`)."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise MissingImageError(f"image not found: {path}") from None
+        transform = self.no_flip if label in self.side_labels else self.transform
+        try:
+            pixels = transform(data, text, lang, self.rng(index, slot))
+        except DECODE_ERRORS as err:
+            reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
+            raise UnreadableImage(path, reason) from err
+        return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()

@@ -3,23 +3,44 @@
 - zero-shot: fine-tune on English (``data.train``), select on the English dev set (``data.dev``), save the task
   model to ``<output_dir>/model`` and evaluate it on every ``data.test`` language (and, when configured, on the
   machine-translated ``data.translate_test`` files: the translate-test protocol needs no other training);
-- few-shot: for each language of ``data.few_shot_train``, continue from ``checkpoint`` (the English fine-tuned
-  model) once per learning rate of ``train.lr_sweep``; the run with the best dev score (``data.few_shot_dev``,
-  else the English dev set) is evaluated on that language's test file;
+- few-shot: for each language of ``data.few_shot_train`` and each of its files (a value may be a brace pattern,
+  ``.../train_{1,5,10,20,25,48}.jsonl``: one run per shot count), continue from ``checkpoint`` (the English
+  fine-tuned model) once per learning rate of ``train.lr_sweep``; the run with the best selection score is
+  evaluated on that language's test file. Selection (``train.select_on``) is on the dev set by default
+  (``data.few_shot_dev.<lang>``, else the English ``data.dev``, as IGLUE); ``test`` selects on the language's test
+  file, as the CCLM reference's few-shot configs do: such tables are named ``..._selected_on_test`` and labelled
+  in their header, title and rows. A few-shot training image that is also in the test file is an error (xGQA's
+  few-shot images come from testdev: its runs test on the few-shot split's ``test.json``, as IGLUE's all do);
 - translate-test / zero-shot evaluation of an existing task model: :func:`evaluate_checkpoint`.
+
+Retrieval files are grouped into image entries as ``data.duplicate_images`` says
+(:func:`cclm.tasks.iglue_retrieval.with_duplicate_images`) when they are read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import braceexpand
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
-from cclm.config import CONFIG_ROOT, FinetuneConfig, ModelConfig, Precision, Protocol, load_config, to_dict
+from cclm.config import (
+    CONFIG_ROOT,
+    DuplicateImages,
+    FinetuneConfig,
+    ModelConfig,
+    Precision,
+    Protocol,
+    SelectOn,
+    load_config,
+    to_dict,
+)
 from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
@@ -28,9 +49,9 @@ from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import Selection
 from cclm.tasks import get_task, iglue_retrieval
-from cclm.tasks.batching import CaptionImagePairs, ClassificationDataset, TaskCollator
+from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator, training_dataset
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
-from cclm.tasks.images import require_images
+from cclm.tasks.images import TaskAugment, require_images
 from cclm.tasks.metrics import accuracy
 from cclm.tasks.results import write_task_results
 from cclm.tasks.task_data import ClassificationData, RetrievalData
@@ -68,6 +89,8 @@ class TaskSuite:
             int(num_workers),
         )
         self.roots = dict(data_cfg.image_roots)
+        # retrieval: what lines sharing an image are (a cViL data section has no such key: IGLUE's)
+        self.duplicates = DuplicateImages(str(getattr(data_cfg, "duplicate_images", DuplicateImages.iglue)))
         self._labels: list[str] | None = None
 
     # ------------------------------------------------------------------------------------------------ data
@@ -79,9 +102,21 @@ class TaskSuite:
         return self._labels
 
     def read(self, path: str) -> TaskData:
+        """The examples of ``path``; retrieval lines grouped into image entries (``data.duplicate_images``)."""
         data = self.task.read(path, self.label_names() or None, self.data_cfg.max_examples)
         for reason, count in data.skipped.items():
             log.warning("%s: skipped %d record(s): %s", path, count, reason)
+        if isinstance(data, RetrievalData):
+            lines = len(data.images)
+            data = iglue_retrieval.with_duplicate_images(self.task, data, self.duplicates)
+            if len(data.images) < lines:
+                log.info(
+                    "%s: %d image entries of %d read, grouped as data.duplicate_images=%s says",
+                    path,
+                    len(data.images),
+                    lines,
+                    self.duplicates,
+                )
         return data
 
     def read_all(self, paths: Sequence[str]) -> list[TaskData]:
@@ -92,8 +127,10 @@ class TaskSuite:
 
     # -------------------------------------------------------------------------------------------- scoring
     def collator(self, model: TaskModel, tokenizer) -> TaskCollator:
-        """Batches for ``model``: its text normaliser (``model.backbone.cfg.text.normalize``) and max length."""
-        return TaskCollator.for_model(model.backbone, tokenizer)
+        """Batches for ``model``: its text normaliser (``model.backbone.cfg.text.normalize``) and max length, or
+        the task's shorter ``data.max_length``."""
+        max_length = int(getattr(self.data_cfg, "max_length", 0) or 0)
+        return TaskCollator.for_model(model.backbone, tokenizer, max_length)
 
     def image_size(self, model: TaskModel) -> int:
         return int(model.backbone.cfg.vision.image_size)
@@ -168,6 +205,10 @@ class TaskRunner(TaskSuite):
         cfg = self.cfg
         if cfg.pretrained:
             backbone = CrossViewModel.from_pretrained(cfg.pretrained)
+            if cfg.image_size > 0:  # fine-tune at another resolution (the reference: 384 px, Swin window 12)
+                from cclm.model.resize import resize_vision
+
+                resize_vision(backbone, cfg.image_size, cfg.window_size or None)
             tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
         else:
             if not cfg.model:
@@ -189,8 +230,15 @@ class TaskRunner(TaskSuite):
                 tokenizer = load_tokenizer(str(folder))
             model_cfg.text.encoder["vocab_size"] = len(tokenizer)
             log.warning("no pretrained model: fine-tuning a randomly initialised %s", cfg.model)
+            if cfg.image_size > 0:
+                log.warning(
+                    "image_size=%d applies to a pretrained model; a random init takes its size from the model "
+                    "config (model_overrides: vision.image_size=..., vision.tower.image_size=...)",
+                    cfg.image_size,
+                )
             backbone = CrossViewModel(model_cfg)
-        return TaskModel(backbone, self.cfg.task, self.kind, self.label_names()), tokenizer
+        model = TaskModel(backbone, self.cfg.task, self.kind, self.label_names(), head=str(cfg.head))
+        return model, tokenizer
 
     def load_checkpoint(self, directory: str) -> tuple[TaskModel, object]:
         model = TaskModel.load(directory)
@@ -202,18 +250,11 @@ class TaskRunner(TaskSuite):
 
     # ------------------------------------------------------------------------------------------- training
     def train_batches(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> EpochBatches:
-        size = self.image_size(model)
-        if self.kind == "retrieval":
-            offsets = [0]
-            for data in datas:
-                offsets.append(offsets[-1] + len(data.images))
-            dataset = ConcatDataset(
-                [CaptionImagePairs(d, self.roots, size, o) for d, o in zip(datas, offsets)]
-            )
-        else:
-            dataset = ClassificationDataset([e for d in datas for e in d.examples], self.roots, size)
-        t = self.cfg.train
-        return EpochBatches(
+        """Training batches of ``datas``, their images augmented as ``data.augment`` says (dev and test never)."""
+        size, t = self.image_size(model), self.cfg.train
+        augment = TaskAugment.from_config(self.cfg.data, size, t.seed, self.label_names())
+        dataset = training_dataset(self.kind, datas, self.roots, size, augment)
+        return TaskBatches(
             dataset,
             t.batch_size,
             self.collator(model, tokenizer),
@@ -226,30 +267,13 @@ class TaskRunner(TaskSuite):
         )
 
     def settings(self, lr: float) -> FinetuneSettings:
-        t = self.cfg.train
-        return FinetuneSettings(
-            lr=lr,
-            epochs=t.epochs,
-            max_steps=t.max_steps,
-            weight_decay=t.weight_decay,
-            head_lr_mult=t.head_lr_mult,
-            warmup_ratio=t.warmup_ratio,
-            grad_clip=t.grad_clip,
-            eval_every=t.eval_every,
-            log_every=t.log_every,
-            save_every=t.save_every,
-            keep_last=t.keep_last,
-            time_limit_s=60.0 * t.time_limit_minutes,
-            seed=t.seed,
-            collective_timeout_s=t.collective_timeout_s,
-            stall_factor=t.stall_factor,
-        )
+        return FinetuneSettings.from_train_config(self.cfg.train, lr)
 
     def train(
         self, model: TaskModel, tokenizer, train_datas, dev_datas, lr: float, output_dir: Path
     ) -> tuple[TaskModel, Selection]:
-        """Fine-tune ``model`` at ``lr`` into ``output_dir`` (metrics, checkpoints); returns the dev-selected
-        model and the selection."""
+        """Fine-tune ``model`` at ``lr`` into ``output_dir`` (metrics, checkpoints); returns the model selected on
+        ``dev_datas`` (the dev files; few-shot with ``train.select_on=test``: the test file) and the selection."""
         if not dev_datas:
             raise ValueError("model selection needs a dev set: set data.dev (never a test file)")
         return finetune(
@@ -289,6 +313,11 @@ def _model_yaml(name: str) -> Path:
 
 def run_zero_shot(cfg: FinetuneConfig) -> dict:
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is read or written
+    if SelectOn(str(cfg.train.select_on)) != SelectOn.dev:
+        raise ValueError(
+            "train.select_on=test is the reference's few-shot selection (protocol=few_shot); zero-shot fine-tuning "
+            "selects on the English dev set (data.dev)"
+        )
     runner = TaskRunner(cfg)
     train_datas, dev_datas = runner.read_all(cfg.data.train), runner.read_all(cfg.data.dev)
     if not train_datas:
@@ -315,6 +344,62 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
     return tables
 
 
+# ------------------------------------------------------------------------------------------------- few-shot
+_SHOTS = re.compile(r"train_?(\d+(?:x\d+)?)$")
+SELECTED_ON_TEST = "selected_on_test"  # the suffix of test-selected few-shot tables and folders
+
+
+@dataclass(frozen=True)
+class FewShotRun:
+    """One few-shot training file of one language: ``shots`` is IGLUE's name of its size (``48``, ``10x2``)."""
+
+    language: str
+    shots: str
+    train_path: str
+
+
+def shots_of(path: str | Path) -> str:
+    """The shot count in an IGLUE few-shot file name (``train_48.jsonl`` -> ``48``, ``marvl-id_train10x2.jsonl``
+    -> ``10x2``, ``train_100x5.jsonl`` -> ``100x5``); another name gives its stem."""
+    stem = Path(path).name.split(".")[0]
+    match = _SHOTS.search(stem)
+    return match.group(1) if match else stem
+
+
+def few_shot_runs(data_cfg) -> list[FewShotRun]:
+    """The runs of ``data.few_shot_train`` (language -> file or brace pattern of files), in the configured order
+    of languages and, within one, of the pattern's alternatives."""
+    runs = []
+    for language, spec in data_cfg.few_shot_train.items():
+        seen: dict[str, str] = {}
+        for path in braceexpand.braceexpand(str(spec)):
+            shots = shots_of(path)
+            if shots in seen:
+                raise ValueError(
+                    f"data.few_shot_train.{language}: {seen[shots]} and {path} are both {shots}-shot files"
+                )
+            seen[shots] = path
+            runs.append(FewShotRun(str(language), shots, path))
+    return runs
+
+
+def few_shot_files(data_cfg) -> list[str]:
+    """Every few-shot training file that ``data.few_shot_train`` names (its brace patterns expanded)."""
+    return [run.train_path for run in few_shot_runs(data_cfg)]
+
+
+def _check_no_test_images(run: FewShotRun, train: TaskData, test: TaskData, test_path: str) -> None:
+    """A few-shot training image that the test file also holds would be tested on: refuse it."""
+    shared = train.used_image_refs & test.used_image_refs
+    if shared:
+        example = sorted(shared, key=lambda ref: (str(ref.root), ref.path))[0]
+        raise ValueError(
+            f"few-shot {run.language} ({run.shots} shots): {len(shared)} image(s) of {run.train_path} are also in "
+            f"the test file {test_path} (e.g. {example.path}); test on a split without the few-shot images "
+            "(xGQA: the few-shot split's test.json, as configs/finetune/xgqa.yaml, not the full testdev)"
+        )
+
+
 def run_few_shot(cfg: FinetuneConfig) -> dict:
     runner = TaskRunner(cfg)
     if not cfg.checkpoint:
@@ -323,73 +408,127 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         raise ValueError("config key 'data.few_shot_train' must map languages to train_<N> files")
     if not cfg.train.lr_sweep:
         raise ValueError("config key 'train.lr_sweep' must list at least one learning rate")
-    rows = []
-    # Every language's files are read and their images checked before the first one trains: a bad file of the
-    # last language fails now, not after hours of training the others.
-    languages = {}
-    for language, train_path in cfg.data.few_shot_train.items():
-        if language not in cfg.data.test:
-            raise ValueError(f"few-shot language '{language}' has no test file in data.test")
-        train_data = runner.read(train_path)
-        dev_paths = (
-            [cfg.data.few_shot_dev[language]] if language in cfg.data.few_shot_dev else list(cfg.data.dev)
+    select_on = SelectOn(str(cfg.train.select_on))
+    on_test = select_on == SelectOn.test
+    if on_test:
+        log.warning(
+            "few-shot with train.select_on=test: the learning rate and step are selected on each language's TEST "
+            "file (the CCLM reference's few-shot protocol); the tables are named *_%s and are not held-out "
+            "numbers",
+            SELECTED_ON_TEST,
         )
-        if language not in cfg.data.few_shot_dev:
-            log.warning(
-                "few-shot %s: no data.few_shot_dev.%s, selecting on the English dev set", language, language
+    runs = few_shot_runs(cfg.data)
+    several = len({run.shots for run in runs}) > 1  # one table (and folder level) per shot count
+    read_files: dict[str, TaskData] = {}
+
+    def read(path: str) -> TaskData:
+        if path not in read_files:
+            read_files[path] = runner.read(path)
+        return read_files[path]
+
+    # Every run's files are read and their images checked before the first one trains: a bad file of the last
+    # language fails now, not after hours of training the others.
+    prepared = []
+    for run in runs:
+        if run.language not in cfg.data.test:
+            raise ValueError(f"few-shot language '{run.language}' has no test file in data.test")
+        test_path = cfg.data.test[run.language]
+        train_data, test_data = read(run.train_path), read(test_path)
+        _check_no_test_images(run, train_data, test_data, test_path)
+        if on_test:
+            dev_datas = [test_data]
+        elif run.language in cfg.data.few_shot_dev:
+            dev_datas = [read(cfg.data.few_shot_dev[run.language])]
+        else:
+            log.info(
+                "few-shot %s: no data.few_shot_dev.%s, selecting on the English dev set (IGLUE's protocol)",
+                run.language,
+                run.language,
             )
-        dev_datas = runner.read_all(dev_paths)
-        test_data = runner.read(cfg.data.test[language])
-        runner.check_images([train_data, *dev_datas, test_data])
-        languages[language] = (train_path, train_data, dev_datas, test_data)
-    for language, (train_path, train_data, dev_datas, test_data) in languages.items():
-        best, dev_by_lr = None, {}
+            dev_datas = [read(path) for path in cfg.data.dev]
+        prepared.append((run, train_data, dev_datas, test_data))
+    runner.check_images(list(read_files.values()))
+
+    selected = str(select_on)
+    root = runner.output_dir / ("few_shot" + (f"_{SELECTED_ON_TEST}" if on_test else ""))
+    rows_by_shots: dict[str, list[dict]] = {}
+    for run, train_data, dev_datas, test_data in prepared:
+        folder = root / run.language / (run.shots if several else "")
+        best, score_by_lr = None, {}
         for lr in cfg.train.lr_sweep:
             seed_everything(cfg.train.seed)
             model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
-            run_dir = runner.output_dir / "few_shot" / language / f"lr_{float(lr):g}"
-            model, selection = runner.train(model, tokenizer, [train_data], dev_datas, float(lr), run_dir)
+            model, selection = runner.train(
+                model, tokenizer, [train_data], dev_datas, float(lr), folder / f"lr_{float(lr):g}"
+            )
             log.info(
-                "few-shot %s lr %g: best dev %.2f at step %d",
-                language,
+                "few-shot %s %s shots lr %g: best %s %.2f at step %d",
+                run.language,
+                run.shots,
                 lr,
+                selected.upper() if on_test else selected,
                 selection.best_score,
                 selection.best_step,
             )
-            dev_by_lr[str(lr)] = selection.best_score
+            score_by_lr[str(lr)] = selection.best_score
             if best is None or selection.best_score > best[1].best_score:
                 best = (float(lr), selection, {k: v.cpu() for k, v in model.state_dict().items()})
         lr, selection, state = best
         model.load_state_dict(state)
         if runner.env.is_main:
             model.save(
-                runner.output_dir / "few_shot" / language,
+                folder,
                 tokenizer,
-                extra={"few_shot": {"language": language, "lr": lr, "dev": selection.best_score}},
+                extra={
+                    "few_shot": {
+                        "language": run.language,
+                        "shots": run.shots,
+                        "lr": lr,
+                        "selected_on": selected,
+                        selected: selection.best_score,
+                    }
+                },
             )
         metrics = runner.score(model, tokenizer, test_data)
-        rows.append(
+        log.info(
+            "few-shot %s %s shots: test %.2f%s",
+            run.language,
+            run.shots,
+            runner.main_score(metrics),
+            " (SELECTED ON TEST)" if on_test else "",
+        )
+        rows_by_shots.setdefault(run.shots if several else "", []).append(
             {
-                "language": language,
+                "language": run.language,
                 **metrics,
-                "shots_file": str(train_path),
+                "shots": run.shots,
+                "shots_file": str(run.train_path),
                 "lr": lr,
-                "dev": selection.best_score,
-                "dev_by_lr": dev_by_lr,
+                "selected_on": selected,
+                selected: selection.best_score,
+                f"{selected}_by_lr": score_by_lr,
             }
         )
     columns, extra = runner.columns()
-    return {
-        "few_shot": write_task_results(
+    tables = {}
+    for shots, rows in rows_by_shots.items():
+        name = "few_shot" + (f"_{shots}" if shots else "") + (f"_{SELECTED_ON_TEST}" if on_test else "")
+        shot_counts = {row["shots"] for row in rows}
+        details = {"selected_on": selected}
+        if len(shot_counts) == 1:
+            details = {"shots": shot_counts.pop(), **details}
+        tables[name] = write_task_results(
             runner.output_dir,
             str(cfg.task),
             "few_shot",
             rows,
             columns,
-            [*extra, "lr", "dev"],
+            [*extra, "shots", "lr", "selected_on", selected],
             write=runner.env.is_main,
+            name=name,
+            details=details,
         )
-    }
+    return tables
 
 
 def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:

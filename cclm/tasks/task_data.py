@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from cclm.tasks.images import ImageRef
@@ -58,6 +59,31 @@ class RetrievalData:
     @property
     def skipped(self) -> Counter:
         return Counter()
+
+    def grouped(self, keys: Sequence[Hashable]) -> RetrievalData:
+        """The data with the images of equal ``keys[i]`` made one image holding all their captions: the first
+        one's reference and id, images in order of first appearance, captions in their own order (``self`` when
+        no two keys are equal). What makes two entries one image is the caller's: IGLUE's key or the image."""
+        if len(keys) != len(self.images):
+            raise ValueError(f"{self.file}: {len(keys)} keys for {len(self.images)} images")
+        first: dict[Hashable, int] = {}
+        kept: list[int] = []
+        new_index: list[int] = []
+        for i, key in enumerate(keys):
+            if key not in first:
+                first[key] = len(kept)
+                kept.append(i)
+            new_index.append(first[key])
+        if len(kept) == len(self.images):
+            return self
+        return RetrievalData(
+            self.file,
+            [self.images[i] for i in kept],
+            [self.image_ids[i] for i in kept],
+            list(self.texts),
+            [new_index[i] for i in self.text_image],
+            set(self.languages),
+        )
 
     def truncated(self, max_images: int) -> RetrievalData:
         """The first ``max_images`` images and their captions (smoke runs)."""

@@ -1,7 +1,8 @@
 """WIT (Wikipedia-based image text): retrieval with one caption (``caption_reference_description``) per line.
 
-As in IGLUE, each line is its own image entry (the same picture on two pages makes two entries), so an image's
-only correct caption is the one on its line. Images: ``<image_roots.wit>/<file name of image_url>`` (URL-decoded),
+This reader gives each line its own entry; the retrieval task then groups them as ``data.duplicate_images`` says
+(:mod:`cclm.tasks.iglue_retrieval`): by ``wit_ix``, as IGLUE's evaluation keys its images (the lines that show one
+picture share it), or by image file (the CCLM reference). Images: ``<image_roots.wit>/<file name of image_url>`` (URL-decoded),
 as they are saved when downloaded from the URL list.
 """
 
