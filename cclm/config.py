@@ -146,13 +146,16 @@ class TaskName(Mode):
 
 class TaskHeadStyle(Mode):
     iglue = "iglue"  # IGLUE/VOLTA-style classifiers (answer classifier; two fused images concatenated)
-    cclm = "cclm"  # the reference's: a generative answer decoder ranking the answer list (xGQA); fusion layers
-    # that cross-attend to each of the two images in turn (MaRVL/NLVR2)
+    # the reference's: a generative answer decoder ranking the answer list (xGQA); fusion layers that
+    # cross-attend to each of the two images in turn (MaRVL/NLVR2)
+    cclm = "cclm"
 
 
 class DuplicateImages(Mode):
-    iglue = "iglue"  # IGLUE's convention: one entry per line, ties broken by index order
-    merge = "merge"  # the CCLM reference's: lines sharing an image (image_url) are one image with many captions
+    # IGLUE's evaluation: images keyed on wit_ix (the lines that show one picture share it), ties broken by index
+    iglue = "iglue"
+    # the CCLM reference's: lines sharing an image file are one image with several captions
+    merge = "merge"
 
 
 class SelectOn(Mode):
@@ -448,7 +451,8 @@ class FinetuneDataConfig:
     crop_scale_min: float = 0.5
     hflip: bool = True
     randaugment: bool = True  # with augment
-    max_length: int = 0  # > 0: token cap of the task's texts (the reference uses 80 for some tasks); 0 = model's
+    # > 0: token cap of the task's texts (the reference uses 80 for some tasks); 0 = the model's max_length
+    max_length: int = 0
 
 
 @dataclass
