@@ -9,8 +9,16 @@
 4. Export both, evaluate zero-shot image<->text retrieval in every language, print a table, write
    ``<out>/results.json`` and the training curves (``<out>/<run>/curves.png``). The table (and the top-level
    keys of results.json) rank by ITC similarity, the first stage of CCLM retrieval; the two-stage ranking (ITC
-   top-k re-ranked by the ITM head) is stored as ``<run>_itm_rerank``: a few CPU minutes leave the ITM head
-   weaker than the contrastive features, so re-ranking lowers R@1 at this scale.
+   top-k re-ranked by the ITM head) is stored as ``<run>_itm_rerank``. Re-ranking lowers the scores at this scale
+   (docs/demo.md): in English the few-minute ITM head tells a caption's image from its ITC-nearest rivals less
+   well than ITC does, and in the other languages it is at chance: it never saw their captions with an image, and
+   this small model trained from scratch does not carry the matching over from English (ITC it does carry over).
+
+The tokenizer (BPE, at most 1000 pieces) isolates every CJK character before Metaspace, as BERT's tokenizer does
+(``train_tokenizer(split_cjk=True)``). Japanese and Chinese are written without spaces: without the split, 3/4 of
+the vocabulary went to whole phrases of them (~2 pieces per sentence) and they retrieved at 0.4-0.6x English
+(docs/demo.md). BPE rather than Unigram: the Unigram trainer seeds only pieces that repeat across distinct words,
+so frequent English words ("small", "left", "red") were spelt letter by letter.
 
 Languages other than English never saw an image; with parallel text they should retrieve nearly as well as
 English, without it they should sit near chance.
@@ -32,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 LANGS = ("en", "de", "fr", "es", "ja", "zh")
 RUNS = ("with_parallel", "without_parallel")
+# The world's tokenizer (module docstring); a world whose tokenizer was trained otherwise is rebuilt, not reused.
+TOKENIZER = {"vocab_size": 1000, "model": "bpe", "split_cjk": True}
 
 
 def _shard_pattern(folder: Path) -> str:
@@ -46,9 +56,16 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
     from data_prep.world.build import build_world as build
 
     world = out / "world"
+    settings = world / "demo_tokenizer.json"
     if (world / "world.json").exists() and (world / "tokenizer" / "tokenizer.json").exists():
         spec = json.loads((world / "world.json").read_text())
-        if spec.get("images") == images and spec.get("image_size") == image_size and spec.get("seed") == seed:
+        same_tokenizer = settings.exists() and json.loads(settings.read_text()) == TOKENIZER
+        if (
+            spec.get("images") == images
+            and spec.get("image_size") == image_size
+            and spec.get("seed") == seed
+            and same_tokenizer
+        ):
             print(f"[demo] reusing the world in {world}")
             return world
     if world.exists():
@@ -67,7 +84,8 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
         xvnli_images=60,
     )
     corpus = (world / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(corpus, world / "tokenizer", vocab_size=1000)
+    train_tokenizer(corpus, world / "tokenizer", **TOKENIZER)
+    settings.write_text(json.dumps(TOKENIZER))
     return world
 
 
