@@ -7,6 +7,7 @@ converted reference checkpoint carries ``pre_caption`` with the reference's 40 w
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -204,7 +205,9 @@ def test_fine_tuning_batches_apply_the_saved_normaliser(model_dirs, tiny_tokeniz
     TaskModel(backbone, "xvnli", "single", labels).save(tmp_path / "task", tiny_tokenizer)
     task_model = TaskModel.load(tmp_path / "task").eval()  # a fine-tuned folder keeps the normaliser
     assert task_model.backbone.cfg.text.normalize == TextNormalize.pre_caption
-    collator = TaskSuite.collator(None, task_model, tiny_tokenizer)  # what fine-tuning and scoring batch with
+    # what fine-tuning and scoring batch with (a suite whose task sets no token cap of its own)
+    suite = SimpleNamespace(data_cfg=SimpleNamespace(max_length=0))
+    collator = TaskSuite.collator(suite, task_model, tiny_tokenizer)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
 
     def batch(texts, collate):
