@@ -27,6 +27,7 @@ from cclm.runtime.optim import build_optimizer, multipliers
 from cclm.runtime.schedule import build_scheduler, views_per_iteration
 from cclm.runtime.trainer import LoopSettings
 from cclm.train.run_length import max_steps_from_epochs
+from tests.test_masking import reference_masked_positions
 
 # ---------------------------------------------------------------------------------- the reference's numbers
 REFERENCE = {
@@ -324,28 +325,7 @@ def _multi_token_share(positions: list[int]) -> float:
 
 
 def _reference_positions(n_tokens: int, cap: int, rng: random.Random) -> list[int]:
-    """dataset/pretrain_dataset_multilingual.py:61-120 (no whole-word masking), transcribed."""
-    n_pred = reference_mask_count(n_tokens, cap)
-    candidates = list(range(1, n_tokens))
-    rng.shuffle(candidates)
-    masked: set[int] = set()
-    last = max(candidates)
-    for pos in candidates:
-        if len(masked) >= n_pred:
-            break
-        if pos in masked:
-            continue
-        if rng.random() < REFERENCE["skipgram_prb"]:
-            end = pos + rng.randint(2, REFERENCE["skipgram_size"])
-        else:
-            end = pos + 1
-        for p in range(pos, end):
-            if 0 < p <= last:
-                masked.add(p)
-            else:
-                break
-    chosen = list(masked)
-    if len(chosen) > n_pred:
-        rng.shuffle(chosen)
-        chosen = chosen[:n_pred]
-    return chosen
+    """dataset/pretrain_dataset_multilingual.py:61-120 (no whole-word masking), with the paper's settings."""
+    return reference_masked_positions(
+        n_tokens, REFERENCE["mask_prob"], cap, REFERENCE["skipgram_prb"], REFERENCE["skipgram_size"], rng
+    )
