@@ -73,6 +73,7 @@ def contrastive_loss(
     gather: bool = True,
     local_loss: bool = False,
     grad: str = "exact",
+    group_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between row-aligned, L2-normalised features ``feat_a[i] <-> feat_b[i]``.
 
@@ -80,6 +81,9 @@ def contrastive_loss(
     (the ranks' mean is the global loss; open_clip's memory-saving option). Equal to open_clip's ``ClipLoss``
     with ``logit_scale = 1 / temp``. ``grad``: "exact" or "reference" (module docstring; not with local_loss,
     whose per-rank losses differ, so the reference's scaling would not be the reference's gradient).
+    ``group_ids`` [B]: every pair of the same group is a positive, each row's target spread evenly over its
+    positives (the reference's retrieval fine-tuning, ``idx``: other captions of the same image are not
+    negatives); None: only the diagonal.
     """
     if grad not in ("exact", "reference"):
         raise ValueError(f"contrastive gradient must be 'exact' or 'reference', got {grad!r}")
@@ -88,9 +92,11 @@ def contrastive_loss(
             "model.objectives.contrastive_grad=reference needs local_loss=false, as the reference"
         )
     rank, world = dist_info()
+    row_groups = col_groups = group_ids
     if gather and world > 1:
         reduce_grad = grad == "exact"
         all_a, all_b = gather_with_grad(feat_a, reduce_grad), gather_with_grad(feat_b, reduce_grad)
+        col_groups = None if group_ids is None else gather_with_grad(group_ids)
         if local_loss:
             logits_a = feat_a @ all_b.t() / temp
             logits_b = feat_b @ all_a.t() / temp
@@ -99,11 +105,20 @@ def contrastive_loss(
             logits_a = all_a @ all_b.t() / temp
             logits_b = logits_a.t()
             labels = torch.arange(all_a.shape[0], device=feat_a.device)
+            row_groups = col_groups
     else:
         logits_a = feat_a @ feat_b.t() / temp
         logits_b = logits_a.t()
         labels = torch.arange(feat_a.shape[0], device=feat_a.device)
-    return 0.5 * (F.cross_entropy(logits_a.float(), labels) + F.cross_entropy(logits_b.float(), labels))
+    if group_ids is None:
+        return 0.5 * (F.cross_entropy(logits_a.float(), labels) + F.cross_entropy(logits_b.float(), labels))
+    positives = positive_mask(row_groups, col_groups).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    return 0.5 * (_soft_cross_entropy(logits_a, targets) + _soft_cross_entropy(logits_b, targets))
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
 def positive_mask(group_ids: torch.Tensor, other_group_ids: torch.Tensor | None = None) -> torch.Tensor:

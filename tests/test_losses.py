@@ -94,3 +94,58 @@ def test_mlm_loss_counts_only_given_positions(n_masked):
         assert np.isclose(loss.item(), F.cross_entropy(logits, labels).item())
     else:
         assert loss.item() == 0.0
+
+
+def test_group_positives_spread_each_rows_target_over_its_positives():
+    """The reference's retrieval fine-tuning (models/xvlm.py get_contrastive_loss with idx), by hand."""
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    groups = torch.tensor([7, 7, 8, 9])  # rows 0 and 1: two captions of one image
+    temp = 0.2
+    logits = (img @ txt.t() / temp).tolist()
+
+    def side(rows):
+        total = 0.0
+        for i, row in enumerate(rows):
+            log_z = math.log(sum(math.exp(v) for v in row))
+            positives = [j for j in range(4) if groups[i] == groups[j]]
+            total += -sum(row[j] - log_z for j in positives) / len(positives)
+        return total / len(rows)
+
+    columns = [list(c) for c in zip(*logits, strict=True)]
+    expected = 0.5 * (side(logits) + side(columns))
+    got = losses.contrastive_loss(img, txt, temp, gather=False, group_ids=groups)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    distinct = losses.contrastive_loss(img, txt, temp, gather=False, group_ids=torch.arange(4))
+    plain = losses.contrastive_loss(img, txt, temp, gather=False)
+    assert distinct.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert got.item() != pytest.approx(plain.item(), rel=1e-3)  # the shared image changes the loss
+
+
+def test_retrieval_fine_tuning_counts_every_caption_of_an_image_as_its_positive(tiny_model_cfg, monkeypatch):
+    from cclm.model import CrossViewModel
+    from cclm.tasks.task_model import TaskModel
+
+    seen = []
+    original = losses.contrastive_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("group_ids"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "contrastive_loss", spy)
+    model = TaskModel(CrossViewModel(tiny_model_cfg, load_pretrained=False), "xflickrco", "retrieval")
+    ids = torch.randint(5, model.backbone.encoder_config.vocab_size, (4, 6))
+    size = model.backbone.cfg.vision.image_size
+    batch = {
+        "images": torch.randint(0, 255, (4, 3, size, size), dtype=torch.uint8),
+        "text_ids": ids,
+        "text_mask": torch.ones_like(ids),
+        "group_ids": torch.tensor([0, 0, 1, 2]),
+    }
+    model(batch)
+    model.backbone(batch, "image")  # pretraining: the diagonal only
+    assert seen[0].tolist() == [0, 0, 1, 2] and seen[1] is None

@@ -207,8 +207,12 @@ class CrossViewModel(nn.Module):
         return self.itm_logits(self.fusion.forward_cached(prefix, memory, cls_only=True))
 
     # ---------------------------------------------------------------------------------------------- objectives
-    def forward(self, batch: dict[str, Any], view: str) -> dict[str, torch.Tensor]:
-        """All losses of one batch of ``view`` ("image" or "text"), named, plus their weighted sum ``loss``."""
+    def forward(
+        self, batch: dict[str, Any], view: str, group_positives: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """All losses of one batch of ``view`` ("image" or "text"), named, plus their weighted sum ``loss``.
+        ``group_positives``: ITC/TTC count every pair of the same group (``group_ids``: the same image) as a
+        positive, as the reference's retrieval fine-tuning does; pretraining keeps the diagonal only."""
         if view not in VIEWS:
             raise ValueError(f"unknown view '{view}', expected one of {VIEWS}")
         obj = self.cfg.objectives
@@ -226,7 +230,13 @@ class CrossViewModel(nn.Module):
         out, weights = {}, {}
         if obj.itc_weight:
             out[c_name] = losses.contrastive_loss(
-                memory_feat, query_feat, temp, obj.gather_features, obj.local_loss, str(obj.contrastive_grad)
+                memory_feat,
+                query_feat,
+                temp,
+                obj.gather_features,
+                obj.local_loss,
+                str(obj.contrastive_grad),
+                group_ids=batch["group_ids"] if group_positives else None,
             )
             weights[c_name] = obj.itc_weight
         if obj.itm_weight:

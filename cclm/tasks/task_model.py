@@ -199,10 +199,11 @@ class TaskModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], view: str = "task") -> dict[str, torch.Tensor]:
         """The training losses of a batch, as the trainer calls every model: ``{"loss": ...}``. Retrieval tasks
-        fine-tune ITC + ITM of the backbone (no MLM: the batch carries no masked ids); the answer decoder learns
+        fine-tune ITC + ITM of the backbone (no MLM: the batch carries no masked ids), with every caption of an
+        image a positive of it (the reference's ``idx``); the answer decoder learns
         the gold answer's tokens."""
-        if self.kind == "retrieval":
-            return self.backbone(batch, "image")
+        if self.kind == "retrieval":  # other captions of the same image are positives, not negatives
+            return self.backbone(batch, "image", group_positives=True)
         if self.decodes_answers:
             states = self.question_states(batch["images"], batch["text_ids"], batch["text_mask"])
             loss = self.head.loss(batch["labels"], states, batch["text_mask"])
