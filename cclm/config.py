@@ -141,6 +141,8 @@ class TaskName(Mode):
     xflickrco = "xflickrco"
     flickr30k = "flickr30k"
     wit = "wit"
+    multi30k = "multi30k"  # retrieval fine-tuning, the reference's JSON layout (cclm.tasks.retrieval_json)
+    mscoco = "mscoco"
     easy_vqa = "easy_vqa"
 
 
@@ -431,8 +433,9 @@ class RetrievalRunConfig:
 # ------------------------------------------------------------------------------------------------- finetune
 @dataclass
 class FinetuneDataConfig:
-    # Root of the IGLUE annotation files as laid out upstream (datasets/...); YAML paths interpolate it.
-    iglue_dir: str = "data/iglue"
+    # Folder of the task's annotation files (IGLUE: its datasets/ folder as laid out upstream); YAML paths
+    # interpolate it. The same key as a retrieval benchmark's ``data.root`` (``cclm evaluate retrieval``).
+    root: str = "data/iglue"
     train: list[str] = field(default_factory=list)  # English training files (zero-shot)
     dev: list[str] = field(default_factory=list)  # English dev files: model selection, never test
     test: dict[str, str] = field(default_factory=dict)  # language -> test file, in IGLUE's column order
@@ -484,13 +487,34 @@ class FinetuneTrainConfig:
 @dataclass
 class FinetuneEvalConfig:
     batch_size: int = 64
-    k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
+    k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM; answer decoder: answers scored in full
+    # answer decoder (head: cclm): add the first token's log-probability a second time, as the reference's
+    # rank_answer (ALBEF's) does; off = the answer's log-likelihood
+    first_token_twice: bool = False
+
+@dataclass
+class DomainPretrainConfig:
+    """The CCLM reference's NLVR domain pretraining (``NLVR_pretrain.py``, ``NLVR_multilingual_pretrain_O1.yaml``)
+    of MaRVL / NLVR2 with ``head: cclm``: text assignment (:class:`cclm.tasks.nlvr_fusion.TextAssignment`) on
+    image-caption shards before fine-tuning, at the pretrained model's image size (the reference: 224 px, then
+    fine-tuning at 384). Off unless ``steps`` > 0."""
+
+    # the reference: 2 epochs of CC3M with UC2's translations (2,838,361 pairs) at 1,024 per step = 5,544 steps
+    steps: int = 0
+    lr: float = 3e-5  # optimizer: {lr: 3e-5, weight_decay: 0.01, lr_mult: 2}; weight decay and betas: train.*
+    head_lr_mult: float = 2.0  # the text-assignment head
+    warmup_ratio: float = 0.1
+    log_every: int = 50
+    # the shards: data.image_caption (the pretraining layout, batch_size 128 per GPU in the reference; max_length 40)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass
 class FinetuneConfig:
     task: TaskName = MISSING
     protocol: Protocol = Protocol.zero_shot
+    # only these languages' test / translate-test / few-shot files (empty = every language the config names)
+    languages: list[str] = field(default_factory=list)
     pretrained: str | None = None  # cclm model folder to fine-tune from (zero-shot); None = random tiny init
     checkpoint: str | None = None  # fine-tuned task model folder (few-shot start, evaluation)
     model: str | None = None  # model config yaml for a random init when `pretrained` is None
@@ -509,6 +533,7 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     # ZeRO stage and precision of training (precision also sets evaluation's autocast).
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    domain_pretrain: DomainPretrainConfig = field(default_factory=DomainPretrainConfig)
 
 
 # -------------------------------------------------------------------------------------------------- recipes
@@ -649,6 +674,9 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
                 c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)
             ]
         hint = f" (did you mean '{close[0]}'?)" if close else ""
+        renamed = RENAMED_KEYS.get(str(key))
+        if renamed:
+            hint = f" (renamed to '{renamed}')"
         return ConfigError(f"unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
         enum = _enum_of(schema, str(key))
@@ -661,6 +689,10 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
             return ConfigError(f"config key '{key}': unknown {what}{shown}, expected one of: {choices}")
         return ConfigError(f"invalid value for config key '{key}': {_first_line(err.msg)}")
     return ConfigError(f"config error at '{key}': {_first_line(str(err))}")
+
+
+# Keys that an earlier release spelled differently: their error names the new key.
+RENAMED_KEYS = {"data.iglue_dir": "data.root"}
 
 
 def _first_line(message: str) -> str:

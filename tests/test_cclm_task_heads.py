@@ -174,6 +174,13 @@ def test_ranking_equals_scoring_every_answer_in_full(backbone, tiny_tokenizer):
     reference = brute + first
     torch.testing.assert_close(scores, reference.gather(1, ids), atol=1e-4, rtol=1e-4)
     assert torch.equal(ids[:, 0], reference.argmax(dim=1))
+    assert torch.equal(
+        model.predict_labels(batch, k=len(answers), first_token_twice=True), reference.argmax(dim=1)
+    )
+    # and from a fine-tuning config (eval.first_token_twice) through the task's scoring
+    batches = [{**batch, "labels": reference.argmax(dim=1)}]
+    predicted, _ = finetune.predict(model, batches, torch.device("cpu"), "fp32", len(answers), True)
+    assert torch.equal(predicted, reference.argmax(dim=1))
 
 
 def test_answer_lm_loss_is_the_gold_answers_summed_token_nll(backbone, tiny_tokenizer):

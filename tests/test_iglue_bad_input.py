@@ -112,6 +112,21 @@ def test_all_missing_images_listed_before_training(tmp_path, capsys):
     assert out.out.split() == [str(tmp_path / "2.jpg"), str(tmp_path / "3.jpg")]
     assert "1 of 3 images found, 2 missing" in out.err
 
+    # a config naming missing annotation files: every one of them is listed, and the images of the others
+    config = tmp_path / "xvnli.yaml"
+    config.write_text(
+        "task: xvnli\n"
+        f"data:\n  root: {tmp_path}\n  image_roots: {{flickr30k: {tmp_path}}}\n"
+        "  train: ['${data.root}/en/test.jsonl']\n"
+        "  test: {ar: '${data.root}/ar/gone.jsonl', fr: '${data.root}/fr/gone.jsonl'}\n"
+    )
+    code = cclm_main(["iglue", "check-images", str(config)])
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.out.split() == [str(tmp_path / "2.jpg"), str(tmp_path / "3.jpg")]
+    assert str(tmp_path / "ar" / "gone.jsonl") in out.err and str(tmp_path / "fr" / "gone.jsonl") in out.err
+    assert "1 of 3 images found, 2 missing; 2 of 3 annotation files missing or unreadable" in out.err
+
 
 def test_unset_image_root_names_the_config_key():
     with pytest.raises(KeyError, match=r"data.image_roots.coco"):
@@ -154,7 +169,7 @@ def test_finetune_check_images_lists_every_missing_image_of_the_config(iglue_dir
             "finetune",
             str(REPO / "configs/finetune/xvnli.yaml"),
             "--check-images",
-            f"data.iglue_dir={iglue_dir}",
+            f"data.root={iglue_dir}",
             f"data.image_roots.flickr30k={tmp_path}",
             f"data.train=[{files[0]}]",
             f"data.dev=[{files[1]}]",

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cclm.config import FinetuneConfig, Protocol, SelectOn, load_config
+from cclm.config import ConfigError, FinetuneConfig, Protocol, SelectOn, load_config
 from cclm.runtime.trainer import Selection
 from cclm.tasks import iglue_cli, protocols
 from cclm.tasks.protocols import FewShotRun, few_shot_files, few_shot_runs, shots_of
@@ -72,7 +72,7 @@ IGLUE_TRANSLATE_TEST = {
 
 
 def config(name: str, iglue_dir="data/iglue", *overrides: str):
-    return load_config(FinetuneConfig, FINETUNE / name, [f"data.iglue_dir={iglue_dir}", *overrides])
+    return load_config(FinetuneConfig, FINETUNE / name, [f"data.root={iglue_dir}", *overrides])
 
 
 def configs_of(task: str, iglue_dir="data/iglue"):
@@ -227,6 +227,9 @@ class FakeModel:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "extra.json").write_text(json.dumps(extra))
 
+    def record_results(self, folder, results):
+        (Path(folder) / "results.json").write_text(json.dumps(results))
+
 
 @pytest.fixture
 def stub_training(monkeypatch):
@@ -288,6 +291,9 @@ def test_few_shot_selects_on_dev_by_default_one_table_per_shot_count(iglue_dir, 
         assert row["accuracy"] == pytest.approx(50.0)  # the selected run's weights were scored on test
         folder = tmp_path / "out" / "few_shot" / "ar" / shots
         assert json.loads((folder / "extra.json").read_text())["few_shot"]["selected_on"] == "dev"
+        # the model folder records its test score (and its card shows it: TaskModel.record_results)
+        recorded = json.loads((folder / "results.json").read_text())
+        assert recorded == {f"few_shot_{shots}": {"ar": {"accuracy": pytest.approx(50.0)}}}
         results = tmp_path / "out" / "results" / "xvnli"
         assert json.loads((results / f"few_shot_{shots}.json").read_text())["rows"] == table["rows"]
         assert "selected on dev" in (results / f"few_shot_{shots}.md").read_text().splitlines()[0]
@@ -364,7 +370,9 @@ REFERENCE = {
     "xvnli_cclm.yaml": ("XVNLI.yaml", dict(lr=3e-5, epochs=10, batch_size=12, max_length=80, hflip=True)),
     "xgqa_cclm.yaml": (
         "GQA.yaml",
-        dict(lr=3e-5, epochs=5, batch_size=32, max_length=40, hflip=False, head="cclm"),
+        dict(
+            lr=3e-5, epochs=5, batch_size=32, max_length=40, hflip=False, head="cclm", first_token_twice=True
+        ),
     ),
     "marvl_cclm.yaml": (
         "NLVR.yaml",
@@ -391,7 +399,14 @@ REFERENCE_SHOTS["xflickrco_cclm.yaml"] = "100"
 def test_cclm_configs_carry_the_reference_hyper_parameters(name):
     reference_file, values = REFERENCE[name]
     cfg = config(name)
-    expect = {**COMMON, "head": "iglue", "k_test": 128, "duplicate_images": "iglue", **values}
+    expect = {
+        **COMMON,
+        "head": "iglue",
+        "k_test": 128,
+        "duplicate_images": "iglue",
+        "first_token_twice": False,
+        **values,
+    }
     got = {
         "image_size": cfg.image_size,
         "window_size": cfg.window_size,
@@ -407,6 +422,7 @@ def test_cclm_configs_carry_the_reference_hyper_parameters(name):
         "hflip": cfg.data.hflip,
         "k_test": cfg.eval.k_test,
         "duplicate_images": str(cfg.data.duplicate_images),
+        "first_token_twice": cfg.eval.first_token_twice,
     }
     assert got == expect, reference_file  # the YAML numbers are the reference's, exactly
     assert cfg.data.augment and cfg.data.randaugment and cfg.data.crop_scale_min == 0.5, reference_file
@@ -457,3 +473,17 @@ def test_the_task_data_settings_reach_training_batches_and_the_collator(tiny_mod
         assert (batches.dataset.augment is not None) == augmented
         model_length = int(model.backbone.cfg.text.max_length)
         assert runner.collator(model, tokenizer).max_length == (5 if augmented else model_length)
+
+
+def test_languages_keeps_only_those_languages_files():
+    cfg = config("xvnli_few_shot.yaml", "data/iglue", "languages=[ar,ru]")
+    all_languages = config("xvnli_few_shot.yaml", "data/iglue")
+    protocols.select_languages(cfg)
+    assert set(cfg.data.test) == {"ar", "ru"} and set(cfg.data.few_shot_train) == {"ar", "ru"}
+    assert set(cfg.data.translate_test) == {"ar", "ru"} & set(all_languages.data.translate_test)
+    assert cfg.data.train == all_languages.data.train and cfg.data.dev == all_languages.data.dev
+    assert cfg.data.test["ar"] == all_languages.data.test["ar"]
+    with pytest.raises(
+        ConfigError, match=r"languages: xx not named by this config's files \(it has: ar, en, es, fr, ru\)"
+    ):
+        protocols.TaskRunner(config("xvnli.yaml", "data/iglue", "languages=[xx]", "train.device=cpu"))

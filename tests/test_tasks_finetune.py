@@ -88,7 +88,7 @@ def task_config(task: str, iglue_dir, tmp_path, pretrained_dir, **data):
         FinetuneConfig,
         REPO / "configs" / "finetune" / f"{task}.yaml",
         [
-            f"data.iglue_dir={iglue_dir}",
+            f"data.root={iglue_dir}",
             f"pretrained={pretrained_dir}",
             f"output_dir={tmp_path / 'run'}",
             "data.max_examples=6",
@@ -186,6 +186,13 @@ def test_task_finetunes_and_writes_results(task, iglue_dir, tmp_path, pretrained
         check_table(on_disk, list(files), runner)
     history = json.loads((tmp_path / "run" / "train_history.json").read_text())
     assert history and history[-1]["step"] == 2
+    # the task model's folder records its test scores, and its card shows them
+    recorded = json.loads((tmp_path / "run" / "model" / "eval_results.json").read_text())
+    first = tables["zero_shot"]["rows"][0]
+    metric = runner.columns()[0][0]
+    assert recorded["zero_shot"][first["language"]][metric] == pytest.approx(first[metric])
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "No evaluation results" not in card and f"| zero_shot / {first['language']} |" in card
 
     # the saved task model, evaluated through `cclm evaluate`, reproduces the zero-shot table
     checkpoint = tmp_path / "run" / "model"
@@ -292,6 +299,8 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
         row["accuracy"]
     )
     assert (tmp_path / "few" / "results" / "xvnli" / "few_shot.md").is_file()
+    recorded = json.loads((tmp_path / "few" / "few_shot" / "ar" / "eval_results.json").read_text())
+    assert recorded == {f"few_shot_{row['shots']}": {"ar": {"accuracy": row["accuracy"]}}}
 
 
 def test_loop_keeps_the_best_dev_weights(pretrained_dir, tmp_path):
@@ -488,7 +497,7 @@ def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_p
 
     def overrides(out, batch_size):
         return [
-            f"data.iglue_dir={iglue_dir}",
+            f"data.root={iglue_dir}",
             f"pretrained={pretrained_dir}",
             f"output_dir={tmp_path / out}",
             f"data.train={json.dumps(setup['train'])}",

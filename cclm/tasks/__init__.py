@@ -1,7 +1,7 @@
-"""IGLUE tasks (XVNLI, xGQA, MaRVL, xFlickr&CO, WIT) and easy-VQA: one small module per task says how to read
-its annotations (``read``) and which head it needs (``KIND``: single image, image pair, or retrieval); the kind
-decides the metric (accuracy, or R@1 of image and text retrieval). Fine-tuning, evaluation and the protocols are
-shared (``loop``, ``protocols``).
+"""IGLUE tasks (XVNLI, xGQA, MaRVL, xFlickr&CO, WIT), Multi30K and MSCOCO retrieval, and easy-VQA: one small
+module per task says how to read its annotations (``read``) and which head it needs (``KIND``: single image, image
+pair, or retrieval); the kind decides the metric (accuracy, or recall of image and text retrieval). Fine-tuning,
+evaluation and the protocols are shared (``loop``, ``protocols``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ TASKS = {
     "xflickrco": "cclm.tasks.xflickrco",
     "flickr30k": "cclm.tasks.xflickrco",
     "wit": "cclm.tasks.wit",
+    "multi30k": "cclm.tasks.retrieval_json",
+    "mscoco": "cclm.tasks.retrieval_json",
     "easy_vqa": "cclm.tasks.easy_vqa",
 }
 

@@ -180,6 +180,46 @@ def read_object_entries(path: str | Path) -> Iterator[tuple[int, str, Any]]:
         raise malformed("Extra data", end)
 
 
+def read_array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line, item)`` of each item of a JSON document that is one array (the CCLM reference's retrieval files),
+    ``line`` being where the item starts. A missing file, bytes that are not UTF-8, malformed JSON or a document
+    that is not an array fail naming ``file:line``."""
+    path = Path(path)
+    _require_file(path)
+    text = _document_text(path)
+    decoder = json.JSONDecoder()
+    position = _JSON_SPACE.match(text, 0).end()
+    line = 1 + text.count("\n", 0, position)
+
+    def malformed(message: str, at: int) -> AnnotationError:
+        err = json.JSONDecodeError(message, text, at)
+        return AnnotationError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})")
+
+    def decode_at(at: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, at)
+        except json.JSONDecodeError as err:
+            raise malformed(err.msg, err.pos) from None
+
+    if not text.startswith("[", position):
+        document, _ = decode_at(position)
+        raise AnnotationError(f"{path}:{line}: expected a JSON array, got {json_kind(document)}")
+    scanned, position, first = position, _JSON_SPACE.match(text, position + 1).end(), True
+    while not text.startswith("]", position):
+        if not first:
+            if not text.startswith(",", position):
+                raise malformed("Expecting ',' delimiter", position)
+            position = _JSON_SPACE.match(text, position + 1).end()
+        item, end = decode_at(position)
+        line += text.count("\n", scanned, position)
+        scanned, first = position, False
+        yield line, item
+        position = _JSON_SPACE.match(text, end).end()
+    end = _JSON_SPACE.match(text, position + 1).end()
+    if end != len(text):
+        raise malformed("Extra data", end)
+
+
 # -------------------------------------------------------------------------------------------------- language
 _LANG = re.compile(r"^[a-z]{2,3}$")
 _FILE_LANG = re.compile(r"(?:^|[-_])([a-z]{2,3})(?:_gmt|_train\d+(?:x\d+)?)?$")

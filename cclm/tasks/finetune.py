@@ -141,17 +141,23 @@ def prepare_answers(model: TaskModel, collate_fn) -> None:
 
 @torch.no_grad()
 def predict(
-    model: TaskModel, batches: Iterable[dict], device: torch.device, precision="auto", k: int = K_TEST
+    model: TaskModel,
+    batches: Iterable[dict],
+    device: torch.device,
+    precision="auto",
+    k: int = K_TEST,
+    first_token_twice: bool = False,
 ):
     """(predicted class ids, gold labels) over ``batches``; an answer decoder scores the ``k`` answers with the
-    most probable first token in full (the reference's ``k_test``)."""
+    most probable first token in full (the reference's ``k_test``), counting that token twice with
+    ``first_token_twice`` (as the reference)."""
     prepare_answers(model, getattr(batches, "collate_fn", None))
     was_training = model.training
     model.eval()
     predictions, labels = [], []
     for batch in batches:
         with autocast(device, precision):
-            predicted = model.predict_labels(to_device(batch, device), k)
+            predicted = model.predict_labels(to_device(batch, device), k, first_token_twice)
         predictions.append(predicted.cpu())
         labels.append(batch["labels"])
     model.train(was_training)

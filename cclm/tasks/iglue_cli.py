@@ -63,20 +63,30 @@ def _files_of_config(cfg) -> list[str]:
 
 
 def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
+    """Every missing image of the readable files, and every annotation file that is missing or unreadable (all of
+    them, not the first): exit status 1 when anything is missing."""
     module = get_task(task)
-    refs = set()
-    try:
-        for path in files:
+    refs, unreadable = set(), []
+    for path in files:
+        try:
             refs |= module.read(path).image_refs
+        except AnnotationError as err:
+            unreadable.append(err)
+    try:
         missing = missing_images(refs, roots)
-    except (AnnotationError, KeyError) as err:
+    except KeyError as err:
         print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
         return 1
     for path in missing:
         print(printable(path))
     sys.stdout.flush()
-    print(f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing", file=sys.stderr)
-    return 1 if missing else 0
+    for err in unreadable:
+        print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
+    summary = f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing"
+    if unreadable:
+        summary += f"; {len(unreadable)} of {len(files)} annotation files missing or unreadable"
+    print(summary, file=sys.stderr)
+    return 1 if missing or unreadable else 0
 
 
 def check_config_images(args: list[str]) -> int:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from cclm.config import (
     CONFIG_ROOT,
+    ConfigError,
     DuplicateImages,
     FinetuneConfig,
     ModelConfig,
@@ -48,7 +49,7 @@ from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import Selection
-from cclm.tasks import get_task, iglue_retrieval
+from cclm.tasks import domain_pretrain, get_task, iglue_retrieval
 from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator, training_dataset
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
 from cclm.tasks.images import TaskAugment, require_images
@@ -77,6 +78,7 @@ class TaskSuite:
         eval_batch_size: int = 64,
         k_test: int = 128,
         num_workers: int = 0,
+        first_token_twice: bool = False,
     ):
         self.task_name = str(task)
         self.task = get_task(self.task_name)
@@ -88,6 +90,9 @@ class TaskSuite:
             int(k_test),
             int(num_workers),
         )
+        self.first_token_twice = bool(
+            first_token_twice
+        )  # the answer decoder's ranking (eval.first_token_twice)
         self.roots = dict(data_cfg.image_roots)
         # retrieval: what lines sharing an image are (a cViL data section has no such key: IGLUE's)
         self.duplicates = DuplicateImages(str(getattr(data_cfg, "duplicate_images", DuplicateImages.iglue)))
@@ -162,7 +167,9 @@ class TaskSuite:
             collate_fn=collator,
             num_workers=self.num_workers,
         )
-        predictions, labels = predict(model, loader, self.device, self.precision)
+        predictions, labels = predict(
+            model, loader, self.device, self.precision, self.k_test, self.first_token_twice
+        )
         return {
             "accuracy": accuracy(predictions, labels),
             "examples": len(labels),
@@ -170,13 +177,19 @@ class TaskSuite:
         }
 
     def main_score(self, metrics: dict) -> float:
-        if self.kind == "retrieval":
-            return (metrics[iglue_retrieval.IR_R1] + metrics[iglue_retrieval.TR_R1]) / 2
-        return metrics["accuracy"]
+        """What selection maximises: accuracy, the task's ``MAIN_METRIC`` (Multi30K/MSCOCO: ``r_mean``, as the
+        CCLM paper reports them), else the mean of IGLUE's two R@1."""
+        if self.kind != "retrieval":
+            return metrics["accuracy"]
+        main = getattr(self.task, "MAIN_METRIC", None)
+        if main:
+            return metrics[main]
+        return (metrics[iglue_retrieval.IR_R1] + metrics[iglue_retrieval.TR_R1]) / 2
 
     def columns(self) -> tuple[list[str], list[str]]:
         if self.kind == "retrieval":
-            return [iglue_retrieval.IR_R1, iglue_retrieval.TR_R1], ["images", "captions"]
+            columns = getattr(self.task, "COLUMNS", (iglue_retrieval.IR_R1, iglue_retrieval.TR_R1))
+            return list(columns), ["images", "captions"]
         return ["accuracy"], ["examples", "skipped"]
 
 
@@ -184,6 +197,7 @@ class TaskRunner(TaskSuite):
     """A fine-tuning config on top of its task: starting or loading models, training, result tables."""
 
     def __init__(self, cfg: FinetuneConfig):
+        select_languages(cfg)
         env = init_distributed(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -195,6 +209,7 @@ class TaskRunner(TaskSuite):
             eval_batch_size=cfg.eval.batch_size,
             k_test=cfg.eval.k_test,
             num_workers=cfg.train.num_workers,
+            first_token_twice=cfg.eval.first_token_twice,
         )
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -205,10 +220,6 @@ class TaskRunner(TaskSuite):
         cfg = self.cfg
         if cfg.pretrained:
             backbone = CrossViewModel.from_pretrained(cfg.pretrained)
-            if cfg.image_size > 0:  # fine-tune at another resolution (the reference: 384 px, Swin window 12)
-                from cclm.model.resize import resize_vision
-
-                resize_vision(backbone, cfg.image_size, cfg.window_size or None)
             tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
         else:
             if not cfg.model:
@@ -238,6 +249,13 @@ class TaskRunner(TaskSuite):
                 )
             backbone = CrossViewModel(model_cfg)
         model = TaskModel(backbone, self.cfg.task, self.kind, self.label_names(), head=str(cfg.head))
+        if domain_pretrain.enabled(cfg):  # at the pretrained size, as the reference (224 px, then 384)
+            model = domain_pretrain.domain_pretrain(model, tokenizer, cfg, self.env)
+        if cfg.pretrained and cfg.image_size > 0:
+            # fine-tune at another resolution (the reference: 384 px, Swin window 12)
+            from cclm.model.resize import resize_vision
+
+            resize_vision(model.backbone, cfg.image_size, cfg.window_size or None)
         return model, tokenizer
 
     def load_checkpoint(self, directory: str) -> tuple[TaskModel, object]:
@@ -302,6 +320,27 @@ class TaskRunner(TaskSuite):
 
 
 # ------------------------------------------------------------------------------------------------ protocols
+LANGUAGE_KEYS = ("test", "translate_test", "few_shot_train", "few_shot_dev")
+
+
+def select_languages(cfg: FinetuneConfig) -> None:
+    """``languages=[de,ja]``: keep only those languages' files under ``data.test``, ``translate_test``,
+    ``few_shot_train`` and ``few_shot_dev`` (the English training and dev files stay); a language the config
+    names no file for is refused."""
+    wanted = [str(language) for language in cfg.languages]
+    if not wanted:
+        return
+    named = sorted({language for key in LANGUAGE_KEYS for language in getattr(cfg.data, key)})
+    unknown = [language for language in wanted if language not in named]
+    if unknown:
+        raise ConfigError(
+            f"languages: {', '.join(unknown)} not named by this config's files (it has: {', '.join(named)})"
+        )
+    for key in LANGUAGE_KEYS:
+        files = getattr(cfg.data, key)
+        setattr(cfg.data, key, {language: path for language, path in files.items() if language in wanted})
+
+
 def _texts(data: TaskData) -> list[str]:
     return list(data.texts) if isinstance(data, RetrievalData) else [e.text for e in data.examples]
 
@@ -319,6 +358,7 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
             "selects on the English dev set (data.dev)"
         )
     runner = TaskRunner(cfg)
+    domain_pretrain.check(cfg, runner.kind)
     train_datas, dev_datas = runner.read_all(cfg.data.train), runner.read_all(cfg.data.dev)
     if not train_datas:
         raise ValueError("config key 'data.train' must list the English training file(s)")
@@ -341,7 +381,19 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
         tables["zero_shot"] = runner.table(model, tokenizer, cfg.data.test, "zero_shot")
     if cfg.data.translate_test:
         tables["translate_test"] = runner.table(model, tokenizer, cfg.data.translate_test, "translate_test")
+    if runner.env.is_main and tables:
+        record_results(runner.output_dir / "model", model, tables)
     return tables
+
+
+def record_results(folder: Path, model: TaskModel, tables: Mapping[str, dict]) -> None:
+    """The test tables of a saved task model into its folder and model card (:meth:`TaskModel.record_results`):
+    {table: {language: {metric: value}}}."""
+    results = {
+        name: {row["language"]: {m: row[m] for m in table["metrics"] if m in row} for row in table["rows"]}
+        for name, table in tables.items()
+    }
+    model.record_results(folder, results)
 
 
 # ------------------------------------------------------------------------------------------------- few-shot
@@ -490,6 +542,10 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
                 },
             )
         metrics = runner.score(model, tokenizer, test_data)
+        if runner.env.is_main:
+            table = {"metrics": runner.columns()[0], "rows": [{"language": run.language, **metrics}]}
+            name = f"few_shot_{run.shots}" + (f"_{SELECTED_ON_TEST}" if on_test else "")
+            record_results(folder, model, {name: table})
         log.info(
             "few-shot %s %s shots: test %.2f%s",
             run.language,

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from cclm.model.card import EVAL_RESULTS, write_model_card
 from cclm.model.cross_view import CrossViewModel
 from cclm.tasks import get_task
 from cclm.tasks.answer_decoder import K_TEST, AnswerDecoder
@@ -190,11 +191,13 @@ class TaskModel(nn.Module):
         states = self.question_states(batch["images"], batch["text_ids"], batch["text_mask"])
         return self.head.rank(states, batch["text_mask"], k, first_token_twice)
 
-    def predict_labels(self, batch: dict[str, torch.Tensor], k: int = K_TEST) -> torch.Tensor:
+    def predict_labels(
+        self, batch: dict[str, torch.Tensor], k: int = K_TEST, first_token_twice: bool = False
+    ) -> torch.Tensor:
         """The predicted label id of every example [B]: the classifier's argmax, or the decoder's best answer
         among the ``k`` it scores in full."""
         if self.decodes_answers:
-            return self.rank_answers(batch, k)[0][:, 0]
+            return self.rank_answers(batch, k, first_token_twice)[0][:, 0]
         return self.logits(batch).argmax(dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor], view: str = "task") -> dict[str, torch.Tensor]:
@@ -250,6 +253,14 @@ class TaskModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
         return directory
+
+    def record_results(self, directory: str | Path, results: dict[str, Any]) -> None:
+        """Evaluation results of this model, saved in ``directory`` (``eval_results.json``), and its model card
+        written again so that it shows them."""
+        directory = Path(directory)
+        (directory / EVAL_RESULTS).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        task_info = json.loads((directory / TASK_CONFIG).read_text())
+        write_model_card(directory, self.backbone, {"task": task_info})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:

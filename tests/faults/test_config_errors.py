@@ -150,7 +150,7 @@ def test_null_drops_a_language_from_a_mapping(tmp_path, capsys):
 def bad_arguments(tmp_path: Path) -> dict[str, list[str]]:
     missing = tmp_path / "missing"
     return {
-        "finetune": ["finetune", str(XVNLI), f"data.iglue_dir={missing}"],
+        "finetune": ["finetune", str(XVNLI), f"data.root={missing}"],
         "index": ["index", str(missing), "--model", str(missing), "--out", str(tmp_path / "index")],
         "search": ["search", str(missing), "a red circle"],
         "evaluate": [

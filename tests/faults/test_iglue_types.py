@@ -291,7 +291,7 @@ def test_finetune_fails_at_read_time_before_any_model_is_built(tmp_path, monkeyp
         [
             "finetune",
             str(REPO / "configs/finetune/xvnli.yaml"),
-            f"data.iglue_dir={iglue}",
+            f"data.root={iglue}",
             f"output_dir={tmp_path / 'out'}",
             "model=tiny",
         ]
