@@ -284,9 +284,43 @@ class StreamConfig:
 
 
 @dataclass
+class RegionsConfig:
+    """Region batches of multi-grained pretraining (the reference's ``regions:`` block, CCLM-4M; docs/regions.md).
+    Values are checked by :func:`check_regions_config`."""
+
+    # Region shards (image-caption shards whose samples carry ``regions``), as StreamConfig.shards.
+    shards: str = MISSING
+    prob: float = 0.5  # an image step is a region batch with this probability (Pretrain.py: 0.5)
+    batch_size: int = 128  # region-text pairs per batch, drawn from the targets of max_images images
+    max_images: int = 48  # images per region batch, each encoded once
+    max_regions: int = 5  # targets per image (the whole-image caption counts as one)
+    min_perc_in_image: float = 0.5  # a region is a target only when more than this fraction is in the crop
+    hflip: bool = True
+    careful_hflip: bool = True  # no flip when any caption of the image names a side
+    languages: list[str] = field(default_factory=list)  # region captions to read; empty = all
+    max_length: int | None = None  # token cap (None: model.text.max_length)
+
+
+def check_regions_config(regions: Any, key: str = "data.regions") -> None:
+    """Fail naming the key of the first value a region stream cannot use."""
+    if not 0 < regions.prob <= 1:
+        raise ConfigError(f"config key '{key}.prob' must be in (0, 1], got {regions.prob}")
+    for name in ("batch_size", "max_images", "max_regions"):
+        if getattr(regions, name) < 1:
+            raise ConfigError(f"config key '{key}.{name}' must be >= 1, got {getattr(regions, name)}")
+    if not 0 <= regions.min_perc_in_image < 1:
+        raise ConfigError(
+            f"config key '{key}.min_perc_in_image' must be in [0, 1), got {regions.min_perc_in_image}"
+        )
+    if regions.max_length is not None and regions.max_length < 3:
+        raise ConfigError(f"config key '{key}.max_length' must be >= 3 (or null), got {regions.max_length}")
+
+
+@dataclass
 class DataConfig:
     image_caption: StreamConfig | None = None
     parallel_text: StreamConfig | None = None
+    regions: RegionsConfig | None = None  # region batches (CCLM-4M); None = off
     num_workers: int = 2
     shard_shuffle: bool = True
     sample_shuffle_buffer: int = 1000

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "parallel-tsv": "data_prep.parallel_text",
     "parallel-moses": "data_prep.parallel_text",
     "parallel-jsonl": "data_prep.parallel_text",
+    "coco-regions": "data_prep.regions.coco",
+    "vg-regions": "data_prep.regions.vg",
 }
 
 

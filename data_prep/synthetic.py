@@ -37,6 +37,14 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--xvnli-images", type=int, default=150, help="images of the XVNLI-style set (default 150)"
     )
+    p.add_argument(
+        "--regions",
+        action="store_true",
+        help="also write each shape's box with its descriptions, and held-out grounding.jsonl (docs/regions.md)",
+    )
+    p.add_argument(
+        "--region-langs", default="", help="languages of the region descriptions (default: all languages used)"
+    )
     p.add_argument("--shard-samples", type=int, default=None, help="images per shard (default: ~16 shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="processes drawing images (0 = inline)")
@@ -56,6 +64,8 @@ def run(args) -> int:
         heldout_images=args.heldout_images,
         heldout_langs=_langs(args.heldout_langs) or None,
         xvnli_images=args.xvnli_images,
+        regions=args.regions,
+        region_langs=_langs(args.region_langs) or None,
         shard_size=args.shard_samples,
         command="cclm prep " + " ".join(shlex.quote(a) for a in args.argv),
         num_workers=args.num_workers,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import tarfile
+
 from cclm.cli import main as cclm_main
 from cclm.data.tokenize import load_tokenizer
 
@@ -84,3 +87,15 @@ def test_prep_errors_are_clear(tmp_path, capsys):
     assert "no text" in capsys.readouterr().err
     assert cclm_main(["prep", "synthetic", "--out", str(tmp_path / "w"), "--caption-langs", "xx"]) == 2
     assert "no grammar" in capsys.readouterr().err
+
+
+def test_synthetic_regions_from_the_command_line(tmp_path, capsys):
+    world = tmp_path / "world"
+    argv = ["prep", "synthetic", "--out", str(world), "--num-images", "6", "--heldout-images", "4"]
+    argv += ["--xvnli-images", "0", "--parallel-langs", "de", "--num-parallel", "6", "--image-size", "32"]
+    assert cclm_main([*argv, "--regions", "--region-langs", "en,de", "--no-progress"]) == 0
+    capsys.readouterr()
+    with tarfile.open(next((world / "image_caption").glob("*.tar"))) as tar:
+        meta = next(json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json"))
+    assert meta["regions"] and set(meta["regions"][0]["captions"]) == {"en", "de"}
+    assert (world / "heldout" / "de" / "grounding.jsonl").is_file()

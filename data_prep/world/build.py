@@ -9,6 +9,11 @@ pipeline and the evaluation read. ``build_world(out_dir, ...)`` writes::
     xvnli/           annotations/<lang>/{train,dev,test}.jsonl (IGLUE XVNLI fields) + images/<Flikr30kID>.jpg
     text/corpus.txt  every training sentence, one per line (for ``cclm prep tokenizer``)
     world.json       what was built (counts, languages, seed, paths)
+
+With ``regions=True`` the image-caption samples also carry ``regions`` (boxes of the shapes a description singles
+out, described in ``region_langs``; docs/regions.md), and every held-out folder a ``grounding.jsonl``, one line
+per such shape: ``{"image", "image_id", "box": [x0, y0, x1, y1] (pixels), "text", "lang"}``. Nothing else
+changes: the same images, captions, order and random draws as without.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from data_prep.world.scenes import (
     render_hypothesis,
     render_sentence,
     sample_scene,
+    scene_regions,
 )
 
 
@@ -72,6 +78,20 @@ def _unique_scenes(rng: random.Random, n: int, taken: set[str]) -> list[Scene]:
     return scenes
 
 
+def _write_grounding(path: Path, scenes: list[Scene], lang: str, image_size: int) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, scene in enumerate(scenes):
+            for region in scene_regions(scene, [lang], image_size):
+                line = {
+                    "image": f"images/h{i:07d}.jpg",
+                    "image_id": f"h{i:07d}",
+                    "box": region["box"],
+                    "text": region["captions"][lang],
+                    "lang": lang,
+                }
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
 def build_world(
     out_dir: str | Path,
     num_images: int = 2000,
@@ -87,6 +107,8 @@ def build_world(
     command: str | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    regions: bool = False,
+    region_langs=None,
 ) -> dict:
     """Write the synthetic world under ``out_dir`` (layout in the module docstring); returns ``world.json``.
     Images are drawn in ``num_workers`` processes (0 = inline); the output does not depend on it."""
@@ -100,6 +122,7 @@ def build_world(
     heldout_langs = _check_languages(
         heldout_langs or sorted(set(caption_langs) | set(parallel_langs) | {"en"}), "heldout_langs"
     )
+    region_langs = _check_languages(region_langs or heldout_langs, "region_langs") if regions else []
     num_parallel = num_images if num_parallel is None else num_parallel
     shard_size = shard_size or max(25, math.ceil(num_images / 16))
     corpus: list[str] = []
@@ -116,6 +139,8 @@ def build_world(
             captions = {lang: scene.caption(lang) for lang in caption_langs}
             corpus.extend(captions.values())
             meta = {"captions": captions, "scene": scene.kind}
+            if regions:
+                meta["regions"] = scene_regions(scene, region_langs, image_size)
             sink.write(
                 f"img{i:07d}",
                 {"jpg": data, "json": json.dumps(meta, ensure_ascii=False).encode()},
@@ -159,6 +184,8 @@ def build_world(
                     "captions": {lang: [scene.caption(lang)]},
                 }
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        if regions:
+            _write_grounding(folder / "grounding.jsonl", heldout, lang, image_size)
 
     # XVNLI-style entailment set.
     rng = random.Random(f"{seed}-xvnli")
@@ -212,5 +239,8 @@ def build_world(
         },
         "image_caption_manifest": ic_manifest,
     }
+    if regions:
+        world["region_langs"] = region_langs
+        world["paths"]["grounding"] = {lang: f"heldout/{lang}/grounding.jsonl" for lang in heldout_langs}
     (out / "world.json").write_text(json.dumps(world, indent=1, ensure_ascii=False))
     return world

@@ -52,6 +52,11 @@ class Grammar(ABC):
     def neutral(self, colour: str, shape: str) -> str: ...
 
     @abstractmethod
+    def thing(self, colour: str, shape: str, size: str | None = None) -> str:
+        """One object on its own, as a region description ("a big red circle", "大きい赤い丸")."""
+        ...
+
+    @abstractmethod
     def colour_words(self, colour: str) -> tuple[str, ...]:
         """Every form of the colour word (for tests that check the caption names the drawn colour)."""
         ...
@@ -84,6 +89,9 @@ class ArticleGrammar(Grammar):
 
     def relation(self, a, relation, b):
         return join_words(self._np(*a), self.LINK[relation], self._np(*b, case="dat"))
+
+    def thing(self, colour, shape, size=None):
+        return self._np(colour, shape, size)
 
     def exists(self, n, colour, shape):
         thing = self._np(colour, shape, case="acc") if n == 1 else self.count(n, colour, shape)
@@ -301,6 +309,9 @@ class Japanese(Grammar):
     def single(self, size, colour, shape, position):
         return f"{self.POS[position]}に{self._np(colour, shape, size)}"
 
+    def thing(self, colour, shape, size=None):
+        return self._np(colour, shape, size)
+
     def count(self, n, colour, shape):
         return f"{self._np(colour, shape)}が{self.NUM[n]}"
 
@@ -337,6 +348,11 @@ class Chinese(Grammar):
 
     def count(self, n, colour, shape):
         return f"{self.NUM[n]}个{self.COLOUR[colour]}的{self.NOUN[shape]}"
+
+    def thing(self, colour, shape, size=None):  # as in `single`, and `count` without a size
+        if size:
+            return f"一个{self.SIZE[size]}的{self.COLOUR[colour]}{self.NOUN[shape]}"
+        return f"一个{self.COLOUR[colour]}的{self.NOUN[shape]}"
 
     def relation(self, a, relation, b):
         side = "左边" if relation == "left_of" else "上面"

@@ -35,6 +35,14 @@ ANCHOR = {
     "centre": (0.5, 0.5),
 }
 ALL_LANGUAGES = ("en", "de", "fr", "es", "ja", "zh")
+# How far each drawn outline (see `render`) reaches from the shape's centre, in radii: left, top, right, bottom.
+# The star's outer points sit at -90, -18, 54, 126 and 198 degrees.
+SHAPE_EXTENT = {
+    "circle": (1.0, 1.0, 1.0, 1.0),
+    "square": (0.85, 0.85, 0.85, 0.85),
+    "triangle": (0.95, 1.0, 0.95, 0.75),
+    "star": (math.cos(math.pi / 10), 1.0, math.cos(math.pi / 10), math.cos(math.pi / 5)),
+}
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,42 @@ def jpeg_bytes(img: Image.Image, quality: int = 92) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# -------------------------------------------------------------------------------------------------- regions
+def item_box(item: Item, image_size: int) -> list[float]:
+    """The pixel box (x0, y0, x1, y1) of a drawn shape in a ``image_size`` image, cut to the image (a big shape
+    near an edge reaches past it), to 1/100 px."""
+    left, top, right, bottom = SHAPE_EXTENT[item.shape]
+    r = item.radius
+    box = (item.x - left * r, item.y - top * r, item.x + right * r, item.y + bottom * r)
+    return [round(min(max(v, 0.0), 1.0) * image_size, 2) for v in box]
+
+
+def scene_regions(scene: Scene, langs, image_size: int) -> list[dict]:
+    """Region entries (docs/regions.md), one per kind of shape in the scene: a shape of its own described alone
+    (with the size of a ``single`` scene: "a big red circle"; each shape of a ``relation`` scene: "a red
+    circle"), the identical shapes of a ``count`` scene together, as their caption says ("two red circles"),
+    boxed by the union of their boxes. Descriptions in every language of ``langs``; drawing nothing at random,
+    they leave the world's random streams as they are."""
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for item in scene.items:
+        groups.setdefault((item.colour, item.shape), []).append(item)
+    regions = []
+    for (colour, shape), items in groups.items():
+        boxes = [item_box(item, image_size) for item in items]
+        box = [
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[2] for b in boxes),
+            max(b[3] for b in boxes),
+        ]
+        if len(items) == 1:
+            captions = {lang: grammar(lang).thing(colour, shape, scene.size) for lang in langs}
+        else:
+            captions = {lang: grammar(lang).count(len(items), colour, shape) for lang in langs}
+        regions.append({"box": box, "captions": captions, "label": f"{colour} {shape}"})
+    return regions
 
 
 # ------------------------------------------------------------------------------------------------ sentences

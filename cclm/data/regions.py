@@ -1,0 +1,314 @@
+"""The region path of multi-grained pretraining (X-VLM, the CCLM-4M setting): building blocks that turn a region
+sample (an image-caption sample whose JSON also carries ``regions``, docs/regions.md) into region training
+examples, and examples into a region batch.
+
+Per image (reference ``RegionMultiTextDataset.__iter__``), all randomness from the ``random.Random`` passed in:
+
+1. one region is drawn and the image is randomly cropped so that the crop holds that whole box
+   (:func:`crop_keeping_box`);
+2. the crop is flipped horizontally with probability 1/2, but never when any caption of the sample names a side
+   ("left", "links", "gauche", "izquierda", "左" ...; :func:`flip_allowed_for` -- the reference checks English
+   only, and a caption in a language without a word list is never flipped);
+3. the crop is resized to the square input (decoded straight to it, :func:`cclm.data.transforms.decode_crop`);
+4. up to ``max_regions`` targets: the whole-image caption (if the sample has one; box = the whole image, no box
+   loss) and regions in random order whose part inside the crop is more than ``min_perc_in_image`` of the box;
+   each keeps that part, in 0..1 coordinates of the (flipped) crop (:func:`box_in_crop`, inverse
+   :func:`box_from_crop`), with one of its captions and, where the region has attributes in that language
+   (Visual Genome), one of them prepended.
+
+A batch (:func:`collate_regions`, reference ``collate_fn``) holds the images of ``max_images`` examples once and
+``batch_size`` of their targets drawn at random, ``idx_to_group_img[i]`` naming the image of target ``i``, so a
+region never re-encodes its image. Where the images hold fewer targets than ``batch_size`` the batch is smaller:
+the reference pads it with duplicates, which then count as contrastive negatives of themselves.
+:func:`patch_masks` gives each target the vision tokens its box touches, on the tower's grid
+(:func:`cclm.model.boxes.token_grid`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cclm.data.collate import group_id, stack_images
+from cclm.data.examples import caption_choices, image_bytes
+from cclm.data.shards import SKIP_KEY
+from cclm.data.skips import SkipSample
+from cclm.data.transforms import decode_crop, mentions_side, to_array
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Region:
+    box: Box  # pixels of the stored image, xyxy
+    captions: tuple[tuple[str, str], ...]  # (lang, text)
+    attributes: tuple[tuple[str, str], ...] = ()  # (lang, word), e.g. Visual Genome's "white" for "dog"
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class RegionTarget:
+    text: str
+    lang: str
+    box: Box  # 0..1 in the (flipped) crop, xyxy
+    is_image: bool  # the whole-image caption: no box loss, the whole image visible
+    index: int  # the region's index in the sample's ``regions`` (-1 for the whole-image caption)
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    crop: tuple[int, int, int, int]  # pixels of the stored image, xyxy
+    flip: bool
+    targets: tuple[RegionTarget, ...]
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _valid_box(value) -> Box | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    x0, y0, x1, y1 = (float(v) for v in value)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 and x0 >= 0 and y0 >= 0 else None
+
+
+def parse_regions(meta: dict, allowed: frozenset[str]) -> tuple[list[Region], Counter[str]]:
+    """The usable regions of a sample's JSON and the reasons the others were dropped (``region_bad_box``,
+    ``region_missing_caption``, ``region_filtered_language``, ...). Raises SkipSample (``missing_regions``, or
+    the first drop reason) when none is usable."""
+    raw = meta.get("regions")
+    if not isinstance(raw, list) or not raw:
+        raise SkipSample("missing_regions", "no 'regions' list")
+    regions, dropped = [], Counter()
+    for entry in raw:
+        entry = entry if isinstance(entry, dict) else {}
+        box = _valid_box(entry.get("box"))
+        if box is None:
+            dropped["region_bad_box"] += 1
+            continue
+        try:
+            captions = caption_choices({"captions": entry.get("captions")}, allowed)
+        except SkipSample as err:
+            dropped[f"region_{err.reason}"] += 1
+            continue
+        attributes = entry.get("attributes")
+        pairs = [
+            (lang, word.strip())
+            for lang, words in (attributes.items() if isinstance(attributes, dict) else ())
+            for word in (words if isinstance(words, list) else [words])
+            if isinstance(word, str) and word.strip()
+        ]
+        label = entry.get("label") if isinstance(entry.get("label"), str) else None
+        regions.append(Region(box, tuple(captions), tuple(pairs), label))
+    if not regions:
+        reason = next(iter(dropped))
+        raise SkipSample(reason, f"none of the {len(raw)} regions is usable")
+    return regions, dropped
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def crop_keeping_box(width: int, height: int, box: Box, rng: random.Random) -> tuple[int, int, int, int]:
+    """A random crop (integer pixels, xyxy) of a ``width`` x ``height`` image that holds all of ``box``: each side
+    drawn uniformly between the box's edge and the image's (the reference's draw)."""
+    x0, y0, x1, y1 = box
+    left = rng.randint(0, math.floor(x0))
+    top = rng.randint(0, math.floor(y0))
+    right = rng.randint(min(math.ceil(x1), width), width)
+    bottom = rng.randint(min(math.ceil(y1), height), height)
+    return left, top, right, bottom
+
+
+def visible_part(box: Box, crop: tuple[int, int, int, int], min_fraction: float) -> Box | None:
+    """The part of ``box`` inside ``crop``, or None when it is no more than ``min_fraction`` of the box."""
+    x0, y0 = max(box[0], crop[0]), max(box[1], crop[1])
+    x1, y1 = min(box[2], crop[2]), min(box[3], crop[3])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return (x0, y0, x1, y1) if (x1 - x0) * (y1 - y0) / area > min_fraction else None
+
+
+def box_in_crop(box: Box, crop: tuple[int, int, int, int], flip: bool) -> Box:
+    """A pixel box inside ``crop`` -> 0..1 coordinates of the crop as the model sees it (resized to the square
+    input, mirrored when ``flip``)."""
+    width, height = crop[2] - crop[0], crop[3] - crop[1]
+    x0, x1 = (box[0] - crop[0]) / width, (box[2] - crop[0]) / width
+    y0, y1 = (box[1] - crop[1]) / height, (box[3] - crop[1]) / height
+    if flip:
+        x0, x1 = 1.0 - x1, 1.0 - x0
+    return (x0, y0, x1, y1)
+
+
+def box_from_crop(box: Box, crop: tuple[int, int, int, int], flip: bool) -> Box:
+    """The inverse of :func:`box_in_crop`: a 0..1 box of the model input -> pixels of the stored image."""
+    x0, y0, x1, y1 = box
+    if flip:
+        x0, x1 = 1.0 - x1, 1.0 - x0
+    width, height = crop[2] - crop[0], crop[3] - crop[1]
+    return (crop[0] + x0 * width, crop[1] + y0 * height, crop[0] + x1 * width, crop[1] + y1 * height)
+
+
+def flip_allowed_for(texts: Iterable[tuple[str, str]]) -> bool:
+    """True when no ``(lang, text)`` names a side; a language without a word list forbids the flip."""
+    return all(mentions_side(text, lang) is False for lang, text in texts)
+
+
+def patch_masks(boxes: torch.Tensor, rows: int, cols: int, eps: float = 1e-6) -> torch.Tensor:
+    """[N, 4] 0..1 ``xyxy`` boxes -> [N, 1 + rows * cols] bool: the summary token (always) and, row-major, every
+    patch the box overlaps by more than ``eps`` of a patch side (a box edge on a patch border, up to rounding,
+    does not take in the next patch); at least one patch per box (the reference's ``get_image_attns``)."""
+    col_first = (boxes[:, 0] * cols + eps).floor().clamp(0, cols - 1)
+    col_end = torch.maximum(col_first + 1, (boxes[:, 2] * cols - eps).ceil().clamp(max=cols))
+    row_first = (boxes[:, 1] * rows + eps).floor().clamp(0, rows - 1)
+    row_end = torch.maximum(row_first + 1, (boxes[:, 3] * rows - eps).ceil().clamp(max=rows))
+    c = torch.arange(cols, device=boxes.device, dtype=boxes.dtype)
+    r = torch.arange(rows, device=boxes.device, dtype=boxes.dtype)
+    in_cols = (c >= col_first[:, None]) & (c < col_end[:, None])
+    in_rows = (r >= row_first[:, None]) & (r < row_end[:, None])
+    patches = (in_rows[:, :, None] & in_cols[:, None, :]).flatten(1)
+    return torch.cat([patches.new_ones(len(boxes), 1), patches], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- transform
+class RegionTransform:
+    """One region sample -> the crop's pixels (``size`` x ``size`` uint8 HWC) and its :class:`RegionPlan`."""
+
+    def __init__(
+        self,
+        size: int,
+        max_regions: int = 5,
+        min_perc_in_image: float = 0.5,
+        hflip: bool = True,
+        careful_hflip: bool = True,
+        image_caption: bool = True,
+    ):
+        if max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+        if not 0 <= min_perc_in_image < 1:
+            raise ValueError(f"min_perc_in_image must be in [0, 1), got {min_perc_in_image}")
+        self.size, self.max_regions, self.min_perc_in_image = size, max_regions, min_perc_in_image
+        self.hflip, self.careful_hflip, self.image_caption = hflip, careful_hflip, image_caption
+
+    def plan(
+        self,
+        width: int,
+        height: int,
+        regions: list[Region],
+        image_captions: list[tuple[str, str]],
+        rng: random.Random,
+    ) -> RegionPlan:
+        inside = [(i, r) for i, r in enumerate(regions) if r.box[2] <= width and r.box[3] <= height]
+        if not inside:
+            raise SkipSample("region_outside_image", f"no region box inside the {width}x{height} image")
+        crop = crop_keeping_box(width, height, inside[rng.randrange(len(inside))][1].box, rng)
+        flip = self.hflip and rng.random() < 0.5
+        if flip and self.careful_hflip:
+            texts = [*image_captions]
+            for region in regions:
+                texts += [*region.captions, *region.attributes]
+            flip = flip_allowed_for(texts)
+        targets: list[RegionTarget] = []
+        if self.image_caption and image_captions:
+            lang, text = image_captions[rng.randrange(len(image_captions))]
+            targets.append(RegionTarget(text, lang, WHOLE_IMAGE, True, -1))
+        for index, region in rng.sample(inside, len(inside)):
+            if len(targets) >= self.max_regions:
+                break
+            part = visible_part(region.box, crop, self.min_perc_in_image)
+            if part is None:
+                continue
+            lang, text = region.captions[rng.randrange(len(region.captions))]
+            words = [word for code, word in region.attributes if code == lang]
+            if words:
+                text = f"{words[rng.randrange(len(words))]} {text}"
+            targets.append(RegionTarget(text, lang, box_in_crop(part, crop, flip), False, index))
+        return RegionPlan(crop, flip, tuple(targets))
+
+    def __call__(
+        self,
+        data: bytes,
+        regions: list[Region],
+        image_captions: list[tuple[str, str]],
+        rng: random.Random,
+    ) -> tuple[np.ndarray, RegionPlan]:
+        plans: list[RegionPlan] = []
+
+        def choose_crop(width: int, height: int) -> tuple[int, int, int, int]:
+            plans.append(self.plan(width, height, regions, image_captions, rng))
+            return plans[0].crop
+
+        pixels = to_array(decode_crop(data, self.size, choose_crop))
+        return (pixels[:, ::-1] if plans[0].flip else pixels), plans[0]
+
+
+def region_example(
+    sample: dict, transform: RegionTransform, allowed: frozenset[str], rng: random.Random
+) -> dict:
+    """A raw shard sample -> ``{"image", "key", "targets", "dropped"}`` (``dropped``: regions left out, by
+    reason, for the stream's skip counts); any problem with the sample raises :class:`SkipSample`."""
+    if SKIP_KEY in sample:
+        raise SkipSample(sample[SKIP_KEY], sample.get("detail", ""))
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SkipSample("bad_json", f"{sample['__key__']}: {err}") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("missing_regions", f"{sample['__key__']} has no JSON object")
+    regions, dropped = parse_regions(meta, allowed)
+    try:
+        image_captions = caption_choices(meta, allowed) if meta.get("captions") else []
+    except SkipSample:
+        image_captions = []
+    try:
+        pixels, plan = transform(image_bytes(sample), regions, image_captions, rng)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise SkipSample("bad_image", f"{sample['__key__']}: {type(err).__name__}: {err}") from None
+    return {"image": pixels, "key": sample["__key__"], "targets": plan.targets, "dropped": dropped}
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+def target_key(image_key: str, target: RegionTarget) -> str:
+    """Equal keys are the same pairing (the contrastive positives): an image's whole-image caption, or a region."""
+    return image_key if target.is_image else f"{image_key}#r{target.index}"
+
+
+def collate_regions(
+    examples: list[dict], batch_size: int, rng: random.Random, grid: tuple[int, int] | None = None
+) -> dict:
+    """Examples of :func:`region_example` -> a region batch: ``images`` [M,3,H,W] uint8 (each image once, only
+    those with a kept target), ``idx_to_group_img`` [N] long, ``texts``/``langs``/``keys`` (N each),
+    ``group_ids`` [N] long (:func:`target_key` hashed), ``boxes`` [N,4] float 0..1 ``xyxy``, ``is_image`` [N]
+    bool and, with ``grid`` = (rows, cols), ``image_atts`` [N, 1 + rows * cols] bool (:func:`patch_masks`; all
+    tokens for a whole-image caption). N = ``batch_size`` targets drawn at random, or all when fewer."""
+    flat = [(i, t) for i, example in enumerate(examples) for t in example["targets"]]
+    if not flat:
+        raise ValueError("collate_regions: the examples hold no target")
+    if len(flat) > batch_size:
+        flat = [flat[k] for k in sorted(rng.sample(range(len(flat)), batch_size))]
+    used = sorted({i for i, _ in flat})
+    position = {i: n for n, i in enumerate(used)}
+    keys = [target_key(examples[i]["key"], t) for i, t in flat]
+    batch = {
+        "images": stack_images([examples[i]["image"] for i in used]),
+        "idx_to_group_img": torch.tensor([position[i] for i, _ in flat], dtype=torch.long),
+        "texts": [t.text for _, t in flat],
+        "langs": [t.lang for _, t in flat],
+        "keys": keys,
+        "group_ids": torch.tensor([group_id(k) for k in keys], dtype=torch.long),
+        "boxes": torch.tensor([t.box for _, t in flat], dtype=torch.float32),
+        "is_image": torch.tensor([t.is_image for _, t in flat], dtype=torch.bool),
+    }
+    if grid is not None:
+        masks = patch_masks(batch["boxes"], *grid)
+        masks[batch["is_image"]] = True
+        batch["image_atts"] = masks
+    return batch
