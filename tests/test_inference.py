@@ -218,3 +218,57 @@ def test_retrieve_returns_the_gold_image_first_after_training(tmp_path, tiny_mod
     # image queries search a text gallery
     image_to_text = engine.retrieve(gallery, [it[1] for it in items], k=1)
     assert (image_to_text.indices[:, 0] == torch.arange(len(items))).float().mean() >= 0.75
+
+
+def test_retrieve_reads_image_paths_as_image_queries_in_every_form(tiny_model_dir, tmp_path):
+    """``model.retrieve(image_paths, captions)``: existing files given as ``str`` are images, as Path, PIL and
+    uint8 tensors are; each form gives the same ranking of the captions."""
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    rng = random.Random(3)
+    scenes = world()
+    pictures = [shape_image(scene, rng) for scene, *_ in scenes]
+    paths = []
+    for i, picture in enumerate(pictures):
+        paths.append(tmp_path / f"{i}.png")
+        picture.save(paths[-1])
+    captions = [en for _, en, _ in scenes]
+    expected = engine.retrieve(pictures, captions, k=3)
+    tensors = [engine.transform(p) for p in pictures]
+    for queries in ([str(p) for p in paths], paths, tensors):
+        got = engine.retrieve(queries, captions, k=3)
+        assert torch.equal(got.indices, expected.indices)
+        torch.testing.assert_close(got.scores, expected.scores)
+    # the other direction still reads strings as text and paths in the gallery as images
+    back = engine.retrieve(captions, [str(p) for p in paths], k=2)
+    assert torch.equal(back.indices, engine.retrieve(captions, pictures, k=2).indices)
+    reranked = engine.retrieve([str(p) for p in paths[:2]], captions, k=2, rerank=True, rerank_k=4)
+    for q, (scores, indices) in enumerate(zip(reranked.scores, reranked.indices)):
+        torch.testing.assert_close(scores, engine.match([pictures[q]], [captions[int(i)] for i in indices]))
+
+
+def test_retrieve_says_how_to_search_captions_when_the_image_paths_do_not_exist(tiny_model_dir, tmp_path):
+    from cclm.data.images import MissingImageError
+
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    captions = ["a small yellow star on the left", "a big red circle"]
+    missing = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    with pytest.raises(
+        ValueError, match="'a small yellow star on the left' is no image file.*pass the images as"
+    ):
+        engine.retrieve(missing, captions)
+    with pytest.raises(MissingImageError, match="a.jpg"):  # said outright: the missing file is named
+        engine.retrieve(missing, captions, query_type="image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png")
+    both = [str(tmp_path / "c.png")]
+    with pytest.raises(ValueError, match="both the queries and the gallery are existing files"):
+        engine.retrieve(both, both)
+    with pytest.raises(
+        MissingImageError, match=r"1 gallery images not found: .*a\.jpg"
+    ):  # some paths missing
+        engine.retrieve(captions, [str(tmp_path / "c.png"), missing[0]])
+    with pytest.raises(ValueError, match="query_type must be one of"):
+        engine.retrieve(captions, both, query_type="caption")
+    # a text query that happens to name a file searches a gallery of images (here Path objects) as text
+    assert engine.retrieve(both, [tmp_path / "c.png"]).scores.shape == (1, 1)
+    # and is searchable as text when said so
+    assert engine.retrieve(both, [Image.new("RGB", (8, 8))], query_type="text").indices.shape == (1, 1)

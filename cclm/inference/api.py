@@ -2,11 +2,14 @@
 
     import cclm
     model = cclm.load("path/to/model")            # a save_pretrained folder (config, weights, tokenizer)
+    model = cclm.load("cclm-4m-base")             # a released checkpoint by name (cclm.list_pretrained())
+    model = cclm.load("hf-hub:org/name")          # a cclm model pushed to the Hugging Face Hub
     model = cclm.load("path/to/model", image_size=384)  # at another resolution (Swin window scaled: 7 -> 12)
     image_feats = model.encode_images(["a.jpg", "b.jpg"])
     text_feats = model.encode_texts(["a red circle", "ein roter Kreis"])
     probs = model.match(["a.jpg"], ["a red circle"])  # ITM probability that the text describes the image
     hits = model.retrieve(["ein roter Kreis"], ["a.jpg", "b.jpg"], k=1)  # -> Retrieved(scores, indices)
+    hits = model.retrieve(["a.jpg", "b.jpg"], ["a red circle", "a star"], k=1)  # image queries, text gallery
 
 Features are the L2-normalised ITC/TTC projections (the ones the contrastive loss trains), so a dot product is
 a cosine similarity. Everything runs batched under ``torch.inference_mode``, on CPU or GPU; on a GPU with bf16
@@ -32,13 +35,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cclm.config import Precision
-from cclm.data.images import UnreadableImage, load_image  # noqa: F401 - UnreadableImage re-exported
+from cclm.data.images import MissingImageError, UnreadableImage, load_image  # noqa: F401 - re-exported
 from cclm.data.normalize import normalizer_for
 from cclm.evaluation.retrieval import MATCH, Embeddings, embed_images, embed_texts, itm_scores, tokenize_texts
 from cclm.model import CrossViewModel
 from cclm.runtime.env import compute_dtype, resolve_device
 
-ImageLike = Union[str, os.PathLike, bytes, Image.Image]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, torch.Tensor]
+QUERY_TYPES = ("auto", "text", "image")
 PRECISION_OF_DTYPE = {
     torch.float32: Precision.fp32,
     torch.bfloat16: Precision.bf16,
@@ -81,6 +85,36 @@ def load_model_tokenizer(
     return model, load_tokenizer(fallback)
 
 
+def resolve_model_folder(
+    name_or_path: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The model folder behind what :func:`load` accepts: ``hf-hub:ORG/NAME`` (:mod:`cclm.inference.hub`), an
+    existing folder, or a registered pretrained name (:mod:`cclm.inference.registry`: downloaded or taken from
+    ``checkpoint``, converted once into the cache ``cache_dir``)."""
+    from cclm.inference import hub, registry
+
+    if hub.is_hub_name(name_or_path):
+        if checkpoint is not None:
+            raise ValueError("checkpoint= is for registered pretrained names, not hf-hub: repositories")
+        return hub.hub_folder(str(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or not registry.is_pretrained_name(name_or_path):
+        if checkpoint is not None:
+            raise registry.PretrainedError(
+                f"checkpoint= needs a registered pretrained name ({', '.join(registry.list_pretrained())}), "
+                f"got '{name_or_path}'"
+            )
+        if not path.exists():
+            raise FileNotFoundError(
+                f"'{name_or_path}' is neither a model folder, a pretrained name "
+                f"({', '.join(registry.list_pretrained())}) nor hf-hub:ORG/NAME"
+            )
+        return path
+    return registry.pretrained_folder(str(name_or_path), checkpoint=checkpoint, cache_dir=cache_dir)
+
+
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -114,12 +148,17 @@ class CCLM:
         dtype: str | Precision | torch.dtype = Precision.auto,
         image_size: int | None = None,
         window_size: int | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> CCLM:
-        """``device``: None or ``auto`` = the GPU when there is one; ``dtype``: a :class:`~cclm.config.Precision`
-        (``auto`` = bf16 on a GPU that supports it, else fp32) or a torch dtype; ``image_size`` (and, for Swin,
+        """``path``: a model folder, a pretrained name or ``hf-hub:ORG/NAME`` (:func:`resolve_model_folder`;
+        ``checkpoint`` / ``cache_dir`` serve pretrained names). ``device``: None or ``auto`` = the GPU when there
+        is one; ``dtype``: a :class:`~cclm.config.Precision` (``auto`` = bf16 on a GPU that supports it, else
+        fp32) or a torch dtype; ``image_size`` (and, for Swin,
         ``window_size``): run at another resolution, position tables interpolated as the reference does when it
         fine-tunes at 384 px (:func:`cclm.model.resize.resize_vision`); images are then loaded at that size."""
-        model, tokenizer = load_model_tokenizer(path, image_size, window_size)
+        folder = resolve_model_folder(path, checkpoint=checkpoint, cache_dir=cache_dir)
+        model, tokenizer = load_model_tokenizer(folder, image_size, window_size)
         device = resolve_device(device)
         dtype = dtype if isinstance(dtype, torch.dtype) else compute_dtype(device, dtype)
         return cls(model, tokenizer, device, dtype)
@@ -225,19 +264,21 @@ class CCLM:
         rerank: bool = False,
         rerank_k: int | None = None,
         batch_size: int = 32,
+        query_type: str = "auto",
     ) -> Retrieved:
         """Top-``k`` gallery items for each query by cosine similarity of the ITC features.
 
-        Text queries (``str``) search an image gallery; image queries (PIL images, ``pathlib.Path`` or bytes: a
-        ``str`` query is always text) search a text gallery. ``gallery`` may be the items
-        themselves or their features from :meth:`encode_images` / :meth:`encode_texts` ([G, embed_dim]).
-        ``rerank=True`` re-scores each query's top ``rerank_k`` (default ``k``) candidates with the ITM head
-        (:meth:`rerank`) and returns the top ``k`` by ITM probability; this needs the gallery items, not only
-        their features.
+        Text queries search an image gallery; image queries search a text gallery. ``query_type="auto"`` decides
+        by the queries: PIL images, ``pathlib.Path``, bytes and uint8 tensors are images; strings are images when
+        every one of them names an existing file (``model.retrieve(image_paths, captions)``) and the gallery is
+        not images itself, else texts. ``query_type="text"`` / ``"image"`` says it outright. ``gallery`` may be
+        the items themselves or their features from :meth:`encode_images` / :meth:`encode_texts` ([G, embed_dim]). ``rerank=True`` re-scores
+        each query's top ``rerank_k`` (default ``k``) candidates with the ITM head (:meth:`rerank`) and returns
+        the top ``k`` by ITM probability; this needs the gallery items, not only their features.
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list, not one string")
-        text_queries = _all_text(queries)
+        text_queries = queries_are_text(queries, gallery, query_type)
         query_feats = (
             self.encode_texts(queries, batch_size)
             if text_queries
@@ -264,7 +305,14 @@ class CCLM:
         if isinstance(gallery, torch.Tensor):
             raise ValueError("rerank=True needs the gallery items (images or texts), not their features")
         depth = max(k, min(rerank_k or k, similarity.shape[1]))
-        return self.rerank(queries, gallery, similarity.topk(depth, dim=1).indices, k, batch_size)
+        return self.rerank(
+            queries,
+            gallery,
+            similarity.topk(depth, dim=1).indices,
+            k,
+            batch_size,
+            query_type="text" if text_queries else "image",
+        )
 
     @torch.inference_mode()
     def rerank(
@@ -274,9 +322,10 @@ class CCLM:
         candidates: torch.Tensor,
         k: int | None = None,
         batch_size: int = 32,
+        query_type: str = "auto",
     ) -> Retrieved:
         """Re-score ``candidates`` [Q, C] (indices into ``gallery`` per query) with the ITM head and return each
-        query's top ``k`` (default C) by match probability.
+        query's top ``k`` (default C) by match probability. ``query_type`` as in :meth:`retrieve`.
 
         The evaluation's batched re-ranker (:func:`cclm.evaluation.retrieval.itm_scores`): the queries and the
         distinct candidates are encoded once, and the (query, candidate) pairs of all queries are pooled into
@@ -290,7 +339,7 @@ class CCLM:
         used, position = torch.unique(candidates, return_inverse=True)
         items = [gallery[int(i)] for i in used]
         query_index = torch.arange(len(queries))[:, None].expand_as(candidates)
-        if _all_text(queries):
+        if queries_are_text(queries, gallery, query_type):
             text_tokens, text_masks, text_feats = self._text_tokens(queries, batch_size)
             image_tokens, image_feats = self._image_tokens(items, batch_size)
             image_index, text_index = position, query_index
@@ -331,8 +380,53 @@ class CCLM:
         )
 
 
-def _all_text(queries: Sequence) -> bool:
-    return all(isinstance(q, str) for q in queries)
+def _is_file(item: Any) -> bool:
+    return isinstance(item, str) and os.path.isfile(item)
+
+
+def queries_are_text(queries: Sequence, gallery: Sequence | torch.Tensor, query_type: str = "auto") -> bool:
+    """Whether :meth:`CCLM.retrieve` reads ``queries`` as texts (searching images) or as images (searching
+    texts); see its doc. A gallery that cannot be what the queries search is refused here, naming the item,
+    rather than failing later on a caption opened as an image file."""
+    if query_type not in QUERY_TYPES:
+        raise ValueError(f"query_type must be one of {', '.join(QUERY_TYPES)}, got '{query_type}'")
+    strings = all(isinstance(q, str) for q in queries)
+    if query_type == "text" and not strings:
+        raise TypeError("query_type='text' needs string queries")
+    items = None if isinstance(gallery, torch.Tensor) else list(gallery)
+    if query_type != "auto":
+        text = query_type == "text"
+    elif not strings:
+        text = False
+    elif items and not all(isinstance(g, str) for g in items):
+        text = True  # the gallery holds images (Path, PIL, bytes, tensors): strings searching it are texts
+    else:
+        text = not (queries and all(_is_file(q) for q in queries))
+    if items is None:
+        return text
+    if text:
+        strings_in_gallery = [g for g in items if isinstance(g, str)]
+        not_images = [g for g in strings_in_gallery if not os.path.isfile(g)]
+        if not_images and len(not_images) < len(strings_in_gallery):  # some image files are missing
+            raise MissingImageError(
+                f"{len(not_images)} gallery images not found: {', '.join(map(str, not_images[:10]))}"
+                + (" ..." if len(not_images) > 10 else "")
+            )
+        if not_images:  # no string of the gallery is a file: captions, searched with text queries
+            raise ValueError(
+                f"retrieve() read the queries as texts (they are strings and not all of them are existing "
+                f"files), so the gallery must be images, but gallery item {not_images[0]!r} is no image file. "
+                "To search captions with images, pass the images as queries: paths (str or Path), PIL images, "
+                "bytes or uint8 tensors; a path that does not exist makes the queries texts (query_type='image' "
+                "says it outright and names the missing file)"
+            )
+    elif not all(isinstance(g, str) for g in items):
+        raise TypeError("image queries search a text gallery: the gallery must be strings (or text features)")
+    elif query_type == "auto" and items and all(_is_file(g) for g in items):
+        raise ValueError(
+            "retrieve(): both the queries and the gallery are existing files; pass query_type='text' or 'image'"
+        )
+    return text
 
 
 def load(
@@ -341,10 +435,20 @@ def load(
     dtype: str | Precision | torch.dtype = Precision.auto,
     image_size: int | None = None,
     window_size: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CCLM:
-    """Load a ``save_pretrained`` folder as a ready :class:`CCLM` (model, tokenizer, evaluation transform).
-    ``image_size`` / ``window_size``: run the vision tower at another resolution (see
+    """Load a model as a ready :class:`CCLM` (model, tokenizer, evaluation transform). ``path``: a
+    ``save_pretrained`` folder, a released checkpoint's name (:func:`cclm.list_pretrained`; ``checkpoint``: the
+    file when it must be downloaded by hand, ``cache_dir``: instead of ``$CCLM_CACHE`` / ``~/.cache/cclm``) or
+    ``hf-hub:ORG/NAME``. ``image_size`` / ``window_size``: run the vision tower at another resolution (see
     :meth:`CCLM.from_pretrained`); None keeps the model's own."""
     return CCLM.from_pretrained(
-        path, device=device, dtype=dtype, image_size=image_size, window_size=window_size
+        path,
+        device=device,
+        dtype=dtype,
+        image_size=image_size,
+        window_size=window_size,
+        checkpoint=checkpoint,
+        cache_dir=cache_dir,
     )

@@ -1,6 +1,8 @@
 """``cclm export CKPT OUT``: a checkpoint (or an output_dir, meaning its newest complete checkpoint) ->
 a ``save_pretrained`` folder (fp32 safetensors + config + tokenizer) that ``CrossViewModel.from_pretrained``
-loads. Works for every ZeRO stage: the consolidated fp32 weights were gathered when the checkpoint was saved."""
+loads. Works for every ZeRO stage: the consolidated fp32 weights were gathered when the checkpoint was saved.
+``--push-to-hub ORG/NAME`` then uploads the folder, model card included, to the Hugging Face Hub
+(:func:`cclm.train.publish.push_to_hub`; ``cclm.load("hf-hub:ORG/NAME")`` loads it)."""
 
 from __future__ import annotations
 
@@ -59,11 +61,35 @@ def main(argv: list[str]) -> int:
         "checkpoint", help="checkpoint folder (…/checkpoints/step_<8-digit step>) or output_dir"
     )
     parser.add_argument("out", help="destination folder")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        default=None,
+        help="then upload the folder to this Hugging Face Hub repository (created if missing; needs a token: "
+        "hf auth login or HF_TOKEN)",
+    )
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--commit-message", default=None, help="message of the Hub commit")
     args = parser.parse_args(argv[1:])
     try:
+        if args.push_to_hub:  # a bad repository name fails before the export's work
+            from cclm.train.publish import parse_hub_name
+
+            parse_hub_name(args.push_to_hub)
         out = export(args.checkpoint, args.out)
     except (UserError, FileNotFoundError, ValueError) as err:
         print(f"cclm export: {err}", file=sys.stderr)
         return 2
     print(f"exported {out}")
+    if args.push_to_hub:
+        from cclm.train.publish import push_to_hub
+
+        try:
+            url = push_to_hub(
+                out, args.push_to_hub, private=args.private or None, commit_message=args.commit_message
+            )
+        except UserError as err:
+            print(f"cclm export: {err}", file=sys.stderr)
+            return 2
+        print(f"pushed to {url}; load it with cclm.load('hf-hub:{args.push_to_hub}')")
     return 0
