@@ -169,6 +169,26 @@ def test_cli_reports_bad_input(world, tmp_path, capsys):
     assert "unknown language 'xx'" in capsys.readouterr().err
 
 
+def test_every_missing_image_is_listed_in_one_error_before_the_model_loads(tmp_path, capsys):
+    """25 images in two languages, 3 of them on disk: one error counts the 22 missing files (each once,
+    whichever languages name it), lists the first 20 and says how many more; no model is loaded."""
+    folder = tmp_path / "heldout"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i in range(25):
+        if i % 10 == 0:
+            (folder / "images" / f"{i:02d}.jpg").write_bytes(b"a file")
+        captions = {"en": [f"picture {i}"], "de": [f"Bild {i}"]}
+        lines.append(json.dumps({"image": f"images/{i:02d}.jpg", "image_id": str(i), "captions": captions}))
+    (folder / "retrieval.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_cli(f"checkpoint={tmp_path / 'no_model'}", f"data.root={folder}") == 2
+    err = capsys.readouterr().err
+    assert "cclm evaluate: 22 image file(s) missing:" in err and "not a cclm model folder" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("cclm evaluate:")]
+    missing = [str(folder / "images" / f"{i:02d}.jpg") for i in range(25) if i % 10]
+    assert f"missing: {', '.join(missing[:20])}, ... and 2 more (" in line
+
+
 def test_other_configs_are_delegated_to_the_finetune_evaluator(monkeypatch):
     import cclm.tasks.cli
 

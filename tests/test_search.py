@@ -166,7 +166,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary (install Debian's chromium: tools/install_chromium.sh)"
+    CHROMIUM is None,
+    reason="no chromium binary: tools/install_chromium.sh (run by `make test`) could not install it and said why",
 )
 def test_html_page_renders_the_thumbnails_in_headless_chromium(tiny_model_dir, image_dir, tmp_path):
     page = _write_page(tiny_model_dir, image_dir, tmp_path)
@@ -192,3 +193,49 @@ def test_html_page_renders_the_thumbnails_in_headless_chromium(tiny_model_dir, i
     for name, colour in SOLID.items():
         close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
         assert close > 0.5 * thumb_area, f"thumbnail of {name} not visible: {close} pixels of its colour"
+
+
+def test_index_and_search_at_another_image_size(tiny_model_dir, image_dir, tmp_path, capsys):
+    """``--image-size 48`` runs the 32 px model's tower at 48 px (position grid resized): the index holds what
+    ``cclm.load(..., image_size=48)`` computes, records the size, and re-ranking decodes at it too."""
+    out = tmp_path / "index48"
+    argv = ["index", str(image_dir), "--model", str(tiny_model_dir), "--out", str(out), "--num-workers", "0"]
+    assert cclm_main([*argv, "--image-size", "48"]) == 0
+    index = search.ImageIndex.read(out)
+    assert index.image_size == 48
+    at_48 = cclm.load(tiny_model_dir, device="cpu", image_size=48)
+    assert at_48.image_size == 48
+    torch.testing.assert_close(
+        index.embeddings(out), at_48.encode_images([image_dir / p for p in index.paths]), atol=1e-5, rtol=1e-5
+    )
+    at_32 = cclm.load(tiny_model_dir, device="cpu").encode_images([image_dir / p for p in index.paths])
+    assert not torch.allclose(index.embeddings(out), at_32, atol=1e-3)
+    with pytest.raises(ValueError, match="was built with --image-size 48, not 0"):
+        search.build_index(image_dir, tiny_model_dir, out)
+
+    hits = search.search_index(out, "a red circle", k=2, rerank=True, rerank_k=4)
+    assert at_48.match([hits[0].path], ["a red circle"])[0].item() == pytest.approx(hits[0].match, abs=1e-4)
+    capsys.readouterr()
+    assert cclm_main(["search", str(out), "a red circle", "-k", "2", "--image-size", "-1"]) == 2
+    assert "--image-size must be positive" in capsys.readouterr().err
+
+
+def test_search_names_the_parts_of_a_query_the_tokenizer_does_not_know(
+    tiny_model_dir, image_dir, tmp_path, caplog
+):
+    out = tmp_path / "index"
+    search.build_index(image_dir, tiny_model_dir, out)
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    assert search.unknown_pieces(engine, "a red circle above a blue square") == []
+    unknown = search.unknown_pieces(engine, "a red circle @ ÷")
+    assert unknown and all(piece in "@ ÷" for piece in unknown)
+    ids = engine.tokenize(["a red circle @ ÷"])[0][0].tolist()
+    assert ids.count(engine.tokenizer.unk_token_id) >= len(unknown)
+    with caplog.at_level("WARNING", logger="cclm.inference"):
+        search.search_index(out, "a red circle @ ÷", k=1)
+    assert "does not know" in caplog.text and repr(unknown[0]) in caplog.text
+    assert "lower case" not in caplog.text  # lower-casing would not help this query
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cclm.inference"):  # the tokenizer saw no capital A, R, E, C, L
+        search.search_index(out, "A RED CIRCLE", k=1)
+    assert "'A'" in caplog.text and "try the query in lower case" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cclm.config import RetrievalRunConfig, load_config, require
-from cclm.evaluation.datasets import available_languages, load_retrieval_set
+from cclm.evaluation.datasets import available_languages, load_retrieval_set, require_image_files
 from cclm.evaluation.results import mean_over_languages, write_results
 from cclm.evaluation.run import evaluate_folds
 from cclm.runtime.env import dist_info, join_launched_group, leave_group, resolve_device
@@ -43,6 +43,7 @@ def evaluate_benchmark(cfg: RetrievalRunConfig) -> dict[str, dict[str, float]]:
     data = OmegaConf.merge(cfg.data, {"languages": list(cfg.languages)}) if cfg.languages else cfg.data
     # Read every language's annotations first: a missing file or unknown language fails before the model loads.
     sets = {lang: load_retrieval_set(data, lang, cfg.name) for lang in available_languages(data)}
+    require_image_files(sets.values())  # every missing image in one error, before the model loads
     device = resolve_device(cfg.device)
     created_group = join_launched_group(device)
     try:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cclm.config import RetrievalDataConfig, RetrievalFormat  # noqa: F401 - RetrievalDataConfig re-exported
-from cclm.data.images import ImageInput
+from cclm.data.images import ImageInput, MissingImageError
 from cclm.jsonl import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
+MISSING_IMAGES_SHOWN = 20  # missing image files listed by name in the error (all are counted)
 
 
 @dataclass
@@ -325,6 +327,26 @@ def load_retrieval_set(cfg, lang: str, name: str = "retrieval") -> RetrievalSet:
     if cfg.max_images:
         result = result.subset(range(min(cfg.max_images, len(result.images))))
     return result
+
+
+def missing_image_files(sets: Iterable[RetrievalSet]) -> list[Path]:
+    """Every distinct image file the sets name (paths; bytes and in-memory images need none) that is not there,
+    sorted."""
+    named = {Path(image) for rset in sets for image in rset.images if isinstance(image, (str, os.PathLike))}
+    return sorted(path for path in named if not path.is_file())
+
+
+def require_image_files(sets: Iterable[RetrievalSet], show: int = MISSING_IMAGES_SHOWN) -> None:
+    """Fail before any model is loaded when image files are missing: one error listing the first ``show`` of
+    them and how many there are, rather than stopping at the first one mid-evaluation."""
+    missing = missing_image_files(sets)
+    if missing:
+        listed = ", ".join(str(p) for p in missing[:show])
+        more = f", ... and {len(missing) - show} more" if len(missing) > show else ""
+        raise MissingImageError(
+            f"{len(missing)} image file(s) missing: {listed}{more} (the data config names the image folders: "
+            "data.image_root, else data.root; IGLUE sets: data.options.image_roots)"
+        )
 
 
 def load_heldout_sets(

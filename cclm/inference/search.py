@@ -1,6 +1,6 @@
 """``cclm index`` and ``cclm search``: text search, in any language, over a folder of images.
 
-    cclm index IMAGE_DIR --model MODEL_DIR --out INDEX_DIR
+    cclm index IMAGE_DIR --model MODEL_DIR --out INDEX_DIR [--image-size 384]
     cclm search INDEX_DIR "ein roter Kreis" -k 10 [--rerank] [--html result.html]
 
 The index is a folder: ``index.json`` (the model, the image folder, the indexed files in row order and the files
@@ -9,7 +9,11 @@ features. Indexing writes one shard per chunk of files and then updates ``index.
 interrupted run resumes where it stopped, and running it again later adds only the new files of the folder.
 Unreadable files (not an image, truncated, corrupt) are skipped, counted and listed, never retried silently.
 The query is read as the model reads text (:class:`cclm.inference.api.CCLM`): through the text normaliser saved
-with it (``model.cfg.text.normalize``), so with ``pre_caption`` case and punctuation do not change the hits.
+with it (``model.cfg.text.normalize``), so with ``pre_caption`` case and punctuation do not change the hits. Parts
+of the query the model's tokenizer does not know (capitals, for a model trained on lower-case text only) are named
+in a warning: they reach the model as ``<unk>`` and the hits ignore them.
+``--image-size`` runs the vision tower at another resolution than the model was trained at
+(:func:`cclm.model.resize.resize_vision`); the index records it, so searching and re-ranking use it too.
 File names are printed with their control characters escaped (:func:`cclm.text_safety.printable`): a crafted
 name cannot drive the terminal.
 """
@@ -33,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cclm.data.images import UnreadableImage, open_image
-from cclm.inference.api import CCLM
+from cclm.inference.api import CCLM, resolve_model_folder
 from cclm.text_safety import printable
 
 log = logging.getLogger("cclm.inference")
@@ -53,6 +57,7 @@ class ImageIndex:
     paths: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    image_size: int = 0  # the resolution the images were embedded at; 0: the model's training resolution
 
     @classmethod
     def read(cls, folder: Path) -> ImageIndex:
@@ -74,6 +79,7 @@ class ImageIndex:
             list(data["paths"]),
             list(data["shards"]),
             dict(data["skipped"]),
+            int(data.get("image_size", 0)),  # indexes written before the option: the model's resolution
         )
 
     def write(self, folder: Path) -> None:
@@ -146,27 +152,32 @@ def build_index(
     device: str | None = None,
     dtype: str = "auto",
     progress: bool | None = None,
+    image_size: int = 0,
 ) -> IndexReport:
-    """Embed every readable image under ``image_dir`` into the index folder ``out`` (created or resumed)."""
+    """Embed every readable image under ``image_dir`` into the index folder ``out`` (created or resumed).
+    ``image_size``: the vision tower's resolution (0: the model's training resolution)."""
     image_dir, out = Path(image_dir).resolve(), Path(out)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"image folder not found: {printable(image_dir)}")
-    model_path = str(Path(model_dir).resolve())
+    if image_size < 0:
+        raise ValueError(f"--image-size must be positive, or 0 for the model's own; got {image_size}")
+    model_path = str(resolve_model_folder(model_dir))  # a folder, a released name or hf-hub:ORG/NAME
     out.mkdir(parents=True, exist_ok=True)
-    engine = CCLM.from_pretrained(model_path, device=device, dtype=dtype)
-    if (out / INDEX_NAME).exists():
-        index = ImageIndex.read(out)
+    index = ImageIndex.read(out) if (out / INDEX_NAME).exists() else None
+    if index is not None:
         for name, ours, theirs in (
             ("model", model_path, index.model),
             ("image folder", str(image_dir), index.image_dir),
+            ("--image-size", str(image_size), str(index.image_size)),
         ):
             if ours != theirs:
                 raise ValueError(
                     f"index {printable(out)} was built with {name} {printable(theirs)}, not {printable(ours)}; "
                     "use another --out"
                 )
-    else:
-        index = ImageIndex(model_path, str(image_dir), int(engine.model.cfg.embed_dim))
+    engine = CCLM.from_pretrained(model_path, device=device, dtype=dtype, image_size=image_size or None)
+    if index is None:
+        index = ImageIndex(model_path, str(image_dir), int(engine.model.cfg.embed_dim), image_size=image_size)
     done = set(index.paths) | set(index.skipped)
     todo = [p for p in list_files(image_dir) if p not in done]
     report = IndexReport(0, len(index.paths), {}, len(index.skipped))
@@ -229,13 +240,31 @@ def search_index(
     model: str | Path | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    image_size: int = 0,
 ) -> list[Hit]:
+    """The top ``k`` images of the index for ``query`` by cosine similarity, or (``rerank``) its top
+    ``rerank_k`` re-scored by the ITM head. ``image_size``: the resolution re-ranking decodes the candidates at
+    (0: the one the index was built at)."""
     index_dir = Path(index_dir)
     index = ImageIndex.read(index_dir)
     feats = index.embeddings(index_dir)
     if not index.paths:
         return []
-    engine = CCLM.from_pretrained(model or index.model, device=device, dtype=dtype)
+    if image_size < 0:
+        raise ValueError(f"--image-size must be positive, or 0 for the index's own; got {image_size}")
+    size = image_size or index.image_size
+    engine = CCLM.from_pretrained(model or index.model, device=device, dtype=dtype, image_size=size or None)
+    unknown = unknown_pieces(engine, query)
+    if unknown:
+        log.warning(
+            "the model's tokenizer does not know %s of the query (they reach the model as %s and do not count "
+            "in the ranking)%s",
+            ", ".join(repr(printable(piece)) for piece in unknown),
+            engine.tokenizer.unk_token,
+            "; it was trained on lower-case text: try the query in lower case"
+            if _lowercase_helps(engine, query)
+            else "",
+        )
     if engine.model.cfg.embed_dim != index.embed_dim:
         raise ValueError(
             f"model embed_dim {engine.model.cfg.embed_dim} does not match the index ({index.embed_dim})"
@@ -266,6 +295,25 @@ def search_index(
         Hit(r + 1, gallery[int(i)], float(cosine[int(i)]), float(p))
         for r, (p, i) in enumerate(zip(probs[0], rows[0]))
     ]
+
+
+def unknown_pieces(engine: CCLM, query: str) -> list[str]:
+    """The distinct parts of ``query`` (after the model's normaliser) that its tokenizer reads as unknown."""
+    tokenizer = engine.tokenizer
+    if tokenizer.unk_token_id is None or not getattr(tokenizer, "is_fast", False):
+        return []
+    text = engine.normalize(query)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    pieces = [
+        text[start:end].strip()
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+        if token == tokenizer.unk_token_id
+    ]
+    return list(dict.fromkeys(piece for piece in pieces if piece))
+
+
+def _lowercase_helps(engine: CCLM, query: str) -> bool:
+    return query != query.lower() and not unknown_pieces(engine, query.lower())
 
 
 def thumbnail_data_uri(path: Path, size: int = 192) -> str | None:
@@ -337,6 +385,12 @@ def _index_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that supports it), fp32, bf16, fp16")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="embed the images at this resolution (0: the model's training resolution; the tower is resized)",
+    )
     return p
 
 
@@ -355,6 +409,12 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder (default: the one the index was built with)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="resolution --rerank decodes the candidates at (0: the one the index was built at)",
+    )
     return p
 
 

@@ -18,9 +18,11 @@ the HF layers' own modules and weights; only the attention products are ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,11 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 
 from cclm.config import ConfigError
+from cclm.runtime.env import local_main_first
 
 HUB_TIMEOUT_S = 10.0
+LAUNCH_DOC = "docs/launch.md, 'Pretrained weights on a cluster'"
+HTTP_CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "TransportError", "TimeoutException"}
 
 
 def check_text_config(text_cfg: Any, key: str = "model.text") -> None:
@@ -80,7 +85,7 @@ def check_pretrained_source(name: str, key: str) -> None:
     if not loadable_from_hub(name):
         raise ConfigError(
             f"{key}={name!r}: not a local folder and not loadable from the Hugging Face Hub (offline?): "
-            "download it and give the folder path"
+            f"download it and give the folder path (`hf download {name} --local-dir DIR`; {LAUNCH_DOC})"
         )
 
 
@@ -104,16 +109,77 @@ def loadable_from_hub(
     return True
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable(err: BaseException) -> bool:
+    """True when ``err`` (or what caused it) says the files are neither in the Hugging Face cache nor reachable
+    on the Hub: offline mode, no network, a cache miss without a connection."""
+    from urllib.error import URLError
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    unreachable = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError, URLError)
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        # the HTTP client's own connection errors (whichever client huggingface_hub uses), by their class names
+        names = {cls.__name__ for cls in type(cause).__mro__}
+        if isinstance(cause, unreachable) or names & HTTP_CONNECTION_ERRORS:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def hf_download(repo_id: str, filename: str = "") -> str:
+    """The command that puts ``repo_id`` (or one file of it) in the Hugging Face cache."""
+    return f"`hf download {repo_id}{' ' + filename if filename else ''}` with the same HF_HOME"
+
+
+def unavailable_message(key: str, value: str, download: str, local_form: str = "") -> str:
+    """One line: what cannot be loaded, the command that downloads it, and the config that loads a local copy."""
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE=1" if hub_offline() else "the Hub cannot be reached"
+    local = f" or {local_form}" if local_form else ""
+    return (
+        f"{key}={value!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it "
+        f"where there is network ({download}){local} ({LAUNCH_DOC})"
+    )
+
+
+@contextlib.contextmanager
+def fetching_pretrained(key: str, value: str, download: str, local_form: str = "") -> Iterator[None]:
+    """Load pretrained files on each node's local rank 0 first (one download per node, then the other ranks read
+    the cache: :func:`cclm.runtime.env.local_main_first`); a cache miss without the Hub becomes one
+    ConfigError saying what to download (``download``: the command) and where to point the config
+    (``local_form``), instead of a connection traceback."""
+    with local_main_first():
+        try:
+            yield
+        except Exception as err:
+            if not hub_unreachable(err):
+                raise
+            raise ConfigError(unavailable_message(key, value, download, local_form)) from err
+
+
 def load_encoder(
     name_or_path: str | None, overrides: dict[str, Any], attn_implementation: str
 ) -> XLMRobertaModel:
     """The full HF encoder, pretrained when a name/path is given, else random from ``overrides``."""
     if name_or_path:
+        key = "model.text.name_or_path"
         check_encoder_fields(overrides)
-        check_pretrained_source(name_or_path, "model.text.name_or_path")
-        return XLMRobertaModel.from_pretrained(
-            name_or_path, add_pooling_layer=False, attn_implementation=attn_implementation, **overrides
-        )
+        local_form = f"give a folder: `hf download {name_or_path} --local-dir DIR`, then {key}=DIR"
+        with fetching_pretrained(key, name_or_path, hf_download(name_or_path), local_form):
+            check_pretrained_source(name_or_path, key)
+            return XLMRobertaModel.from_pretrained(
+                name_or_path, add_pooling_layer=False, attn_implementation=attn_implementation, **overrides
+            )
     config = XLMRobertaConfig(**overrides)
     config._attn_implementation = attn_implementation
     return XLMRobertaModel(config, add_pooling_layer=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,16 @@ import torch
 from torch import nn
 
 from cclm.config import ConfigError
-from cclm.model.text import loadable_from_hub
+from cclm.model.text import (
+    LAUNCH_DOC,
+    fetching_pretrained,
+    hf_download,
+    hub_offline,
+    loadable_from_hub,
+    unavailable_message,
+)
 
+SCHEMAS = ("hf-hub:", "local-dir:")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Tower keys of cclm's own, beside open_clip's CLIPVisionCfg fields (removed before open_clip builds the tower):
@@ -41,17 +50,112 @@ CCLM_TOWER_FIELDS = {
 
 def check_vision_config(vision_cfg: Any, key: str = "model.vision") -> None:
     """Fail naming the key when ``tower`` has a field open_clip's CLIPVisionCfg lacks, when ``name`` (used without
-    a tower, or to load pretrained weights) is no open_clip model, or ``pretrained`` neither a tag nor a file."""
+    a tower, or to load pretrained weights) is no open_clip model, or ``pretrained`` neither a tag nor a file.
+    Under ``HF_HUB_OFFLINE=1`` the starting weights must be in the cache already (the error says what to
+    download), so an offline run fails here rather than after building its data pipeline."""
     tower = dict(vision_cfg.tower)
     if tower:
         check_tower_fields(tower, f"{key}.tower")
         if tower.get("timm_model_name"):
             check_timm_model_name(str(tower["timm_model_name"]), f"{key}.tower.timm_model_name")
+            if tower.get("timm_model_pretrained") and hub_offline():
+                check_timm_weights_cached(str(tower["timm_model_name"]), f"{key}.tower.timm_model_name")
     if tower and not vision_cfg.pretrained:
         return
     check_open_clip_name(vision_cfg.name, key)
-    if vision_cfg.pretrained and not vision_cfg.name.startswith(("hf-hub:", "local-dir:")):
+    check_schema_pretrained(vision_cfg.name, vision_cfg.pretrained, key)
+    if vision_cfg.pretrained and not vision_cfg.name.startswith(SCHEMAS):
         check_pretrained_tag(vision_cfg.name, vision_cfg.pretrained, f"{key}.pretrained")
+        if hub_offline() and not Path(vision_cfg.pretrained).is_file():
+            check_open_clip_weights_cached(vision_cfg.name, vision_cfg.pretrained, f"{key}.pretrained")
+
+
+def check_schema_pretrained(name: str, pretrained: str | None, key: str = "model.vision") -> None:
+    """An ``hf-hub:`` / ``local-dir:`` name brings its own weights, which open_clip loads whatever ``pretrained``
+    says: ask for them by repeating the name, so that a config can neither start from random weights nor name a
+    tag or file that would be ignored without saying so."""
+    if not name.startswith(SCHEMAS) or pretrained == name:
+        return
+    if not pretrained:
+        raise ConfigError(
+            f"{key}.name={name!r} without {key}.pretrained: the tower would start from random weights, not "
+            f"the ones in {name}; set {key}.pretrained={name!r} to load them (for a random tower of that shape, "
+            f"describe it in {key}.tower)"
+        )
+    raise ConfigError(
+        f"{key}.pretrained={pretrained!r}: with {key}.name={name!r} the weights come from that name (open_clip "
+        f"ignores a tag or file there); set {key}.pretrained={name!r}"
+    )
+
+
+def open_clip_weights_source(name: str, pretrained: str) -> tuple[str, str, str | None]:
+    """(Hub repository, file name, URL) open_clip downloads the weights of tag ``pretrained`` of ``name`` from
+    (repository "" when it downloads from the URL)."""
+    import open_clip
+    from open_clip.pretrained import HF_WEIGHTS_NAME, has_hf_hub
+
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    hub = cfg.get("hf_hub", "")
+    if hub and has_hf_hub():
+        repo_id, filename = os.path.split(hub)  # open_clip's form: "org/repo/file" or "org/repo/"
+        return repo_id, filename or HF_WEIGHTS_NAME, None
+    return "", Path(cfg.get("url", "")).name, cfg.get("url")
+
+
+def check_open_clip_weights_cached(name: str, pretrained: str, key: str = "model.vision.pretrained") -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, filename, url = open_clip_weights_source(name, pretrained)
+    if url:  # open_clip keeps URL downloads in ~/.cache/clip
+        if not (Path("~/.cache/clip").expanduser() / filename).is_file():
+            raise ConfigError(
+                f"{key}={pretrained!r}: not in ~/.cache/clip and HF_HUB_OFFLINE=1: download it where there is "
+                f"network ({url_download(url)}) or {url_local_form(key)} ({LAUNCH_DOC})"
+            )
+        return
+    candidates = (filename, str(Path(filename).with_suffix(".safetensors")))
+    if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates):
+        download, local_form = hf_download(repo_id, filename), open_clip_local_form(repo_id, filename, key)
+        raise ConfigError(unavailable_message(key, pretrained, download, local_form))
+
+
+def open_clip_local_form(repo_id: str, filename: str, key: str) -> str:
+    return f"give the file: `hf download {repo_id} {filename} --local-dir DIR`, then {key}=DIR/{filename}"
+
+
+def url_download(url: str) -> str:
+    return f"`wget -P ~/.cache/clip {url}`"
+
+
+def url_local_form(key: str) -> str:
+    return f"give the downloaded file in {key}"
+
+
+def check_timm_weights_cached(name: str, key: str = "model.vision.tower.timm_model_name") -> None:
+    """The weights timm loads for ``name`` (``ARCH.TAG``) are in the Hugging Face cache (offline runs)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id = timm_hub_id(name)
+    if name.startswith(SCHEMAS) or repo_id == name:  # a folder, or weights from a URL: left to timm
+        return
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files):
+        raise ConfigError(unavailable_message(key, name, hf_download(repo_id), timm_local_form(repo_id, key)))
+
+
+def timm_hub_id(name: str) -> str:
+    """The Hub repository timm loads the pretrained weights of ``name`` (``ARCH.TAG``) from; ``name`` itself when
+    they come from elsewhere (a folder, a URL)."""
+    from timm.models import get_pretrained_cfg
+
+    if name.startswith(SCHEMAS):
+        return name.removeprefix("hf-hub:")
+    cfg = get_pretrained_cfg(name)
+    return str(getattr(cfg, "hf_hub_id", None) or name)
+
+
+def timm_local_form(repo_id: str, key: str) -> str:
+    return f"give a folder: `hf download {repo_id} --local-dir DIR`, then {key}='local-dir:DIR'"
 
 
 def check_tower_fields(tower: dict[str, Any], key: str = "model.vision.tower") -> None:
@@ -138,6 +242,7 @@ def resolve_open_clip_vision_cfg(
     import open_clip
 
     check_open_clip_name(name, key)
+    check_schema_pretrained(name, pretrained, key)
     if name.startswith("local-dir:"):
         model_cfg = json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())[
             "model_cfg"
@@ -145,7 +250,9 @@ def resolve_open_clip_vision_cfg(
     elif name.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(name[len("hf-hub:") :], "open_clip_config.json")
+        repo_id = name[len("hf-hub:") :]
+        with fetching_pretrained(f"{key}.name", name, hf_download(repo_id), hub_name_local_form(repo_id)):
+            path = hf_hub_download(repo_id, "open_clip_config.json")
         model_cfg = json.loads(Path(path).read_text())["model_cfg"]
     else:
         model_cfg = open_clip.get_model_config(name)
@@ -158,15 +265,35 @@ def resolve_open_clip_vision_cfg(
     return vision_cfg, int(model_cfg["embed_dim"])
 
 
-def load_pretrained_visual_state(name: str, pretrained: str | None) -> dict[str, torch.Tensor]:
-    """State dict of the visual tower of a pretrained open_clip model (tag, local file, or schema'd name)."""
+def load_pretrained_visual_state(
+    name: str, pretrained: str | None, key: str = "model.vision"
+) -> dict[str, torch.Tensor]:
+    """State dict of the visual tower of a pretrained open_clip model (tag, local file, or schema'd name),
+    downloaded by each node's local rank 0 first; without the Hub and the cache, a ConfigError says what to
+    download and where to point the config."""
     import open_clip
 
-    if name.startswith(("hf-hub:", "local-dir:")):
-        model = open_clip.create_model(name)
-    else:
+    if name.startswith(SCHEMAS):
+        check_schema_pretrained(name, pretrained, key)
+        repo_id = name.removeprefix("hf-hub:")
+        with fetching_pretrained(f"{key}.name", name, hf_download(repo_id), hub_name_local_form(repo_id)):
+            model = open_clip.create_model(name, require_pretrained=True)
+        return model.visual.state_dict()
+    download, local_form = "", ""
+    if not Path(str(pretrained)).is_file():  # a tag: from the Hub, or from a URL
+        repo_id, filename, url = open_clip_weights_source(name, str(pretrained))
+        download = url_download(str(url)) if url else hf_download(repo_id, filename)
+        key_pretrained = f"{key}.pretrained"
+        local_form = (
+            url_local_form(key_pretrained) if url else open_clip_local_form(repo_id, filename, key_pretrained)
+        )
+    with fetching_pretrained(f"{key}.pretrained", str(pretrained), download, local_form):
         model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
     return model.visual.state_dict()
+
+
+def hub_name_local_form(repo_id: str) -> str:
+    return f"give 'local-dir:DIR' after `hf download {repo_id} --local-dir DIR`"
 
 
 class VisionTower(nn.Module):
@@ -196,7 +323,15 @@ class VisionTower(nn.Module):
         build_cfg = {k: v for k, v in cfg.items() if k not in CCLM_TOWER_FIELDS}
         if not load_pretrained:
             build_cfg["timm_model_pretrained"] = False
-        self.visual = _build_vision_tower(embed_dim, build_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)))
+        quick_gelu = bool(cfg.get("quick_gelu", False))
+        timm_name = str(build_cfg.get("timm_model_name") or "")
+        downloads = bool(timm_name and build_cfg.get("timm_model_pretrained"))  # timm's starting weights
+        if downloads:
+            key, repo_id = "model.vision.tower.timm_model_name", timm_hub_id(timm_name)
+            with fetching_pretrained(key, timm_name, hf_download(repo_id), timm_local_form(repo_id, key)):
+                self.visual = _build_vision_tower(embed_dim, build_cfg, quick_gelu=quick_gelu)
+        else:
+            self.visual = _build_vision_tower(embed_dim, build_cfg, quick_gelu=quick_gelu)
         self.tower_cfg = cfg
         self.is_timm = bool(cfg.get("timm_model_name"))
         if self.is_timm and (cfg.get("window_size") is not None or "image_size" in cfg):

@@ -143,6 +143,18 @@ def build_engine(
     return engine, optimizer, scheduler, config
 
 
+def engine_keeps_grad_norm(engine) -> bool:
+    """Whether ``engine.get_global_grad_norm()`` answers: DeepSpeed's ZeRO and half-precision optimizers keep the
+    global gradient norm; under ZeRO-0 in fp32 the engine computes it only to clip, and drops it."""
+    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def global_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of every gradient of ``module``, as one tensor on their device (read it when logging: no host
+    sync here). Under ZeRO-0 the gradients are whole and already averaged over ranks after the backward pass."""
+    return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+
 def full_parameters(engine):
     """A context in which every parameter of the engine's module is whole on every rank (ZeRO-3 partitions
     them; other stages need nothing): for evaluation during training. A collective: all ranks enter it."""

@@ -128,6 +128,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def local_main_first():
+    """Run the block on each node's local rank 0 first, then on that node's other ranks: pretrained weights are
+    downloaded once per node into the node's cache (``HF_HOME``), not by every rank at once, and the other ranks
+    read them from there. Outside a process group the block just runs.
+
+    A collective: every rank enters it. Local rank 0 reaches the barrier even when its block fails, so the
+    others are released (and usually fail the same way, with the same message) instead of hanging."""
+    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = local_rank() == 0
+    if together and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if together and first:
+            dist.barrier()
+
+
 # ------------------------------------------------------------------------------------------------ precision
 def uses_bf16(device: torch.device, precision: str | Precision = Precision.auto) -> bool:
     """``auto``: bf16 on a GPU that supports it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""

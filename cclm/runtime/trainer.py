@@ -51,7 +51,9 @@ from cclm.errors import RunInterrupted
 from cclm.runtime import checkpoint
 from cclm.runtime.engine import (
     build_engine,
+    engine_keeps_grad_norm,
     full_parameters,
+    global_grad_norm,
     zero_stage,
 )
 from cclm.runtime.env import DistEnv, barrier, to_device
@@ -66,6 +68,7 @@ BEST_DIR = "best"
 BEST_WEIGHTS = "model_fp32.safetensors"
 BEST_INFO = "best.json"
 CHECKPOINT_BEST = "best_fp32.safetensors"
+EVAL_SCALARS_SHOWN = 6  # evaluation results named in the log line (all go to metrics.jsonl)
 
 
 class BatchSource(Protocol):
@@ -215,6 +218,8 @@ class Trainer:
         )
         self.model = self.engine.module
         self.zero_stage = zero_stage(ds_config)
+        self._engine_grad_norm = engine_keeps_grad_norm(self.engine)
+        self._grad_norm: torch.Tensor | None = None  # the last update's, where the engine keeps none
         self.sampling_generator = torch.Generator(device=env.device)
         self.sampling_generator.manual_seed(loop.seed * 1000 + 7919 * (env.rank + 1))
         for module in self.model.modules():
@@ -312,6 +317,8 @@ class Trainer:
                 total = total + out["loss"]
             stats.add_loss("loss", total.detach().double() / self.loop.grad_accum)
             self.engine.backward(total)
+            if not self._engine_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                self._grad_norm = global_grad_norm(self.model)  # before the engine clips and zeroes them
             self.engine.step()
         self.step += 1
 
@@ -335,7 +342,7 @@ class Trainer:
         out["lr"] = self._step_lr
         if hasattr(self.model, "logged_scalars"):
             out.update(self.model.logged_scalars())
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if self._engine_grad_norm else self._grad_norm
         if norm is not None:
             out["grad_norm"] = float(norm)
         elapsed = max(elapsed, 1e-9)
@@ -465,12 +472,25 @@ class Trainer:
         """Run the evaluation hook on whole weights (gathered under ZeRO-3); with ``select_metric``, keep the
         weights of the best evaluation so far in ``<output_dir>/best/``."""
         self._phase("evaluating")
+        if self.env.is_main:  # an evaluation can take minutes without a bar of its own
+            log.info("%s: evaluating at step %d", self.loop.desc, self.step)
+        started = time.perf_counter()
         self.model.eval()
         try:
             with full_parameters(self.engine), torch.no_grad():
                 result = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
         finally:
             self.model.train()
+        if self.env.is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(result.items())[:EVAL_SCALARS_SHOWN])
+            more = (
+                f" (+{len(result) - EVAL_SCALARS_SHOWN} more in metrics.jsonl)"
+                if len(result) > EVAL_SCALARS_SHOWN
+                else ""
+            )
+            log.info(
+                "%s: evaluated in %.0f s: %s%s", self.loop.desc, time.perf_counter() - started, shown, more
+            )
         record = {"step": self.step, **result, "loss": train_loss if train_loss is not None else float("nan")}
         if hasattr(self.source, "epochs_done"):
             record["epoch"] = self.source.epochs_done

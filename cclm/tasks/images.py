@@ -45,10 +45,10 @@ def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int
     """Fail before training when images are missing, listing the first ``show`` and the total."""
     missing = missing_images(refs, roots)
     if missing:
-        listed = "\n  ".join(str(p) for p in missing[:show])
-        more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
-        raise MissingImageError(
-            f"{len(missing)} image(s) missing:\n  {listed}{more}\n"
+        listed = ", ".join(str(p) for p in missing[:show])
+        more = f", ... and {len(missing) - show} more" if len(missing) > show else ""
+        raise MissingImageError(  # one line: the CLI prints a user error on one line
+            f"{len(missing)} image(s) missing: {listed}{more} "
             "(`cclm iglue check-images CONFIG` lists them all; set data.image_roots to your image folders)"
         )
 

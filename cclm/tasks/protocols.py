@@ -45,7 +45,7 @@ from cclm.config import (
 from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.model.cross_view import CrossViewModel
-from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
+from cclm.runtime.env import DistEnv, barrier, init_distributed, local_main_first, seed_everything
 from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import Selection
@@ -220,7 +220,8 @@ class TaskRunner(TaskSuite):
         cfg = self.cfg
         if cfg.pretrained:
             backbone = CrossViewModel.from_pretrained(cfg.pretrained)
-            tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
+            with local_main_first():  # a Hub tokenizer is downloaded once per node
+                tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
         else:
             if not cfg.model:
                 raise ValueError(
@@ -228,7 +229,8 @@ class TaskRunner(TaskSuite):
                 )
             model_cfg = load_config(ModelConfig, _model_yaml(cfg.model), list(cfg.model_overrides))
             if cfg.tokenizer:
-                tokenizer = load_tokenizer(cfg.tokenizer)
+                with local_main_first():
+                    tokenizer = load_tokenizer(cfg.tokenizer)
             else:  # random init: a tokenizer trained on the training texts, saved with the model
                 folder = self.output_dir / "tokenizer"
                 if self.env.is_main:  # one rank trains and writes it; the others read what it wrote

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cclm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, require_complete, to_dict
-from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.env import init_distributed, local_main_first, seed_everything
 from cclm.runtime.optim import multipliers
 from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.schedule import views_per_iteration
@@ -58,7 +58,8 @@ class Pretraining:
         self.cfg = cfg
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is built or written
         self.env = init_distributed(timeout_s=train.collective_timeout_s)
-        self.tokenizer = load_run_tokenizer(cfg.model.text)
+        with local_main_first():  # a Hub tokenizer is downloaded once per node
+            self.tokenizer = load_run_tokenizer(cfg.model.text)
         model_cfg = model_config_for(cfg.model, self.tokenizer)
         seed_everything(train.seed)  # identical initial weights on every rank
 
