@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa bench-recipes gpu-wheels bench-gpu clean
+.PHONY: env test lint demo bench bench-eval bench-data bench-train bench-easy-vqa bench-recipes bench-translate gpu-wheels bench-gpu clean
 
 env:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -21,7 +21,7 @@ lint: env
 demo: env
 	$(PY) -m cclm.demo --output-dir demo_output
 
-bench: bench-eval bench-data bench-train bench-recipes
+bench: bench-eval bench-data bench-train bench-recipes bench-translate
 
 bench-eval: env
 	$(PY) benchmarks/bench_eval.py
@@ -37,6 +37,10 @@ bench-train: env
 
 bench-recipes: env
 	$(PY) benchmarks/bench_recipes.py
+
+# cclm prep translate on CPU: random Marian models (tiny and Marian-base size), batched vs a naive loop; ~4 min.
+bench-translate: env
+	$(PY) benchmarks/bench_translate.py
 
 # Where there is network: the wheels a GPU machine without network lacks, into .gpu-wheels/ (docs/performance.md).
 gpu-wheels: env

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "parallel-jsonl": "data_prep.parallel_text",
     "coco-regions": "data_prep.regions.coco",
     "vg-regions": "data_prep.regions.vg",
+    "translate": "data_prep.translate",
 }
 
 

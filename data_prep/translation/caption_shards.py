@@ -1,0 +1,134 @@
+"""Image-caption shards in, the same shards out with translated captions added.
+
+Every sample keeps its key and its members byte for byte (image, any others, in their order) except
+``{key}.json``, where each target language's caption joins the originals and ``machine_translated`` says how it
+was made::
+
+    {"captions": {"en": "a dog on a beach", "de": "ein Hund an einem Strand"},
+     "machine_translated": {"de": {"model": "facebook/nllb-200-distilled-600M", "from": "en"}}}
+
+A list of source captions gives a list of translations in the same order. A sample that already has a caption
+in a target language keeps it (counted as ``has_target``). Samples that cannot be translated are copied unchanged
+and counted (``missing_caption``, ``bad_json``, ``no_source_caption``); samples lost to a damaged input shard are
+counted (``corrupt_shard``, ``truncated_shard``) with a warning."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from cclm.data.languages import base_language, normalize_language
+from cclm.data.shards import SKIP_KEY, expand_shards, is_remote, iter_tar_samples, read_sizes
+from data_prep.translation.output import Unit, sha256
+from data_prep.translation.tally import Tally
+from data_prep.translation.translator import Translator
+
+MT_KEY = "machine_translated"
+
+
+def caption_units(spec: str) -> list[Unit]:
+    """One unit per input shard, named like it; a local shard's sha256 is what a resumed run checks."""
+    urls = expand_shards(spec)
+    sizes = read_sizes(urls)
+    units = []
+    for url in urls:
+        digest = (lambda: None) if is_remote(url) else functools.partial(sha256, Path(url))
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        units.append(Unit(name, digest, functools.partial(translate_caption_shard, url, sizes[url])))
+    return units
+
+
+def matches(code: str, lang: str) -> bool:
+    """Whether caption key ``code`` is in language ``lang`` (``en-US`` is ``en``; ``zh-Hant`` is not ``zh-Hans``)."""
+    normalized = normalize_language(code) if isinstance(code, str) else None
+    if normalized is None:
+        return False
+    return normalized == lang or (lang == base_language(lang) and base_language(normalized) == lang)
+
+
+def _source_captions(captions: dict, lang: str) -> list[str]:
+    texts = []
+    for code, value in captions.items():
+        if matches(code, lang):
+            values = value if isinstance(value, list) else [value]
+            texts.extend(v.strip() for v in values if isinstance(v, str) and v.strip())
+    return texts
+
+
+def _meta(sample: dict, tally: Tally) -> dict | None:
+    """The sample's json object, or None after counting why it cannot be read."""
+    if "json" not in sample:
+        tally.skip("missing_caption", f"{sample['__url__']}: {sample['__key__']} has no .json")
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        meta, why = None, str(err)
+    else:
+        why = "not an object with a 'captions' mapping"
+    if not isinstance(meta, dict) or not isinstance(meta.get("captions"), dict):
+        tally.skip("bad_json", f"{sample['__url__']}: {sample['__key__']}.json: {why}")
+        return None
+    return meta
+
+
+def translate_caption_shard(
+    url: str, expected: int | None, translator: Translator, tally: Tally
+) -> list[tuple[str, dict[str, bytes]]]:
+    """The shard's samples with translations added, in input order."""
+    source = translator.source_lang
+    kept: list[tuple[dict, dict | None, list[str], list[str]]] = []  # (sample, meta, sources, targets to add)
+    wanted: dict[str, dict[str, None]] = {t: {} for t in translator.targets}  # target -> unique sources
+    for sample in iter_tar_samples(url, expected):
+        if SKIP_KEY in sample:
+            tally.skip(sample[SKIP_KEY], sample.get("detail", ""))
+            continue
+        meta = _meta(sample, tally)
+        sources = _source_captions(meta["captions"], source) if meta is not None else []
+        if meta is not None and not sources:
+            tally.skip("no_source_caption", f"{sample['__key__']} has no {source} caption")
+        todo = []
+        for target in translator.targets if sources else ():
+            if any(matches(code, target) for code in meta["captions"]):
+                tally.count(target, "has_target")
+                continue
+            tally.count(target, "sentences", len(sources))
+            wanted[target].update(dict.fromkeys(sources))
+            todo.append(target)
+        kept.append((sample, meta, sources, todo))
+
+    done = {}
+    for target, texts in wanted.items():
+        result = translator.translate(list(texts), target)
+        done[target] = dict(zip(texts, zip(result.texts, result.truncated)))
+
+    out = []
+    for sample, meta, sources, todo in kept:
+        members = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
+        if todo:
+            _add_translations(meta, sources, {t: done[t] for t in todo}, translator, tally)
+            members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+        if meta is not None:
+            tally.languages.update({lang for code in meta["captions"] if (lang := normalize_language(code))})
+        tally.samples += 1
+        out.append((sample["__key__"], members))
+    return out
+
+
+def _add_translations(
+    meta: dict, sources: list[str], done: dict, translator: Translator, tally: Tally
+) -> None:
+    for target, table in done.items():
+        texts = []
+        for text in sources:
+            translation, truncated = table[text]
+            tally.count(target, "truncated", int(truncated))
+            if translation:
+                texts.append(translation)
+            else:
+                tally.count(target, "empty_output")
+        tally.count(target, "translated", len(texts))
+        if texts:
+            meta["captions"][target] = texts[0] if len(texts) == 1 else texts
+            meta.setdefault(MT_KEY, {})[target] = {"model": translator.name, "from": translator.source_lang}

@@ -1,0 +1,67 @@
+"""What a translation run counts, per output shard (kept in its progress record, so a resumed run still reports
+the whole corpus) and in total."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cclm.data.skips import SkipCounter
+
+# Per target language: source sentences to translate, translations written, translations that came out empty
+# (not written), sources cut at --max-input-tokens, and samples that already had a caption in the language (kept).
+LANGUAGE_FIELDS = ("sentences", "translated", "empty_output", "truncated", "has_target")
+
+
+@dataclass
+class Tally:
+    samples: int = 0  # samples written
+    languages: Counter = field(default_factory=Counter)  # samples with text in each language (manifest)
+    per_language: dict[str, Counter] = field(default_factory=dict)
+    skips: SkipCounter = field(default_factory=lambda: SkipCounter(where="cclm prep translate"))
+
+    def count(self, lang: str, what: str, n: int = 1) -> None:
+        self.per_language.setdefault(lang, Counter())[what] += n
+
+    def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
+        """Count ``n`` inputs not translated (kept unchanged, or lost when the input was damaged), with a
+        rate-limited warning when there is a ``detail``."""
+        self.skips.add(reason, detail, n, warn=bool(detail))
+
+    def add(self, other: Tally) -> None:
+        self.samples += other.samples
+        self.languages.update(other.languages)
+        for lang, counts in other.per_language.items():
+            self.per_language.setdefault(lang, Counter()).update(counts)
+        for reason, n in other.skips.counts.items():
+            self.skips.add(reason, n=n, warn=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "languages": dict(sorted(self.languages.items())),
+            "per_language": {
+                lang: {f: int(counts[f]) for f in LANGUAGE_FIELDS}
+                for lang, counts in sorted(self.per_language.items())
+            },
+            "skipped": self.skips.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Tally:
+        tally = cls(samples=int(data["samples"]), languages=Counter(data["languages"]))
+        tally.per_language = {lang: Counter(counts) for lang, counts in data["per_language"].items()}
+        for reason, n in data["skipped"].items():
+            tally.skips.add(reason, n=n, warn=False)
+        return tally
+
+    def lines(self) -> list[str]:
+        out = []
+        for lang, c in sorted(self.per_language.items()):
+            out.append(
+                f"  {lang}: {c['sentences']} sentences, {c['translated']} translated, {c['empty_output']} empty "
+                f"outputs, {c['truncated']} truncated sources, {c['has_target']} samples already had {lang} (kept)"
+            )
+        skipped = ", ".join(f"{r}={n}" for r, n in self.skips.as_dict().items()) or "none"
+        out.append(f"  skipped: {skipped}")
+        return out
