@@ -296,7 +296,9 @@ def test_few_shot_selects_on_dev_by_default_one_table_per_shot_count(iglue_dir, 
         assert recorded == {f"few_shot_{shots}": {"ar": {"accuracy": pytest.approx(50.0)}}}
         results = tmp_path / "out" / "results" / "xvnli"
         assert json.loads((results / f"few_shot_{shots}.json").read_text())["rows"] == table["rows"]
-        assert "selected on dev" in (results / f"few_shot_{shots}.md").read_text().splitlines()[0]
+        markdown = (results / f"few_shot_{shots}.md").read_text()
+        assert "selected on dev" in markdown.splitlines()[0]
+        assert "| 5e-05 |" in markdown and "| 0.00 |" not in markdown  # the learning rate, not rounded away
 
 
 def test_few_shot_selected_on_test_is_labelled_everywhere(iglue_dir, tmp_path, stub_training, caplog):

@@ -34,7 +34,10 @@ def non_english_average(
 
 
 def _fmt(value) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    """Two decimals (percentages); a small non-zero number (a learning rate) keeps its digits: 1e-4, not 0.00."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.2g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
 
 
 def _markdown_row(cells: Sequence[str]) -> str:
