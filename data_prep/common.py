@@ -13,6 +13,7 @@ import hashlib
 import json
 import shlex
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import ShardSink
 from cclm.data.skips import SkipCounter
 from cclm.jsonl import read_jsonl
+from data_prep.skip_reasons import SKIP_REASONS
 
 BAD_UTF8 = "bad_utf8"
 
@@ -104,6 +106,7 @@ class SplitWriter:
         self.out, self.dedup, self.seen = out, args.dedup, set()
         self.allowed = language_filter(args.languages)
         self.skips = SkipCounter(where=f"cclm prep {getattr(args, 'subcommand', view)}")
+        self._lock = threading.Lock()
 
     def __enter__(self) -> SplitWriter:
         return self
@@ -120,8 +123,12 @@ class SplitWriter:
         return language_allowed(lang, self.allowed)
 
     def skip(self, reason: str, n: int = 1, detail: str = "") -> None:
-        """Count ``n`` dropped inputs; with a ``detail`` (where and why) also warn, rate-limited."""
-        self.skips.add(reason, detail, n, warn=bool(detail))
+        """Count ``n`` dropped inputs; with a ``detail`` (where and why) also warn, rate-limited. ``reason`` must be
+        one of :data:`data_prep.skip_reasons.SKIP_REASONS` (what docs/data.md lists): a new name is a bug."""
+        if reason not in SKIP_REASONS:
+            raise KeyError(f"skip reason {reason!r} is not in data_prep/skip_reasons.py (nor docs/data.md)")
+        with self._lock:  # image converters count from their reading thread too (image_caption._write_all)
+            self.skips.add(reason, detail, n, warn=bool(detail))
 
     def write(self, key: str, members: dict[str, bytes], languages: list[str], content_id: str) -> bool:
         if self.dedup:

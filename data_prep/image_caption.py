@@ -18,7 +18,8 @@ import csv
 import functools
 import io
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -32,6 +33,7 @@ from cclm.data.shards import (
     read_sizes,
     safe_key,
 )
+from cclm.data.skips import SkipSample
 from data_prep.common import (
     SplitWriter,
     add_output_options,
@@ -43,6 +45,7 @@ from data_prep.common import (
 )
 from data_prep.workers import ordered_map
 
+READ_AHEAD = 1024  # samples read ahead of the writer (see _write_all)
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
@@ -110,11 +113,24 @@ def _captions(value, default_lang: str, writer: SplitWriter) -> tuple[dict[str, 
     return captions, reasons
 
 
-def _write_all(items: list, writer: SplitWriter, args, desc: str) -> int:
+def _write_all(items: Iterable, writer: SplitWriter, args, desc: str, total: int | None = None) -> int:
+    """Encode and write ``items`` (key, image bytes or path, captions), read lazily: at most
+    :data:`READ_AHEAD` of them are held at once, whatever ``--num-workers`` (a worker pool otherwise reads its
+    whole input ahead, which for a CC3M-sized stream of image bytes is the whole corpus in memory)."""
+    if total is None and isinstance(items, list):
+        total = len(items)
+    slots = threading.Semaphore(READ_AHEAD)
+
+    def fed() -> Iterator:
+        for item in items:
+            slots.acquire()
+            yield item
+
     prepare = functools.partial(_prepare, max_side=args.max_side, quality=args.jpeg_quality)
     for key, jpeg, captions, reason in ordered_map(
-        prepare, items, args.num_workers, len(items), not args.no_progress, desc, unit="sample"
+        prepare, fed(), args.num_workers, total, not args.no_progress, desc, unit="sample"
     ):
+        slots.release()
         if reason:
             writer.skip(reason)
             continue
@@ -254,15 +270,31 @@ def run_cclm_jsonl(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- re-keying
-def run_rekey(args) -> int:
+def run_rekey(
+    args,
+    join: Callable[[dict], dict[str, list[str]]] | None = None,
+    before: Callable[[SplitWriter], None] | None = None,
+) -> int:
+    """``rekey-wds``. For ``cclm prep uc2``: ``before(writer)`` runs first (reading the translations, counting
+    their bad rows on ``writer``), and each sample also gets the captions ``join(its img2dataset json)`` returns,
+    or is skipped when ``join`` raises :class:`SkipSample`."""
     urls = expand_shards(args.shards)
     sizes = read_sizes(urls)
+    total = sum(sizes.values()) if all(sizes.values()) else None
     with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
-        items = [item for url in urls for item in _rekey_items(url, sizes[url], writer, args.lang)]
-        return _write_all(items, writer, args, "rekey-wds")
+        if before is not None:
+            before(writer)
+        items = (item for url in urls for item in _rekey_items(url, sizes[url], writer, args.lang, join))
+        return _write_all(items, writer, args, getattr(args, "subcommand", "rekey-wds"), total)
 
 
-def _rekey_items(url: str, size: int | None, writer: SplitWriter, default_lang: str) -> Iterator[tuple]:
+def _rekey_items(
+    url: str,
+    size: int | None,
+    writer: SplitWriter,
+    default_lang: str,
+    join: Callable[[dict], dict[str, list[str]]] | None = None,
+) -> Iterator[tuple]:
     """(key, image bytes, captions) of one img2dataset shard's usable samples; the others are counted."""
     base = url.rsplit("/", 1)[-1].removesuffix(".tar")
     for sample in iter_tar_samples(url, size):
@@ -287,6 +319,13 @@ def _rekey_items(url: str, size: int | None, writer: SplitWriter, default_lang: 
         else:
             value = meta.get("caption")
         captions, reasons = _captions(value, meta.get("lang") or default_lang, writer)
+        if join is not None:
+            try:
+                for lang, texts in join(meta).items():
+                    captions.setdefault(lang, []).extend(texts)
+            except SkipSample as skip:
+                writer.skip(skip.reason)
+                continue
         if not captions:
             writer.skip(reasons[0] if reasons else "no_caption")
             continue

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -46,13 +47,20 @@ def tsv_pairs(
 
 def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str, writer: SplitWriter) -> Iterator[tuple]:
     with open(src, "rb") as fs, open(tgt, "rb") as ft:
-        for number, (a, b) in enumerate(zip_longest(fs, ft), 1):
-            if a is None or b is None:
-                raise ValueError(f"{src} and {tgt} are not aligned: line counts differ (at line {number})")
-            a_text = decode_text(a, f"{src}:{number}", writer)
-            b_text = decode_text(b, f"{tgt}:{number}", writer) if a_text is not None else None
-            if b_text is not None:  # one skip per pair, even with both sides undecodable
-                yield (a_text.rstrip("\r\n"), b_text.rstrip("\r\n"), src_lang, tgt_lang)
+        yield from aligned_pairs(fs, ft, str(src), str(tgt), src_lang, tgt_lang, writer)
+
+
+def aligned_pairs(
+    fs: BinaryIO, ft: BinaryIO, src: str, tgt: str, src_lang: str, tgt_lang: str, writer: SplitWriter
+) -> Iterator[tuple]:
+    """Pairs of two byte streams aligned line by line (``src``/``tgt`` name them in messages)."""
+    for number, (a, b) in enumerate(zip_longest(fs, ft), 1):
+        if a is None or b is None:
+            raise ValueError(f"{src} and {tgt} are not aligned: line counts differ (at line {number})")
+        a_text = decode_text(a, f"{src}:{number}", writer)
+        b_text = decode_text(b, f"{tgt}:{number}", writer) if a_text is not None else None
+        if b_text is not None:  # one skip per pair, even with both sides undecodable
+            yield (a_text.rstrip("\r\n"), b_text.rstrip("\r\n"), src_lang, tgt_lang)
 
 
 def jsonl_pairs(

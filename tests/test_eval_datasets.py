@@ -112,9 +112,19 @@ def test_id_tsv_format_coco_cn(tmp_path):
 
 
 def test_xm3600_format(tmp_path):
-    records = [
-        {"image/key": "00a1", "en": {"caption": ["a bus", "a red bus"]}, "sw": {"caption": ["basi"]}},
-        {"image/key": "00b2", "en": {"caption": ["a tree"]}, "sw": {"caption": ["mti"]}},
+    records = [  # as released: image/key and image/locale beside the languages
+        {
+            "image/key": "00a1",
+            "image/locale": "sw",
+            "en": {"caption": ["a bus", "a red bus"]},
+            "sw": {"caption": ["basi"]},
+        },
+        {
+            "image/key": "00b2",
+            "image/locale": "en",
+            "en": {"caption": ["a tree"]},
+            "sw": {"caption": ["mti"]},
+        },
     ]
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     cfg = data_cfg(format="xm3600", root=str(tmp_path))

@@ -235,7 +235,14 @@ def _xm3600_file(cfg) -> Path:
 
 
 def _xm3600_languages(records: list[dict]) -> set[str]:
-    return _known_languages(records, None) - {"image/key"}
+    """The languages of XM3600 records: the keys whose value holds a ``caption`` list (the released file also
+    has ``image/key`` and ``image/locale``, which are not languages)."""
+    return {
+        key
+        for record in records
+        for key, value in record.items()
+        if isinstance(value, dict) and isinstance(value.get("caption"), list)
+    }
 
 
 def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
