@@ -173,6 +173,16 @@ class StudentPart(Mode):
     head = "head"
 
 
+class ClsLoss(Mode):  # cViL: how the student's fused [CLS] is pulled to the teacher's
+    mse = "mse"
+    cosine = "cosine"  # 1 - cosine similarity
+
+
+class TagSourceName(Mode):  # cViL object tags (cclm.recipes.object_tags)
+    easy_vqa_detector = "easy_vqa_detector"
+    annotations = "annotations"
+
+
 class UnlistedShards(Mode):
     warn = "warn"  # read a shard that no manifest.json lists, with a warning naming it
     refuse = "refuse"  # fail naming it (a converter that died part-way leaves such shards)
@@ -298,6 +308,7 @@ class RegionsConfig:
     hflip: bool = True
     careful_hflip: bool = True  # no flip when any caption of the image names a side
     languages: list[str] = field(default_factory=list)  # region captions to read; empty = all
+    code_switch: bool = False  # an attribute may come from another language than its caption (reference: true)
     max_length: int | None = None  # token cap (None: model.text.max_length)
 
 
@@ -526,6 +537,7 @@ class FinetuneEvalConfig:
     # rank_answer (ALBEF's) does; off = the answer's log-likelihood
     first_token_twice: bool = False
 
+
 @dataclass
 class DomainPretrainConfig:
     """The CCLM reference's NLVR domain pretraining (``NLVR_pretrain.py``, ``NLVR_multilingual_pretrain_O1.yaml``)
@@ -592,10 +604,22 @@ class MLAEmbeddingConfig:
     max_length: int = 64  # token cap of non-English text (also capped at the CLIP context length)
 
 
+class AcquirerActivation(Mode):  # MLA acquirers: the hidden activation
+    relu = "relu"  # as MLA's released code (Linear -> ReLU -> Linear)
+    gelu = "gelu"
+
+
+class ClipPart(Mode):  # MLA's English fine-tuning: which CLIP towers train
+    text = "text"
+    vision = "vision"
+
+
 @dataclass
 class MLAAdapterConfig:
-    bottleneck: int = 64
+    bottleneck: int = 64  # the acquirer's hidden width (MLA's released code: 256 for ViT-B/32's 512)
     shared: bool = True  # one acquirer set for all new languages; False = one set per language
+    activation: AcquirerActivation = AcquirerActivation.relu
+    layer_norm: bool = False  # a LayerNorm before the down-projection (not in MLA's released code)
 
 
 @dataclass
@@ -617,6 +641,43 @@ class MLANltConfig(MLAStageConfig):
 class MLALeConfig(MLAStageConfig):
     """Stage 2, Language Exposure: target-language captions vs frozen image features (InfoNCE)."""
 
+    train_embedding: bool = False  # the multilingual embedding trains here too (False: acquirers only)
+
+
+@dataclass
+class MLAFinetuneEnConfig(MLAStageConfig):
+    """Downstream stage 1: the CLIP itself fine-tuned on the English captions of the retrieval data."""
+
+    steps: int = 0  # 0 = off
+    trainable: list[ClipPart] = field(default_factory=lambda: [ClipPart.text, ClipPart.vision])
+
+
+@dataclass
+class MLAFinetuneAllConfig(MLAStageConfig):
+    """Downstream stage 2: the acquirers on every new language's captions, over the English-fine-tuned CLIP."""
+
+    steps: int = 0  # 0 = off
+    train_embedding: bool = False  # as le.train_embedding
+
+
+@dataclass
+class MLAFinetuneConfig:
+    # Image-caption shards of the retrieval training set (Multi30K in the paper), captions keyed by language.
+    data: StreamConfig | None = None
+    en: MLAFinetuneEnConfig = field(default_factory=MLAFinetuneEnConfig)
+    all: MLAFinetuneAllConfig = field(default_factory=MLAFinetuneAllConfig)
+
+
+@dataclass
+class EnglishClipConfig:
+    """``cclm recipe english-clip``: fit the CLIP of ``clip.model_cfg`` from scratch on English captions
+    (``data.image_caption``) and write it to ``clip.pretrained`` (the synthetic world's starting point)."""
+
+    steps: int = 300
+    lr: float = 2.0e-3
+    batch_size: int = 64
+    weight_decay: float = 0.05
+
 
 @dataclass
 class RecipeEvalConfig:
@@ -634,6 +695,10 @@ class MLARecipeConfig:
     languages: list[str] = MISSING  # new languages to acquire
     nlt: MLANltConfig = field(default_factory=MLANltConfig)
     le: MLALeConfig = field(default_factory=MLALeConfig)
+    finetune: MLAFinetuneConfig = field(default_factory=MLAFinetuneConfig)  # downstream retrieval stages
+    english_clip: EnglishClipConfig = field(default_factory=EnglishClipConfig)
+    # torch CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores up to 8 (a shared machine stays usable)
+    threads: int = 0
     # parallel_text (source <-> new languages) feeds stage 1, image_caption (new-language captions) stage 2.
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer/schedule/logging; steps per stage
@@ -660,8 +725,10 @@ class CViLDataConfig:
 class CViLDistillConfig:
     temperature: float = 2.0
     kl_weight: float = 1.0  # KL(teacher || student) on task logits at `temperature` (x T^2)
-    cls_weight: float = 1.0  # MSE between fused [CLS] features
+    cls_weight: float = 1.0  # weight of the fused-[CLS] term
+    cls_loss: ClsLoss = ClsLoss.mse  # the fused-[CLS] term: MSE or 1 - cosine
     epochs: int = 10  # passes over the parallel sentences (learning rate: train.optimizer.lr)
+    steps: int = 0  # > 0: this many steps instead of `epochs`
     batch_size: int = 32
     # Student parts that train; the vision side is always the teacher's, frozen.
     trainable: list[StudentPart] = field(
@@ -682,6 +749,88 @@ class CViLRecipeConfig:
     output_dir: str = "output/cvil"
     overwrite: bool = False  # as the MLA recipe
     world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
+
+
+@dataclass
+class ObjectTagsConfig:
+    """OSCAR+-style object tags appended to the text input (``question </s></s> tags``)."""
+
+    enabled: bool = False
+    source: TagSourceName = TagSourceName.easy_vqa_detector
+    file: str | None = None  # source=annotations: JSONL {"image": ..., "tags": [...]}
+    lexicon: str | None = None  # JSON {lang: {english tag: translation}}; None: easy-VQA's grammar
+
+
+@dataclass
+class CViLVQADataConfig:
+    task: TaskName = TaskName.easy_vqa  # a single-image classification task (easy_vqa, xgqa)
+    train: str = "train"  # English training file (teacher fine-tuning, distillation inputs)
+    dev: str = "dev"  # English dev file (teacher model selection)
+    parallel: dict[str, str] = field(default_factory=dict)  # lang -> `train` translated (aligned by id)
+    target_train: dict[str, str] = field(default_factory=dict)  # lang -> VQA data with answers (target_finetune)
+    test: dict[str, str] = field(default_factory=dict)  # lang -> test file
+    # lang -> the lang test file translated into English; easy_vqa without one: its grammar translates back
+    translate_test: dict[str, str] = field(default_factory=dict)
+    image_roots: dict[str, str] = field(default_factory=dict)
+    label_vocab: str | None = None
+    max_examples: int = 0  # > 0: first N examples per file (smoke runs only)
+    train_examples: int = 0  # > 0: a seeded random subset of N training questions (teacher, distillation)
+    test_examples: int = 0  # > 0: a seeded random subset of N questions per test file
+
+
+@dataclass
+class CViLTeacherFinetuneConfig:
+    """The English teacher fine-tuned by the recipe when `teacher` is null (random init from `model`)."""
+
+    model: str = "tiny"  # a model yaml under configs/model/ or a path
+    model_overrides: list[str] = field(default_factory=list)
+    vocab_size: int = 1000  # its tokenizer, trained on the English training questions (and tags)
+    # bpe counts word frequencies: whole words from a few hundred distinct sentences, where unigram keeps ~100
+    # pieces (letters) and long questions no longer fit model.text.max_length
+    tokenizer_model: str = "bpe"  # or unigram
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 5.0e-4
+    head_lr_mult: float = 2.0
+    warmup_ratio: float = 0.02
+    eval_every: int = 0  # 0: at the end only
+
+
+@dataclass
+class CViLStudentConfig:
+    tokenizer: str | None = None  # None: trained on the target-language training questions (and tags)
+    vocab_size: int = 1000
+    tokenizer_model: str = "bpe"  # or unigram (see teacher_finetune.tokenizer_model)
+
+
+@dataclass
+class CViLTargetFinetuneConfig:
+    """Optional supervised step on target-language VQA data (`data.target_train`) after distillation."""
+
+    enabled: bool = False
+    steps: int = 100
+    lr: float | None = None  # None: train.optimizer.lr
+    trainable: list[StudentPart] = field(
+        default_factory=lambda: [StudentPart.text, StudentPart.fusion, StudentPart.head]
+    )
+
+
+@dataclass
+class CViLVQARecipeConfig:
+    # English VQA task folder (cclm finetune / an earlier run's <output_dir>/teacher); null: fine-tune one here
+    teacher: str | None = None
+    languages: list[str] = MISSING  # target languages
+    data: CViLVQADataConfig = field(default_factory=CViLVQADataConfig)
+    object_tags: ObjectTagsConfig = field(default_factory=ObjectTagsConfig)
+    teacher_finetune: CViLTeacherFinetuneConfig = field(default_factory=CViLTeacherFinetuneConfig)
+    student: CViLStudentConfig = field(default_factory=CViLStudentConfig)
+    distill: CViLDistillConfig = field(default_factory=CViLDistillConfig)
+    target_finetune: CViLTargetFinetuneConfig = field(default_factory=CViLTargetFinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # seed, logging, checkpoints, optimizer details
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output_dir: str = "output/cvil_vqa"
+    overwrite: bool = False
+    world: str = "data/world"
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -50,6 +50,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--model", choices=("unigram", "bpe"), default="unigram")
     p.add_argument("--model-max-length", type=int, default=512)
+    p.add_argument(
+        "--split-cjk",
+        action="store_true",
+        help="pre-split CJK text into characters (Chinese and Japanese have no spaces to split words at)",
+    )
     p.set_defaults(run=run)
 
 
@@ -84,6 +89,7 @@ def run(args) -> int:
         vocab_size=args.vocab_size,
         model_max_length=args.model_max_length,
         model=args.model,
+        split_cjk=args.split_cjk,
     )
     print(f"trained a {args.model} tokenizer with {len(tokenizer)} tokens on {count} sentences -> {args.out}")
     return 0

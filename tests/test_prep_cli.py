@@ -99,3 +99,19 @@ def test_synthetic_regions_from_the_command_line(tmp_path, capsys):
         meta = next(json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json"))
     assert meta["regions"] and set(meta["regions"][0]["captions"]) == {"en", "de"}
     assert (world / "heldout" / "de" / "grounding.jsonl").is_file()
+
+
+def test_tokenizer_split_cjk_from_the_command_line(tmp_path, capsys):
+    """--split-cjk: a Japanese sentence is cut into characters before training, so no piece spans a whole
+    sentence (without it, a short unspaced corpus can leave whole sentences as single pieces)."""
+    corpus = tmp_path / "ja.txt"
+    sentences = ["青い四角の上に赤い丸", "左に緑の三角が二つ", "大きな黄色い星が右にある"] * 30
+    corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    for flags, name in (([], "plain"), (["--split-cjk"], "split")):
+        argv = ["prep", "tokenizer", "--text", str(corpus), "--out", str(tmp_path / name), "--model", "bpe"]
+        assert cclm_main([*argv, "--vocab-size", "200", *flags]) == 0
+    capsys.readouterr()
+    plain, split = load_tokenizer(str(tmp_path / "plain")), load_tokenizer(str(tmp_path / "split"))
+    longest = max(len(p.lstrip("▁")) for p in split.tokenize(sentences[0]))
+    assert longest == 1 and len(split.tokenize(sentences[0])) >= len(sentences[0])
+    assert len(plain.tokenize(sentences[0])) < len(split.tokenize(sentences[0]))

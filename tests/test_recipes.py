@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from cclm.cli import main as cclm_main
-from cclm.config import ConfigError, CViLRecipeConfig, DataConfig, MLARecipeConfig, load_config
-from cclm.recipes.clip import build_clip, build_clip_tokenizer, text_tower
+from cclm.config import ConfigError, CViLRecipeConfig, MLARecipeConfig, load_config
+from cclm.recipes.clip import text_tower
 from cclm.recipes.cvil import Distiller, build_student, distillation_losses, load_teacher, run_cvil
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import run_mla
 
 from .conftest import build_test_world
-from .english_clip import fit_clip
 
 REPO = Path(__file__).resolve().parent.parent
 MLA_YAML = REPO / "configs" / "recipes" / "mla_demo.yaml"
@@ -53,28 +52,18 @@ def mla_cfg(world: Path, clip_file: Path | None, out: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def english_clip(world, tmp_path_factory) -> Path:
-    """The demo config's tiny CLIP, fitted on the world's English captions only (never sees German)."""
-    from safetensors.torch import save_model
-
-    from cclm.data.pipeline import PretrainData
-    from cclm.data.tokenize import load_tokenizer
-
+    """The demo config's tiny CLIP, fitted on the world's English captions only (never sees German) by the
+    command a user runs: ``cclm recipe english-clip configs/recipes/mla_demo.yaml``."""
+    out = tmp_path_factory.mktemp("clip")
+    path = out / "clip.safetensors"
     torch.manual_seed(0)
-    cfg = mla_cfg(world, None, tmp_path_factory.mktemp("unused"))
-    clip = build_clip(cfg.clip)
-    tokenize = build_clip_tokenizer(cfg.clip, text_tower(clip).context_length)
-    data_cfg = load_config(DataConfig, None, [f"image_caption.shards={world}/image_caption", "num_workers=0"])
-    data_cfg.image_caption.languages = ["en"]
-    data_cfg.image_caption.batch_size = 64
-    data_cfg.hflip, data_cfg.crop_scale_min = False, 0.8
-    data = PretrainData(data_cfg, load_tokenizer(str(world / "tokenizer")), 24, image_size=32, seed=0)
-    try:
-        losses = fit_clip(clip, tokenize, data, steps=150, lr=2e-3)
-    finally:
-        data.close()
+    argv = ["recipe", "english-clip", str(MLA_YAML), f"world={world}", f"clip.pretrained={path}"]
+    assert cclm_main([*argv, f"output_dir={out}", "english_clip.steps=150", "--threads", "1"]) == 0
+    fitted = json.loads((out / "english_clip" / "results.json").read_text())
+    assert fitted["path"] == str(path) and fitted["languages"]["en"]["txt_r1"] >= 20.0
+    logged = [json.loads(line) for line in (out / "english_clip" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in logged if "loss" in row]
     assert losses[-1] < 0.5 * losses[0]
-    path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
-    save_model(clip, str(path))
     return path
 
 

@@ -1,8 +1,11 @@
-"""``cclm recipe mla|cvil CONFIG [key=value ...]``: add languages to an existing model cheaply.
+"""``cclm recipe RECIPE CONFIG [key=value ...] [--threads N]``: add languages to an existing model cheaply.
 
   mla   a frozen English open_clip CLIP learns new languages through a multilingual embedding and small acquirer
-        adapters (stage 1 on parallel text, stage 2 on new-language captions);
-  cvil  a target-language student distils an English task model (teacher) on translated task sentences.
+        adapters (stage 1 on parallel text, stage 2 on new-language captions; optional retrieval fine-tuning);
+  english-clip  fit the English CLIP an MLA config starts from (clip.model_cfg, e.g. the synthetic world's) on
+        English captions and write it to clip.pretrained;
+  cvil  a target-language student distils an English task model (teacher) on translated task sentences;
+  cvil_vqa  cViL for VQA: English teacher (fine-tuned here or given), object tags, translate-test (easy-VQA).
 
 Both write ``<output_dir>/results.json``: {"languages": {lang: metrics}, "trained_params", "total_params"}, and
 the per-language table ``languages.{json,csv,md}``.
@@ -15,16 +18,29 @@ import argparse
 import json
 
 from cclm.cli_args import add_config_arguments, run_module, start_logging
-from cclm.config import CViLRecipeConfig, MLARecipeConfig, load_config
+from cclm.config import CViLRecipeConfig, CViLVQARecipeConfig, MLARecipeConfig, load_config
 
-RECIPES = {"mla": MLARecipeConfig, "cvil": CViLRecipeConfig}
+RECIPES = {
+    "mla": MLARecipeConfig,
+    "english-clip": MLARecipeConfig,  # the English CLIP an MLA config (clip.model_cfg) starts from
+    "cvil": CViLRecipeConfig,
+    "cvil_vqa": CViLVQARecipeConfig,
+}
 
 
 def run(recipe: str, cfg) -> dict:
+    if recipe == "english-clip":
+        from cclm.recipes.english_clip import run_english_clip
+
+        return run_english_clip(cfg)
     if recipe == "mla":
         from cclm.recipes.mla_run import run_mla
 
         return run_mla(cfg)
+    if recipe == "cvil_vqa":
+        from cclm.recipes.cvil_vqa import run_cvil_vqa
+
+        return run_cvil_vqa(cfg)
     from cclm.recipes.cvil import run_cvil
 
     return run_cvil(cfg)
@@ -36,9 +52,23 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("recipe", choices=sorted(RECIPES), help="which recipe")
     add_config_arguments(parser, "configs/recipes/", "nlt.steps=100")
-    args = parser.parse_args(argv[1:])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the config's `threads` where it has one, else automatic: "
+        "OMP_NUM_THREADS when set, else half the cores up to 8)",
+    )
+    args = parser.parse_intermixed_args(argv[1:])  # --threads anywhere among the key=value overrides
     start_logging()
     cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
+    if hasattr(cfg, "threads"):
+        if args.threads is not None:
+            cfg.threads = args.threads
+    else:  # a recipe config without a `threads` key: set here
+        from cclm.recipes.runner import apply_threads
+
+        apply_threads(args.threads or 0)
     results = run(args.recipe, cfg)
     summary = {
         "languages": results["languages"],

@@ -9,7 +9,8 @@ inserts acquirers into open_clip's residual attention blocks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,17 +52,41 @@ def build_clip(clip_cfg) -> nn.Module:
         raise ConfigError(
             f"clip.name: unknown open_clip model '{clip_cfg.name}'; see open_clip.list_models()"
         )
-    return open_clip.create_model(clip_cfg.name, pretrained=clip_cfg.pretrained)
+    try:
+        return open_clip.create_model(clip_cfg.name, pretrained=clip_cfg.pretrained)
+    except (OSError, RuntimeError) as err:  # a tag open_clip does not know, or weights it cannot fetch
+        if not clip_cfg.pretrained:
+            raise
+        tags = open_clip.list_pretrained_tags_by_model(clip_cfg.name)
+        raise ConfigError(
+            f"clip.pretrained '{clip_cfg.pretrained}' of {clip_cfg.name}: {_first_line(err)}. Use one of its "
+            f"tags {tags} (downloaded once into the Hugging Face cache; offline, HF_HUB_OFFLINE=1 reads the "
+            "cache) or the path of a checkpoint file"
+        ) from err
 
 
-def build_clip_tokenizer(clip_cfg, context_length: int) -> Callable[[list[str]], torch.Tensor]:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def build_clip_tokenizer(
+    clip_cfg, context_length: int, vocab_size: int | None = None
+) -> Callable[[list[str]], torch.Tensor]:
     """texts -> [B, context_length] token ids for the frozen English path: open_clip's tokenizer of the model, a
     named open_clip tokenizer, or ``hf:<name or folder>`` for a CLIP trained with a Hugging Face tokenizer (its
-    ``text_cfg`` then sets ``pool_type: eos``, ``eos_id`` and ``pad_id`` to match)."""
+    ``text_cfg`` then sets ``pool_type: eos``, ``eos_id`` and ``pad_id`` to match). ``vocab_size``: the CLIP's
+    token table, which a Hugging Face tokenizer must fit."""
     import open_clip
 
     if clip_cfg.tokenizer and clip_cfg.tokenizer.startswith("hf:"):
-        return HFClipTokenizer(clip_cfg.tokenizer[len("hf:") :], context_length)
+        tokenizer = HFClipTokenizer(clip_cfg.tokenizer[len("hf:") :], context_length)
+        if vocab_size is not None and len(tokenizer.tokenizer) > vocab_size:
+            raise ConfigError(
+                f"clip.tokenizer {clip_cfg.tokenizer} has {len(tokenizer.tokenizer)} tokens, more than the CLIP's "
+                f"token table ({vocab_size}, text_cfg.vocab_size): train the tokenizer with a vocabulary that fits"
+            )
+        return tokenizer
     if clip_cfg.tokenizer:
         return open_clip.get_tokenizer(clip_cfg.tokenizer, context_length=context_length)
     if clip_cfg.model_cfg:
@@ -179,3 +204,62 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return ((images.float() / 255.0 - mean) / std).to(dtype)
+
+
+class ClipContrastive(nn.Module):
+    """English image-text training of an open_clip CLIP with the project's contrastive loss (open_clip's
+    ``ClipLoss``, gathered across ranks): fitting the synthetic world's English CLIP (every part and the
+    temperature train) and MLA's English fine-tuning (``parts`` train, the CLIP's temperature stays)."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenize: Callable[[list[str]], torch.Tensor],
+        parts: Sequence[str] = ("text", "vision"),
+        train_temperature: bool = False,
+    ):
+        super().__init__()
+        self.clip, self.tokenize = clip, tokenize
+        unknown = set(map(str, parts)) - {"text", "vision"}
+        if unknown or not parts:
+            raise ConfigError(f"CLIP parts to train must be among ['text', 'vision'], got {list(parts)}")
+        for name, param in clip.named_parameters():
+            if name in ("logit_scale", "logit_bias"):
+                param.requires_grad_(train_temperature and name == "logit_scale")
+            else:
+                part = "vision" if name.startswith("visual.") else "text"
+                param.requires_grad_(part in set(map(str, parts)))
+        self.train_temperature = train_temperature
+        # DeepSpeed's engine cannot broadcast 0-dim parameters (logit_scale): [1] while training, 0-dim again
+        # in freeze(), so the CLIP keeps open_clip's layout.
+        self._scalars = [name for name, param in clip.named_parameters() if param.dim() == 0]
+        for name in self._scalars:
+            self._reshape(name, (1,))
+
+    def _reshape(self, name: str, shape: tuple[int, ...]) -> None:
+        owner, _, leaf = name.rpartition(".")
+        module = self.clip.get_submodule(owner) if owner else self.clip
+        old = getattr(module, leaf)
+        setattr(module, leaf, nn.Parameter(old.detach().reshape(shape), requires_grad=old.requires_grad))
+
+    def forward(self, batch: dict[str, Any], stage: str = "english") -> dict[str, torch.Tensor]:
+        from cclm import losses
+
+        scale = self.clip.logit_scale
+        if self.train_temperature:
+            with torch.no_grad():
+                scale.clamp_(0, math.log(100))  # open_clip's cap on the learnable scale
+        images = normalize_images(batch["images"], scale.dtype)
+        texts = self.tokenize(list(batch["texts"])).to(images.device)
+        image_feat = torch.nn.functional.normalize(self.clip.encode_image(images).float(), dim=-1)
+        text_feat = torch.nn.functional.normalize(self.clip.encode_text(texts).float(), dim=-1)
+        itc = losses.contrastive_loss(image_feat, text_feat, 1.0 / scale.float().exp().squeeze())
+        return {"itc": itc, "loss": itc}
+
+    def freeze(self) -> nn.Module:
+        """The CLIP frozen again after training (eval mode), returned."""
+        for name in self._scalars:
+            self._reshape(name, ())
+        self._scalars = []
+        self.clip.requires_grad_(False)
+        return self.clip.eval()

@@ -3,6 +3,7 @@
     teacher (frozen): image + English sentence    ──► fused [CLS] ──► task logits
     student:          image + target-language sentence ──► fused [CLS] ──► task logits
     loss = kl_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + cls_weight * MSE([CLS]s)
+           (or cls_weight * (1 - cos([CLS]s)) with distill.cls_loss=cosine)
 
 The student has the teacher's vision side (copied and frozen) and a target-language text side: a copy of the
 teacher's text/fusion stacks and head, or the text/fusion stacks of another cclm model (``student_init``, e.g. a
@@ -10,6 +11,9 @@ multilingually pretrained one) with the teacher's head. Which parts train is ``d
 head). The inputs are the task's English training sentences paired with their images and their translations
 (``data.parallel``: the same file translated, aligned by example id); the gold labels of the translations are
 never read. The student is then scored on each language's test file, next to the teacher.
+
+The VQA path with object tags, a student tokenizer of its own and translate-test is :mod:`cclm.recipes.cvil_vqa`;
+it reuses the losses, :class:`Distiller`, :func:`build_student` and :class:`ParallelCollator` of this module.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from cclm.config import ConfigError, CViLRecipeConfig, Precision, StudentPart, require, to_dict
+from cclm.config import ClsLoss, ConfigError, CViLRecipeConfig, Precision, StudentPart, require, to_dict
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
+from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import run_stage, write_recipe_results
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
@@ -51,9 +56,11 @@ def distillation_losses(
     temperature: float,
     kl_weight: float,
     cls_weight: float,
+    cls_loss: ClsLoss | str = ClsLoss.mse,
 ) -> dict[str, torch.Tensor]:
     """KL on temperature-softened logits (scaled by T^2 so its gradients keep their size as T changes, as in
-    Hinton et al.) plus MSE on the fused [CLS] features; exactly zero when the student matches the teacher."""
+    Hinton et al.) plus MSE (``cls_mse``) or 1 - cosine similarity (``cls_cosine``) of the fused [CLS] features;
+    exactly zero when the student matches the teacher."""
     t = float(temperature)
     if t <= 0:
         raise ConfigError(f"distill.temperature must be positive, got {t}")
@@ -63,8 +70,12 @@ def distillation_losses(
         reduction="batchmean",
         log_target=True,
     ) * (t * t)
-    mse = F.mse_loss(student_cls.float(), teacher_cls.float())
-    return {"kl": kl, "cls_mse": mse, "loss": kl_weight * kl + cls_weight * mse}
+    kind = ClsLoss(str(cls_loss))
+    if kind == ClsLoss.mse:
+        cls = F.mse_loss(student_cls.float(), teacher_cls.float())
+    else:
+        cls = 1.0 - F.cosine_similarity(student_cls.float(), teacher_cls.float(), dim=-1).mean()
+    return {"kl": kl, f"cls_{kind.value}": cls, "loss": kl_weight * kl + cls_weight * cls}
 
 
 def task_outputs(
@@ -110,6 +121,7 @@ class Distiller(nn.Module):
             cfg.temperature,
             cfg.kl_weight,
             cfg.cls_weight,
+            cfg.cls_loss,
         )
 
 
@@ -142,13 +154,21 @@ def load_teacher(directory: str | Path, task: str, labels: list[str]) -> TaskMod
     return TaskModel.load(directory)
 
 
-def build_student(teacher: TaskModel, student_init: str | None, trainable: list[str]) -> TaskModel:
+def set_trainable(student: TaskModel, trainable: list[str], key: str = "distill.trainable") -> None:
+    """Only the named parts of ``student`` (``text``, ``fusion``, ``head``) train; the rest is frozen."""
     trainable = [str(part) for part in trainable]
     unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
     if unknown or not trainable:
-        raise ConfigError(
-            f"distill.trainable: {unknown or trainable} not in {TRAINABLE_PARTS} (name at least one)"
-        )
+        raise ConfigError(f"{key}: {unknown or trainable} not in {TRAINABLE_PARTS} (name at least one)")
+    parts = {"text": student.backbone.text, "fusion": student.backbone.fusion, "head": student.head}
+    for param in student.parameters():
+        param.requires_grad_(False)
+    for name in trainable:
+        for param in parts[name].parameters():
+            param.requires_grad_(True)
+
+
+def build_student(teacher: TaskModel, student_init: str | None, trainable: list[str]) -> TaskModel:
     if student_init is None:
         student = copy.deepcopy(teacher)
     else:
@@ -163,12 +183,7 @@ def build_student(teacher: TaskModel, student_init: str | None, trainable: list[
                 f"student_init {student_init}: its vision side / hidden size differs from the teacher's, so the "
                 f"teacher's vision tower and head cannot be shared ({str(err).splitlines()[0]})"
             ) from None
-    parts = {"text": student.backbone.text, "fusion": student.backbone.fusion, "head": student.head}
-    for param in student.parameters():
-        param.requires_grad_(False)
-    for name in trainable:
-        for param in parts[name].parameters():
-            param.requires_grad_(True)
+    set_trainable(student, trainable)
     return student
 
 
@@ -213,7 +228,8 @@ class ParallelDataset(ClassificationDataset):
 
 class ParallelCollator:
     """Tokenizes the English side as the teacher reads text (its tokenizer, text normaliser and max length) and
-    the translation as the student does (:meth:`TaskCollator.for_model` of each backbone)."""
+    the translation as the student does (:meth:`TaskCollator.for_model` of each backbone). Items with ``en_tags``
+    and ``tgt_tags`` (object tags, :mod:`cclm.recipes.object_tags`) get them as each side's second segment."""
 
     def __init__(self, teacher: TaskModel, teacher_tokenizer, student: TaskModel, student_tokenizer):
         self.sides = {
@@ -224,7 +240,8 @@ class ParallelCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {"images": torch.stack([item["images"] for item in items])}
         for side, (key, collator) in self.sides.items():
-            enc = collator.tokenize([item[key] for item in items])
+            tags = [item[f"{key}_tags"] for item in items] if f"{key}_tags" in items[0] else None
+            enc = encode_with_tags(collator, [item[key] for item in items], tags)
             batch[f"{side}_ids"], batch[f"{side}_mask"] = enc["text_ids"], enc["text_mask"]
         return batch
 
@@ -280,7 +297,7 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
         drop_last=len(dataset) // env.world_size > batch_size,
         view=STAGE,
     )
-    steps = int(cfg.distill.epochs) * len(source)
+    steps = int(cfg.distill.steps) or int(cfg.distill.epochs) * len(source)
     out_dir = Path(cfg.output_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

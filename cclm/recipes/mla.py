@@ -13,7 +13,8 @@ Stage 1, NLT (Native Language Transfer), on parallel sentences: MSE between the 
 English sentence and the acquirer path's feature of its translation; optionally also between every block's pooled
 state (``layerwise_weight``) and a symmetric InfoNCE term between the two sets of features (``infonce_weight``).
 Stage 2, LE (Language Exposure), on new-language captions: symmetric image-text InfoNCE against the frozen image
-features at the CLIP's own (frozen) temperature.
+features at the CLIP's own (frozen) temperature; the acquirers train, the embedding only with
+``le.train_embedding``. The downstream stage ``finetune_all`` is the same objective on retrieval captions.
 
 The acquirer path pools the last real token (its end-of-sequence token): the CLIP text tower is causal, so only
 that position has seen the whole sentence, as CLIP's own EOT pooling does for English.
@@ -40,24 +41,26 @@ from cclm.recipes.clip import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("nlt", "le")
+STAGES = ("nlt", "le", "finetune_all")
 SHARED = "shared"
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class Acquirer(nn.Module):
-    """Bottleneck adapter on a block's output: ``x + up(gelu(down(norm(x))))``. ``up`` starts at zero, so an
-    untrained acquirer leaves the frozen block's output unchanged."""
+    """Bottleneck adapter on a block's output: ``x + up(act(down(norm(x))))`` (``norm`` only with
+    ``layer_norm``). ``up`` starts at zero, so an untrained acquirer leaves the frozen block's output unchanged."""
 
-    def __init__(self, width: int, bottleneck: int):
+    def __init__(self, width: int, bottleneck: int, activation: str = "relu", layer_norm: bool = False):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
         self.down = nn.Linear(width, bottleneck)
+        self.act = ACTIVATIONS[str(activation)]()
         self.up = nn.Linear(bottleneck, width)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(self.norm(x))))
+        return x + self.up(self.act(self.down(self.norm(x))))
 
 
 class MultilingualEmbedding(nn.Module):
@@ -116,14 +119,24 @@ class MLAModel(nn.Module):
         )
         self.embedding = MultilingualEmbedding(len(tokenizer), dim, tower.width, word_embeddings)
         keys = [SHARED] if cfg.adapters.shared else self.languages
+        adapters = cfg.adapters
         self.acquirers = nn.ModuleDict(
             {
-                key: nn.ModuleList(Acquirer(tower.width, cfg.adapters.bottleneck) for _ in tower.blocks)
+                key: nn.ModuleList(
+                    Acquirer(tower.width, adapters.bottleneck, adapters.activation, adapters.layer_norm)
+                    for _ in tower.blocks
+                )
                 for key in keys
             }
         )
         self.max_length = min(int(cfg.embedding.max_length), tower.context_length)
         self.nlt_cfg = cfg.nlt
+        # Whether the embedding trains in each stage (the acquirers always do).
+        self.embedding_trains = {
+            "nlt": True,
+            "le": bool(cfg.le.train_embedding),
+            "finetune_all": bool(cfg.finetune.all.train_embedding),
+        }
 
     @classmethod
     def build(cls, cfg) -> MLAModel:
@@ -132,7 +145,10 @@ class MLAModel(nn.Module):
         clip = build_clip(cfg.clip)
         tokenizer = load_tokenizer(cfg.embedding.tokenizer)
         init = pretrained_word_embeddings(cfg.embedding.init_from) if cfg.embedding.init_from else None
-        clip_tokenize = build_clip_tokenizer(cfg.clip, text_tower(clip).context_length)
+        tower = text_tower(clip)
+        clip_tokenize = build_clip_tokenizer(
+            cfg.clip, tower.context_length, tower.token_embedding.num_embeddings
+        )
         return cls(clip, clip_tokenize, tokenizer, cfg, init)
 
     # ------------------------------------------------------------------------------------------------- parts
@@ -146,16 +162,32 @@ class MLAModel(nn.Module):
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the held CLIP too; dtype casts (a bf16 engine) do not: the frozen CLIP stays in
+        its own precision, bit for bit; :meth:`encode_target` casts between it and the trained parts."""
         super()._apply(fn, recurse)
-        self.clip._apply(fn)  # device / dtype moves reach the held CLIP too
+        target = fn(torch.empty(0))
+        self.clip.to(device=target.device)
         return self
 
+    def set_stage(self, stage: str) -> None:
+        """Only what ``stage`` trains has ``requires_grad``: the acquirers, and the embedding where it trains."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown MLA stage '{stage}', expected one of {STAGES}")
+        self.acquirers.requires_grad_(True)
+        self.embedding.requires_grad_(self.embedding_trains[stage])
+
     def trainable_parameter_count(self) -> tuple[int, int]:
-        """(trained, total) parameter counts, the frozen CLIP included in the total."""
-        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trained, sum(p.numel() for p in self.parameters()) + sum(
-            p.numel() for p in self.clip.parameters()
-        )
+        """(trained, total): every parameter MLA trains in some stage (embedding + acquirers), and the total
+        with the frozen CLIP."""
+        trained = sum(p.numel() for p in self.parameters())
+        return trained, trained + sum(p.numel() for p in self.clip.parameters())
+
+    def _clip_dtype(self) -> torch.dtype:
+        return self.tower.token_embedding.weight.dtype
+
+    def _acquire(self, acquirer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        weight_dtype = acquirer.down.weight.dtype
+        return acquirer(h.to(weight_dtype)).to(h.dtype)
 
     def acquirer_key(self, lang: str) -> str:
         if SHARED in self.acquirers:
@@ -186,8 +218,8 @@ class MLAModel(nn.Module):
         tower = self.tower
         ids, mask = ids[:, : self.max_length], mask[:, : self.max_length]
         acquirers = self.acquirers[self.acquirer_key(lang)]
-        x = self.embedding(ids) + tower.positional_embedding[: ids.shape[1]]
-        x, states = tower.run_blocks(x, after_block=lambda i, h: acquirers[i](h))
+        x = self.embedding(ids).to(self._clip_dtype()) + tower.positional_embedding[: ids.shape[1]]
+        x, states = tower.run_blocks(x, after_block=lambda i, h: self._acquire(acquirers[i], h))
         rows = torch.arange(ids.shape[0], device=ids.device)
         last = (mask.sum(dim=1) - 1).clamp(min=0)
         feature = tower.project(tower.ln_final(x)[rows, last])
@@ -231,7 +263,7 @@ class MLAModel(nn.Module):
     def forward(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         if stage == "nlt":
             return self.nlt_losses(batch)
-        if stage == "le":
+        if stage in ("le", "finetune_all"):
             return self.le_losses(batch)
         raise ValueError(f"unknown MLA stage '{stage}', expected one of {STAGES}")
 

@@ -1,0 +1,225 @@
+"""Object tags as anchors between image and text (OSCAR / OSCAR+): the labels of the objects in an image are added
+to the text input as a second segment, ``<s> question </s></s> tags </s>`` (the tokenizer's sentence-pair form,
+XLM-R's ``question [SEP] tags``). The tags are words, so they sit in the same space as the question's words, while
+they name what is in the image: the fusion layers can align the two through them.
+
+Tags come from a :class:`TagSource` (English labels for an image):
+
+- :class:`EasyVQADetector`: easy-VQA images show one shape in one of 8 known colours on a light background. The
+  colour is the palette entry (easy-VQA's own RGB values) that most pixels are close to; the shape follows from how
+  much of its bounding box the shape fills (rectangle ~1, circle ~pi/4, triangle ~1/2). On the 5,000 easy-VQA
+  images it agrees with every colour and shape the questions' answers reveal.
+- :class:`AnnotationTags`: a JSONL file, one line per image: ``{"image": "<path as the annotations name it, or
+  its file name>", "tags": ["red", "circle"]}`` (a detector's output, or annotations).
+
+The teacher reads the tags in English; the student reads them translated (:class:`TagTranslator`: easy-VQA's
+grammar, or a lexicon file ``{"<lang>": {"<English tag>": "<translation>"}}``). A tag without a translation is an
+error: silently leaving it in English would give the student an anchor the teacher never had in that language.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cclm.errors import DataError, UserError
+from cclm.tasks import easy_vqa_languages
+from cclm.tasks.images import ImageRef
+
+log = logging.getLogger("cclm.recipes")
+
+# easy-VQA's palette (its generator's RGB values, gen_data/color.py).
+EASY_VQA_PALETTE = {
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+}
+PALETTE_DISTANCE = (
+    40.0  # RGB distance within which a pixel is of a palette colour (anti-aliased edges are not)
+)
+RECTANGLE_FILL, CIRCLE_FILL = 0.95, 0.70  # fill of the bounding box: >= rectangle, >= circle, else triangle
+
+
+class TagError(UserError):
+    """Object tags that cannot be used: a bad tags file, a tag without a translation, an unknown source."""
+
+
+class TagSource:
+    """English object tags of an image."""
+
+    def __call__(self, image: ImageRef, path: Path) -> list[str]:
+        raise NotImplementedError
+
+
+class EasyVQADetector(TagSource):
+    """``[colour, shape]`` of an easy-VQA image, read from its pixels (no labels are looked at)."""
+
+    def __call__(self, image: ImageRef, path: Path) -> list[str]:
+        return list(detect_easy_vqa_object(str(path)))
+
+
+@functools.cache
+def detect_easy_vqa_object(path: str) -> tuple[str, str]:
+    try:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    except OSError as err:
+        raise DataError(f"object tags: cannot read image {path}: {err}") from None
+    names = list(EASY_VQA_PALETTE)
+    palette = np.asarray([EASY_VQA_PALETTE[n] for n in names], dtype=np.float32)
+    distance = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)  # [H, W, colours]
+    nearest, close = distance.argmin(-1), distance.min(-1) < PALETTE_DISTANCE
+    counts = np.bincount(nearest[close], minlength=len(names))
+    if counts.sum() == 0:
+        raise DataError(f"object tags: no easy-VQA colour in image {path} (is it an easy-VQA image?)")
+    colour = int(counts.argmax())
+    ys, xs = np.nonzero(close & (nearest == colour))
+    fill = len(ys) / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "rectangle" if fill >= RECTANGLE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+    return names[colour], shape
+
+
+class AnnotationTags(TagSource):
+    """Tags from a JSONL file (``{"image": ..., "tags": [...]}`` per line). An image with no line gets no tags; the
+    number of such images is logged once per image."""
+
+    def __init__(self, file: str | Path):
+        self.file = Path(file)
+        if not self.file.is_file():
+            raise TagError(f"object_tags.file: {self.file} does not exist")
+        self.tags: dict[str, list[str]] = {}
+        with open(self.file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    image, tags = str(record["image"]), record["tags"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise TagError(
+                        f'{self.file}:{number}: expected {{"image": ..., "tags": [...]}} ({err})'
+                    ) from None
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise TagError(f"{self.file}:{number}: 'tags' must be a list of strings, got {tags!r}")
+                self.tags[image] = tags
+        self.untagged: set[str] = set()
+
+    def __call__(self, image: ImageRef, path: Path) -> list[str]:
+        for key in (image.path, Path(image.path).name):
+            if key in self.tags:
+                return self.tags[key]
+        if image.path not in self.untagged:
+            self.untagged.add(image.path)
+            log.warning(
+                "%s has no tags for image %s (%d untagged so far)", self.file, image.path, len(self.untagged)
+            )
+        return []
+
+
+class TagTranslator:
+    """English tags -> ``lang``: a lexicon ``{lang: {english: word}}``, else easy-VQA's grammar's words."""
+
+    def __init__(self, lexicon: Mapping[str, Mapping[str, str]] | None = None):
+        self.lexicon = {lang: dict(words) for lang, words in (lexicon or {}).items()}
+
+    @classmethod
+    def from_file(cls, file: str | Path | None) -> TagTranslator:
+        if not file:
+            return cls()
+        try:
+            return cls(json.loads(Path(file).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            raise TagError(f"object_tags.lexicon: cannot read {file}: {err}") from None
+
+    def __call__(self, tags: Sequence[str], lang: str) -> list[str]:
+        if lang == "en":
+            return list(tags)
+        words = self.lexicon.get(lang)
+        if words is None:
+            try:
+                return [easy_vqa_languages.translate_word(tag, lang) for tag in tags]
+            except UserError as err:
+                raise TagError(
+                    f"object tags: no {lang} translation ({err}); give object_tags.lexicon"
+                ) from None
+        missing = sorted({tag for tag in tags if tag not in words})
+        if missing:
+            raise TagError(f"object_tags.lexicon has no {lang} translation of {missing}")
+        return [words[tag] for tag in tags]
+
+
+class ImageTags:
+    """The tag text (words joined by spaces) of an image in a language: a source, a translator, the image roots."""
+
+    def __init__(self, source: TagSource, translate: TagTranslator, roots: Mapping[str, str]):
+        self.source, self.translate, self.roots = source, translate, dict(roots)
+
+    def __call__(self, images: Sequence[ImageRef], lang: str) -> str:
+        tags = [tag for image in images for tag in self.source(image, image.resolve(self.roots))]
+        return " ".join(self.translate(tags, lang))
+
+
+def build_image_tags(cfg, roots: Mapping[str, str]) -> ImageTags | None:
+    """The configured tags (``object_tags``: enabled, source, file, lexicon), or None when disabled."""
+    if not cfg.enabled:
+        return None
+    source = str(cfg.source)
+    if source == "easy_vqa_detector":
+        tag_source: TagSource = EasyVQADetector()
+    elif source == "annotations":
+        if not cfg.file:
+            raise TagError("object_tags.source=annotations needs object_tags.file (a JSONL of image tags)")
+        tag_source = AnnotationTags(cfg.file)
+    else:
+        raise TagError(f"object_tags.source: unknown source '{source}' (easy_vqa_detector, annotations)")
+    return ImageTags(tag_source, TagTranslator.from_file(cfg.lexicon), roots)
+
+
+def encode_with_tags(collator, texts: Sequence[str], tags: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """Tokenise ``texts`` as ``collator`` (a :class:`~cclm.tasks.batching.TaskCollator`: its normaliser, tokenizer and
+    max length) does, with ``tags`` (one string per text) as the second segment; ``tags`` None: the texts alone.
+    Truncation takes from the longer segment first; inputs that reach the maximum length are counted in a
+    warning (a truncated question or tag list is information lost)."""
+    if tags is None:
+        encoded = collator.tokenize(list(texts))
+    else:
+        normalize: Callable[[str], str] = collator.normalize or (lambda t: t)
+        pair = collator.tokenizer(
+            [normalize(t) for t in texts],
+            [normalize(t) for t in tags],
+            padding=True,
+            truncation="longest_first",
+            max_length=collator.max_length,
+            return_tensors="pt",
+        )
+        encoded = {"text_ids": pair["input_ids"], "text_mask": pair["attention_mask"]}
+    full = int((encoded["text_mask"].sum(1) >= collator.max_length).sum())
+    if full:
+        _count_truncated(full, collator.max_length)
+    return encoded
+
+
+_truncated = {"inputs": 0}
+
+
+def _count_truncated(count: int, max_length: int) -> None:
+    first = _truncated["inputs"] == 0
+    _truncated["inputs"] += count
+    if first or _truncated["inputs"] % 1000 < count:
+        log.warning(
+            "%d text input(s) so far reached the maximum length %d and may be truncated (a longer "
+            "model.text.max_length, or a tokenizer with larger pieces)",
+            _truncated["inputs"],
+            max_length,
+        )
