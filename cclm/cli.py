@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("cclm.inference.search", "embed a folder of images into a search index"),
     "search": ("cclm.inference.search", "search an index with a text query in any language"),
     "convert-reference": ("cclm.inference.convert_reference", "convert an official CCLM checkpoint"),
+    "ground": ("cclm.inference.ground", "find the box a text describes in an image (draws it as a PNG)"),
     "clip-benchmark": (
         "cclm.inference.clip_benchmark",
         "run LAION's CLIP_benchmark with cclm models registered (--model_type cclm)",

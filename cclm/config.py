@@ -248,6 +248,9 @@ class ObjectiveConfig:
     # The temperature is clamped in place to [temp_min, temp_max] before each forward (as the reference).
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # The box head on the fused [CLS] (the reference's bbox_head, CCLM-4M), trained with L1 + GIoU on region
+    # batches (data.regions) and used by grounding (cclm ground).
+    bbox: bool = False
 
 
 @dataclass
@@ -309,7 +312,8 @@ class RegionsConfig:
     careful_hflip: bool = True  # no flip when any caption of the image names a side
     languages: list[str] = field(default_factory=list)  # region captions to read; empty = all
     code_switch: bool = False  # an attribute may come from another language than its caption (reference: true)
-    max_length: int | None = None  # token cap (None: model.text.max_length)
+    # token cap (None: the image-caption stream's); region texts are masked as captions (its max_masks)
+    max_length: int | None = None
 
 
 def check_regions_config(regions: Any, key: str = "data.regions") -> None:

@@ -152,6 +152,7 @@ def test_the_whole_tool_against_the_reference(tmp_path):
     )
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: a difference, named below
     assert "| image view: ITC loss |" in result.stdout
+    assert "| region view: BBOX loss |" in result.stdout
     import json
 
     report = json.loads(out.read_text())

@@ -247,7 +247,6 @@ def test_reference_checkpoint_converts_strictly_with_a_report(
     dropped = {reason: len(keys) for reason, keys in report.dropped.items()}
     n_blocks, n_shifted = sum(SWIN["depths"]), 1
     assert dropped == {
-        "bbox_head": 6,
         "swin_buffer": n_blocks + n_shifted,
         "position_ids": 1,
         "tied_decoder_weight": 1,
@@ -276,6 +275,33 @@ def test_reference_checkpoint_converts_strictly_with_a_report(
     assert torch.equal(ours["mlm_head.decoder.weight"], ours["text.embeddings.word_embeddings.weight"])
     assert model.cfg.text.text_layers == [0, 1] and model.cfg.text.fusion_layers == [2, 3]
     assert model.cfg.embed_dim == EMBED and model.temp.item() == pytest.approx(0.05)
+
+
+def test_the_box_head_is_kept_and_predicts_the_references_box(
+    checkpoint, tmp_path, tiny_config, tokenizer_dir
+):
+    """The 4M checkpoint's bbox_head becomes the box head: the same weights give the reference's
+    ``bbox_head(cls).sigmoid()`` (its build_mlp: Linear, LayerNorm, GELU, Linear) on any fused [CLS]; a checkpoint
+    without one converts to a model without a box head."""
+    path, state = checkpoint
+    _convert(path, tmp_path, tiny_config, tokenizer_dir)
+    model = CrossViewModel.from_pretrained(tmp_path / "converted").eval()
+    assert model.cfg.objectives.bbox and model.box_head is not None
+    h = TEXT["hidden"]
+    reference = torch.nn.Sequential(
+        torch.nn.Linear(h, 2 * h), torch.nn.LayerNorm(2 * h), torch.nn.GELU(), torch.nn.Linear(2 * h, 4)
+    )
+    reference.load_state_dict(
+        {k[len("bbox_head.") :]: v for k, v in state.items() if k.startswith("bbox_head.")}
+    )
+    cls = torch.randn(5, h)
+    with torch.no_grad():
+        torch.testing.assert_close(model.box_head(cls), reference(cls).sigmoid())
+
+    without = {k: v for k, v in state.items() if not k.startswith("bbox_head.")}
+    torch.save({"model": without}, tmp_path / "no_box.th")
+    _convert(tmp_path / "no_box.th", tmp_path, tiny_config, tokenizer_dir, name="no_box")
+    assert CrossViewModel.from_pretrained(tmp_path / "no_box").box_head is None
 
 
 def _hf_text_model(state: dict[str, torch.Tensor], vocab: int) -> XLMRobertaModel:
@@ -709,7 +735,7 @@ def test_cli_prints_the_report_and_fails_cleanly(checkpoint, tmp_path, tiny_conf
     ]
     assert cclm_main(args) == 0
     printed = capsys.readouterr().out
-    assert "consumed" in printed and "box regression head" in printed and "our tensors filled" in printed
+    assert "consumed" in printed and "relative_position_index" in printed and "our tensors filled" in printed
     assert "text attention heads: 2 (--text-heads" in printed and "window 4, 32 px" in printed
     assert (out / "README.md").exists()
     bad = tmp_path / "bad.th"

@@ -314,6 +314,12 @@ def test_attributes_in_the_captions_language_are_prepended():
         for t in RegionTransform(32).plan(64, 64, regions, [], random.Random(s)).targets
     }
     assert texts == {"brown dog"}
+    switched = {
+        t.text
+        for s in range(30)
+        for t in RegionTransform(32, code_switch=True).plan(64, 64, regions, [], random.Random(s)).targets
+    }
+    assert switched == {"brown dog", "braun dog"}  # code switching: an attribute of any language
 
 
 # --------------------------------------------------------------------------------------------------- config

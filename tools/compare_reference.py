@@ -24,6 +24,11 @@ edited and nothing is downloaded. Not run in CI, which has no copy of the refere
    fed the same uniform numbers in the same order (the reference draws row by row, cclm a whole matrix per
    direction), so both pick the same negatives whenever their sampling distributions agree, which is checked
    too. ITC/ITM/MLM (image view) and TTC/TTM/MLM (text view) must agree to 1e-4.
+3. **Regions and boxes** (the 4M setting). A region batch -- the images once, each caption pointed at one of them
+   (``idx_to_group_img``), whole-image captions and region captions with their boxes and patch masks
+   (``image_atts``) -- goes through the reference's ``forward(..., ret_bbox_loss=True)`` and cclm's region view:
+   the pooled region features, the box the converted ``bbox_head`` predicts for the same image and text, and
+   ITC/ITM/MLM/L1/GIoU must agree to 1e-4.
 
 The reference was written for transformers 4 and older timm; the shims it needs are applied here, at import
 time, and listed in the output (``install_shims``). Exit status: 0 when every row is OK, 1 when one FAILs, 2
@@ -895,6 +900,21 @@ def feature_rows(view: str, ref_model, cclm_model, inputs: dict, batch: dict) ->
         if view == "image":
             ref_image = ref_model.get_features(image_embeds=ref_model.get_vision_embeds(inputs["image"])[0])
             pairs.append(("image features", ref_image, cclm_model.encode_image(batch["images"])[1]))
+        elif view == "region":
+            ref_regions, _, ref_whole = ref_model.get_vision_embeds(
+                inputs["image"], image_atts=inputs["image_atts"], idx_to_group_img=inputs["idx_to_group_img"]
+            )
+            _, our_regions, our_whole = cclm_model.encode_regions(
+                batch["images"], batch["idx_to_group_img"], batch["image_atts"]
+            )
+            pairs.append(
+                ("pooled region features", ref_model.get_features(image_embeds=ref_regions), our_regions)
+            )
+            ref_text = ref_model.get_text_embeds(inputs["text_ids"], inputs["text_atts"])
+            ref_box = ref_model.predict_bbox(ref_whole, ref_text, inputs["text_atts"])
+            our_text = cclm_model.encode_text(batch["text_ids"], batch["text_mask"])[0]
+            our_box = cclm_model.predict_boxes(our_text, batch["text_mask"], our_whole)
+            pairs.append(("box predicted over the whole image (cxcywh)", ref_box, our_box))
         else:
             ref_other = ref_model.get_features(
                 text_embeds=ref_model.get_text_embeds(inputs["text_ids_2"], inputs["text_atts_2"])
@@ -1015,14 +1035,72 @@ def text_view_pair(masked: tuple, other: tuple) -> tuple[dict, dict]:
     return inputs, batch
 
 
+REGION_IMAGES = (
+    3  # the captions of a region batch point at these many images; the first caption of each is its
+)
+# whole-image caption
+
+
+def region_view_pair(masked: tuple, images: tuple, seed: int) -> tuple[dict, dict]:
+    """A region batch in both layouts: the masked captions over ``REGION_IMAGES`` images, each caption after
+    the first ``REGION_IMAGES`` (whole-image captions) with a random box and its patch mask on the final Swin
+    grid (cclm's ``patch_masks``, given to both models alike)."""
+    import torch
+
+    from cclm.data.regions import patch_masks
+    from cclm.model.boxes import box_xyxy_to_cxcywh
+
+    text_ids, text_atts, ids_masked, masked_pos, masked_ids = masked
+    uint8_images, float_images = (part[:REGION_IMAGES] for part in images)
+    n = len(text_ids)
+    generator = torch.Generator().manual_seed(seed)
+    corner = torch.rand(n, 2, generator=generator) * 0.6
+    boxes = torch.cat([corner, corner + 0.1 + 0.3 * torch.rand(n, 2, generator=generator)], dim=1)
+    is_image = torch.arange(n) < REGION_IMAGES
+    boxes[is_image] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    grid = SWIN["image_res"] // 32  # patch 4, three patch mergings
+    atts = patch_masks(boxes, grid, grid) | is_image[:, None]
+    idx = torch.arange(n) % REGION_IMAGES
+    inputs = dict(
+        image=float_images,
+        text_ids=text_ids,
+        text_atts=text_atts,
+        text_ids_masked=ids_masked,
+        masked_pos=masked_pos,
+        masked_ids=masked_ids,
+        image_atts=atts.long(),
+        idx_to_group_img=idx,
+        target_bbox=box_xyxy_to_cxcywh(boxes),
+        is_image=is_image.long(),
+        ret_bbox_loss=True,
+    )
+    mlm_ids, mlm_labels = reference_mlm_to_cclm(ids_masked, masked_pos, masked_ids)
+    batch = dict(
+        images=uint8_images,
+        idx_to_group_img=idx,
+        text_ids=text_ids,
+        text_mask=text_atts,
+        mlm_ids=mlm_ids,
+        mlm_labels=mlm_labels,
+        group_ids=torch.arange(n),
+        boxes=boxes,
+        is_image=is_image,
+        image_atts=atts,
+    )
+    return inputs, batch
+
+
 def view_inputs(view: str, root: Path, dataset, seed: int):
     """``(inputs, batch)`` of a view, and the same for the first rejected masked batch (or None). The parallel
     pairs are side A = the first text, side B = the second, as ParaTextDataset yields a pair it did not swap."""
     random.seed(seed)  # the reference masks with Python's global random
-    if view == "image":
+    if view in ("image", "region"):
         masked, rejected = masked_reference_batch(dataset, CAPTIONS)
         images = image_inputs(root, seed, len(CAPTIONS))
-        make = functools.partial(image_view_pair, images=images)
+        if view == "image":
+            make = functools.partial(image_view_pair, images=images)
+        else:
+            make = functools.partial(region_view_pair, images=images, seed=seed)
     else:
         masked, rejected = masked_reference_batch(dataset, [p[0] for p in PAIRS])
         other = reference_batch(dataset, [p[1] for p in PAIRS])[:2]
@@ -1052,7 +1130,11 @@ def positions_by_index(cclm_model):
         del embeddings.forward
 
 
-LOSS_KEYS = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
+LOSS_KEYS = {
+    "image": ("itc", "itm", "mlm"),
+    "text": ("ttc", "ttm", "mlm"),
+    "region": ("itc", "itm", "mlm", "bbox", "giou"),
+}
 
 
 def compare_view(view: str, ref_model, cclm_model, pair: tuple[dict, dict], rejected, uniforms) -> list[Row]:
@@ -1062,7 +1144,7 @@ def compare_view(view: str, ref_model, cclm_model, pair: tuple[dict, dict], reje
     our_losses, our_sampler = run_cclm(cclm_model, batch, view, uniforms)
     rows = feature_rows(view, ref_model, cclm_model, inputs, batch)
     rows += sampler_rows(
-        f"{view} view", ref_sampler, our_sampler, SAMPLING_NOTE if view == "image" else TTM_NOTE
+        f"{view} view", ref_sampler, our_sampler, TTM_NOTE if view == "text" else SAMPLING_NOTE
     )
     for key in LOSS_KEYS[view]:
         a, c = ref_losses[f"loss_{key}"], our_losses[key]
@@ -1153,8 +1235,8 @@ def loss_rows(root: Path, ref_model, cclm_model, datasets, seed: int) -> list[Ro
     generator = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(4 * len(CAPTIONS), generator=generator, dtype=torch.float64).tolist()
     rows = []
-    for view in ("image", "text"):
-        pair, rejected = view_inputs(view, root, datasets[view], seed)
+    for view in ("image", "text", "region"):
+        pair, rejected = view_inputs(view, root, datasets["image" if view == "region" else view], seed)
         rows += compare_view(view, ref_model, cclm_model, pair, rejected, uniforms)
     return rows
 

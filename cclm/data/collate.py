@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from collections.abc import Mapping
 
 import numpy as np
@@ -30,6 +31,7 @@ from cclm.data.masking import MaskingSpec, mask_tokens
 from cclm.data.normalize import Normalizer, normalize_all
 
 VIEWS = ("image", "text")
+REGION = "region"  # region batches read their texts with the image view's settings unless given their own
 
 
 def group_id(key: str) -> int:
@@ -53,18 +55,18 @@ def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
 
 
 def _per_view(value, name: str) -> dict:
-    """One value for both views, or a mapping that names each of them."""
+    """One value for every view, or a mapping that names each of the two views (and optionally "region")."""
     if isinstance(value, Mapping):
         missing = [v for v in VIEWS if v not in value]
         if missing:
             raise ValueError(f"Collator: {name} names no value for view(s) {missing}")
-        return {v: value[v] for v in VIEWS}
-    return dict.fromkeys(VIEWS, value)
+        return {**{v: value[v] for v in VIEWS}, REGION: value.get(REGION, value["image"])}
+    return dict.fromkeys((*VIEWS, REGION), value)
 
 
 class Collator:
-    """Batches of either view. ``max_length`` and ``masking`` are one value for both views or a mapping
-    ``{"image": ..., "text": ...}``; ``normalizer`` (str -> str, picklable for loader workers) is applied to
+    """Batches of either view, and region batches. ``max_length`` and ``masking`` are one value for every view
+    or a mapping ``{"image": ..., "text": ...}`` (and ``"region"``, else the image view's); ``normalizer`` (str -> str, picklable for loader workers) is applied to
     every text before tokenising (None: the identity)."""
 
     def __init__(
@@ -113,4 +115,15 @@ class Collator:
         batch["keys"] = [e["key"] for e in examples]
         batch["texts"] = [e["text"] for e in examples]
         batch["other_texts"] = [e["other"] for e in examples]
+        return batch
+
+    def region_batch(self, examples: list[dict], seed: int, batch_size: int) -> dict:
+        """Region examples (:func:`cclm.data.regions.region_example`) -> a region batch: ``batch_size`` of their
+        targets (:func:`cclm.data.regions.collate_regions`, drawn with ``seed``) with the text fields, tokenised
+        and masked as the image view's. Without ``image_atts``: the model draws them from ``boxes`` on its own
+        token grid."""
+        from cclm.data.regions import collate_regions  # regions builds on this module
+
+        batch = collate_regions(examples, batch_size, random.Random(seed))
+        batch.update(self._text_fields(batch["texts"], seed, REGION))
         return batch

@@ -1,5 +1,5 @@
-"""``PretrainData``: the two training streams (image-caption, parallel text), their mixing, skip counts and
-exact-resume state. This is the one place that shows the whole data path:
+"""``PretrainData``: the two training streams (image-caption, parallel text), the optional region stream, their
+mixing, skip counts and exact-resume state. This is the one place that shows the whole data path:
 
     shards ─► split by rank/worker ─► shuffle ─► PIL decode to the crop ─► flip/RandAugment ─► normalise text
            ─► tokenise ─► mask ─► batch (all in DataLoader workers) ─► next_batch(view), view_for_step(step)
@@ -10,6 +10,16 @@ text, ``<s>`` and ``</s>`` included; default: the ``max_length`` argument, i.e. 
 ``max_masks`` (default ``data.masking.max_masks``); the CCLM reference uses 40 / 12 for captions and 64 / 20 for
 parallel text. Texts go through the model's normaliser (``normalizer``) before tokenising; a sample whose text
 (either side of a pair) normalises to nothing is skipped and counted as ``empty_after_normalize``.
+
+Regions (``data.regions``, multi-grained pretraining as CCLM-4M; docs/regions.md). A third stream of region
+shards: ``max_images`` samples at a time, each cropped around one of its boxes, flipped (carefully) and given up to
+``max_regions`` targets (:func:`cclm.data.regions.region_example`), then ``batch_size`` of their targets drawn into
+one region batch (:meth:`cclm.data.collate.Collator.region_batch`), texts tokenised and masked as the image view's
+(``data.regions.max_length``, else the image stream's). Region batches take the place of image-caption batches:
+:meth:`PretrainData.view_for_step` answers "region" instead of "image" with probability ``data.regions.prob``
+(the reference's 0.5), again a pure function of (seed, step). The region stream is not one of :attr:`views` (the
+views a schedule counts); :meth:`views_for_step` gives a step's views for the ``sum`` schedule. Regions a sample
+cannot use are counted like skipped samples (``region_bad_box``, ``region_filtered_language``, ...).
 
 Resume guarantee. ``state_dict()`` records, per view, how many batches were taken and each worker's position
 (epoch, index in its shuffled stream) and skip counts; ``load_state_dict()`` on a freshly built object makes
@@ -39,20 +49,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cclm.config import UnlistedShards, ViewSchedule
-from cclm.data.collate import Collator
+from cclm.config import ConfigError, UnlistedShards, ViewSchedule, check_regions_config
+from cclm.data.collate import REGION, Collator
 from cclm.data.examples import image_caption_example, parallel_example
 from cclm.data.masking import MaskingSpec
 from cclm.data.normalize import Normalizer
+from cclm.data.regions import BOX_SAFE_OPS, RegionTransform, region_example
 from cclm.data.shards import expand_shards, is_remote, read_sizes, unlisted_shards
 from cclm.data.skips import SkipSample
-from cclm.data.stream import STREAM_KEY, ShardStream, StreamPlan, derive_seed
-from cclm.data.transforms import EvalTransform, TrainTransform
+from cclm.data.stream import DROPPED_KEY, STREAM_KEY, ShardStream, StreamPlan, derive_seed
+from cclm.data.transforms import EvalTransform, RandAugment, TrainTransform
 from cclm.errors import DataError
 
 log = logging.getLogger("cclm.data")
 VIEWS = ("image", "text")
-STREAM_KEYS = {"image": "data.image_caption", "text": "data.parallel_text"}
+STREAM_KEYS = {"image": "data.image_caption", "text": "data.parallel_text", REGION: "data.regions"}
 STATE_VERSION = 1
 SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are counted
 
@@ -103,6 +114,38 @@ def _text_example(sample, rng, allowed, swap, normalizer=None):
     return _check_normalized(parallel_example(sample, allowed, swap, rng), normalizer, ("text", "other"))
 
 
+def _region_example(sample, rng, transform, allowed, normalizer=None):
+    example = region_example(sample, transform, allowed, rng)
+    if normalizer is not None:
+        kept = tuple(t for t in example["targets"] if normalizer(t.text))
+        if not kept:
+            raise SkipSample("empty_after_normalize", f"{example['key']}: every region text")
+        if len(kept) < len(example["targets"]):
+            example[DROPPED_KEY]["region_empty_after_normalize"] += len(example["targets"]) - len(kept)
+        example["targets"] = kept
+    return example
+
+
+def region_transform(data_cfg, image_size: int, train: bool = True) -> RegionTransform:
+    """The region stream's transform from ``data.regions``; with ``data.randaugment``, the RandAugment ops that
+    keep boxes in place (the reference's region transform)."""
+    regions = data_cfg.regions
+    box_safe = None
+    if train and data_cfg.randaugment:
+        box_safe = RandAugment(
+            data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, op_names=BOX_SAFE_OPS
+        )
+    return RegionTransform(
+        image_size,
+        max_regions=int(regions.max_regions),
+        min_perc_in_image=float(regions.min_perc_in_image),
+        hflip=bool(regions.hflip) and train,
+        careful_hflip=bool(regions.careful_hflip),
+        randaugment=box_safe,
+        code_switch=bool(regions.code_switch),
+    )
+
+
 class PretrainData:
     """Batches of both views for pretraining; see the module docstring for the resume guarantee.
 
@@ -137,6 +180,15 @@ class PretrainData:
         if not self.views:
             raise ValueError("data: set data.image_caption.shards and/or data.parallel_text.shards")
         self._stream_cfgs = {v: streams[v] for v in self.views}
+        self.regions = data_cfg.regions
+        if self.regions is not None:
+            check_regions_config(self.regions)
+            if "image" not in self.views:
+                raise ConfigError(
+                    "data.regions: region batches take the place of image-caption batches; set "
+                    "data.image_caption.shards too"
+                )
+        self._streams = self.views + ((REGION,) if self.regions is not None else ())
         try:
             self.view_schedule = ViewSchedule(getattr(view_schedule, "value", view_schedule))
         except ValueError:
@@ -170,6 +222,11 @@ class PretrainData:
                 override = cfg is not None and cfg.max_masks is not None and "max_masks" in str(err)
                 where = f" ({STREAM_KEYS[view]}.max_masks={cfg.max_masks})" if override else ""
                 raise ValueError(f"data.{err}{where}") from None
+        if self.regions is not None:
+            # region texts are read as captions (the reference's max_tokens, max_masks)
+            region_max = self.regions.max_length
+            self.max_lengths[REGION] = int(self.max_lengths["image"] if region_max is None else region_max)
+            masking[REGION] = masking["image"]
         self.masking = masking
         self._normalizer = normalizer
         self._collator = Collator(tokenizer, self.max_lengths, masking, normalizer)
@@ -190,29 +247,35 @@ class PretrainData:
             transform = EvalTransform(image_size)
         self._transform, self._swap = transform, bool(data_cfg.swap_parallel) and train
         self._epochs = epochs
+        self._region_transform = (
+            None if self.regions is None else region_transform(data_cfg, image_size, train)
+        )
         self._urls = {}
-        for view in self.views:
-            key = f"data.{'image_caption' if view == 'image' else 'parallel_text'}.shards"
+        for view in self._streams:
+            key = f"{STREAM_KEYS[view]}.shards"
+            shards = self.regions.shards if view == REGION else self._stream_cfgs[view].shards
             try:
-                self._urls[view] = expand_shards(self._stream_cfgs[view].shards)
+                self._urls[view] = expand_shards(shards)
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"{key}: {err}") from None
             check_listed(self._urls[view], data_cfg.unlisted_shards, key)
         self._sizes = {v: read_sizes(u) for v, u in self._urls.items()}
         self._reseed = 0
-        self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+        self._state = {v: {"batches": 0, "workers": {}} for v in self._streams}
         self._iters: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ streams
     def _stream(self, view: str) -> ShardStream:
-        cfg, state = self._stream_cfgs[view], self._state[view]
+        cfg = self.regions if view == REGION else self._stream_cfgs[view]
+        state = self._state[view]
         allowed = frozenset(cfg.languages or ())
         logical = max(1, self.num_workers)
         plan = StreamPlan(
             view=view,
             urls=self._urls[view],
             sizes=self._sizes[view],
-            batch_size=int(cfg.batch_size),
+            # a region batch is made from max_images samples (each image encoded once)
+            batch_size=int(cfg.max_images if view == REGION else cfg.batch_size),
             seed=derive_seed(self.seed, self._reseed) if self._reseed else self.seed,
             rank=self.rank,
             world_size=self.world_size,
@@ -237,6 +300,14 @@ class PretrainData:
                 _image_example, transform=self._transform, allowed=allowed, normalizer=self._normalizer
             )
             collate = self._collator.image_batch
+        elif view == REGION:
+            make = functools.partial(
+                _region_example,
+                transform=self._region_transform,
+                allowed=allowed,
+                normalizer=self._normalizer,
+            )
+            collate = functools.partial(self._collator.region_batch, batch_size=int(cfg.batch_size))
         else:
             make = functools.partial(
                 _text_example, allowed=allowed, swap=self._swap, normalizer=self._normalizer
@@ -264,8 +335,8 @@ class PretrainData:
         return self._iters[view]
 
     def next_batch(self, view: str) -> dict:
-        if view not in self.views:
-            raise ValueError(f"view '{view}' is not available (have {self.views})")
+        if view not in self._streams:
+            raise ValueError(f"view '{view}' is not available (have {self._streams})")
         state = self._state[view]
         while True:
             batch = next(self._iterator(view))
@@ -282,7 +353,16 @@ class PretrainData:
     def view_for_step(self, step: int) -> str:
         """The view of optimizer step ``step``, a pure function of (seed, step) so a resumed run picks the same
         views. "alternate": a draw weighted by the streams' ``weight``; "interleave": parallel text on even
-        steps, image-caption on odd ones (the reference's order: its iteration does the text step first)."""
+        steps, image-caption on odd ones (the reference's order: its iteration does the text step first). With
+        ``data.regions``, an image step is a region step with probability ``data.regions.prob``."""
+        return self._region_or_image(step, self._base_view(step))
+
+    def views_for_step(self, step: int) -> list[str]:
+        """Every view of step ``step`` for the ``sum`` schedule (all views in one update): :attr:`views`, the
+        image view a region view on a region step."""
+        return [self._region_or_image(step, view) for view in self.views]
+
+    def _base_view(self, step: int) -> str:
         if len(self.views) == 1:
             return self.views[0]
         if self.view_schedule == ViewSchedule.interleave:
@@ -292,6 +372,12 @@ class PretrainData:
             raise ValueError(f"stream weights must be >= 0 with a positive sum, got {weights}")
         draw = random.Random(derive_seed(self.seed, "view", int(step))).random() * sum(weights)
         return self.views[0] if draw < weights[0] else self.views[1]
+
+    def _region_or_image(self, step: int, view: str) -> str:
+        if view != "image" or self.regions is None:
+            return view
+        draw = random.Random(derive_seed(self.seed, REGION, int(step))).random()
+        return REGION if draw < float(self.regions.prob) else view
 
     # -------------------------------------------------------------------------------------------- bookkeeping
     def skip_counts(self) -> dict[str, int]:
@@ -326,7 +412,7 @@ class PretrainData:
             raise ValueError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         self.close()
         saved, now = state["topology"], self._topology()
-        views = {v: s for v, s in state["views"].items() if v in self.views}
+        views = {v: s for v, s in state["views"].items() if v in self._streams}
         if saved != now:
             changed = sorted(k for k in now if saved.get(k) != now[k])
             if not self.cfg.resampled:
@@ -338,10 +424,10 @@ class PretrainData:
             log.warning("data topology changed (%s): resampled stream restarts with a fresh seed", changed)
             taken = sum(int(s["batches"]) for s in views.values())
             self._reseed = derive_seed(int(state.get("reseed", 0)), taken) or 1
-            self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+            self._state = {v: {"batches": 0, "workers": {}} for v in self._streams}
             return
         self._reseed = int(state.get("reseed", 0))
-        self._state = {v: {"batches": 0, "workers": {}} for v in self.views}
+        self._state = {v: {"batches": 0, "workers": {}} for v in self._streams}
         for view, s in views.items():
             self._state[view] = {
                 "batches": int(s["batches"]),

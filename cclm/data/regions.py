@@ -9,7 +9,9 @@ Per image (reference ``RegionMultiTextDataset.__iter__``), all randomness from t
 2. the crop is flipped horizontally with probability 1/2, but never when any caption of the sample names a side
    ("left", "links", "gauche", "izquierda", "左" ...; :func:`flip_allowed_for` -- the reference checks English
    only, and a caption in a language without a word list is never flipped);
-3. the crop is resized to the square input (decoded straight to it, :func:`cclm.data.transforms.decode_crop`);
+3. the crop is resized to the square input (decoded straight to it, :func:`cclm.data.transforms.decode_crop`)
+   and, optionally, photometric RandAugment ops that keep every box where it is (:data:`BOX_SAFE_OPS`, the
+   reference's ``box_transform``);
 4. up to ``max_regions`` targets: the whole-image caption (if the sample has one; box = the whole image, no box
    loss) and regions in random order whose part inside the crop is more than ``min_perc_in_image`` of the box;
    each keeps that part, in 0..1 coordinates of the (flipped) crop (:func:`box_in_crop`, inverse
@@ -41,10 +43,14 @@ from cclm.data.collate import group_id, stack_images
 from cclm.data.examples import caption_choices, image_bytes
 from cclm.data.shards import SKIP_KEY
 from cclm.data.skips import SkipSample
-from cclm.data.transforms import decode_crop, mentions_side, to_array
+from cclm.data.stream import DROPPED_KEY
+from cclm.data.transforms import RandAugment, decode_crop, mentions_side, to_array
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
+# RandAugment ops that move no pixel (the reference's region transform: RandomAugment(2, 7, augs=...)); each
+# commutes with a horizontal flip.
+BOX_SAFE_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,10 @@ def patch_masks(boxes: torch.Tensor, rows: int, cols: int, eps: float = 1e-6) ->
 
 # ---------------------------------------------------------------------------------------------- transform
 class RegionTransform:
-    """One region sample -> the crop's pixels (``size`` x ``size`` uint8 HWC) and its :class:`RegionPlan`."""
+    """One region sample -> the crop's pixels (``size`` x ``size`` uint8 HWC) and its :class:`RegionPlan`.
+    ``randaugment``: applied to the resized crop; only ops that move no pixel keep the boxes right (a
+    :class:`~cclm.data.transforms.RandAugment` over :data:`BOX_SAFE_OPS`). ``code_switch``: a region's
+    attribute is drawn from every language it has, not only the caption's (the reference's ``code_switch``)."""
 
     def __init__(
         self,
@@ -190,6 +199,8 @@ class RegionTransform:
         hflip: bool = True,
         careful_hflip: bool = True,
         image_caption: bool = True,
+        randaugment: RandAugment | None = None,
+        code_switch: bool = False,
     ):
         if max_regions < 1:
             raise ValueError(f"max_regions must be >= 1, got {max_regions}")
@@ -197,6 +208,10 @@ class RegionTransform:
             raise ValueError(f"min_perc_in_image must be in [0, 1), got {min_perc_in_image}")
         self.size, self.max_regions, self.min_perc_in_image = size, max_regions, min_perc_in_image
         self.hflip, self.careful_hflip, self.image_caption = hflip, careful_hflip, image_caption
+        if randaugment is not None and set(randaugment.op_names) - set(BOX_SAFE_OPS):
+            moving = sorted(set(randaugment.op_names) - set(BOX_SAFE_OPS))
+            raise ValueError(f"RegionTransform: RandAugment ops {moving} move pixels away from their boxes")
+        self.randaugment, self.code_switch = randaugment, code_switch
 
     def plan(
         self,
@@ -227,7 +242,7 @@ class RegionTransform:
             if part is None:
                 continue
             lang, text = region.captions[rng.randrange(len(region.captions))]
-            words = [word for code, word in region.attributes if code == lang]
+            words = [word for code, word in region.attributes if self.code_switch or code == lang]
             if words:
                 text = f"{words[rng.randrange(len(words))]} {text}"
             targets.append(RegionTarget(text, lang, box_in_crop(part, crop, flip), False, index))
@@ -246,15 +261,19 @@ class RegionTransform:
             plans.append(self.plan(width, height, regions, image_captions, rng))
             return plans[0].crop
 
-        pixels = to_array(decode_crop(data, self.size, choose_crop))
+        image = decode_crop(data, self.size, choose_crop)
+        if self.randaugment is not None:
+            image = self.randaugment(image, rng)
+        pixels = to_array(image)
         return (pixels[:, ::-1] if plans[0].flip else pixels), plans[0]
 
 
 def region_example(
     sample: dict, transform: RegionTransform, allowed: frozenset[str], rng: random.Random
 ) -> dict:
-    """A raw shard sample -> ``{"image", "key", "targets", "dropped"}`` (``dropped``: regions left out, by
-    reason, for the stream's skip counts); any problem with the sample raises :class:`SkipSample`."""
+    """A raw shard sample -> ``{"image", "key", "targets", "dropped"}`` (``dropped``, the stream's
+    :data:`~cclm.data.stream.DROPPED_KEY`: regions left out, by reason, for the stream's skip counts); any
+    problem with the sample raises :class:`SkipSample`."""
     if SKIP_KEY in sample:
         raise SkipSample(sample[SKIP_KEY], sample.get("detail", ""))
     try:
@@ -272,7 +291,7 @@ def region_example(
         pixels, plan = transform(image_bytes(sample), regions, image_captions, rng)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise SkipSample("bad_image", f"{sample['__key__']}: {type(err).__name__}: {err}") from None
-    return {"image": pixels, "key": sample["__key__"], "targets": plan.targets, "dropped": dropped}
+    return {"image": pixels, "key": sample["__key__"], "targets": plan.targets, DROPPED_KEY: dropped}
 
 
 # ---------------------------------------------------------------------------------------------------- batch

@@ -34,6 +34,9 @@ from cclm.data.skips import SkipCounter, SkipSample
 from cclm.data.transforms import reuse_image_buffers
 
 STREAM_KEY = "_stream"
+# An example may carry counts of parts of its sample it left out ({reason: n}, e.g. a region sample's unusable
+# regions); the stream adds them to its skip counts.
+DROPPED_KEY = "dropped"
 
 
 def derive_seed(*parts) -> int:
@@ -148,10 +151,14 @@ class ShardStream(IterableDataset):
                     continue  # fast-forward: already consumed before the restart; not decoded
                 sample_rng = random.Random(derive_seed(p.seed, p.view, "sample", global_worker, epoch, index))
                 try:
-                    pending.append(self.make_example(sample, sample_rng))
-                    usable += 1
+                    example = self.make_example(sample, sample_rng)
                 except SkipSample as skip:
                     skips.add(skip.reason, skip.detail)
+                else:
+                    for reason, n in (example.pop(DROPPED_KEY, None) or {}).items():
+                        skips.add(reason, sample.get("__key__", ""), n=n)
+                    pending.append(example)
+                    usable += 1
                 if len(pending) == p.batch_size:
                     yield self._emit(pending, worker, global_worker, epoch, index + 1, skips)
                     pending = []

@@ -255,6 +255,16 @@ class CCLM:
         fused = self.model.fuse(text_tokens, mask, image_tokens, memory_mask)
         return self.model.itm_logits(fused).float().softmax(dim=-1)[:, MATCH].cpu()
 
+    @torch.inference_mode()
+    def ground(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """The box of ``texts[i]`` in ``images[i]``: [N, 4] ``xyxy`` pixels of each image (a model with a box head:
+        pretrained with region batches, or a converted CCLM-4M checkpoint; :mod:`cclm.inference.ground`)."""
+        from cclm.inference.ground import ground_boxes
+
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        return ground_boxes(self.model, self.tokenizer, list(images), list(texts), batch_size=batch_size)
+
     # ------------------------------------------------------------------------------------------ retrieval
     def retrieve(
         self,

@@ -10,12 +10,13 @@ The released checkpoints are X-VLM-style state dicts (layout learned from zengya
     text_encoder.cls.predictions.*   MLM head (pretraining checkpoints only)
     vision_proj, text_proj, temp     ITC projections and temperature
     itm_head.{0,1,3}                 Linear, LayerNorm, GELU, Linear
-    bbox_head.*                      box regression head of X-VLM grounding: not part of this model, dropped
+    bbox_head.{0,1,3}                box head (4M pretraining checkpoints): Linear, LayerNorm, GELU, Linear
 
 Our side is timm's Swin (through open_clip's timm tower; patch merging at the START of stage i+1, otherwise the
 same names and the same channel order), HF ``XLMRobertaLayer`` text/fusion stacks, ``MatchingHead`` and
-``XLMRobertaLMHead``. The load is strict: every source tensor is consumed or dropped for a stated reason (derived
-buffers, tied copies that are checked equal, the box head), every tensor of ours is filled, and a report says so.
+``XLMRobertaLMHead`` and ``BoxHead`` (built, with ``objectives.bbox``, when the checkpoint has a ``bbox_head``:
+grounding, ``cclm ground``). The load is strict: every source tensor is consumed or dropped for a stated reason
+(derived buffers, tied copies that are checked equal), every tensor of ours is filled, and a report says so.
 
 Position ids: the reference numbers text positions 0, 1, 2, ... (BERT style) although the table comes from
 XLM-R, which numbers them from ``padding_idx + 1``. With ``--position-ids reference`` (default) the table is
@@ -98,7 +99,6 @@ HEAD_DIM = 64  # XLM-R base/large and CLIP ViTs: width / heads; --text-heads / -
 VISION_ACTS = ("quick_gelu", "gelu")
 
 DROPPED_REASONS = {
-    "bbox_head": "box regression head of X-VLM's grounding objective; not part of the cross-view model",
     "swin_buffer": "Swin relative_position_index / attn_mask buffers; timm recomputes them",
     "position_ids": "position_ids buffer; recomputed from the input ids",
     "tied_decoder_weight": "MLM decoder weight; tied to the word embeddings (checked equal)",
@@ -426,6 +426,7 @@ def target_config(
         int(state["vision_proj.weight"].shape[0]) if "vision_proj.weight" in state else template.embed_dim
     )
     cfg.temp = float(state["temp"]) if "temp" in state else template.temp
+    cfg.objectives.bbox = any(key.startswith("bbox_head.") for key in state)
     return cfg
 
 
@@ -433,6 +434,7 @@ def target_config(
 _SWIN_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
 _CROSS_KV = re.compile(r"fusion\.layers\.\d+\.crossattention\.self\.(key|value)\.weight")
 _ITM = {"0": "net.0", "1": "net.1", "3": "net.3"}
+_BOX = {"0": "mlp.0", "1": "mlp.1", "3": "mlp.3"}
 _MLM = {"transform.dense.": "dense.", "transform.LayerNorm.": "layer_norm."}
 
 
@@ -509,8 +511,8 @@ def map_key(key: str, layout: SourceLayout) -> tuple[list[str], str | None]:
             return [f"fusion.layers.{i - layout.fusion_start}.{tail}"], None
         return [], None
     head, _, tail = key.partition(".")
-    if head == "bbox_head":
-        return [], "bbox_head"
+    if head == "bbox_head" and (m := re.fullmatch(r"(\d+)\.(weight|bias)", tail)) and m.group(1) in _BOX:
+        return [f"box_head.{_BOX[m.group(1)]}.{m.group(2)}"], None
     if head == "itm_head" and (m := re.fullmatch(r"(\d+)\.(weight|bias)", tail)) and m.group(1) in _ITM:
         return [f"itm_head.{_ITM[m.group(1)]}.{m.group(2)}"], None
     if key == "temp" or head in ("vision_proj", "text_proj"):

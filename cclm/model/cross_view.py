@@ -9,6 +9,10 @@ Batches (dicts of tensors) accepted by :meth:`forward`:
   image view: images [B,3,H,W] (uint8 or normalised float), text_ids/text_mask [B,L], mlm_ids/mlm_labels [B,L],
               group_ids [B] (equal ids = same image; excluded as negatives)
   text view:  text_ids/text_mask, mlm_ids/mlm_labels (side A), other_ids/other_mask (side B), group_ids [B]
+  region view (multi-grained, CCLM-4M; :func:`cclm.data.regions.collate_regions`): images [M,3,H,W] (each image
+              once), idx_to_group_img [B] (the image of each text), boxes [B,4] (0..1 xyxy), is_image [B] (a
+              whole-image caption), optional image_atts [B,1+N] (the vision tokens each text may see; drawn from
+              ``boxes`` on the tower's token grid when absent), and the text fields of the image view
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from torch import nn
 from cclm import losses
 from cclm.config import ModelConfig, from_dict, to_dict
 from cclm.data.masking import IGNORE_INDEX
+from cclm.data.regions import patch_masks
+from cclm.model.boxes import BoxHead, box_loss, box_xyxy_to_cxcywh, token_grid
 from cclm.model.heads import MatchingHead, build_mlm_head, pretrained_lm_head
 from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
@@ -35,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-VIEWS = ("image", "text")
-LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm")}
+VIEWS = ("image", "text", "region")
+LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm"), "region": ("itc", "itm", "mlm")}
 
 
 def _number_positions_from_zero(encoder) -> None:
@@ -93,6 +99,7 @@ class CrossViewModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor([float(cfg.temp)]))
         self.itm_head = MatchingHead(hidden, encoder.config.layer_norm_eps)
         self.mlm_head = build_mlm_head(encoder.config, self.text.embeddings.word_embeddings)
+        self.box_head = BoxHead(hidden) if cfg.objectives.bbox else None
         for module in (
             self.image_to_fusion,
             self.vision_proj,
@@ -100,6 +107,7 @@ class CrossViewModel(nn.Module):
             self.itm_head,
             self.mlm_head.dense,
             self.mlm_head.layer_norm,
+            *([self.box_head] if self.box_head is not None else []),
         ):
             module.apply(encoder._init_weights)
         self._mlm_head_pretrained = False
@@ -133,7 +141,7 @@ class CrossViewModel(nn.Module):
     # ------------------------------------------------------------------------------------------ building blocks
     def _collect_new_parameter_names(self) -> list[str]:
         names = [f"fusion.{n}" for n in self.fusion.new_parameter_names()]
-        prefixes = ["image_to_fusion", "vision_proj", "text_proj", "itm_head", "temp"]
+        prefixes = ["image_to_fusion", "vision_proj", "text_proj", "itm_head", "box_head", "temp"]
         if not self._mlm_head_pretrained:  # tied decoder weight: the word embeddings, never new
             prefixes += ["mlm_head.dense", "mlm_head.layer_norm", "mlm_head.bias"]
         for prefix in prefixes:
@@ -206,21 +214,68 @@ class CrossViewModel(nn.Module):
         :meth:`fuse` on the same pairs."""
         return self.itm_logits(self.fusion.forward_cached(prefix, memory, cls_only=True))
 
+    # ------------------------------------------------------------------------------------------------- regions
+    def region_masks(self, boxes: torch.Tensor, is_image: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 4] 0..1 ``xyxy`` boxes -> [B, 1 + N] bool: the summary token and every patch a box touches on this
+        tower's token grid (:func:`cclm.data.regions.patch_masks`); every token for ``is_image`` rows."""
+        masks = patch_masks(boxes.float(), *token_grid(self.vision))
+        return masks if is_image is None else masks | is_image.bool()[:, None]
+
+    def encode_regions(
+        self, images: torch.Tensor, idx_to_group_img: torch.Tensor, image_atts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The region view's memory (reference ``get_vision_embeds(image, image_atts, idx_to_group_img)``): each
+        image encoded once, its tokens gathered per text (``idx_to_group_img``). Returns (region tokens at the
+        fusion width [B, 1+N, hidden], normalised region ITC feature [B, embed_dim], the whole image's tokens
+        [B, 1+N, hidden]).
+
+        A region's tokens are the image's patch tokens -- what it may not see is hidden by ``image_atts`` in the
+        fusion cross-attention -- behind a summary token: the mean of the patch tokens inside the region (the
+        reference's pooled region feature), which is also what ITC projects. Where a mask takes every patch
+        (whole-image captions) the tower's own summary token stays: for a Swin that is the same mean, for a ViT
+        its class token, as in the image view."""
+        tokens = self.vision(images)
+        full = self.image_to_fusion(tokens)[idx_to_group_img]
+        patches = tokens[idx_to_group_img, 1:]
+        weights = image_atts[:, 1:].to(patches.dtype)
+        pooled = (weights[:, :, None] * patches).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        summary = torch.where(image_atts[:, 1:].all(1, keepdim=True), tokens[idx_to_group_img, 0], pooled)
+        region = torch.cat([self.image_to_fusion(summary)[:, None], full[:, 1:]], dim=1)
+        return region, F.normalize(self.vision_proj(summary), dim=-1), full
+
+    def predict_boxes(self, query: torch.Tensor, query_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """Normalised ``cxcywh`` boxes [B, 4] from text tokens attending to the *whole* image (fusion-width
+        tokens, as the reference's ``predict_bbox``: the region is what is to be found, so none is hidden)."""
+        if self.box_head is None:
+            raise ValueError("this model has no box head (model.objectives.bbox=false)")
+        return self.box_head(self.fuse(query, query_mask, image_tokens)[:, 0])
+
     # ---------------------------------------------------------------------------------------------- objectives
     def forward(
         self, batch: dict[str, Any], view: str, group_positives: bool = False
     ) -> dict[str, torch.Tensor]:
-        """All losses of one batch of ``view`` ("image" or "text"), named, plus their weighted sum ``loss``.
-        ``group_positives``: ITC/TTC count every pair of the same group (``group_ids``: the same image) as a
-        positive, as the reference's retrieval fine-tuning does; pretraining keeps the diagonal only."""
+        """All losses of one batch of ``view`` ("image", "text" or "region"), named, plus their weighted sum
+        ``loss``. ``group_positives``: ITC/TTC count every pair of the same group (``group_ids``: the same image)
+        as a positive, as the reference's retrieval fine-tuning does; pretraining keeps the diagonal only.
+        A region batch runs the image view's objectives on each text's region, and with a box head adds the box
+        losses ``bbox`` (L1) and ``giou`` on its region texts (the reference's ``get_bbox_loss``)."""
         if view not in VIEWS:
             raise ValueError(f"unknown view '{view}', expected one of {VIEWS}")
         obj = self.cfg.objectives
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
         query, query_feat = self.encode_text(text_ids, text_mask)
+        full_image = None
         if view == "image":
             memory, memory_feat = self.encode_image(batch["images"])
             memory_mask = None  # every image token is real: no cross-attention mask (lets SDPA use flash)
+        elif view == "region":
+            memory_mask = batch.get("image_atts")
+            if memory_mask is None:
+                memory_mask = self.region_masks(batch["boxes"], batch["is_image"])
+            memory_mask = memory_mask.long()
+            memory, memory_feat, full_image = self.encode_regions(
+                batch["images"], batch["idx_to_group_img"], memory_mask
+            )
         else:
             memory_mask = batch["other_mask"]
             memory, memory_feat = self.encode_text(batch["other_ids"], memory_mask)
@@ -248,6 +303,11 @@ class CrossViewModel(nn.Module):
         if obj.mlm_weight and "mlm_ids" in batch:
             out[l_name] = self._mlm(batch["mlm_ids"], text_mask, batch["mlm_labels"], memory, memory_mask)
             weights[l_name] = obj.mlm_weight
+        if full_image is not None and self.box_head is not None:
+            predicted = self.predict_boxes(query, text_mask, full_image).float()
+            target = box_xyxy_to_cxcywh(batch["boxes"].float())
+            out["bbox"], out["giou"] = box_loss(predicted, target, batch["is_image"])
+            weights["bbox"] = weights["giou"] = 1.0
         if not out:
             raise ValueError("every objective weight is 0: nothing to train")
         out["loss"] = sum(weights[k] * v for k, v in out.items())

@@ -289,7 +289,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ steps
     def views_for_step(self, step: int) -> list[str]:
         if self.loop.view_schedule == ViewSchedule.sum:
-            return list(self.source.views)
+            # a source may swap a view for another on some steps (PretrainData: region batches for image ones)
+            views_for_step = getattr(self.source, "views_for_step", None)
+            return list(views_for_step(step)) if views_for_step else list(self.source.views)
         return [self.source.view_for_step(step)]
 
     def train_step(self, stats: IntervalStats) -> None:

@@ -93,6 +93,13 @@ class Pretraining:
             view: train_flops_per_sample(model, view, self._max_length(view), model_cfg.vision.image_size)
             for view in self.data.views
         }
+        if cfg.data.regions is not None:
+            # a region step costs about an image step (each image encoded once, region texts fused): for MFU
+            flops["region"] = flops.get("image", 0.0)
+            if not model_cfg.objectives.bbox:
+                log.warning(
+                    "data.regions without model.objectives.bbox: region batches train ITC/ITM/MLM but no box head"
+                )
         self.trainer = Trainer(
             model,
             self.data,
