@@ -311,7 +311,8 @@ class RegionsConfig:
     hflip: bool = True
     careful_hflip: bool = True  # no flip when any caption of the image names a side
     languages: list[str] = field(default_factory=list)  # region captions to read; empty = all
-    code_switch: bool = False  # an attribute may come from another language than its caption (reference: true)
+    # an attribute may come from another language than its caption (the reference: true)
+    code_switch: bool = False
     # token cap (None: the image-caption stream's); region texts are masked as captions (its max_masks)
     max_length: int | None = None
 
@@ -771,7 +772,8 @@ class CViLVQADataConfig:
     train: str = "train"  # English training file (teacher fine-tuning, distillation inputs)
     dev: str = "dev"  # English dev file (teacher model selection)
     parallel: dict[str, str] = field(default_factory=dict)  # lang -> `train` translated (aligned by id)
-    target_train: dict[str, str] = field(default_factory=dict)  # lang -> VQA data with answers (target_finetune)
+    # lang -> VQA data with answers (target_finetune)
+    target_train: dict[str, str] = field(default_factory=dict)
     test: dict[str, str] = field(default_factory=dict)  # lang -> test file
     # lang -> the lang test file translated into English; easy_vqa without one: its grammar translates back
     translate_test: dict[str, str] = field(default_factory=dict)

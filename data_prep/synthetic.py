@@ -43,7 +43,9 @@ def add_parser(subparsers) -> None:
         help="also write each shape's box with its descriptions, and held-out grounding.jsonl (docs/regions.md)",
     )
     p.add_argument(
-        "--region-langs", default="", help="languages of the region descriptions (default: all languages used)"
+        "--region-langs",
+        default="",
+        help="languages of the region descriptions (default: all languages used)",
     )
     p.add_argument("--shard-samples", type=int, default=None, help="images per shard (default: ~16 shards)")
     p.add_argument("--seed", type=int, default=0)
