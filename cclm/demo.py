@@ -22,6 +22,11 @@ so frequent English words ("small", "left", "red") were spelt letter by letter.
 
 Languages other than English never saw an image; with parallel text they should retrieve nearly as well as
 English, without it they should sit near chance.
+
+5. Grounding (``--grounding``, on by default): a third run, the parallel run plus region batches (half of the image
+   steps; issue 14's multi-grained pretraining) and the box head, where every box is paired with an ENGLISH
+   description only. Its box head then grounds held-out descriptions in every language (accuracy = IoU >= 0.5,
+   ``results.json`` ``"grounding"``): the other languages reach the boxes only through parallel text.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 LANGS = ("en", "de", "fr", "es", "ja", "zh")
 RUNS = ("with_parallel", "without_parallel")
+GROUNDING_RUN = "grounding"
+# region batches of the grounding run (configs/pretrain/demo.yaml has none): a region step replaces an image step
+REGION_OVERRIDES = (
+    "model.objectives.bbox=true",
+    "data.regions.batch_size=32",
+    "data.regions.max_images=16",
+    "data.regions.prob=0.5",
+)
 # The world's tokenizer (module docstring); a world whose tokenizer was trained otherwise is rebuilt, not reused.
 TOKENIZER = {"vocab_size": 1000, "model": "bpe", "split_cjk": True}
 
@@ -64,6 +77,7 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
             spec.get("images") == images
             and spec.get("image_size") == image_size
             and spec.get("seed") == seed
+            and spec.get("region_langs") == ["en"]
             and same_tokenizer
         ):
             print(f"[demo] reusing the world in {world}")
@@ -82,6 +96,8 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
         seed=seed,
         heldout_images=200,
         xvnli_images=60,
+        regions=True,  # shape boxes with ENGLISH descriptions only; images and captions unchanged
+        region_langs=["en"],
     )
     corpus = (world / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     train_tokenizer(corpus, world / "tokenizer", **TOKENIZER)
@@ -93,9 +109,16 @@ IMAGE_WEIGHT, TEXT_WEIGHT = 2.0, 1.0  # as in configs/pretrain/demo.yaml
 
 
 def pretrain(
-    world: Path, run_dir: Path, with_parallel: bool, image_steps: int, nproc: int, extra: list[str]
+    world: Path,
+    run_dir: Path,
+    with_parallel: bool,
+    image_steps: int,
+    nproc: int,
+    extra: list[str],
+    regions: bool = False,
 ) -> None:
-    """Both runs take ``image_steps`` image-caption steps; the parallel run adds its text steps on top."""
+    """Both runs take ``image_steps`` image-caption steps; the parallel run adds its text steps on top.
+    ``regions``: half of the image steps are region batches of the same shards, and the box head trains."""
     steps = round(image_steps * (IMAGE_WEIGHT + TEXT_WEIGHT) / IMAGE_WEIGHT) if with_parallel else image_steps
     overrides = [
         f"model.text.tokenizer={world / 'tokenizer'}",
@@ -110,6 +133,8 @@ def pretrain(
         overrides.append(f"data.parallel_text.shards={_shard_pattern(world / 'parallel')}")
     else:
         overrides.append("data.parallel_text=null")
+    if regions:
+        overrides += [f"data.regions.shards={_shard_pattern(world / 'image_caption')}", *REGION_OVERRIDES]
     command = local_pretrain_command(nproc, CONFIG, [*overrides, *extra])
     env = {
         **os.environ,
@@ -117,9 +142,10 @@ def pretrain(
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore",
     }
-    print(
-        f"[demo] pretraining ({'with' if with_parallel else 'without'} parallel text) on {nproc} process(es)"
+    what = f"{'with' if with_parallel else 'without'} parallel text" + (
+        ", with region batches" if regions else ""
     )
+    print(f"[demo] pretraining ({what}) on {nproc} process(es)")
     subprocess.run(command, cwd=REPO, env=env, check=True)
 
 
@@ -150,6 +176,21 @@ def evaluate(model_dir: Path, world: Path, rerank: bool) -> dict[str, dict[str, 
     return rows
 
 
+def evaluate_grounding(model_dir: Path, world: Path) -> dict[str, float]:
+    """Grounding accuracy (% of held-out descriptions whose predicted box has IoU >= 0.5) per language."""
+    import torch
+
+    from cclm.data.tokenize import load_tokenizer
+    from cclm.inference.ground import grounding_accuracy, read_grounding_sets
+    from cclm.model import CrossViewModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = CrossViewModel.from_pretrained(model_dir).eval()
+    records = read_grounding_sets(world / "heldout")
+    accuracy = grounding_accuracy(model, load_tokenizer(str(model_dir)), records)
+    return {lang: round(accuracy[lang], 1) for lang in LANGS if lang in accuracy}
+
+
 def print_table(results: dict) -> None:
     print(
         f"\nZero-shot image<->text retrieval on 200 held-out scenes, ranked by ITC similarity (%); "
@@ -164,6 +205,12 @@ def print_table(results: dict) -> None:
             m = results[run][lang]
             cells.append(f"{m['txt_r1']:>8.1f}{m['img_r1']:>9.1f}{m['r_mean']:>9.1f}    ")
         print(f"{lang:6}" + "".join(cells))
+    if "grounding" in results:
+        print(
+            "\nGrounding on the held-out scenes (% of descriptions with IoU >= 0.5; boxes were only ever paired "
+            "with English descriptions):"
+        )
+        print("  ".join(f"{lang} {acc:.1f}" for lang, acc in results["grounding"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="image-caption steps of each pretraining run")
     parser.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-grounding",
+        action="store_true",
+        help="skip the third run (region batches, grounding per language)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both pretraining runs")
     args = parser.parse_args(argv)
     start = time.time()
@@ -187,15 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     from cclm.train.plot import plot_curves
 
     results: dict = {"chance_r1": 100.0 / 200}
-    for run in RUNS:
+    runs = RUNS if args.no_grounding else (*RUNS, GROUNDING_RUN)
+    for run in runs:
         run_dir = out / run
         if run_dir.exists():
             import shutil
 
             shutil.rmtree(run_dir)
-        pretrain(world, run_dir, run == "with_parallel", args.steps, args.nproc, args.overrides)
+        regions = run == GROUNDING_RUN
+        pretrain(world, run_dir, run != "without_parallel", args.steps, args.nproc, args.overrides, regions)
         model_dir = export(run_dir, run_dir / "model")
         plot_curves(run_dir)
+        if regions:
+            results["grounding"] = evaluate_grounding(model_dir, world)
+            continue
         results[run] = evaluate(model_dir, world, rerank=False)
         results[f"{run}_itm_rerank"] = evaluate(model_dir, world, rerank=True)
     results["seconds"] = round(time.time() - start, 1)

@@ -90,6 +90,7 @@ def retrieval_by_language(
     rows: dict[str, dict[str, float]] = {}
     for name, by_lang in sets.items():
         for lang, rset in by_lang.items():
+            log.info("MLA: retrieval on %s/%s (%d images)", name, lang, len(rset.images))
             metrics = dual_encoder_metrics(
                 lambda images: model.encode_image(images.to(device)),
                 lambda texts, lang=lang: model.encode_texts(texts, lang, device),

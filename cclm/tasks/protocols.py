@@ -312,6 +312,7 @@ class TaskRunner(TaskSuite):
     def table(self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str) -> dict:
         rows = []
         for language, path in files.items():
+            log.info("%s %s %s: scoring %s", self.cfg.task, protocol, language, path)
             metrics = self.score(model, tokenizer, self.read(path))
             rows.append({"language": language, **metrics, "file": str(path)})
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
