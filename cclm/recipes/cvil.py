@@ -247,6 +247,27 @@ class ParallelCollator:
 
 
 # ------------------------------------------------------------------------------------------------------- run
+def run_distillation(model: Distiller, dataset, collator, cfg, env, stage: str) -> dict[str, float]:
+    """The distillation stage over ``dataset`` (parallel examples) for ``distill.steps`` (else ``distill.epochs``
+    epochs) of ``distill.batch_size`` per rank; returns the stage's last logged scalars."""
+    batch_size = int(cfg.distill.batch_size)
+    source = EpochBatches(
+        dataset,
+        batch_size,
+        collator,
+        seed=int(cfg.train.seed),
+        rank=env.rank,
+        world_size=env.world_size,
+        drop_last=len(dataset) // env.world_size > batch_size,
+        view=stage,
+    )
+    steps = int(cfg.distill.steps) or int(cfg.distill.epochs) * len(source)
+    try:
+        return run_stage(model, cfg, stage, steps, source, batch_size, env)
+    finally:
+        source.close()
+
+
 def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
     languages = list(cfg.languages)
@@ -286,25 +307,11 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     )
     image_size = int(teacher.backbone.cfg.vision.image_size)
     dataset = ParallelDataset(examples, dict(cfg.data.image_roots), image_size)
-    batch_size = int(cfg.distill.batch_size)
-    source = EpochBatches(
-        dataset,
-        batch_size,
-        ParallelCollator(teacher, teacher_tokenizer, student, student_tokenizer),
-        seed=int(cfg.train.seed),
-        rank=env.rank,
-        world_size=env.world_size,
-        drop_last=len(dataset) // env.world_size > batch_size,
-        view=STAGE,
-    )
-    steps = int(cfg.distill.steps) or int(cfg.distill.epochs) * len(source)
     out_dir = Path(cfg.output_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        stats = run_stage(model, cfg, STAGE, steps, source, batch_size, env)
-    finally:
-        source.close()
+    collator = ParallelCollator(teacher, teacher_tokenizer, student, student_tokenizer)
+    stats = run_distillation(model, dataset, collator, cfg, env, STAGE)
 
     rows: dict[str, dict[str, float]] = {}
     for lang, path in cfg.data.test.items():

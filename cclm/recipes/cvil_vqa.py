@@ -56,6 +56,7 @@ from cclm.recipes.cvil import (
     ParallelDataset,
     ParallelExample,
     align_parallel,
+    run_distillation,
     set_trainable,
 )
 from cclm.recipes.object_tags import ImageTags, build_image_tags, encode_with_tags
@@ -386,26 +387,12 @@ def distill(cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer: 
     model = Distiller(teacher, student, cfg.distill)
     size = int(teacher.backbone.cfg.vision.image_size)
     dataset = TaggedParallelDataset(pairs, scorer.suite.roots, size, scorer.tags)
-    batch_size = int(cfg.distill.batch_size)
-    source = EpochBatches(
-        dataset,
-        batch_size,
-        ParallelCollator(teacher, teacher_tokenizer, student, tokenizer),
-        seed=int(cfg.train.seed),
-        rank=env.rank,
-        world_size=env.world_size,
-        drop_last=len(dataset) // env.world_size > batch_size,
-        view=DISTILL,
-    )
-    steps = int(cfg.distill.steps) or int(cfg.distill.epochs) * len(source)
     stats = {"trained_params": trained_parameters(model), "parallel_questions": len(pairs)}
     log.info(
         "cViL VQA: distilling %d parameters on %d parallel questions", stats["trained_params"], len(pairs)
     )
-    try:
-        stats.update(run_stage(model, cfg, DISTILL, steps, source, batch_size, env))
-    finally:
-        source.close()
+    collator = ParallelCollator(teacher, teacher_tokenizer, student, tokenizer)
+    stats.update(run_distillation(model, dataset, collator, cfg, env, DISTILL))
     return stats
 
 
