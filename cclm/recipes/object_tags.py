@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -46,9 +47,8 @@ EASY_VQA_PALETTE = {
     "teal": (0, 128, 128),
     "brown": (165, 42, 42),
 }
-PALETTE_DISTANCE = (
-    40.0  # RGB distance within which a pixel is of a palette colour (anti-aliased edges are not)
-)
+# RGB distance within which a pixel is of a palette colour (anti-aliased edges are not)
+PALETTE_DISTANCE = 40.0
 RECTANGLE_FILL, CIRCLE_FILL = 0.95, 0.70  # fill of the bounding box: >= rectangle, >= circle, else triangle
 
 
@@ -56,11 +56,11 @@ class TagError(UserError):
     """Object tags that cannot be used: a bad tags file, a tag without a translation, an unknown source."""
 
 
-class TagSource:
+class TagSource(ABC):
     """English object tags of an image."""
 
-    def __call__(self, image: ImageRef, path: Path) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, image: ImageRef, path: Path) -> list[str]: ...
 
 
 class EasyVQADetector(TagSource):

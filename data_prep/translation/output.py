@@ -100,7 +100,7 @@ class ResumableOutput:
             ):
                 return record
         except (UnicodeDecodeError, ValueError):
-            pass
+            pass  # unreadable: the same error as a record of the wrong shape, below
         raise UserError(
             f"{path} is not a progress record of cclm prep translate: delete it to redo that shard"
         )
