@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 from cclm.cli_args import DEBUG_VARIABLE, run_command
 
@@ -59,9 +60,28 @@ def evaluate(argv: list[str]) -> int:
         return 0
     if args[0] == "retrieval":
         from cclm.evaluation.cli import main
+
+        argv = [argv[0], *(_resolved_checkpoint(arg) for arg in args)]
     else:
         from cclm.tasks.cli import evaluate_main as main
     return main(argv)
+
+
+def _resolved_checkpoint(arg: str) -> str:
+    """``checkpoint=NAME`` of ``cclm evaluate retrieval`` with NAME a released model's name or ``hf-hub:ORG/NAME``:
+    the model folder behind it (downloaded or converted once, :func:`cclm.inference.api.resolve_model_folder`).
+    Resolved here because the evaluation sits below the inference layer; folders and other arguments pass as they
+    are."""
+    key, sep, value = arg.partition("=")
+    if key != "checkpoint" or not sep or not value or Path(value).expanduser().is_dir():
+        return arg
+    from cclm.inference import hub, registry
+
+    if not (hub.is_hub_name(value) or registry.is_pretrained_name(value)):
+        return arg
+    from cclm.inference.api import resolve_model_folder
+
+    return f"checkpoint={resolve_model_folder(value)}"
 
 
 def main(argv: list[str] | None = None) -> int:

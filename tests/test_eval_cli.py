@@ -157,6 +157,29 @@ def test_cli_writes_a_row_per_language_and_the_means(world, world_tokenizer, tmp
     assert "mean (non-English)" in table
 
 
+def test_checkpoint_may_be_a_hub_model(world, world_tokenizer, tmp_path, capsys, monkeypatch):
+    """``checkpoint=hf-hub:ORG/NAME``: the folder behind it (here an offline Hub cache) is evaluated, with the same
+    rows as the folder itself."""
+    from huggingface_hub import constants
+
+    from .test_hub import put_in_hub_cache
+
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    put_in_hub_cache(cache, "cclm-org/tiny", files)
+    rows = {}
+    for name, checkpoint in (("hub", "hf-hub:cclm-org/tiny"), ("folder", str(model_dir))):
+        args = (f"data.root={world / 'heldout'}", "languages=en", "eval.k_test=4", f"name={name}")
+        assert run_cli(f"checkpoint={checkpoint}", *args, f"output_dir={tmp_path / name}") == 0
+        rows[name] = json.loads((tmp_path / name / f"{name}.json").read_text())["en"]
+    assert rows["hub"] == rows["folder"]
+    capsys.readouterr()
+
+
 def test_cli_reports_bad_input(world, tmp_path, capsys):
     assert run_cli("checkpoint=x", "eval.k_tset=3") == 2
     assert "eval.k_test" in capsys.readouterr().err  # the typo is named, with the closest valid key
