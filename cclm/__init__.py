@@ -1,36 +1,34 @@
-"""cclm: cross-view multilingual vision-language pretraining."""
+"""cclm: cross-view multilingual vision-language pretraining.
+
+``cclm.load``, ``cclm.list_pretrained`` and ``cclm.pretrained_info`` are imported on first use, so that
+``import cclm`` stays cheap (no torch) for the command line and tools that only read configs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# name -> module that defines it
+_LAZY = {
+    "load": "cclm.inference.api",  # a model for inference, from a folder, a released name or hf-hub:ORG/NAME
+    "list_pretrained": "cclm.inference.registry",  # names of the released CCLM checkpoints load() accepts
+    "pretrained_info": "cclm.inference.registry",  # where a released checkpoint is published, how it imports
+}
+__all__ = ["__version__", "list_pretrained", "load", "pretrained_info"]
 
-def load(path, device=None, dtype="auto", image_size=None, window_size=None, checkpoint=None, cache_dir=None):
-    """Load a model for inference (see :mod:`cclm.inference.api`); imported lazily. ``path``: a model folder, a
-    released checkpoint's name (:func:`list_pretrained`) or ``hf-hub:ORG/NAME``. ``checkpoint``: the file of a
-    released checkpoint you downloaded by hand; ``cache_dir``: where released checkpoints are converted (default
-    ``$CCLM_CACHE``, else ``~/.cache/cclm``). ``image_size`` / ``window_size``: run the vision tower at another
-    resolution (Swin window scaled with it)."""
-    from cclm.inference.api import load as _load
-
-    return _load(
-        path,
-        device=device,
-        dtype=dtype,
-        image_size=image_size,
-        window_size=window_size,
-        checkpoint=checkpoint,
-        cache_dir=cache_dir,
-    )
+if TYPE_CHECKING:
+    from cclm.inference.api import load
+    from cclm.inference.registry import list_pretrained, pretrained_info
 
 
-def list_pretrained() -> list[str]:
-    """Names of the released CCLM checkpoints that :func:`load` accepts (:mod:`cclm.inference.registry`)."""
-    from cclm.inference.registry import list_pretrained as _list
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cclm' has no attribute {name!r}")
 
-    return _list()
 
-
-def pretrained_info(name: str) -> dict:
-    """Where a released checkpoint is published and the settings that import it."""
-    from cclm.inference.registry import pretrained_info as _info
-
-    return _info(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -151,8 +151,10 @@ class CCLM:
         checkpoint: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> CCLM:
-        """``path``: a model folder, a pretrained name or ``hf-hub:ORG/NAME`` (:func:`resolve_model_folder`;
-        ``checkpoint`` / ``cache_dir`` serve pretrained names). ``device``: None or ``auto`` = the GPU when there
+        """A model as a ready :class:`CCLM` (model, tokenizer, evaluation transform); also ``cclm.load``.
+        ``path``: a ``save_pretrained`` folder, a released checkpoint's name (:func:`cclm.list_pretrained`) or
+        ``hf-hub:ORG/NAME`` (:func:`resolve_model_folder`). For released names, ``checkpoint``: the file when it
+        must be downloaded by hand, ``cache_dir``: instead of ``$CCLM_CACHE`` / ``~/.cache/cclm``. ``device``: None or ``auto`` = the GPU when there
         is one; ``dtype``: a :class:`~cclm.config.Precision` (``auto`` = bf16 on a GPU that supports it, else
         fp32) or a torch dtype; ``image_size`` (and, for Swin,
         ``window_size``): run at another resolution, position tables interpolated as the reference does when it
@@ -439,26 +441,6 @@ def queries_are_text(queries: Sequence, gallery: Sequence | torch.Tensor, query_
     return text
 
 
-def load(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: str | Precision | torch.dtype = Precision.auto,
-    image_size: int | None = None,
-    window_size: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> CCLM:
-    """Load a model as a ready :class:`CCLM` (model, tokenizer, evaluation transform). ``path``: a
-    ``save_pretrained`` folder, a released checkpoint's name (:func:`cclm.list_pretrained`; ``checkpoint``: the
-    file when it must be downloaded by hand, ``cache_dir``: instead of ``$CCLM_CACHE`` / ``~/.cache/cclm``) or
-    ``hf-hub:ORG/NAME``. ``image_size`` / ``window_size``: run the vision tower at another resolution (see
-    :meth:`CCLM.from_pretrained`); None keeps the model's own."""
-    return CCLM.from_pretrained(
-        path,
-        device=device,
-        dtype=dtype,
-        image_size=image_size,
-        window_size=window_size,
-        checkpoint=checkpoint,
-        cache_dir=cache_dir,
-    )
+# cclm.load(path, ...): a model as a ready CCLM (model, tokenizer, evaluation transform); see
+# CCLM.from_pretrained for what ``path`` may be (a folder, a released checkpoint's name, hf-hub:ORG/NAME).
+load = CCLM.from_pretrained

@@ -315,31 +315,26 @@ def resolve_text_heads(hidden: int, template: ModelConfig, text_heads: int | Non
             "attention with other heads computes something else; fix one of them"
         )
     if text_heads is not None:
-        heads, source = int(text_heads), "--text-heads" + (" (agrees with the config)" if given else "")
-    elif given is not None:
-        heads, source = int(given), "the config's text.encoder.num_attention_heads"
-    else:
-        heads, source = (
-            hidden // HEAD_DIM,
-            f"assumed: hidden {hidden} / {HEAD_DIM} (pass --text-heads to state it)",
-        )
-    if heads <= 0 or hidden % heads:
-        raise ConversionError(f"{heads} text attention heads do not divide the text width {hidden}")
-    return heads, source
+        source = "--text-heads" + (" (agrees with the config)" if given else "")
+        return _checked_heads(int(text_heads), source, hidden, "text")
+    if given is not None:
+        return _checked_heads(int(given), "the config's text.encoder.num_attention_heads", hidden, "text")
+    return _checked_heads(None, "--text-heads", hidden, "text")
 
 
 def resolve_vision_heads(width: int, vision_heads: int | None = None) -> tuple[int, str]:
     """The CLIP ViT's heads (shapes cannot tell): ``--vision-heads`` or width / 64 (OpenAI's CLIP ViTs)."""
-    if vision_heads is not None:
-        heads, source = int(vision_heads), "--vision-heads"
-    else:
-        heads, source = (
-            width // HEAD_DIM,
-            f"assumed: width {width} / {HEAD_DIM} (pass --vision-heads to state it)",
-        )
+    return _checked_heads(vision_heads, "--vision-heads", width, "CLIP ViT")
+
+
+def _checked_heads(heads: int | None, source: str, width: int, tower: str) -> tuple[int, str]:
+    """``heads`` as given by ``source``, or width / 64 assumed when None; refused unless they divide ``width``."""
+    if heads is None:
+        heads, source = width // HEAD_DIM, f"assumed: width {width} / {HEAD_DIM} (pass {source} to state it)"
     if heads <= 0 or width % heads:
-        raise ConversionError(f"{heads} vision attention heads do not divide the CLIP ViT width {width}")
-    return heads, source
+        kind = "text" if tower == "text" else "vision"
+        raise ConversionError(f"{heads} {kind} attention heads do not divide the {tower} width {width}")
+    return int(heads), source
 
 
 def target_config(

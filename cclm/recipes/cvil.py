@@ -30,12 +30,21 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from cclm.config import ClsLoss, ConfigError, CViLRecipeConfig, Precision, StudentPart, require, to_dict
+from cclm.config import (
+    ClsLoss,
+    ConfigError,
+    CViLRecipeConfig,
+    CViLVQARecipeConfig,
+    Precision,
+    StudentPart,
+    require,
+    to_dict,
+)
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import run_stage, write_recipe_results
-from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks.batching import ClassificationDataset, TaskCollator
 from cclm.tasks.images import ImageRef
@@ -268,6 +277,17 @@ def run_distillation(model: Distiller, dataset, collator, cfg, env, stage: str) 
         source.close()
 
 
+def distillation_suite(cfg: CViLRecipeConfig | CViLVQARecipeConfig, env: DistEnv) -> TaskSuite:
+    """The task's reader and evaluator for a cViL recipe, evaluating at the distillation batch size."""
+    return TaskSuite(
+        cfg.data.task,
+        cfg.data,
+        env=env,
+        precision=cfg.deepspeed.precision or Precision.auto,
+        eval_batch_size=cfg.distill.batch_size,
+    )
+
+
 def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
     languages = list(cfg.languages)
@@ -278,13 +298,7 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
             "(map each target language to the training file translated into it)"
         )
     env = init_distributed()
-    runner = TaskSuite(
-        cfg.data.task,
-        cfg.data,
-        env=env,
-        precision=cfg.deepspeed.precision or Precision.auto,
-        eval_batch_size=cfg.distill.batch_size,
-    )
+    runner = distillation_suite(cfg, env)
     labels = runner.label_names()
     if not labels:
         raise ConfigError(f"task '{cfg.data.task}' is not a classification task; cViL distils class logits")

@@ -42,7 +42,6 @@ from cclm.config import (
     ConfigError,
     CViLVQARecipeConfig,
     ModelConfig,
-    Precision,
     load_config,
     require,
     to_dict,
@@ -56,6 +55,7 @@ from cclm.recipes.cvil import (
     ParallelDataset,
     ParallelExample,
     align_parallel,
+    distillation_suite,
     run_distillation,
     set_trainable,
 )
@@ -324,13 +324,7 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
 
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     env = init_distributed()
-    suite = TaskSuite(
-        cfg.data.task,
-        cfg.data,
-        env=env,
-        precision=cfg.deepspeed.precision or Precision.auto,
-        eval_batch_size=cfg.distill.batch_size,
-    )
+    suite = distillation_suite(cfg, env)
     languages = _check(cfg, suite)
     seed, out = int(cfg.train.seed), Path(cfg.output_dir)
     if env.is_main:

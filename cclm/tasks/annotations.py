@@ -117,6 +117,62 @@ def _document_text(path: Path) -> str:
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
+class _JsonDocument:
+    """A JSON file's text, read value by value so that each value's line is known (a whole-document
+    ``json.load`` forgets where things were); every error names ``file:line``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.text = _document_text(path)
+        self._decoder = json.JSONDecoder()
+        self._position, self._line = 0, 1
+
+    def line_at(self, position: int) -> int:  # positions only grow: count the newlines since the last call
+        self._line += self.text.count("\n", self._position, position)
+        self._position = position
+        return self._line
+
+    def malformed(self, message: str, position: int) -> AnnotationError:
+        err = json.JSONDecodeError(message, self.text, position)
+        return AnnotationError(f"{self.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})")
+
+    def decode_at(self, position: int) -> tuple[Any, int]:
+        try:
+            return self._decoder.raw_decode(self.text, position)
+        except json.JSONDecodeError as err:
+            raise self.malformed(err.msg, err.pos) from None
+
+    def skip_space(self, position: int) -> int:
+        return _JSON_SPACE.match(self.text, position).end()
+
+    def starts(self, token: str, position: int) -> bool:
+        return self.text.startswith(token, position)
+
+    def children(self, opening: str, kind: str, parse: Callable[[int], tuple[Any, int]]) -> Iterator[Any]:
+        """What ``parse(position) -> (result, end)`` makes of each child of the document's one container
+        (``opening`` ``{`` or ``[``, named ``kind`` in errors), in order; anything after the container fails."""
+        closing = "}" if opening == "{" else "]"
+        position = self.skip_space(0)
+        if not self.starts(opening, position):
+            document, _ = self.decode_at(position)
+            raise AnnotationError(
+                f"{self.path}:{self.line_at(position)}: expected a JSON {kind}, got {json_kind(document)}"
+            )
+        position, first = self.skip_space(position + 1), True
+        while not self.starts(closing, position):
+            if not first:
+                if not self.starts(",", position):
+                    raise self.malformed("Expecting ',' delimiter", position)
+                position = self.skip_space(position + 1)
+            result, end = parse(position)
+            first = False
+            yield result
+            position = self.skip_space(end)
+        end = self.skip_space(position + 1)
+        if end != len(self.text):
+            raise self.malformed("Extra data", end)
+
+
 def read_object_entries(path: str | Path) -> Iterator[tuple[int, str, Any]]:
     """``(line, key, value)`` of each member of a JSON document that is one object (xGQA's ``{question_id:
     question}``, ``trainval_ans2label.json``), ``line`` being where the value starts. A missing file, bytes that
@@ -124,60 +180,27 @@ def read_object_entries(path: str | Path) -> Iterator[tuple[int, str, Any]]:
     ``file:line``. One pass over the text: the members are decoded one by one to learn their lines."""
     path = Path(path)
     _require_file(path)
-    text = _document_text(path)
-    decoder = json.JSONDecoder()
-    counted = {"position": 0, "line": 1}
+    doc = _JsonDocument(path)
 
-    def line_at(position: int) -> int:  # positions only grow: count the newlines since the last call
-        counted["line"] += text.count("\n", counted["position"], position)
-        counted["position"] = position
-        return counted["line"]
+    def member(position: int) -> tuple[tuple[int, str, Any], int]:
+        if not doc.starts('"', position):
+            raise doc.malformed("Expecting property name enclosed in double quotes", position)
+        key, position = doc.decode_at(position)
+        position = doc.skip_space(position)
+        if not doc.starts(":", position):
+            raise doc.malformed("Expecting ':' delimiter", position)
+        start = doc.skip_space(position + 1)
+        value, end = doc.decode_at(start)
+        return (doc.line_at(start), key, value), end
 
-    def malformed(message: str, position: int) -> AnnotationError:
-        err = json.JSONDecodeError(message, text, position)
-        return AnnotationError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})")
-
-    def decode_at(position: int) -> tuple[Any, int]:
-        try:
-            return decoder.raw_decode(text, position)
-        except json.JSONDecodeError as err:
-            raise malformed(err.msg, err.pos) from None
-
-    def skip_space(position: int) -> int:
-        return _JSON_SPACE.match(text, position).end()
-
-    position = skip_space(0)
-    if not text.startswith("{", position):
-        document, _ = decode_at(position)
-        raise AnnotationError(
-            f"{path}:{line_at(position)}: expected a JSON object, got {json_kind(document)}"
-        )
-    position = skip_space(position + 1)
     first_line: dict[str, int] = {}
-    while not text.startswith("}", position):
-        if first_line:
-            if not text.startswith(",", position):
-                raise malformed("Expecting ',' delimiter", position)
-            position = skip_space(position + 1)
-        if not text.startswith('"', position):
-            raise malformed("Expecting property name enclosed in double quotes", position)
-        key, position = decode_at(position)
-        position = skip_space(position)
-        if not text.startswith(":", position):
-            raise malformed("Expecting ':' delimiter", position)
-        start = skip_space(position + 1)
-        value, position = decode_at(start)
-        line = line_at(start)
+    for line, key, value in doc.children("{", "object", member):
         if key in first_line:
             raise AnnotationError(
                 f"{path}:{line}: key {_shown(key)} given twice (first at line {first_line[key]})"
             )
         first_line[key] = line
         yield line, key, value
-        position = skip_space(position)
-    end = skip_space(position + 1)
-    if end != len(text):
-        raise malformed("Extra data", end)
 
 
 def read_array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -186,38 +209,13 @@ def read_array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
     that is not an array fail naming ``file:line``."""
     path = Path(path)
     _require_file(path)
-    text = _document_text(path)
-    decoder = json.JSONDecoder()
-    position = _JSON_SPACE.match(text, 0).end()
-    line = 1 + text.count("\n", 0, position)
+    doc = _JsonDocument(path)
 
-    def malformed(message: str, at: int) -> AnnotationError:
-        err = json.JSONDecodeError(message, text, at)
-        return AnnotationError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})")
+    def item(position: int) -> tuple[tuple[int, Any], int]:
+        value, end = doc.decode_at(position)
+        return (doc.line_at(position), value), end
 
-    def decode_at(at: int) -> tuple[Any, int]:
-        try:
-            return decoder.raw_decode(text, at)
-        except json.JSONDecodeError as err:
-            raise malformed(err.msg, err.pos) from None
-
-    if not text.startswith("[", position):
-        document, _ = decode_at(position)
-        raise AnnotationError(f"{path}:{line}: expected a JSON array, got {json_kind(document)}")
-    scanned, position, first = position, _JSON_SPACE.match(text, position + 1).end(), True
-    while not text.startswith("]", position):
-        if not first:
-            if not text.startswith(",", position):
-                raise malformed("Expecting ',' delimiter", position)
-            position = _JSON_SPACE.match(text, position + 1).end()
-        item, end = decode_at(position)
-        line += text.count("\n", scanned, position)
-        scanned, first = position, False
-        yield line, item
-        position = _JSON_SPACE.match(text, end).end()
-    end = _JSON_SPACE.match(text, position + 1).end()
-    if end != len(text):
-        raise malformed("Extra data", end)
+    yield from doc.children("[", "array", item)
 
 
 # -------------------------------------------------------------------------------------------------- language
