@@ -228,6 +228,24 @@ def test_coco_karpathy_and_official_files(tmp_path, capsys):
     test = load_config(RetrievalRunConfig, out / "coco_test.yaml", ["checkpoint=unused"])
     assert test.eval.k_test == 256
     assert load_retrieval_set(test.data, "en").image_ids == ["1003", "1004"]
+    # the Karpathy splits in the reference's fine-tuning layout, as mscoco_cclm.yaml reads them
+    finetune = load_config(
+        FinetuneConfig,
+        REPO / "configs" / "finetune" / "mscoco_cclm.yaml",
+        [f"data.root={out / 'finetune'}", f"data.test={{en: {out / 'finetune' / 'en.test.json'}}}"],
+    )
+    reader = get_task("mscoco")
+    train = reader.read(finetune.data.train[0])
+    assert len(train.texts) == 10 and train.text_image == [i for i in range(2) for _ in range(5)]
+    assert [ref.path for ref in train.images] == [
+        "train2014/COCO_train2014_000000000000.jpg",
+        "val2014/COCO_val2014_000000000001.jpg",
+    ]
+    rset = load_retrieval_set(test.data, "en")
+    test_en = reader.read(finetune.data.test["en"])
+    assert (test_en.texts, test_en.text_image) == (rset.texts, rset.txt2img)
+    assert len(reader.read(finetune.data.dev[0]).texts) == 5
+    assert "fine-tune with: cclm finetune configs/finetune/mscoco_cclm.yaml" in capsys.readouterr().out
 
 
 def test_coco_refuses_other_json(tmp_path, capsys):

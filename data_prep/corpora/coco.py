@@ -11,7 +11,10 @@ as published (or both):
 
 ``--images`` is the folder holding ``train2014/``, ``val2014/`` (Karpathy) or ``train2017/``, ``val2017/``. The
 captions are written as ``OUT/annotations/coco_<split>.json`` in the ``json`` retrieval format
-(``[{"image", "caption": [...], "image_id"}]``)."""
+(``[{"image", "caption": [...], "image_id"}]``). The Karpathy splits also go to ``OUT/finetune/en.train.json``
+(one item per caption), ``en.valid.json`` and ``en.test.json`` (the 5k test; one item per image) in the CCLM
+reference's fine-tuning layout, which ``configs/finetune/mscoco_cclm.yaml`` reads (its Japanese and Chinese
+test sets come from other publishers)."""
 
 from __future__ import annotations
 
@@ -21,9 +24,21 @@ from pathlib import Path
 
 from cclm.errors import DataError
 from cclm.jsonl import read_json
-from data_prep.corpora.retrieval_sets import SplitSet, add_options, existing_folder, layout_error, publish
+from data_prep.corpora.retrieval_sets import (
+    SplitSet,
+    add_options,
+    existing_folder,
+    finetune_json,
+    layout_error,
+    publish,
+)
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+FINETUNE_NAMES = {
+    "train": "en.train.json",
+    "val": "en.valid.json",
+    "test": "en.test.json",
+}  # of Karpathy's splits
 OFFICIAL_FILE = re.compile(r"^captions_(?P<split>[a-z]+\d{4})\.json$")
 LAYOUT = (
     "Karpathy's dataset_coco.json ({'images': [{'filepath', 'filename', 'cocoid', 'split', 'sentences': "
@@ -121,11 +136,25 @@ def run(args) -> int:
         )
         split_set.count("en", [len(e["caption"]) for e in entries])
         splits.append(split_set)
+        if split in FINETUNE_NAMES:
+            annotations[out / "finetune" / FINETUNE_NAMES[split]] = finetune_json(
+                split == "train",
+                [e["image"] for e in entries],
+                [e["caption"] for e in entries],
+                [e["image_id"] for e in entries],
+            )
     comment = (
         f"COCO captions, written by `cclm prep coco` from {', '.join(args.dataset)}.\n"
         "MSCOCO 1k (Karpathy test in 5 folds): set data.folds=5. Evaluate or fine-tune with checkpoint=..."
     )
-    return publish("coco", splits, out, images, annotations, comment)
+    code = publish("coco", splits, out, images, annotations, comment)
+    if set(FINETUNE_NAMES) <= by_split.keys():
+        print(
+            f"fine-tune with: cclm finetune configs/finetune/mscoco_cclm.yaml pretrained=MODEL_DIR "
+            f"data.root={out / 'finetune'} data.image_roots.images={images} "
+            f"'data.test={{en: {out / 'finetune' / 'en.test.json'}}}'"
+        )
+    return code
 
 
 def add_parser(subparsers) -> None:

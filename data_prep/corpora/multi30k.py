@@ -17,11 +17,17 @@ layout (:mod:`cclm.tasks.retrieval_json`): ``train.<lang>.json`` (one item per c
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 from cclm.errors import DataError
-from data_prep.corpora.retrieval_sets import SplitSet, add_options, existing_folder, layout_error, publish
+from data_prep.corpora.retrieval_sets import (
+    SplitSet,
+    add_options,
+    existing_folder,
+    finetune_json,
+    layout_error,
+    publish,
+)
 
 # split -> (task 1 name, task 2 name)
 SPLITS = {"train": ("train", "train"), "val": ("val", "val"), "test": ("test_2016_flickr", "test_2016")}
@@ -69,24 +75,6 @@ def lines_of(data: bytes, where: Path) -> list[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
-
-
-def finetune_json(split: str, names: list[str], captions: list[list[str]]) -> bytes:
-    """One split and language in the reference's JSON layout: training items are (caption, image) pairs, the
-    valid and test items images with their caption lists; ``image_id`` is the Flickr30k id (the file's stem)."""
-    if split == "train":
-        items = [
-            {"caption": text, "image": name, "image_id": Path(name).stem}
-            for name, texts in zip(names, captions)
-            for text in texts
-        ]
-    else:
-        items = [
-            {"image": name, "caption": texts, "image_id": Path(name).stem}
-            for name, texts in zip(names, captions)
-            if texts
-        ]
-    return json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 FINETUNE_NAMES = {
@@ -150,7 +138,8 @@ def run(args) -> int:
                 annotations[annotations_dir / name] = text
             split_set.count(lang, [len(kept) for kept in captions])
             json_name = f"{FINETUNE_NAMES[split]}.{lang}.json"
-            annotations[out / "finetune" / json_name] = finetune_json(split, names, captions)
+            ids = [Path(name).stem for name in names]  # the Flickr30k id
+            annotations[out / "finetune" / json_name] = finetune_json(split == "train", names, captions, ids)
         splits.append(split_set)
     comment = (
         f"Multi30K (github.com/multi30k/dataset), written by `cclm prep multi30k` from {data}.\n"

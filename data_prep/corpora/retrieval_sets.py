@@ -9,6 +9,7 @@ everything checked out, the configs last, so a config never names a file that is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -145,6 +146,20 @@ def publish(
     test = next((p for p in configs if p.stem.endswith("_test")), next(iter(configs)))
     print(f"evaluate with: cclm evaluate retrieval {test} checkpoint=MODEL_DIR")
     return 0
+
+
+def finetune_json(train: bool, images: list[str], captions: list[list[str]], image_ids: list[str]) -> bytes:
+    """One split and language in the CCLM reference's retrieval fine-tuning layout (read by
+    :mod:`cclm.tasks.retrieval_json`): training items are (caption, image) pairs, valid and test items are images
+    with their caption lists (an image without captions is left out of those)."""
+    rows = zip(images, captions, image_ids)
+    if train:
+        items = [
+            {"caption": text, "image": image, "image_id": iid} for image, texts, iid in rows for text in texts
+        ]
+    else:
+        items = [{"image": image, "caption": texts, "image_id": iid} for image, texts, iid in rows if texts]
+    return json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 def existing_folder(path: str, what: str) -> Path:
