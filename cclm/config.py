@@ -443,6 +443,9 @@ class PretrainConfig:
     # A fresh run (no resume) into an output_dir holding a run is refused unless True: the old run is moved
     # aside to <output_dir>.old-<time>, never deleted.
     overwrite: bool = False
+    # Continued pretraining: a cclm model folder whose weights start the run (its model config must match
+    # `model`; parameters it lacks, e.g. a box head, start fresh and are logged). Optimizer and data start anew.
+    init_from: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ retrieval

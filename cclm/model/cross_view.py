@@ -404,6 +404,39 @@ class CrossViewModel(nn.Module):
         return model.to(device)
 
 
+def initialise_from(model: CrossViewModel, directory: str | Path) -> list[str]:
+    """Copy the weights of a :meth:`CrossViewModel.save_pretrained` folder into ``model`` (continued pretraining:
+    ``init_from``). Every tensor of the folder must exist in ``model`` with the same shape (else ConfigError,
+    naming them: the architectures differ); parameters the folder lacks (e.g. the box head when a first stage
+    trained none) keep their fresh initialisation and are returned, sorted."""
+    from safetensors.torch import load_file
+
+    from cclm.config import ConfigError
+
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.exists() or not (Path(directory) / CONFIG_NAME).exists():
+        raise ConfigError(f"init_from: {directory} is not a cclm model folder (config.json + {WEIGHTS_NAME})")
+    saved = load_file(str(weights_path))
+    own = model.state_dict()
+    unknown = sorted(k for k in saved if k not in own)
+    reshaped = sorted(k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape))
+    if unknown or reshaped:
+        shown = [
+            *unknown[:5],
+            *(f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:5]),
+        ]
+        raise ConfigError(
+            f"init_from: {directory} does not fit this model ({len(unknown)} unknown tensors, {len(reshaped)} of "
+            f"another shape: {'; '.join(shown)}); its model config must match model"
+        )
+    # tied tensors (MLM decoder = word embeddings) are saved under one of their names: loading it fills both
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in saved}
+    missing = sorted(k for k, t in tensors.items() if t.data_ptr() not in loaded)
+    model.load_state_dict(saved, strict=False)
+    return missing
+
+
 def _pad_to(x: torch.Tensor, length: int, value: float | int = 0) -> torch.Tensor:
     if x.shape[1] == length:
         return x

@@ -19,9 +19,13 @@ def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vo
         "mlm_labels": labels,
         "group_ids": torch.arange(batch_size),
     }
-    if view == "image":
+    if view in ("image", "region"):
         batch["images"] = torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8)
-    else:
+    if view == "region":  # one region text per image, a centred box of a quarter of the image
+        batch["idx_to_group_img"] = torch.arange(batch_size)
+        batch["boxes"] = torch.tensor([[0.25, 0.25, 0.75, 0.75]]).repeat(batch_size, 1)
+        batch["is_image"] = torch.zeros(batch_size, dtype=torch.bool)
+    elif view == "text":
         batch["other_ids"], batch["other_mask"] = ids.clone(), mask.clone()
     return batch
 

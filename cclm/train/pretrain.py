@@ -66,6 +66,7 @@ class Pretraining:
         from cclm.data.normalize import normalizer_for
         from cclm.data.pipeline import PretrainData
         from cclm.model import CrossViewModel
+        from cclm.model.cross_view import initialise_from
 
         self.data = PretrainData(
             cfg.data,
@@ -89,17 +90,31 @@ class Pretraining:
 
             self.eval_sets = load_periodic_sets(cfg.eval)
         model = CrossViewModel(model_cfg)
-        flops = {
-            view: train_flops_per_sample(model, view, self._max_length(view), model_cfg.vision.image_size)
-            for view in self.data.views
-        }
-        if cfg.data.regions is not None:
-            # a region step costs about an image step (each image encoded once, region texts fused): for MFU
-            flops["region"] = flops.get("image", 0.0)
+        if cfg.init_from:
+            fresh = initialise_from(model, cfg.init_from)
+            log.info(
+                "init_from %s: weights loaded; %d tensors start fresh%s",
+                cfg.init_from,
+                len(fresh),
+                f" ({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})" if fresh else "",
+            )
+        regions = cfg.data.regions
+        # with data.regions.prob = 1 every image step is a region batch: the image view never runs
+        counted = [
+            v for v in self.data.views if not (v == "image" and regions is not None and regions.prob >= 1)
+        ]
+        if regions is not None:
+            counted.append("region")
             if not model_cfg.objectives.bbox:
                 log.warning(
                     "data.regions without model.objectives.bbox: region batches train ITC/ITM/MLM but no box head"
                 )
+        flops = {
+            view: train_flops_per_sample(
+                model, view, self.data.max_lengths[view], model_cfg.vision.image_size
+            )
+            for view in counted
+        }
         self.trainer = Trainer(
             model,
             self.data,
@@ -131,10 +146,6 @@ class Pretraining:
 
     def _stream_batch_size(self, view: str) -> int:
         return int(self._stream(view).batch_size)
-
-    def _max_length(self, view: str) -> int:
-        length = self._stream(view).max_length
-        return int(length if length is not None else self.cfg.model.text.max_length)
 
     def periodic_eval(self, model) -> dict[str, float]:
         """Zero-shot retrieval on the held-out sets of ``eval.datasets`` (every rank scores a slice; ITC-only
