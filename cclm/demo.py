@@ -1,7 +1,7 @@
 """``make demo``: the mission's claim, end to end on a laptop CPU in a few minutes.
 
-1. Build the embedded synthetic world: captions in ENGLISH ONLY, parallel sentences English <-> de/fr/es/ja/zh,
-   held-out retrieval sets in every language.
+1. Build the embedded synthetic world: captions in ENGLISH ONLY, parallel sentences English <-> de/fr/es/ja/zh
+   (and object phrases, the form region descriptions take), held-out retrieval sets in every language.
 2. Train a tokenizer on the world's text.
 3. Pretrain the tiny cross-view model with DeepSpeed (2 gloo processes when there are 2 cores), twice: with the
    parallel-text view, and without it (image-caption view only).
@@ -63,6 +63,10 @@ GROUNDING_OVERRIDES = (
     "train.scheduler.name=constant",
     "train.eval_every=0",
 )
+# Object phrases ("a small red circle" <-> "ein kleiner roter Kreis") added to each language's parallel text: region
+# descriptions name one object alone, a form the sentences never use (German nominative after "ein", Japanese
+# without a particle); without them the other languages grounded at 0.33-0.43x English (docs/demo.md section 5).
+PARALLEL_PHRASES = 300
 # The world's tokenizer (module docstring); a world whose tokenizer was trained otherwise is rebuilt, not reused.
 TOKENIZER = {"vocab_size": 1000, "model": "bpe", "split_cjk": True}
 
@@ -88,6 +92,7 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
             and spec.get("image_size") == image_size
             and spec.get("seed") == seed
             and spec.get("region_langs") == ["en"]
+            and spec.get("parallel_phrases") == PARALLEL_PHRASES
             and same_tokenizer
         ):
             print(f"[demo] reusing the world in {world}")
@@ -108,6 +113,7 @@ def build_world(out: Path, images: int, image_size: int, seed: int) -> Path:
         xvnli_images=60,
         regions=True,  # shape boxes with ENGLISH descriptions only; images and captions unchanged
         region_langs=["en"],
+        parallel_phrases=PARALLEL_PHRASES,
     )
     corpus = (world / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     train_tokenizer(corpus, world / "tokenizer", **TOKENIZER)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_prep.world.build import build_world
-from data_prep.world.grammar import COLOURS, grammar
+from data_prep.world.grammar import COLOURS, SHAPES, grammar
 from data_prep.world.scenes import ALL_LANGUAGES, RGB, Scene, render, sample_scene
 
 
@@ -155,3 +155,29 @@ def test_world_does_not_depend_on_the_number_of_drawing_processes(tmp_path):
         a = {p.name: p.read_bytes() for p in (tmp_path / "a" / name).iterdir()}
         b = {p.name: p.read_bytes() for p in (tmp_path / "b" / name).iterdir()}
         assert a and a == b, name
+
+
+def test_parallel_phrases_name_one_object_as_region_descriptions_do_and_leave_the_rest_alone(tmp_path):
+    kw = dict(num_images=12, parallel_langs=["de", "ja"], num_parallel=8, heldout_images=4, xvnli_images=2,
+              image_size=24, seed=4, regions=True, region_langs=["en"])  # fmt: skip
+    build_world(tmp_path / "plain", **kw)
+    info = build_world(tmp_path / "phrases", parallel_phrases=5, **kw)
+    plain = dict(_tar_members(tmp_path / "plain" / "parallel"))
+    with_phrases = dict(_tar_members(tmp_path / "phrases" / "parallel"))
+    assert {k: v for k, v in with_phrases.items() if k in plain} == plain  # the sentences are unchanged
+    phrases = [json.loads(v) for k, v in with_phrases.items() if k not in plain]
+    assert len(phrases) == 2 * 5 and info["parallel_pairs"] == 2 * 8 + 2 * 5 and info["parallel_phrases"] == 5
+    forms = {
+        (grammar("en").thing(c, s, z), lang, grammar(lang).thing(c, s, z))
+        for c in COLOURS for s in SHAPES for z in (None, "big", "small") for lang in ("de", "ja")
+    }  # fmt: skip
+    assert all((p["src"], p["tgt_lang"], p["tgt"]) in forms for p in phrases), phrases
+    # the held-out region descriptions are phrases of this kind
+    described = [json.loads(line)["text"] for line in (tmp_path / "phrases" / "heldout" / "de" / "grounding.jsonl")
+                 .read_text().splitlines()]  # fmt: skip
+    thing_forms = {f[2] for f in forms if f[1] == "de"}
+    assert any(text in thing_forms for text in described)
+    # the images and captions do not change
+    assert dict(_tar_members(tmp_path / "plain" / "image_caption")) == dict(
+        _tar_members(tmp_path / "phrases" / "image_caption")
+    )

@@ -22,7 +22,12 @@ def test_the_demo_runs_end_to_end_and_writes_every_table(tmp_path):
     proc = subprocess.run(command, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    for run in ("with_parallel", "without_parallel", "with_parallel_itm_rerank", "without_parallel_itm_rerank"):
+    for run in (
+        "with_parallel",
+        "without_parallel",
+        "with_parallel_itm_rerank",
+        "without_parallel_itm_rerank",
+    ):
         assert sorted(results[run]) == LANGS
         assert all(0 <= row["r_mean"] <= 100 for row in results[run].values())
     assert sorted(results["grounding"]) == LANGS and all(0 <= a <= 100 for a in results["grounding"].values())
@@ -34,4 +39,6 @@ def test_the_demo_runs_end_to_end_and_writes_every_table(tmp_path):
     assert (grounded[name] - first[name]).abs().max() < 0.01
     assert any(key.startswith("box_head.") for key in grounded)
     records = [json.loads(line) for line in (out / "grounding" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records][-1] == 3 and all("region/giou" in r and "image/itc" not in r for r in records)
+    assert [r["step"] for r in records][-1] == 3 and all(
+        "region/giou" in r and "image/itc" not in r for r in records
+    )

@@ -13,8 +13,8 @@ from cclm.config import ConfigError
 from cclm.model import CrossViewModel
 from cclm.model.cross_view import initialise_from
 
-from .pretrain_runs import metrics, overrides, run_pretrain, shard_pattern
 from .conftest import build_test_world
+from .pretrain_runs import metrics, overrides, run_pretrain, shard_pattern
 
 BOX_HEAD = [f"box_head.mlp.{i}.{p}" for i in (0, 1, 3) for p in ("bias", "weight")]
 
@@ -43,7 +43,9 @@ def test_a_model_of_another_shape_is_refused_naming_the_tensors(tiny_model_dir, 
     cfg.embed_dim = 32
     model = CrossViewModel(cfg, load_pretrained=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"does not fit this model .*vision_proj.weight \(64, 64\) vs \(32, 64\)"):
+    with pytest.raises(
+        ConfigError, match=r"does not fit this model .*vision_proj.weight \(64, 64\) vs \(32, 64\)"
+    ):
         initialise_from(model, tiny_model_dir)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
 
@@ -85,8 +87,9 @@ def test_the_grounding_stage_starts_from_the_model_and_trains_only_the_box_head(
     records = metrics(frozen)
     assert all(set(k.split("/")[0] for k in r if "/" in k) == {"region"} for r in records), records
     assert all({"region/bbox", "region/giou"} <= set(r) and "region/itc" not in r for r in records)
-    weights, initial = load_file(str(export(frozen, frozen / "model") / "model.safetensors")), load_file(
-        str(start / "model.safetensors")
+    weights, initial = (
+        load_file(str(export(frozen, frozen / "model") / "model.safetensors")),
+        load_file(str(start / "model.safetensors")),
     )
     assert sorted(set(weights) - set(initial)) == sorted(BOX_HEAD)
     for name, tensor in initial.items():

@@ -14,6 +14,10 @@ With ``regions=True`` the image-caption samples also carry ``regions`` (boxes of
 out, described in ``region_langs``; docs/regions.md), and every held-out folder a ``grounding.jsonl``, one line
 per such shape: ``{"image", "image_id", "box": [x0, y0, x1, y1] (pixels), "text", "lang"}``. Nothing else
 changes: the same images, captions, order and random draws as without.
+
+``parallel_phrases=N`` adds N phrase pairs per language to the parallel text, after the sentences: one object
+named alone, as region descriptions name it ("a small red circle" <-> "ein kleiner roter Kreis"), drawn from a
+random stream of their own, so the sentences before them stay as they were.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
 from data_prep.workers import ordered_map
-from data_prep.world.grammar import grammar
+from data_prep.world.grammar import COLOURS, SHAPES, SIZES, grammar
 from data_prep.world.scenes import (
     Scene,
     hypotheses,
@@ -109,6 +113,7 @@ def build_world(
     progress: bool = False,
     regions: bool = False,
     region_langs=None,
+    parallel_phrases: int = 0,
 ) -> dict:
     """Write the synthetic world under ``out_dir`` (layout in the module docstring); returns ``world.json``.
     Images are drawn in ``num_workers`` processes (0 = inline); the output does not depend on it."""
@@ -154,18 +159,29 @@ def build_world(
     if parallel_langs and num_parallel > 0:
         par_shard = max(50, math.ceil(num_parallel * len(parallel_langs) / 16))
         with ShardSink(out / "parallel", VIEW_PARALLEL, max_samples=par_shard, command=command) as sink:
+
+            def write_pair(key: str, src: str, tgt: str, lang: str) -> None:
+                corpus.extend((src, tgt))
+                pair = {"src": src, "tgt": tgt, "src_lang": "en", "tgt_lang": lang}
+                sink.write(key, {"json": json.dumps(pair, ensure_ascii=False).encode()}, ["en", lang])
+
             for lang in parallel_langs:
                 for i in range(num_parallel):
                     spec = parallel_sentence_spec(rng)
-                    src, tgt = render_sentence(spec, "en"), render_sentence(spec, lang)
-                    corpus.extend((src, tgt))
-                    pair = {"src": src, "tgt": tgt, "src_lang": "en", "tgt_lang": lang}
-                    sink.write(
-                        f"{lang}{i:07d}",
-                        {"json": json.dumps(pair, ensure_ascii=False).encode()},
-                        ["en", lang],
+                    write_pair(
+                        f"{lang}{i:07d}", render_sentence(spec, "en"), render_sentence(spec, lang), lang
                     )
-            par_manifest = sink.close({"world_seed": seed})
+            phrase_rng = random.Random(f"{seed}-phrases")
+            for lang in parallel_langs:
+                for i in range(parallel_phrases):
+                    colour, shape = phrase_rng.choice(COLOURS), phrase_rng.choice(SHAPES)
+                    size = phrase_rng.choice((None, *SIZES))
+                    en, xx = (
+                        grammar("en").thing(colour, shape, size),
+                        grammar(lang).thing(colour, shape, size),
+                    )
+                    write_pair(f"{lang}p{i:06d}", en, xx, lang)
+            par_manifest = sink.close({"world_seed": seed, "parallel_phrases": parallel_phrases})
 
     # Held-out retrieval: new scenes with distinct captions, the same images in every language folder.
     rng = random.Random(f"{seed}-heldout")
@@ -228,6 +244,7 @@ def build_world(
         "heldout_langs": heldout_langs,
         "images": num_images,
         "parallel_pairs": par_manifest["samples"] if par_manifest else 0,
+        "parallel_phrases": parallel_phrases if par_manifest else 0,
         "heldout_images": len(heldout),
         "xvnli_images": len(xvnli_scenes),
         "paths": {
