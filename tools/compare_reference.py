@@ -1050,9 +1050,7 @@ def region_view_pair(masked: tuple, images: tuple, seed: int) -> tuple[dict, dic
     from cclm.data.regions import patch_masks
     from cclm.model.boxes import box_xyxy_to_cxcywh
 
-    text_ids, text_atts, ids_masked, masked_pos, masked_ids = masked
-    uint8_images, float_images = (part[:REGION_IMAGES] for part in images)
-    n = len(text_ids)
+    n = len(masked[0])
     generator = torch.Generator().manual_seed(seed)
     corner = torch.rand(n, 2, generator=generator) * 0.6
     boxes = torch.cat([corner, corner + 0.1 + 0.3 * torch.rand(n, 2, generator=generator)], dim=1)
@@ -1061,32 +1059,15 @@ def region_view_pair(masked: tuple, images: tuple, seed: int) -> tuple[dict, dic
     grid = SWIN["image_res"] // 32  # patch 4, three patch mergings
     atts = patch_masks(boxes, grid, grid) | is_image[:, None]
     idx = torch.arange(n) % REGION_IMAGES
-    inputs = dict(
-        image=float_images,
-        text_ids=text_ids,
-        text_atts=text_atts,
-        text_ids_masked=ids_masked,
-        masked_pos=masked_pos,
-        masked_ids=masked_ids,
+    inputs, batch = image_view_pair(masked, tuple(part[:REGION_IMAGES] for part in images))
+    inputs.update(
         image_atts=atts.long(),
         idx_to_group_img=idx,
         target_bbox=box_xyxy_to_cxcywh(boxes),
         is_image=is_image.long(),
         ret_bbox_loss=True,
     )
-    mlm_ids, mlm_labels = reference_mlm_to_cclm(ids_masked, masked_pos, masked_ids)
-    batch = dict(
-        images=uint8_images,
-        idx_to_group_img=idx,
-        text_ids=text_ids,
-        text_mask=text_atts,
-        mlm_ids=mlm_ids,
-        mlm_labels=mlm_labels,
-        group_ids=torch.arange(n),
-        boxes=boxes,
-        is_image=is_image,
-        image_atts=atts,
-    )
+    batch.update(idx_to_group_img=idx, boxes=boxes, is_image=is_image, image_atts=atts)
     return inputs, batch
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from cclm import losses
-from cclm.config import ModelConfig, from_dict, to_dict
+from cclm.config import ConfigError, ModelConfig, from_dict, to_dict
 from cclm.data.masking import IGNORE_INDEX
 from cclm.data.regions import patch_masks
 from cclm.model.boxes import BoxHead, box_loss, box_xyxy_to_cxcywh, token_grid
@@ -410,8 +410,6 @@ def initialise_from(model: CrossViewModel, directory: str | Path) -> list[str]:
     naming them: the architectures differ); parameters the folder lacks (e.g. the box head when a first stage
     trained none) keep their fresh initialisation and are returned, sorted."""
     from safetensors.torch import load_file
-
-    from cclm.config import ConfigError
 
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.exists() or not (Path(directory) / CONFIG_NAME).exists():
