@@ -251,6 +251,11 @@ class ObjectiveConfig:
     # The box head on the fused [CLS] (the reference's bbox_head, CCLM-4M), trained with L1 + GIoU on region
     # batches (data.regions) and used by grounding (cclm ground).
     bbox: bool = False
+    # Cross-lingual consistency (a cclm extension, off in the reference recipe; docs/regions.md): each region
+    # batch also carries a batch of parallel pairs, each pair put over one of the batch's images, and the fused
+    # [CLS] of side B is pulled to the stop-gradient fused [CLS] of side A by MSE with this weight (sides as for
+    # text steps: data.swap_parallel swaps them at random). Needs data.regions and data.parallel_text.
+    xlc_weight: float = 0.0
 
 
 @dataclass

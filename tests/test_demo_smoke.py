@@ -40,5 +40,6 @@ def test_the_demo_runs_end_to_end_and_writes_every_table(tmp_path):
     assert any(key.startswith("box_head.") for key in grounded)
     records = [json.loads(line) for line in (out / "grounding" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-1] == 3 and all(
-        "region/giou" in r and "image/itc" not in r for r in records
+        "region/giou" in r and "region/xlc" in r and "image/itc" not in r for r in records
     )
+    assert not any(key.startswith("text/") for r in records for key in r)  # parallel text feeds xlc only

@@ -195,3 +195,135 @@ def test_the_box_loss_falls_on_a_toy_grounding_task(box_model_cfg):
         optimizer.step()
     after = held_out_loss()
     assert after < 0.75 * float(fixed.l1 + fixed.giou) < before, (before, float(fixed.l1 + fixed.giou), after)
+
+
+# ------------------------------------------------------------------------- cross-lingual consistency (xlc)
+def with_pairs(batch: dict, vocab: int, pairs: int = 5, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randint(5, vocab, (pairs, 6), generator=g)
+    target = torch.randint(5, vocab, (pairs, 8), generator=g)
+    return {
+        **batch,
+        "parallel_ids": source,
+        "parallel_mask": torch.ones_like(source),
+        "parallel_other_ids": target,
+        "parallel_other_mask": torch.ones_like(target),
+    }
+
+
+def fused_cls(model, ids, images) -> torch.Tensor:
+    return model.fuse(model.encode_text(ids, torch.ones_like(ids))[0], torch.ones_like(ids), images)[:, 0]
+
+
+def test_the_consistency_is_the_mse_of_fused_cls_over_the_batch_images_with_the_source_held(box_model_cfg):
+    """xlc = MSE(fused [CLS] of side B, fused [CLS] of side A), pair j over the whole image of region text
+    j mod (texts); weighted into the loss; no gradient flows through side A."""
+    box_model_cfg.objectives.xlc_weight = 0.5
+    model = CrossViewModel(box_model_cfg, load_pretrained=False)
+    vocab = model.encoder_config.vocab_size
+    batch = with_pairs(region_batch(vocab, images=3, texts=4), vocab, pairs=6)
+    out = model(batch, "region")
+    assert {"itc", "itm", "mlm", "bbox", "giou", "xlc"} <= set(out)
+    torch.testing.assert_close(
+        out["loss"], sum(out[k] for k in ("itc", "itm", "mlm", "bbox", "giou")) + 0.5 * out["xlc"]
+    )
+    whole = model.image_to_fusion(model.vision(batch["images"]))[batch["idx_to_group_img"]]
+    images = whole[torch.arange(6) % 4]
+    source = fused_cls(model, batch["parallel_ids"], images)
+    target = fused_cls(model, batch["parallel_other_ids"], images)
+    held = torch.nn.functional.mse_loss(target, source.detach())
+    torch.testing.assert_close(out["xlc"], held)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out["xlc"], params, allow_unused=True)
+    want = torch.autograd.grad(held, params, allow_unused=True, retain_graph=True)
+    both = torch.autograd.grad(torch.nn.functional.mse_loss(target, source), params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+    assert any(g is not None and b is not None and not torch.allclose(g, b) for g, b in zip(got, both))
+    same = {
+        **batch,
+        "parallel_other_ids": batch["parallel_ids"],
+        "parallel_other_mask": batch["parallel_mask"],
+    }
+    with torch.no_grad():
+        assert float(model.eval()(same, "region")["xlc"]) == 0.0  # a sentence is consistent with itself
+
+
+def test_a_region_steps_counted_flops_include_the_consistency(box_model_cfg):
+    from cclm.train.flops import train_flops_per_sample
+
+    without = train_flops_per_sample(CrossViewModel(box_model_cfg, load_pretrained=False), "region", 16, 32)
+    box_model_cfg.objectives.xlc_weight = 1.0
+    model = CrossViewModel(box_model_cfg, load_pretrained=False)
+    assert train_flops_per_sample(model, "region", 16, 32) > 1.2 * without
+
+
+def test_the_consistency_needs_the_pairs_and_stays_off_at_weight_zero(box_model_cfg):
+    model = CrossViewModel(box_model_cfg, load_pretrained=False)
+    vocab = model.encoder_config.vocab_size
+    assert "xlc" not in model(with_pairs(region_batch(vocab), vocab), "region")
+    box_model_cfg.objectives.xlc_weight = 1.0
+    model = CrossViewModel(box_model_cfg, load_pretrained=False)
+    with pytest.raises(ValueError, match="no parallel pairs"):
+        model(region_batch(vocab), "region")
+
+
+# The side task: the text alone says where the box is ("left" / "right"); the images are noise.
+SIDE_BOXES = {0: [0.05, 0.3, 0.45, 0.7], 1: [0.55, 0.3, 0.95, 0.7]}
+LANG_A = {0: [0, 10, 12, 2], 1: [0, 11, 12, 2]}  # "left thing", "right thing"
+LANG_B = {0: [0, 20, 22, 23, 2], 1: [0, 21, 22, 23, 2]}  # other token ids, another length
+
+
+def side_task(n: int, words: dict, g: torch.Generator) -> dict:
+    """``n`` region texts in ``words``' language with their side's box, plus ``n`` pairs A <-> B of random sides."""
+    sides = torch.randint(0, 2, (n,), generator=g).tolist()
+    pair_sides = torch.randint(0, 2, (n,), generator=g).tolist()
+    ids = torch.tensor([words[c] for c in sides])
+    a, b = torch.tensor([LANG_A[c] for c in pair_sides]), torch.tensor([LANG_B[c] for c in pair_sides])
+    return {
+        "images": torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "idx_to_group_img": torch.arange(n),
+        "text_ids": ids,
+        "text_mask": torch.ones_like(ids),
+        "group_ids": torch.arange(n),
+        "boxes": torch.tensor([SIDE_BOXES[c] for c in sides]),
+        "is_image": torch.zeros(n, dtype=torch.bool),
+        "parallel_ids": a,
+        "parallel_mask": torch.ones_like(a),
+        "parallel_other_ids": b,
+        "parallel_other_mask": torch.ones_like(b),
+    }
+
+
+def test_the_consistency_carries_a_box_head_trained_on_one_language_to_another(box_model_cfg):
+    """Boxes only ever paired with language A's texts, and pairs A <-> B over the batch's images: with xlc the box
+    head places B's held-out texts as well as A's; without it B's boxes are no better than a guess (B's fused
+    [CLS] is not one the head was trained on)."""
+    box_model_cfg.objectives.itc_weight = 0.0
+    box_model_cfg.objectives.itm_weight = 0.0
+    box_model_cfg.objectives.mlm_weight = 0.0
+    losses = {}
+    for weight in (0.0, 1.0):
+        box_model_cfg.objectives.xlc_weight = weight
+        torch.manual_seed(0)
+        model = CrossViewModel(box_model_cfg, load_pretrained=False)
+        g = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(60):
+            out = model(side_task(16, LANG_A, g), "region")
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            losses[weight] = [
+                float(sum(model(side_task(64, words, torch.Generator().manual_seed(1)), "region")[k]
+                          for k in ("bbox", "giou")))
+                for words in (LANG_A, LANG_B)
+            ]  # fmt: skip
+    (a_without, b_without), (a_with, b_with) = losses[0.0], losses[1.0]
+    assert a_without < 0.3 and a_with < 0.3, losses  # A's boxes are learnt either way
+    assert b_with < 1.3 * a_with, losses  # B is placed nearly as A is
+    assert b_without > 0.6 > 3 * b_with, losses  # and only thanks to the consistency

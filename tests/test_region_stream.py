@@ -4,7 +4,8 @@ Specification: region batches take the place of image batches at the configured 
 (seed, step), for every schedule; a region batch holds at most max_images images, batch_size targets with their
 boxes and tokenised, masked texts in the allowed languages; every region a sample cannot use is counted; a stopped
 and resumed run gets exactly the batches of an uninterrupted one; the batches train the model's region view; a
-config the region path cannot use fails naming its key."""
+config the region path cannot use fails naming its key. With parallel_with_regions (the cross-lingual consistency
+objective) a region batch also carries the text stream's next batch, resumed as exactly."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from cclm.config import ConfigError, DataConfig, ViewSchedule, from_dict
-from cclm.data.pipeline import PretrainData
+from cclm.data.pipeline import PARALLEL_PAIR_KEYS, PretrainData
 from cclm.data.shards import VIEW_IMAGE_CAPTION, ShardSink
 from cclm.runtime.trainer import Trainer
 from tests.test_data_pipeline import (
@@ -129,13 +130,14 @@ def test_a_region_batch_holds_its_images_once_with_boxes_and_masked_texts(shards
     assert data.skip_counts() == {"region_bad_box": 6, "region_filtered_language": 18}
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_with_the_region_stream_is_exact(shards, tiny_tokenizer, num_workers):
+@pytest.mark.parametrize("num_workers,pairs", [(0, False), (2, False), (2, True)])
+def test_resume_with_the_region_stream_is_exact(shards, tiny_tokenizer, num_workers, pairs):
+    """Also with parallel pairs on region batches (xlc): the text stream serves both, resumed as one."""
     cfg = config(shards, prob=0.5, num_workers=num_workers)
     total, cut = 30, 13
 
     def build() -> PretrainData:
-        return PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=5)
+        return PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=5, parallel_with_regions=pairs)
 
     full = build()
     reference = run_steps(full, range(total))
@@ -151,6 +153,43 @@ def test_resume_with_the_region_stream_is_exact(shards, tiny_tokenizer, num_work
     assert_same(head + tail, reference)
     assert {v for v, _ in reference} == {"image", "text", "region"}
     assert state["views"]["region"]["batches"] == sum(v == "region" for v, _ in reference[:cut])
+
+
+def test_with_pairs_each_region_batch_carries_the_text_streams_next_batch(shards, tiny_tokenizer):
+    """parallel_with_regions: a region batch is the same region batch plus the next parallel-text batch (sides A
+    and B as parallel_ids / parallel_other_ids); text steps then take the batches after it."""
+    cfg = config(shards, prob=0.5)
+    plain = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=2)
+    paired = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, seed=2, parallel_with_regions=True)
+    texts = [plain.next_batch("text") for _ in range(4)]
+    for i in range(2):
+        want, got = plain.next_batch("region"), paired.next_batch("region")
+        assert torch.equal(got["text_ids"], want["text_ids"]) and torch.equal(got["boxes"], want["boxes"])
+        for key, source in PARALLEL_PAIR_KEYS.items():
+            assert torch.equal(got[key], texts[i][source]), key
+    assert torch.equal(paired.next_batch("text")["other_ids"], texts[2]["other_ids"])
+    assert paired.state_dict()["views"]["text"]["batches"] == 3
+
+
+def test_a_text_stream_of_weight_zero_takes_no_steps_but_serves_the_pairs(shards, tiny_tokenizer):
+    cfg = config(shards, prob=1.0)
+    cfg.parallel_text.weight = 0.0
+    data = PretrainData(cfg, tiny_tokenizer, 32, image_size=16, parallel_with_regions=True)
+    assert data.views == ("image",)
+    assert {data.view_for_step(s) for s in range(200)} == {"region"}
+    assert "parallel_other_ids" in data.next_batch("region")
+    cfg.image_caption.weight = -1.0
+    with pytest.raises(ValueError, match="data.image_caption.weight=-1"):
+        PretrainData(cfg, tiny_tokenizer, 32, image_size=16)
+
+
+def test_pairs_on_region_batches_need_both_streams(shards, tiny_tokenizer):
+    with pytest.raises(ConfigError, match="data.parallel_text"):
+        PretrainData(config(shards, text=False), tiny_tokenizer, 32, parallel_with_regions=True)
+    no_regions = config(shards)
+    no_regions.regions = None
+    with pytest.raises(ConfigError, match="data.regions"):
+        PretrainData(no_regions, tiny_tokenizer, 32, parallel_with_regions=True)
 
 
 def test_region_batches_train_the_models_region_view(shards, tiny_tokenizer, tiny_model_cfg):

@@ -146,6 +146,15 @@ def region_transform(data_cfg, image_size: int, train: bool = True) -> RegionTra
     )
 
 
+# A region batch's parallel pairs (parallel_with_regions): its key <- the text batch's key
+PARALLEL_PAIR_KEYS = {
+    "parallel_ids": "text_ids",
+    "parallel_mask": "text_mask",
+    "parallel_other_ids": "other_ids",
+    "parallel_other_mask": "other_mask",
+}
+
+
 class PretrainData:
     """Batches of both views for pretraining; see the module docstring for the resume guarantee.
 
@@ -153,7 +162,10 @@ class PretrainData:
     RandAugment) and never swaps parallel sides; ``epochs`` limits the stream (None = endless). ``max_length``
     is the token cap of a view whose stream sets none; ``normalizer`` (str -> str, picklable; None = identity)
     is the model's text normaliser; ``view_schedule`` (``train.view_schedule``) decides
-    :meth:`view_for_step`.
+    :meth:`view_for_step`. ``parallel_with_regions``: every region batch also carries the next parallel-text
+    batch as ``parallel_ids/parallel_mask`` (side A) and ``parallel_other_ids/parallel_other_mask`` (side B), for
+    the cross-lingual consistency objective (``model.objectives.xlc_weight``); the text stream's position is
+    resumed as for text steps.
     """
 
     def __init__(
@@ -169,6 +181,7 @@ class PretrainData:
         epochs: int | None = None,
         normalizer: Normalizer | None = None,
         view_schedule: ViewSchedule | str = ViewSchedule.alternate,
+        parallel_with_regions: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -176,10 +189,16 @@ class PretrainData:
         self.cfg, self.seed, self.rank, self.world_size = data_cfg, seed, rank, world_size
         self.num_workers = int(data_cfg.num_workers)
         streams = {"image": data_cfg.image_caption, "text": data_cfg.parallel_text}
-        self.views = tuple(v for v in VIEWS if streams[v] is not None)
-        if not self.views:
+        self._stream_cfgs = {v: streams[v] for v in VIEWS if streams[v] is not None}
+        if not self._stream_cfgs:
             raise ValueError("data: set data.image_caption.shards and/or data.parallel_text.shards")
-        self._stream_cfgs = {v: streams[v] for v in self.views}
+        weights = {v: float(c.weight) for v, c in self._stream_cfgs.items()}
+        if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            named = ", ".join(f"{STREAM_KEYS[v]}.weight={w:g}" for v, w in weights.items())
+            raise ValueError(f"stream weights must be >= 0 with a positive sum, got {named}")
+        # the views that take steps; a stream of weight 0 takes none (its batches may still serve as the parallel
+        # pairs of region batches, parallel_with_regions)
+        self.views = tuple(v for v, w in weights.items() if w > 0)
         self.regions = data_cfg.regions
         if self.regions is not None:
             check_regions_config(self.regions)
@@ -188,7 +207,14 @@ class PretrainData:
                     "data.regions: region batches take the place of image-caption batches; set "
                     "data.image_caption.shards too"
                 )
-        self._streams = self.views + ((REGION,) if self.regions is not None else ())
+        self._streams = tuple(self._stream_cfgs) + ((REGION,) if self.regions is not None else ())
+        self.parallel_with_regions = bool(parallel_with_regions)
+        if self.parallel_with_regions and (self.regions is None or "text" not in self._stream_cfgs):
+            raise ConfigError(
+                "model.objectives.xlc_weight > 0 puts parallel pairs over region batches' images: set "
+                "data.regions and data.parallel_text.shards (data.parallel_text.weight=0 keeps the pairs out "
+                "of text steps)"
+            )
         try:
             self.view_schedule = ViewSchedule(getattr(view_schedule, "value", view_schedule))
         except ValueError:
@@ -335,6 +361,13 @@ class PretrainData:
         return self._iters[view]
 
     def next_batch(self, view: str) -> dict:
+        batch = self._take(view)
+        if view == REGION and self.parallel_with_regions:
+            pairs = self._take("text")
+            batch.update({key: pairs[source] for key, source in PARALLEL_PAIR_KEYS.items()})
+        return batch
+
+    def _take(self, view: str) -> dict:
         if view not in self._streams:
             raise ValueError(f"view '{view}' is not available (have {self._streams})")
         state = self._state[view]
@@ -368,8 +401,6 @@ class PretrainData:
         if self.view_schedule == ViewSchedule.interleave:
             return "text" if int(step) % 2 == 0 else "image"
         weights = [float(self._stream_cfgs[v].weight) for v in self.views]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"stream weights must be >= 0 with a positive sum, got {weights}")
         draw = random.Random(derive_seed(self.seed, "view", int(step))).random() * sum(weights)
         return self.views[0] if draw < weights[0] else self.views[1]
 

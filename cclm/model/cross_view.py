@@ -258,7 +258,8 @@ class CrossViewModel(nn.Module):
         ``loss``. ``group_positives``: ITC/TTC count every pair of the same group (``group_ids``: the same image)
         as a positive, as the reference's retrieval fine-tuning does; pretraining keeps the diagonal only.
         A region batch runs the image view's objectives on each text's region, and with a box head adds the box
-        losses ``bbox`` (L1) and ``giou`` on its region texts (the reference's ``get_bbox_loss``)."""
+        losses ``bbox`` (L1) and ``giou`` on its region texts (the reference's ``get_bbox_loss``); with
+        ``objectives.xlc_weight`` it adds ``xlc``, the cross-lingual consistency of the parallel pairs it carries."""
         if view not in VIEWS:
             raise ValueError(f"unknown view '{view}', expected one of {VIEWS}")
         obj = self.cfg.objectives
@@ -308,10 +309,33 @@ class CrossViewModel(nn.Module):
             target = box_xyxy_to_cxcywh(batch["boxes"].float())
             out["bbox"], out["giou"] = box_loss(predicted, target, batch["is_image"])
             weights["bbox"] = weights["giou"] = 1.0
+        if full_image is not None and obj.xlc_weight:
+            out["xlc"] = self._cross_lingual_consistency(batch, full_image)
+            weights["xlc"] = obj.xlc_weight
         if not out:
             raise ValueError("every objective weight is 0: nothing to train")
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
+
+    def _cross_lingual_consistency(self, batch: dict[str, Any], image_tokens: torch.Tensor) -> torch.Tensor:
+        """MSE between the fused [CLS] of each parallel pair's side B (``parallel_other_ids``) and the
+        stop-gradient fused [CLS] of its side A (``parallel_ids``), both over the same whole image: pair j is put
+        over ``image_tokens[j % len]``. The images are the region batch's, unrelated to the sentences: the loss
+        asks that a translation be read as its source whatever the image, which is what lets a head trained on
+        one language's texts (the box head on English descriptions) answer for the others."""
+        if "parallel_ids" not in batch:
+            raise ValueError(
+                "model.objectives.xlc_weight > 0 but the region batch carries no parallel pairs (PretrainData "
+                "attaches them with parallel_with_regions=True; cclm pretrain does when the weight is set)"
+            )
+        source_ids, source_mask = batch["parallel_ids"], batch["parallel_mask"]
+        target_ids, target_mask = batch["parallel_other_ids"], batch["parallel_other_mask"]
+        pick = torch.arange(source_ids.shape[0], device=image_tokens.device) % image_tokens.shape[0]
+        images = image_tokens[pick]
+        with torch.no_grad():
+            source = self.fuse(self.encode_text(source_ids, source_mask)[0], source_mask, images)[:, 0]
+        target = self.fuse(self.encode_text(target_ids, target_mask)[0], target_mask, images)[:, 0]
+        return F.mse_loss(target.float(), source.float())
 
     def _matching(self, query_side, memory_side, temp, group_ids) -> torch.Tensor:
         """ITM/TTM: B positives, one hard negative memory per query and one hard negative query per memory."""

@@ -7,7 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vocab_size: int) -> dict:
+def dummy_batch(
+    view: str,
+    batch_size: int,
+    max_length: int,
+    image_size: int,
+    vocab_size: int,
+    parallel_pairs: bool = False,
+) -> dict:
+    """``parallel_pairs``: a region batch also carries one parallel pair per text (the cross-lingual consistency
+    objective's input; in training their number is the parallel-text batch size)."""
     ids = torch.randint(5, vocab_size, (batch_size, max_length))
     mask = torch.ones_like(ids)
     labels = torch.full_like(ids, -100)
@@ -25,6 +34,9 @@ def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vo
         batch["idx_to_group_img"] = torch.arange(batch_size)
         batch["boxes"] = torch.tensor([[0.25, 0.25, 0.75, 0.75]]).repeat(batch_size, 1)
         batch["is_image"] = torch.zeros(batch_size, dtype=torch.bool)
+        if parallel_pairs:
+            batch["parallel_ids"], batch["parallel_mask"] = ids.clone(), mask.clone()
+            batch["parallel_other_ids"], batch["parallel_other_mask"] = ids.clone(), mask.clone()
     elif view == "text":
         batch["other_ids"], batch["other_mask"] = ids.clone(), mask.clone()
     return batch
@@ -33,7 +45,8 @@ def dummy_batch(view: str, batch_size: int, max_length: int, image_size: int, vo
 def train_flops_per_sample(model, view: str, max_length: int, image_size: int) -> float:
     """Forward+backward FLOPs of one sample of ``view`` (3x the counted forward), all objectives included."""
     batch_size = 2
-    batch = dummy_batch(view, batch_size, max_length, image_size, model.encoder_config.vocab_size)
+    pairs = bool(model.cfg.objectives.xlc_weight)
+    batch = dummy_batch(view, batch_size, max_length, image_size, model.encoder_config.vocab_size, pairs)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(batch, view)

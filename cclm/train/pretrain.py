@@ -55,6 +55,10 @@ class Pretraining:
         train = cfg.train
         if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
             raise ConfigError("train.max_steps, train.save_every and train.log_every must be positive")
+        if cfg.model.objectives.xlc_weight < 0:
+            raise ConfigError(
+                f"model.objectives.xlc_weight must be >= 0, got {cfg.model.objectives.xlc_weight}"
+            )
         self.cfg = cfg
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is built or written
         self.env = init_distributed(timeout_s=train.collective_timeout_s)
@@ -78,6 +82,7 @@ class Pretraining:
             image_size=model_cfg.vision.image_size,
             normalizer=normalizer_for(model_cfg.text),
             view_schedule=train.view_schedule,
+            parallel_with_regions=model_cfg.objectives.xlc_weight > 0,
         )
         per_iteration = views_per_iteration(train.view_schedule, self.data.views)
         max_steps = train_max_steps(train, cfg.data, self.env.world_size, per_iteration)
