@@ -1,5 +1,6 @@
 """Exact resume (docs/reliability.md): a run resumed from a checkpoint logs the very losses of the uninterrupted
-run, with DataLoader workers, alternating views, one rank and two, and after every training process was killed."""
+run, with DataLoader workers, alternating views, region batches with parallel pairs, one rank and two, and after
+every training process was killed."""
 
 from __future__ import annotations
 
@@ -131,3 +132,42 @@ def test_sigusr1_saves_a_checkpoint_and_ends_every_rank_cleanly(world, tmp_path)
     assert f"at step {stopped}" in proc.stderr + proc.stdout
     assert not (out / "interrupted.json").exists()
     assert [r["step"] for r in metrics(out)][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_resume_with_region_batches_and_their_parallel_pairs_is_exact(tmp_path):
+    """Region batches carrying parallel pairs (model.objectives.xlc_weight) beside image and text steps: the text
+    stream serves both text steps and the pairs, and a resumed run logs the uninterrupted run's losses."""
+    from ..conftest import build_test_world
+    from ..pretrain_runs import shard_pattern
+
+    world = build_test_world(tmp_path / "w", num_images=48, image_size=32, heldout_images=4, xvnli_images=2,
+                             seed=4, regions=True, region_langs=["en"])  # fmt: skip
+    common = {
+        "train.max_steps": 12,
+        "train.save_every": 6,
+        "model.objectives.bbox": True,
+        "model.objectives.xlc_weight": 1.0,
+        "data.regions.shards": shard_pattern(world / "image_caption"),
+        "data.regions.prob": 0.5,
+        "data.regions.batch_size": 8,
+        "data.regions.max_images": 4,
+    }
+    straight = tmp_path / "straight"
+    run_pretrain(1, overrides(world, straight, **common))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
+    run_pretrain(1, overrides(world, resumed, **common, resume="auto"))
+    expected = {r["step"]: r for r in metrics(straight)}
+    got = {r["step"]: r for r in metrics(resumed)}
+    assert sorted(got) == list(range(7, 13))
+    region_keys = ("region/xlc", "region/bbox", "region/giou", "region/itc")
+    keys = (*LOSSES, *region_keys)
+    seen = set()
+    for step, record in got.items():
+        compared = [k for k in keys if k in expected[step]]
+        assert set(compared) == {k for k in keys if k in record}, step
+        seen |= {k.split("/")[0] for k in compared if "/" in k}
+        for key in compared:
+            assert record[key] == pytest.approx(expected[step][key], abs=1e-6), (step, key)
+    assert seen == {"image", "text", "region"}, "the compared steps must cover every view"
+    assert any("region/xlc" in r for r in got.values())
