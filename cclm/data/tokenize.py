@@ -23,6 +23,37 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
+# tokenizers' UnigramTrainer gives the characters it must keep but did not score the scores min, min - 1e-4,
+# min - 2e-4, ... in the iteration order of a hash set (its ``min_score_penalty_delta``)
+_UNSCORED_CHAR_STEP = 1e-4
+
+
+def _order_unigram_ties(tokenizer) -> None:
+    """Make a trained Unigram model a function of its corpus and settings. The trainer's output differs from run to
+    run in three ways, all arbitrary: float noise from its parallel sums (~1e-15), pieces of equal score in
+    hash-map order, and the characters it keeps without a score of their own given descending scores in hash-set
+    order at the end of the vocabulary. Round the scores to 1e-8, hand those last scores out in character order,
+    and number the pieces by (score descending, piece), the special tokens first as trained."""
+    import json
+
+    from tokenizers import models
+
+    state = json.loads(tokenizer.to_str())["model"]
+    special = len(XLMR_SPECIAL_TOKENS)
+    pieces = [(piece, score) for piece, score in state["vocab"]]
+    singles = [i for i in range(special, len(pieces)) if len(pieces[i][0]) == 1]
+    chain = singles[-1:]  # the unscored characters: the last single characters, 1e-4 apart
+    for i in reversed(singles[:-1]):
+        if abs(pieces[i][1] - pieces[chain[0]][1] - _UNSCORED_CHAR_STEP) > 1e-9:
+            break
+        chain.insert(0, i)
+    for i, char in zip(chain, sorted(pieces[i][0] for i in chain)):
+        pieces[i] = (char, pieces[i][1])
+    pieces = [(piece, round(score, 8)) for piece, score in pieces]
+    ordered = pieces[:special] + sorted(pieces[special:], key=lambda item: (-item[1], item[0]))
+    tokenizer.model = models.Unigram(ordered, state["unk_id"], state.get("byte_fallback", False))
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out_dir: str | Path,
@@ -77,6 +108,8 @@ def train_tokenizer(
         )
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if model == "unigram":
+        _order_unigram_ties(tokenizer)
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
