@@ -238,3 +238,24 @@ def test_data_randaugment_changes_region_pixels_only_never_their_boxes(shards, t
 
     with pytest.raises(ValueError, match="TranslateX"):
         RegionTransform(16, randaugment=RandAugment(2, 7, op_names=("Brightness", "TranslateX")))
+
+
+def test_a_negative_consistency_weight_is_refused_before_anything_starts(tmp_path):
+    from cclm.config import PretrainConfig, load_config
+    from cclm.train.pretrain import Pretraining
+
+    from .pretrain_runs import REPO
+
+    cfg = load_config(
+        PretrainConfig,
+        REPO / "configs" / "pretrain" / "demo.yaml",
+        [
+            "model.objectives.xlc_weight=-1",
+            "data.image_caption.shards=x",
+            "data.parallel_text.shards=y",
+            f"output_dir={tmp_path / 'run'}",
+        ],  # fmt: skip
+    )
+    with pytest.raises(ConfigError, match="model.objectives.xlc_weight must be >= 0"):
+        Pretraining(cfg)
+    assert not (tmp_path / "run").exists()
