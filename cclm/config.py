@@ -719,6 +719,8 @@ class MLARecipeConfig:
     eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
     output_dir: str = "output/mla"
     overwrite: bool = False  # a stage folder holding a run is refused unless True (then moved aside)
+    # "auto": continue an interrupted run, each stage from the newest checkpoint of its folder (train.save_every)
+    resume: str | None = None
     world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
 
 
@@ -761,6 +763,7 @@ class CViLRecipeConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "output/cvil"
     overwrite: bool = False  # as the MLA recipe
+    resume: str | None = None  # as the MLA recipe
     world: str = "data/world"  # a data root that YAML paths may interpolate as ${world}
 
 
@@ -844,6 +847,7 @@ class CViLVQARecipeConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "output/cvil_vqa"
     overwrite: bool = False
+    resume: str | None = None  # as the MLA recipe (the teacher fine-tuning stage too)
     world: str = "data/world"
 
 

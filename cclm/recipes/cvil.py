@@ -43,7 +43,7 @@ from cclm.config import (
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.recipes.object_tags import encode_with_tags
-from cclm.recipes.runner import run_stage, write_recipe_results
+from cclm.recipes.runner import recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks.batching import ClassificationDataset, TaskCollator
@@ -290,6 +290,7 @@ def distillation_suite(cfg: CViLRecipeConfig | CViLVQARecipeConfig, env: DistEnv
 
 def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
+    recipe_resume(cfg, warn=True)
     languages = list(cfg.languages)
     missing = [lang for lang in languages if lang not in cfg.data.parallel]
     if missing:

@@ -60,7 +60,7 @@ from cclm.recipes.cvil import (
     set_trainable,
 )
 from cclm.recipes.object_tags import ImageTags, build_image_tags, encode_with_tags
-from cclm.recipes.runner import run_stage, write_recipe_results
+from cclm.recipes.runner import recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks import easy_vqa_languages
@@ -257,6 +257,8 @@ def finetune_teacher(
         warmup_ratio=float(t.warmup_ratio),
         eval_every=int(t.eval_every) or int(t.steps),
         log_every=int(cfg.train.log_every),
+        save_every=int(cfg.train.save_every),
+        keep_last=int(cfg.train.keep_last),
         seed=int(cfg.train.seed),
     )
     try:
@@ -269,6 +271,7 @@ def finetune_teacher(
             output_dir=out / TEACHER / "run",
             deepspeed_cfg=cfg.deepspeed,
             run_config=to_dict(cfg),
+            resume=recipe_resume(cfg),
             overwrite=bool(cfg.overwrite),
         )
     finally:
@@ -323,6 +326,7 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
 
 
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
+    recipe_resume(cfg, warn=True)
     env = init_distributed()
     suite = distillation_suite(cfg, env)
     languages = _check(cfg, suite)

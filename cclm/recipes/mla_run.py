@@ -22,7 +22,7 @@ from cclm.data.shards import expand_shards, read_manifest
 from cclm.recipes.clip import ClipContrastive
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.mla import MLAModel
-from cclm.recipes.runner import apply_threads, run_stage, write_recipe_results
+from cclm.recipes.runner import apply_threads, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import StageView
 
@@ -159,6 +159,7 @@ def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, An
     """Run every stage; ``model`` (default: built from ``cfg``) is trained in place (its CLIP too, by
     ``finetune_en``)."""
     require(cfg, "languages", "embedding.tokenizer")
+    recipe_resume(cfg, warn=True)
     apply_threads(int(cfg.threads))
     stages = plan_stages(cfg)
     env = init_distributed()

@@ -2,8 +2,13 @@
 named losses}`` over a batch source, on the same :class:`~cclm.runtime.trainer.Trainer`, checkpoints and
 logging as pretraining. Only parameters with ``requires_grad`` are optimised.
 
-Per stage, under ``<output_dir>/<stage>/``: ``metrics.jsonl`` + TensorBoard logs, and checkpoints every
-``train.save_every`` steps and at the end (``checkpoints/step_<8-digit step>``, as pretraining writes them).
+Per stage, under ``<output_dir>/<stage>/``: ``metrics.jsonl`` + TensorBoard logs, and with ``train.save_every``
+> 0 checkpoints every that many steps and at the stage's end (``checkpoints/step_<8-digit step>``, as pretraining
+writes them).
+
+``resume=auto`` continues an interrupted recipe (SLURM's SIGUSR1 saves a checkpoint and exits): every stage
+resumes from the newest checkpoint in its folder; a stage that had finished loads its last checkpoint and takes
+no step, so the stages after it start from the very weights, RNG and data position the uninterrupted run had.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from cclm.config import ConfigError, to_dict
 from cclm.evaluation.results import write_results
 from cclm.runtime.env import DistEnv
+from cclm.runtime.logging import METRICS_FILE
 from cclm.runtime.trainer import LoopSettings, Trainer
 
 log = logging.getLogger("cclm.recipes")
@@ -42,6 +48,43 @@ def apply_threads(threads: int) -> int:
     return threads
 
 
+def recipe_resume(cfg, warn: bool = False) -> str | None:
+    """The recipe's ``resume``: None or ``"auto"`` (a checkpoint folder belongs to one stage, so a recipe cannot
+    name one). ``warn``: say so when ``"auto"`` meets ``train.save_every=0`` (no stage has a checkpoint, every
+    stage reruns); the recipes call it so before they start."""
+    resume = getattr(cfg, "resume", None)
+    if resume in (None, ""):
+        return None
+    if resume != "auto":
+        raise ConfigError(
+            f"resume={resume}: a recipe continues with resume=auto (each stage from the newest checkpoint in "
+            "<output_dir>/<stage>/checkpoints); a checkpoint folder belongs to one stage and cannot be given"
+        )
+    if warn and int(cfg.train.save_every) <= 0:
+        log.warning(
+            "resume=auto with train.save_every=0: the stages wrote no checkpoints, so every stage runs again "
+            "from its start (set train.save_every=N to make a recipe resumable)"
+        )
+    return resume
+
+
+def last_logged(stage_dir: str | Path) -> dict[str, float]:
+    """The last record of a stage's ``metrics.jsonl`` without its step ({} when there is none): the scalars a
+    stage that finished before a resume ended with."""
+    path = Path(stage_dir) / METRICS_FILE
+    if not path.exists():
+        return {}
+    for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            record.pop("step", None)
+            return record
+    return {}
+
+
 def run_stage(
     model: nn.Module,
     cfg,
@@ -55,8 +98,9 @@ def run_stage(
 ) -> dict[str, float]:
     """Train ``model`` for one stage (``lr`` None = ``train.optimizer.lr``; ``optimizer_overrides`` replace other
     ``train.optimizer`` keys); returns the last logged interval scalars, each named ``<stage>/...``, plus the
-    stage's wall and CPU seconds and ``<stage>/trained_params`` (what the optimizer updated). The model keeps
-    the trained weights (fp32)."""
+    stage's wall and CPU seconds (of this process: a resumed stage counts only what it ran) and
+    ``<stage>/trained_params`` (what the optimizer updated). The model keeps the trained weights (fp32). With
+    ``cfg.resume=auto`` the stage continues from its newest checkpoint (:func:`recipe_resume`)."""
     if steps <= 0:
         raise ConfigError(f"{name}.steps must be positive, got {steps}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -77,11 +121,17 @@ def run_stage(
         micro_batch=micro_batch,
         output_dir=Path(cfg.output_dir) / name,
         run_config=to_dict(cfg),
+        resume=recipe_resume(cfg),
         overwrite=bool(getattr(cfg, "overwrite", False)),
     )
     trained = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    finished_before = trainer.step >= steps
+    if finished_before:
+        log.info("stage %s: finished before the resume; its weights are those of its last checkpoint", name)
     last = trainer.run()
     trainer.finish()
+    if finished_before:
+        last = last_logged(trainer.output_dir)
     stats = {key if key.startswith(f"{name}/") else f"{name}/{key}": value for key, value in last.items()}
     stats[f"{name}/trained_params"] = trained
     stats[f"{name}/seconds"] = time.perf_counter() - start
