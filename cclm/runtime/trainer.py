@@ -49,6 +49,7 @@ from cclm.config import (
 )
 from cclm.errors import RunInterrupted
 from cclm.runtime import checkpoint
+from cclm.runtime.config_changes import config_changes, report_changes
 from cclm.runtime.engine import (
     build_engine,
     engine_keeps_grad_norm,
@@ -253,6 +254,8 @@ class Trainer:
                 truncate_metrics(self.output_dir, self.step)
                 self._restore_best(target)
                 log.info("resumed from %s at step %d", target, self.step)
+                saved = checkpoint.read_json(target / checkpoint.CONFIG)
+                report_changes(self.output_dir, self.step, config_changes(saved, self.run_config))
         else:
             if self.env.is_main:
                 truncate_metrics(self.output_dir, 0)

@@ -181,3 +181,39 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(run, caplog):
     trainer.close()
     steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_resuming_with_another_config_names_every_changed_key(tmp_path, caplog):
+    """A resume is exact only under the checkpoint's config: a changed, added or removed key is named in a warning
+    and recorded with its step in config_changes.jsonl; the same config (resume/overwrite aside) records nothing."""
+    first = {"train": {"lr": 0.05, "batch": 8, "view_schedule": "alternate"}, "data": {"shards": ["a", "b"]}}
+    trainer = toy_trainer(tmp_path / "run", steps=4, run_config=first)
+    trainer.run()
+    trainer.close()
+    changes_file = tmp_path / "run" / "config_changes.jsonl"
+
+    with caplog.at_level(logging.WARNING, logger="cclm.train"):
+        same = {**first, "resume": "auto", "overwrite": True}
+        toy_trainer(tmp_path / "run", steps=6, resume="auto", run_config=same).close()
+    assert not changes_file.exists() and "differs from the checkpoint" not in caplog.text
+
+    second = {
+        "train": {"lr": 0.05, "batch": 16, "view_schedule": "sum", "seed": 1},
+        "data": {"shards": ["a", "b", "c"]},
+    }
+    with caplog.at_level(logging.WARNING, logger="cclm.train"):
+        toy_trainer(tmp_path / "run", steps=6, resume="auto", run_config=second).close()
+    assert "differs from the checkpoint's in 4 key(s)" in caplog.text
+    assert (
+        "train.batch: 8 -> 16" in caplog.text and "train.view_schedule: 'alternate' -> 'sum'" in caplog.text
+    )
+    record = json.loads(changes_file.read_text())
+    assert record == {
+        "step": 4,
+        "changes": {
+            "data.shards": [["a", "b"], ["a", "b", "c"]],
+            "train.batch": [8, 16],
+            "train.seed": [None, 1],
+            "train.view_schedule": ["alternate", "sum"],
+        },
+    }

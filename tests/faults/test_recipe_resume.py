@@ -127,6 +127,7 @@ def test_mla_stopped_in_a_stage_resumes_to_the_uninterrupted_results(world, tmp_
     # The finished stages take no step; the stopped one trains what it had left; the last one all of its steps.
     assert stages_run["steps"] == {"finetune_en": 2, "finetune_all": 2}
 
+    assert not list(out.rglob("config_changes.jsonl"))  # resume=auto is not a change of what is trained
     assert resumed["phases"] == whole["phases"]  # every phase's retrieval scores, "before" included
     assert resumed["languages"] == whole["languages"]
     for stage in ("nlt", "le", "finetune_en", "finetune_all"):  # the finished stages report their last losses

@@ -68,6 +68,7 @@ def test_resume_with_data_workers_is_exact(world, tmp_path, workers):
     shutil.copytree(straight / "checkpoints" / "step_00000010", resumed / "checkpoints" / "step_00000010")
     proc = run_pretrain(1, overrides(world, resumed, **common, resume="auto"))
     assert "resumed from" in proc.stderr + proc.stdout
+    assert not (resumed / "config_changes.jsonl").exists(), "only resume and output_dir changed: no record"
     got = metrics(resumed)
     assert [r["step"] for r in got] == list(range(11, 21)), "the resumed run must train steps 11-20 itself"
     assert_same_losses([r for r in metrics(straight) if r["step"] > 10], got, range(11, 21))

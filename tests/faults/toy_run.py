@@ -37,7 +37,9 @@ def _collate(rows: list[dict]) -> dict:
 def toy_trainer(
     output_dir: Path, steps: int = 6, save_every: int = 2, zero_stage: int = 0, **options
 ) -> Trainer:
-    """A Trainer ready to ``run()``; ``options``: ``resume``, ``overwrite``."""
+    """A Trainer ready to ``run()``; ``options``: ``resume``, ``overwrite``, ``run_config`` (default
+    ``{"toy": True}``)."""
+    run_config = options.pop("run_config", {"toy": True})
     env = init_distributed("cpu")
     seed_everything(0)
     source = EpochBatches(_examples(), 8, _collate, seed=0)
@@ -52,7 +54,7 @@ def toy_trainer(
         deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage),
         micro_batch=8,
         output_dir=output_dir,
-        run_config={"toy": True},
+        run_config=run_config,
         **options,
     )
 
