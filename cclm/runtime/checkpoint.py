@@ -132,14 +132,29 @@ def save(
     extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint (a collective: every rank calls it). ``extra_files`` (name -> file) are copied into
-    the folder by rank 0, e.g. the best weights so far of a run that selects a model."""
+    the folder by rank 0, e.g. the best weights so far of a run that selects a model. A write that fails (a full
+    disk, a lost mount) removes the partial folder and raises :class:`CheckpointError` naming it and the newest
+    checkpoint that is intact; the run stops there and ``resume=auto`` continues from that one."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     path = root / tag
     if rank == 0 and path.exists():  # a leftover of a crash at this very step
         shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    try:
+        _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise _write_failed(path, output_dir, err) from err
+    barrier()
+    if rank == 0:
+        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return path
+
+
+def _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files) -> None:
+    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
     (path / f"rank{rank}_state.json").write_text(
         json.dumps({"step": step, "data": data_state, "rng": rng_state(), "trainer": trainer_state or {}})
     )
@@ -154,10 +169,22 @@ def save(
     if rank == 0:
         record = {"step": step, "world_size": dist_info()[1], "files": manifest(path)}
         _atomic_write(path / COMPLETE, json.dumps(record, indent=1))
-        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return path
+
+
+def _write_failed(path: Path, output_dir: str | Path, err: BaseException) -> CheckpointError:
+    """The partial folder removed (it frees what it took, and is never mistaken for a checkpoint); the error
+    names the cause and the newest intact checkpoint."""
+    shutil.rmtree(path, ignore_errors=True)
+    cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    intact = latest_checkpoint(output_dir)
+    after = (
+        f"the newest intact checkpoint is {intact.name}; free space (or fix the folder) and rerun with resume=auto"
+        if intact is not None
+        else "the run has no earlier checkpoint; free space (or fix the folder) and start it again"
+    )
+    return CheckpointError(
+        f"checkpoint {path} could not be written ({cause}): the partial folder was removed; {after}"
+    )
 
 
 def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:

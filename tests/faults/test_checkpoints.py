@@ -4,8 +4,10 @@ a checkpoint of another world size is refused naming both sizes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -217,3 +219,67 @@ def test_resuming_with_another_config_names_every_changed_key(tmp_path, caplog):
             "train.view_schedule": ["alternate", "sum"],
         },
     }
+
+
+@pytest.mark.parametrize("where", ["weights", "engine"])
+def test_a_full_disk_while_saving_stops_the_run_naming_the_intact_checkpoint(tmp_path, monkeypatch, where):
+    """ENOSPC in the middle of writing step 4 (the fp32 weights, or the engine's states, which torch.save reports as
+    a RuntimeError): the run stops with one error naming the folder, the cause and step 2 (intact); the partial
+    folder is gone; resume=auto then trains steps 3-6 to the uninterrupted run's losses."""
+    straight = trained(tmp_path / "straight", steps=6, save_every=2)
+
+    def full_disk(*args, **kwargs):
+        if where == "weights":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 128 vs 64")
+
+    run = tmp_path / "run"
+    trainer = toy_trainer(run, steps=6, save_every=2)
+    real_save_file, real_engine_save = checkpoint.save_file, trainer.engine.save_checkpoint
+    if where == "weights":
+        monkeypatch.setattr(
+            checkpoint,
+            "save_file",
+            lambda t, f: full_disk() if "step_00000004" in f else real_save_file(t, f),
+        )
+    else:
+        monkeypatch.setattr(
+            trainer.engine,
+            "save_checkpoint",
+            lambda root, tag, **kw: (
+                full_disk() if tag == "step_00000004" else real_engine_save(root, tag=tag, **kw)
+            ),
+        )
+    with pytest.raises(CheckpointError) as failed:
+        trainer.run()
+    trainer.close()
+    message = str(failed.value)
+    assert "step_00000004 could not be written" in message
+    assert ("No space left on device" if where == "weights" else "unexpected pos") in message
+    assert "newest intact checkpoint is step_00000002" in message and "resume=auto" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+
+    monkeypatch.undo()
+    resumed = toy_trainer(run, steps=6, save_every=2, resume="auto")
+    assert resumed.step == 2
+    resumed.run()
+    resumed.close()
+
+    def losses(folder: Path) -> dict[int, float]:
+        return {
+            r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        }
+
+    assert losses(run) == pytest.approx(losses(straight), abs=1e-7)
+    assert sorted(losses(run)) == list(range(1, 7))
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        checkpoint, "save_file", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
+    )
+    trainer = toy_trainer(tmp_path / "run", steps=2, save_every=2)
+    with pytest.raises(CheckpointError, match="no earlier checkpoint"):
+        trainer.run()
+    trainer.close()
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
