@@ -484,6 +484,65 @@ def test_finetuning_resumes_exactly_after_a_crash(iglue_dir, tmp_path, pretraine
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
+def test_a_few_shot_sweep_resumes_where_it_stopped(iglue_dir, tmp_path, pretrained_dir, monkeypatch):
+    """A few-shot learning-rate sweep that crashes in its second run is continued with ``resume=auto``: the finished
+    run loads its last checkpoint and takes no step, the crashed one trains only its remaining steps, and the
+    table (selected lr, dev by lr, test score) equals the uninterrupted sweep's."""
+    setup = task_setups(iglue_dir)["xvnli"]
+    english = task_config(
+        "xvnli", iglue_dir, tmp_path, pretrained_dir, train=setup["train"], dev=setup["dev"]
+    )
+    make_placeholder_images(english)
+    protocols.run_zero_shot(english)
+
+    def config(out: str):
+        few = task_config(
+            "xvnli",
+            iglue_dir,
+            tmp_path,
+            pretrained_dir,
+            train=setup["train"],
+            dev=setup["dev"],
+            test={"ar": setup["test"]["ar"]},
+            few_shot_train={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")},
+            few_shot_dev={"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_48.jsonl")},
+        )
+        few.protocol, few.checkpoint = Protocol.few_shot, str(tmp_path / "run" / "model")
+        few.output_dir = str(tmp_path / out)
+        few.train.lr_sweep = [1e-4, 3e-3]
+        few.train.max_steps, few.train.save_every, few.train.eval_every, few.train.log_every = 4, 2, 2, 1
+        return few
+
+    straight = config("straight")
+    make_placeholder_images(straight)
+    expected = protocols.run_few_shot(straight)["few_shot"]
+
+    real_step = trainer_module.Trainer.train_step
+    trained: list[tuple[str, int]] = []
+
+    def crashing_step(self, stats):
+        if self.output_dir.name == "lr_0.003" and self.step == 3:
+            raise RuntimeError("injected crash in step 4 of the second learning rate")
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        protocols.run_few_shot(config("resumed"))
+
+    def counting_step(self, stats):
+        trained.append((self.output_dir.name, self.step + 1))
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_step)
+    resumed = config("resumed")
+    resumed.resume = "auto"
+    got = protocols.run_few_shot(resumed)["few_shot"]
+    assert trained == [("lr_0.003", 3), ("lr_0.003", 4)]  # lr 1e-4 had finished; 3e-3 resumed at its step 2
+    assert got["rows"][0]["dev_by_lr"] == pytest.approx(expected["rows"][0]["dev_by_lr"], abs=1e-6)
+    for key in ("lr", "dev", "accuracy"):
+        assert got["rows"][0][key] == pytest.approx(expected["rows"][0][key], abs=1e-6), key
+
+
 def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_path, pretrained_dir):
     """``torchrun`` with 2 gloo ranks x batch 2 takes the same optimizer steps as 1 rank x batch 4 (each rank takes
     its share of every epoch's order; gradients are averaged): same losses, same dev scores; only rank 0 writes."""

@@ -43,7 +43,7 @@ from cclm.config import (
 from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel
 from cclm.recipes.object_tags import encode_with_tags
-from cclm.recipes.runner import recipe_resume, run_stage, write_recipe_results
+from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks.batching import ClassificationDataset, TaskCollator
@@ -298,6 +298,7 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
             f"no parallel data for language(s) {missing}: data.parallel has {sorted(cfg.data.parallel)} "
             "(map each target language to the training file translated into it)"
         )
+    check_stage_dirs(cfg, [STAGE])
     env = init_distributed()
     runner = distillation_suite(cfg, env)
     labels = runner.label_names()

@@ -60,7 +60,7 @@ from cclm.recipes.cvil import (
     set_trainable,
 )
 from cclm.recipes.object_tags import ImageTags, build_image_tags, encode_with_tags
-from cclm.recipes.runner import recipe_resume, run_stage, write_recipe_results
+from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks import easy_vqa_languages
@@ -327,6 +327,8 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
 
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     recipe_resume(cfg, warn=True)
+    stages = [] if cfg.teacher else [f"{TEACHER}/run"]
+    check_stage_dirs(cfg, [*stages, DISTILL, *([TARGET] if cfg.target_finetune.enabled else [])])
     env = init_distributed()
     suite = distillation_suite(cfg, env)
     languages = _check(cfg, suite)

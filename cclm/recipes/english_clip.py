@@ -19,7 +19,7 @@ from safetensors.torch import save_model
 from cclm.config import ConfigError, MLARecipeConfig, require, to_dict
 from cclm.recipes.clip import ClipContrastive, build_clip, build_clip_tokenizer, text_tower
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
-from cclm.recipes.runner import apply_threads, recipe_resume, run_stage
+from cclm.recipes.runner import apply_threads, check_stage_dirs, recipe_resume, run_stage
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import StageView
 
@@ -51,6 +51,7 @@ def run_english_clip(cfg: MLARecipeConfig) -> dict[str, Any]:
 
     require(cfg, "embedding.tokenizer")
     recipe_resume(cfg, warn=True)
+    check_stage_dirs(cfg, [STAGE])
     target = clip_target(cfg)
     if cfg.data.image_caption is None:
         raise ConfigError("data.image_caption.shards must be set: the English captions to fit the CLIP on")

@@ -22,7 +22,13 @@ from cclm.data.shards import expand_shards, read_manifest
 from cclm.recipes.clip import ClipContrastive
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.mla import MLAModel
-from cclm.recipes.runner import apply_threads, recipe_resume, run_stage, write_recipe_results
+from cclm.recipes.runner import (
+    apply_threads,
+    check_stage_dirs,
+    recipe_resume,
+    run_stage,
+    write_recipe_results,
+)
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import StageView
 
@@ -162,6 +168,7 @@ def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, An
     recipe_resume(cfg, warn=True)
     apply_threads(int(cfg.threads))
     stages = plan_stages(cfg)
+    check_stage_dirs(cfg, [stage.name for stage in stages])
     env = init_distributed()
     seed_everything(cfg.train.seed)
     model = model if model is not None else MLAModel.build(cfg)

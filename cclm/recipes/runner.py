@@ -28,6 +28,7 @@ from cclm.config import ConfigError, to_dict
 from cclm.evaluation.results import write_results
 from cclm.runtime.env import DistEnv
 from cclm.runtime.logging import METRICS_FILE
+from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.trainer import LoopSettings, Trainer
 
 log = logging.getLogger("cclm.recipes")
@@ -66,6 +67,17 @@ def recipe_resume(cfg, warn: bool = False) -> str | None:
             "from its start (set train.save_every=N to make a recipe resumable)"
         )
     return resume
+
+
+def check_stage_dirs(cfg, stages: list[str]) -> None:
+    """Before a recipe builds or evaluates anything: every stage folder ``<output_dir>/<stage>`` it will train in
+    can be written, and a fresh run (no ``resume``) finds no run there unless ``overwrite`` (the message says to
+    continue with ``resume=auto``). Writes nothing."""
+    resume, overwrite = recipe_resume(cfg), bool(getattr(cfg, "overwrite", False))
+    for stage in stages:
+        check_output_dir(
+            Path(cfg.output_dir) / stage, resume, overwrite, key=f"stage {stage}: output_dir/{stage}"
+        )
 
 
 def last_logged(stage_dir: str | Path) -> dict[str, float]:

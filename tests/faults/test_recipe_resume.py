@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from cclm.config import ConfigError, CViLVQARecipeConfig, MLARecipeConfig, load_config
-from cclm.errors import RunInterrupted
+from cclm.errors import RunInterrupted, UserError
 from cclm.recipes import runner
+from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import ACQUIRED_WEIGHTS, FINETUNED_CLIP, run_mla
 from cclm.runtime.logging import METRICS_FILE
 from cclm.tasks.task_model import HEAD_WEIGHTS
@@ -213,3 +214,21 @@ def test_cvil_vqa_stopped_in_a_stage_resumes_to_the_uninterrupted_results(
     for folder in ("student", "teacher"):
         for name in ("model.safetensors", HEAD_WEIGHTS):
             assert_same_tensors(load_file(out / folder / name), load_file(tmp_path / "whole" / folder / name))
+
+
+def test_a_fresh_recipe_into_a_finished_one_is_refused_before_anything_is_built(world, tmp_path, monkeypatch):
+    """A second run without resume or overwrite names the stage folder and both ways on, before the model is
+    built or anything is evaluated or written."""
+    out = tmp_path / "mla"
+    run_mla(mla_cfg(world, out, finetune=False, save_every=0))
+    config_before = (out / "config.json").read_bytes()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the output folders were checked")
+
+    monkeypatch.setattr(MLAModel, "build", never)
+    with pytest.raises(
+        UserError, match=r"stage nlt: output_dir/nlt=.*already holds a run.*resume=auto.*overwrite"
+    ):
+        run_mla(mla_cfg(world, out, finetune=False, save_every=0))
+    assert (out / "config.json").read_bytes() == config_before
