@@ -545,7 +545,8 @@ def test_a_few_shot_sweep_resumes_where_it_stopped(iglue_dir, tmp_path, pretrain
 
 def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_path, pretrained_dir):
     """``torchrun`` with 2 gloo ranks x batch 2 takes the same optimizer steps as 1 rank x batch 4 (each rank takes
-    its share of every epoch's order; gradients are averaged): same losses, same dev scores; only rank 0 writes."""
+    its share of every epoch's order; gradients are averaged): same losses, gradient norms and dev scores; only rank
+    0 writes."""
     import subprocess
     import sys
 
@@ -603,6 +604,9 @@ def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_p
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["dev"] == pytest.approx(
             a["dev"], abs=1e-6
         )
+        # ZeRO-0 keeps no norm of its own: the trainer's is of the gradients averaged over both ranks (rank 0's
+        # own half-batch gradients would give another norm)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     table = json.loads((tmp_path / "two" / "results" / "xvnli" / "zero_shot.json").read_text())
     expected = json.loads((tmp_path / "one" / "results" / "xvnli" / "zero_shot.json").read_text())
     assert table["rows"][0]["accuracy"] == pytest.approx(expected["rows"][0]["accuracy"])
