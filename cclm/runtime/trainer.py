@@ -62,6 +62,7 @@ from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import RunLogger, truncate_metrics
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
 from cclm.runtime.schedule import views_per_iteration
+from cclm.runtime.stop_checks import STOP_CHECK_S, StopCheckSchedule
 from cclm.runtime.watchdog import Watchdog
 
 log = logging.getLogger("cclm.train")
@@ -108,6 +109,8 @@ class LoopSettings:
     seed: int = 0  # of the hard-negative sampling generator (offset by rank)
     collective_timeout_s: float = 1800.0  # the watchdog ends every rank after this long without progress
     stall_factor: float = 20.0  # a step this many times the median logs which rank is behind
+    # signals and the time limit are checked at least this often, and at log steps
+    stop_check_s: float = STOP_CHECK_S
 
     @classmethod
     def from_train_config(
@@ -401,15 +404,16 @@ class Trainer:
             loop.stall_factor,
         ).start()
         previous_handler = self._catch_signal()
+        checks = StopCheckSchedule(loop.log_every, self.step, loop.stop_check_s)
         try:
             while self.step < loop.max_steps:
                 self.train_step(stats)
                 self._watchdog.step_done(self.step)
                 logger.advance()
-                # The ranks agree on stopping at log steps only: one small all-reduce (a host sync) per interval,
-                # not per step; a signal or the time limit is acted on at most log_every steps late.
+                # One small all-reduce (a host sync) at log steps and every ~30 s, not every step
+                # (:mod:`cclm.runtime.stop_checks`).
                 out_of_time, signalled = (
-                    self._stop_requests() if self.step % loop.log_every == 0 else (False, False)
+                    self._stop_requests(checks) if checks.due(self.step) else (False, False)
                 )
                 done = self.step >= loop.max_steps or out_of_time
                 evaluate = self.evaluate_fn is not None and (
@@ -452,14 +456,16 @@ class Trainer:
 
         return signal.signal(signal.SIGUSR1, request)
 
-    def _stop_requests(self) -> tuple[bool, bool]:
-        """(out of time, a stop signal arrived), agreed by every rank so that all stop at the same step."""
+    def _stop_requests(self, checks: StopCheckSchedule) -> tuple[bool, bool]:
+        """(out of time, a stop signal arrived), agreed by every rank so that all stop at the same step; the same
+        all-reduce gives ``checks`` the slowest rank's time since the previous check."""
         out_of_time = self.loop.time_limit_s > 0 and self.train_seconds() > self.loop.time_limit_s
-        flags = [float(out_of_time), float(self._signal is not None)]
+        flags = [float(out_of_time), float(self._signal is not None), checks.seconds_since_last()]
         if dist.is_initialized() and self.env.world_size > 1:
-            agreed = torch.tensor(flags, device=self.env.device)  # on the device: NCCL reduces GPU tensors
+            agreed = torch.tensor(flags, dtype=torch.float64, device=self.env.device)  # NCCL: GPU tensors
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             flags = agreed.tolist()
+        checks.checked(self.step, flags[2])
         return bool(flags[0]), bool(flags[1])
 
     def _stop_on_signal(self) -> None:

@@ -35,15 +35,26 @@ def _collate(rows: list[dict]) -> dict:
 
 
 def toy_trainer(
-    output_dir: Path, steps: int = 6, save_every: int = 2, zero_stage: int = 0, **options
+    output_dir: Path,
+    steps: int = 6,
+    save_every: int = 2,
+    zero_stage: int = 0,
+    loop_options: dict | None = None,
+    **options,
 ) -> Trainer:
     """A Trainer ready to ``run()``; ``options``: ``resume``, ``overwrite``, ``run_config`` (default
-    ``{"toy": True}``)."""
+    ``{"toy": True}``); ``loop_options``: more :class:`LoopSettings` fields (``log_every`` is 1 unless given)."""
     run_config = options.pop("run_config", {"toy": True})
     env = init_distributed("cpu")
     seed_everything(0)
     source = EpochBatches(_examples(), 8, _collate, seed=0)
-    loop = LoopSettings(max_steps=steps, log_every=1, save_every=save_every, keep_last=5, progress_bar=False)
+    loop = LoopSettings(
+        max_steps=steps,
+        save_every=save_every,
+        keep_last=5,
+        progress_bar=False,
+        **{"log_every": 1, **(loop_options or {})},
+    )
     return Trainer(
         Regression(),
         source,

@@ -1,0 +1,68 @@
+"""SIGUSR1 is acted on within about ``stop_check_s`` seconds even when log steps are far apart (SLURM sends it a
+fixed time before the limit, and ``log_every`` slow steps can outlast that), while fast steps still agree on
+stopping only at log steps (one host sync per interval). Toy runs on the real trainer, one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from cclm.errors import RunInterrupted
+from cclm.runtime import trainer as trainer_module
+from cclm.runtime.stop_checks import StopCheckSchedule
+
+from .toy_run import toy_trainer
+
+
+def test_the_schedule_checks_every_stop_check_s_in_steps_between_1_and_log_every():
+    checks = StopCheckSchedule(log_every=100, start_step=0, every_s=1.0)
+    assert checks.next_step == 1 and checks.due(1)  # the first check follows the first step
+    checks.checked(1, slowest_seconds=0.05)  # 0.05 s a step: a check every 20 steps
+    assert checks.next_step == 21 and not checks.due(20) and checks.due(21)
+    checks.checked(21, slowest_seconds=20 * 2.0)  # 2 s a step: every step
+    assert checks.next_step == 22
+    checks.checked(22, slowest_seconds=1e-6)  # very fast: at most log_every apart, and log steps always
+    assert checks.next_step == 122 and checks.due(100) and not checks.due(101)
+    resumed = StopCheckSchedule(log_every=100, start_step=500, every_s=1.0)
+    assert resumed.next_step == 501
+
+
+def test_sigusr1_stops_a_slow_run_long_before_its_next_log_step(tmp_path, monkeypatch):
+    real_step = trainer_module.Trainer.train_step
+
+    def slow_step(self, stats):
+        time.sleep(0.02)
+        real_step(self, stats)
+        if self.step == 10:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", slow_step)
+    trainer = toy_trainer(
+        tmp_path / "run", steps=300, save_every=0, loop_options={"log_every": 1000, "stop_check_s": 0.2}
+    )
+    with pytest.raises(RunInterrupted):
+        trainer.run()
+    trainer.close()
+    record = json.loads((tmp_path / "run" / "interrupted.json").read_text())
+    # ~10 steps of 0.02 s make 0.2 s; scheduling noise on a busy machine only brings the check earlier
+    assert 10 <= record["step"] <= 25, record
+    assert record["checkpoint"].endswith(f"step_{record['step']:08d}")
+
+
+def test_fast_steps_agree_on_stopping_only_at_the_first_step_and_at_log_steps(tmp_path, monkeypatch):
+    checked_at = []
+    real = trainer_module.Trainer._stop_requests
+
+    def spy(self, checks):
+        checked_at.append(self.step)
+        return real(self, checks)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_stop_requests", spy)
+    trainer = toy_trainer(tmp_path / "run", steps=60, save_every=0, loop_options={"log_every": 20})
+    trainer.run()
+    trainer.close()
+    assert checked_at == [1, 20, 40, 60]
