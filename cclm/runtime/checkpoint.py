@@ -175,16 +175,25 @@ def _write_failed(path: Path, output_dir: str | Path, err: BaseException) -> Che
     """The partial folder removed (it frees what it took, and is never mistaken for a checkpoint); the error
     names the cause and the newest intact checkpoint."""
     shutil.rmtree(path, ignore_errors=True)
-    cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-    intact = latest_checkpoint(output_dir)
-    after = (
-        f"the newest intact checkpoint is {intact.name}; free space (or fix the folder) and rerun with resume=auto"
-        if intact is not None
-        else "the run has no earlier checkpoint; free space (or fix the folder) and start it again"
-    )
     return CheckpointError(
-        f"checkpoint {path} could not be written ({cause}): the partial folder was removed; {after}"
+        f"checkpoint {path} could not be written ({write_error_cause(err)}): the partial folder was removed; "
+        f"{resume_hint(output_dir)}"
     )
+
+
+def write_error_cause(err: BaseException) -> str:
+    """An OSError's reason (``No space left on device``), else the first line of the message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """What to do after a failed write: resume from the newest intact checkpoint, or start again."""
+    intact = latest_checkpoint(output_dir)
+    if intact is None:
+        return "the run has no earlier checkpoint; free space (or fix the folder) and start it again"
+    return f"the newest intact checkpoint is {intact.name}; free space (or fix the folder) and rerun with resume=auto"
 
 
 def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:

@@ -47,7 +47,7 @@ from cclm.config import (
     TrainConfig,
     ViewSchedule,
 )
-from cclm.errors import RunInterrupted
+from cclm.errors import RunInterrupted, UserError
 from cclm.runtime import checkpoint
 from cclm.runtime.config_changes import config_changes, report_changes
 from cclm.runtime.engine import (
@@ -59,7 +59,7 @@ from cclm.runtime.engine import (
 )
 from cclm.runtime.env import DistEnv, barrier, to_device
 from cclm.runtime.flops import peak_flops
-from cclm.runtime.logging import RunLogger, truncate_metrics
+from cclm.runtime.logging import METRICS_FILE, RunLogger, truncate_metrics
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
 from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.stop_checks import STOP_CHECK_S, StopCheckSchedule
@@ -423,7 +423,7 @@ class Trainer:
                     last = self._scalars(stats, time.perf_counter() - t_start)
                     if evaluate:
                         last.update(self.evaluate(last.get("loss")))
-                    logger.log(self.step, last)
+                    self._log(logger, last)
                     stats.clear()
                     t_start = time.perf_counter()
                 if signalled:  # after logging the step: the resumed run starts at the next one
@@ -439,6 +439,17 @@ class Trainer:
                 signal.signal(signal.SIGUSR1, previous_handler)
         self.selection.steps = self.step
         return last
+
+    def _log(self, logger: RunLogger, scalars: dict[str, float]) -> None:
+        """``metrics.jsonl`` and TensorBoard; a write that fails (a full disk) ends the run in one line naming the
+        file and the checkpoint to resume from."""
+        try:
+            logger.log(self.step, scalars)
+        except OSError as err:
+            raise UserError(
+                f"{self.output_dir / METRICS_FILE} could not be written at step {self.step} "
+                f"({checkpoint.write_error_cause(err)}); {checkpoint.resume_hint(self.output_dir)}"
+            ) from err
 
     def _phase(self, phase: str) -> None:
         watchdog = getattr(self, "_watchdog", None)

@@ -283,3 +283,36 @@ def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(tmp_path, mo
         trainer.run()
     trainer.close()
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_while_logging_stops_the_run_naming_the_file_and_the_checkpoint(tmp_path, monkeypatch):
+    """metrics.jsonl cannot take step 5's record: one error naming the file, the cause and step 4 to resume from;
+    the resumed run logs steps 5 and 6 after the kept records."""
+    from cclm.errors import UserError
+    from cclm.runtime import trainer as trainer_module
+
+    real_log = trainer_module.RunLogger.log
+
+    def full_disk(self, step, scalars):
+        if step == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_log(self, step, scalars)
+
+    monkeypatch.setattr(trainer_module.RunLogger, "log", full_disk)
+    run = tmp_path / "run"
+    trainer = toy_trainer(run, steps=6, save_every=2)
+    with pytest.raises(UserError) as failed:
+        trainer.run()
+    trainer.close()
+    message = str(failed.value)
+    assert message.startswith(
+        f"{run / 'metrics.jsonl'} could not be written at step 5 (No space left on device)"
+    )
+    assert "newest intact checkpoint is step_00000004" in message and "resume=auto" in message
+
+    monkeypatch.undo()
+    resumed = toy_trainer(run, steps=6, save_every=2, resume="auto")
+    resumed.run()
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
