@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,43 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> Path | None:
+    """Move the checkpoint folders of steps after ``step`` (the one a run resumes from: an older explicit
+    ``resume=`` point, or the one before a newest that failed its check) into ``<output_dir>/abandoned-<time>/
+    checkpoints``, with a copy of ``metrics.jsonl`` (whose later records the resumed run drops). Never deleted,
+    but no longer resumed from by ``resume=auto`` nor counted by keep-last rotation. Returns that folder, or None
+    when there was nothing newer. Main rank only."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    newer = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and TAG_RE.match(p.name) and int(TAG_RE.match(p.name).group(1)) > step
+    )
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = Path(output_dir) / f"abandoned-{stamp}"
+    suffix = 1
+    while aside.exists():
+        aside, suffix = Path(output_dir) / f"abandoned-{stamp}-{suffix}", suffix + 1
+    (aside / "checkpoints").mkdir(parents=True)
+    for folder in newer:
+        folder.rename(aside / "checkpoints" / folder.name)
+    metrics = Path(output_dir) / "metrics.jsonl"
+    if metrics.exists():
+        shutil.copy2(metrics, aside / metrics.name)
+    log.warning(
+        "resuming at step %d: the later checkpoint(s) %s were moved to %s (with a copy of metrics.jsonl); "
+        "resume=auto and keep-last rotation no longer see them",
+        step,
+        ", ".join(folder.name for folder in newer),
+        aside,
+    )
+    return aside
 
 
 def rng_state() -> dict[str, Any]:

@@ -254,6 +254,7 @@ class Trainer:
                 sel = state["selection"]
                 self.selection = Selection(sel["best_score"], sel["best_step"], 0, list(sel["history"]))
             if self.env.is_main:
+                checkpoint.set_aside_newer(self.output_dir, self.step)
                 truncate_metrics(self.output_dir, self.step)
                 self._restore_best(target)
                 log.info("resumed from %s at step %d", target, self.step)

@@ -117,6 +117,9 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(run, caplog, da
     assert trainer.step == 4, "resumed from the previous complete checkpoint"
     warning = next(r.getMessage() for r in caplog.records if "skipping" in r.getMessage())
     assert bad.name in warning and str(target) in warning
+    # the bad checkpoint is set aside, not deleted: later resumes and keep-last rotation no longer meet it
+    (aside,) = run.glob("abandoned-*")
+    assert not bad.exists() and (aside / "checkpoints" / bad.name).is_dir()
     trainer.run()
     trainer.close()
 
@@ -314,5 +317,24 @@ def test_a_full_disk_while_logging_stops_the_run_naming_the_file_and_the_checkpo
     resumed = toy_trainer(run, steps=6, save_every=2, resume="auto")
     resumed.run()
     resumed.close()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(run, caplog):
+    """Back to step 2 of a 6-step run (say, before a divergence): steps 4 and 6 and the metrics that went with
+    them move to abandoned-<time>/, so resume=auto and keep-last rotation see only the new branch."""
+    old_metrics = (run / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.WARNING, logger="cclm.train"):
+        trainer = toy_trainer(run, steps=6, resume=str(run / "checkpoints" / "step_00000002"))
+    assert trainer.step == 2
+    (aside,) = run.glob("abandoned-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    assert "step_00000004, step_00000006 were moved to" in caplog.text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    trainer.run()
+    trainer.close()
+    assert checkpoint.latest_checkpoint(run).name == "step_00000006"  # the new branch's
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
