@@ -404,6 +404,9 @@ class TrainConfig:
     # timeout of collectives. A step slower than stall_factor x the running median logs which rank is behind.
     collective_timeout_s: float = 1800.0
     stall_factor: float = 20.0
+    # SIGUSR1 and the time limit are acted on within about this many seconds (and at log steps): keep it well
+    # under the --signal lead of a SLURM job
+    stop_check_s: float = 30.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

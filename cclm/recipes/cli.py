@@ -19,6 +19,7 @@ import json
 
 from cclm.cli_args import add_config_arguments, run_module, start_logging
 from cclm.config import CViLRecipeConfig, CViLVQARecipeConfig, MLARecipeConfig, load_config
+from cclm.runtime.stop_signal import holds_stop_signal
 
 RECIPES = {
     "mla": MLARecipeConfig,
@@ -46,6 +47,7 @@ def run(recipe: str, cfg) -> dict:
     return run_cvil(cfg)
 
 
+@holds_stop_signal
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cclm recipe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter

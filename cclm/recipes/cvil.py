@@ -46,6 +46,7 @@ from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
+from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.tasks.batching import ClassificationDataset, TaskCollator
 from cclm.tasks.images import ImageRef
 from cclm.tasks.protocols import TaskSuite
@@ -288,6 +289,7 @@ def distillation_suite(cfg: CViLRecipeConfig | CViLVQARecipeConfig, env: DistEnv
     )
 
 
+@holds_stop_signal
 def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
     recipe_resume(cfg, warn=True)

@@ -63,6 +63,7 @@ from cclm.recipes.object_tags import ImageTags, build_image_tags, encode_with_ta
 from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
+from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.tasks import easy_vqa_languages
 from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
@@ -325,6 +326,7 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
     return languages
 
 
+@holds_stop_signal
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     recipe_resume(cfg, warn=True)
     stages = [] if cfg.teacher else [f"{TEACHER}/run"]

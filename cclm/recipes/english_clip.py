@@ -22,6 +22,7 @@ from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.runner import apply_threads, check_stage_dirs, recipe_resume, run_stage
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import StageView
+from cclm.runtime.stop_signal import holds_stop_signal
 
 log = logging.getLogger("cclm.recipes")
 STAGE = "english_clip"
@@ -43,6 +44,7 @@ def clip_target(cfg: MLARecipeConfig) -> Path:
     return target
 
 
+@holds_stop_signal
 def run_english_clip(cfg: MLARecipeConfig) -> dict[str, Any]:
     """Fit, save to ``clip.pretrained``, and score English retrieval on ``eval.retrieval``. Returns
     ``{"languages": {"en": metrics}, "trained_params", "total_params", "path", "training"}``."""

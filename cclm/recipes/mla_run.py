@@ -31,6 +31,7 @@ from cclm.recipes.runner import (
 )
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.sources import StageView
+from cclm.runtime.stop_signal import holds_stop_signal
 
 log = logging.getLogger("cclm.recipes")
 ACQUIRED_WEIGHTS = "acquired.safetensors"
@@ -161,6 +162,7 @@ def plan_stages(cfg: MLARecipeConfig) -> list[Stage]:
     return stages
 
 
+@holds_stop_signal
 def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, Any]:
     """Run every stage; ``model`` (default: built from ``cfg``) is trained in place (its CLIP too, by
     ``finetune_en``)."""

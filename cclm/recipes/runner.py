@@ -63,8 +63,9 @@ def recipe_resume(cfg, warn: bool = False) -> str | None:
         )
     if warn and int(cfg.train.save_every) <= 0:
         log.warning(
-            "resume=auto with train.save_every=0: the stages wrote no checkpoints, so every stage runs again "
-            "from its start (set train.save_every=N to make a recipe resumable)"
+            "resume=auto with train.save_every=0: finished stages wrote no checkpoint and run again from their "
+            "start (a stage stopped by SIGUSR1 continues from the checkpoint it saved); set train.save_every=N to "
+            "make every stage resumable"
         )
     return resume
 

@@ -67,19 +67,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def set_aside_newer(output_dir: str | Path, step: int) -> Path | None:
-    """Move the checkpoint folders of steps after ``step`` (the one a run resumes from: an older explicit
-    ``resume=`` point, or the one before a newest that failed its check) into ``<output_dir>/abandoned-<time>/
-    checkpoints``, with a copy of ``metrics.jsonl`` (whose later records the resumed run drops). Never deleted,
-    but no longer resumed from by ``resume=auto`` nor counted by keep-last rotation. Returns that folder, or None
-    when there was nothing newer. Main rank only."""
+    """Move the checkpoints of steps after ``step`` (the one a run resumes from: an older explicit ``resume=``
+    point, or the one before a newest that failed its check) into ``<output_dir>/abandoned-<time>/checkpoints``,
+    with a copy of ``metrics.jsonl`` (whose later records the resumed run drops): never deleted, but no longer
+    resumed from by ``resume=auto`` nor counted by keep-last rotation. Later folders without ``complete.json``
+    (a save cut short) hold nothing usable and are removed. Returns the folder, or None when nothing was
+    moved. Main rank only."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return None
-    newer = sorted(
+    later = sorted(
         p
         for p in root.iterdir()
         if p.is_dir() and TAG_RE.match(p.name) and int(TAG_RE.match(p.name).group(1)) > step
     )
+    for partial in [p for p in later if not (p / COMPLETE).exists()]:
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("removed %s: a checkpoint whose save never finished", partial)
+    newer = [p for p in later if (p / COMPLETE).exists()]
     if not newer:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -182,6 +187,8 @@ def save(
     try:
         _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        if not _is_write_failure(err):
+            raise
         raise _write_failed(path, output_dir, err) from err
     barrier()
     if rank == 0:
@@ -207,6 +214,18 @@ def _write(engine, root, path, step, rank, run_config, data_state, trainer_state
     if rank == 0:
         record = {"step": step, "world_size": dist_info()[1], "files": manifest(path)}
         _atomic_write(path / COMPLETE, json.dumps(record, indent=1))
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """An OSError, or a RuntimeError that is not a collective's or the device's own (those keep their message)."""
+    if isinstance(err, OSError):
+        return True
+    not_writes = tuple(
+        kind
+        for kind in (getattr(torch.distributed, "DistError", None), getattr(torch, "OutOfMemoryError", None))
+        if isinstance(kind, type)
+    )
+    return not isinstance(err, not_writes) and "CUDA" not in str(err)
 
 
 def _write_failed(path: Path, output_dir: str | Path, err: BaseException) -> CheckpointError:

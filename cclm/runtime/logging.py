@@ -100,12 +100,18 @@ class RunLogger:
             self.lines.advance(n)
 
     def close(self) -> None:
-        if self.rank == 0:
-            self.writer.close()
-            self.file.close()
-            self.bar.close()
-            if self.lines is not None:
-                self.lines.finish()
+        """Each part closed on its own: one that cannot flush (a full disk) is a warning, so that the error that
+        ended the run is the one reported."""
+        if self.rank != 0:
+            return
+        parts = [self.writer.close, self.file.close, self.bar.close]
+        if self.lines is not None:
+            parts.append(self.lines.finish)
+        for close in parts:
+            try:
+                close()
+            except OSError as err:
+                log.warning("closing the run's logs: %s", err)
 
 
 class ProgressLines:

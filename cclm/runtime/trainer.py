@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +46,7 @@ from cclm.config import (
     ViewSchedule,
 )
 from cclm.errors import RunInterrupted, UserError
-from cclm.runtime import checkpoint
+from cclm.runtime import checkpoint, stop_signal
 from cclm.runtime.config_changes import config_changes, report_changes
 from cclm.runtime.engine import (
     build_engine,
@@ -131,6 +129,7 @@ class LoopSettings:
             seed=int(train_cfg.seed),
             collective_timeout_s=float(train_cfg.collective_timeout_s),
             stall_factor=float(train_cfg.stall_factor),
+            stop_check_s=float(train_cfg.stop_check_s),
         )
 
     def validate(self) -> None:
@@ -140,6 +139,8 @@ class LoopSettings:
             raise ConfigError("save_every and eval_every must be >= 0, grad_accum > 0")
         if self.collective_timeout_s <= 0 or self.stall_factor <= 1:
             raise ConfigError("collective_timeout_s must be > 0 and stall_factor > 1")
+        if self.stop_check_s <= 0:
+            raise ConfigError(f"stop_check_s must be > 0, got {self.stop_check_s}")
 
 
 @dataclass
@@ -229,10 +230,11 @@ class Trainer:
         for module in self.model.modules():
             if hasattr(module, "sampling_generator"):
                 module.sampling_generator = self.sampling_generator
-        self._signal: str | None = None
         self._step_lr = self._base_lr()  # the lr the last optimizer update used (logged as "lr")
         self.step = 0
         self.selection = Selection(history=[])
+        # the open log interval's loss sums; a checkpoint keeps them (a stop between log steps)
+        self.interval = IntervalStats()
         self._start(target)
 
     # ------------------------------------------------------------------------------------------------ start
@@ -250,6 +252,7 @@ class Trainer:
                     bytearray(base64.b64decode(state["sampling_rng"])), dtype=torch.uint8
                 )
                 self.sampling_generator.set_state(saved)
+            self.interval = IntervalStats.from_state(state.get("interval"), self.env.device)
             if "selection" in state:
                 sel = state["selection"]
                 self.selection = Selection(sel["best_score"], sel["best_step"], 0, list(sel["history"]))
@@ -393,9 +396,6 @@ class Trainer:
         logger = RunLogger(
             self.output_dir, self.env.rank, loop.max_steps, self.step, loop.progress_bar, desc=loop.desc
         )
-        stats = IntervalStats()
-        last: dict[str, float] = {}
-        t_start = time.perf_counter()
         self.engine.train()
         self._watchdog = Watchdog(
             self.output_dir / "heartbeats",
@@ -404,41 +404,46 @@ class Trainer:
             loop.collective_timeout_s,
             loop.stall_factor,
         ).start()
-        previous_handler = self._catch_signal()
-        checks = StopCheckSchedule(loop.log_every, self.step, loop.stop_check_s)
-        try:
-            while self.step < loop.max_steps:
-                self.train_step(stats)
-                self._watchdog.step_done(self.step)
-                logger.advance()
-                # One small all-reduce (a host sync) at log steps and every ~30 s, not every step
-                # (:mod:`cclm.runtime.stop_checks`).
-                out_of_time, signalled = (
-                    self._stop_requests(checks) if checks.due(self.step) else (False, False)
-                )
-                done = self.step >= loop.max_steps or out_of_time
-                evaluate = self.evaluate_fn is not None and (
-                    done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
-                )
-                if self.step % loop.log_every == 0 or done or evaluate or signalled:
-                    last = self._scalars(stats, time.perf_counter() - t_start)
-                    if evaluate:
-                        last.update(self.evaluate(last.get("loss")))
-                    self._log(logger, last)
-                    stats.clear()
-                    t_start = time.perf_counter()
-                if signalled:  # after logging the step: the resumed run starts at the next one
-                    self._stop_on_signal()
-                if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
-                    self.save()
-                if done:
-                    break
-        finally:
-            logger.close()
-            self._watchdog.stop()
-            if previous_handler is not None:
-                signal.signal(signal.SIGUSR1, previous_handler)
+        with stop_signal.catching():  # SIGUSR1 asks for a checkpoint and a clean exit
+            try:
+                last = self._train(logger)
+            finally:
+                logger.close()
+                self._watchdog.stop()
         self.selection.steps = self.step
+        return last
+
+    def _train(self, logger: RunLogger) -> dict[str, float]:
+        loop, stats = self.loop, self.interval
+        last: dict[str, float] = {}
+        t_start = time.perf_counter()
+        checks = StopCheckSchedule(loop.log_every, self.step, loop.stop_check_s)
+        while self.step < loop.max_steps:
+            self.train_step(stats)
+            self._watchdog.step_done(self.step)
+            logger.advance()
+            # One small all-reduce (a host sync) at log steps and every ~30 s, not every step
+            # (:mod:`cclm.runtime.stop_checks`).
+            out_of_time, signalled = self._stop_requests(checks) if checks.due(self.step) else (False, False)
+            done = self.step >= loop.max_steps or out_of_time
+            evaluate = self.evaluate_fn is not None and (
+                done or (loop.eval_every > 0 and self.step % loop.eval_every == 0)
+            )
+            # A stop between log steps logs nothing: the checkpoint keeps the interval's sums, and the resumed
+            # run logs the next log step as the uninterrupted run does.
+            if self.step % loop.log_every == 0 or done or evaluate:
+                last = self._scalars(stats, time.perf_counter() - t_start)
+                if evaluate:
+                    last.update(self.evaluate(last.get("loss")))
+                self._log(logger, last)
+                stats.clear()
+                t_start = time.perf_counter()
+            if signalled:
+                self._stop_on_signal()
+            if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
+                self.save()
+            if done:
+                break
         return last
 
     def _log(self, logger: RunLogger, scalars: dict[str, float]) -> None:
@@ -458,21 +463,11 @@ class Trainer:
             watchdog.set_phase(phase)
 
     # ------------------------------------------------------------------------------------------- stopping
-    def _catch_signal(self):
-        """SIGUSR1 (SLURM's warning before the time limit) asks for a checkpoint and a clean exit."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def request(signum, frame):
-            self._signal = signal.Signals(signum).name
-
-        return signal.signal(signal.SIGUSR1, request)
-
     def _stop_requests(self, checks: StopCheckSchedule) -> tuple[bool, bool]:
         """(out of time, a stop signal arrived), agreed by every rank so that all stop at the same step; the same
         all-reduce gives ``checks`` the slowest rank's time since the previous check."""
         out_of_time = self.loop.time_limit_s > 0 and self.train_seconds() > self.loop.time_limit_s
-        flags = [float(out_of_time), float(self._signal is not None), checks.seconds_since_last()]
+        flags = [float(out_of_time), float(stop_signal.requested() is not None), checks.seconds_since_last()]
         if dist.is_initialized() and self.env.world_size > 1:
             agreed = torch.tensor(flags, dtype=torch.float64, device=self.env.device)  # NCCL: GPU tensors
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -549,6 +544,7 @@ class Trainer:
         }
         if self.loop.select_metric:
             state["selection"] = self.selection.state()
+        state["interval"] = self.interval.state()  # a read of the device: at checkpoints only
         return checkpoint.save(
             self.engine,
             self.output_dir,
@@ -626,6 +622,22 @@ class IntervalStats:
         self.counters.clear()
         self.loss_sums.clear()
         self.loss_counts.clear()
+
+    def state(self) -> dict[str, Any]:
+        """The loss sums and counts (exact: float64 sums as Python floats); the counters are rates' numerators,
+        which a resumed run measures afresh."""
+        return {
+            "loss_sums": {k: float(v) for k, v in self.loss_sums.items()},
+            "loss_counts": dict(self.loss_counts),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None, device: torch.device) -> IntervalStats:
+        stats = cls()
+        for key, value in (state or {}).get("loss_sums", {}).items():
+            stats.loss_sums[key] = torch.tensor(float(value), dtype=torch.float64, device=device)
+            stats.loss_counts[key] = int(state["loss_counts"][key])
+        return stats
 
 
 def _atomic_copy(source: Path, target: Path) -> None:

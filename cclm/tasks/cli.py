@@ -7,6 +7,7 @@ import logging
 import sys
 
 from cclm.config import ConfigError, FinetuneConfig, ModelConfig, load_config, require
+from cclm.runtime.stop_signal import holds_stop_signal
 
 USAGE_FINETUNE = (
     "usage: cclm finetune configs/finetune/<task>.yaml [protocol=zero_shot|few_shot] [key=value ...]\n"
@@ -83,6 +84,7 @@ def _check_random_init_model(cfg) -> None:
         raise ConfigError(f"model {cfg.model} (with model_overrides): {err}") from None
 
 
+@holds_stop_signal
 def main(argv: list[str]) -> int:
     """``cclm finetune``: argv[0] is the command name."""
     return _run(argv, "finetune", USAGE_FINETUNE)

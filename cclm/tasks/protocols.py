@@ -48,6 +48,7 @@ from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, local_main_first, seed_everything
 from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.sources import EpochBatches
+from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.runtime.trainer import Selection
 from cclm.tasks import domain_pretrain, get_task, iglue_retrieval
 from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator, training_dataset
@@ -455,6 +456,7 @@ def _check_no_test_images(run: FewShotRun, train: TaskData, test: TaskData, test
         )
 
 
+@holds_stop_signal
 def run_few_shot(cfg: FinetuneConfig) -> dict:
     runner = TaskRunner(cfg)
     if not cfg.checkpoint:

@@ -7,8 +7,10 @@ import os
 
 from cclm.cli_args import add_config_arguments, run_module, start_logging
 from cclm.config import PretrainConfig, load_config, require_complete
+from cclm.runtime.stop_signal import holds_stop_signal
 
 
+@holds_stop_signal
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cclm pretrain", description=__doc__)
     add_config_arguments(parser, "configs/pretrain/", "train.max_steps=100")

@@ -288,6 +288,9 @@ def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(tmp_path, mo
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to fail a write with ENOSPC"
+)
 def test_a_full_disk_while_logging_stops_the_run_naming_the_file_and_the_checkpoint(tmp_path, monkeypatch):
     """metrics.jsonl cannot take step 5's record: one error naming the file, the cause and step 4 to resume from;
     the resumed run logs steps 5 and 6 after the kept records."""
@@ -297,8 +300,8 @@ def test_a_full_disk_while_logging_stops_the_run_naming_the_file_and_the_checkpo
     real_log = trainer_module.RunLogger.log
 
     def full_disk(self, step, scalars):
-        if step == 5:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if step == 5:  # the real failure: a line-buffered file on a full device (close() fails as well)
+            self.file = open("/dev/full", "a", buffering=1)  # noqa: SIM115 - closed by RunLogger.close
         real_log(self, step, scalars)
 
     monkeypatch.setattr(trainer_module.RunLogger, "log", full_disk)
@@ -323,10 +326,15 @@ def test_a_full_disk_while_logging_stops_the_run_naming_the_file_and_the_checkpo
 
 def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(run, caplog):
     """Back to step 2 of a 6-step run (say, before a divergence): steps 4 and 6 and the metrics that went with
-    them move to abandoned-<time>/, so resume=auto and keep-last rotation see only the new branch."""
+    them move to abandoned-<time>/, so resume=auto and keep-last rotation see only the new branch; a later folder
+    without complete.json is removed."""
     old_metrics = (run / "metrics.jsonl").read_text()
+    partial = run / "checkpoints" / "step_00000007"  # a save cut short: nothing usable, removed
+    partial.mkdir()
+    (partial / "rank0_state.json").write_text("{}")
     with caplog.at_level(logging.WARNING, logger="cclm.train"):
         trainer = toy_trainer(run, steps=6, resume=str(run / "checkpoints" / "step_00000002"))
+    assert not partial.exists() and not list(run.glob("abandoned-*/checkpoints/step_00000007"))
     assert trainer.step == 2
     (aside,) = run.glob("abandoned-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]

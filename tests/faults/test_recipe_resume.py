@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cclm.config import ConfigError, CViLVQARecipeConfig, MLARecipeConfig, load_config
 from cclm.errors import RunInterrupted, UserError
-from cclm.recipes import runner
+from cclm.recipes import mla_run, runner
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import ACQUIRED_WEIGHTS, FINETUNED_CLIP, run_mla
 from cclm.runtime.logging import METRICS_FILE
@@ -106,18 +106,35 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
-def test_mla_stopped_in_a_stage_resumes_to_the_uninterrupted_results(world, tmp_path, stages_run):
+@pytest.mark.parametrize("signalled", ["in a stage", "between stages"])
+def test_mla_stopped_in_a_stage_resumes_to_the_uninterrupted_results(
+    world, tmp_path, stages_run, monkeypatch, signalled
+):
+    """SIGUSR1 after step 1 of English fine-tuning, or during the evaluation before it (between two trainers:
+    the signal must neither end the process nor be lost, so the next stage saves and stops after its first step);
+    either way NLT and LE have finished and the CLIP has trained one step."""
     torch.manual_seed(0)
     whole = run_mla(mla_cfg(world, tmp_path / "whole"))
     assert stages_run["steps"] == {"nlt": 2, "le": 3, "finetune_en": 3, "finetune_all": 2}
 
-    # Stopped after step 1 of English fine-tuning: NLT and LE have finished, the CLIP has trained one step.
     stages_run["steps"].clear()
-    stages_run["stop_at"] = ("finetune_en", 1)
+    real_scores, calls = mla_run.retrieval_by_language, []
+    if signalled == "in a stage":
+        stages_run["stop_at"] = ("finetune_en", 1)
+    else:
+
+        def scores_then_signal(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # "acquired": after LE, before English fine-tuning
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return real_scores(*args, **kwargs)
+
+        monkeypatch.setattr(mla_run, "retrieval_by_language", scores_then_signal)
     out = tmp_path / "stopped"
     torch.manual_seed(0)
     with pytest.raises(RunInterrupted):
         run_mla(mla_cfg(world, out))
+    monkeypatch.setattr(mla_run, "retrieval_by_language", real_scores)
     assert json.loads((out / "finetune_en" / "interrupted.json").read_text())["step"] == 1
     assert not (out / ACQUIRED_WEIGHTS).exists() and not (out / "finetune_all").exists()
 
@@ -151,7 +168,7 @@ def test_resume_auto_without_checkpoints_warns_and_reruns_every_stage(world, tmp
     first = run_mla(mla_cfg(world, out, finetune=False, save_every=0))
     stages_run["steps"].clear()
     again = run_mla(mla_cfg(world, out, "resume=auto", finetune=False, save_every=0))
-    assert "save_every=0" in caplog.text and "runs again" in caplog.text
+    assert "save_every=0" in caplog.text and "run again from their start" in caplog.text
     assert stages_run["steps"] == {"nlt": 2, "le": 3}
     assert again["training"]["le/trained_params"] == first["training"]["le/trained_params"]
     assert len(losses(out / "le")) == 3  # the rerun replaced the first run's records, it did not add to them

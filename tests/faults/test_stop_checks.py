@@ -66,3 +66,38 @@ def test_fast_steps_agree_on_stopping_only_at_the_first_step_and_at_log_steps(tm
     trainer.run()
     trainer.close()
     assert checked_at == [1, 20, 40, 60]
+
+
+def test_a_stop_between_log_steps_leaves_the_logged_records_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    """log_every=4 and a stop after step 6: nothing is logged at the stop, the checkpoint keeps steps 5-6's loss
+    sums, and the resumed run's record at step 8 averages steps 5-8 as the uninterrupted run's does."""
+    straight = toy_trainer(tmp_path / "straight", steps=12, save_every=0, loop_options={"log_every": 4})
+    straight.run()
+    straight.close()
+
+    real_step = trainer_module.Trainer.train_step
+
+    def signal_after_6(self, stats):
+        real_step(self, stats)
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", signal_after_6)
+    options = {"log_every": 4, "stop_check_s": 1e-9}  # a check after every step
+    stopped = toy_trainer(tmp_path / "run", steps=12, save_every=0, loop_options=options)
+    with pytest.raises(RunInterrupted):
+        stopped.run()
+    stopped.close()
+    assert json.loads((tmp_path / "run" / "interrupted.json").read_text())["step"] == 6
+    monkeypatch.undo()
+    resumed = toy_trainer(tmp_path / "run", steps=12, save_every=0, loop_options=options, resume="auto")
+    resumed.run()
+    resumed.close()
+
+    def records(folder):
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    got, want = records(tmp_path / "run"), records(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8, 12]
+    for a, b in zip(got, want):
+        assert a["loss"] == b["loss"], a["step"]  # bit-exact: the sums are float64 and restored exactly
