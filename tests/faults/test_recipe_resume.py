@@ -228,6 +228,16 @@ def test_cvil_vqa_stopped_in_a_stage_resumes_to_the_uninterrupted_results(
     assert stages_run["steps"] == left
     assert resumed["languages"] == whole["languages"]
     assert resumed["stages"]["distill"]["distill/loss"] == whole["stages"]["distill"]["distill/loss"]
+    for stage in ("teacher/run", "distill", "target"):  # every logged loss (and the teacher's dev scores)
+        assert losses(out / stage) == losses(tmp_path / "whole" / stage), stage
+    dev = [
+        json.loads(line).get("dev")
+        for line in (out / "teacher" / "run" / METRICS_FILE).read_text().splitlines()
+    ]
+    assert dev == [
+        json.loads(line).get("dev")
+        for line in (tmp_path / "whole" / "teacher" / "run" / METRICS_FILE).read_text().splitlines()
+    ]
     for folder in ("student", "teacher"):
         for name in ("model.safetensors", HEAD_WEIGHTS):
             assert_same_tensors(load_file(out / folder / name), load_file(tmp_path / "whole" / folder / name))
