@@ -36,7 +36,7 @@ LAUNCH = REPO / "launch"
 BASH = shutil.which("bash")
 # The system tools the scripts use; they are linked one by one into the test's PATH, so that no nvidia-smi (nor
 # any other program of the machine) is found by accident.
-TOOLS = ("awk", "cat", "cut", "dirname", "grep", "head", "mktemp", "paste", "rm", "sleep", "sort")
+TOOLS = ("awk", "cat", "cut", "dirname", "find", "grep", "head", "mktemp", "paste", "rm", "sleep", "sort")
 VENV_BIN = str(Path(sys.executable).parent)  # python, with torch, as a user's activated environment has it
 
 
@@ -573,3 +573,106 @@ def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_not
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1)), output[-3000:]
     assert losses(records) == losses(two_node_run["records"])
+
+
+@pytest.fixture(scope="module")
+def recipe_world(tmp_path_factory) -> Path:
+    """English and Japanese captions, ja-en parallel text and a tokenizer that splits CJK: MLA's inputs."""
+    from cclm.data.tokenize import train_tokenizer
+
+    out = build_test_world(
+        tmp_path_factory.mktemp("recipe_world") / "w",
+        tokenizer_vocab=None,
+        num_images=64,
+        caption_langs=("en", "ja"),
+        parallel_langs=("ja",),
+        image_size=32,
+        seed=3,
+    )
+    corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    train_tokenizer(corpus, out / "tokenizer", vocab_size=300, split_cjk=True)
+    return out
+
+
+def mla_args(world: Path, output_dir: Path) -> list[str]:
+    overrides = {
+        "world": world,
+        "output_dir": output_dir,
+        "languages": "[ja]",
+        "clip.pretrained": "null",
+        "threads": 1,
+        "nlt.steps": 4,
+        "le.steps": 200,  # long enough to be signalled in
+        "data.parallel_text.batch_size": 8,
+        "data.image_caption.batch_size": 8,
+        "train.log_every": 1,
+        "train.save_every": 1000,  # only the stage ends and the signal save
+        "train.scheduler.warmup_steps": 0,
+    }
+    return ["recipe", "mla", "configs/recipes/mla_demo.yaml", *(f"{k}={v}" for k, v in overrides.items())]
+
+
+def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_as_the_uninterrupted_one(
+    recipe_world, machine
+):
+    """`sbatch launch/slurm.sbatch recipe mla CONFIG ...`: srun runs `cclm recipe`; SIGUSR1 in the second stage
+    leaves its marker in `<output_dir>/le/`, which the script finds and requeues; the requeued job (the same
+    command, resume=auto added) skips the finished stage, continues the stopped one and writes the uninterrupted
+    job's weights and losses."""
+    from safetensors.torch import load_file
+
+    env = slurm_machine(machine, 1, 1)
+    log = machine.tmp / "job.log"
+    whole = machine.tmp / "whole"
+    output = finish(sbatch(machine, env, mla_args(recipe_world, whole), log), log)
+    assert (whole / "results.json").exists(), output[-3000:]
+    (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
+    assert "cclm-task python -m cclm.cli recipe mla configs/recipes/mla_demo.yaml" in srun
+    assert srun.endswith(" resume=auto")
+
+    out = machine.tmp / "requeued"
+    Path(f"{machine.record}.pids").unlink()
+    env["MASTER_PORT"] = str(free_port())
+    proc = sbatch(machine, env, mla_args(recipe_world, out), log)
+    try:
+        deadline = time.monotonic() + 240
+        while len(metrics(out / "le")) < 3:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job logged no LE step in time"
+            time.sleep(0.05)
+        tasks = [int(pid) for pid in Path(f"{machine.record}.pids").read_text().split()]
+        for pid in step_processes(tasks):
+            os.kill(pid, signal.SIGUSR1)
+    finally:
+        output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+    marker = json.loads((out / "le" / "interrupted.json").read_text())
+    assert 3 <= marker["step"] < 200, "the job was not stopped inside LE"
+    assert Path(f"{machine.record}.scontrol").read_text() == f"requeue {JOB_ID}\n"
+    assert not (out / "results.json").exists()
+
+    Path(f"{machine.record}.pids").unlink()
+    env.update(SLURM_RESTART_COUNT="1", MASTER_PORT=str(free_port()))
+    output = finish(sbatch(machine, env, mla_args(recipe_world, out), log), log)
+    assert "slurm.sbatch: job 4242 (restart 1)" in output and (out / "results.json").exists(), output[-3000:]
+    assert not (out / "le" / "interrupted.json").exists()
+    assert Path(f"{machine.record}.scontrol").read_text() == f"requeue {JOB_ID}\n"  # not requeued again
+    for stage in ("nlt", "le"):
+        assert losses(metrics(out / stage)) == losses(metrics(whole / stage)), stage
+    a, b = load_file(out / "acquired.safetensors"), load_file(whole / "acquired.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sbatch_names_an_unknown_recipe(machine):
+    result = subprocess.run(
+        [BASH, str(SBATCH), "recipe", "nope", "configs/recipes/mla_demo.yaml"],
+        cwd=REPO,
+        env=slurm_machine(machine, 1, 1),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert (
+        "slurm.sbatch: unknown recipe 'nope': one of ['cvil', 'cvil_vqa', 'english-clip', 'mla']"
+        in result.stderr
+    )
