@@ -26,17 +26,27 @@ SENTENCES = [
 ]
 
 
-def build_test_world(out: Path, tokenizer_vocab: int | None = 400, **world_options) -> Path:
+def build_test_world(
+    out: Path, tokenizer_vocab: int | None = 400, split_cjk: bool = False, **world_options
+) -> Path:
     """A synthetic world in ``out`` (``data_prep.world.build_world`` options) and, unless ``tokenizer_vocab`` is
-    None, a tokenizer trained on its text in ``out/tokenizer``."""
+    None, a tokenizer trained on its text in ``out/tokenizer`` (``split_cjk``: CJK characters one by one, as
+    MLA's multilingual embedding wants)."""
     from cclm.data.tokenize import train_tokenizer
     from data_prep.world.build import build_world
 
     build_world(out, **world_options)
     if tokenizer_vocab:
         corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-        train_tokenizer(corpus, out / "tokenizer", vocab_size=tokenizer_vocab)
+        train_tokenizer(corpus, out / "tokenizer", vocab_size=tokenizer_vocab, split_cjk=split_cjk)
     return out
+
+
+def build_mla_world(out: Path, num_images: int, tokenizer_vocab: int = 300, **world_options) -> Path:
+    """MLA's inputs: English and Japanese captions, ja-en parallel text, 32 px images and a tokenizer that splits
+    CJK characters; ``world_options`` add to or replace those."""
+    options = {"caption_langs": ("en", "ja"), "parallel_langs": ("ja",), "image_size": 32, **world_options}
+    return build_test_world(out, tokenizer_vocab, split_cjk=True, num_images=num_images, **options)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from cclm.recipes.clip import build_clip, build_clip_tokenizer
 from cclm.recipes.mla import MLAModel
 from cclm.recipes.mla_run import FINETUNED_CLIP, run_mla
 
-from .conftest import build_test_world
+from .conftest import build_mla_world
 
 REPO = Path(__file__).resolve().parent.parent
 MLA_YAML = REPO / "configs" / "recipes" / "mla_demo.yaml"
@@ -29,23 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from cclm.data.tokenize import train_tokenizer
-
-    out = build_test_world(
-        tmp_path_factory.mktemp("mla_world") / "world",
-        tokenizer_vocab=None,
-        num_images=160,
-        caption_langs=("en", "ja"),
-        parallel_langs=("ja",),
-        image_size=32,
-        seed=0,
-        heldout_images=20,
-        heldout_langs=("en", "ja"),
-        xvnli_images=10,
+    world = tmp_path_factory.mktemp("mla_world") / "world"
+    return build_mla_world(
+        world, 160, 400, seed=0, heldout_images=20, heldout_langs=("en", "ja"), xvnli_images=10
     )
-    corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(corpus, out / "tokenizer", vocab_size=400, split_cjk=True)
-    return out
 
 
 def mla_cfg(world: Path, out: Path, *overrides: str):

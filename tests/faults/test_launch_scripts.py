@@ -29,7 +29,7 @@ import torch
 
 from cclm.runtime.env import free_port
 
-from ..conftest import build_test_world
+from ..conftest import build_mla_world, build_test_world
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -531,6 +531,24 @@ def step_processes(task_pids: list[int]) -> list[int]:
     return found
 
 
+def signalled_job(machine, env, args, log: Path, watched: Path, records: int) -> tuple[subprocess.Popen, str]:
+    """Run a job and, once ``watched/metrics.jsonl`` holds ``records`` records, send SIGUSR1 as SLURM does: to
+    every process of the job step, the tasks and their DataLoader workers. Returns the finished job and its log."""
+    proc = sbatch(machine, env, args, log)
+    try:
+        deadline = time.monotonic() + 240
+        while len(metrics(watched)) < records:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the job logged no {records} records in {watched} in time"
+            time.sleep(0.05)
+        tasks = [int(pid) for pid in Path(f"{machine.record}.pids").read_text().split()]
+        for pid in step_processes(tasks):
+            os.kill(pid, signal.SIGUSR1)
+    finally:
+        output = finish(proc, log)
+    return proc, output
+
+
 def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_nothing(
     two_node_run, world, machine
 ):
@@ -540,19 +558,7 @@ def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_not
     env = slurm_machine(machine, 2, 1)
     out = machine.tmp / "requeued"
     log = machine.tmp / "job.log"
-    proc = sbatch(machine, env, pretrain_args(world, out), log)
-    try:
-        deadline = time.monotonic() + 240
-        while len(metrics(out)) < 2:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the job logged no step in time"
-            time.sleep(0.1)
-        # as SLURM does: every process of the job step, the tasks and their DataLoader workers
-        tasks = [int(pid) for pid in Path(f"{machine.record}.pids").read_text().split()]
-        for pid in step_processes(tasks):
-            os.kill(pid, signal.SIGUSR1)
-    finally:
-        output = finish(proc, log)
+    proc, output = signalled_job(machine, env, pretrain_args(world, out), log, out, records=2)
     assert proc.returncode == 0, output[-3000:]
     marker = json.loads((out / "interrupted.json").read_text())
     assert set(marker) == {"step", "signal", "checkpoint"} and marker["signal"] == "SIGUSR1"
@@ -578,20 +584,7 @@ def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_not
 @pytest.fixture(scope="module")
 def recipe_world(tmp_path_factory) -> Path:
     """English and Japanese captions, ja-en parallel text and a tokenizer that splits CJK: MLA's inputs."""
-    from cclm.data.tokenize import train_tokenizer
-
-    out = build_test_world(
-        tmp_path_factory.mktemp("recipe_world") / "w",
-        tokenizer_vocab=None,
-        num_images=64,
-        caption_langs=("en", "ja"),
-        parallel_langs=("ja",),
-        image_size=32,
-        seed=3,
-    )
-    corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(corpus, out / "tokenizer", vocab_size=300, split_cjk=True)
-    return out
+    return build_mla_world(tmp_path_factory.mktemp("recipe_world") / "w", 64, seed=3)
 
 
 def mla_args(world: Path, output_dir: Path) -> list[str]:
@@ -633,18 +626,7 @@ def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_a
     out = machine.tmp / "requeued"
     Path(f"{machine.record}.pids").unlink()
     env["MASTER_PORT"] = str(free_port())
-    proc = sbatch(machine, env, mla_args(recipe_world, out), log)
-    try:
-        deadline = time.monotonic() + 240
-        while len(metrics(out / "le")) < 3:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the job logged no LE step in time"
-            time.sleep(0.05)
-        tasks = [int(pid) for pid in Path(f"{machine.record}.pids").read_text().split()]
-        for pid in step_processes(tasks):
-            os.kill(pid, signal.SIGUSR1)
-    finally:
-        output = finish(proc, log)
+    proc, output = signalled_job(machine, env, mla_args(recipe_world, out), log, out / "le", records=3)
     assert proc.returncode == 0, output[-3000:]
     marker = json.loads((out / "le" / "interrupted.json").read_text())
     assert 3 <= marker["step"] < 200, "the job was not stopped inside LE"

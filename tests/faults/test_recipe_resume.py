@@ -22,7 +22,7 @@ from cclm.recipes.mla_run import ACQUIRED_WEIGHTS, FINETUNED_CLIP, run_mla
 from cclm.runtime.logging import METRICS_FILE
 from cclm.tasks.task_model import HEAD_WEIGHTS
 
-from ..conftest import build_test_world
+from ..conftest import build_mla_world
 
 REPO = Path(__file__).resolve().parents[2]
 MLA_YAML = REPO / "configs" / "recipes" / "mla_demo.yaml"
@@ -33,22 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from cclm.data.tokenize import train_tokenizer
-
-    out = build_test_world(
-        tmp_path_factory.mktemp("resume_world") / "world",
-        tokenizer_vocab=None,
-        num_images=120,
-        caption_langs=("en", "ja"),
-        parallel_langs=("ja",),
-        image_size=32,
-        seed=0,
-        heldout_images=16,
-        heldout_langs=("en", "ja"),
-    )
-    corpus = (out / "text" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(corpus, out / "tokenizer", vocab_size=300, split_cjk=True)
-    return out
+    world = tmp_path_factory.mktemp("resume_world") / "world"
+    return build_mla_world(world, 120, seed=0, heldout_images=16, heldout_langs=("en", "ja"))
 
 
 @pytest.fixture
