@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from cclm.errors import UserError
 from cclm.text_safety import printable
@@ -81,3 +82,18 @@ def run_module(command: str, main: Callable[[list[str]], int | None]) -> None:
     """The ``__main__`` block of a command module that launchers start with ``python -m``: exit with
     :func:`run_command`'s status."""
     sys.exit(run_command(command, main, [command, *sys.argv[1:]]))
+
+
+def resolve_model_setting(value: str, key: str) -> str:
+    """The cclm model folder a config key (``pretrained``, ``init_from``) names: a folder as it is; a released
+    model's name (:mod:`cclm.inference.registry`) or ``hf-hub:ORG/NAME`` fetched, or converted, once into the cache
+    and that folder returned. Every rank of a job may call it at once: the Hub client and the converter hold a
+    file lock per model, so one process fetches and the others then read the cache."""
+    if Path(value).expanduser().is_dir():
+        return value
+    from cclm.inference.api import resolve_model_folder
+
+    try:
+        return str(resolve_model_folder(value))
+    except (FileNotFoundError, UserError) as err:
+        raise UserError(f"{key}={value}: {err}") from None

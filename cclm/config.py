@@ -451,8 +451,9 @@ class PretrainConfig:
     # A fresh run (no resume) into an output_dir holding a run is refused unless True: the old run is moved
     # aside to <output_dir>.old-<time>, never deleted.
     overwrite: bool = False
-    # Continued pretraining: a cclm model folder whose weights start the run (its model config must match
-    # `model`; parameters it lacks, e.g. a box head, start fresh and are logged). Optimizer and data start anew.
+    # Continued pretraining: a cclm model folder, a released model's name or hf-hub:ORG/NAME (`cclm pretrain`
+    # fetches it once) whose weights start the run (its model config must match `model`; parameters it lacks,
+    # e.g. a box head, start fresh and are logged). Optimizer and data start anew.
     init_from: str | None = None
 
 
@@ -577,7 +578,9 @@ class FinetuneConfig:
     protocol: Protocol = Protocol.zero_shot
     # only these languages' test / translate-test / few-shot files (empty = every language the config names)
     languages: list[str] = field(default_factory=list)
-    pretrained: str | None = None  # cclm model folder to fine-tune from (zero-shot); None = random tiny init
+    # cclm model folder to fine-tune from (zero-shot), or a released model's name / hf-hub:ORG/NAME (`cclm finetune`
+    # fetches it once); None = random init from `model`
+    pretrained: str | None = None
     checkpoint: str | None = None  # fine-tuned task model folder (few-shot start, evaluation)
     model: str | None = None  # model config yaml for a random init when `pretrained` is None
     tokenizer: str | None = None  # random init only: tokenizer folder; None = train one on the training texts

@@ -21,6 +21,7 @@ from cclm.train.export import main as export_main
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["a red circle above a blue square", "青い四角の上に赤い丸"]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture
@@ -153,3 +154,59 @@ def test_a_folder_whose_card_was_deleted_gets_the_card_save_pretrained_writes(ti
     card = hub.repos["cclm-org/no-card"]["README.md"].decode()
     assert "library_name: cclm" in card and "## Architecture" in card and "| text layers |" in card
     assert not (tiny_model_dir / "README.md").exists()  # the folder on disk is left as it was
+
+
+def test_finetuning_and_pretraining_take_a_hub_name_where_they_took_a_folder(
+    tmp_path, offline_cache, tiny_model_dir, monkeypatch
+):
+    """`pretrained=` of `cclm finetune` and `init_from=` of `cclm pretrain` name a model the way `cclm.load` does:
+    hf-hub:ORG/NAME resolves to its cached snapshot (folders pass unchanged); a name that is neither is one error
+    naming the key."""
+    from cclm.cli_args import resolve_model_setting
+    from cclm.errors import UserError
+    from cclm.tasks import cli as finetune_cli
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    snapshot = put_in_hub_cache(offline_cache, "cclm-org/tiny", files)
+    assert resolve_model_setting("hf-hub:cclm-org/tiny", "pretrained") == str(snapshot)
+    assert resolve_model_setting(str(tiny_model_dir), "init_from") == str(tiny_model_dir)
+    with pytest.raises(
+        UserError, match=r"^init_from=no-such-model: 'no-such-model' is neither a model folder"
+    ):
+        resolve_model_setting("no-such-model", "init_from")
+
+    pytest.importorskip("easy_vqa")
+    from cclm.tasks import protocols
+
+    seen, real_run_zero_shot = [], protocols.run_zero_shot
+
+    def recording(cfg):
+        seen.append(cfg.pretrained)
+        return real_run_zero_shot(cfg)
+
+    monkeypatch.setattr(protocols, "run_zero_shot", recording)
+    config = REPO_CONFIGS / "finetune" / "easy_vqa.yaml"
+    overrides = ["pretrained=hf-hub:cclm-org/tiny", f"output_dir={tmp_path / 'run'}", "data.max_examples=8"]
+    overrides += ["train.max_steps=1", "train.batch_size=4", "train.device=cpu"]
+    assert finetune_cli.main(["finetune", str(config), *overrides]) == 0
+    assert seen == [str(snapshot)]
+    assert (tmp_path / "run" / "results" / "easy_vqa" / "zero_shot.json").exists()
+
+
+def test_pretraining_resolves_init_from_before_it_starts(
+    tmp_path, offline_cache, tiny_model_dir, monkeypatch
+):
+    from cclm.train import cli as pretrain_cli
+    from cclm.train import pretrain as pretrain_module
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    snapshot = put_in_hub_cache(offline_cache, "cclm-org/tiny", files)
+    seen = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda cfg: seen.append(cfg.init_from) or {})
+    argv = ["pretrain", str(REPO_CONFIGS / "pretrain" / "demo.yaml"), "init_from=hf-hub:cclm-org/tiny"]
+    argv += [f"model.text.tokenizer={tiny_model_dir}", f"output_dir={tmp_path / 'run'}"]
+    argv += [
+        f"data.{stream}.shards={tmp_path}/shard-000000.tar" for stream in ("image_caption", "parallel_text")
+    ]
+    assert pretrain_cli.main(argv) == 0
+    assert seen == [str(snapshot)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from cclm.cli_args import resolve_model_setting
 from cclm.config import ConfigError, FinetuneConfig, ModelConfig, load_config, require
 from cclm.runtime.stop_signal import holds_stop_signal
 
@@ -50,6 +51,8 @@ def _run(argv: list[str], command: str, usage: str) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     if command == "finetune":
         _check_random_init_model(cfg)
+        if cfg.pretrained:
+            cfg.pretrained = resolve_model_setting(cfg.pretrained, "pretrained")
     try:
         if command == "evaluate":
             tables = protocols.evaluate_checkpoint(cfg)

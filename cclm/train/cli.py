@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cclm.cli_args import add_config_arguments, run_module, start_logging
+from cclm.cli_args import add_config_arguments, resolve_model_setting, run_module, start_logging
 from cclm.config import PretrainConfig, load_config, require_complete
 from cclm.runtime.stop_signal import holds_stop_signal
 
@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
     # Before any data, process group or output folder: a misspelt field or an unknown model name fails now.
     check_vision_config(cfg.model.vision, "model.vision")
     check_text_config(cfg.model.text, "model.text")
+    if cfg.init_from:
+        cfg.init_from = resolve_model_setting(cfg.init_from, "init_from")
     from cclm.train.pretrain import pretrain
 
     result = pretrain(cfg)
