@@ -90,7 +90,7 @@ def resolve_model_setting(value: str, key: str) -> str:
     and that folder returned. Every rank of a job may call it at once: the Hub client and the converter hold a
     file lock per model, so one process fetches and the others then read the cache."""
     if Path(value).expanduser().is_dir():
-        return value
+        return str(Path(value).expanduser())
     from cclm.inference.api import resolve_model_folder
 
     try:

@@ -90,6 +90,45 @@ def test_domain_pretraining_runs_before_fine_tuning_at_the_pretrained_size(
     assert seen_sizes == []
 
 
+def test_a_domain_pretraining_stage_stopped_by_sigusr1_resumes_from_its_checkpoint(
+    iglue_dir, tmp_path, pretrained_dir, monkeypatch
+):
+    """SLURM's signal during the NLVR stage of a MaRVL job: the stage saves and the job exits 0; the requeued job
+    (resume=auto) continues the stage from that checkpoint, trains only its remaining steps, then fine-tunes."""
+    import os
+    import signal
+
+    from cclm.errors import RunInterrupted
+    from cclm.runtime import trainer as trainer_module
+
+    cfg = marvl_config(
+        iglue_dir, tmp_path, pretrained_dir, write_caption_shards(tmp_path / "shards"), steps=4
+    )
+    cfg.domain_pretrain.log_every = 1  # the stage agrees on stopping at every step
+    make_placeholder_images(cfg)
+    real_step, trained = trainer_module.Trainer.train_step, []
+
+    def step(self, stats):
+        real_step(self, stats)
+        trained.append((self.output_dir.name, self.step))
+        if self.output_dir.name == "domain_pretrain" and self.step == 2 and cfg.resume is None:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    with pytest.raises(RunInterrupted):
+        protocols.run_zero_shot(cfg)
+    stage = tmp_path / "run" / "domain_pretrain"
+    assert json.loads((stage / "interrupted.json").read_text())["step"] == 2
+    assert not (stage / "model").exists()
+
+    trained.clear()
+    cfg.resume = "auto"
+    protocols.run_zero_shot(cfg)
+    assert [s for name, s in trained if name == "domain_pretrain"] == [3, 4]  # from the step-2 checkpoint
+    assert (stage / "model" / "task.json").is_file() and (tmp_path / "run" / "model" / "task.json").is_file()
+    assert [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+
 def test_a_config_that_cannot_run_the_stage_is_refused_before_anything_runs(
     iglue_dir, tmp_path, pretrained_dir
 ):

@@ -78,6 +78,8 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
             max_steps=int(stage.steps),
             log_every=int(stage.log_every),
             grad_clip=cfg.train.grad_clip,
+            save_every=int(cfg.train.save_every),
+            keep_last=int(cfg.train.keep_last),
             desc=STAGE,
             seed=cfg.train.seed,
             collective_timeout_s=cfg.train.collective_timeout_s,
@@ -93,6 +95,7 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
         output_dir=folder,
         lr_mults=multipliers(objective.head_parameter_names(), float(stage.head_lr_mult)),
         run_config=to_dict(cfg),
+        resume=cfg.resume,
         overwrite=cfg.overwrite,
     )
     try:

@@ -354,6 +354,7 @@ def _model_yaml(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_ROOT / "model" / f"{name}.yaml"
 
 
+@holds_stop_signal  # NLVR domain pretraining, then fine-tuning: a signal between them is kept
 def run_zero_shot(cfg: FinetuneConfig) -> dict:
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is read or written
     if SelectOn(str(cfg.train.select_on)) != SelectOn.dev:

@@ -584,7 +584,8 @@ def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_not
 @pytest.fixture(scope="module")
 def recipe_world(tmp_path_factory) -> Path:
     """English and Japanese captions, ja-en parallel text and a tokenizer that splits CJK: MLA's inputs."""
-    return build_mla_world(tmp_path_factory.mktemp("recipe_world") / "w", 64, seed=3)
+    world = tmp_path_factory.mktemp("recipe_world") / "w"
+    return build_mla_world(world, 64, seed=3, heldout_images=8, heldout_langs=("en", "ja"), xvnli_images=4)
 
 
 def mla_args(world: Path, output_dir: Path) -> list[str]:
@@ -593,7 +594,6 @@ def mla_args(world: Path, output_dir: Path) -> list[str]:
         "output_dir": output_dir,
         "languages": "[ja]",
         "clip.pretrained": "null",
-        "threads": 1,
         "nlt.steps": 4,
         "le.steps": 200,  # long enough to be signalled in
         "data.parallel_text.batch_size": 8,
@@ -602,14 +602,17 @@ def mla_args(world: Path, output_dir: Path) -> list[str]:
         "train.save_every": 1000,  # only the stage ends and the signal save
         "train.scheduler.warmup_steps": 0,
     }
-    return ["recipe", "mla", "configs/recipes/mla_demo.yaml", *(f"{k}={v}" for k, v in overrides.items())]
+    # --threads among the overrides, as `cclm recipe` takes it: the script must not read it as a config key
+    settings = [f"{k}={v}" for k, v in overrides.items()]
+    return ["recipe", "mla", "configs/recipes/mla_demo.yaml", *settings[:3], "--threads", "1", *settings[3:]]
 
 
 def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_as_the_uninterrupted_one(
     recipe_world, machine
 ):
-    """`sbatch launch/slurm.sbatch recipe mla CONFIG ...`: srun runs `cclm recipe`; SIGUSR1 in the second stage
-    leaves its marker in `<output_dir>/le/`, which the script finds and requeues; the requeued job (the same
+    """`sbatch launch/slurm.sbatch recipe mla CONFIG ... --threads 1 ...`: srun runs `cclm recipe`; SIGUSR1 in the
+    second stage leaves its marker in `<output_dir>/le/` (output_dir a symbolic link), which the script finds and
+    requeues; the requeued job (the same
     command, resume=auto added) skips the finished stage, continues the stopped one and writes the uninterrupted
     job's weights and losses."""
     from safetensors.torch import load_file
@@ -621,9 +624,13 @@ def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_a
     assert (whole / "results.json").exists(), output[-3000:]
     (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
     assert "cclm-task python -m cclm.cli recipe mla configs/recipes/mla_demo.yaml" in srun
+    assert " --threads 1 " in srun  # passed on to cclm recipe, left out of the config the script reads
     assert srun.endswith(" resume=auto")
 
+    # output_dir a symbolic link to the folder that holds the run (scratch space): the marker is still found
     out = machine.tmp / "requeued"
+    (machine.tmp / "scratch").mkdir()
+    out.symlink_to(machine.tmp / "scratch")
     Path(f"{machine.record}.pids").unlink()
     env["MASTER_PORT"] = str(free_port())
     proc, output = signalled_job(machine, env, mla_args(recipe_world, out), log, out / "le", records=3)
