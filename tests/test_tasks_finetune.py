@@ -423,6 +423,36 @@ def test_schedule_warms_up_then_decays_to_zero_at_the_end():
     assert factor(0, warmup=0) == 1.0
 
 
+class TrainedSteps(list):
+    """(output folder name, step) of every step a run trained; ``result``: what the run returned."""
+
+    result: object = None
+
+
+def crash_then_resume(monkeypatch, run, crashing_cfg, resumed_cfg, crash_before) -> TrainedSteps:
+    """``run(crashing_cfg)`` dies with an injected error before the first step where ``crash_before(trainer)``;
+    then ``run(resumed_cfg)`` with ``resume=auto``, recording every step it trains."""
+    real_step, trained = trainer_module.Trainer.train_step, TrainedSteps()
+
+    def crashing_step(self, stats):
+        if crash_before(self):
+            raise RuntimeError(f"injected crash at step {self.step + 1} of {self.output_dir.name}")
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(crashing_cfg)
+
+    def counting_step(self, stats):
+        trained.append((self.output_dir.name, self.step + 1))
+        return real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_step)
+    resumed_cfg.resume = "auto"
+    trained.result = run(resumed_cfg)
+    return trained
+
+
 def test_finetuning_resumes_exactly_after_a_crash(iglue_dir, tmp_path, pretrained_dir, monkeypatch):
     """A fine-tuning run that dies after its step-3 checkpoint and is resumed (``resume=auto``) trains steps 4-8
     again and ends exactly where the uninterrupted run ends: same losses, same dev selection, same weights.
@@ -443,28 +473,10 @@ def test_finetuning_resumes_exactly_after_a_crash(iglue_dir, tmp_path, pretraine
     make_placeholder_images(straight)
     protocols.run_zero_shot(straight)
 
-    real_step = trainer_module.Trainer.train_step
-    trained_steps = []
-
-    def crashing_step(self, stats):
-        if self.step == 5:
-            raise RuntimeError("injected crash after step 5")
-        return real_step(self, stats)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        protocols.run_zero_shot(config("resumed"))
-
-    def counting_step(self, stats):
-        trained_steps.append(self.step + 1)
-        return real_step(self, stats)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_step)
-    resumed = config("resumed")
-    resumed.resume = "auto"
-    protocols.run_zero_shot(resumed)
-
-    assert trained_steps == [4, 5, 6, 7, 8]  # really resumed from the step-3 checkpoint
+    trained = crash_then_resume(
+        monkeypatch, protocols.run_zero_shot, config("resumed"), config("resumed"), lambda t: t.step == 5
+    )
+    assert [step for _, step in trained] == [4, 5, 6, 7, 8]  # really resumed from the step-3 checkpoint
     expected = [
         json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -517,27 +529,18 @@ def test_a_few_shot_sweep_resumes_where_it_stopped(iglue_dir, tmp_path, pretrain
     make_placeholder_images(straight)
     expected = protocols.run_few_shot(straight)["few_shot"]
 
-    real_step = trainer_module.Trainer.train_step
-    trained: list[tuple[str, int]] = []
-
-    def crashing_step(self, stats):
-        if self.output_dir.name == "lr_0.003" and self.step == 3:
-            raise RuntimeError("injected crash in step 4 of the second learning rate")
-        return real_step(self, stats)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        protocols.run_few_shot(config("resumed"))
-
-    def counting_step(self, stats):
-        trained.append((self.output_dir.name, self.step + 1))
-        return real_step(self, stats)
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", counting_step)
-    resumed = config("resumed")
-    resumed.resume = "auto"
-    got = protocols.run_few_shot(resumed)["few_shot"]
-    assert trained == [("lr_0.003", 3), ("lr_0.003", 4)]  # lr 1e-4 had finished; 3e-3 resumed at its step 2
+    trained = crash_then_resume(  # in step 4 of the second learning rate
+        monkeypatch,
+        protocols.run_few_shot,
+        config("resumed"),
+        config("resumed"),
+        lambda t: t.output_dir.name == "lr_0.003" and t.step == 3,
+    )
+    got = trained.result["few_shot"]
+    assert list(trained) == [
+        ("lr_0.003", 3),
+        ("lr_0.003", 4),
+    ]  # lr 1e-4 had finished; 3e-3 resumed at its step 2
     assert got["rows"][0]["dev_by_lr"] == pytest.approx(expected["rows"][0]["dev_by_lr"], abs=1e-6)
     for key in ("lr", "dev", "accuracy"):
         assert got["rows"][0][key] == pytest.approx(expected["rows"][0][key], abs=1e-6), key
