@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from cclm.cli_args import DEBUG_VARIABLE, run_command
+from cclm.cli_args import DEBUG_VARIABLE, resolve_model_setting, run_command
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": (
@@ -79,9 +79,7 @@ def _resolved_checkpoint(arg: str) -> str:
 
     if not (hub.is_hub_name(value) or registry.is_pretrained_name(value)):
         return arg
-    from cclm.inference.api import resolve_model_folder
-
-    return f"checkpoint={resolve_model_folder(value)}"
+    return f"checkpoint={resolve_model_setting(value, 'checkpoint')}"
 
 
 def main(argv: list[str] | None = None) -> int:
