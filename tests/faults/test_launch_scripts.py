@@ -665,3 +665,20 @@ def test_sbatch_names_an_unknown_recipe(machine):
         "slurm.sbatch: unknown recipe 'nope': one of ['cvil', 'cvil_vqa', 'english-clip', 'mla']"
         in result.stderr
     )
+
+
+def test_sbatch_runs_a_finetuning_job(machine, tiny_model_dir):
+    """`sbatch launch/slurm.sbatch finetune CONFIG ...`: srun runs `cclm finetune` with resume=auto; the script
+    reads output_dir from the fine-tuning config; a finished job is not requeued."""
+    pytest.importorskip("easy_vqa")
+    out = machine.tmp / "easy"
+    args = ["finetune", "configs/finetune/easy_vqa.yaml", f"pretrained={tiny_model_dir}", f"output_dir={out}"]
+    args += ["data.max_examples=8", "train.max_steps=2", "train.batch_size=4", "train.device=cpu"]
+    log = machine.tmp / "job.log"
+    output = finish(sbatch(machine, slurm_machine(machine, 1, 1), args, log), log)
+    assert f"output_dir {out}" in output, output[-3000:]
+    (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
+    assert "cclm-task python -m cclm.cli finetune configs/finetune/easy_vqa.yaml" in srun
+    assert srun.endswith(" resume=auto")
+    assert (out / "results" / "easy_vqa" / "zero_shot.json").exists(), output[-3000:]
+    assert not Path(f"{machine.record}.scontrol").exists()
