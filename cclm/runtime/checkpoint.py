@@ -36,6 +36,12 @@ from safetensors.torch import save_file
 
 from cclm.errors import CheckpointError
 from cclm.runtime.env import barrier, dist_info
+from cclm.runtime.rank_writes import (
+    RankWrites,
+    deferring_write_errors,
+    is_write_failure,
+    write_error_cause,
+)
 
 log = logging.getLogger("cclm.train")
 
@@ -186,10 +192,10 @@ def save(
     barrier()
     try:
         _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
-        if not _is_write_failure(err):
+    except (OSError, RuntimeError) as err:  # a write that failed outside the agreed ones (a one-rank run)
+        if not is_write_failure(err):
             raise
-        raise _write_failed(path, output_dir, err) from err
+        raise _write_failed(path, output_dir, write_error_cause(err)) from err
     barrier()
     if rank == 0:
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
@@ -199,50 +205,42 @@ def save(
 
 
 def _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files) -> None:
-    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-    (path / f"rank{rank}_state.json").write_text(
-        json.dumps({"step": step, "data": data_state, "rng": rng_state(), "trainer": trainer_state or {}})
-    )
-    weights = gather_fp32_state_dict(engine)
+    """Every rank's part of a save. A write that fails on one rank stops every rank with the same error, naming
+    the rank (:mod:`cclm.runtime.rank_writes`): the ranks agree before ``complete.json`` and after it."""
+    writes = RankWrites()
+    with deferring_write_errors(engine, writes):
+        engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+    state = {"step": step, "data": data_state, "rng": rng_state(), "trainer": trainer_state or {}}
+    writes.run((path / f"rank{rank}_state.json").write_text, json.dumps(state))
+    weights = gather_fp32_state_dict(engine)  # a collective: also on a rank whose writes failed
     if rank == 0:
         # named_parameters lists a tied tensor once (the MLM decoder shares the word embeddings).
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(path / FP32_WEIGHTS))
-        (path / CONFIG).write_text(json.dumps(run_config, indent=2))
+        writes.run(save_file, {k: v.contiguous() for k, v in weights.items()}, str(path / FP32_WEIGHTS))
+        writes.run((path / CONFIG).write_text, json.dumps(run_config, indent=2))
         for name, source in (extra_files or {}).items():
-            shutil.copy2(source, path / name)
-    barrier()
+            writes.run(shutil.copy2, source, path / name)
+    _stop_on_failure(writes, path, root.parent)
     if rank == 0:
         record = {"step": step, "world_size": dist_info()[1], "files": manifest(path)}
-        _atomic_write(path / COMPLETE, json.dumps(record, indent=1))
+        writes.run(_atomic_write, path / COMPLETE, json.dumps(record, indent=1))
+    _stop_on_failure(writes, path, root.parent)
 
 
-def _is_write_failure(err: BaseException) -> bool:
-    """An OSError, or a RuntimeError that is not a collective's or the device's own (those keep their message)."""
-    if isinstance(err, OSError):
-        return True
-    not_writes = tuple(
-        kind
-        for kind in (getattr(torch.distributed, "DistError", None), getattr(torch, "OutOfMemoryError", None))
-        if isinstance(kind, type)
-    )
-    return not isinstance(err, not_writes) and "CUDA" not in str(err)
+def _stop_on_failure(writes: RankWrites, path: Path, output_dir: Path) -> None:
+    failure = writes.failure()  # a collective
+    if failure is not None:
+        barrier()  # every rank is done with the folder before any removes it
+        raise _write_failed(path, output_dir, failure) from writes.error
 
 
-def _write_failed(path: Path, output_dir: str | Path, err: BaseException) -> CheckpointError:
+def _write_failed(path: Path, output_dir: str | Path, cause: str) -> CheckpointError:
     """The partial folder removed (it frees what it took, and is never mistaken for a checkpoint); the error
     names the cause and the newest intact checkpoint."""
     shutil.rmtree(path, ignore_errors=True)
     return CheckpointError(
-        f"checkpoint {path} could not be written ({write_error_cause(err)}): the partial folder was removed; "
+        f"checkpoint {path} could not be written ({cause}): the partial folder was removed; "
         f"{resume_hint(output_dir)}"
     )
-
-
-def write_error_cause(err: BaseException) -> str:
-    """An OSError's reason (``No space left on device``), else the first line of the message."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def resume_hint(output_dir: str | Path) -> str:

@@ -45,7 +45,7 @@ from cclm.config import (
     TrainConfig,
     ViewSchedule,
 )
-from cclm.errors import RunInterrupted, UserError
+from cclm.errors import CheckpointError, RunInterrupted, UserError
 from cclm.runtime import checkpoint, stop_signal
 from cclm.runtime.config_changes import config_changes, report_changes
 from cclm.runtime.engine import (
@@ -59,6 +59,7 @@ from cclm.runtime.env import DistEnv, barrier, to_device
 from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import METRICS_FILE, RunLogger, truncate_metrics
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
+from cclm.runtime.rank_writes import RankWrites, write_error_cause
 from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.stop_checks import STOP_CHECK_S, StopCheckSchedule
 from cclm.runtime.watchdog import Watchdog
@@ -454,7 +455,7 @@ class Trainer:
         except OSError as err:
             raise UserError(
                 f"{self.output_dir / METRICS_FILE} could not be written at step {self.step} "
-                f"({checkpoint.write_error_cause(err)}); {checkpoint.resume_hint(self.output_dir)}"
+                f"({write_error_cause(err)}); {checkpoint.resume_hint(self.output_dir)}"
             ) from err
 
     def _phase(self, phase: str) -> None:
@@ -525,14 +526,24 @@ class Trainer:
         return result
 
     def _write_best(self) -> None:
+        """The selected weights into ``<output_dir>/best/`` (main rank); a write that fails stops every rank with
+        one error naming the file, the cause and the checkpoint to resume from."""
         weights = checkpoint.gather_fp32_state_dict(self.engine)  # a collective under ZeRO-3
+        writes, best = RankWrites(), self.output_dir / BEST_DIR
         if self.env.is_main:
-            best = self.output_dir / BEST_DIR
-            best.mkdir(parents=True, exist_ok=True)
             tmp = best / (BEST_WEIGHTS + ".tmp")
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-            os.replace(tmp, best / BEST_WEIGHTS)
-            (best / BEST_INFO).write_text(json.dumps(self.selection.state()))
+            writes.run(best.mkdir, parents=True, exist_ok=True)
+            writes.run(save_file, {k: v.contiguous() for k, v in weights.items()}, str(tmp))
+            writes.run(os.replace, tmp, best / BEST_WEIGHTS)
+            writes.run((best / BEST_INFO).write_text, json.dumps(self.selection.state()))
+            if writes.error is not None:
+                tmp.unlink(missing_ok=True)
+        failure = writes.failure()  # a collective
+        if failure is not None:
+            raise CheckpointError(
+                f"the best weights so far (step {self.step}) could not be written to {best} ({failure}); "
+                f"{checkpoint.resume_hint(self.output_dir)}"
+            ) from writes.error
         barrier()
 
     def save(self) -> Path:

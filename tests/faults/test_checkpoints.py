@@ -277,6 +277,44 @@ def test_a_full_disk_while_saving_stops_the_run_naming_the_intact_checkpoint(tmp
     assert sorted(losses(run)) == list(range(1, 7))
 
 
+def test_a_full_disk_while_keeping_the_best_weights_stops_the_run_naming_them(tmp_path, monkeypatch):
+    """A run that selects by an evaluation metric keeps the best weights in <output_dir>/best/: when that write
+    fails (step 4's evaluation is the best so far), the run stops with one error naming the folder, the cause and
+    step 2 to resume from; no half-written file is left beside the weights of step 2's evaluation."""
+    from cclm.runtime import trainer as trainer_module
+
+    scores = iter([0.1, 0.5, 0.2])
+    real_save_file = trainer_module.save_file
+    evaluations = []
+
+    def full_disk_after_the_first(tensors, filename):
+        evaluations.append(filename)
+        if len(evaluations) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        real_save_file(tensors, filename)
+
+    monkeypatch.setattr(trainer_module, "save_file", full_disk_after_the_first)
+    run = tmp_path / "run"
+    trainer = toy_trainer(
+        run,
+        steps=6,
+        save_every=2,
+        loop_options={"eval_every": 2, "select_metric": "score"},
+        evaluate=lambda module: {"score": next(scores)},
+    )
+    with pytest.raises(CheckpointError) as failed:
+        trainer.run()
+    trainer.close()
+    message = str(failed.value)
+    assert (
+        f"best weights so far (step 4) could not be written to {run / 'best'} (No space left on device)"
+        in (message)
+    )
+    assert "newest intact checkpoint is step_00000002" in message
+    assert sorted(p.name for p in (run / "best").iterdir()) == ["best.json", "model_fp32.safetensors"]
+    assert json.loads((run / "best" / "best.json").read_text())["best_step"] == 2
+
+
 def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):
     monkeypatch.setattr(
         checkpoint, "save_file", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
