@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -858,29 +859,74 @@ class CViLVQARecipeConfig:
 
 
 # ------------------------------------------------------------------------------------------------- loading
+def _nested(schema: Any, f) -> Any:
+    """The dataclass a field of ``schema`` holds (its default, or the type of an optional section that defaults
+    to None, e.g. ``data.regions``), else None."""
+    default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+    if is_dataclass(default):
+        return default
+    hint = typing.get_type_hints(schema if isinstance(schema, type) else type(schema)).get(f.name)
+    return next((t for t in typing.get_args(hint) if is_dataclass(t)), None)
+
+
 def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
     keys = []
     if is_dataclass(schema):
         for f in fields(schema):
-            full = f"{prefix}{f.name}"
-            keys.append(full)
-            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            if is_dataclass(default):
-                keys.extend(_valid_keys(default, full + "."))
+            keys.append(f"{prefix}{f.name}")
+            nested = _nested(schema, f)
+            if nested is not None:
+                keys.extend(_valid_keys(nested, f"{prefix}{f.name}."))
     return keys
 
 
-def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
-    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+def _section_keys(schema: Any, prefix: str = "") -> set[str]:
+    """The keys of ``schema`` that are sections (nested dataclasses), which are never a typo's answer."""
+    sections = set()
+    if is_dataclass(schema):
+        for f in fields(schema):
+            nested = _nested(schema, f)
+            if nested is not None:
+                sections.add(f"{prefix}{f.name}")
+                sections |= _section_keys(nested, f"{prefix}{f.name}.")
+    return sections
+
+
+# Names other tools (and cclm's own fine-tuning configs) use for a setting that a schema spells differently.
+LEAF_SYNONYMS = {"learning_rate": "lr", "batch": "batch_size", "bs": "batch_size", "warmup": "warmup_steps"}
+SUGGESTIONS_SHOWN = 4
+
+
+def suggest_keys(key: str, schema: Any) -> list[str]:
+    """The valid keys a mistyped ``key`` most likely meant: those with the same last part (or its usual synonym),
+    the ones in the same section first (``train.warmup_steps`` -> ``train.scheduler.warmup_steps``); else the
+    closest spellings of the whole key, then of its last part. A key's own section is never the answer."""
+    sections = _section_keys(schema)
+    settings = [k for k in _valid_keys(schema) if k not in sections]
+    leaf = key.rsplit(".", 1)[-1]
+    wanted = {leaf, LEAF_SYNONYMS.get(leaf, leaf)}
+    same_leaf = [k for k in settings if k.rsplit(".", 1)[-1] in wanted]
+    if same_leaf:
+        top = key.split(".", 1)[0] + "."
+        return sorted(same_leaf, key=lambda k: (not k.startswith(top), k.count("."), k))[:SUGGESTIONS_SHOWN]
+    candidates = settings + sorted(sec for sec in sections if not key.startswith(sec + "."))
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return close
+    return [c for c in settings if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)][:1]
+
+
+def _explain(err: OmegaConfBaseException, schema: Any, override_key: str | None = None) -> ConfigError:
+    """One line for OmegaConf's error; ``override_key``: the key of the override being merged (a merge error
+    does not name it)."""
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or override_key or "?"
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        candidates = _valid_keys(schema)
-        close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
-        if not close:
-            leaf = str(key).rsplit(".", 1)[-1]
-            close = [
-                c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.75)
-            ]
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        close = suggest_keys(str(key), schema)
+        hint = ""
+        if len(close) == 1:
+            hint = f" (did you mean '{close[0]}'?)"
+        elif close:
+            hint = " (did you mean one of: " + ", ".join(close) + "?)"
         renamed = RENAMED_KEYS.get(str(key))
         if renamed:
             hint = f" (renamed to '{renamed}')"
@@ -894,7 +940,12 @@ def _explain(err: OmegaConfBaseException, schema: Any) -> ConfigError:
             shown = f" '{value}'" if value is not None else ""
             choices = ", ".join(m.value for m in enum)
             return ConfigError(f"config key '{key}': unknown {what}{shown}, expected one of: {choices}")
-        return ConfigError(f"invalid value for config key '{key}': {_first_line(err.msg)}")
+        if str(key) in _section_keys(schema):
+            inner = next(k for k in _valid_keys(schema) if k.startswith(f"{key}."))
+            return ConfigError(
+                f"config key '{key}' is a section, not a value: set its keys, e.g. {inner}=..."
+            )
+        return ConfigError(f"invalid value for config key '{key}': {_first_line(err.msg or str(err))}")
     return ConfigError(f"config error at '{key}': {_first_line(str(err))}")
 
 
@@ -907,8 +958,9 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else message
 
 
-def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
-    """The Enum type of a dotted key of a dataclass schema (None when the key is not a mode)."""
+def _field_type(schema: Any, dotted: str) -> Any:
+    """The declared type of a dotted key of a dataclass schema, through optional sections (None when the key is
+    not a field, e.g. an entry of a mapping)."""
     node = schema
     for part in dotted.split("."):
         if not is_dataclass(node):
@@ -917,9 +969,18 @@ def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
         if part not in hints:
             return None
         node = hints[part]
-        args = [a for a in typing.get_args(node) if a is not type(None)]
-        if args and not (isinstance(node, type)):
-            node = args[0]  # Optional[X] / X | None
+        sections = [a for a in typing.get_args(node) if is_dataclass(a)]
+        if sections:
+            node = sections[0]  # Optional[Section] / Section | None
+    return node
+
+
+def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
+    """The Enum type of a dotted key of a dataclass schema (None when the key is not a mode)."""
+    node = _field_type(schema, dotted)
+    args = [a for a in typing.get_args(node) if a is not type(None)]
+    if args and not isinstance(node, type):
+        node = args[0]  # Optional[X] / X | None
     return node if isinstance(node, type) and issubclass(node, Enum) else None
 
 
@@ -970,11 +1031,14 @@ def load_config(
         if path is not None:
             merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
         for key, value in pairs:
-            override = OmegaConf.from_dotlist([f"{key}={value}"])
-            if OmegaConf.select(override, key) is None and _drop_mapping_entry(merged, key):
-                continue
-            merged = OmegaConf.merge(merged, override)
-        OmegaConf.to_container(merged, throw_on_missing=False)  # forces validation of interpolations
+            override = _parse_override(schema, key, value)
+            try:
+                if OmegaConf.select(override, key) is None and _drop_mapping_entry(merged, key):
+                    continue
+                merged = OmegaConf.merge(merged, override)
+            except OmegaConfBaseException as err:
+                raise _explain(err, schema, override_key=key) from None
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)  # checks the interpolations
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
     return merged
@@ -997,10 +1061,20 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
             continue
         key, value = item.split("=", 1)
         key = key.strip()
+        if not DOTTED_KEY.match(key):
+            raise ConfigError(
+                f"override '{item}' must look like key=value, with a dotted key (train.max_steps=10)"
+            )
         pairs.append((key, value))
         values.setdefault(key, []).append(value)
     for key, given in values.items():
         pattern = _brace_pattern(given) if len(given) > 1 and all(map(_looks_like_path, given)) else None
+        # Two key=value items may as well be a key typed twice (out/a, out/b): say both.
+        if pattern and len(given) == 2 and key not in loose:
+            raise ConfigError(
+                f"config key '{key}' is given 2 times ({key}={given[0]}, {key}={given[1]}): give it once (if "
+                f"the shell expanded a brace pattern, quote it: '{key}={pattern}')"
+            )
         if pattern:
             raise ConfigError(
                 f"config key '{key}' has {len(given)} values: the shell expanded a brace pattern; quote it, "
@@ -1012,6 +1086,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
             shown = ", ".join(f"{key}={v}" for v in given)
             raise ConfigError(f"config key '{key}' is given {len(given)} times ({shown}): give it once")
     return pairs
+
+
+DOTTED_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*$")
 
 
 def _looks_like_path(text: str) -> bool:
@@ -1033,6 +1110,24 @@ def _brace_pattern(values: list[str]) -> str | None:
     if numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
         return f"{prefix}{{{middles[0]}..{middles[-1]}}}{suffix}"
     return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
+def _parse_override(schema: Any, key: str, value: str) -> DictConfig:
+    """One ``key=value`` as a config to merge. A list key also takes the comma form (``languages=de,fr`` as
+    ``languages=[de,fr]``, ``data.train=/x.jsonl`` as a one-item list); a value YAML cannot read is named."""
+    if _expects_list(schema, key) and value.strip() and not value.lstrip().startswith(("[", "$")):
+        value = f"[{value}]"
+    try:
+        return OmegaConf.from_dotlist([f"{key}={value}"])
+    except yaml.YAMLError as err:
+        what = getattr(err, "problem", None) or _first_line(str(err))
+        raise ConfigError(f"override '{key}={value}' is not valid YAML: {what}") from None
+
+
+def _expects_list(schema: Any, key: str) -> bool:
+    """Whether the schema declares ``key`` a list (``list[str]``, or optional)."""
+    hint = _field_type(schema, key)
+    return any(typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
 
 
 def _drop_mapping_entry(cfg: DictConfig, key: str) -> bool:

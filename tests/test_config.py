@@ -10,6 +10,70 @@ def test_unknown_key_in_override_names_key_and_suggests():
         load_config(PretrainConfig, overrides=["train.max_stpes=5"])
 
 
+@pytest.mark.parametrize(
+    "override, meant",
+    [
+        # names from other tools and from cclm's fine-tuning configs, put where a pretraining config has them
+        ("train.lr=1e-4", "'train.optimizer.lr'"),
+        ("train.optimizer.learning_rate=1e-4", "'train.optimizer.lr'"),
+        ("train.warmup_steps=10", "'train.scheduler.warmup_steps'"),
+        ("train.precision=bf16", "one of: deepspeed.precision, eval.precision"),
+        ("train.batch_size=8", "data.image_caption.batch_size, data.parallel_text.batch_size"),
+        ("data.regionz.shards=x", "'data.regions'"),  # an optional section (None by default) counts
+        ("trian.max_steps=3", "'train'"),
+    ],
+)
+def test_an_unknown_key_suggests_the_setting_meant_never_its_own_section(override, meant):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, overrides=[override])
+    assert meant in str(err.value)
+    assert "did you mean 'train'?" not in str(err.value) or override.startswith("trian")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.text.text_layers=[0,1",
+            "override 'model.text.text_layers=[0,1' is not valid YAML: did not find",
+        ),
+        ('output_dir="abc', "is not valid YAML"),
+        ("output_dir=*x", "is not valid YAML"),
+        ("=5", "override '=5' must look like key=value, with a dotted key"),
+        ("train..max_steps=3", "override 'train..max_steps=3' must look like key=value"),
+        ("train=3", "config key 'train' is a section, not a value: set its keys, e.g. train.max_steps=..."),
+        ("train.optimizer=adam", "config key 'train.optimizer' is a section"),
+    ],
+)
+def test_an_override_that_is_no_setting_is_one_line_naming_it(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, overrides=[override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_list_key_takes_the_comma_form_and_a_single_value():
+    from cclm.config import CONFIG_ROOT, FinetuneConfig
+
+    cfg = load_config(PretrainConfig, overrides=["data.image_caption.languages=en,de"] + PRETRAIN_STREAMS)
+    assert list(cfg.data.image_caption.languages) == ["en", "de"]
+    cfg = load_config(PretrainConfig, overrides=["data.image_caption.languages=[en]"] + PRETRAIN_STREAMS)
+    assert list(cfg.data.image_caption.languages) == ["en"]
+    xvnli = CONFIG_ROOT / "finetune" / "xvnli.yaml"
+    cfg = load_config(FinetuneConfig, xvnli, ["languages=ar,fr", "data.train=/x/snli_ve.jsonl"])
+    assert list(cfg.languages) == ["ar", "fr"] and list(cfg.data.train) == ["/x/snli_ve.jsonl"]
+
+
+def test_an_interpolation_that_does_not_resolve_in_a_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: ${world}/out\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, path)
+    assert "'output_dir'" in str(err.value) and "world" in str(err.value) and "\n" not in str(err.value)
+
+
+PRETRAIN_STREAMS = ["data.image_caption={shards: a.tar}"]
+
+
 def test_unknown_key_in_yaml_names_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  vision:\n    imge_size: 64\n")
@@ -91,6 +155,13 @@ def test_unset_mandatory_values_are_all_named():
 def test_a_key_given_twice_is_refused():
     with pytest.raises(ConfigError, match=r"'train\.seed' is given 2 times"):
         load_config(PretrainConfig, overrides=["train.seed=1", "train.seed=2"])
+    # two paths: a key typed twice, or an expanded brace pattern; the error says both
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, overrides=["output_dir=out/a", "output_dir=out/b"])
+    assert "'output_dir' is given 2 times (output_dir=out/a, output_dir=out/b): give it once" in str(
+        err.value
+    )
+    assert "quote it: 'output_dir=out/{a,b}'" in str(err.value)
 
 
 @pytest.mark.parametrize(

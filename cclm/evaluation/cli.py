@@ -84,14 +84,6 @@ def _evaluate_sets(cfg: RetrievalRunConfig, sets, device) -> dict[str, dict[str,
     return rows
 
 
-def _list_override(item: str) -> str:
-    """Accept ``languages=de,fr`` as well as ``languages=[de,fr]``."""
-    key, sep, value = item.partition("=")
-    if sep and key in ("languages", "data.languages") and not value.startswith("["):
-        return f"{key}=[{value}]"
-    return item
-
-
 def main(argv: list[str]) -> int:
     """``argv``: ``["evaluate", "retrieval", CONFIG, key=value, ...]`` as routed by :mod:`cclm.cli`."""
     args = list(argv[1:]) if argv and argv[0] == "evaluate" else list(argv)
@@ -104,6 +96,6 @@ def main(argv: list[str]) -> int:
         print(f"cclm evaluate retrieval: a config file is needed\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RetrievalRunConfig, Path(args[0]), [_list_override(a) for a in args[1:]])
+    cfg = load_config(RetrievalRunConfig, Path(args[0]), args[1:])
     evaluate_benchmark(cfg)
     return 0
