@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -72,10 +73,23 @@ def run_command(
 
 
 def describe(err: BaseException) -> str:
-    message = str(err) or type(err).__name__
+    message = _from_data_worker(str(err), err) or type(err).__name__
     if not isinstance(err, (UserError, OSError)):  # a ValueError: bad input as a rule, but maybe a bug
         message += f" ({type(err).__name__}; {DEBUG_VARIABLE}=1 shows the traceback)"
     return message
+
+
+def _from_data_worker(message: str, err: BaseException) -> str:
+    """A DataLoader worker's error arrives as ``Caught DataError in DataLoader worker process 0.`` followed by the
+    worker's traceback: the error's own message, naming the worker."""
+    caught = re.match(r"Caught \w+ in (DataLoader worker process \d+)\.\nOriginal Traceback", message)
+    if not caught:
+        return message
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    start = message.rfind(name)
+    if start < 0:
+        return message
+    return f"{message[start + len(name) :].strip()} (in {caught.group(1)})"
 
 
 def run_module(command: str, main: Callable[[list[str]], int | None]) -> None:

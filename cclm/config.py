@@ -17,6 +17,7 @@ import difflib
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -1127,7 +1128,8 @@ def _parse_override(schema: Any, key: str, value: str) -> DictConfig:
 def _expects_list(schema: Any, key: str) -> bool:
     """Whether the schema declares ``key`` a list (``list[str]``, or optional)."""
     hint = _field_type(schema, key)
-    return any(typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return any(typing.get_origin(t) is list for t in (typing.get_args(hint) if optional else (hint,)))
 
 
 def _drop_mapping_entry(cfg: DictConfig, key: str) -> bool:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # torchrun on one node: one process per GPU, or CPU processes with gloo. For several nodes set NNODES, NODE_RANK
 # and MASTER_ADDR on each node and run the same command there.
-#   NPROC=2 launch/torchrun.sh configs/pretrain/demo.yaml train.max_steps=100
+#   NPROC=2 launch/torchrun.sh configs/pretrain/cclm_3m.yaml data.image_caption.shards=... train.max_steps=100
+#   (a runnable CPU example on the demo's world: docs/launch.md)
 # Without NPROC: one process per GPU (launch/gpus.sh counts them), or 1 CPU process where there is no GPU.
 # `kill -USR1 <torchrun's pid>` stops the run with a checkpoint: torchrun passes SIGUSR1 to its processes, which
 # save at the next step, write <output_dir>/interrupted.json and exit; resume with resume=auto. torchrun waits

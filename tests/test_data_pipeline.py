@@ -14,6 +14,7 @@ from PIL import Image
 from cclm.config import DataConfig, from_dict
 from cclm.data.pipeline import PretrainData
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
+from cclm.errors import DataError
 
 LANGS = ["en", "de", "fr", "ja"]
 
@@ -290,8 +291,50 @@ def test_a_stream_whose_samples_are_all_bad_fails_instead_of_hanging(tmp_path, t
             sink.write(f"p{i}", {"json": json.dumps(pair).encode()})
         sink.close()
     data = PretrainData(data_cfg(text=tmp_path / "pt"), tiny_tokenizer, 32)
-    with pytest.raises(RuntimeError, match="every sample"):
+    with pytest.raises(DataError, match="every sample"):
         data.next_batch("text")
+
+
+def test_a_language_filter_is_normalised_and_checked_against_the_manifest(shards, tiny_tokenizer):
+    """``EN`` reads the English captions; a code that is no language, or one the shards hold no sample in,
+    fails at start naming what the shards have (before, every sample was skipped and the stream failed later)."""
+    root, images, _ = shards
+
+    def image_cfg(languages):
+        return from_dict(
+            DataConfig,
+            {
+                "num_workers": 0,
+                "image_caption": {"shards": str(root / "ic"), "batch_size": 4, "languages": languages},
+            },
+        )
+
+    data = PretrainData(image_cfg(["EN"]), tiny_tokenizer, 32, train=False, epochs=1)
+    read = drain(data, "image")
+    assert sum(len(b["langs"]) for b in read) == sum(1 for _, lang in images.values() if lang == "en")
+    assert {lang for b in read for lang in b["langs"]} == {"en"}
+    with pytest.raises(DataError, match=r"data\.image_caption\.languages: 'xx' is not a language code"):
+        PretrainData(image_cfg(["de", "xx"]), tiny_tokenizer, 32)
+    with pytest.raises(DataError) as err:
+        PretrainData(image_cfg(["de", "sw"]), tiny_tokenizer, 32)
+    assert "hold no samples in sw (their manifest.json lists " + ", ".join(sorted(set(LANGS))) in str(
+        err.value
+    )
+
+
+def test_a_data_error_in_a_dataloader_worker_is_printed_as_its_own_line(tmp_path, tiny_tokenizer, capsys):
+    from cclm.cli_args import run_command
+
+    with ShardSink(tmp_path / "pt", VIEW_PARALLEL) as sink:
+        for i in range(3):
+            pair = {"src": "x", "tgt": "", "src_lang": "en", "tgt_lang": "de"}
+            sink.write(f"p{i}", {"json": json.dumps(pair).encode()})
+        sink.close()
+    data = PretrainData(data_cfg(text=tmp_path / "pt", num_workers=1), tiny_tokenizer, 32)
+    assert run_command("pretrain", lambda argv: data.next_batch("text"), ["pretrain"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("cclm pretrain: text: every sample of worker 0's shards was skipped in epoch 0")
+    assert line.endswith("(in DataLoader worker process 0)") and "Traceback" not in line
 
 
 def test_pipe_urls_and_joined_patterns(shards, tiny_tokenizer):

@@ -189,7 +189,18 @@ def test_cli_reports_bad_input(world, tmp_path, capsys):
     assert (
         run_cli(f"checkpoint={tmp_path / 'nothing'}", f"data.root={world / 'heldout'}", "languages=xx") == 2
     )
+    # the languages listed are the data's own, not the ones asked for
     assert "unknown language 'xx'" in capsys.readouterr().err
+    assert (
+        run_cli(f"checkpoint={tmp_path / 'nothing'}", f"data.root={world / 'heldout'}", "languages=de,xx")
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "unknown language 'xx'" in err
+        and "(it has de, en)" in err
+        and "ValueError" not in err
+    )
 
 
 def test_every_missing_image_is_listed_in_one_error_before_the_model_loads(tmp_path, capsys):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cclm.config import RetrievalRunConfig, load_config
 from cclm.data.images import load_image
+from cclm.errors import DataError
 from cclm.evaluation.datasets import (
     RetrievalDataConfig,
     RetrievalSet,
@@ -62,7 +63,7 @@ def test_lines_format_multi30k_layout(tmp_path):
     fr = load_retrieval_set(cfg, "fr", "multi30k")
     assert fr.texts == ["une photo a", "une photo b", "une photo c"] and fr.img2txt == [[0], [1], [2]]
     assert available_languages(cfg) == ["en", "fr"]
-    with pytest.raises(ValueError, match="unknown language 'cs'"):
+    with pytest.raises(DataError, match="unknown language 'cs' for this data set; it has en, fr"):
         load_retrieval_set(cfg, "cs")
     (tmp_path / "test_2016_flickr.fr").write_text("une photo a\nune photo b\n")
     with pytest.raises(ValueError, match="2 captions for 3 images"):
@@ -131,7 +132,7 @@ def test_xm3600_format(tmp_path):
     assert available_languages(cfg) == ["en", "sw"]
     rset = load_retrieval_set(cfg, "en")
     assert rset.images[0] == tmp_path / "images" / "00a1.jpg" and rset.img2txt == [[0, 1], [2]]
-    with pytest.raises(ValueError, match="unknown language 'xx'"):
+    with pytest.raises(DataError, match=r"unknown language 'xx' for XM3600 \(.* has en, sw\)"):
         load_retrieval_set(cfg, "xx")
 
 
@@ -160,7 +161,7 @@ def test_demo_world_heldout_folders(tmp_path):
     assert de.images[1] == tmp_path / "heldout" / "de" / "images" / "h2.jpg" and de.images[1].exists()
     only_en = load_retrieval_set(data_cfg(format="demo_world", root=str(tmp_path / "heldout" / "en")), "en")
     assert only_en.image_ids == ["h1", "h2"]
-    with pytest.raises(ValueError, match="unknown language 'fr'"):
+    with pytest.raises(DataError, match=r"unknown language 'fr' for .*heldout \(it has de, en\)"):
         load_retrieval_set(data_cfg(format="demo_world", root=str(tmp_path / "heldout")), "fr")
     with pytest.raises(FileNotFoundError, match="no retrieval.jsonl"):
         load_heldout_sets({"missing": str(tmp_path)})

@@ -52,10 +52,11 @@ from torch.utils.data import DataLoader
 from cclm.config import ConfigError, UnlistedShards, ViewSchedule, check_regions_config
 from cclm.data.collate import REGION, Collator
 from cclm.data.examples import image_caption_example, parallel_example
+from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.masking import MaskingSpec
 from cclm.data.normalize import Normalizer
 from cclm.data.regions import BOX_SAFE_OPS, RegionTransform, region_example
-from cclm.data.shards import expand_shards, is_remote, read_sizes, unlisted_shards
+from cclm.data.shards import expand_shards, is_remote, manifest_languages, read_sizes, unlisted_shards
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY, STREAM_KEY, ShardStream, StreamPlan, derive_seed
 from cclm.data.transforms import EvalTransform, RandAugment, TrainTransform
@@ -76,6 +77,34 @@ def _worker_init(_worker_id: int) -> None:
 
 def _fingerprint(urls: list[str]) -> str:
     return hashlib.sha1("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()[:16]
+
+
+def stream_languages(codes, urls: list[str], key: str, check_manifest: bool = True) -> frozenset[str]:
+    """The normalised language filter of a stream (``EN`` -> ``en``; empty = every language). A code that is no
+    language, or one its shards' manifest shows no data for, fails here, naming what the shards have: else every
+    sample would be skipped and the stream would never yield a batch."""
+    wanted = list(codes or ())
+    allowed = []
+    for code in wanted:
+        lang = normalize_language(str(code))
+        if lang is None:
+            raise DataError(
+                f"{key}.languages: '{code}' is not a language code (ISO 639-1 or 639-3, e.g. en, de)"
+            )
+        allowed.append(lang)
+    counts = manifest_languages(urls) if allowed and check_manifest else None
+    if counts is not None:
+        missing = [
+            lang
+            for lang in allowed
+            if not any(language_allowed(have, {lang}) and n for have, n in counts.items())
+        ]
+        if missing:
+            raise DataError(
+                f"{key}.languages: the shards hold no samples in {', '.join(missing)} (their manifest.json lists "
+                f"{', '.join(sorted(counts)) or 'none'}); fix the codes or drop them"
+            )
+    return frozenset(allowed)
 
 
 def check_listed(urls: list[str], policy: UnlistedShards | str, key: str) -> None:
@@ -285,6 +314,15 @@ class PretrainData:
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"{key}: {err}") from None
             check_listed(self._urls[view], data_cfg.unlisted_shards, key)
+        self._languages = {
+            view: stream_languages(
+                (self.regions if view == REGION else self._stream_cfgs[view]).languages,
+                self._urls[view],
+                STREAM_KEYS[view],
+                check_manifest=view != REGION,  # a manifest counts the image captions, not the region ones
+            )
+            for view in self._streams
+        }
         self._sizes = {v: read_sizes(u) for v, u in self._urls.items()}
         self._reseed = 0
         self._state = {v: {"batches": 0, "workers": {}} for v in self._streams}
@@ -294,7 +332,7 @@ class PretrainData:
     def _stream(self, view: str) -> ShardStream:
         cfg = self.regions if view == REGION else self._stream_cfgs[view]
         state = self._state[view]
-        allowed = frozenset(cfg.languages or ())
+        allowed = self._languages[view]
         logical = max(1, self.num_workers)
         plan = StreamPlan(
             view=view,

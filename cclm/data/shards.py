@@ -282,6 +282,23 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def manifest_languages(urls: list[str]) -> dict[str, int] | None:
+    """Per-language sample counts from the ``manifest.json`` of every local folder holding ``urls`` (None when
+    a folder has none, or the shards are remote: nothing to check against)."""
+    if not urls or any(is_remote(url) for url in urls):
+        return None
+    folders = {str(Path(os.path.expanduser(url)).parent) for url in urls}
+    counts: dict[str, int] = {}
+    for folder in sorted(folders):
+        try:
+            manifest = read_manifest(folder)
+        except (FileNotFoundError, ValueError):
+            return None
+        for lang, n in (manifest.get("languages") or {}).items():
+            counts[lang] = counts.get(lang, 0) + int(n)
+    return counts
+
+
 # --------------------------------------------------------------------------------------------- raw reading
 def open_stream(url: str):
     """A binary file object for a local path, ``pipe:`` command, http(s) URL, or any fsspec URL."""

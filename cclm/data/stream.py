@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cclm.data.shards import iter_tar_samples
 from cclm.data.skips import SkipCounter, SkipSample
 from cclm.data.transforms import reuse_image_buffers
+from cclm.errors import DataError
 
 STREAM_KEY = "_stream"
 # An example may carry counts of parts of its sample it left out ({reason: n}, e.g. a region sample's unusable
@@ -163,14 +164,15 @@ class ShardStream(IterableDataset):
                     yield self._emit(pending, worker, global_worker, epoch, index + 1, skips)
                     pending = []
             if index < 0:
-                raise RuntimeError(
+                raise DataError(
                     f"{p.view}: worker {global_worker} read no samples in epoch {epoch} "
                     f"(shards: {self.epoch_shards(epoch, global_worker)[:3]}...)"
                 )
             if usable == 0 and index >= skip_until and p.epochs is None:
-                raise RuntimeError(
+                raise DataError(
                     f"{p.view}: every sample of worker {global_worker}'s shards was skipped in epoch {epoch} "
-                    f"({skips.as_dict()}); the stream would never yield a batch"
+                    f"({skips.as_dict()}); the stream would never yield a batch (check the shards and the "
+                    "stream's languages setting)"
                 )
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cclm.config import RetrievalDataConfig, RetrievalFormat  # noqa: F401 - RetrievalDataConfig re-exported
 from cclm.data.images import ImageInput, MissingImageError
+from cclm.errors import DataError
 from cclm.jsonl import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def _read_lines(path: Path) -> list[str]:
 def caption_files(cfg, lang: str) -> list[Path]:
     """The caption file(s) of one language of a data config, resolved against its root."""
     if lang not in cfg.captions:
-        raise ValueError(f"unknown language '{lang}' for this data set; it has {sorted(cfg.captions)}")
+        raise DataError(
+            f"unknown language '{lang}' for this data set; it has {', '.join(sorted(cfg.captions))}"
+        )
     files = cfg.captions[lang]
     files = [files] if isinstance(files, str) else list(files)
     return [_path(cfg.root, f) for f in files]
@@ -250,7 +253,7 @@ def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
     records = _records(path)
     langs = _xm3600_languages(records)
     if lang not in langs:
-        raise ValueError(f"unknown language '{lang}' for XM3600 ({path} has {sorted(langs)})")
+        raise DataError(f"unknown language '{lang}' for XM3600 ({path} has {', '.join(sorted(langs))})")
     image_root = cfg.image_root or _path(cfg.root, "images")
     entries = (
         (_path(image_root, f"{rec['image/key']}.jpg"), rec["image/key"], rec.get(lang, {}).get("caption", []))
@@ -279,7 +282,7 @@ def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
         if lang in _known_languages(records, "captions"):
             found.append((path, records))
     if not found:
-        raise ValueError(f"unknown language '{lang}' for {cfg.root} (it has {available_languages(cfg)})")
+        raise DataError(f"unknown language '{lang}' for {cfg.root} (it has {', '.join(data_languages(cfg))})")
     path, records = found[0]  # every sub-folder holds the same images; the first with this language is used
     image_root = cfg.image_root or path.parent
     entries = (
@@ -299,9 +302,12 @@ LOADERS = {
 
 
 def available_languages(cfg) -> list[str]:
-    """Languages the data config provides (its ``languages`` if given)."""
-    if cfg.languages:
-        return list(cfg.languages)
+    """Languages to evaluate: the data config's ``languages`` if given, else every one the data provides."""
+    return list(cfg.languages) if cfg.languages else data_languages(cfg)
+
+
+def data_languages(cfg) -> list[str]:
+    """Languages the data provides, whatever ``languages`` asks for."""
     if cfg.format == "demo_world":
         langs: set[str] = set()
         for path in demo_world_files(cfg.root):

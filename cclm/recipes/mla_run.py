@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file, save_model
 
 from cclm.config import ConfigError, DataConfig, MLARecipeConfig, StreamConfig, require, to_dict
-from cclm.data.shards import expand_shards, read_manifest
+from cclm.data.shards import expand_shards, manifest_languages
 from cclm.recipes.clip import ClipContrastive
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.mla import MLAModel
@@ -38,29 +38,11 @@ ACQUIRED_WEIGHTS = "acquired.safetensors"
 FINETUNED_CLIP = "clip_finetuned_en.safetensors"
 
 
-def manifest_languages(shards: str) -> dict[str, int] | None:
-    """Per-language sample counts from the ``manifest.json`` next to local shards (None when there is none)."""
-    folders = {
-        str(Path(url).parent)
-        for url in expand_shards(shards)
-        if "://" not in url and not url.startswith("pipe:")
-    }
-    counts: dict[str, int] = {}
-    for folder in folders:
-        try:
-            manifest = read_manifest(folder)
-        except (FileNotFoundError, ValueError):
-            return None
-        for lang, n in manifest.get("languages", {}).items():
-            counts[lang] = counts.get(lang, 0) + int(n)
-    return counts if folders else None
-
-
 def check_language_data(stream_cfg, languages: list[str], key: str, what: str) -> None:
     """Fail early, naming the language, when the shards' manifest shows no data for it."""
     if stream_cfg is None:
         raise ConfigError(f"{key}.shards must be set: {what} for {languages}")
-    counts = manifest_languages(stream_cfg.shards)
+    counts = manifest_languages(expand_shards(stream_cfg.shards))
     if counts is None:
         log.warning("%s: no manifest.json to check the languages against; trusting the config", key)
         return

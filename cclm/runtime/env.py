@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cclm.config import Precision
+from cclm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,38 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or None): this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    """``auto`` (or None): this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU. ``cuda``
+    without an index is this process's GPU too. A device this machine does not have, or a name that is no
+    device, is a :class:`UserError` naming the choices."""
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):
         return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(str(name).strip().lower())
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device '{name}': this machine has no MPS device; use {DEVICE_CHOICES}")
+        return device
+    if device.type != "cuda":
+        raise UserError(f"device '{name}' is not supported: use {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise UserError(f"device '{name}': no CUDA device is available ({why}); use auto or cpu")
+    index = local_rank() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(
+            f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
+    return torch.device("cuda", index)
 
 
 def _join_group(device: torch.device, timeout_s: float | None = None) -> None:

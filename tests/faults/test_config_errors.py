@@ -205,3 +205,35 @@ def test_prep_reports_in_one_line_and_shows_the_traceback_under_debug(tmp_path, 
     assert code == 2 and "Traceback" in err
     code, err = run_cclm(capsys, *argv)  # --debug held for that command only
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------- devices
+@pytest.mark.parametrize(
+    "device, needle",
+    [
+        ("gpu", "unknown device 'gpu': use auto, cpu, cuda or cuda:N"),
+        ("cuda:0", "no CUDA device is available"),
+    ],
+)
+def test_a_device_this_machine_lacks_or_no_device_is_one_line(capsys, device, needle, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_cclm(capsys, "finetune", XVNLI, f"train.device={device}")
+    assert_one_line_error(code, err, "finetune", needle)
+
+
+def test_cuda_without_an_index_is_this_process_gpu_and_a_missing_index_is_named(monkeypatch):
+    import torch
+
+    from cclm.errors import UserError
+    from cclm.runtime.env import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("CUDA:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="'cuda:2': this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
