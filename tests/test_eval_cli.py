@@ -196,11 +196,7 @@ def test_cli_reports_bad_input(world, tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert (
-        "unknown language 'xx'" in err
-        and "(it has de, en)" in err
-        and "ValueError" not in err
-    )
+    assert "unknown language 'xx'" in err and "(it has de, en)" in err and "ValueError" not in err
 
 
 def test_every_missing_image_is_listed_in_one_error_before_the_model_loads(tmp_path, capsys):
