@@ -47,6 +47,28 @@ def model_config_for(model_cfg, tokenizer) -> Any:
     return resolved
 
 
+def check_periodic_evaluation(cfg: PretrainConfig) -> None:
+    """``train.eval_every`` and ``eval.datasets`` work together: either alone is said (a warning), and a set that is
+    not there is refused before anything is built."""
+    every, sets = int(cfg.train.eval_every), dict(cfg.eval.datasets)
+    if every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0: no periodic evaluation), got {every}")
+    if every and not sets:  # the paper configs evaluate every 10,000 steps once the user names the sets
+        log.warning(
+            "train.eval_every=%d but eval.datasets names no held-out set: no periodic evaluation (set "
+            "eval.datasets.NAME=FOLDER)",
+            every,
+        )
+    if sets and not every:
+        log.warning(
+            "eval.datasets names %s but train.eval_every=0: no periodic evaluation (set train.eval_every=N)",
+            ", ".join(sorted(sets)),
+        )
+    for name, folder in sets.items():
+        if every and not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"eval.datasets.{name}: folder {folder} does not exist")
+
+
 class Pretraining:
     """Builds the pretraining run from a :class:`cclm.config.PretrainConfig`; :meth:`run` trains it."""
 
@@ -59,6 +81,7 @@ class Pretraining:
             raise ConfigError(
                 f"model.objectives.xlc_weight must be >= 0, got {cfg.model.objectives.xlc_weight}"
             )
+        check_periodic_evaluation(cfg)
         self.cfg = cfg
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is built or written
         self.env = init_distributed(timeout_s=train.collective_timeout_s)

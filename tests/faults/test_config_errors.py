@@ -237,3 +237,33 @@ def test_cuda_without_an_index_is_this_process_gpu_and_a_missing_index_is_named(
     with pytest.raises(UserError, match="'cuda:2': this machine has 2 CUDA device"):
         resolve_device("cuda:2")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+# -------------------------------------------------------------------------------------- periodic evaluation
+def test_a_missing_periodic_evaluation_set_is_one_line(tmp_path, capsys):
+    code, err = run_cclm(
+        capsys,
+        "pretrain",
+        pretrain_config(tmp_path, "tiny"),
+        *SHARDS,
+        "train.eval_every=5",
+        f"eval.datasets.world={tmp_path / 'no'}",
+    )
+    assert_one_line_error(code, err, "pretrain", "eval.datasets.world: folder", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "overrides, warning",
+    [
+        (["train.eval_every=5"], "train.eval_every=5 but eval.datasets names no held-out set"),
+        (["eval.datasets.world={tmp}"], "eval.datasets names world but train.eval_every=0"),
+    ],
+)
+def test_either_half_of_periodic_evaluation_alone_is_a_warning(tmp_path, caplog, overrides, warning):
+    from cclm.config import PretrainConfig
+    from cclm.train.pretrain import check_periodic_evaluation
+
+    given = [o.format(tmp=tmp_path) for o in overrides]
+    cfg = load_config(PretrainConfig, pretrain_config(tmp_path, "tiny"), [*SHARDS, *given])
+    check_periodic_evaluation(cfg)
+    assert warning in caplog.text
