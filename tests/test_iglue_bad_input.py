@@ -112,6 +112,19 @@ def test_all_missing_images_listed_before_training(tmp_path, capsys):
     assert out.out.split() == [str(tmp_path / "2.jpg"), str(tmp_path / "3.jpg")]
     assert "1 of 3 images found, 2 missing" in out.err
 
+    # a misspelt --root is refused naming the known ones; a root the annotations need but nobody gave is one line
+    with pytest.raises(SystemExit) as exit_status:
+        cclm_main(["iglue", "check-images", "--task", "xvnli", "--root", f"flikr30k={tmp_path}", str(path)])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown image folder name(s) flikr30k (known: coco, flickr30k, gqa, images" in err
+    assert cclm_main(["iglue", "check-images", "--task", "xvnli", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "cclm iglue check-images: config key 'data.image_roots.flickr30k' must be set (folder of the flickr30k "
+        "images)"
+    )
+
     # a config naming missing annotation files: every one of them is listed, and the images of the others
     config = tmp_path / "xvnli.yaml"
     config.write_text(

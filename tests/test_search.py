@@ -239,3 +239,20 @@ def test_search_names_the_parts_of_a_query_the_tokenizer_does_not_know(
     with caplog.at_level("WARNING", logger="cclm.inference"):  # the tokenizer saw no capital A, R, E, C, L
         search.search_index(out, "A RED CIRCLE", k=1)
     assert "'A'" in caplog.text and "try the query in lower case" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["-k", "-2"], "-k must be at least 1, got -2"),
+        (["-k", "0"], "-k must be at least 1, got 0"),
+        (["--rerank-k", "8"], "--rerank-k sets how many candidates --rerank re-scores"),
+        (["-k", "5", "--rerank", "--rerank-k", "3"], "--rerank-k 3 is smaller than -k 5"),
+    ],
+)
+def test_search_numbers_that_would_be_ignored_or_fail_are_refused(tmp_path, capsys, options, message):
+    """Checked before the index is even opened (it does not exist here)."""
+    with pytest.raises(SystemExit) as status:
+        cclm_main(["search", str(tmp_path / "no-index"), "a red circle", *options])
+    assert status.value.code == 2
+    assert message in capsys.readouterr().err

@@ -418,6 +418,20 @@ def _search_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_search_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers that would give an empty table, a traceback, or be silently ignored: refused (exit status 2)."""
+    if args.k < 1:
+        parser.error(f"-k must be at least 1, got {args.k}")
+    if args.rerank_k is not None and not args.rerank:
+        parser.error(
+            "--rerank-k sets how many candidates --rerank re-scores: add --rerank, or drop --rerank-k"
+        )
+    if args.rerank_k is not None and args.rerank_k < args.k:
+        parser.error(
+            f"--rerank-k {args.rerank_k} is smaller than -k {args.k}: re-rank at least the k results"
+        )
+
+
 def run_index(args: argparse.Namespace) -> int:
     report = build_index(**vars(args))  # the parser's destinations are build_index's parameters
     total = report.indexed + report.already
@@ -455,7 +469,10 @@ def main(argv: list[str]) -> int:
     if command == "index":
         return run_index(_index_parser().parse_args(rest))
     if command == "search":
-        return run_search(_search_parser().parse_args(rest))
+        parser = _search_parser()
+        args = parser.parse_args(rest)
+        check_search_args(parser, args)
+        return run_search(args)
     raise SystemExit(
         f"cclm.inference.search: unknown command '{printable(command)}' (expected index or search)"
     )

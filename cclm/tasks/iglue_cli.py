@@ -11,7 +11,7 @@ import sys
 
 from cclm.tasks import TASKS, get_task
 from cclm.tasks.annotations import AnnotationError
-from cclm.tasks.images import missing_images
+from cclm.tasks.images import ROOT_NAMES, missing_images
 from cclm.text_safety import printable, printable_json
 
 INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
@@ -74,9 +74,9 @@ def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
             unreadable.append(err)
     try:
         missing = missing_images(refs, roots)
-    except KeyError as err:
-        print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
-        return 1
+    except KeyError as err:  # a root the annotations name but no --root / data.image_roots gives
+        print(f"cclm iglue check-images: {printable(err.args[0] if err.args else err)}", file=sys.stderr)
+        return 2
     for path in missing:
         print(printable(path))
     sys.stdout.flush()
@@ -111,13 +111,18 @@ def _check_images(args: list[str]) -> int:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="image folder by name (flickr30k, coco, gqa, marvl, nlvr2, wit); repeatable",
+        help=f"image folder by name ({', '.join(ROOT_NAMES)}); repeatable",
     )
     parser.add_argument("files", nargs="+")
     opts = parser.parse_args(args)
     bad = [r for r in opts.root if "=" not in r]
     if bad:
         parser.error(f"--root must look like NAME=DIR, got {bad}")
+    unknown = sorted({r.split("=", 1)[0] for r in opts.root} - set(ROOT_NAMES))
+    if unknown:
+        parser.error(
+            f"--root: unknown image folder name(s) {', '.join(unknown)} (known: {', '.join(ROOT_NAMES)})"
+        )
     return _report_missing(opts.task, opts.files, dict(r.split("=", 1) for r in opts.root))
 
 

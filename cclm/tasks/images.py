@@ -18,6 +18,10 @@ import torch
 from cclm.data.images import DECODE_ERRORS, MissingImageError, UnreadableImage
 from cclm.data.transforms import TrainTransform, mentions_side
 
+# The image folders IGLUE's and the retrieval tasks' annotations name (keys of data.image_roots); a task module
+# that names another adds it here.
+ROOT_NAMES = ("coco", "flickr30k", "gqa", "images", "marvl", "nlvr2", "wit")
+
 
 @dataclass(frozen=True, order=True)
 class ImageRef:
