@@ -50,6 +50,12 @@ def _run(argv: list[str], command: str, usage: str) -> int:
     if cfg is None:
         return 0 if args and args[0] in ("-h", "--help") else 2
     if command == "finetune":
+        if cfg.pretrained and cfg.checkpoint:  # one of them would be silently ignored
+            raise ConfigError(
+                "pretrained and checkpoint are both set: zero-shot fine-tuning starts from 'pretrained' (a cclm "
+                "model), few-shot from 'checkpoint' (the English fine-tuned task model); set the one your protocol "
+                "uses (`cclm evaluate CONFIG checkpoint=DIR` evaluates a fine-tuned model)"
+            )
         _check_random_init_model(cfg)
         if cfg.pretrained:
             cfg.pretrained = resolve_model_setting(cfg.pretrained, "pretrained")

@@ -340,9 +340,15 @@ def select_languages(cfg: FinetuneConfig) -> None:
         raise ConfigError(
             f"languages: {', '.join(unknown)} not named by this config's files (it has: {', '.join(named)})"
         )
+    tested = sorted({language for key in ("test", "translate_test") for language in getattr(cfg.data, key)})
     for key in LANGUAGE_KEYS:
         files = getattr(cfg.data, key)
         setattr(cfg.data, key, {language: path for language, path in files.items() if language in wanted})
+    if cfg.protocol == Protocol.zero_shot and tested and not (cfg.data.test or cfg.data.translate_test):
+        raise ConfigError(
+            f"languages: {', '.join(wanted)} has no test file in this config (it tests {', '.join(tested)}): "
+            "the zero-shot run would report nothing"
+        )
 
 
 def _texts(data: TaskData) -> list[str]:

@@ -267,3 +267,32 @@ def test_either_half_of_periodic_evaluation_alone_is_a_warning(tmp_path, caplog,
     cfg = load_config(PretrainConfig, pretrain_config(tmp_path, "tiny"), [*SHARDS, *given])
     check_periodic_evaluation(cfg)
     assert warning in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+def test_finetune_refuses_pretrained_with_checkpoint(tmp_path, capsys):
+    code, err = run_cclm(
+        capsys,
+        "finetune",
+        XVNLI,
+        f"pretrained={tmp_path}",
+        f"checkpoint={tmp_path}",
+        f"output_dir={tmp_path}/o",
+    )
+    assert_one_line_error(code, err, "finetune", "pretrained and checkpoint are both set")
+
+
+def test_a_zero_shot_language_filter_that_leaves_no_test_file_is_refused_before_training(tmp_path, capsys):
+    code, err = run_cclm(
+        capsys,
+        "finetune",
+        XVNLI,
+        "data.test.ar=null",
+        "data.translate_test.ar=null",
+        "languages=ar",
+        f"output_dir={tmp_path / 'o'}",
+    )
+    assert_one_line_error(
+        code, err, "finetune", "languages: ar has no test file in this config (it tests en, es"
+    )
+    assert not (tmp_path / "o" / "model").exists()
