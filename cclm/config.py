@@ -63,6 +63,11 @@ class Mode(str, Enum):
         return format(self.value, spec)
 
 
+class RankTies(Mode):
+    against = "against"  # a non-gold candidate scoring the same as the gold one ranks above it (strict)
+    index = "index"  # equal scores in candidate order, as a stable argsort: IGLUE's and the CCLM reference's
+
+
 class Precision(Mode):
     auto = "auto"  # bf16 on a GPU that supports it, fp32 elsewhere
     fp32 = "fp32"
@@ -436,6 +441,9 @@ class EvalConfig:
     num_workers: int = 0  # image-loading workers
     precision: Precision = Precision.auto  # auto: bf16 autocast on GPU, fp32 on CPU
     periodic_rerank: bool = False  # periodic evaluation during pretraining: ITC only unless True (slower)
+    ties: RankTies = (
+        RankTies.against
+    )  # equal scores (duplicate captions): the configs of IGLUE sets use index
     languages: list[str] = field(
         default_factory=list
     )  # periodic evaluation: languages to score (empty = all)

@@ -215,3 +215,35 @@ def test_bf16_autocast_keeps_fp32_similarities(tiny_model, tiny_tokenizer):
     assert torch.allclose(emb.text_feats, fp32.text_feats, atol=0.05)
     out = two_stage_ranks(tiny_model, emb, rset.txt2img, rset.img2txt, k=4, precision="bf16")
     assert out.t2i_ranks.min() >= 1 and out.t2i_ranks.max() <= len(rset.images)
+
+
+def test_eval_ties_setting_ranks_duplicate_captions_as_configured(tiny_model, tiny_tokenizer):
+    """Eight images share one caption text, so their captions score exactly alike: ``eval.ties=index`` (the IGLUE
+    eval configs) ranks them as IGLUE's argsort does, ``against`` (the default) counts each tie against the
+    query; ``cclm evaluate retrieval`` honours the setting through :func:`evaluate_retrieval`."""
+    from cclm.config import EvalConfig, from_dict
+    from cclm.evaluation.retrieval import tie_breaking
+    from cclm.evaluation.run import evaluate_retrieval, settings
+
+    rng = np.random.default_rng(1)
+    entries = [
+        (torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)), f"img{i}", ["a red circle"])
+        for i in range(8)
+    ]
+    rset = RetrievalSet.from_entries("duplicates", "en", entries)
+    image_size = int(tiny_model.cfg.vision.image_size)
+    results = {}
+    for ties in ("against", "index"):
+        cfg = from_dict(EvalConfig, {"k_test": 6, "batch_size": 4, "ties": ties})
+        results[ties] = evaluate_retrieval(tiny_model, rset, tiny_tokenizer, cfg, image_size, "cpu")
+        with tie_breaking(ties):
+            direct = run_retrieval(
+                tiny_model, rset, tiny_tokenizer, image_size, **settings(cfg), device="cpu"
+            ).metrics
+        assert results[ties] == pytest.approx(direct)
+    # an image query's gold caption ties with the seven others: index order puts it first only for image 0
+    assert results["against"]["txt_r1"] == 0.0
+    assert results["index"]["txt_r1"] == pytest.approx(100 / 8)
+    assert results["against"]["img_r1"] == results["index"]["img_r1"]  # caption queries: distinct images
+    with pytest.raises(Exception, match="ties"):
+        from_dict(EvalConfig, {"ties": "random"})

@@ -9,11 +9,17 @@ from typing import Any
 
 import torch
 
-from cclm.config import EvalConfig, Precision
+from cclm.config import EvalConfig, Precision, RankTies
 from cclm.data.images import load_image
 from cclm.evaluation.datasets import RetrievalSet, load_heldout_sets
 from cclm.evaluation.results import mean_over_languages
-from cclm.evaluation.retrieval import RetrievalOutput, embed_gallery, tokenize_for_model, two_stage_ranks
+from cclm.evaluation.retrieval import (
+    RetrievalOutput,
+    embed_gallery,
+    tie_breaking,
+    tokenize_for_model,
+    two_stage_ranks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +107,11 @@ def evaluate_retrieval(
     rerank: bool | None = None,
 ) -> dict[str, float]:
     """Metrics (``txt_r1 ... r_mean``, median/mean ranks) of ``model`` on one retrieval set with the settings of
-    an :class:`EvalConfig`; ``rerank`` overrides ``eval_cfg.rerank``."""
-    return run_retrieval(
-        model, retrieval_set, tokenizer, image_size, device=device, **settings(eval_cfg, rerank)
-    ).metrics
+    an :class:`EvalConfig` (its ``ties`` too); ``rerank`` overrides ``eval_cfg.rerank``."""
+    with tie_breaking(str(getattr(eval_cfg, "ties", RankTies.against))):
+        return run_retrieval(
+            model, retrieval_set, tokenizer, image_size, device=device, **settings(eval_cfg, rerank)
+        ).metrics
 
 
 def evaluate_folds(
