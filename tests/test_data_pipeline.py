@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -313,13 +314,33 @@ def test_a_language_filter_is_normalised_and_checked_against_the_manifest(shards
     read = drain(data, "image")
     assert sum(len(b["langs"]) for b in read) == sum(1 for _, lang in images.values() if lang == "en")
     assert {lang for b in read for lang in b["langs"]} == {"en"}
-    with pytest.raises(DataError, match=r"data\.image_caption\.languages: 'xx' is not a language code"):
+    with pytest.raises(DataError) as err:
         PretrainData(image_cfg(["de", "xx"]), tiny_tokenizer, 32)
+    assert str(err.value).startswith("data.image_caption.languages: 'xx' is not a language code")
+    assert str(err.value).endswith("; the shards' manifest.json lists " + ", ".join(sorted(set(LANGS))))
     with pytest.raises(DataError) as err:
         PretrainData(image_cfg(["de", "sw"]), tiny_tokenizer, 32)
     assert "hold no samples in sw (their manifest.json lists " + ", ".join(sorted(set(LANGS))) in str(
         err.value
     )
+
+
+def test_a_filter_on_shards_without_a_manifest_fails_naming_it(shards, tmp_path, tiny_tokenizer):
+    """Nothing to check at start: the stream then stops with a DataError naming the filter, not a RuntimeError."""
+    root, _, _ = shards
+    shutil.copytree(root / "ic", tmp_path / "ic")
+    (tmp_path / "ic" / "manifest.json").unlink()
+    cfg = from_dict(
+        DataConfig,
+        {
+            "num_workers": 0,
+            "image_caption": {"shards": str(tmp_path / "ic"), "batch_size": 4, "languages": ["sw"]},
+        },
+    )
+    data = PretrainData(cfg, tiny_tokenizer, 32)
+    with pytest.raises(DataError, match="filtered_language") as err:
+        data.next_batch("image")
+    assert "check data.image_caption.languages=[sw] against the shards" in str(err.value)
 
 
 def test_a_data_error_in_a_dataloader_worker_is_printed_as_its_own_line(tmp_path, tiny_tokenizer, capsys):

@@ -256,3 +256,8 @@ def test_search_numbers_that_would_be_ignored_or_fail_are_refused(tmp_path, caps
         cclm_main(["search", str(tmp_path / "no-index"), "a red circle", *options])
     assert status.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_search_index_refuses_k_below_one(tmp_path):
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        search.search_index(tmp_path / "no-index", "a red circle", k=0)

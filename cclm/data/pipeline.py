@@ -83,16 +83,17 @@ def stream_languages(codes, urls: list[str], key: str, check_manifest: bool = Tr
     """The normalised language filter of a stream (``EN`` -> ``en``; empty = every language). A code that is no
     language, or one its shards' manifest shows no data for, fails here, naming what the shards have: else every
     sample would be skipped and the stream would never yield a batch."""
-    wanted = list(codes or ())
-    allowed = []
-    for code in wanted:
-        lang = normalize_language(str(code))
-        if lang is None:
-            raise DataError(
-                f"{key}.languages: '{code}' is not a language code (ISO 639-1 or 639-3, e.g. en, de)"
-            )
-        allowed.append(lang)
-    counts = manifest_languages(urls) if allowed and check_manifest else None
+    wanted = [str(code) for code in codes or ()]
+    allowed = [normalize_language(code) for code in wanted]
+    counts = manifest_languages(urls) if wanted and check_manifest else None
+    held = None if counts is None else ", ".join(sorted(lang for lang, n in counts.items() if n)) or "none"
+    not_codes = [f"'{code}'" for code, lang in zip(wanted, allowed) if lang is None]
+    if not_codes:
+        what = "is not a language code" if len(not_codes) == 1 else "are not language codes"
+        shards = f"; the shards' manifest.json lists {held}" if held is not None else ""
+        raise DataError(
+            f"{key}.languages: {', '.join(not_codes)} {what} (ISO 639-1 or 639-3, e.g. en, de){shards}"
+        )
     if counts is not None:
         missing = [
             lang
@@ -102,7 +103,7 @@ def stream_languages(codes, urls: list[str], key: str, check_manifest: bool = Tr
         if missing:
             raise DataError(
                 f"{key}.languages: the shards hold no samples in {', '.join(missing)} (their manifest.json lists "
-                f"{', '.join(sorted(counts)) or 'none'}); fix the codes or drop them"
+                f"{held}); fix the codes or drop them"
             )
     return frozenset(allowed)
 
@@ -350,6 +351,7 @@ class PretrainData:
             epochs=self._epochs,
             start={int(k): v for k, v in state["workers"].items()},
             rotation=state["batches"] % logical,
+            languages=f"{STREAM_KEYS[view]}.languages=[{','.join(sorted(allowed))}]" if allowed else "",
         )
         if plan.split_by_sample:
             log.warning(

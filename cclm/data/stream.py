@@ -78,6 +78,7 @@ class StreamPlan:
     epochs: int | None = None  # None = endless
     start: dict[int, dict] = field(default_factory=dict)  # logical worker -> {"epoch", "offset", "skips"}
     rotation: int = 0  # physical worker w plays logical worker (w + rotation) % num_workers
+    languages: str = ""  # the stream's language filter as configured (``data.image_caption.languages=[de]``)
 
     @property
     def global_workers(self) -> int:
@@ -169,10 +170,10 @@ class ShardStream(IterableDataset):
                     f"(shards: {self.epoch_shards(epoch, global_worker)[:3]}...)"
                 )
             if usable == 0 and index >= skip_until and p.epochs is None:
+                check = f"check {p.languages} against the shards" if p.languages else "check the shards"
                 raise DataError(
                     f"{p.view}: every sample of worker {global_worker}'s shards was skipped in epoch {epoch} "
-                    f"({skips.as_dict()}); the stream would never yield a batch (check the shards and the "
-                    "stream's languages setting)"
+                    f"({skips.as_dict()}); the stream would never yield a batch ({check})"
                 )
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final

@@ -245,6 +245,8 @@ def search_index(
     """The top ``k`` images of the index for ``query`` by cosine similarity, or (``rerank``) its top
     ``rerank_k`` re-scored by the ITM head. ``image_size``: the resolution re-ranking decodes the candidates at
     (0: the one the index was built at)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     index_dir = Path(index_dir)
     index = ImageIndex.read(index_dir)
     feats = index.embeddings(index_dir)

@@ -49,7 +49,7 @@ def model_config_for(model_cfg, tokenizer) -> Any:
 
 def check_periodic_evaluation(cfg: PretrainConfig) -> None:
     """``train.eval_every`` and ``eval.datasets`` work together: either alone is said (a warning), and a set that is
-    not there is refused before anything is built."""
+    not there is refused before anything is built (with ``eval_every=0`` too: the path is still a mistake)."""
     every, sets = int(cfg.train.eval_every), dict(cfg.eval.datasets)
     if every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: no periodic evaluation), got {every}")
@@ -65,7 +65,7 @@ def check_periodic_evaluation(cfg: PretrainConfig) -> None:
             ", ".join(sorted(sets)),
         )
     for name, folder in sets.items():
-        if every and not Path(folder).expanduser().is_dir():
+        if not Path(folder).expanduser().is_dir():
             raise ConfigError(f"eval.datasets.{name}: folder {folder} does not exist")
 
 

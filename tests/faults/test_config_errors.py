@@ -240,13 +240,15 @@ def test_cuda_without_an_index_is_this_process_gpu_and_a_missing_index_is_named(
 
 
 # -------------------------------------------------------------------------------------- periodic evaluation
-def test_a_missing_periodic_evaluation_set_is_one_line(tmp_path, capsys):
+# with eval_every=0 the set is unused, but its path is still a mistake
+@pytest.mark.parametrize("every", [5, 0])
+def test_a_missing_periodic_evaluation_set_is_one_line(tmp_path, capsys, every):
     code, err = run_cclm(
         capsys,
         "pretrain",
         pretrain_config(tmp_path, "tiny"),
         *SHARDS,
-        "train.eval_every=5",
+        f"train.eval_every={every}",
         f"eval.datasets.world={tmp_path / 'no'}",
     )
     assert_one_line_error(code, err, "pretrain", "eval.datasets.world: folder", "does not exist")
