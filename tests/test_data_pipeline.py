@@ -292,7 +292,7 @@ def test_a_stream_whose_samples_are_all_bad_fails_instead_of_hanging(tmp_path, t
             sink.write(f"p{i}", {"json": json.dumps(pair).encode()})
         sink.close()
     data = PretrainData(data_cfg(text=tmp_path / "pt"), tiny_tokenizer, 32)
-    with pytest.raises(DataError, match="every sample"):
+    with pytest.raises(DataError, match="no usable sample"):
         data.next_batch("text")
 
 
@@ -354,7 +354,7 @@ def test_a_data_error_in_a_dataloader_worker_is_printed_as_its_own_line(tmp_path
     data = PretrainData(data_cfg(text=tmp_path / "pt", num_workers=1), tiny_tokenizer, 32)
     assert run_command("pretrain", lambda argv: data.next_batch("text"), ["pretrain"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line.startswith("cclm pretrain: text: every sample of worker 0's shards was skipped in epoch 0")
+    assert line.startswith("cclm pretrain: text: no usable sample in all 1 shard(s) (up to epoch 0; skipped: ")
     assert line.endswith("(in DataLoader worker process 0)") and "Traceback" not in line
 
 

@@ -142,6 +142,7 @@ class ShardStream(IterableDataset):
         start_epoch, start_offset = int(start.get("epoch", 0)), int(start.get("offset", 0))
         skips = SkipCounter(start.get("skips"), where=f"{p.view} rank {p.rank} worker {worker}")
         pending: list[dict] = []
+        barren: set[str] = set()  # shards read whole, in epochs without a usable sample, since the last one
         epoch = start_epoch
         while p.epochs is None or epoch < p.epochs:
             rng = random.Random(derive_seed(p.seed, p.view, "shuffle", global_worker, epoch))
@@ -164,17 +165,11 @@ class ShardStream(IterableDataset):
                 if len(pending) == p.batch_size:
                     yield self._emit(pending, worker, global_worker, epoch, index + 1, skips)
                     pending = []
-            if index < 0:
-                raise DataError(
-                    f"{p.view}: worker {global_worker} read no samples in epoch {epoch} "
-                    f"(shards: {self.epoch_shards(epoch, global_worker)[:3]}...)"
-                )
-            if usable == 0 and index >= skip_until and p.epochs is None:
-                check = f"check {p.languages} against the shards" if p.languages else "check the shards"
-                raise DataError(
-                    f"{p.view}: every sample of worker {global_worker}'s shards was skipped in epoch {epoch} "
-                    f"({skips.as_dict()}); the stream would never yield a batch ({check})"
-                )
+            if usable:
+                barren.clear()
+            elif p.epochs is None and (skip_until == 0 or index >= skip_until):
+                barren.update(self.epoch_shards(epoch, global_worker))
+                self._check_not_starved(barren, global_worker, epoch, skips)
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final
         # skip counts (skips after the last full batch would otherwise go unreported).
@@ -182,6 +177,24 @@ class ShardStream(IterableDataset):
             yield self._emit(pending, worker, global_worker, epoch, 0, skips)
         else:
             yield {STREAM_KEY: {"worker": worker, "epoch": epoch, "offset": 0, "skips": skips.as_dict()}}
+
+    def _check_not_starved(self, barren: set[str], global_worker: int, epoch: int, skips: SkipCounter) -> None:
+        """An endless stream fails once this worker can never yield again: every shard it may be dealt has been read whole without a
+        usable sample. One damaged or empty shard among good ones only costs the epoch it is dealt in (and the
+        worker goes on with the next), so it never stops a multi-GPU run; a fixed deal (``shard_shuffle`` off)
+        that is all bad fails at once, as no later epoch changes it."""
+        p = self.plan
+        fixed_deal = not p.resampled and not p.shard_shuffle
+        if not (fixed_deal or barren.issuperset(p.urls)):
+            return
+        read = sorted(barren)
+        shards = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
+        check = f"check {p.languages} against the shards" if p.languages else "check the shards"
+        what = f"{len(read)} shard(s) dealt to worker {global_worker}" if fixed_deal else f"all {len(read)} shard(s)"
+        raise DataError(
+            f"{p.view}: no usable sample in {what} (up to epoch {epoch}; skipped: {skips.as_dict() or 'none'}; "
+            f"shards: {shards}); the stream would never yield a batch ({check})"
+        )
 
     def _emit(self, examples, worker, global_worker, epoch, offset, skips: SkipCounter) -> dict:
         p = self.plan
