@@ -9,8 +9,11 @@ context manager that discards its shards otherwise)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
+import logging
+import re
 import shlex
 import sys
 import threading
@@ -19,12 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cclm.data.languages import language_allowed, normalize_language
-from cclm.data.shards import ShardSink
+from cclm.data.shards import ShardSink, safe_key
 from cclm.data.skips import SkipCounter
 from cclm.jsonl import read_jsonl
 from data_prep.skip_reasons import SKIP_REASONS
 
 BAD_UTF8 = "bad_utf8"
+log = logging.getLogger("cclm.data")
 
 
 def add_output_options(parser: argparse.ArgumentParser, images: bool = False) -> None:
@@ -80,6 +84,31 @@ def content_hash(*parts) -> str:
         )
         h.update(b"\0")
     return h.hexdigest()
+
+
+class SampleKeys:
+    """Unique sample keys. A key is a readable name made safe (:func:`cclm.data.shards.safe_key`); where that loses
+    characters (``Ä.jpg`` and ``Ö.jpg`` both give ``_``) or the key is taken already (``x.jpg`` and ``x.png``, or
+    two input shards both named ``shard-000000``), it ends in a hash of the sample's full ``identity`` instead, so
+    no two inputs share a key (a shard sink refuses a second one). No key starts with ``__`` (WebDataset readers
+    take such members for metadata and skip them)."""
+
+    _LOSSLESS = re.compile(r"[A-Za-z0-9_\-./ ]*")
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, readable: str, identity: str | None = None) -> str:
+        key = safe_key(readable)[:100]
+        if key in self.used or key.startswith("__") or not self._LOSSLESS.fullmatch(readable):
+            digest = hashlib.sha1((identity if identity is not None else readable).encode()).hexdigest()
+            base = key = f"{key.lstrip('_')}_{digest[:10]}".lstrip("_")
+            n = 1
+            while key in self.used:  # the same identity twice: keep both, in input order
+                n += 1
+                key = f"{base}_{n}"
+        self.used.add(key)
+        return key
 
 
 class SplitWriter:
@@ -174,14 +203,65 @@ def decode_text(raw: bytes, where: str, writer: SplitWriter) -> str | None:
         return None
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def first_line_bytes(raw: bytes, where) -> bytes:
+    """The first line of a text file without a UTF-8 byte-order mark (spreadsheet exports write one, which would
+    otherwise hide the first column's name). A UTF-16 or UTF-32 file fails here, naming it: read line by line as
+    UTF-8 its ASCII characters decode, each next to a NUL byte, so it would be converted into garbage."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\x00") * 4 >= len(raw.rstrip(b"\r\n")) > 0:
+        raise ValueError(
+            f"{where}: the file is UTF-16 or UTF-32, not UTF-8; convert it first "
+            "(e.g. iconv -f UTF-16 -t UTF-8 IN > OUT)"
+        )
+    return raw.removeprefix(UTF8_BOM)
+
+
 def text_lines(path: Path, writer: SplitWriter) -> Iterator[tuple[int, str]]:
     """(line number, line with its newline) of a UTF-8 file; lines that are not UTF-8 are counted skips. Lines
-    are decoded one by one so that a bad one is named by its own number."""
+    are decoded one by one so that a bad one is named by its own number. See :func:`first_line_bytes`."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
+            if number == 1:
+                raw = first_line_bytes(raw, path)
             text = decode_text(raw, f"{path}:{number}", writer)
             if text is not None:
                 yield number, text
+
+
+def csv_rows(
+    numbered: Iterator[tuple[int, str]], where, delimiter: str = ","
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of csv lines (``numbered``: from :func:`text_lines`), read strictly (RFC 4180
+    quoting): a line csv cannot parse (a stray quote, a lone carriage return, a field past the size limit) stops
+    the run naming ``file:line`` instead of a bare ``_csv.Error``, and a row over several lines (a quoted field
+    with line breaks, or an unbalanced quote that swallowed the rows after it) is warned about with its lines."""
+    at, consumed = [0], [0]
+
+    def lines() -> Iterator[str]:
+        for number, line in numbered:
+            at[0], consumed[0] = number, consumed[0] + 1
+            yield line
+
+    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+    while True:
+        before = consumed[0]
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ValueError(f"{where}:{at[0]}: not a valid csv line ({err}); check its quotes") from None
+        if consumed[0] - before > 1:
+            log.warning(
+                "%s:%d: one csv row over %d lines, up to here (a quoted field with line breaks, or an "
+                "unbalanced quote)",
+                where,
+                at[0],
+                consumed[0] - before,
+            )
+        yield at[0], row
 
 
 def jsonl_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]:

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import functools
 import io
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import (
@@ -34,10 +34,13 @@ from cclm.data.shards import (
     safe_key,
 )
 from cclm.data.skips import SkipSample
+from cclm.data.transforms import as_rgb
 from data_prep.common import (
+    SampleKeys,
     SplitWriter,
     add_output_options,
     content_hash,
+    csv_rows,
     decode_text,
     jsonl_records,
     require_file,
@@ -46,17 +49,26 @@ from data_prep.common import (
 from data_prep.workers import ordered_map
 
 READ_AHEAD = 1024  # samples read ahead of the writer (see _write_all)
+EXIF_ORIENTATION = 0x0112
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def encode_image(data: bytes, max_side: int, quality: int) -> bytes:
-    """Verified JPEG bytes: JPEGs within ``max_side`` are kept byte for byte, anything else is re-encoded."""
+def encode_image(data: bytes, max_side: int, quality: int, upright: bool = True) -> bytes:
+    """JPEG bytes of a fully decoded image: a JPEG within ``max_side`` that needs no turning is kept byte for byte,
+    anything else is re-encoded: turned upright as its EXIF orientation says (phones store portrait photos
+    sideways), wide greyscale scaled to 8 bits (:func:`cclm.data.transforms.as_rgb`). Decoding every byte is
+    what finds a truncated or corrupt file (``Image.verify`` reads only the headers, so a JPEG cut in half
+    passed it). ``upright=False`` keeps the stored orientation, for annotations drawn on the stored pixels (COCO
+    and Visual Genome boxes ignore EXIF)."""
     img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG" and (max_side <= 0 or max(img.size) <= max_side):
-        img.verify()
+    turned = upright and img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+    if img.format == "JPEG" and not turned and (max_side <= 0 or max(img.size) <= max_side):
+        img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))  # every byte, 1/8 of the work
+        img.load()
         return data
-    img = img.convert("RGB")
+    img.load()
+    img = as_rgb(ImageOps.exif_transpose(img) if turned else img)
     if max_side > 0 and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize(
@@ -76,16 +88,19 @@ def resolve_image(root: Path, name: str) -> Path | None:
 
 
 def _prepare(item, max_side: int, quality: int):
-    """Worker: (key, source, captions) -> (key, jpeg bytes | None, captions, skip reason | None)."""
-    key, source, captions = item
+    """Worker: (key, source, captions, where) -> (key, jpeg bytes | None, captions, skip reason | None, detail);
+    ``where`` names the input in a skip's warning (a path names itself)."""
+    key, source, captions, where = item
+    where = where or str(source)
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except OSError:
-        return key, None, captions, "missing_image"
+    except OSError as err:
+        return key, None, captions, "missing_image", f"{where}: {err.strerror or err}"
     try:
-        return key, encode_image(data, max_side, quality), captions, None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return key, None, captions, "bad_image"
+        return key, encode_image(data, max_side, quality), captions, None, ""
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
+        return key, None, captions, "bad_image", f"{where}: {reason}"
 
 
 def _add_caption(
@@ -103,18 +118,22 @@ def _add_caption(
 
 
 def _captions(value, default_lang: str, writer: SplitWriter) -> tuple[dict[str, list[str]], list[str]]:
-    """Captions from ``{lang: text | [texts]}``, ``[texts]`` or ``text`` (in ``default_lang``), and the reasons
+    """Captions from ``{lang: text | [texts]}``, a list of those, ``[texts]`` or ``text`` (in ``default_lang``),
+    and the reasons
     any of them were dropped."""
     captions: dict[str, list[str]] = {}
     reasons: list[str] = []
-    for lang, texts in (value if isinstance(value, dict) else {default_lang: value}).items():
-        for text in (texts or [None]) if isinstance(texts, list) else [texts]:
-            _add_caption(captions, lang, text, writer, reasons)
+    parts = value if isinstance(value, list) and any(isinstance(v, dict) for v in value) else [value]
+    for part in parts:  # the reference's dumps also hold [{lang: text}, ...]
+        for lang, texts in (part if isinstance(part, dict) else {default_lang: part}).items():
+            for text in (texts or [None]) if isinstance(texts, list) else [texts]:
+                _add_caption(captions, lang, text, writer, reasons)
     return captions, reasons
 
 
 def _write_all(items: Iterable, writer: SplitWriter, args, desc: str, total: int | None = None) -> int:
-    """Encode and write ``items`` (key, image bytes or path, captions), read lazily: at most
+    """Encode and write ``items`` (key, image bytes or path, captions, where: what a warning names, or "" for the
+    path), read lazily: at most
     :data:`READ_AHEAD` of them are held at once, whatever ``--num-workers`` (a worker pool otherwise reads its
     whole input ahead, which for a CC3M-sized stream of image bytes is the whole corpus in memory)."""
     if total is None and isinstance(items, list):
@@ -127,12 +146,12 @@ def _write_all(items: Iterable, writer: SplitWriter, args, desc: str, total: int
             yield item
 
     prepare = functools.partial(_prepare, max_side=args.max_side, quality=args.jpeg_quality)
-    for key, jpeg, captions, reason in ordered_map(
+    for key, jpeg, captions, reason, detail in ordered_map(
         prepare, fed(), args.num_workers, total, not args.no_progress, desc, unit="sample"
     ):
         slots.release()
         if reason:
-            writer.skip(reason)
+            writer.skip(reason, detail=detail)
             continue
         meta = {"captions": captions}
         writer.write(
@@ -147,6 +166,20 @@ def _write_all(items: Iterable, writer: SplitWriter, args, desc: str, total: int
 
 
 # ------------------------------------------------------------------------------------------------- tables
+def delimited_rows(path: Path, fmt: str, writer: SplitWriter) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of a tsv or csv table. A tsv line is split at its tabs and nothing else: it has no
+    quoting (img2dataset's and CC3M's tsv files put quotes in captions as they are), where csv quoting would let
+    one unbalanced ``"`` swallow every row up to the next quote. A csv file is read strictly (RFC 4180 quoting),
+    and a line it cannot parse (a stray quote, a lone carriage return, a field past the size limit) stops the
+    run naming ``file:line``."""
+    if fmt == "tsv":
+        for number, line in text_lines(path, writer):
+            if line.strip():
+                yield number, line.rstrip("\r\n").split("\t")
+        return
+    yield from csv_rows(text_lines(path, writer), path)
+
+
 def read_table(path: Path, fmt: str, default_lang: str, writer: SplitWriter) -> list[tuple[str, str, str]]:
     """Rows (image, caption, lang) from jsonl (keys image/caption/lang) or csv/tsv (header with image and caption
     columns, or positional ``image, caption[, lang]``); lines that are not UTF-8 are counted on ``writer``."""
@@ -160,8 +193,7 @@ def read_table(path: Path, fmt: str, default_lang: str, writer: SplitWriter) -> 
             (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
             for _, obj in jsonl_records(path, writer)
         ]
-    lines = (line for _, line in text_lines(path, writer))
-    table = [r for r in csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",") if r]
+    table = [row for _, row in delimited_rows(path, fmt, writer) if row]
     if not table:
         return rows
     header = [c.strip().lower() for c in table[0]]
@@ -201,14 +233,16 @@ def _convert_table(table: Path, root: Path, writer: SplitWriter, args) -> int:
         for reason in reasons:
             writer.skip(f"caption_{reason.removesuffix('_caption')}")  # a dropped row, not a sample
     items = []
+    keys = SampleKeys()
     for image, captions in grouped.items():
         path = resolve_image(root, image) if image else None
         if path is None:
-            writer.skip("missing_image")
+            what = f"no file {image!r} under {root}" if image else "a row without an image name"
+            writer.skip("missing_image", detail=f"{table}: {what}")
         elif not captions:
             writer.skip("no_caption")
         else:
-            items.append((safe_key(str(Path(image).with_suffix(""))), str(path), captions))
+            items.append((keys(str(Path(image).with_suffix("")), image), str(path), captions, ""))
     return _write_all(items, writer, args, "image-caption")
 
 
@@ -230,29 +264,41 @@ def _cclm_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]
             writer.skip("bad_json", detail=f"{path}:{number}: not a JSON object")
 
 
-def _cclm_item(number: int, obj: dict, root: Path | None, default_lang: str, writer: SplitWriter):
-    """(key, image bytes or path, captions) of one CCLM-style record, or None after counting why it is skipped."""
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _cclm_item(path: Path, number: int, obj: dict, root: Path | None, default_lang: str, writer: SplitWriter):
+    """(key, image bytes or path, captions, where) of one CCLM-style record, or None after counting why it is skipped."""
     captions, reasons = _captions(
         obj.get("caption", obj.get("captions")), obj.get("lang") or default_lang, writer
     )
     if not captions:
         writer.skip(reasons[0] if reasons else "no_caption")
         return None
+    where = f"{path}:{number}"
     if isinstance(obj.get("binary"), str):
         try:
-            source = base64.b64decode(obj["binary"], validate=True)
-        except (binascii.Error, ValueError):
-            writer.skip("bad_image")
+            source = decode_base64(obj["binary"])
+        except (binascii.Error, ValueError) as err:
+            writer.skip("bad_image", detail=f"{where}: 'binary' is not base64 ({err})")
             return None
         name = str(obj.get("image_id", obj.get("id", f"line{number:09d}")))
     elif isinstance(obj.get("image"), str):
         image = Path(obj["image"])
         full = image if image.is_absolute() or root is None else root / image
         source, name = str(full), str(obj.get("image_id", image.with_suffix("")))
+        where = f"{where}: {full}"
     else:
-        writer.skip("missing_image")
+        writer.skip("missing_image", detail=f"{where}: neither 'binary' nor 'image'")
         return None
-    return safe_key(f"{number:09d}_{name}")[:120], source, captions
+    return safe_key(f"{number:09d}_{name}")[:120], source, captions, where
+
+
+def decode_base64(text: str) -> bytes:
+    """Image bytes from standard or URL-safe base64, wrapped over lines (MIME) or not, padded or not; anything
+    else fails (``binascii.Error``)."""
+    compact = "".join(text.split()).translate(_URLSAFE)
+    return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
 
 
 def run_cclm_jsonl(args) -> int:
@@ -262,7 +308,7 @@ def run_cclm_jsonl(args) -> int:
         items = [
             item
             for number, obj in _cclm_records(path, writer)
-            if (item := _cclm_item(number, obj, root, args.lang, writer)) is not None
+            if (item := _cclm_item(path, number, obj, root, args.lang, writer)) is not None
         ]
         if not items and not writer.skipped:
             raise ValueError(f"{path} has no rows")
@@ -281,10 +327,13 @@ def run_rekey(
     urls = expand_shards(args.shards)
     sizes = read_sizes(urls)
     total = sum(sizes.values()) if all(sizes.values()) else None
+    keys = SampleKeys()
     with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
         if before is not None:
             before(writer)
-        items = (item for url in urls for item in _rekey_items(url, sizes[url], writer, args.lang, join))
+        items = (
+            item for url in urls for item in _rekey_items(url, sizes[url], writer, keys, args.lang, join)
+        )
         return _write_all(items, writer, args, getattr(args, "subcommand", "rekey-wds"), total)
 
 
@@ -292,18 +341,20 @@ def _rekey_items(
     url: str,
     size: int | None,
     writer: SplitWriter,
+    keys: SampleKeys,
     default_lang: str,
     join: Callable[[dict], dict[str, list[str]]] | None = None,
 ) -> Iterator[tuple]:
     """(key, image bytes, captions) of one img2dataset shard's usable samples; the others are counted."""
     base = url.rsplit("/", 1)[-1].removesuffix(".tar")
     for sample in iter_tar_samples(url, size):
+        where = f"{url}:{sample['__key__']}"
         if SKIP_KEY in sample:
-            writer.skip(sample[SKIP_KEY])
+            writer.skip(sample[SKIP_KEY], detail=sample.get("detail", ""))
             continue
         jpeg = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if jpeg is None:
-            writer.skip("missing_image")
+            writer.skip("missing_image", detail=f"{where}: no jpg, jpeg, png or webp member")
             continue
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -313,7 +364,7 @@ def _rekey_items(
         if isinstance(meta.get("captions"), dict):
             value = meta["captions"]
         elif "txt" in sample:
-            value = decode_text(sample["txt"], f"{url}:{sample['__key__']}.txt", writer)
+            value = decode_text(sample["txt"], f"{where}.txt", writer)
             if value is None:
                 continue
         else:
@@ -329,7 +380,7 @@ def _rekey_items(
         if not captions:
             writer.skip(reasons[0] if reasons else "no_caption")
             continue
-        yield safe_key(f"{base}_{sample['__key__']}"), jpeg, captions
+        yield keys(f"{base}_{sample['__key__']}", f"{url}\0{sample['__key__']}"), jpeg, captions, where
 
 
 # ------------------------------------------------------------------------------------------------- parsers

@@ -354,7 +354,9 @@ def test_a_data_error_in_a_dataloader_worker_is_printed_as_its_own_line(tmp_path
     data = PretrainData(data_cfg(text=tmp_path / "pt", num_workers=1), tiny_tokenizer, 32)
     assert run_command("pretrain", lambda argv: data.next_batch("text"), ["pretrain"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line.startswith("cclm pretrain: text: no usable sample in all 1 shard(s) (up to epoch 0; skipped: ")
+    assert line.startswith(
+        "cclm pretrain: text: no usable sample in all 1 shard(s) (up to epoch 0; skipped: "
+    )
     assert line.endswith("(in DataLoader worker process 0)") and "Traceback" not in line
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cclm.data.transforms import decode_crop, resize_box, whole_image
+from cclm.data.transforms import as_rgb, decode_crop, resize_box, whole_image
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, torch.Tensor]
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -73,11 +73,11 @@ def open_image(item: str | os.PathLike | Image.Image) -> Image.Image:
     """The full-size RGB image of a path or a PIL image, decoded completely (for thumbnails)."""
     if isinstance(item, Image.Image):
         with _decoding(getattr(item, "filename", "") or "(PIL image)"):
-            return item.convert("RGB")
+            return as_rgb(item)
     path = Path(item)
     data = _read(path)
     with _decoding(path), Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        return as_rgb(image)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

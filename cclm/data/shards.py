@@ -40,6 +40,8 @@ from pathlib import Path
 
 import braceexpand
 
+from cclm.errors import DataError
+
 SIZES_NAME = "sizes.json"
 MANIFEST_NAME = "manifest.json"
 VIEW_IMAGE_CAPTION = "image_caption"
@@ -122,6 +124,8 @@ class ShardSink:
         """Write one sample: ``members`` maps extension (``"jpg"``, ``"json"``) to bytes."""
         if key != safe_key(key):
             raise ValueError(f"sample key {key!r} must not contain dots, slashes or spaces (see safe_key)")
+        if key.startswith("__"):
+            raise ValueError(f"sample key {key!r} must not start with '__' (readers skip such members)")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         self._keys.add(key)
@@ -241,10 +245,27 @@ def read_sizes(urls: list[str]) -> dict[str, int | None]:
             continue
         folder = Path(url).parent
         if folder not in cache:
-            sizes_file = folder / SIZES_NAME
-            cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+            cache[folder] = _sizes_file(folder / SIZES_NAME)
         value = cache[folder].get(Path(url).name)
-        sizes[url] = int(value) if value is not None else None
+        sizes[url] = value
+    return sizes
+
+
+def _sizes_file(path: Path) -> dict[str, int]:
+    """A folder's ``sizes.json`` (shard name -> samples); none is ``{}``. A damaged one fails naming it: its
+    counts are what tells a truncated shard from a short one."""
+    if not path.exists():
+        return {}
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: damaged ({err}); convert the shards again, or delete it") from None
+    if not isinstance(sizes, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes.values()
+    ):
+        raise DataError(
+            f"{path}: expected {{shard name: sample count}}; convert the shards again, or delete it"
+        )
     return sizes
 
 

@@ -178,11 +178,13 @@ class ShardStream(IterableDataset):
         else:
             yield {STREAM_KEY: {"worker": worker, "epoch": epoch, "offset": 0, "skips": skips.as_dict()}}
 
-    def _check_not_starved(self, barren: set[str], global_worker: int, epoch: int, skips: SkipCounter) -> None:
-        """An endless stream fails once this worker can never yield again: every shard it may be dealt has been read whole without a
-        usable sample. One damaged or empty shard among good ones only costs the epoch it is dealt in (and the
-        worker goes on with the next), so it never stops a multi-GPU run; a fixed deal (``shard_shuffle`` off)
-        that is all bad fails at once, as no later epoch changes it."""
+    def _check_not_starved(
+        self, barren: set[str], global_worker: int, epoch: int, skips: SkipCounter
+    ) -> None:
+        """An endless stream fails once this worker can never yield again: every shard it may be dealt has been
+        read whole without a usable sample. One damaged or empty shard among good ones only costs the epoch it is
+        dealt in (the worker goes on with the next), so it never stops a multi-GPU run; a fixed deal
+        (``shard_shuffle`` off) that is all bad fails at once, as no later epoch changes it."""
         p = self.plan
         fixed_deal = not p.resampled and not p.shard_shuffle
         if not (fixed_deal or barren.issuperset(p.urls)):
@@ -190,7 +192,11 @@ class ShardStream(IterableDataset):
         read = sorted(barren)
         shards = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
         check = f"check {p.languages} against the shards" if p.languages else "check the shards"
-        what = f"{len(read)} shard(s) dealt to worker {global_worker}" if fixed_deal else f"all {len(read)} shard(s)"
+        what = (
+            f"{len(read)} shard(s) dealt to worker {global_worker}"
+            if fixed_deal
+            else f"all {len(read)} shard(s)"
+        )
         raise DataError(
             f"{p.view}: no usable sample in {what} (up to epoch {epoch}; skipped: {skips.as_dict() or 'none'}; "
             f"shards: {shards}); the stream would never yield a batch ({check})"

@@ -147,10 +147,25 @@ def decode_crop(data: bytes, size: int, choose_box) -> Image.Image:
     return resize_box(img, size, box)
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. Greyscale wider than 8 bits (16-bit PNG or TIFF: modes ``I;16*`` and ``I``; float
+    ``F``) is scaled to 0..255 first: PIL's own conversion clips it, which turns nearly every pixel white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        peak = values.max(initial=0.0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+            values = values / 257.0  # 65535 -> 255
+        elif img.mode == "F" and peak <= 1.0:
+            values = values * 255.0  # float images in 0..1
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def resize_box(img: Image.Image, size: int, box: Box) -> Image.Image:
     """The one resampling step of every transform: ``box`` of ``img`` to an RGB ``size`` x ``size`` image."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = as_rgb(img)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 

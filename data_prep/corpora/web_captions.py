@@ -16,7 +16,6 @@ URLs could not be downloaded, which the closing summary reports beside the skips
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import sqlite3
@@ -28,7 +27,7 @@ from cclm.data.languages import normalize_language
 from cclm.data.shards import iter_tar_samples
 from cclm.data.skips import SkipSample
 from cclm.errors import DataError
-from data_prep.common import SplitWriter, add_output_options
+from data_prep.common import SplitWriter, add_output_options, csv_rows
 from data_prep.corpora.files import decoded_lines
 from data_prep.image_caption import run_rekey
 
@@ -134,9 +133,9 @@ class TranslationTable:
         self.loaded: Counter[str] = Counter()
 
     def load(self, lang: str, path: Path, writer: SplitWriter) -> None:
-        lines = (text for _, text in decoded_lines(path, writer))
         rows = []
-        for row in csv.reader(lines, delimiter="\t"):  # UC2 wrote them with csv.writer: quoted fields allowed
+        # UC2 wrote them with csv.writer: quoted fields allowed
+        for _, row in csv_rows(decoded_lines(path, writer), path, delimiter="\t"):
             if not row:
                 continue
             if len(row) < 3 or not row[1].strip():

@@ -136,7 +136,7 @@ def _prepare(image: RegionImage, max_side: int, quality: int):
         return image, None, None, "missing_image"
     try:
         original = Image.open(io.BytesIO(data)).size
-        jpeg = encode_image(data, max_side, quality)
+        jpeg = encode_image(data, max_side, quality, upright=False)
         stored = Image.open(io.BytesIO(jpeg)).size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return image, None, None, "bad_image"
