@@ -1,16 +1,16 @@
 """Parallel-text converters: ``parallel-tsv`` (``src<TAB>tgt``), ``parallel-moses`` (two aligned files, OPUS /
 WikiMatrix style ``corpus.en`` + ``corpus.de``) and ``parallel-jsonl`` (``source_text``, ``target_text``, optional
 ``source_lang``/``target_lang``). Output samples: ``{key}.json`` = ``{"src", "tgt", "src_lang", "tgt_lang"}``.
-A line that is not UTF-8 (in Moses files: on either side) skips its pair, counted as ``bad_utf8``."""
+A line that is not UTF-8 (in Moses files: on either side) skips its pair, counted as ``bad_utf8``; a tsv line with
+more than two columns (a stray tab) is counted as ``bad_columns``, since which two are the pair is unknown."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import zip_longest
 from pathlib import Path
-from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -21,6 +21,7 @@ from data_prep.common import (
     add_output_options,
     content_hash,
     decode_text,
+    first_line_bytes,
     jsonl_records,
     require_file,
     text_lines,
@@ -37,11 +38,16 @@ def _language(code: str | None, what: str) -> str:
 def tsv_pairs(
     path: Path, src_lang: str, tgt_lang: str, writer: SplitWriter
 ) -> Iterator[tuple[str | None, str | None, str, str]]:
-    for _, line in text_lines(path, writer):
+    for number, line in text_lines(path, writer):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
         cols = line.split("\t")
+        while len(cols) > 2 and not cols[-1].strip():
+            cols.pop()  # trailing tabs add no column
+        if len(cols) > 2:
+            writer.skip("bad_columns", detail=f"{path}:{number}: {len(cols)} columns, expected src<TAB>tgt")
+            continue
         yield (cols[0], cols[1] if len(cols) > 1 else None, src_lang, tgt_lang)
 
 
@@ -51,12 +57,20 @@ def moses_pairs(src: Path, tgt: Path, src_lang: str, tgt_lang: str, writer: Spli
 
 
 def aligned_pairs(
-    fs: BinaryIO, ft: BinaryIO, src: str, tgt: str, src_lang: str, tgt_lang: str, writer: SplitWriter
+    fs: Iterable[bytes],
+    ft: Iterable[bytes],
+    src: str,
+    tgt: str,
+    src_lang: str,
+    tgt_lang: str,
+    writer: SplitWriter,
 ) -> Iterator[tuple]:
-    """Pairs of two byte streams aligned line by line (``src``/``tgt`` name them in messages)."""
+    """Pairs of two streams of byte lines aligned line by line (``src``/``tgt`` name them in messages)."""
     for number, (a, b) in enumerate(zip_longest(fs, ft), 1):
         if a is None or b is None:
             raise ValueError(f"{src} and {tgt} are not aligned: line counts differ (at line {number})")
+        if number == 1:
+            a, b = first_line_bytes(a, src), first_line_bytes(b, tgt)
         a_text = decode_text(a, f"{src}:{number}", writer)
         b_text = decode_text(b, f"{tgt}:{number}", writer) if a_text is not None else None
         if b_text is not None:  # one skip per pair, even with both sides undecodable

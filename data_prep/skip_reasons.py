@@ -28,7 +28,7 @@ SKIP_REASONS: dict[str, str] = {
     "no_translation": "uc2 --drop-untranslated: an image without any translation",
     # parallel text
     "empty_text": "a pair with an empty side (or a line missing its second column)",
-    "bad_columns": "wikimatrix: a line without score<TAB>src<TAB>tgt",
+    "bad_columns": "wikimatrix: a line without score<TAB>src<TAB>tgt; parallel-tsv: a line with a third column",
     "bad_score": "wikimatrix: a score that is not a number",
     "below_min_score": "wikimatrix: a pair under --min-score",
     "over_pair_cap": "wikimatrix: a pair past its language pair's --max-pairs cap (the lowest scores go)",

@@ -20,6 +20,7 @@ import gzip
 from pathlib import Path
 
 from cclm.errors import DataError
+from data_prep.corpora.files import DAMAGED, unreadable
 from data_prep.corpora.retrieval_sets import (
     SplitSet,
     add_options,
@@ -60,11 +61,13 @@ def read_text(path: Path) -> bytes:
     """A caption file as plain bytes, from ``path`` or ``path.gz``."""
     if path.is_file():
         return path.read_bytes()
+    lines: list[bytes] = []
     try:
         with gzip.open(path.with_name(path.name + ".gz"), "rb") as handle:
-            return handle.read()
-    except (gzip.BadGzipFile, EOFError) as err:
-        raise DataError(f"{path}.gz: not a readable gzip file ({err})") from None
+            lines.extend(handle)
+    except DAMAGED as err:
+        raise DataError(unreadable(f"{path}.gz", "gzip file", err, len(lines))) from None
+    return b"".join(lines)
 
 
 def lines_of(data: bytes, where: Path) -> list[str]:

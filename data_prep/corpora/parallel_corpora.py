@@ -6,7 +6,7 @@
   language pair, keeping its highest-scoring pairs.
 * ``opus``: Moses-format files as OPUS and statmt.org release them, ``{corpus}.{l1}-{l2}.{l1}`` beside
   ``{corpus}.{l1}-{l2}.{l2}`` (``Europarl.de-en.de``, ``europarl-v7.de-en.en``), in folders or in OPUS's
-  ``{l1}-{l2}.txt.zip`` downloads (read without unpacking).
+  ``{l1}-{l2}.txt.zip`` downloads (read without unpacking; a damaged or truncated zip stops the run naming it).
 
 With ``--pivot en`` (the default) the English side of a pair is ``src``, as CCLM's en-X pairs are.
 """
@@ -19,14 +19,13 @@ import math
 import re
 import zipfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import VIEW_PARALLEL
 from cclm.errors import DataError
 from data_prep.common import SplitWriter, add_output_options, require_file
-from data_prep.corpora.files import decoded_lines
+from data_prep.corpora.files import DAMAGED, decoded_lines, unreadable
 from data_prep.parallel_text import aligned_pairs, write_pairs
 
 WIKIMATRIX_FILE = re.compile(r"^WikiMatrix\.(?P<a>[A-Za-z_]+)-(?P<b>[A-Za-z_]+)\.tsv(\.gz)?$")
@@ -164,12 +163,21 @@ class MosesPair:
     def name(self) -> str:
         return f"{self.corpus}.{self.a}-{self.b}"
 
-    def open(self, code: str, stack: ExitStack):
+    def lines(self, code: str) -> Iterator[bytes]:
+        """One side's lines; a damaged zip member stops the run naming it and the last line read."""
         path, member = self.sides[code]
         if member is None:
-            return stack.enter_context(open(path, "rb"))
-        archive = stack.enter_context(zipfile.ZipFile(path))
-        return stack.enter_context(archive.open(member))
+            with open(path, "rb") as handle:
+                yield from handle
+            return
+        number = 0
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(member) as handle:
+                for raw in handle:
+                    number += 1
+                    yield raw
+        except DAMAGED as err:
+            raise DataError(unreadable(self.label(code), "zip member", err, number)) from None
 
     def label(self, code: str) -> str:
         path, member = self.sides[code]
@@ -183,9 +191,13 @@ def moses_pairs_in(inputs: list[str]) -> list[MosesPair]:
         path = Path(text)
         if path.is_dir():
             entries = [(p.name, p, None) for p in sorted(path.iterdir()) if p.is_file()]
-        elif path.is_file() and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                entries = [(Path(m).name, path, m) for m in sorted(archive.namelist()) if not m.endswith("/")]
+        elif path.is_file() and (zipfile.is_zipfile(path) or path.suffix == ".zip"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    names = archive.namelist()
+            except DAMAGED as err:
+                raise DataError(unreadable(path, "zip file", err)) from None
+            entries = [(Path(m).name, path, m) for m in sorted(names) if not m.endswith("/")]
         elif path.exists():
             raise DataError(f"{path}: expected a folder of Moses files or OPUS's <l1>-<l2>.txt.zip")
         else:
@@ -212,18 +224,17 @@ def moses_pairs_in(inputs: list[str]) -> list[MosesPair]:
 def opus_pairs(pairs: list[MosesPair], pivot: str, writer: SplitWriter) -> Iterator[tuple]:
     for pair in pairs:
         a_lang, b_lang = _language(pair.a, pair.label(pair.a)), _language(pair.b, pair.label(pair.b))
-        with ExitStack() as stack:
-            lines = aligned_pairs(
-                pair.open(pair.a, stack),
-                pair.open(pair.b, stack),
-                pair.label(pair.a),
-                pair.label(pair.b),
-                a_lang,
-                b_lang,
-                writer,
-            )
-            for a, b, _, _ in lines:
-                yield oriented(a, b, a_lang, b_lang, pivot)
+        lines = aligned_pairs(
+            pair.lines(pair.a),
+            pair.lines(pair.b),
+            pair.label(pair.a),
+            pair.label(pair.b),
+            a_lang,
+            b_lang,
+            writer,
+        )
+        for a, b, _, _ in lines:
+            yield oriented(a, b, a_lang, b_lang, pivot)
 
 
 def run_opus(args) -> int:

@@ -185,6 +185,12 @@ def test_a_utf16_table_is_refused_not_converted_to_garbage(tmp_path, capsys, tin
     assert_nothing_published(out, tiny_tokenizer)
     pairs.write_bytes("hello\thallo\n".encode("utf-16-le"))  # no byte-order mark: NUL bytes give it away
     assert prep("parallel-tsv", "--input", pairs, "--src-lang", "en", "--tgt-lang", "de", "--out", out) == 2
+    (tmp_path / "c.en").write_text("hello\n")
+    (tmp_path / "c.de").write_bytes("hallo\n".encode("utf-16"))
+    args = ("--src", tmp_path / "c.en", "--tgt", tmp_path / "c.de", "--out", out)
+    assert prep("parallel-moses", *args) == 2
+    assert "c.de: the file is UTF-16 or UTF-32" in capsys.readouterr().err
+    assert_nothing_published(out, tiny_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------- keys
