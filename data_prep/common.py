@@ -210,7 +210,8 @@ def first_line_bytes(raw: bytes, where) -> bytes:
     """The first line of a text file without a UTF-8 byte-order mark (spreadsheet exports write one, which would
     otherwise hide the first column's name). A UTF-16 or UTF-32 file fails here, naming it: read line by line as
     UTF-8 its ASCII characters decode, each next to a NUL byte, so it would be converted into garbage."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\x00") * 4 >= len(raw.rstrip(b"\r\n")) > 0:
+    nuls = raw.count(b"\x00")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (nuls >= 2 and nuls * 4 >= len(raw.rstrip(b"\r\n"))):
         raise ValueError(
             f"{where}: the file is UTF-16 or UTF-32, not UTF-8; convert it first "
             "(e.g. iconv -f UTF-16 -t UTF-8 IN > OUT)"

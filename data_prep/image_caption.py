@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cclm.data.languages import normalize_language
 from cclm.data.shards import (
@@ -50,6 +50,16 @@ from data_prep.workers import ordered_map
 
 READ_AHEAD = 1024  # samples read ahead of the writer (see _write_all)
 EXIF_ORIENTATION = 0x0112
+T = Image.Transpose
+ORIENTATIONS = {  # EXIF orientation -> the turn that shows the image upright
+    2: T.FLIP_LEFT_RIGHT,
+    3: T.ROTATE_180,
+    4: T.FLIP_TOP_BOTTOM,
+    5: T.TRANSPOSE,
+    6: T.ROTATE_270,
+    7: T.TRANSVERSE,
+    8: T.ROTATE_90,
+}
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
@@ -62,13 +72,15 @@ def encode_image(data: bytes, max_side: int, quality: int, upright: bool = True)
     passed it). ``upright=False`` keeps the stored orientation, for annotations drawn on the stored pixels (COCO
     and Visual Genome boxes ignore EXIF)."""
     img = Image.open(io.BytesIO(data))
-    turned = upright and img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
-    if img.format == "JPEG" and not turned and (max_side <= 0 or max(img.size) <= max_side):
+    turn = ORIENTATIONS.get(exif_orientation(img)) if upright else None
+    if img.format == "JPEG" and turn is None and (max_side <= 0 or max(img.size) <= max_side):
         img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))  # every byte, 1/8 of the work
         img.load()
         return data
     img.load()
-    img = as_rgb(ImageOps.exif_transpose(img) if turned else img)
+    img = as_rgb(img)
+    if turn is not None:
+        img = img.transpose(turn)
     if max_side > 0 and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize(
@@ -77,6 +89,14 @@ def encode_image(data: bytes, max_side: int, quality: int, upright: bool = True)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored). A damaged EXIF block reads as 1: the pixels are still good."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # PIL's EXIF parser raises SyntaxError, struct.error, TypeError, ... on damaged blocks
+        return 1
 
 
 def resolve_image(root: Path, name: str) -> Path | None:

@@ -73,11 +73,17 @@ def open_image(item: str | os.PathLike | Image.Image) -> Image.Image:
     """The full-size RGB image of a path or a PIL image, decoded completely (for thumbnails)."""
     if isinstance(item, Image.Image):
         with _decoding(getattr(item, "filename", "") or "(PIL image)"):
-            return as_rgb(item)
+            return _own_rgb(item)
     path = Path(item)
     data = _read(path)
     with _decoding(path), Image.open(io.BytesIO(data)) as image:
-        return as_rgb(image)
+        return _own_rgb(image)
+
+
+def _own_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image decoded in full that the caller owns (never ``image`` itself, which may be closed next)."""
+    rgb = as_rgb(image)
+    return rgb.copy() if rgb is image else rgb
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -125,6 +125,19 @@ class ShardStream(IterableDataset):
                     yield sample
                 index += 1
 
+    def any_usable(self, epoch: int) -> bool:
+        """Whether any sample of ``epoch``'s whole stream is usable (with fewer shards than readers, where each
+        reader keeps only every n-th sample: asked only after an epoch in which this reader found none)."""
+        p = self.plan
+        for url in self.epoch_shards(epoch, 0):
+            for sample in iter_tar_samples(url, p.sizes.get(url)):
+                try:
+                    self.make_example(sample, random.Random(0))
+                except SkipSample:
+                    continue
+                return True
+        return False
+
     # ------------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -167,9 +180,11 @@ class ShardStream(IterableDataset):
                     pending = []
             if usable:
                 barren.clear()
-            elif p.epochs is None and (skip_until == 0 or index >= skip_until):
+            elif (
+                p.epochs is None and skip_until == 0
+            ):  # (a resumed epoch used its samples before the restart)
                 barren.update(self.epoch_shards(epoch, global_worker))
-                self._check_not_starved(barren, global_worker, epoch, skips)
+                self._check_not_starved(barren, index < 0, global_worker, epoch, skips)
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final
         # skip counts (skips after the last full batch would otherwise go unreported).
@@ -179,16 +194,28 @@ class ShardStream(IterableDataset):
             yield {STREAM_KEY: {"worker": worker, "epoch": epoch, "offset": 0, "skips": skips.as_dict()}}
 
     def _check_not_starved(
-        self, barren: set[str], global_worker: int, epoch: int, skips: SkipCounter
+        self, barren: set[str], kept_none: bool, global_worker: int, epoch: int, skips: SkipCounter
     ) -> None:
-        """An endless stream fails once this worker can never yield again: every shard it may be dealt has been
-        read whole without a usable sample. One damaged or empty shard among good ones only costs the epoch it is
-        dealt in (the worker goes on with the next), so it never stops a multi-GPU run; a fixed deal
-        (``shard_shuffle`` off) that is all bad fails at once, as no later epoch changes it."""
+        """After an epoch without a usable sample, an endless stream fails if this worker can never yield again:
+        every shard it may be dealt has been read whole without a usable sample. One damaged or empty shard among
+        good ones only costs the epoch it is dealt in (the worker goes on with the next), so it never stops a
+        multi-GPU run; a fixed deal (``shard_shuffle`` off) that is all bad fails at once, as no later epoch
+        changes it. With fewer shards than readers (each keeps every n-th sample) it fails when the whole
+        epoch holds no usable sample, or when this reader's n-th position is past the end of the data
+        (``kept_none``). A resumed epoch does not count (its samples before the restart were not looked at)."""
         p = self.plan
         fixed_deal = not p.resampled and not p.shard_shuffle
-        if not (fixed_deal or barren.issuperset(p.urls)):
+        if p.split_by_sample:
+            starved = fixed_deal or kept_none or not self.any_usable(epoch)
+        else:
+            starved = fixed_deal or barren.issuperset(p.urls)
+        if not starved:
             return
+        if p.split_by_sample and kept_none:
+            raise DataError(
+                f"{p.view}: reader {global_worker} gets no sample: the {p.global_workers} readers (ranks x data "
+                "workers) keep every n-th sample of fewer samples than that; use fewer data workers or more data"
+            )
         read = sorted(barren)
         shards = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
         check = f"check {p.languages} against the shards" if p.languages else "check the shards"

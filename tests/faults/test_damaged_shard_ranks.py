@@ -28,11 +28,15 @@ def damage(shard) -> None:
     shard.write_bytes(b"\x00garbage, not a tar" * 3)  # sizes.json still promises its 4 samples
 
 
-def stream(folder, tokenizer, rank: int, **data) -> PretrainData:
+def stream(folder, tokenizer, rank: int, world_size: int = WORLD, **data) -> PretrainData:
     cfg = from_dict(
         DataConfig, {"num_workers": 0, "parallel_text": {"shards": str(folder), "batch_size": 2}, **data}
     )
-    return PretrainData(cfg, tokenizer, 16, rank=rank, world_size=WORLD)
+    return PretrainData(cfg, tokenizer, 16, rank=rank, world_size=world_size)
+
+
+def one_rank(folder, tokenizer, **data) -> PretrainData:
+    return stream(folder, tokenizer, 0, world_size=1, **data)
 
 
 def batches(folder, tokenizer, rank: int, n: int, **data) -> list[dict]:
@@ -75,3 +79,35 @@ def test_a_fixed_deal_of_damaged_shards_fails_at_once(tmp_path, tiny_tokenizer):
     assert "no usable sample in 2 shard(s) dealt to worker 0" in str(err.value)
     assert order[0] in str(err.value)
     assert len(batches(tmp_path / "pt", tiny_tokenizer, rank=1, n=6, shard_shuffle=False)) == 6
+
+
+def test_resuming_just_before_a_damaged_shard_goes_on(tmp_path, tiny_tokenizer):
+    """A checkpoint taken after an epoch's last usable sample, when the rest of the epoch is a damaged shard: the
+    resumed epoch's samples before the restart are not looked at again, so the epoch must not count as barren
+    (it did, and every restart from that checkpoint stopped)."""
+    shards = write_pairs(tmp_path / "pt", shards=2)
+    damage(shards[1])
+    for shuffle in (False, True):
+        options = {"shard_shuffle": shuffle, "sample_shuffle_buffer": 1}
+        text = one_rank(tmp_path / "pt", tiny_tokenizer, **options)
+        first = text.next_batch("text"), text.next_batch("text")  # the good shard's 4 samples
+        resumed = one_rank(tmp_path / "pt", tiny_tokenizer, **options)
+        resumed.load_state_dict(text.state_dict())
+        after = [resumed.next_batch("text") for _ in range(4)]
+        assert [len(b["langs"]) for b in after] == [2, 2, 2, 2] and first
+
+
+def test_fewer_shards_than_readers_with_one_damaged_goes_on(tmp_path, tiny_tokenizer):
+    """Every reader reads every shard and keeps every n-th sample: an epoch in which a reader's n-th samples all
+    fall in the damaged shard is not the end of the stream while other samples are good."""
+    shards = write_pairs(tmp_path / "pt", shards=2, per_shard=2)
+    damage(shards[1])
+    for rank in range(4):
+        text = stream(tmp_path / "pt", tiny_tokenizer, rank, world_size=4)
+        assert [len(text.next_batch("text")["langs"]) for _ in range(5)] == [2] * 5
+
+
+def test_a_reader_past_the_end_of_the_data_is_told_so(tmp_path, tiny_tokenizer):
+    write_pairs(tmp_path / "pt", shards=1, per_shard=3)
+    with pytest.raises(DataError, match="reader 5 gets no sample: the 8 readers"):
+        batches(tmp_path / "pt", tiny_tokenizer, rank=5, n=1)

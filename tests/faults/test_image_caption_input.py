@@ -113,6 +113,31 @@ def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation(tmp_p
     )  # untagged: kept byte for byte
 
 
+# EXIF blocks a fuzzer damaged: orientation 6 survives, other tags are broken (ImageOps.exif_transpose, which
+# writes the block back, raised struct.error or TypeError on them and stopped the whole conversion)
+DAMAGED_EXIF = [
+    "4578696600004d4d002a00000008000301430002000000040a616d0001120003000000010006000087690004000000010000003200"
+    "000000000127030002000000140000004400000000323032303a30313a30312030303a30303a301700",
+    "4578696600004d4d002a000000080003011b000200000004438b6d00011200030000000100060000876900040000000100000032"
+    "000000a4000190030002000000140000d04400000000323032303a30318a300b2030303a30303a303000",
+]
+
+
+def test_a_damaged_exif_block_neither_stops_the_run_nor_drops_a_good_image(tmp_path, caplog):
+    webp = io.BytesIO()
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(webp, "WEBP", exif=b"Exif\0\0garbage")  # getexif fails
+    images = {f"e{i}.jpg": jpeg(size=(60, 20), exif=bytes.fromhex(h)) for i, h in enumerate(DAMAGED_EXIF)}
+    images["w.webp"] = webp.getvalue()
+    text = "".join(f"{name}\tcaption\n" for name in images)
+    rc, out = table_run(tmp_path, "t.tsv", text, images)
+    assert rc == 0 and manifest(out)["skipped"] == {}
+    written = samples(out)
+    assert (
+        written["e0"]["image"].size == written["e1"]["image"].size == (20, 60)
+    )  # orientation 6 still applied
+    assert written["w"]["image"].size == (30, 20)
+
+
 def _raw_member(out: Path, key: str) -> bytes:
     for url in expand_shards(str(out)):
         for s in iter_tar_samples(url):
