@@ -17,13 +17,13 @@ import binascii
 import functools
 import io
 import json
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from cclm.data.images import decode_error_reason
 from cclm.data.languages import normalize_language
 from cclm.data.shards import (
     SKIP_KEY,
@@ -119,8 +119,7 @@ def _prepare(item, max_side: int, quality: int):
     try:
         return key, encode_image(data, max_side, quality), captions, None, ""
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
-        return key, None, captions, "bad_image", f"{where}: {reason}"
+        return key, None, captions, "bad_image", f"{where}: {decode_error_reason(err)}"
 
 
 def _add_caption(

@@ -110,6 +110,10 @@ def _decoding(source):
     try:
         yield
     except DECODE_ERRORS as err:
-        # PIL names an in-memory stream by its repr; the message names the file instead.
-        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
-        raise UnreadableImage(source, reason) from err
+        raise UnreadableImage(source, decode_error_reason(err)) from err
+
+
+def decode_error_reason(err: Exception) -> str:
+    """PIL's message for an image that does not decode, without the in-memory stream's repr it names (the
+    caller names the file instead)."""
+    return re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
