@@ -88,6 +88,17 @@ def test_damaged_wikimatrix_gzip_is_one_line_error(tmp_path, capsys, damage):
     assert_nothing_published(out)
 
 
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_utf16_corpus_file_is_one_line_error(tmp_path, capsys, gzipped):
+    text = "".join(f"1.{i:03d}\tSatz {i}\tsentence {i}\n" for i in range(5)).encode("utf-16")
+    path = tmp_path / ("WikiMatrix.de-en.tsv" + (".gz" if gzipped else ""))
+    path.write_bytes(gzip.compress(text) if gzipped else text)
+    out = tmp_path / "out"
+    assert prep("wikimatrix", "--input", path, "--out", out, "--no-progress") == 2
+    one_line_error(capsys, str(path), "the file is UTF-16 or UTF-32, not UTF-8")
+    assert_nothing_published(out)
+
+
 @pytest.mark.parametrize("damage", ["body", "crc", "truncated"])
 def test_damaged_multi30k_caption_gzip_is_one_line_error(tmp_path, capsys, damage):
     names = multi30k_clone(tmp_path / "clone")
