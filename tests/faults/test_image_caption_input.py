@@ -138,6 +138,26 @@ def test_a_damaged_exif_block_neither_stops_the_run_nor_drops_a_good_image(tmp_p
     assert written["w"]["image"].size == (30, 20)
 
 
+def test_region_converters_keep_the_stored_orientation_their_boxes_refer_to(tmp_path):
+    """COCO's and Visual Genome's boxes are drawn on the stored pixels (their tools ignore EXIF): turning a tagged
+    image would move every box off its object."""
+    from tests.test_region_converters import coco_files, red_extent
+    from tests.test_region_converters import samples as region_samples
+
+    instances, _, root = coco_files(tmp_path)
+    tagged = root / "000000000001.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.open(tagged)
+    stored.load()
+    stored.save(tagged, format="JPEG", quality=95, exif=exif.tobytes())
+    out = tmp_path / "regions"
+    assert prep("coco-regions", "--instances", instances, "--image-root", root, "--out", out) == 0
+    sample = region_samples(out)["coco_1"]
+    assert sample["meta"]["image_size"] == [100, 80]
+    np.testing.assert_allclose(red_extent(sample["jpg"]), sample["meta"]["regions"][0]["box"], atol=1)
+
+
 def _raw_member(out: Path, key: str) -> bytes:
     for url in expand_shards(str(out)):
         for s in iter_tar_samples(url):
