@@ -134,8 +134,9 @@ class TranslationTable:
 
     def load(self, lang: str, path: Path, writer: SplitWriter) -> None:
         rows = []
-        # UC2 wrote them with csv.writer: quoted fields allowed
-        for _, row in csv_rows(decoded_lines(path, writer), path, delimiter="\t"):
+        # UC2 wrote them with csv.writer: quoted fields allowed, line breaks in them kept
+        lines = ((number, text + "\n") for number, text in decoded_lines(path, writer))
+        for _, row in csv_rows(lines, path, delimiter="\t"):
             if not row:
                 continue
             if len(row) < 3 or not row[1].strip():
