@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cclm.data.shards import SKIP_KEY, expand_shards, iter_tar_samples, read_sizes
 from cclm.data.tokenize import train_tokenizer
+from cclm.errors import DataError
 
 
 def shard_texts(spec: str) -> Iterator[str]:
@@ -19,8 +20,20 @@ def shard_texts(spec: str) -> Iterator[str]:
         for sample in iter_tar_samples(url, sizes[url]):
             if SKIP_KEY in sample or "json" not in sample:
                 continue
-            meta = json.loads(sample["json"])
-            for value in (meta.get("captions") or {}).values():
+            try:
+                meta = json.loads(sample["json"])
+            except (UnicodeDecodeError, ValueError) as err:
+                raise DataError(
+                    f"{url}: sample {sample['__key__']}: its json does not read ({err})"
+                ) from None
+            if not isinstance(meta, dict):
+                raise DataError(f"{url}: sample {sample['__key__']}: its json is not an object")
+            captions = meta.get("captions") or {}
+            if not isinstance(captions, dict):
+                raise DataError(
+                    f"{url}: sample {sample['__key__']}: 'captions' must be {{language: captions}}"
+                )
+            for value in captions.values():
                 yield from ([value] if isinstance(value, str) else [v for v in value if isinstance(v, str)])
             for key in ("src", "tgt"):
                 if isinstance(meta.get(key), str):
@@ -28,10 +41,15 @@ def shard_texts(spec: str) -> Iterator[str]:
 
 
 def file_texts(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    """The non-blank lines of a UTF-8 text file; a line that is not UTF-8 stops the run naming it."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x})") from None
             if line.strip():
-                yield line.rstrip("\n")
+                yield line.rstrip("\r\n")
 
 
 def add_parser(subparsers) -> None:

@@ -96,13 +96,21 @@ class RetrievalSet:
 
     @classmethod
     def from_entries(cls, name: str, lang: str, entries: Iterable[tuple[ImageInput, str, Sequence[str]]]):
-        """Build from (image, image_id, captions) entries; entries with the same image id are merged, and images
+        """Build from (image, image_id, captions) entries; entries with the same image id are merged (two
+        different images under one id are refused), a caption given as a string is one caption, and images
         without any non-empty caption are skipped with a counted warning."""
         by_key: dict[str, tuple[ImageInput, list[str]]] = {}
         for image, image_id, captions in entries:
             key = str(image_id)
             if key not in by_key:
                 by_key[key] = (image, [])
+            elif _differ(by_key[key][0], image):
+                raise DataError(
+                    f"{name}/{lang}: image id '{key}' names two images ({by_key[key][0]} and {image}); "
+                    "each image needs its own id"
+                )
+            if isinstance(captions, str):  # one caption given as a string, not a list of one
+                captions = [captions]
             by_key[key][1].extend(c for c in captions if isinstance(c, str) and c.strip())
         images, ids, texts, txt2img, img2txt = [], [], [], [], []
         skipped = 0
@@ -126,10 +134,28 @@ def _path(base: str | Path, name: str | Path) -> Path:
     return path if path.is_absolute() else Path(base) / path
 
 
+def _differ(a: ImageInput, b: ImageInput) -> bool:
+    """Whether two image inputs are different images (paths compare by name; anything else by identity)."""
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        return os.fspath(a) != os.fspath(b)
+    return a is not b
+
+
 def _read_lines(path: Path) -> list[str]:
+    """A text file's lines, without a leading UTF-8 byte-order mark; a file that is not UTF-8 is an error naming
+    it and the line."""
     if not path.exists():
         raise FileNotFoundError(f"file not found: {path}")
-    return path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x})") from None
+
+
+def _malformed(path: Path, number: int, what: str) -> DataError:
+    return DataError(f"{path}: record {number}: {what}")
 
 
 def caption_files(cfg, lang: str) -> list[Path]:
@@ -170,8 +196,12 @@ def load_json(cfg, lang: str, name: str) -> RetrievalSet:
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} entries")
         for n, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: entry {n} is not an object with 'image' and 'caption'")
             if "image" not in item or "caption" not in item:
                 raise ValueError(f"{path}: entry {n} lacks 'image' or 'caption'")
+            if not isinstance(item["image"], str) or not item["image"]:
+                raise ValueError(f"{path}: entry {n}: 'image' must be a file name, got {item['image']!r}")
             captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
             entries.append(
                 (_path(image_root, item["image"]), str(item.get("image_id", item["image"])), captions)
@@ -224,10 +254,13 @@ def _records(path: Path) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
 
 
-def _known_languages(records: list[dict], key: str | None) -> set[str]:
+def _known_languages(records: list[dict], key: str | None, path: Path | None = None) -> set[str]:
     langs = set()
-    for rec in records:
-        langs.update((rec[key] if key else rec).keys())
+    for number, rec in enumerate(records, 1):
+        value = rec.get(key) if key else rec
+        if not isinstance(value, dict):
+            raise _malformed(Path(path or "?"), number, f"'{key}' must be an object {{language: captions}}")
+        langs.update(value.keys())
     return langs
 
 
@@ -255,10 +288,14 @@ def load_xm3600(cfg, lang: str, name: str) -> RetrievalSet:
     if lang not in langs:
         raise DataError(f"unknown language '{lang}' for XM3600 ({path} has {', '.join(sorted(langs))})")
     image_root = cfg.image_root or _path(cfg.root, "images")
-    entries = (
-        (_path(image_root, f"{rec['image/key']}.jpg"), rec["image/key"], rec.get(lang, {}).get("caption", []))
-        for rec in records
-    )
+    entries = []
+    for number, rec in enumerate(records, 1):
+        key, captions = rec.get("image/key"), rec.get(lang, {})
+        if not isinstance(key, str) or not key:
+            raise _malformed(path, number, f"'image/key' must be an image id, got {key!r}")
+        if not isinstance(captions, dict):
+            raise _malformed(path, number, f"'{lang}' must be an object with a 'caption' list")
+        entries.append((_path(image_root, f"{key}.jpg"), key, captions.get("caption", [])))
     return RetrievalSet.from_entries(name, lang, entries)
 
 
@@ -279,16 +316,17 @@ def load_demo_world(cfg, lang: str, name: str) -> RetrievalSet:
     found = []
     for path in demo_world_files(cfg.root):
         records = _records(path)
-        if lang in _known_languages(records, "captions"):
+        if lang in _known_languages(records, "captions", path):
             found.append((path, records))
     if not found:
         raise DataError(f"unknown language '{lang}' for {cfg.root} (it has {', '.join(data_languages(cfg))})")
     path, records = found[0]  # every sub-folder holds the same images; the first with this language is used
     image_root = cfg.image_root or path.parent
-    entries = (
-        (_path(image_root, rec["image"]), str(rec["image_id"]), rec["captions"].get(lang, []))
-        for rec in records
-    )
+    entries = []
+    for number, rec in enumerate(records, 1):
+        if not isinstance(rec.get("image"), str) or rec.get("image_id") is None:
+            raise _malformed(path, number, "needs 'image' (a file name) and 'image_id'")
+        entries.append((_path(image_root, rec["image"]), str(rec["image_id"]), rec["captions"].get(lang, [])))
     return RetrievalSet.from_entries(name, lang, entries)
 
 
@@ -311,7 +349,7 @@ def data_languages(cfg) -> list[str]:
     if cfg.format == "demo_world":
         langs: set[str] = set()
         for path in demo_world_files(cfg.root):
-            langs |= _known_languages(_records(path), "captions")
+            langs |= _known_languages(_records(path), "captions", path)
         return sorted(langs)
     if cfg.format == "xm3600":
         return sorted(_xm3600_languages(_records(_xm3600_file(cfg))))

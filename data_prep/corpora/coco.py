@@ -51,20 +51,27 @@ Entry = dict  # {"image": path under --images, "caption": [...], "image_id": str
 
 def karpathy_entries(path: Path, images: list[dict]) -> dict[str, list[Entry]]:
     splits: dict[str, list[Entry]] = {}
+    seen: set[str] = set()
     for n, image in enumerate(images):
         if not isinstance(image, dict) or not {"filepath", "filename", "split", "sentences"} <= image.keys():
             raise layout_error(f"{path} (images[{n}])", LAYOUT)
-        split = KARPATHY_SPLITS.get(image["split"])
+        split = KARPATHY_SPLITS.get(image["split"]) if isinstance(image["split"], str) else None
         if split is None:
             raise DataError(
                 f"{path}: images[{n}] has split {image['split']!r}; expected one of {list(KARPATHY_SPLITS)}"
             )
+        if not isinstance(image["sentences"], list):
+            raise DataError(f"{path}: images[{n}] 'sentences' must be a list of {{'raw': caption}}")
         captions = [s.get("raw", "") for s in image["sentences"] if isinstance(s, dict)]
+        image_id = str(image.get("cocoid", image["filename"]))
+        if image_id in seen:
+            raise DataError(f"{path}: images[{n}] repeats cocoid {image_id}; each image needs its own id")
+        seen.add(image_id)
         splits.setdefault(split, []).append(
             {
                 "image": f"{image['filepath']}/{image['filename']}",
                 "caption": [c.strip() for c in captions if isinstance(c, str) and c.strip()],
-                "image_id": str(image.get("cocoid", image["filename"])),
+                "image_id": image_id,
             }
         )
     return splits
@@ -81,6 +88,10 @@ def official_entries(path: Path, data: dict) -> dict[str, list[Entry]]:
     for n, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise layout_error(f"{path} (images[{n}])", LAYOUT)
+        if str(image["id"]) in by_id:
+            raise DataError(
+                f"{path}: images[{n}] repeats image id {image['id']!r}; each image needs its own id"
+            )
         by_id[str(image["id"])] = {
             "image": f"{split}/{image['file_name']}",
             "caption": [],

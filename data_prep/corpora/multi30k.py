@@ -72,7 +72,7 @@ def read_text(path: Path) -> bytes:
 
 def lines_of(data: bytes, where: Path) -> list[str]:
     try:
-        lines = data.decode("utf-8").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: not UTF-8 (byte {err.start + 1})") from None
     while lines and not lines[-1].strip():

@@ -48,9 +48,10 @@ def layout_error(where: Path | str, expected: str) -> DataError:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines as the evaluation's ``lines`` reader sees them (universal newlines, trailing blank lines dropped)."""
+    """Lines as the evaluation's ``lines`` reader sees them (universal newlines, a UTF-8 byte-order mark and
+    trailing blank lines dropped)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 (byte {err.start + 1})") from None
     while lines and not lines[-1].strip():

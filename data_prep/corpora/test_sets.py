@@ -36,6 +36,12 @@ XTD_LAYOUT = (
 XM3600_LAYOUT = 'XM3600\'s captions.jsonl: one {"image/key": ..., "<lang>": {"caption": [...]}} object a line'
 
 
+def caption_count(captions) -> int:
+    """Non-empty captions of a record, as the evaluation counts them (a string is one caption)."""
+    captions = [captions] if isinstance(captions, str) else captions
+    return sum(isinstance(c, str) and bool(c.strip()) for c in captions)
+
+
 def xtd_root(path: str) -> Path:
     root = existing_folder(path, "--dataset")
     for candidate in (root, root.parent):  # the clone, or its XTD10/ folder
@@ -113,6 +119,15 @@ def run_xm3600(args) -> int:
     langs = caption_languages(records)
     if not langs:
         raise layout_error(captions_file, XM3600_LAYOUT)
+    for number, record in enumerate(records, 1):  # what the evaluation's reader refuses, refused here
+        bad = [lang for lang in langs if lang in record and not isinstance(record[lang], dict)]
+        if bad or not isinstance(record.get("image/key"), str):
+            what = (
+                f"'{bad[0]}' must be an object with a 'caption' list"
+                if bad
+                else "'image/key' must be a string"
+            )
+            raise DataError(f"{captions_file}: record {number}: {what}")
     split = SplitSet(
         "test",
         {"format": "xm3600", "root": str(root), "image_root": str(images), "languages": langs},
@@ -121,10 +136,7 @@ def run_xm3600(args) -> int:
     for lang in langs:
         split.count(
             lang,
-            [
-                sum(isinstance(c, str) and bool(c.strip()) for c in r.get(lang, {}).get("caption", []))
-                for r in records
-            ],
+            [caption_count(r.get(lang, {}).get("caption", [])) for r in records],
         )
     comment = f"Crossmodal-3600 (google.github.io/crossmodal-3600), by `cclm prep xm3600` from {root}."
     return publish("xm3600", [split], Path(args.out).expanduser().resolve(), images, {}, comment)

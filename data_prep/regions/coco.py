@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cclm.data.shards import VIEW_IMAGE_CAPTION, safe_key
-from data_prep.common import SplitWriter, add_output_options
+from cclm.data.shards import VIEW_IMAGE_CAPTION
+from data_prep.common import SampleKeys, SplitWriter, add_output_options
 from data_prep.regions.common import (
     RegionImage,
     add_region,
     add_region_options,
+    check_new_image,
     layout_error,
     load_json,
+    record_id,
     write_region_images,
     xywh_box,
 )
@@ -34,16 +36,17 @@ def _records(data: dict, name: str, path) -> list[dict]:
 
 
 def _images(data: dict, root: Path, path) -> dict:
-    images = {}
+    images, keys = {}, SampleKeys()
     for record in _records(data, "images", path):
         try:
             image_id, name = record["id"], str(record["file_name"])
             width, height = int(record["width"]), int(record["height"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise layout_error(
                 path, f"images need id, file_name, width, height: {str(record)[:120]}"
             ) from None
-        images[image_id] = RegionImage(safe_key(f"coco_{image_id}"), str(root / name), width, height)
+        check_new_image(images, image_id, path, "image id")
+        images[image_id] = RegionImage(keys(f"coco_{image_id}"), str(root / name), width, height)
     return images
 
 
@@ -53,12 +56,13 @@ def run(args) -> int:
         raise FileNotFoundError(f"--image-root {root} is not a folder")
     data = load_json(args.instances, "--instances")
     images = _images(data, root, args.instances)
-    categories = {c.get("id"): c.get("name") for c in _records(data, "categories", args.instances)}
+    categories = {record_id(c.get("id")): c.get("name") for c in _records(data, "categories", args.instances)}
+    categories.pop(None, None)  # a category whose id is no id is never named
     captions = load_json(args.captions, "--captions") if args.captions else None
     with SplitWriter(args, VIEW_IMAGE_CAPTION) as writer:
         for ann in _records(data, "annotations", args.instances):
-            image = images.get(ann.get("image_id"))
-            name = categories.get(ann.get("category_id"))
+            image = images.get(record_id(ann.get("image_id")))
+            name = categories.get(record_id(ann.get("category_id")))
             if image is None:
                 writer.skip("region_unknown_image")
             elif not isinstance(name, str):
@@ -74,7 +78,7 @@ def run(args) -> int:
                 add_region(image, box, [name], writer, args.box_tolerance, label=name)
         if captions is not None:
             for ann in _records(captions, "annotations", args.captions):
-                image = images.get(ann.get("image_id"))
+                image = images.get(record_id(ann.get("image_id")))
                 text = ann.get("caption")
                 if image is None:
                     writer.skip("caption_unknown_image")

@@ -85,6 +85,21 @@ def check_box(
     return cut, ""
 
 
+def record_id(value):
+    """An annotation's id as a dictionary key: an int or a string; anything else (a list, a float, null) is no id
+    and reads as None, so the record counts as naming an unknown image or category."""
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+def check_new_image(images: dict, image_id, path, what: str) -> None:
+    """Refuse an image record whose id is no id or repeats one: a repeated id would put one image's boxes on
+    the other's pixels."""
+    if record_id(image_id) is None:
+        raise DataError(f"{path}: {what} {image_id!r} is not an id (an integer or a string)")
+    if image_id in images:
+        raise DataError(f"{path}: {what} {image_id!r} appears twice; each image needs its own id")
+
+
 @dataclass
 class RegionImage:
     """One image to write: where it is, the size its annotations are in, its regions and whole-image captions."""

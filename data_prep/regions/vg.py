@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cclm.data.shards import VIEW_IMAGE_CAPTION, safe_key
-from data_prep.common import SplitWriter, add_output_options
+from cclm.data.shards import VIEW_IMAGE_CAPTION
+from data_prep.common import SampleKeys, SplitWriter, add_output_options
 from data_prep.regions.common import (
     RegionImage,
     add_region,
     add_region_options,
+    check_new_image,
     layout_error,
     load_json,
+    record_id,
     write_region_images,
     xywh_box,
 )
@@ -49,20 +51,21 @@ def _image_path(root: Path, image_id, url) -> Path:
 
 
 def _images(path, root: Path) -> dict:
-    images = {}
+    images, keys = {}, SampleKeys()
     for entry in _entries(load_json(path, "--image-data"), path, "image_id"):
         try:
             image_id, width, height = entry["image_id"], int(entry["width"]), int(entry["height"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise layout_error(path, f"images need image_id, width, height: {str(entry)[:120]}") from None
+        check_new_image(images, image_id, path, "image_id")
         where = _image_path(root, image_id, entry.get("url"))
-        images[image_id] = RegionImage(safe_key(f"vg_{image_id}"), str(where), width, height)
+        images[image_id] = RegionImage(keys(f"vg_{image_id}"), str(where), width, height)
     return images
 
 
 def _add_objects(path, images: dict, writer: SplitWriter, tolerance: float) -> None:
     for entry in _entries(load_json(path, "--objects"), path, "objects"):
-        image = images.get(entry.get("image_id", entry.get("id")))
+        image = images.get(record_id(entry.get("image_id", entry.get("id"))))
         objects = entry.get("objects") if isinstance(entry.get("objects"), list) else []
         for obj in objects:
             obj = obj if isinstance(obj, dict) else {}
@@ -81,7 +84,7 @@ def _add_descriptions(path, images: dict, writer: SplitWriter, tolerance: float)
         regions = entry.get("regions") if isinstance(entry.get("regions"), list) else []
         for region in regions:
             region = region if isinstance(region, dict) else {}
-            image = images.get(region.get("image_id", entry.get("id")))
+            image = images.get(record_id(region.get("image_id", entry.get("id"))))
             if image is None:
                 writer.skip("region_unknown_image")
                 continue
