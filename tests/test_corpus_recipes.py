@@ -117,7 +117,9 @@ def test_uc2_joins_translations_by_url(tmp_path, capsys, tiny_tokenizer):
     assert raw_json(out) == {
         "00000_000000000": {"captions": {"en": ["a dog"], "de": ["ein Hund"], "zh": ["一只狗"]}},
         "00000_000000001": {"captions": {"en": ["a cat"]}},
-        "00000_000000002": {"captions": {"en": ["a quote"], "de": ['ein "Zitat"\tmit Tab'], "zh": ["引\n用"]}},
+        "00000_000000002": {
+            "captions": {"en": ["a quote"], "de": ['ein "Zitat"\tmit Tab'], "zh": ["引\n用"]}
+        },
     }
     assert manifest(out)["skipped"] == {"translation_failed": 1, "translation_bad_row": 1}
     assert manifest(out)["languages"] == {"en": 3, "de": 2, "zh": 2}
