@@ -254,12 +254,12 @@ def _records(path: Path) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
 
 
-def _known_languages(records: list[dict], key: str | None, path: Path | None = None) -> set[str]:
+def _known_languages(records: list[dict], key: str | None, path: Path) -> set[str]:
     langs = set()
     for number, rec in enumerate(records, 1):
         value = rec.get(key) if key else rec
         if not isinstance(value, dict):
-            raise _malformed(Path(path or "?"), number, f"'{key}' must be an object {{language: captions}}")
+            raise _malformed(path, number, f"'{key}' must be an object {{language: captions}}")
         langs.update(value.keys())
     return langs
 
