@@ -141,7 +141,7 @@ def _differ(a: ImageInput, b: ImageInput) -> bool:
     return a is not b
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_text_lines(path: Path) -> list[str]:
     """A text file's lines, without a leading UTF-8 byte-order mark; a file that is not UTF-8 is an error naming
     it and the line."""
     if not path.exists():
@@ -173,10 +173,10 @@ def load_lines(cfg, lang: str, name: str) -> RetrievalSet:
     image_root = cfg.image_root or cfg.root
     if not cfg.images_file:
         raise ValueError("format 'lines' needs data.images_file (one image path per line)")
-    images = [line.strip() for line in _read_lines(_path(cfg.root, cfg.images_file)) if line.strip()]
+    images = [line.strip() for line in read_text_lines(_path(cfg.root, cfg.images_file)) if line.strip()]
     columns = []
     for path in caption_files(cfg, lang):
-        lines = _read_lines(path)
+        lines = read_text_lines(path)
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) != len(images):
@@ -220,7 +220,7 @@ def load_id_tsv(cfg, lang: str, name: str) -> RetrievalSet:
     image_root = cfg.image_root or cfg.root
     captions: dict[str, list[str]] = {}
     for path in caption_files(cfg, lang):
-        for n, line in enumerate(_read_lines(path), 1):
+        for n, line in enumerate(read_text_lines(path), 1):
             if not line.strip():
                 continue
             if "\t" not in line:
@@ -229,7 +229,7 @@ def load_id_tsv(cfg, lang: str, name: str) -> RetrievalSet:
             captions.setdefault(key.split("#", 1)[0].strip(), []).append(caption.strip())
     ids = list(captions)
     if cfg.split_file:
-        ids = [line.strip() for line in _read_lines(_path(cfg.root, cfg.split_file)) if line.strip()]
+        ids = [line.strip() for line in read_text_lines(_path(cfg.root, cfg.split_file)) if line.strip()]
         missing = [i for i in ids if i not in captions]
         if missing:
             logger.warning(

@@ -20,6 +20,7 @@ import yaml
 from cclm.config import RetrievalRunConfig, from_dict
 from cclm.data.images import MissingImageError
 from cclm.errors import DataError, UserError
+from cclm.evaluation.datasets import read_text_lines
 
 
 class MissingImageFiles(UserError, MissingImageError):
@@ -48,12 +49,8 @@ def layout_error(where: Path | str, expected: str) -> DataError:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines as the evaluation's ``lines`` reader sees them (universal newlines, a UTF-8 byte-order mark and
-    trailing blank lines dropped)."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte {err.start + 1})") from None
+    """Lines as the evaluation's ``lines`` reader sees them, trailing blank lines dropped."""
+    lines = read_text_lines(path)
     while lines and not lines[-1].strip():
         lines.pop()
     return lines

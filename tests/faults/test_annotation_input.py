@@ -58,6 +58,8 @@ def test_a_line_file_that_is_not_utf8_names_itself_and_its_line(tmp_path):
     cfg = data(tmp_path, format="lines", images_file="images.txt", captions={"en": ["en.txt"]})
     with pytest.raises(DataError, match=r"en\.txt:2: not UTF-8 \(byte 0xe9\)"):
         load_retrieval_set(cfg, "en")
+    with pytest.raises(DataError, match=r"en\.txt:2: not UTF-8 \(byte 0xe9\)"):
+        read_lines(tmp_path / "en.txt")  # the converters' reader (it said only "byte 15")
 
 
 def test_a_caption_given_as_a_string_is_one_caption_not_one_per_character(tmp_path):
