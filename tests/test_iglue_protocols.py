@@ -239,7 +239,7 @@ def stub_training(monkeypatch):
     def load_checkpoint(self, directory):
         return FakeModel(), None
 
-    def train(self, model, tokenizer, train_datas, dev_datas, lr, output_dir):
+    def train(self, model, tokenizer, train_datas, dev_datas, lr, output_dir, run_info=None):
         calls.append(
             {"lr": lr, "train": train_datas[0].file, "select": [d.file for d in dev_datas], "dir": output_dir}
         )

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 ENGLISH = "en"
 AVERAGE = "avg"
+RESULT_FILES = (".json", ".csv", ".md")
 
 
 def mean_over_languages(
@@ -114,3 +116,17 @@ def write_results(
             ]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return document
+
+
+def set_aside(out_dir: str | Path, name: str) -> Path:
+    """Rename the result files of ``name`` in ``out_dir`` to ``<name>.old-<time>.*`` (never deleted); returns the
+    new JSON path."""
+    out_dir = Path(out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = f"{name}.old-{stamp}", 1
+    while any((out_dir / (aside + ext)).exists() for ext in RESULT_FILES):
+        aside, suffix = f"{name}.old-{stamp}-{suffix}", suffix + 1
+    for ext in RESULT_FILES:
+        if (out_dir / (name + ext)).exists():
+            (out_dir / (name + ext)).rename(out_dir / (aside + ext))
+    return out_dir / (aside + ".json")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cclm.data.languages import normalize_language
 from cclm.errors import DataError
 from cclm.jsonl import json_kind, read_jsonl
 from cclm.text_safety import printable_json
@@ -225,12 +226,12 @@ _FILE_LANG = re.compile(r"(?:^|[-_])([a-z]{2,3})(?:_gmt|_train\d+(?:x\d+)?)?$")
 
 def language_from_path(path: str | Path, default: str = "en") -> str:
     """The language an IGLUE file is for: its folder (``annotations/de/test.jsonl``) or its name
-    (``marvl-id.jsonl``, ``test_ar_gmt.jsonl``, ``marvl-zh_train10.jsonl``, ``marvl-tr_train10x2.jsonl``); English
-    sources get ``default``."""
+    (``marvl-id.jsonl``, ``test_ar_gmt.jsonl``, ``marvl-zh_train10.jsonl``, ``marvl-tr_train10x2.jsonl``), when
+    that is a known language code; English sources and other names get ``default``."""
     path = Path(path)
-    if _LANG.match(path.parent.name):
+    if _LANG.match(path.parent.name) and normalize_language(path.parent.name):
         return path.parent.name
     match = _FILE_LANG.search(path.stem)
-    if match and match.group(1) not in {"ann", "dev", "val"}:
+    if match and normalize_language(match.group(1)):  # a known code, not "out/" or "train_all"
         return match.group(1)
     return default

@@ -12,6 +12,7 @@ import sys
 from cclm.tasks import TASKS, get_task
 from cclm.tasks.annotations import AnnotationError
 from cclm.tasks.images import ROOT_NAMES, missing_images
+from cclm.tasks.task_data import no_usable_example
 from cclm.text_safety import printable, printable_json
 
 INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
@@ -19,16 +20,21 @@ INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
 
 def inspect_file(task: str, path: str) -> dict:
     """``file``, ``task``, ``examples`` (annotation records: XVNLI/MaRVL/WIT lines, xGQA questions, xFlickr&CO
-    captions), ``images`` (distinct images referenced), ``languages``; also records skipped for training."""
+    captions), ``usable`` (what a run trains or scores on; with none, ``problem`` says why and a run refuses the
+    file), ``images`` (distinct images referenced), ``languages``; also records skipped for training."""
     data = get_task(task).read(path)
-    return {
+    counts = {
         "file": str(path),
         "task": task,
         "examples": data.records,
+        "usable": data.usable,
         "images": len(data.image_refs),
         "languages": sorted(data.languages),
         "skipped": dict(data.skipped),
     }
+    if not data.usable:
+        counts["problem"] = no_usable_example(data)
+    return counts
 
 
 def _inspect(args: list[str]) -> int:
@@ -39,9 +45,14 @@ def _inspect(args: list[str]) -> int:
     status = 0
     for path in opts.files:
         try:
-            print(printable_json(inspect_file(opts.task, path)))
+            counts = inspect_file(opts.task, path)
         except AnnotationError as err:
             print(f"cclm iglue inspect: {printable(err)}", file=sys.stderr)
+            status = 1
+            continue
+        print(printable_json(counts))
+        if not counts["usable"]:  # a run would refuse it
+            print(f"cclm iglue inspect: {printable(path)}: {counts['problem']}", file=sys.stderr)
             status = 1
     return status
 

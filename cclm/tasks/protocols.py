@@ -44,19 +44,29 @@ from cclm.config import (
 )
 from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
+from cclm.errors import UserError
+from cclm.jsonl import read_json
 from cclm.model.cross_view import CrossViewModel
 from cclm.runtime.env import DistEnv, barrier, init_distributed, local_main_first, seed_everything
-from cclm.runtime.output_dir import check_output_dir
+from cclm.runtime.output_dir import check_output_dir, holds_run
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.runtime.trainer import Selection
 from cclm.tasks import domain_pretrain, get_task, iglue_retrieval
+from cclm.tasks.annotations import AnnotationError
 from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator, training_dataset
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
 from cclm.tasks.images import TaskAugment, require_images
 from cclm.tasks.metrics import accuracy
-from cclm.tasks.results import write_task_results
-from cclm.tasks.task_data import ClassificationData, RetrievalData
+from cclm.tasks.results import (
+    merged_rows,
+    other_models,
+    read_task_table,
+    set_aside_table,
+    table_path,
+    write_task_results,
+)
+from cclm.tasks.task_data import ClassificationData, RetrievalData, no_usable_example
 from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger(__name__)
@@ -112,6 +122,8 @@ class TaskSuite:
         data = self.task.read(path, self.label_names() or None, self.data_cfg.max_examples)
         for reason, count in data.skipped.items():
             log.warning("%s: skipped %d record(s): %s", path, count, reason)
+        if not data.usable:  # found now, not as a crash after training
+            raise AnnotationError(f"{path}: {no_usable_example(data)}")
         if isinstance(data, RetrievalData):
             lines = len(data.images)
             data = iglue_retrieval.with_duplicate_images(self.task, data, self.duplicates)
@@ -291,10 +303,18 @@ class TaskRunner(TaskSuite):
         return FinetuneSettings.from_train_config(self.cfg.train, lr)
 
     def train(
-        self, model: TaskModel, tokenizer, train_datas, dev_datas, lr: float, output_dir: Path
+        self,
+        model: TaskModel,
+        tokenizer,
+        train_datas,
+        dev_datas,
+        lr: float,
+        output_dir: Path,
+        run_info: Mapping | None = None,
     ) -> tuple[TaskModel, Selection]:
         """Fine-tune ``model`` at ``lr`` into ``output_dir`` (metrics, checkpoints); returns the model selected on
-        ``dev_datas`` (the dev files; few-shot with ``train.select_on=test``: the test file) and the selection."""
+        ``dev_datas`` (the dev files; few-shot with ``train.select_on=test``: the test file) and the selection.
+        ``run_info`` joins the configuration saved with the run (``config.json``)."""
         if not dev_datas:
             raise ValueError("model selection needs a dev set: set data.dev (never a test file)")
         return finetune(
@@ -305,12 +325,15 @@ class TaskRunner(TaskSuite):
             env=self.env,
             output_dir=output_dir,
             deepspeed_cfg=self.cfg.deepspeed,
-            run_config=to_dict(self.cfg),
+            run_config={**to_dict(self.cfg), **dict(run_info or {})},
             resume=self.cfg.resume,
             overwrite=self.cfg.overwrite,
         )
 
-    def table(self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str) -> dict:
+    def table(
+        self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str, model_dir: Path
+    ) -> dict:
+        """Score ``model`` (saved in ``model_dir``) on ``files`` (language -> file) and write the table."""
         rows = []
         for language, path in files.items():
             log.info("%s %s %s: scoring %s", self.cfg.task, protocol, language, path)
@@ -318,9 +341,33 @@ class TaskRunner(TaskSuite):
             rows.append({"language": language, **metrics, "file": str(path)})
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
         columns, extra = self.columns()
+        if self.env.is_main:
+            digest = TaskModel.weights_digest(model_dir)
+            rows = [{**row, "model": str(model_dir), "model_digest": digest} for row in rows]
+            rows = self.with_earlier_rows(protocol, rows, one_model=True)
         return write_task_results(
             self.output_dir, str(self.cfg.task), protocol, rows, columns, extra, write=self.env.is_main
         )
+
+    def with_earlier_rows(self, name: str, rows: list[dict], one_model: bool) -> list[dict]:
+        """``rows`` with the other rows of table ``name`` already under ``output_dir`` (main rank): a table of
+        one model (zero-shot, translate-test) keeps the rows of the same weights and is moved aside when another
+        model wrote it; a few-shot table (a model per language) keeps the languages not run again."""
+        task = str(self.cfg.task)
+        old = read_task_table(self.output_dir, task, name)
+        if old is None:
+            return rows
+        others = other_models(old, rows[0]["model_digest"]) if one_model else []
+        if others:
+            aside = set_aside_table(self.output_dir, task, name)
+            log.warning(
+                "%s held rows of another model (%s); moved to %s",
+                table_path(self.output_dir, task, name),
+                ", ".join(others),
+                aside,
+            )
+            return rows
+        return merged_rows(old["rows"], rows)
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -384,16 +431,19 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
     model, tokenizer = runner.start_model(train_datas)
     model, selection = runner.train(model, tokenizer, train_datas, dev_datas, cfg.train.lr, runner.output_dir)
     info = {"selection": {"dev": selection.best_score, "step": selection.best_step, "steps": selection.steps}}
+    model_dir = runner.output_dir / "model"
     if runner.env.is_main:
-        model.save(runner.output_dir / "model", tokenizer, extra=info)
+        model.save(model_dir, tokenizer, extra=info)
         (runner.output_dir / "train_history.json").write_text(json.dumps(selection.history, indent=2))
     tables = {}
     if cfg.data.test:
-        tables["zero_shot"] = runner.table(model, tokenizer, cfg.data.test, "zero_shot")
+        tables["zero_shot"] = runner.table(model, tokenizer, cfg.data.test, "zero_shot", model_dir)
     if cfg.data.translate_test:
-        tables["translate_test"] = runner.table(model, tokenizer, cfg.data.translate_test, "translate_test")
+        tables["translate_test"] = runner.table(
+            model, tokenizer, cfg.data.translate_test, "translate_test", model_dir
+        )
     if runner.env.is_main and tables:
-        record_results(runner.output_dir / "model", model, tables)
+        record_results(model_dir, model, tables)
     return tables
 
 
@@ -446,6 +496,26 @@ def few_shot_runs(data_cfg) -> list[FewShotRun]:
     return runs
 
 
+FEW_SHOT_RUN = "few_shot_run"  # the run's language, shot count and training file, in its saved config.json
+
+
+def _check_run_folder(folder: Path, run: FewShotRun, cfg: FinetuneConfig) -> None:
+    """A few-shot run folder the sweep may write: a fresh run needs ``overwrite`` to replace one, and a resumed
+    one must have been trained on the same file (a run folder is per language, and per shot count only when the
+    sweep has several)."""
+    check_output_dir(folder, cfg.resume, cfg.overwrite)
+    saved_config = folder / "config.json"
+    if not cfg.resume or not holds_run(folder) or not saved_config.is_file():
+        return
+    saved = read_json(saved_config).get(FEW_SHOT_RUN) or {}
+    trained_on = saved.get("train")
+    if trained_on and Path(trained_on).name != Path(run.train_path).name:
+        raise ConfigError(
+            f"resume: {folder} was trained on {trained_on} ({saved.get('shots')} shots), not {run.train_path}; "
+            "resume it with that file, or start this one with overwrite=true or another output_dir"
+        )
+
+
 def few_shot_files(data_cfg) -> list[str]:
     """Every few-shot training file that ``data.few_shot_train`` names (its brace patterns expanded)."""
     return [run.train_path for run in few_shot_runs(data_cfg)]
@@ -483,6 +553,11 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         )
     runs = few_shot_runs(cfg.data)
     several = len({run.shots for run in runs}) > 1  # one table (and folder level) per shot count
+    root = runner.output_dir / ("few_shot" + (f"_{SELECTED_ON_TEST}" if on_test else ""))
+    folders = {run: root / run.language / (run.shots if several else "") for run in runs}
+    for run, folder in folders.items():  # every run folder, before anything is read or trained
+        for lr in cfg.train.lr_sweep:
+            _check_run_folder(folder / f"lr_{float(lr):g}", run, cfg)
     read_files: dict[str, TaskData] = {}
 
     def read(path: str) -> TaskData:
@@ -514,16 +589,23 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     runner.check_images(list(read_files.values()))
 
     selected = str(select_on)
-    root = runner.output_dir / ("few_shot" + (f"_{SELECTED_ON_TEST}" if on_test else ""))
     rows_by_shots: dict[str, list[dict]] = {}
     for run, train_data, dev_datas, test_data in prepared:
-        folder = root / run.language / (run.shots if several else "")
+        folder = folders[run]
         best, score_by_lr = None, {}
         for lr in cfg.train.lr_sweep:
             seed_everything(cfg.train.seed)
             model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
             model, selection = runner.train(
-                model, tokenizer, [train_data], dev_datas, float(lr), folder / f"lr_{float(lr):g}"
+                model,
+                tokenizer,
+                [train_data],
+                dev_datas,
+                float(lr),
+                folder / f"lr_{float(lr):g}",
+                run_info={
+                    FEW_SHOT_RUN: {"language": run.language, "shots": run.shots, "train": run.train_path}
+                },
             )
             log.info(
                 "few-shot %s %s shots lr %g: best %s %.2f at step %d",
@@ -575,12 +657,16 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
                 "selected_on": selected,
                 selected: selection.best_score,
                 f"{selected}_by_lr": score_by_lr,
+                "model": str(folder),
+                **({"model_digest": TaskModel.weights_digest(folder)} if runner.env.is_main else {}),
             }
         )
     columns, extra = runner.columns()
     tables = {}
     for shots, rows in rows_by_shots.items():
         name = "few_shot" + (f"_{shots}" if shots else "") + (f"_{SELECTED_ON_TEST}" if on_test else "")
+        if runner.env.is_main:  # the languages of an earlier run into this output_dir stay in its table
+            rows = runner.with_earlier_rows(name, rows, one_model=False)
         shot_counts = {row["shots"] for row in rows}
         details = {"selected_on": selected}
         if len(shot_counts) == 1:
@@ -612,6 +698,21 @@ def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:
     if not files:
         key = "data.test" if cfg.protocol == Protocol.zero_shot else "data.translate_test"
         raise ValueError(f"config key '{key}' lists no files to evaluate")
+    checkpoint, name = Path(cfg.checkpoint), str(cfg.protocol)
+    model, tokenizer = runner.load_checkpoint(str(checkpoint))
+    few_shot = TaskModel.task_info(checkpoint).get("few_shot")
+    if few_shot:
+        raise ConfigError(
+            f"checkpoint={checkpoint} is a few-shot model ({few_shot.get('language')}, {few_shot.get('shots')} "
+            f"shots), tested by its few-shot run; `cclm evaluate` scores an English fine-tuned model (the "
+            "zero-shot run's model/ folder)"
+        )
+    earlier = read_task_table(runner.output_dir, str(cfg.task), name)
+    others = other_models(earlier, TaskModel.weights_digest(checkpoint)) if earlier else []
+    if others and not cfg.overwrite:
+        raise UserError(
+            f"{table_path(runner.output_dir, str(cfg.task), name)} holds rows of another model ({', '.join(others)}): "
+            f"overwrite=true moves it aside ({name}.old-<time>.*), or set another output_dir"
+        )
     runner.check_images(runner.read_all(list(files.values())))
-    model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
-    return {str(cfg.protocol): runner.table(model, tokenizer, files, str(cfg.protocol))}
+    return {name: runner.table(model, tokenizer, files, name, checkpoint)}

@@ -477,11 +477,19 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
         values = {
             lang: _number(run.rows[lang].get(metric)) if lang in run.rows else None for lang in languages
         }
-        present = [values[lang] for lang in values if lang != ENGLISH and values[lang] is not None]
+        # the baselines' languages (else the run's), so that ours and theirs average over the same ones
         wanted = reference or [lang for lang in run.rows if lang != ENGLISH]
+        present = [values[lang] for lang in wanted if values.get(lang) is not None]
         average = sum(present) / len(present) if present else None
-        covered = len([lang for lang in wanted if values.get(lang) is not None])
-        note = f"avg over {covered} of {len(wanted)} languages" if present and covered < len(wanted) else ""
+        parts = (
+            [f"avg over {len(present)} of {len(wanted)} languages"]
+            if present and len(present) < len(wanted)
+            else []
+        )
+        extra = [lang for lang in run.rows if lang != ENGLISH and lang not in wanted]
+        if extra:
+            parts.append(f"{', '.join(extra)} not in the avg (no baseline reports them)")
+        note = "; ".join(parts)
         details = ", ".join(f"{k}={v}" for k, v in run.details.items())
         source = f"`{run.path}`" + (f" ({details})" if details else "")
         columns.append(Column(f"ours: {run.label}", source, values, average, True, note))

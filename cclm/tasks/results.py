@@ -4,7 +4,11 @@ project's one per-language writer, :func:`cclm.evaluation.results.write_results`
 
 ``name`` is the protocol (``zero_shot``, ``translate_test``, ``few_shot``) or, for a few-shot run of several shot
 counts, ``few_shot_<shots>``; a few-shot table selected on the test files (``train.select_on=test``) ends in
-``_selected_on_test`` and says so in its JSON header (``"selected_on": "test"``) and Markdown title."""
+``_selected_on_test`` and says so in its JSON header (``"selected_on": "test"``) and Markdown title.
+
+Every row names the model folder that scored it (``model``) and the digest of its weights (``model_digest``). A
+table already on disk is never silently replaced: rows of the same model (or, few-shot, of the languages not run
+again) are kept beside the new ones, and a table of another model is moved aside (``<name>.old-<time>.*``)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cclm.evaluation.results import write_results
+from cclm.errors import DataError
+from cclm.evaluation.results import set_aside, write_results
+from cclm.jsonl import read_json
 
 SELECTED_ON_TEST_NOTE = (
     "SELECTED ON TEST: learning rate and step chosen on this test file (the CCLM reference's few-shot protocol); "
@@ -66,3 +72,36 @@ def write_task_results(
         iglue_average=True,
         write=write,
     )
+
+
+def table_path(output_dir: str | Path, task: str, name: str) -> Path:
+    return Path(output_dir) / "results" / task / f"{name}.json"
+
+
+def read_task_table(output_dir: str | Path, task: str, name: str) -> dict | None:
+    """The table ``name`` already written under ``output_dir`` (None when there is none); a damaged one is an
+    error naming it, not a table to overwrite."""
+    path = table_path(output_dir, task, name)
+    if not path.exists():
+        return None
+    table = read_json(path)
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        raise DataError(f"{path}: not a cclm result table (no 'rows' list); move it away to write this one")
+    return table
+
+
+def other_models(table: Mapping[str, Any], digest: str) -> list[str]:
+    """The models (folders) of ``table``'s rows that are not the model of weights ``digest``."""
+    return sorted({str(row.get("model", "?")) for row in table["rows"] if row.get("model_digest") != digest})
+
+
+def set_aside_table(output_dir: str | Path, task: str, name: str) -> Path:
+    """Rename the files of table ``name`` to ``<name>.old-<time>.*``; returns the new JSON path."""
+    return set_aside(table_path(output_dir, task, name).parent, name)
+
+
+def merged_rows(old: Sequence[Mapping[str, Any]], new: Sequence[dict]) -> list[dict]:
+    """``old`` rows with those of ``new``'s languages replaced (in place), then ``new``'s other languages."""
+    fresh = {row["language"]: row for row in new}
+    rows = [dict(fresh.pop(row["language"], row)) for row in old]
+    return rows + list(fresh.values())

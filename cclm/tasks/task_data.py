@@ -26,11 +26,18 @@ class ClassificationData:
     image_refs: set[ImageRef]  # every image the file references
     languages: set[str]
     skipped: Counter = field(default_factory=Counter)  # reason -> records left out (e.g. no gold label)
+    # records kept but not made examples: xGQA read without an answer vocabulary (inspect, image checks)
+    not_built: int = 0
 
     @property
     def used_image_refs(self) -> set[ImageRef]:
         """Images of the examples kept (what training or evaluation will open)."""
         return {ref for example in self.examples for ref in example.images}
+
+    @property
+    def usable(self) -> int:
+        """Examples a run can train or score on (records less the skipped ones)."""
+        return len(self.examples) + self.not_built
 
 
 @dataclass
@@ -59,6 +66,11 @@ class RetrievalData:
     @property
     def skipped(self) -> Counter:
         return Counter()
+
+    @property
+    def usable(self) -> int:
+        """Captions a run can train or score on (an image without one cannot be ranked)."""
+        return len(self.texts) if self.images else 0
 
     def grouped(self, keys: Sequence[Hashable]) -> RetrievalData:
         """The data with the images of equal ``keys[i]`` made one image holding all their captions: the first
@@ -98,3 +110,11 @@ class RetrievalData:
             [self.text_image[j] for j in keep],
             self.languages,
         )
+
+
+def no_usable_example(data: ClassificationData | RetrievalData) -> str:
+    """Why ``data`` holds nothing to train or score on: its records and what was skipped of them."""
+    skipped = ", ".join(f"{count} {reason}" for reason, count in data.skipped.items())
+    return f"no usable example ({data.records} record(s) read" + (
+        f"; skipped: {skipped})" if skipped else ")"
+    )

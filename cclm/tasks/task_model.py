@@ -33,6 +33,7 @@ from torch import nn
 
 from cclm.model.card import EVAL_RESULTS, write_model_card
 from cclm.model.cross_view import CrossViewModel
+from cclm.model.fingerprint import weights_digest
 from cclm.tasks import get_task
 from cclm.tasks.answer_decoder import K_TEST, AnswerDecoder
 from cclm.tasks.nlvr_fusion import DualImageFusion
@@ -289,6 +290,11 @@ class TaskModel(nn.Module):
     @staticmethod
     def task_info(directory: str | Path) -> dict[str, Any]:
         return json.loads((Path(directory) / TASK_CONFIG).read_text())
+
+    @staticmethod
+    def weights_digest(directory: str | Path) -> str:
+        """Which model a result table's rows came from (:func:`cclm.model.fingerprint.weights_digest`)."""
+        return weights_digest(directory)
 
 
 def _init_like(backbone: CrossViewModel):

@@ -45,7 +45,7 @@ def labels(data_cfg) -> list[str]:
 def read(path: str | Path, label_names: list[str] | None = None, max_examples: int = 0) -> ClassificationData:
     index = {name: i for i, name in enumerate(label_names)} if label_names else None
     language = language_from_path(path)
-    examples, refs, questions = [], set(), 0
+    examples, refs, questions, not_built = [], set(), 0, 0
     for line, qid, record in read_object_entries(path):
         where = f"{path}:{line}: question {qid}"
         questions += 1
@@ -54,9 +54,12 @@ def read(path: str | Path, label_names: list[str] | None = None, max_examples: i
         image = ImageRef("gqa", f"{field(record, 'imageId', where, IDENTIFIER)}.jpg")
         question, answer = field(record, "question", where), field(record, "answer", where)
         refs.add(image)
-        if index is None or (max_examples and len(examples) >= max_examples):
+        if max_examples and len(examples) + not_built >= max_examples:
+            continue
+        if index is None:
+            not_built += 1
             continue
         if answer not in index:
             raise AnnotationError(f"{where}: unknown answer '{answer}' (not in the answer vocabulary)")
         examples.append(ClassificationExample(str(qid), question, (image,), index[answer], language))
-    return ClassificationData(str(path), examples, questions, refs, {language})
+    return ClassificationData(str(path), examples, questions, refs, {language}, not_built=not_built)
