@@ -500,6 +500,8 @@ class RetrievalRunConfig:
     image_size: int = 0  # 0 = the model's training resolution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "results/retrieval"
+    # <output_dir>/<name>.json of another model is refused; true moves it to <name>.old-<time>.json
+    overwrite: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- finetune

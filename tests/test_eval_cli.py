@@ -15,6 +15,7 @@ from cclm.cli import main as cclm_main
 from cclm.config import EvalConfig, ModelConfig, load_config
 from cclm.evaluation.run import evaluate_during_training, load_periodic_sets
 from cclm.model import CrossViewModel
+from cclm.model.fingerprint import weights_digest
 
 from .conftest import build_test_world
 
@@ -150,7 +151,9 @@ def test_cli_writes_a_row_per_language_and_the_means(world, world_tokenizer, tmp
     rows = json.loads((out / "heldout.json").read_text())
     assert list(rows) == ["en", "de", "mean", "mean (non-English)"]
     assert rows["mean"]["r_mean"] == pytest.approx((rows["en"]["r_mean"] + rows["de"]["r_mean"]) / 2)
-    assert rows["mean (non-English)"] == rows["de"]
+    assert rows["mean (non-English)"] == {
+        k: v for k, v in rows["de"].items() if k not in ("model", "model_digest")
+    }
     csv_lines = (out / "heldout.csv").read_text().splitlines()
     assert csv_lines[0].startswith("language,txt_r1,txt_r5") and csv_lines[2].startswith("de,")
     table = capsys.readouterr().out
@@ -176,8 +179,50 @@ def test_checkpoint_may_be_a_hub_model(world, world_tokenizer, tmp_path, capsys,
         args = (f"data.root={world / 'heldout'}", "languages=en", "eval.k_test=4", f"name={name}")
         assert run_cli(f"checkpoint={checkpoint}", *args, f"output_dir={tmp_path / name}") == 0
         rows[name] = json.loads((tmp_path / name / f"{name}.json").read_text())["en"]
+    # the same weights (each row names the folder it was read from)
+    assert rows["hub"].pop("model") != rows["folder"].pop("model")
     assert rows["hub"] == rows["folder"]
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ results are never silently replaced
+def test_results_keep_the_models_other_languages_and_refuse_another_models(
+    world, world_tokenizer, tmp_path, capsys
+):
+    """Before, re-running with languages=de left only de in the file, and another model's results replaced the
+    first model's without a word (the file did not say which model wrote it)."""
+    torch.manual_seed(0)
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    out = tmp_path / "out"
+    common = [f"data.root={world / 'heldout'}", "eval.k_test=4", f"output_dir={out}"]
+    assert run_cli(f"checkpoint={model_dir}", "languages=en", *common) == 0
+    assert run_cli(f"checkpoint={model_dir}", "languages=de", *common) == 0
+    rows = json.loads((out / "demo_world.json").read_text())
+    assert list(rows) == ["en", "de", "mean", "mean (non-English)"]
+    assert rows["mean"]["r_mean"] == pytest.approx((rows["en"]["r_mean"] + rows["de"]["r_mean"]) / 2)
+    assert rows["en"]["model_digest"] == rows["de"]["model_digest"] == weights_digest(model_dir)
+    assert rows["en"]["model"] == str(model_dir.resolve())
+
+    torch.manual_seed(1)
+    other = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "other")
+    before = (out / "demo_world.json").read_text()
+    capsys.readouterr()
+    assert run_cli(f"checkpoint={other}", "languages=en", *common) == 2
+    err = capsys.readouterr().err
+    assert f"demo_world.json holds results of another model ({model_dir.resolve()})" in err
+    assert "Traceback" not in err and (out / "demo_world.json").read_text() == before
+    assert run_cli(f"checkpoint={other}", "languages=en", "overwrite=true", *common) == 0
+    (aside,) = out.glob("demo_world.old-*.json")
+    assert aside.read_text() == before
+    assert list(json.loads((out / "demo_world.json").read_text())) == ["en"]
+
+
+def test_image_size_runs_the_vision_tower_at_that_resolution(world, world_tokenizer, tmp_path):
+    """Before, the images were read at image_size but the tower stayed at its own size: a shape error."""
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    args = [f"checkpoint={model_dir}", f"data.root={world / 'heldout'}", "languages=en", "eval.k_test=4"]
+    assert run_cli(*args, "image_size=48", f"output_dir={tmp_path / 'out'}") == 0
+    assert 0 <= json.loads((tmp_path / "out" / "demo_world.json").read_text())["en"]["r_mean"] <= 100
 
 
 def test_cli_reports_bad_input(world, tmp_path, capsys):

@@ -13,9 +13,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cclm.config import RetrievalRunConfig, load_config, require
+from cclm.errors import DataError, UserError
 from cclm.evaluation.datasets import available_languages, load_retrieval_set, require_image_files
-from cclm.evaluation.results import mean_over_languages, write_results
+from cclm.evaluation.results import mean_over_languages, set_aside, write_results
 from cclm.evaluation.run import evaluate_folds
+from cclm.jsonl import read_json
+from cclm.model.fingerprint import weights_digest
 from cclm.runtime.env import dist_info, join_launched_group, leave_group, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ USAGE = """usage: cclm evaluate retrieval CONFIG checkpoint=MODEL_DIR [languages
 CONFIG: a retrieval benchmark config (configs/eval/*.yaml). MODEL_DIR: a save_pretrained folder with the
 tokenizer files (or set tokenizer=PATH)."""
 
+MEAN_ROWS = ("mean", "mean (non-English)")
 TABLE_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
@@ -40,6 +44,7 @@ def evaluate_benchmark(cfg: RetrievalRunConfig) -> dict[str, dict[str, float]]:
     """Rows {language: metrics} (plus the means) of a :class:`RetrievalRunConfig`; writes the results files."""
 
     require(cfg, "checkpoint", "data.format", "data.root")
+    earlier = earlier_results(cfg)  # before anything is read: results of another model are not replaced
     data = OmegaConf.merge(cfg.data, {"languages": list(cfg.languages)}) if cfg.languages else cfg.data
     # Read every language's annotations first: a missing file or unknown language fails before the model loads.
     sets = {lang: load_retrieval_set(data, lang, cfg.name) for lang in available_languages(data)}
@@ -47,17 +52,57 @@ def evaluate_benchmark(cfg: RetrievalRunConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     created_group = join_launched_group(device)
     try:
-        return _evaluate_sets(cfg, sets, device)
+        return _evaluate_sets(cfg, sets, device, earlier)
     finally:
         if created_group:
             leave_group()
 
 
-def _evaluate_sets(cfg: RetrievalRunConfig, sets, device) -> dict[str, dict[str, float]]:
+def earlier_results(cfg: RetrievalRunConfig) -> dict[str, dict]:
+    """The language rows of ``<output_dir>/<name>.json`` that this run's model wrote before (kept beside the
+    languages it scores now). Rows of another model are refused, or with ``overwrite=true`` moved aside when the
+    new results are written."""
+    path = Path(cfg.output_dir) / f"{cfg.name}.json"
+    if not path.exists() or not Path(cfg.checkpoint).is_dir():  # a missing model is named when it loads
+        return {}
+    document = read_json(path)
+    if not isinstance(document, dict) or not all(isinstance(row, dict) for row in document.values()):
+        raise DataError(
+            f"{path}: not a cclm results file ({{language: metrics}}); move it away to write this one"
+        )
+    rows = {lang: row for lang, row in document.items() if lang not in MEAN_ROWS}
+    digest = weights_digest(cfg.checkpoint)
+    others = sorted(
+        {str(row.get("model", "?")) for row in rows.values() if row.get("model_digest") != digest}
+    )
+    if not others:
+        return rows
+    if not cfg.overwrite:
+        raise UserError(
+            f"{path} holds results of another model ({', '.join(others)}): set another output_dir or name, or "
+            f"overwrite=true (moves it to {cfg.name}.old-<time>.*)"
+        )
+    return {}
+
+
+def _with_means(rows: dict[str, dict], metrics: list[str], english: str) -> dict[str, dict]:
+    if len(rows) > 1:
+        means = {"mean": mean_over_languages(rows, metrics)}
+        non_english = mean_over_languages(rows, metrics, exclude=(english,))
+        if non_english and english in rows:
+            means["mean (non-English)"] = non_english
+        rows = {**rows, **means}
+    return rows
+
+
+def _evaluate_sets(
+    cfg: RetrievalRunConfig, sets, device, earlier: dict[str, dict]
+) -> dict[str, dict[str, float]]:
     from cclm.data.tokenize import load_tokenizer
     from cclm.model import CrossViewModel
 
-    model = CrossViewModel.from_pretrained(cfg.checkpoint, device=device).eval()
+    model = CrossViewModel.from_pretrained(cfg.checkpoint, device=device, image_size=cfg.image_size or None)
+    model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
     image_size = cfg.image_size or int(model.cfg.vision.image_size)
     rows: dict[str, dict[str, float]] = {}
@@ -72,16 +117,25 @@ def _evaluate_sets(cfg: RetrievalRunConfig, sets, device) -> dict[str, dict[str,
         rows[lang] = evaluate_folds(
             model, retrieval_set, cfg.data.folds, tokenizer, cfg.eval, image_size, device
         )
-    if len(rows) > 1:
-        rows["mean"] = mean_over_languages(rows)
-        non_english = mean_over_languages(rows, exclude=(cfg.english_name, "mean"))
-        if non_english and cfg.english_name in rows:
-            rows["mean (non-English)"] = non_english
+    metrics = list(next(iter(rows.values()), {}))
     if dist_info()[0] == 0:
-        write_results(cfg.output_dir, cfg.name, rows)
-        print(format_table(rows))
+        source = {
+            "model": str(Path(cfg.checkpoint).resolve()),
+            "model_digest": weights_digest(cfg.checkpoint),
+        }
+        written = {**earlier, **{lang: {**values, **source} for lang, values in rows.items()}}
+        if (
+            not earlier and (Path(cfg.output_dir) / f"{cfg.name}.json").exists()
+        ):  # another model's (overwrite)
+            aside = set_aside(cfg.output_dir, cfg.name)
+            logger.warning("overwrite=true: the results of another model were moved to %s", aside)
+        kept = [lang for lang in earlier if lang not in rows]
+        if kept:
+            logger.info("%s.json keeps this model's earlier results of %s", cfg.name, ", ".join(kept))
+        write_results(cfg.output_dir, cfg.name, _with_means(written, metrics, cfg.english_name), metrics)
+        print(format_table(_with_means(rows, metrics, cfg.english_name)))
         print(f"wrote {Path(cfg.output_dir) / cfg.name}.json, .csv and .md")
-    return rows
+    return _with_means(rows, metrics, cfg.english_name)
 
 
 def main(argv: list[str]) -> int:
