@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +66,16 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--text", action="append", default=[], help="text file, one sentence per line (repeatable)"
     )
-    p.add_argument("--out", required=True, help="output tokenizer folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output tokenizer folder (must not hold a tokenizer yet, see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the tokenizer that --out holds (it is replaced only once the new one is trained)",
+    )
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--model", choices=("unigram", "bpe"), default="unigram")
     p.add_argument("--model-max-length", type=int, default=512)
@@ -76,9 +87,55 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+# What a tokenizer folder holds (HF's save_pretrained, XLM-R's and BERT's vocabularies): any of them makes --out a
+# tokenizer folder, which only --overwrite replaces.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+
+
+def held_tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files in ``folder`` (none when it does not exist)."""
+    return [name for name in TOKENIZER_FILES if (folder / name).exists()]
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or that holds a tokenizer already without ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    held = held_tokenizer_files(out)
+    if held and not overwrite:
+        raise FileExistsError(
+            f"--out {out} already holds a tokenizer ({', '.join(held)}): give a new folder, or --overwrite to "
+            "replace it"
+        )
+
+
+def save_replacing(trained: Path, out: Path) -> None:
+    """Move the files of the tokenizer saved in ``trained`` into ``out``, removing the tokenizer files of the old
+    one that the new one does not have (a left-over vocabulary would be read with the new tokenizer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = {p.name for p in trained.iterdir()}
+    for name in held_tokenizer_files(out):
+        if name not in new:
+            (out / name).unlink()
+    for name in sorted(new):
+        os.replace(trained / name, out / name)
+
+
 def run(args) -> int:
     if not args.shards and not args.text:
         raise ValueError("give --shards and/or --text")
+    out = Path(args.out)
+    check_out(out, args.overwrite)
     for path in args.text:
         if not Path(path).is_file():
             raise FileNotFoundError(f"text file {path} does not exist")
@@ -101,13 +158,19 @@ def run(args) -> int:
     first = next(stream, None)
     if first is None:
         raise ValueError("no text found in the given shards/files")
-    tokenizer = train_tokenizer(
-        itertools.chain([first], stream),
-        args.out,
-        vocab_size=args.vocab_size,
-        model_max_length=args.model_max_length,
-        model=args.model,
-        split_cjk=args.split_cjk,
-    )
+    # Saved beside --out first and moved in once complete: a failed run (a bad line in the last file) leaves
+    # --out as it was, and --overwrite replaces the old tokenizer only with a whole new one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as trained:
+        tokenizer = train_tokenizer(
+            itertools.chain([first], stream),
+            trained,
+            vocab_size=args.vocab_size,
+            model_max_length=args.model_max_length,
+            model=args.model,
+            split_cjk=args.split_cjk,
+        )
+        check_out(out, args.overwrite)  # another run may have written there meanwhile
+        save_replacing(Path(trained), out)
     print(f"trained a {args.model} tokenizer with {len(tokenizer)} tokens on {count} sentences -> {args.out}")
     return 0

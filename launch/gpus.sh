@@ -7,12 +7,16 @@ count_gpus() {
   local python=${PYTHON:-python}
   if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
     GPU_COUNT_SOURCE="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
-    local devices=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
-    if [[ -z "$devices" || "$devices" == -* ]]; then
-      GPU_COUNT=0
-    else
-      GPU_COUNT=$(awk -F, '{print NF}' <<< "$devices")
-    fi
+    # As CUDA reads it: the entries up to the first invalid one (empty, negative, neither an index nor a UUID
+    # GPU-... / MIG-...), which ends the list: '0,1,' is 2 GPUs, '0,-1,2' 1, '-1' and 'NoDevFiles' none.
+    local devices=${CUDA_VISIBLE_DEVICES//[[:space:]]/} entry
+    local -a entries
+    IFS=, read -r -a entries <<< "$devices,"
+    GPU_COUNT=0
+    for entry in "${entries[@]}"; do
+      [[ "$entry" =~ ^([0-9]+|(GPU|MIG)-[A-Za-z0-9/_-]+)$ ]] || break
+      GPU_COUNT=$((GPU_COUNT + 1))
+    done
   elif command -v nvidia-smi > /dev/null 2>&1; then
     GPU_COUNT_SOURCE="nvidia-smi -L"
     # GPU lines only: with MIG, nvidia-smi also lists each GPU's instances on lines of their own

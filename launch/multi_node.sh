@@ -14,7 +14,10 @@ set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [key=value ...]}; shift
 HOSTFILE=${HOSTFILE:-launch/hostfile}
 [[ -f "$HOSTFILE" ]] || { echo "multi_node.sh: hostfile $HOSTFILE not found (see launch/hostfile.example)" >&2; exit 1; }
-MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
+# The first host, read as DeepSpeed reads the hostfile (every line stripped, so a file saved on Windows, with
+# CRLF line ends, or with blank lines first works): carriage returns are blanks here, blank and # lines skipped.
+MASTER_ADDR=${MASTER_ADDR:-$(awk '{ gsub(/\r/, " ") } NF && $1 !~ /^#/ { print $1; exit }' "$HOSTFILE")}
+[[ -n "$MASTER_ADDR" ]] || { echo "multi_node.sh: no host in hostfile $HOSTFILE (see launch/hostfile.example)" >&2; exit 1; }
 MASTER_PORT=${MASTER_PORT:-29500}
 # export NCCL_SOCKET_IFNAME=ib0   # the interface NCCL should use between nodes (forwarded like any NCCL_*)
 # export NCCL_IB_HCA=mlx5         # InfiniBand adapters

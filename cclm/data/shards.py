@@ -69,7 +69,8 @@ class ShardSink:
     Nothing is published before :meth:`close`: shards and index files are written as ``NAME.partial`` and renamed
     into place at the end, ``manifest.json`` last. A sink that leaves its ``with`` block unclosed (an exception)
     or is :meth:`abort`-ed deletes its temporaries; a killed process leaves only ``*.partial`` files, which the
-    next sink in the folder removes."""
+    next sink in the folder removes. A folder that holds shards (``*.tar``, any prefix), ``sizes.json`` or
+    ``manifest.json`` already is refused: one folder holds one conversion."""
 
     def __init__(
         self,
@@ -86,10 +87,15 @@ class ShardSink:
             raise ValueError("shard limits must be positive")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.out_dir.glob(f"{prefix}-*.tar"))
-        if existing:
+        # Any other conversion's output, whatever its prefix: this sink's sizes.json and manifest.json would
+        # replace that conversion's, and readers of the folder would take its shards for this one's.
+        shards = sorted(p.name for p in self.out_dir.glob("*.tar"))
+        index = [name for name in (MANIFEST_NAME, SIZES_NAME) if (self.out_dir / name).exists()]
+        if shards or index:
+            held = [*shards[:3], *(["..."] if len(shards) > 3 else []), *index]
             raise FileExistsError(
-                f"{self.out_dir} already holds shards ({existing[0].name}); use a new folder"
+                f"{self.out_dir} already holds another conversion's output ({', '.join(held)}); "
+                "write into a new folder"
             )
         for leftover in self.out_dir.glob(f"{prefix}-*.tar{PARTIAL_SUFFIX}"):
             leftover.unlink()  # an interrupted conversion's temporaries

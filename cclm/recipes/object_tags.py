@@ -99,8 +99,14 @@ class AnnotationTags(TagSource):
         if not self.file.is_file():
             raise TagError(f"object_tags.file: {self.file} does not exist")
         self.tags: dict[str, list[str]] = {}
-        with open(self.file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(self.file, "rb") as f:  # lines as bytes: one that is not UTF-8 is named with its number
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise TagError(
+                        f"object_tags.file: {self.file}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -130,17 +136,33 @@ class AnnotationTags(TagSource):
 class TagTranslator:
     """English tags -> ``lang``: a lexicon ``{lang: {english: word}}``, else easy-VQA's grammar's words."""
 
-    def __init__(self, lexicon: Mapping[str, Mapping[str, str]] | None = None):
-        self.lexicon = {lang: dict(words) for lang, words in (lexicon or {}).items()}
+    def __init__(
+        self, lexicon: Mapping[str, Mapping[str, str]] | None = None, where: str = "object_tags.lexicon"
+    ):
+        """``where``: what an error about the lexicon's shape names (the file it was read from)."""
+        self.lexicon = _checked_lexicon({} if lexicon is None else lexicon, where)
 
     @classmethod
     def from_file(cls, file: str | Path | None) -> TagTranslator:
+        """The lexicon of a JSON file ``{"<lang>": {"<English tag>": "<word>"}}``, checked here (at load time,
+        before any training): an error names the file, and the line of a byte that is not UTF-8."""
         if not file:
             return cls()
+        where = f"object_tags.lexicon: {file}"
         try:
-            return cls(json.loads(Path(file).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
+            raw = Path(file).read_bytes()
+        except OSError as err:
             raise TagError(f"object_tags.lexicon: cannot read {file}: {err}") from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise TagError(f"{where}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x})") from None
+        try:
+            lexicon = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TagError(f"object_tags.lexicon: cannot read {file}: {err}") from None
+        return cls(lexicon, where)
 
     def __call__(self, tags: Sequence[str], lang: str) -> list[str]:
         if lang == "en":
@@ -157,6 +179,38 @@ class TagTranslator:
         if missing:
             raise TagError(f"object_tags.lexicon has no {lang} translation of {missing}")
         return [words[tag] for tag in tags]
+
+
+def _checked_lexicon(lexicon, where: str) -> dict[str, dict[str, str]]:
+    """``lexicon`` as ``{lang: {English tag: word}}``, or a :class:`TagError` naming ``where`` and what is wrong."""
+    expected = '{"<lang>": {"<English tag>": "<word>"}}'
+    if not isinstance(lexicon, Mapping):
+        raise TagError(f"{where}: expected {expected}, got {_kind(lexicon)}")
+    checked = {}
+    for lang, words in lexicon.items():
+        if not isinstance(words, Mapping):
+            raise TagError(f"{where}: language {lang!r} maps to {_kind(words)}; expected {expected}")
+        for tag, word in words.items():
+            if not isinstance(tag, str) or not isinstance(word, str) or not word.strip():
+                raise TagError(
+                    f"{where}: {lang!r}: {tag!r} maps to {word!r}; expected a word (a non-empty string), as in "
+                    f"{expected}"
+                )
+        checked[str(lang)] = dict(words)
+    return checked
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, for messages: 'a JSON list', 'a number'..."""
+    if isinstance(value, list):
+        return "a JSON list"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    return "null" if value is None else type(value).__name__
 
 
 class ImageTags:

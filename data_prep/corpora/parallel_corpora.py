@@ -180,15 +180,23 @@ class MosesPair:
             raise DataError(unreadable(self.label(code), "zip member", err, number)) from None
 
     def label(self, code: str) -> str:
-        path, member = self.sides[code]
+        return self.place(*self.sides[code])
+
+    @staticmethod
+    def place(path: Path, member: str | None) -> str:
+        """A file, or a zip member as ``zip:member``."""
         return f"{path}:{member}" if member else str(path)
 
 
 def moses_pairs_in(inputs: list[str]) -> list[MosesPair]:
     """Every complete Moses pair in the given folders and zip files, or an error naming what is missing."""
     found: dict[tuple, MosesPair] = {}
+    given: set[Path] = set()
     for text in inputs:
         path = Path(text)
+        if path.exists() and path.resolve() in given:
+            raise DataError(f"--input {path} is given twice")
+        given.add(path.resolve())
         if path.is_dir():
             entries = [(p.name, p, None) for p in sorted(path.iterdir()) if p.is_file()]
         elif path.is_file() and (zipfile.is_zipfile(path) or path.suffix == ".zip"):
@@ -208,7 +216,14 @@ def moses_pairs_in(inputs: list[str]) -> list[MosesPair]:
                 continue
             key = (match["corpus"], match["a"], match["b"])
             pair = found.setdefault(key, MosesPair(*key, where=str(path)))
-            pair.sides[match["side"]] = (file, member)
+            side = match["side"]
+            # two versions of a corpus, or a folder and its zip: one would silently replace the other
+            if side in pair.sides:
+                raise DataError(
+                    f"{pair.label(side)} and {MosesPair.place(file, member)} are both {name}: give each corpus "
+                    "once"
+                )
+            pair.sides[side] = (file, member)
     if not found:
         raise DataError(
             f"no Moses files in {', '.join(inputs)}: expected <corpus>.<l1>-<l2>.<l1> and <corpus>.<l1>-<l2>.<l2> "

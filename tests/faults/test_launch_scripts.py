@@ -682,3 +682,67 @@ def test_sbatch_runs_a_finetuning_job(machine, tiny_model_dir):
     assert srun.endswith(" resume=auto")
     assert (out / "results" / "easy_vqa" / "zero_shot.json").exists(), output[-3000:]
     assert not Path(f"{machine.record}.scontrol").exists()
+
+
+# ------------------------------------------------------------------- a tester's faults: hostfile, GPU counting
+def test_multi_node_reads_a_crlf_hostfile_with_a_blank_first_line_as_deepspeed_does(machine):
+    """A hostfile saved on Windows (CRLF line ends) with a comment and a blank line before the first host:
+    MASTER_ADDR is that host, as DeepSpeed's own parser (which strips every line) reads the file."""
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    hostfile = machine.tmp / "hostfile"
+    hostfile.write_bytes(b"# cluster nodes\r\n\r\n  \t\r\nnode01 slots=8\r\nnode02 slots=8\r\n")
+    result = run_script(machine, "multi_node.sh", "configs/pretrain/cclm_4m.yaml", HOSTFILE=str(hostfile))
+    assert result.returncode == 0, result.stderr
+    assert option(recorded(machine), "--master_addr") == "node01"
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    assert next(iter(fetch_hostfile(str(hostfile)))) == "node01"
+
+
+def test_multi_node_without_a_host_in_the_hostfile_says_so(machine):
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    hostfile = machine.tmp / "hostfile"
+    hostfile.write_bytes(b"# no nodes yet\r\n\r\n")
+    result = run_script(machine, "multi_node.sh", "c.yaml", HOSTFILE=str(hostfile))
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"multi_node.sh: no host in hostfile {hostfile} (see launch/hostfile.example)\n",
+    )
+    assert not machine.record.exists()
+
+
+@pytest.mark.parametrize(
+    "devices, count",
+    [
+        ("0,1", 2),
+        ("0,1,", 2),  # CUDA stops at the empty entry
+        ("0,-1,2", 1),  # ... at a negative one
+        ("NoDevFiles", 0),  # what some schedulers set on a node without GPUs
+        ("-1", 0),
+        ("", 0),
+        ("0,,1", 1),
+        ("GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,MIG-GPU-8932f937/1/0,MIG-5c89d3e1-0c2a,3", 4),
+        ("1,GPU,2", 1),  # "GPU" alone is no UUID
+    ],
+)
+def test_gpus_counts_cuda_visible_devices_as_cuda_reads_it(machine, devices, count):
+    result = subprocess.run(
+        [BASH, "-c", f'source {LAUNCH / "gpus.sh"}; count_gpus; echo "$GPU_COUNT"'],
+        env={**machine.env, "CUDA_VISIBLE_DEVICES": devices},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{count}\n", "")
+
+
+def test_torchrun_with_a_trailing_comma_in_cuda_visible_devices_starts_one_process_per_gpu(machine):
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    assert run_script(machine, "torchrun.sh", "c.yaml", CUDA_VISIBLE_DEVICES="0,1,").returncode == 0
+    assert option(recorded(machine), "--nproc_per_node") == "2"
+    result = run_script(machine, "torchrun.sh", "c.yaml", CUDA_VISIBLE_DEVICES="NoDevFiles")
+    assert result.returncode == 0 and option(recorded(machine), "--nproc_per_node") == "1"
+    assert (
+        "torchrun.sh: no GPU found (CUDA_VISIBLE_DEVICES='NoDevFiles'): starting 1 CPU process"
+        in result.stderr
+    )
