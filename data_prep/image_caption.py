@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cclm.data.images import decode_error_reason
+from cclm.data.images import ORIENTATIONS, decode_error_reason, exif_orientation
 from cclm.data.languages import normalize_language
 from cclm.data.shards import (
     SKIP_KEY,
@@ -49,17 +49,6 @@ from data_prep.common import (
 from data_prep.workers import ordered_map
 
 READ_AHEAD = 1024  # samples read ahead of the writer (see _write_all)
-EXIF_ORIENTATION = 0x0112
-T = Image.Transpose
-ORIENTATIONS = {  # EXIF orientation -> the turn that shows the image upright
-    2: T.FLIP_LEFT_RIGHT,
-    3: T.ROTATE_180,
-    4: T.FLIP_TOP_BOTTOM,
-    5: T.TRANSPOSE,
-    6: T.ROTATE_270,
-    7: T.TRANSVERSE,
-    8: T.ROTATE_90,
-}
 IMAGE_SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
@@ -89,14 +78,6 @@ def encode_image(data: bytes, max_side: int, quality: int, upright: bool = True)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
-
-
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1 = as stored). A damaged EXIF block reads as 1: the pixels are still good."""
-    try:
-        return int(img.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # PIL's EXIF parser raises SyntaxError, struct.error, TypeError, ... on damaged blocks
-        return 1
 
 
 def resolve_image(root: Path, name: str) -> Path | None:

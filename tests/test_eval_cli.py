@@ -217,6 +217,33 @@ def test_results_keep_the_models_other_languages_and_refuse_another_models(
     assert list(json.loads((out / "demo_world.json").read_text())) == ["en"]
 
 
+def test_another_models_tokenizer_and_a_k_test_that_skips_re_ranking_fail_before_scoring(
+    world, world_tokenizer, tmp_path, capsys
+):
+    """Before, a larger tokenizer failed with an IndexError inside the text encoder, and eval.k_test=0 silently
+    gave ITC-only numbers."""
+    from cclm.data.tokenize import train_tokenizer
+    from data_prep.world.scenes import sample_scene
+
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    rng, other = random.Random(7), tmp_path / "other_tokenizer"
+    corpus = [sample_scene(rng).caption(lang) for _ in range(300) for lang in ("en", "de", "fr", "es")]
+    bigger = train_tokenizer(corpus, other, vocab_size=400)
+    assert len(bigger) > len(world_tokenizer)
+    args = [
+        f"checkpoint={model_dir}",
+        f"data.root={world / 'heldout'}",
+        "languages=en",
+        f"output_dir={tmp_path}",
+    ]
+    assert run_cli(*args, f"tokenizer={other}") == 2
+    err = capsys.readouterr().err
+    assert f"the tokenizer {other} has {len(bigger)} tokens but the model {model_dir}" in err
+    assert run_cli(*args, "eval.k_test=0") == 2
+    assert "eval.k_test must be at least 1 when re-ranking" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_image_size_runs_the_vision_tower_at_that_resolution(world, world_tokenizer, tmp_path):
     """Before, the images were read at image_size but the tower stayed at its own size: a shape error."""
     model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cclm.config import ConfigError
+from cclm.errors import CheckpointError
 from cclm.model import CrossViewModel
 from cclm.model.cross_view import initialise_from
 
@@ -53,6 +54,14 @@ def test_a_model_of_another_shape_is_refused_naming_the_tensors(tiny_model_dir, 
 def test_a_folder_without_a_model_is_refused(tmp_path, tiny_model_cfg):
     with pytest.raises(ConfigError, match="is not a cclm model folder"):
         initialise_from(CrossViewModel(tiny_model_cfg, load_pretrained=False), tmp_path)
+
+
+def test_a_damaged_weights_file_is_refused_naming_it(tiny_model_dir, tiny_model_cfg):
+    """Before, a truncated model.safetensors gave safetensors' own traceback, naming no file."""
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file"):
+        initialise_from(CrossViewModel(tiny_model_cfg, load_pretrained=False), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,16 @@ from cclm.data.transforms import as_rgb, decode_crop, resize_box, whole_image
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, torch.Tensor]
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {  # EXIF orientation -> the turn that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class MissingImageError(FileNotFoundError):
@@ -69,15 +79,41 @@ def resized(item: str | os.PathLike | bytes | Image.Image, size: int) -> Image.I
         return decode_crop(data, size, whole_image)
 
 
-def open_image(item: str | os.PathLike | Image.Image) -> Image.Image:
-    """The full-size RGB image of a path or a PIL image, decoded completely (for thumbnails)."""
+def open_image(item: str | os.PathLike | Image.Image, upright: bool = False) -> Image.Image:
+    """The full-size RGB image of a path or a PIL image, decoded completely (for thumbnails); ``upright``: turned
+    as its EXIF orientation says."""
     if isinstance(item, Image.Image):
         with _decoding(getattr(item, "filename", "") or "(PIL image)"):
-            return _own_rgb(item)
+            return _turned(_own_rgb(item), exif_orientation(item) if upright else 1)
     path = Path(item)
     data = _read(path)
     with _decoding(path), Image.open(io.BytesIO(data)) as image:
-        return _own_rgb(image)
+        return _turned(_own_rgb(image), exif_orientation(image) if upright else 1)
+
+
+def load_upright(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """:func:`load_image` of a photo as it is meant to be seen: turned as its EXIF orientation says (phones store
+    portrait photos sideways). Evaluation and training read the stored pixels, as the reference does; the photo
+    search reads them this way. A file without an orientation is read exactly as :func:`load_image` reads it."""
+    path = Path(path)
+    with _decoding(path), Image.open(path) as image:  # the header only
+        orientation = exif_orientation(image)
+    if orientation == 1:
+        return load_image(path, size)
+    return load_image(open_image(path, upright=True), size)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored). A damaged EXIF block reads as 1: the pixels are still good."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # PIL's EXIF parser raises SyntaxError, struct.error, TypeError, ... on damaged blocks
+        return 1
+
+
+def _turned(image: Image.Image, orientation: int) -> Image.Image:
+    turn = ORIENTATIONS.get(orientation)
+    return image if turn is None else image.transpose(turn)
 
 
 def _own_rgb(image: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ from cclm.config import RetrievalRunConfig, load_config, require
 from cclm.errors import DataError, UserError
 from cclm.evaluation.datasets import available_languages, load_retrieval_set, require_image_files
 from cclm.evaluation.results import mean_over_languages, set_aside, write_results
+from cclm.evaluation.retrieval import check_k_test
 from cclm.evaluation.run import evaluate_folds
 from cclm.jsonl import read_json
 from cclm.model.fingerprint import weights_digest
@@ -44,6 +45,7 @@ def evaluate_benchmark(cfg: RetrievalRunConfig) -> dict[str, dict[str, float]]:
     """Rows {language: metrics} (plus the means) of a :class:`RetrievalRunConfig`; writes the results files."""
 
     require(cfg, "checkpoint", "data.format", "data.root")
+    check_k_test(cfg.eval.k_test, cfg.eval.rerank)  # before anything is read or embedded
     earlier = earlier_results(cfg)  # before anything is read: results of another model are not replaced
     data = OmegaConf.merge(cfg.data, {"languages": list(cfg.languages)}) if cfg.languages else cfg.data
     # Read every language's annotations first: a missing file or unknown language fails before the model loads.
@@ -100,10 +102,12 @@ def _evaluate_sets(
 ) -> dict[str, dict[str, float]]:
     from cclm.data.tokenize import load_tokenizer
     from cclm.model import CrossViewModel
+    from cclm.model.cross_view import check_tokenizer_fits
 
     model = CrossViewModel.from_pretrained(cfg.checkpoint, device=device, image_size=cfg.image_size or None)
     model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
+    check_tokenizer_fits(model, tokenizer, cfg.checkpoint, cfg.tokenizer or cfg.checkpoint)
     image_size = cfg.image_size or int(model.cfg.vision.image_size)
     rows: dict[str, dict[str, float]] = {}
     for lang, retrieval_set in sets.items():

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cclm.config import Precision
+from cclm.config import ConfigError, Precision
 from cclm.data.normalize import Normalizer, normalizer_for
 from cclm.runtime.env import autocast, compute_dtype, dist_info
 
@@ -549,6 +549,18 @@ class RetrievalOutput:
     t2i_ranks: torch.Tensor  # [n_texts]
 
 
+def check_k_test(k: int, rerank: bool) -> None:
+    """``eval.k_test``, the ITC candidates ITM re-scores per query: at least 1 when re-ranking (0 would silently
+    give ITC-only ranks), never negative. Call it before embedding a gallery, so a bad value costs nothing."""
+    if rerank and k < 1:
+        raise ConfigError(
+            f"eval.k_test must be at least 1 when re-ranking (it is how many ITC candidates of each query the ITM "
+            f"head re-scores), got {k}; for ITC-only ranks set eval.rerank=false"
+        )
+    if k < 0:
+        raise ConfigError(f"eval.k_test must be 0 or more, got {k}")
+
+
 def two_stage_ranks(
     model,
     emb: Embeddings,
@@ -570,7 +582,8 @@ def two_stage_ranks(
     only the queries whose rank depends on it (a gold item in the top-k) unless ``rescore_all``; the ranks and
     metrics are the same either way. ``kv_cache=False`` runs every pair through the whole fusion stack (see
     :func:`itm_scores`; the same scores to float rounding). ``ties`` as in :func:`ranks_from_scores` (None: the
-    context's, :func:`tie_breaking`)."""
+    context's, :func:`tie_breaking`). ``k`` is checked by :func:`check_k_test`."""
+    check_k_test(k, do_rerank)
     ties = resolve_ties(ties)
     rank, world = dist_info()
     n_images, n_texts = emb.image_feats.shape[0], emb.text_feats.shape[0]
@@ -579,7 +592,7 @@ def two_stage_ranks(
     my_texts = torch.tensor(shard_range(n_texts, rank, world), dtype=torch.long)
     i2t = itc_topk(emb.image_feats[my_images], emb.text_feats, gold_i2t[my_images], k, block_elements, ties)
     t2i = itc_topk(emb.text_feats[my_texts], emb.image_feats, gold_t2i[my_texts], k, block_elements, ties)
-    if do_rerank and k > 0:
+    if do_rerank:
         i2t_scores, t2i_scores = rerank(
             model,
             emb,

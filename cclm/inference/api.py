@@ -39,6 +39,7 @@ from cclm.data.images import MissingImageError, UnreadableImage, load_image  # n
 from cclm.data.normalize import normalizer_for
 from cclm.evaluation.retrieval import MATCH, Embeddings, embed_images, embed_texts, itm_scores, tokenize_texts
 from cclm.model import CrossViewModel
+from cclm.model.cross_view import check_tokenizer_fits
 from cclm.runtime.env import compute_dtype, resolve_device
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, torch.Tensor]
@@ -69,20 +70,24 @@ def load_model_tokenizer(
 ) -> tuple[CrossViewModel, Any]:
     """The model of a ``save_pretrained`` folder and its tokenizer (saved in the same folder, as the project's
     convention; else the tokenizer named in the model config, e.g. a hub name). ``image_size`` /
-    ``window_size``: the vision tower resized (:meth:`CrossViewModel.from_pretrained`)."""
+    ``window_size``: the vision tower resized (:meth:`CrossViewModel.from_pretrained`). A tokenizer with more
+    tokens than the model has word embeddings is refused (:func:`cclm.model.cross_view.check_tokenizer_fits`)."""
     from cclm.data.tokenize import load_tokenizer
 
     path = Path(path)
     model = CrossViewModel.from_pretrained(path, image_size=image_size, window_size=window_size)
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
-        return model, load_tokenizer(str(path))
-    fallback = model.cfg.text.tokenizer or model.cfg.text.name_or_path
-    if not fallback:
+        source = str(path)
+    else:
+        source = model.cfg.text.tokenizer or model.cfg.text.name_or_path
+    if not source:
         raise FileNotFoundError(
             f"model folder {path} has no tokenizer files and its config names no tokenizer; save it there with "
             "tokenizer.save_pretrained(folder)"
         )
-    return model, load_tokenizer(fallback)
+    tokenizer = load_tokenizer(source)
+    check_tokenizer_fits(model, tokenizer, path, source)
+    return model, tokenizer
 
 
 def resolve_model_folder(
@@ -92,7 +97,8 @@ def resolve_model_folder(
 ) -> Path:
     """The model folder behind what :func:`load` accepts: ``hf-hub:ORG/NAME`` (:mod:`cclm.inference.hub`), an
     existing folder, or a registered pretrained name (:mod:`cclm.inference.registry`: downloaded or taken from
-    ``checkpoint``, converted once into the cache ``cache_dir``)."""
+    ``checkpoint``, converted once into the cache ``cache_dir``). A folder comes back as an absolute path (not
+    resolving symbolic links), so that what is recorded of it (a search index's model) holds from any directory."""
     from cclm.inference import hub, registry
 
     if hub.is_hub_name(name_or_path):
@@ -111,7 +117,7 @@ def resolve_model_folder(
                 f"'{name_or_path}' is neither a model folder, a pretrained name "
                 f"({', '.join(registry.list_pretrained())}) nor hf-hub:ORG/NAME"
             )
-        return path
+        return Path(os.path.abspath(path))
     return registry.pretrained_folder(str(name_or_path), checkpoint=checkpoint, cache_dir=cache_dir)
 
 
@@ -290,6 +296,8 @@ class CCLM:
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list, not one string")
+        _check_count("k", k)
+        _check_count("rerank_k", rerank_k)
         text_queries = queries_are_text(queries, gallery, query_type)
         query_feats = (
             self.encode_texts(queries, batch_size)
@@ -344,6 +352,7 @@ class CCLM:
         batches of ``batch_size`` pairs of similar caption length. Each image's cross-attention keys/values and
         each caption's first fusion-layer self-attention are shared by its pairs, not computed once per pair
         (the same probabilities as :meth:`match` to float rounding)."""
+        _check_count("k", k)
         candidates = torch.as_tensor(candidates, dtype=torch.long).cpu()
         k = candidates.shape[1] if k is None else min(k, candidates.shape[1])
         if candidates.numel() == 0:
@@ -390,6 +399,12 @@ class CCLM:
             keep_tokens=True,
             precision=self.precision,
         )
+
+
+def _check_count(name: str, value: int | None) -> None:
+    """``k`` / ``rerank_k``: None (the default) or a count; a negative one would be sliced from the end."""
+    if value is not None and value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value}")
 
 
 def _is_file(item: Any) -> bool:

@@ -20,8 +20,8 @@ Cache layout::
                                 checkpoint digest and settings made it (other settings convert again)
     locks/<name>.lock           one process downloads and converts at a time (the ranks of a job wait for it)
 
-No publisher of these checkpoints gives a digest. The first download (or the first file a user passes) is
-therefore recorded in ``<file>.sha256`` and every later use of that file is verified against it: a changed or
+No publisher of these checkpoints gives a digest. The first download (or the first file a user passes) that
+converts is therefore recorded in ``<file>.sha256`` and every later use of that file is verified against it: a changed or
 damaged file is refused until the record is deleted. The 3M/4M checkpoints are published on Google Drive,
 whose large files sit behind an interactive virus-scan page: they cannot be fetched by a program, so ``load``
 says where to download them by hand and how to pass the file. The X2-VLM-based releases are listed for
@@ -230,12 +230,11 @@ def _record(entry: Pretrained, cache: Path, digest: str) -> None:
 
 
 def _verified(entry: Pretrained, cache: Path, path: Path) -> str:
-    """sha256 of ``path``, checked against the known digest (recorded now when there is none)."""
+    """sha256 of ``path``, checked against the known digest when there is one (a first digest is recorded by
+    :func:`pretrained_folder` only once the file converted: a damaged first file must not become the reference)."""
     expected = recorded_digest(entry, cache)
     digest = sha256_of(path)
-    if expected is None:
-        _record(entry, cache, digest)
-    elif digest != expected:
+    if expected is not None and digest != expected:
         where = (
             "published"
             if entry.sha256
@@ -262,8 +261,9 @@ def manual_download_message(entry: Pretrained, cache: Path) -> str:
 def fetch_checkpoint(
     entry: Pretrained, cache: Path, checkpoint: str | os.PathLike | None = None
 ) -> tuple[Path, str]:
-    """The checkpoint file of ``entry`` and its verified sha256: ``checkpoint`` (a file the user downloaded),
-    else the cached download, else a fresh download."""
+    """The checkpoint file of ``entry`` and its sha256, verified against the published or recorded digest when
+    there is one: ``checkpoint`` (a file the user downloaded), else the cached download, else a fresh download.
+    Records nothing (:func:`record_first_digest`)."""
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
@@ -276,10 +276,14 @@ def fetch_checkpoint(
         raise ManualDownloadRequired(manual_download_message(entry, cache))
     log.info("downloading %s from %s", entry.name, entry.url)
     expected = recorded_digest(entry, cache)
-    digest = download(entry.url, path, sha256=expected)
-    if expected is None:
+    return path, download(entry.url, path, sha256=expected)
+
+
+def record_first_digest(entry: Pretrained, cache: Path, digest: str) -> None:
+    """Record ``digest`` as the checkpoint's when neither the publisher nor an earlier use gave one; called once
+    the file has converted, so a file cut short is never recorded."""
+    if recorded_digest(entry, cache) is None:
         _record(entry, cache, digest)
-    return path, digest
 
 
 # ------------------------------------------------------------------------------------------------- convert
@@ -364,7 +368,8 @@ def pretrained_folder(
             return folder
         source, digest = fetch_checkpoint(entry, cache, checkpoint)
         made = _made_by(folder, entry)
-        if made is not None and made.get("sha256") == digest:  # the same weights from another file
-            return folder
-        log.info("converting %s (%s)", entry.name, entry.settings.command(str(source), str(folder)))
-        return convert_into_cache(entry, source, digest, folder)
+        if made is None or made.get("sha256") != digest:  # else: the same weights from another file
+            log.info("converting %s (%s)", entry.name, entry.settings.command(str(source), str(folder)))
+            convert_into_cache(entry, source, digest, folder)
+        record_first_digest(entry, cache, digest)
+        return folder

@@ -3,10 +3,11 @@
     cclm index IMAGE_DIR --model MODEL_DIR --out INDEX_DIR [--image-size 384]
     cclm search INDEX_DIR "ein roter Kreis" -k 10 [--rerank] [--html result.html]
 
-The index is a folder: ``index.json`` (the model, the image folder, the indexed files in row order and the files
-that could not be read, with the reason) and ``embeddings-NNNNN.safetensors`` shards of normalised image
-features. Indexing writes one shard per chunk of files and then updates ``index.json`` atomically, so an
-interrupted run resumes where it stopped, and running it again later adds only the new files of the folder.
+The index is a folder: ``index.json`` (the model folder's absolute path and the sha256 of its weights, the image
+folder, the indexed files in row order and the files that could not be read, with the reason) and
+``embeddings-NNNNN.safetensors`` shards of normalised image features. Indexing writes one shard per chunk of
+files and then updates ``index.json`` atomically, so an interrupted run resumes where it stopped, and running it
+again later adds only the new files of the folder.
 Unreadable files (not an image, truncated, corrupt) are skipped, counted and listed, never retried silently.
 The query is read as the model reads text (:class:`cclm.inference.api.CCLM`): through the text normaliser saved
 with it (``model.cfg.text.normalize``), so with ``pre_caption`` case and punctuation do not change the hits. Parts
@@ -22,34 +23,48 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from cclm.data.images import UnreadableImage, open_image
+from cclm.data.images import UnreadableImage, load_upright, open_image
+from cclm.errors import DataError, UserError
 from cclm.inference.api import CCLM, resolve_model_folder
+from cclm.model.fingerprint import weights_digest
 from cclm.text_safety import printable
 
 log = logging.getLogger("cclm.inference")
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "cclm-image-index"
 SHARD_PATTERN = "embeddings-{:05d}.safetensors"
+REBUILD = (
+    "the index is damaged: build it again into a new folder (cclm index IMAGE_DIR --model MODEL --out INDEX)"
+)
+
+
+class IndexMismatch(UserError, ValueError):
+    """A model, image folder or image size other than the one an index was built with."""
 
 
 # ------------------------------------------------------------------------------------------------- the index
 @dataclass
 class ImageIndex:
-    """What ``index.json`` holds. ``paths`` are relative to ``image_dir``, in the row order of the shards."""
+    """What ``index.json`` holds. ``model`` is the model folder's absolute path and ``model_sha256`` the digest of
+    its weights (:func:`cclm.model.fingerprint.weights_digest`; empty in indexes written before it was recorded);
+    ``paths`` are relative to ``image_dir``, in the row order of the shards."""
 
     model: str
     image_dir: str
@@ -58,29 +73,43 @@ class ImageIndex:
     shards: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     image_size: int = 0  # the resolution the images were embedded at; 0: the model's training resolution
+    model_sha256: str = ""
 
     @classmethod
     def read(cls, folder: Path) -> ImageIndex:
+        """The index of ``folder``; DataError naming ``index.json`` when it is damaged."""
         path = folder / INDEX_NAME
         if not path.exists():
             raise FileNotFoundError(
                 f"{printable(folder)} is not a cclm image index ({INDEX_NAME} missing); build one with "
                 "`cclm index IMAGE_DIR --model MODEL --out INDEX`"
             )
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{printable(path)}: not valid JSON ({err}); {REBUILD}") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{printable(path)}: a JSON {type(data).__name__}, not an object; {REBUILD}")
         if data.get("format") != INDEX_FORMAT:
-            raise ValueError(
-                f"{printable(path)} is not a cclm image index (format {printable(repr(data.get('format')))})"
-            )
-        return cls(
-            data["model"],
-            data["image_dir"],
-            int(data["embed_dim"]),
-            list(data["paths"]),
-            list(data["shards"]),
-            dict(data["skipped"]),
-            int(data.get("image_size", 0)),  # indexes written before the option: the model's resolution
-        )
+            found = printable(repr(data.get("format")))
+            raise DataError(f"{printable(path)} is not a cclm image index (format {found})")
+        fields = {
+            "model": str,
+            "image_dir": str,
+            "embed_dim": int,
+            "paths": list,
+            "shards": list,
+            "skipped": dict,
+            "image_size": int,  # indexes written before the option: the model's resolution
+            "model_sha256": str,  # indexes written before it was recorded: the path is checked only
+        }
+        optional = {"image_size": 0, "model_sha256": ""}
+        for key, kind in fields.items():
+            value = data.get(key, optional.get(key))
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                what = "missing" if value is None else f"a {type(value).__name__}, not a {kind.__name__}"
+                raise DataError(f'{printable(path)}: "{key}" is {what}; {REBUILD}')
+        return cls(**{key: data.get(key, optional.get(key)) for key in fields})
 
     def write(self, folder: Path) -> None:
         data = {"format": INDEX_FORMAT, "version": 1, **self.__dict__}
@@ -92,22 +121,90 @@ class ImageIndex:
         )
         os.replace(tmp, folder / INDEX_NAME)
 
+    def check_shards(self, folder: Path) -> None:
+        """Every shard is whole (its header covers the file) and together they hold one row of ``embed_dim`` per
+        path, read from the shards' headers only; DataError naming the shard or the index otherwise."""
+        rows = 0
+        for shard in self.shards:
+            path = folder / shard
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    shape = handle.get_slice("embeddings").get_shape()
+            except (SafetensorError, OSError, KeyError) as err:
+                raise DataError(f"{printable(path)}: {_shard_problem(err)}; {REBUILD}") from None
+            if len(shape) != 2 or shape[1] != self.embed_dim:
+                raise DataError(
+                    f"{printable(path)}: embeddings of shape {shape}, not [rows, {self.embed_dim}]; {REBUILD}"
+                )
+            rows += shape[0]
+        self._check_rows(folder, rows)
+
     def embeddings(self, folder: Path) -> torch.Tensor:
-        parts = [load_file(str(folder / shard))["embeddings"] for shard in self.shards]
+        self.check_shards(folder)
+        parts = []
+        for shard in self.shards:
+            try:
+                parts.append(load_file(str(folder / shard))["embeddings"])
+            except (SafetensorError, OSError) as err:  # changed since it was checked
+                raise DataError(f"{printable(folder / shard)}: {_shard_problem(err)}; {REBUILD}") from None
         feats = torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
-        if feats.shape[0] != len(self.paths):
-            raise ValueError(
-                f"index {printable(folder)} is inconsistent: {feats.shape[0]} embeddings for {len(self.paths)} "
-                "paths; rebuild it"
-            )
+        self._check_rows(folder, feats.shape[0])
         return feats
 
+    def _check_rows(self, folder: Path, rows: int) -> None:
+        if rows != len(self.paths):
+            raise DataError(
+                f"index {printable(folder)} is inconsistent: {rows} embeddings for {len(self.paths)} paths; "
+                "rebuild it"
+            )
 
-def list_files(image_dir: Path) -> list[str]:
-    """Every regular file under ``image_dir`` (recursively), relative, sorted. Whether it is an image is decided
-    by decoding it, not by its name."""
-    files = [p for p in image_dir.rglob("*") if p.is_file()]
-    return sorted(str(p.relative_to(image_dir)) for p in files)
+
+def _shard_problem(err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, KeyError):
+        return "holds no 'embeddings' tensor"
+    if isinstance(err, OSError):
+        return f"cannot be read ({err.strerror or err})"
+    return f"damaged or cut short ({err})"
+
+
+def list_files(image_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Every regular file under ``image_dir`` (recursively, into linked folders too, each real folder once),
+    relative, sorted; and what cannot be tried, with the reason: broken links (dangling, or a loop), links to a
+    folder already listed, unreadable folders and what is not a regular file (a pipe, a socket). Whether a file
+    is an image is decided by decoding it, not by its name."""
+    files: list[str] = []
+    skipped: dict[str, str] = {}
+    seen = {os.path.realpath(image_dir)}
+
+    def relative(path: str) -> str:
+        return os.path.relpath(path, image_dir)
+
+    def unreadable_folder(err: OSError) -> None:
+        skipped[relative(err.filename)] = f"folder cannot be read ({err.strerror})"
+
+    for root, dirs, names in os.walk(image_dir, onerror=unreadable_folder, followlinks=True):
+        for name in sorted(dirs):  # os.walk descends only into what stays in ``dirs``
+            path = os.path.join(root, name)
+            real = os.path.realpath(path)
+            if real in seen:
+                dirs.remove(name)
+                skipped[relative(path)] = f"a link to a folder already listed ({real})"
+            seen.add(real)
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:
+                kind = "broken link" if os.path.islink(path) else type(err).__name__
+                skipped[relative(path)] = f"{kind}: {err.strerror}"
+                continue
+            if stat.S_ISREG(mode):
+                files.append(relative(path))
+            else:
+                skipped[relative(path)] = "not a regular file"
+    return sorted(files), skipped
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -123,10 +220,21 @@ class ImageFiles(torch.utils.data.Dataset):
         rel = self.paths[i]
         try:
             return rel, self.transform(self.image_dir / rel), None
-        except UnreadableImage as err:
-            return rel, None, err.reason
-        except OSError as err:  # e.g. removed or unreadable since the folder was listed
-            return rel, None, f"{type(err).__name__}: {err.strerror or err}"
+        except OSError as err:  # not an image, or removed or unreadable since the folder was listed
+            return rel, None, why_unreadable(err)
+
+
+def photo_transform(engine: CCLM):
+    """How the search reads a photo: as the model's transform does, turned upright as its EXIF orientation says
+    (a phone's portrait photo is stored sideways; the training converters turn such photos upright too)."""
+    return functools.partial(load_upright, size=engine.image_size)
+
+
+def why_unreadable(err: OSError) -> str:
+    """The reason an image file could not be used: the decoder's (:class:`UnreadableImage`), or the OS's."""
+    if isinstance(err, UnreadableImage):
+        return err.reason
+    return f"{type(err).__name__}: {err.strerror or err}"
 
 
 def _keep_items(batch):
@@ -155,34 +263,35 @@ def build_index(
     image_size: int = 0,
 ) -> IndexReport:
     """Embed every readable image under ``image_dir`` into the index folder ``out`` (created or resumed).
-    ``image_size``: the vision tower's resolution (0: the model's training resolution)."""
+    ``image_size``: the vision tower's resolution (0: the model's training resolution). The index records the
+    model folder's absolute path and the digest of its weights; resuming with other weights, another folder or
+    size, or over a damaged shard is refused."""
     image_dir, out = Path(image_dir).resolve(), Path(out)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"image folder not found: {printable(image_dir)}")
     if image_size < 0:
         raise ValueError(f"--image-size must be positive, or 0 for the model's own; got {image_size}")
-    model_path = str(resolve_model_folder(model_dir))  # a folder, a released name or hf-hub:ORG/NAME
+    model_path = resolve_model_folder(model_dir)  # a folder, a released name or hf-hub:ORG/NAME; absolute
+    fingerprint = weights_digest(model_path)
     out.mkdir(parents=True, exist_ok=True)
     index = ImageIndex.read(out) if (out / INDEX_NAME).exists() else None
     if index is not None:
-        for name, ours, theirs in (
-            ("model", model_path, index.model),
-            ("image folder", str(image_dir), index.image_dir),
-            ("--image-size", str(image_size), str(index.image_size)),
-        ):
-            if ours != theirs:
-                raise ValueError(
-                    f"index {printable(out)} was built with {name} {printable(theirs)}, not {printable(ours)}; "
-                    "use another --out"
-                )
+        _check_resumable(index, out, model_path, fingerprint, image_dir, image_size)
     engine = CCLM.from_pretrained(model_path, device=device, dtype=dtype, image_size=image_size or None)
     if index is None:
-        index = ImageIndex(model_path, str(image_dir), int(engine.model.cfg.embed_dim), image_size=image_size)
+        embed_dim = int(engine.model.cfg.embed_dim)
+        index = ImageIndex(
+            str(model_path), str(image_dir), embed_dim, image_size=image_size, model_sha256=fingerprint
+        )
     done = set(index.paths) | set(index.skipped)
-    todo = [p for p in list_files(image_dir) if p not in done]
+    files, untried = list_files(image_dir)
+    todo = [p for p in files if p not in done]
     report = IndexReport(0, len(index.paths), {}, len(index.skipped))
+    for rel, reason in untried.items():  # recorded with the first shard (or at the end)
+        if rel not in done:
+            report.skipped[rel] = index.skipped[rel] = reason
     loader = torch.utils.data.DataLoader(
-        ImageFiles(image_dir, todo, engine.transform),
+        ImageFiles(image_dir, todo, photo_transform(engine)),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_keep_items,
@@ -207,6 +316,41 @@ def build_index(
                 rows, feats = [], []
         _flush(index, out, rows, feats, report)
     return report
+
+
+def _check_resumable(
+    index: ImageIndex, out: Path, model_path: Path, fingerprint: str, image_dir: Path, image_size: int
+) -> None:
+    """Resuming ``index`` is refused with another model (other weights; an index without a digest: another
+    path), image folder or size, and over a damaged shard."""
+    if index.model_sha256:
+        _check_same_weights(index, out, model_path, fingerprint)
+        if not Path(index.model).is_dir():  # moved: the same weights, found elsewhere
+            index.model = str(model_path)
+    elif os.path.abspath(index.model) != str(model_path):
+        raise IndexMismatch(
+            f"index {printable(out)} was built with model {printable(index.model)}, not {printable(model_path)}; "
+            "use another --out"
+        )
+    for name, ours, theirs in (
+        ("image folder", str(image_dir), index.image_dir),
+        ("--image-size", str(image_size), str(index.image_size)),
+    ):
+        if ours != theirs:
+            raise IndexMismatch(
+                f"index {printable(out)} was built with {name} {printable(theirs)}, not {printable(ours)}; "
+                "use another --out"
+            )
+    index.check_shards(out)
+
+
+def _check_same_weights(index: ImageIndex, index_dir: Path, model_path: Path, fingerprint: str) -> None:
+    if fingerprint != index.model_sha256:
+        raise IndexMismatch(
+            f"index {printable(index_dir)} was built with the model {printable(index.model)} (weights sha256 "
+            f"{index.model_sha256[:12]}), not {printable(model_path)} (weights sha256 {fingerprint[:12]}): "
+            "use the index's model, or index into another --out"
+        )
 
 
 def _flush(
@@ -255,7 +399,8 @@ def search_index(
     if image_size < 0:
         raise ValueError(f"--image-size must be positive, or 0 for the index's own; got {image_size}")
     size = image_size or index.image_size
-    engine = CCLM.from_pretrained(model or index.model, device=device, dtype=dtype, image_size=size or None)
+    model_path = _search_model(index, index_dir, model)
+    engine = CCLM.from_pretrained(model_path, device=device, dtype=dtype, image_size=size or None)
     unknown = unknown_pieces(engine, query)
     if unknown:
         log.warning(
@@ -279,24 +424,59 @@ def search_index(
         scores, rows = cosine.topk(k)
         return [Hit(r + 1, gallery[int(i)], float(s)) for r, (s, i) in enumerate(zip(scores, rows))]
     depth = max(k, min(rerank_k or k, len(index.paths)))
-    candidates = [int(i) for i in cosine.topk(depth).indices]
-    gone = [i for i in candidates if not gallery[i].is_file()]
-    if gone:
-        names = ", ".join(printable(index.paths[i]) for i in gone)
-        log.warning(
-            "%d indexed images are gone from %s and are not re-ranked: %s",
-            len(gone),
-            printable(image_dir),
-            names,
-        )
-        candidates = [i for i in candidates if i not in gone]
+    candidates, pixels = _decode_candidates(engine, index, [int(i) for i in cosine.topk(depth).indices])
     if not candidates:
         return []
-    probs, rows = engine.rerank([query], gallery, torch.tensor([candidates]), k)
+    probs, rows = engine.rerank([query], pixels, torch.arange(len(candidates))[None], k)
     return [
-        Hit(r + 1, gallery[int(i)], float(cosine[int(i)]), float(p))
+        Hit(r + 1, gallery[candidates[int(i)]], float(cosine[candidates[int(i)]]), float(p))
         for r, (p, i) in enumerate(zip(probs[0], rows[0]))
     ]
+
+
+def _search_model(index: ImageIndex, index_dir: Path, model: str | Path | None) -> Path:
+    """The model folder a search uses: ``model`` (a folder, released name or hf-hub:ORG/NAME) when given, else
+    the index's. Its weights must be the ones the index was built with; an index that records no digest (written
+    before cclm recorded one) is searched with ``model`` after a warning that this cannot be checked."""
+    if model is None and not Path(index.model).is_dir():
+        raise FileNotFoundError(
+            f"the model index {printable(index_dir)} was built with, {printable(index.model)}, is not there (moved "
+            "or deleted?); pass --model with the same weights"
+        )
+    folder = resolve_model_folder(index.model if model is None else model)
+    if index.model_sha256:
+        _check_same_weights(index, index_dir, folder, weights_digest(folder))
+    elif model is not None and str(folder) != os.path.abspath(index.model):
+        log.warning(
+            "index %s records no digest of its model's weights (it was built before cclm recorded one): cannot "
+            "check that %s is the model it was built with (%s)",
+            printable(index_dir),
+            printable(folder),
+            printable(index.model),
+        )
+    return folder
+
+
+def _decode_candidates(
+    engine: CCLM, index: ImageIndex, rows: list[int]
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The rows of ``rows`` whose image still decodes, and its pixels; the others (deleted, or damaged since they
+    were indexed) are named in a warning and not re-ranked."""
+    kept, pixels, failed = [], [], []
+    for row in rows:
+        try:
+            pixels.append(photo_transform(engine)(Path(index.image_dir) / index.paths[row]))
+            kept.append(row)
+        except OSError as err:  # deleted, or no longer a decodable image (UnreadableImage)
+            failed.append(f"{printable(index.paths[row])} ({printable(why_unreadable(err))})")
+    if failed:
+        log.warning(
+            "%d indexed images in %s cannot be read any more and are not re-ranked: %s",
+            len(failed),
+            printable(index.image_dir),
+            ", ".join(failed),
+        )
+    return kept, pixels
 
 
 def unknown_pieces(engine: CCLM, query: str) -> list[str]:
@@ -321,7 +501,7 @@ def _lowercase_helps(engine: CCLM, query: str) -> bool:
 def thumbnail_data_uri(path: Path, size: int = 192) -> str | None:
     """A JPEG thumbnail as a ``data:`` URI, so the page needs no other file; None if the image is unreadable."""
     try:
-        image = open_image(path)
+        image = open_image(path, upright=True)
     except (ValueError, OSError):
         return None
     image.thumbnail((size, size))

@@ -5,7 +5,8 @@ It says what the model is (architecture and sizes, read from the model), how it 
 ``cclm convert-reference``) and how well it does (``extra["eval_results"]`` or an ``eval_results.json`` in the
 folder: {benchmark: {metric: value}} or {benchmark: {language: {metric: value}}}). Call :func:`write_model_card`
 again after an evaluation to refresh it. A README.md that a person wrote (one without our marker line) is never
-overwritten.
+overwritten. What has an unexpected shape (a damaged ``eval_results.json``, a section that is not a mapping) is
+left out with a warning; the rest is rendered.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def usage_section() -> list[str]:
 def _streams(data: dict[str, Any]) -> list[str]:
     lines = []
     for name in ("image_caption", "parallel_text"):
-        stream = data.get(name)
+        stream = _mapping(data.get(name), f"the run's {name} stream")
         if stream:
             langs = ", ".join(stream.get("languages") or []) or "all"
             lines.append(
@@ -112,35 +113,54 @@ def _streams(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """``value`` when it is a mapping; an empty one (with a warning naming ``what``) when it is something else."""
+    if isinstance(value, dict):
+        return value
+    if value:
+        log.warning("model card: %s is a %s, not a mapping; left out of the card", what, type(value).__name__)
+    return {}
+
+
+def _items(value: Any) -> list[str]:
+    """A mapping as ``key (value)`` items, a list as its items."""
+    if isinstance(value, dict):
+        return [f"{k} ({v})" for k, v in sorted(value.items())]
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
 def provenance_section(extra: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    training = extra.get("training")
+    training = _mapping(extra.get("training"), 'extra["training"]')
     if training:
-        run = training.get("run") or {}
-        train = run.get("train", {})
-        opt = train.get("optimizer", {})
+        run = _mapping(training.get("run"), 'extra["training"]["run"]')
+        train = _mapping(run.get("train"), "the run's train config")
+        opt = _mapping(train.get("optimizer"), "the run's optimizer config")
         lines += ["## Training", ""]
         lines.append(
             f"- steps: {training.get('step', '?')} (of max_steps {train.get('max_steps', '?')}), "
             f"view schedule `{train.get('view_schedule', '?')}`"
         )
+        deepspeed = _mapping(run.get("deepspeed"), "the run's deepspeed config")
         lines.append(
             f"- optimizer: {opt.get('name', '?')}, lr {opt.get('lr', '?')}, weight decay "
-            f"{opt.get('weight_decay', '?')}; precision {run.get('deepspeed', {}).get('precision', '?')}"
+            f"{opt.get('weight_decay', '?')}; precision {deepspeed.get('precision', '?')}"
         )
-        objectives = run.get("model", {}).get("objectives", {})
+        objectives = _mapping(
+            _mapping(run.get("model"), "the run's model config").get("objectives"), "its objectives"
+        )
         if objectives:
             weights = ", ".join(
                 f"{k.split('_')[0]} {v}" for k, v in objectives.items() if k.endswith("_weight")
             )
             lines.append(f"- objective weights: {weights}")
-        streams = _streams(run.get("data", {}))
+        streams = _streams(_mapping(run.get("data"), "the run's data config"))
         if streams:
             lines += ["- data:", *[f"  {s}" for s in streams]]
         if training.get("checkpoint"):
             lines.append(f"- exported from `{training['checkpoint']}`")
         lines.append("")
-    task = extra.get("task")
+    task = _task(extra)
     if task:
         lines += ["## Fine-tuning", ""]
         for key, value in task.items():
@@ -149,7 +169,7 @@ def provenance_section(extra: dict[str, Any]) -> list[str]:
             if isinstance(value, (str, int, float, bool)) or value is None or key == "labels":
                 lines.append(f"- {key}: {value}")
         lines.append("")
-    converted = extra.get("converted_from")
+    converted = _mapping(extra.get("converted_from"), 'extra["converted_from"]')
     if converted:
         lines += [
             "## Origin",
@@ -157,17 +177,23 @@ def provenance_section(extra: dict[str, Any]) -> list[str]:
             f"Converted by `cclm convert-reference` from `{converted.get('checkpoint')}` "
             f"({converted.get('layout', 'reference layout')}); position ids: {converted.get('position_ids')}.",
         ]
-        dropped = converted.get("dropped") or {}
+        dropped = converted.get("dropped")
         if dropped:
-            lines.append(
-                "Dropped source tensors: " + ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items())) + "."
-            )
+            lines.append("Dropped source tensors: " + ", ".join(_items(dropped)) + ".")
         if converted.get("left_at_init"):
             lines.append(
-                f"Not in the source, left at initialisation: {', '.join(converted['left_at_init'])}."
+                f"Not in the source, left at initialisation: {', '.join(_items(converted['left_at_init']))}."
             )
         lines.append("")
     return lines
+
+
+def _task(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra["task"]``: the fine-tuning record; a bare string is the task's name."""
+    task = extra.get("task")
+    if isinstance(task, str):
+        return {"task": task}
+    return _mapping(task, 'extra["task"]')
 
 
 def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, dict[str, float]]:
@@ -198,15 +224,19 @@ def evaluation_section(results: dict[str, Any] | None) -> list[str]:
 def render_model_card(
     model, extra: dict[str, Any] | None = None, results: dict[str, Any] | None = None
 ) -> str:
-    extra = extra or {}
+    extra = _mapping(extra, "extra")
+    extra = {**extra, "task": _task(extra)}  # checked (and warned about) once
     title = "cclm cross-view model"
-    if extra.get("task", {}).get("task"):
+    if extra["task"].get("task"):
         title += f", fine-tuned for {extra['task']['task']}"
     lines = [MARKER, f"# {title}", ""]
     lines += architecture_section(model)
     lines += usage_section()
     lines += provenance_section(extra)
-    lines += evaluation_section(results or extra.get("eval_results"))
+    lines += evaluation_section(
+        _mapping(results, "the evaluation results")
+        or _mapping(extra.get("eval_results"), 'extra["eval_results"]')
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -217,8 +247,26 @@ def write_model_card(directory: str | Path, model, extra: dict[str, Any] | None 
     if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
         log.warning("%s was written by hand; the model card is not written over it", path)
         return None
-    results = None
-    if (directory / EVAL_RESULTS).exists():
-        results = json.loads((directory / EVAL_RESULTS).read_text())
-    path.write_text(render_model_card(model, extra, results), encoding="utf-8")
+    path.write_text(render_model_card(model, extra, read_eval_results(directory)), encoding="utf-8")
     return path
+
+
+def read_eval_results(directory: Path) -> dict[str, Any] | None:
+    """``directory/eval_results.json`` when there is one; a damaged one (not JSON, not an object) is named in a
+    warning and left out, so that a model is saved whatever state the file is in."""
+    path = directory / EVAL_RESULTS
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("%s cannot be read (%s); the model card leaves the evaluation results out", path, err)
+        return None
+    if not isinstance(results, dict):
+        log.warning(
+            "%s holds a JSON %s, not {benchmark: {metric: value}}; the model card leaves the evaluation results out",
+            path,
+            type(results).__name__,
+        )
+        return None
+    return results

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -31,6 +32,7 @@ from cclm import losses
 from cclm.config import ConfigError, ModelConfig, from_dict, to_dict
 from cclm.data.masking import IGNORE_INDEX
 from cclm.data.regions import patch_masks
+from cclm.errors import CheckpointError
 from cclm.model.boxes import BoxHead, box_loss, box_xyxy_to_cxcywh, token_grid
 from cclm.model.heads import MatchingHead, build_mlm_head, pretrained_lm_head
 from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+FORMAT = "cclm-cross-view"
+FORMAT_VERSION = 1  # the newest config.json format this code reads
 VIEWS = ("image", "text", "region")
 LOSS_NAMES = {"image": ("itc", "itm", "mlm"), "text": ("ttc", "ttm", "mlm"), "region": ("itc", "itm", "mlm")}
 
@@ -388,7 +392,7 @@ class CrossViewModel(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (no pickle) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model": to_dict(self.cfg), "format": "cclm-cross-view", "version": 1}
+        config = {"model": to_dict(self.cfg), "format": FORMAT, "version": FORMAT_VERSION}
         if extra:
             config.update(extra)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -410,22 +414,102 @@ class CrossViewModel(nn.Module):
         """The model of a :meth:`save_pretrained` folder, rebuilt offline from its config. ``image_size`` /
         ``window_size``: run the vision tower at another resolution (Swin windows and relative-position tables,
         ViT position grid interpolated as the reference does: :func:`cclm.model.resize.resize_vision`); the
-        model's config then records the new size."""
+        model's config then records the new size. A damaged folder (config not JSON or without its ``model``
+        section, weights cut short or not fitting the config) raises :class:`~cclm.errors.CheckpointError`
+        naming the file."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.exists():
                 raise FileNotFoundError(f"not a cclm model folder: {path} is missing")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != "cclm-cross-view":
-            raise ValueError(f"{config_path} is not a cclm cross-view model config")
-        model = cls(from_dict(ModelConfig, config["model"]), load_pretrained=False)
-        load_model(model, str(weights_path), strict=True, device=str(device))
+        cfg = read_model_config(config_path)
+        try:
+            model = cls(cfg, load_pretrained=False)
+        except ValueError as err:  # e.g. layers the encoder does not have
+            raise CheckpointError(f"{config_path}: {err}") from None
+        _load_weights(model, weights_path, config_path, device)
         if image_size is not None or window_size is not None:
             from cclm.model.resize import resize_vision
 
             resize_vision(model, image_size or model.cfg.vision.image_size, window_size)
         return model.to(device)
+
+
+class NotAModelConfig(CheckpointError, ValueError):
+    """A config.json that is not a cclm cross-view model's (a ValueError, as before CheckpointError existed)."""
+
+
+def read_model_config(config_path: Path) -> ModelConfig:
+    """The model config of a :meth:`CrossViewModel.save_pretrained` folder's ``config.json``; CheckpointError
+    naming the file when it is not JSON, not a cclm config or its ``model`` section does not load."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise NotAModelConfig(
+            f'{config_path} is not a cclm cross-view model config (no "format": "{FORMAT}")'
+        )
+    version = config.get("version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        logger.warning(
+            "%s is format version %d, newer than this cclm knows (%d): update cclm if loading fails or the model "
+            "behaves oddly",
+            config_path,
+            version,
+            FORMAT_VERSION,
+        )
+    section = config.get("model")
+    if not isinstance(section, dict):
+        found = "missing" if "model" not in config else f"{json.dumps(section)[:40]}, not an object"
+        raise CheckpointError(f'{config_path}: its "model" section is {found}; the file is damaged')
+    try:
+        return from_dict(ModelConfig, section)
+    except ConfigError as err:
+        raise CheckpointError(f'{config_path}: in its "model" section: {err}') from None
+
+
+def _load_weights(model: CrossViewModel, weights_path: Path, config_path: Path, device) -> None:
+    """Strictly load ``weights_path`` into ``model``; CheckpointError naming the file when it is damaged or its
+    tensors do not fit the architecture of ``config_path``."""
+    try:
+        load_model(model, str(weights_path), strict=True, device=str(device))
+    except SafetensorError as err:
+        raise _unreadable(weights_path, err) from None
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{weights_path} does not fit the model of {config_path}: {_first_problems(str(err))}"
+        ) from None
+
+
+def _unreadable(weights_path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{weights_path}: not a readable safetensors file ({err}); it is damaged or incomplete: copy or export it "
+        "again"
+    )
+
+
+def _first_problems(message: str, shown: int = 3, width: int = 200) -> str:
+    """The first few lines of torch's multi-line load_state_dict error, each cut short, on one line."""
+    problems = [line.strip().rstrip(".") for line in message.splitlines()[1:] if line.strip()]
+    cut = [p if len(p) <= width else p[: width - 3] + "..." for p in problems[:shown]]
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(cut) + more
+
+
+def check_tokenizer_fits(model: CrossViewModel, tokenizer, model_source: Any, tokenizer_source: Any) -> None:
+    """Refuse a tokenizer whose ids reach past the model's word embeddings (they would fail later, in the middle
+    of a run, with an IndexError): CheckpointError naming both and both sizes. Call it wherever a model and a
+    tokenizer are loaded as a pair."""
+    vocabulary = model.text.embeddings.word_embeddings.num_embeddings
+    if len(tokenizer) > vocabulary:
+        raise CheckpointError(
+            f"the tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model {model_source} has "
+            f"only {vocabulary} word embeddings: they do not belong together (use the model folder's own "
+            "tokenizer)"
+        )
 
 
 def initialise_from(model: CrossViewModel, directory: str | Path) -> list[str]:
@@ -438,7 +522,10 @@ def initialise_from(model: CrossViewModel, directory: str | Path) -> list[str]:
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.exists() or not (Path(directory) / CONFIG_NAME).exists():
         raise ConfigError(f"init_from: {directory} is not a cclm model folder (config.json + {WEIGHTS_NAME})")
-    saved = load_file(str(weights_path))
+    try:
+        saved = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise _unreadable(weights_path, err) from None
     own = model.state_dict()
     unknown = sorted(k for k in saved if k not in own)
     reshaped = sorted(k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape))

@@ -41,7 +41,7 @@ from cclm.config import (
     to_dict,
 )
 from cclm.data.tokenize import load_tokenizer
-from cclm.model.cross_view import CrossViewModel
+from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
@@ -309,6 +309,7 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     teacher = load_teacher(cfg.teacher, cfg.data.task, labels)
     teacher_tokenizer = load_tokenizer(cfg.teacher)
     student_tokenizer = load_tokenizer(cfg.student_init) if cfg.student_init else teacher_tokenizer
+    check_tokenizer_fits(teacher.backbone, teacher_tokenizer, cfg.teacher, cfg.teacher)
     english = runner.read(cfg.data.train)
     examples = [
         ex for lang in languages for ex in align_parallel(english, runner.read(cfg.data.parallel[lang]), lang)
@@ -317,6 +318,9 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
 
     seed_everything(cfg.train.seed)
     student = build_student(teacher, cfg.student_init, list(cfg.distill.trainable))
+    check_tokenizer_fits(
+        student.backbone, student_tokenizer, cfg.student_init or cfg.teacher, cfg.student_init or cfg.teacher
+    )
     model = Distiller(teacher, student, cfg.distill)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in student.parameters())

@@ -48,7 +48,7 @@ from cclm.config import (
 )
 from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
-from cclm.model.cross_view import CrossViewModel
+from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.recipes.cvil import (
     Distiller,
     ParallelCollator,
@@ -195,7 +195,9 @@ def load_vqa_teacher(cfg: CViLVQARecipeConfig, labels: list[str]) -> tuple[TaskM
             f"teacher {directory} was fine-tuned {'with' if tagged else 'without'} object tags, the run has "
             f"object_tags.enabled={cfg.object_tags.enabled}: set it to {tagged}, or teacher=null to fine-tune one"
         )
-    return model, load_tokenizer(str(directory))
+    tokenizer = load_tokenizer(str(directory))
+    check_tokenizer_fits(model.backbone, tokenizer, directory, directory)
+    return model, tokenizer
 
 
 class Scorer:

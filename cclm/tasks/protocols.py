@@ -46,7 +46,7 @@ from cclm.data.normalize import normalizer_for
 from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.errors import UserError
 from cclm.jsonl import read_json
-from cclm.model.cross_view import CrossViewModel
+from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.runtime.env import DistEnv, barrier, init_distributed, local_main_first, seed_everything
 from cclm.runtime.output_dir import check_output_dir, holds_run
 from cclm.runtime.sources import EpochBatches
@@ -235,6 +235,7 @@ class TaskRunner(TaskSuite):
             backbone = CrossViewModel.from_pretrained(cfg.pretrained)
             with local_main_first():  # a Hub tokenizer is downloaded once per node
                 tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)
+            check_tokenizer_fits(backbone, tokenizer, cfg.pretrained, cfg.tokenizer or cfg.pretrained)
         else:
             if not cfg.model:
                 raise ValueError(
@@ -279,7 +280,9 @@ class TaskRunner(TaskSuite):
             raise ValueError(f"{directory} was fine-tuned for '{model.task}', not '{self.cfg.task}'")
         if self.kind != "retrieval" and model.label_names != self.label_names():
             raise ValueError(f"{directory}: its labels differ from this task's label vocabulary")
-        return model, load_tokenizer(directory)
+        tokenizer = load_tokenizer(directory)
+        check_tokenizer_fits(model.backbone, tokenizer, directory, directory)
+        return model, tokenizer
 
     # ------------------------------------------------------------------------------------------- training
     def train_batches(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> EpochBatches:
