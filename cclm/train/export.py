@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from cclm.config import ModelConfig, from_dict
+from cclm.config import ConfigError, ModelConfig, from_dict
 from cclm.errors import CheckpointError, UserError
 from cclm.runtime import checkpoint
 
@@ -28,13 +30,49 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
+def model_config_of(ckpt: Path, run_config: dict) -> ModelConfig:
+    """The model config a pretraining checkpoint was written with; a checkpoint of another kind of run (a
+    fine-tuning, recipe or domain-pretraining run names no model section, or only a yaml) is refused."""
+    section = run_config.get("model") if isinstance(run_config, dict) else None
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            f"{ckpt / checkpoint.CONFIG}: no model section: not a pretraining checkpoint, so there is no model "
+            "folder to export (a fine-tuning run saves its task model to <output_dir>/model itself)"
+        )
+    try:
+        return from_dict(ModelConfig, section)
+    except ConfigError as err:
+        raise CheckpointError(f"{ckpt / checkpoint.CONFIG}: its model section does not load: {err}") from None
+
+
+def claim_destination(out: Path, overwrite: bool) -> None:
+    """An export goes to a new or empty folder: one holding files (an earlier export, another model's card or
+    results) is refused, or with ``overwrite`` moved aside to ``OUT.old-<time>``, so that no stale file joins the
+    new model folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(
+            f"{out} already holds files; export into a new folder, or --overwrite (moves it to {out}.old-<time>)"
+        )
+    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while aside.exists():
+        aside, suffix = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"), suffix + 1
+    out.rename(aside)
+    print(f"--overwrite: the previous contents of {out} were moved to {aside}", file=sys.stderr)
+
+
+def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the model folder of checkpoint ``ckpt`` to ``out``, built beside it and moved into place whole."""
     from cclm.model import CrossViewModel
 
     ckpt = resolve_checkpoint(ckpt)
     record = checkpoint.verify(ckpt, files=[checkpoint.FP32_WEIGHTS, checkpoint.CONFIG])
     run_config = checkpoint.read_json(ckpt / checkpoint.CONFIG)
-    model = CrossViewModel(from_dict(ModelConfig, run_config["model"]), load_pretrained=False)
+    model = CrossViewModel(model_config_of(ckpt, run_config), load_pretrained=False)
     weights = ckpt / checkpoint.FP32_WEIGHTS
     try:
         state = load_file(str(weights))
@@ -47,11 +85,20 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
         )
     step = record["step"]
     out = Path(out)
-    model.save_pretrained(out, extra={"training": {"step": step, "checkpoint": str(ckpt), "run": run_config}})
-    tokenizer_dir = ckpt.parent.parent / "tokenizer"
-    if tokenizer_dir.exists():
-        for item in tokenizer_dir.iterdir():
-            shutil.copy2(item, out / item.name)
+    claim_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as building:
+        folder = Path(building) / out.name
+        model.save_pretrained(
+            folder, extra={"training": {"step": step, "checkpoint": str(ckpt), "run": run_config}}
+        )
+        tokenizer_dir = ckpt.parent.parent / "tokenizer"
+        if tokenizer_dir.exists():
+            for item in tokenizer_dir.iterdir():
+                shutil.copy2(item, folder / item.name)
+        if out.is_dir():  # empty (claim_destination): replaced by the complete folder
+            out.rmdir()
+        folder.rename(out)
     return out
 
 
@@ -68,6 +115,11 @@ def main(argv: list[str]) -> int:
         help="then upload the folder to this Hugging Face Hub repository (created if missing; needs a token: "
         "hf auth login or HF_TOKEN)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a folder that holds files, moving them aside to OUT.old-<time> first",
+    )
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--commit-message", default=None, help="message of the Hub commit")
     args = parser.parse_args(argv[1:])
@@ -76,7 +128,7 @@ def main(argv: list[str]) -> int:
             from cclm.train.publish import parse_hub_name
 
             parse_hub_name(args.push_to_hub)
-        out = export(args.checkpoint, args.out)
+        out = export(args.checkpoint, args.out, overwrite=args.overwrite)
     except (UserError, FileNotFoundError, ValueError) as err:
         print(f"cclm export: {err}", file=sys.stderr)
         return 2
