@@ -8,6 +8,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from cclm.data.languages import base_language
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, expand_shards, is_remote
 from data_prep.common import require_file
 from data_prep.translation.codes import cclm_code
@@ -50,9 +51,17 @@ def _targets(text: str, source: str) -> list[str]:
     targets = list(dict.fromkeys(cclm_code(t.strip(), "target") for t in text.split(",") if t.strip()))
     if not targets:
         raise ValueError("--targets: name at least one language")
-    if source in targets:
-        raise ValueError(f"--targets: {source} is the source language")
+    same = [t for t in targets if _language_and_script(t) == _language_and_script(source)]
+    if same:
+        raise ValueError(f"--targets: {same[0]} is the source language (--source-lang {source})")
     return targets
+
+
+def _language_and_script(code: str) -> tuple[str, str | None]:
+    """``en-US`` -> (en, None), ``zh-Hant`` -> (zh, Hant): a region is the same text, another script is not (a
+    Simplified -> Traditional Chinese translation is a real target)."""
+    scripts = [part for part in code.replace("_", "-").split("-")[1:] if len(part) == 4 and part.isalpha()]
+    return base_language(code), (scripts[0].title() if scripts else None)
 
 
 def _units(args: argparse.Namespace) -> tuple[list, str, list[Path]]:
@@ -94,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     }
     command = "cclm prep " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
     # The output folder is checked (and a rerun's settings compared) before the model loads.
-    output = ResumableOutput(Path(args.out), recorded, view, command, inputs)
+    output = ResumableOutput(Path(args.out), recorded, view, command, inputs, [u.name for u in units])
     translator = Translator(args.model, source, targets, args.device, args.dtype, settings)
     result = output.run(units, translator, show_progress=not args.no_progress)
     print(report(result, translator, args.out))

@@ -4,6 +4,9 @@ examples, and examples into a region batch.
 
 Per image (reference ``RegionMultiTextDataset.__iter__``), all randomness from the ``random.Random`` passed in:
 
+0. the decoded image must have the sample's recorded ``image_size`` (:func:`check_image_size`), and each box is
+   cut to the image, or dropped and counted when it reaches past it further than the converters allow
+   (:func:`box_in_image`);
 1. one region is drawn and the image is randomly cropped so that the crop holds that whole box
    (:func:`crop_keeping_box`);
 2. the crop is flipped horizontally with probability 1/2, but never when any caption of the sample names a side
@@ -33,7 +36,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -51,6 +54,11 @@ WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
 # RandAugment ops that move no pixel (the reference's region transform: RandomAugment(2, 7, augs=...)); each
 # commutes with a horizontal flip.
 BOX_SAFE_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
+# The region converters' rule (data_prep/regions/common.py, docs/regions.md), mirrored here: a box may reach this
+# many pixels past the decoded image (publishers' rounding) and is cut to it; the recorded ``image_size`` may differ
+# from the decoded size by this many pixels.
+BOX_TOLERANCE = 1.0
+SIZE_TOLERANCE = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class RegionPlan:
     crop: tuple[int, int, int, int]  # pixels of the stored image, xyxy
     flip: bool
     targets: tuple[RegionTarget, ...]
+    dropped: Counter[str] = field(default_factory=Counter)  # regions left out by the plan, by reason
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -122,6 +131,43 @@ def parse_regions(meta: dict, allowed: frozenset[str]) -> tuple[list[Region], Co
 
 
 # ------------------------------------------------------------------------------------------------ geometry
+def box_in_image(box: Box, width: int, height: int, tolerance: float = BOX_TOLERANCE) -> Box | None:
+    """``box`` cut to a ``width`` x ``height`` image, or None when it reaches further past it than ``tolerance``
+    pixels or nothing of it is left (the converters' ``check_box`` rule)."""
+    x0, y0, x1, y1 = box
+    if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance or y1 > height + tolerance:
+        return None
+    cut = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+    return cut if cut[2] > cut[0] and cut[3] > cut[1] else None
+
+
+def recorded_size(meta: dict) -> tuple[int, int] | None:
+    """A sample's ``image_size`` ``(width, height)``; None when the JSON records none. Raises SkipSample
+    (``image_size_mismatch``) when it is there but not two positive numbers."""
+    value = meta.get("image_size")
+    if value is None:
+        return None
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        and min(value) > 0
+    ):
+        return value[0], value[1]
+    raise SkipSample("image_size_mismatch", f"image_size {value!r} is not [width, height]")
+
+
+def check_image_size(width: int, height: int, recorded: tuple[int, int] | None) -> None:
+    """Raises SkipSample (``image_size_mismatch``) when the decoded image's size differs from the recorded one by
+    more than :data:`SIZE_TOLERANCE` pixels: its boxes, in the recorded image's pixels, would be wrong."""
+    if recorded is not None and (
+        abs(width - recorded[0]) > SIZE_TOLERANCE or abs(height - recorded[1]) > SIZE_TOLERANCE
+    ):
+        raise SkipSample(
+            "image_size_mismatch", f"the image is {width}x{height}, its image_size {list(recorded)}"
+        )
+
+
 def crop_keeping_box(width: int, height: int, box: Box, rng: random.Random) -> tuple[int, int, int, int]:
     """A random crop (integer pixels, xyxy) of a ``width`` x ``height`` image that holds all of ``box``: each side
     drawn uniformly between the box's edge and the image's (the reference's draw)."""
@@ -221,7 +267,13 @@ class RegionTransform:
         image_captions: list[tuple[str, str]],
         rng: random.Random,
     ) -> RegionPlan:
-        inside = [(i, r) for i, r in enumerate(regions) if r.box[2] <= width and r.box[3] <= height]
+        inside, dropped = [], Counter()
+        for i, region in enumerate(regions):
+            box = box_in_image(region.box, width, height)
+            if box is None:
+                dropped["region_outside_image"] += 1
+            else:
+                inside.append((i, region if box == region.box else replace(region, box=box)))
         if not inside:
             raise SkipSample("region_outside_image", f"no region box inside the {width}x{height} image")
         crop = crop_keeping_box(width, height, inside[rng.randrange(len(inside))][1].box, rng)
@@ -246,7 +298,7 @@ class RegionTransform:
             if words:
                 text = f"{words[rng.randrange(len(words))]} {text}"
             targets.append(RegionTarget(text, lang, box_in_crop(part, crop, flip), False, index))
-        return RegionPlan(crop, flip, tuple(targets))
+        return RegionPlan(crop, flip, tuple(targets), dropped)
 
     def __call__(
         self,
@@ -254,10 +306,14 @@ class RegionTransform:
         regions: list[Region],
         image_captions: list[tuple[str, str]],
         rng: random.Random,
+        image_size: tuple[int, int] | None = None,
     ) -> tuple[np.ndarray, RegionPlan]:
+        """``image_size``: the size the boxes are in (the sample's recorded ``image_size``); a decoded image of
+        another size raises SkipSample (:func:`check_image_size`)."""
         plans: list[RegionPlan] = []
 
         def choose_crop(width: int, height: int) -> tuple[int, int, int, int]:
+            check_image_size(width, height, image_size)
             plans.append(self.plan(width, height, regions, image_captions, rng))
             return plans[0].crop
 
@@ -287,10 +343,14 @@ def region_example(
         image_captions = caption_choices(meta, allowed) if meta.get("captions") else []
     except SkipSample:
         image_captions = []
+    data = image_bytes(sample)
     try:
-        pixels, plan = transform(image_bytes(sample), regions, image_captions, rng)
+        pixels, plan = transform(data, regions, image_captions, rng, recorded_size(meta))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise SkipSample("bad_image", f"{sample['__key__']}: {type(err).__name__}: {err}") from None
+    except SkipSample as err:
+        raise SkipSample(err.reason, f"{sample['__key__']}: {err.detail}") from None
+    dropped.update(plan.dropped)
     return {"image": pixels, "key": sample["__key__"], "targets": plan.targets, DROPPED_KEY: dropped}
 
 

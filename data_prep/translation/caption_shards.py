@@ -7,8 +7,9 @@ was made::
     {"captions": {"en": "a dog on a beach", "de": "ein Hund an einem Strand"},
      "machine_translated": {"de": {"model": "facebook/nllb-200-distilled-600M", "from": "en"}}}
 
-A list of source captions gives a list of translations in the same order. A sample that already has a caption
-in a target language keeps it (counted as ``has_target``). Samples that cannot be translated are copied unchanged
+A list of source captions gives a list of translations in the same order, index by index: ``""`` where a source
+entry is blank (or no text) or its translation came out empty. A sample that already has a non-blank caption in a
+target language keeps it (counted as ``has_target``); a blank one (``"de": ""``) is no caption and is replaced. Samples that cannot be translated are copied unchanged
 and counted (``missing_caption``, ``bad_json``, ``no_source_caption``); samples lost to a damaged input shard are
 counted (``corrupt_shard``, ``truncated_shard``) with a warning."""
 
@@ -47,13 +48,24 @@ def matches(code: str, lang: str) -> bool:
     return normalized == lang or (lang == base_language(lang) and base_language(normalized) == lang)
 
 
-def _source_captions(captions: dict, lang: str) -> list[str]:
-    texts = []
-    for code, value in captions.items():
-        if matches(code, lang):
-            values = value if isinstance(value, list) else [value]
-            texts.extend(v.strip() for v in values if isinstance(v, str) and v.strip())
-    return texts
+def _entries(value) -> list[str | None]:
+    """A caption value's entries in order, stripped; None for one that is blank or no text."""
+    values = value if isinstance(value, list) else [value]
+    return [v.strip() if isinstance(v, str) and v.strip() else None for v in values]
+
+
+def _source_captions(captions: dict, lang: str) -> list[str | None]:
+    """Every entry of the captions in ``lang``, in order (None where blank or no text: it keeps its index, so that
+    translation i is that of caption i)."""
+    return [text for code, value in captions.items() if matches(code, lang) for text in _entries(value)]
+
+
+def _has_caption(captions: dict, lang: str) -> bool:
+    """Whether the captions hold a non-blank text in ``lang`` (``"de": ""`` is no German caption)."""
+    return any(
+        matches(code, lang) and any(t is not None for t in _entries(value))
+        for code, value in captions.items()
+    )
 
 
 def _meta(sample: dict, tally: Tally) -> dict | None:
@@ -86,15 +98,16 @@ def translate_caption_shard(
             continue
         meta = _meta(sample, tally)
         sources = _source_captions(meta["captions"], source) if meta is not None else []
-        if meta is not None and not sources:
+        texts = [t for t in sources if t is not None]
+        if meta is not None and not texts:
             tally.skip("no_source_caption", f"{sample['__key__']} has no {source} caption")
         todo = []
-        for target in translator.targets if sources else ():
-            if any(matches(code, target) for code in meta["captions"]):
+        for target in translator.targets if texts else ():
+            if _has_caption(meta["captions"], target):
                 tally.count(target, "has_target")
                 continue
-            tally.count(target, "sentences", len(sources))
-            wanted[target].update(dict.fromkeys(sources))
+            tally.count(target, "sentences", len(texts))
+            wanted[target].update(dict.fromkeys(texts))
             todo.append(target)
         kept.append((sample, meta, sources, todo))
 
@@ -117,18 +130,19 @@ def translate_caption_shard(
 
 
 def _add_translations(
-    meta: dict, sources: list[str], done: dict, translator: Translator, tally: Tally
+    meta: dict, sources: list[str | None], done: dict, translator: Translator, tally: Tally
 ) -> None:
+    """Translation i is that of source entry i: "" where the entry is blank or its translation came out empty."""
     for target, table in done.items():
         texts = []
         for text in sources:
-            translation, truncated = table[text]
+            translation, truncated = table[text] if text is not None else ("", False)
             tally.count(target, "truncated", int(truncated))
-            if translation:
-                texts.append(translation)
-            else:
+            if text is not None and not translation:
                 tally.count(target, "empty_output")
-        tally.count(target, "translated", len(texts))
-        if texts:
+            texts.append(translation)
+        written = sum(1 for t in texts if t)
+        tally.count(target, "translated", written)
+        if written:
             meta["captions"][target] = texts[0] if len(texts) == 1 else texts
             meta.setdefault(MT_KEY, {})[target] = {"model": translator.name, "from": translator.source_lang}

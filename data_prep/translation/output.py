@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cclm.data.shards import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SIZES_NAME
+from cclm.data.skips import SkipCounter
 from cclm.errors import UserError
 from data_prep.translation.tally import Tally
 
@@ -75,7 +76,12 @@ def write_shard(path: Path, samples: Samples) -> None:
 
 
 class ResumableOutput:
-    def __init__(self, out: Path, settings: dict, view: str, command: str, inputs: list[Path]):
+    """``names``: the shards this run writes; a folder holding others from an earlier run (fewer input shards, a
+    shorter corpus, another ``--prefix``) is refused, before any work, since readers of the folder would read them."""
+
+    def __init__(
+        self, out: Path, settings: dict, view: str, command: str, inputs: list[Path], names: list[str]
+    ):
         self.out, self.settings, self.view, self.command = out, settings, view, command
         self.progress = out / PROGRESS_DIR
         if any(out.resolve() == p.resolve() for p in inputs):
@@ -88,6 +94,7 @@ class ResumableOutput:
         for leftover in [*out.glob(f"*{PARTIAL_SUFFIX}"), *self.progress.glob(f"*{PARTIAL_SUFFIX}")]:
             leftover.unlink()  # the shard a killed run was writing
         self._check_settings()
+        self._check_names(names)
 
     def _record_path(self, name: str) -> Path:
         return self.progress / f"{name}.json"
@@ -117,6 +124,23 @@ class ResumableOutput:
                     f"); rerun with those, or translate into a new folder"
                 )
 
+    def _check_names(self, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            raise UserError(
+                "two input shards have the same file name; translate each folder into its own --out"
+            )
+        earlier = {p.name for p in self.out.glob("*.tar")}
+        earlier |= {p.name.removesuffix(".json") for p in self.progress.glob("*.json")}
+        stale = sorted(earlier - set(names))
+        if stale:
+            listed = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise UserError(
+                f"--out {self.out} holds {len(stale)} shard(s) of an earlier run that this run would not write "
+                f"({listed}): the input changed (other --shards, a shorter --text corpus or another --prefix); "
+                f"rerun with the earlier input, translate into a new folder, or delete those shards and their "
+                f"{PROGRESS_DIR}/NAME.json records"
+            )
+
     def finished(self, unit: Unit, input_digest: str | None) -> Tally | None:
         """The counts of a shard an earlier run finished and nothing changed since, else None."""
         path = self._record_path(unit.name)
@@ -133,18 +157,16 @@ class ResumableOutput:
         return None
 
     def run(self, units: list[Unit], translator, show_progress: bool = True) -> RunResult:
-        names = [u.name for u in units]
-        if len(set(names)) != len(names):
-            raise UserError(
-                "two input shards have the same file name; translate each folder into its own --out"
-            )
+        self._check_names([u.name for u in units])
+        # one warning counter for the whole run: the rate limit of skip warnings holds across shards
+        warnings = SkipCounter(where="cclm prep translate")
         total, done_now, resumed, sizes, digests = Tally(), 0, 0, {}, {}
         bar = tqdm(units, desc="translate", unit="shard", disable=not show_progress)
         for unit in bar:
             input_digest = unit.digest()
             tally = self.finished(unit, input_digest)
             if tally is None:
-                tally = Tally()
+                tally = Tally(warnings=warnings)
                 write_shard(self.out / unit.name, unit.make(translator, tally))
                 record = {
                     "settings": self.settings,

@@ -18,7 +18,10 @@ class Tally:
     samples: int = 0  # samples written
     languages: Counter = field(default_factory=Counter)  # samples with text in each language (manifest)
     per_language: dict[str, Counter] = field(default_factory=dict)
-    skips: SkipCounter = field(default_factory=lambda: SkipCounter(where="cclm prep translate"))
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    # Where the rate-limited skip warnings are counted: a run passes one counter to every shard's tally, so that
+    # the limit (and "N so far") holds across shards.
+    warnings: SkipCounter = field(default_factory=lambda: SkipCounter(where="cclm prep translate"))
 
     def count(self, lang: str, what: str, n: int = 1) -> None:
         self.per_language.setdefault(lang, Counter())[what] += n
@@ -26,7 +29,9 @@ class Tally:
     def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
         """Count ``n`` inputs not translated (kept unchanged, or lost when the input was damaged), with a
         rate-limited warning when there is a ``detail``."""
-        self.skips.add(reason, detail, n, warn=bool(detail))
+        self.skips.add(reason, n=n, warn=False)
+        if detail:
+            self.warnings.add(reason, detail, n)
 
     def add(self, other: Tally) -> None:
         self.samples += other.samples
