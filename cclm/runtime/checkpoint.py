@@ -5,9 +5,9 @@
   own state (e.g. the model selection of a fine-tuning run),
 * ``model_fp32.safetensors`` + ``config.json``: the consolidated fp32 weights (gathered from every ZeRO stage at
   save time, so export needs no pickle and no ZeRO tooling) and the run's config,
-* ``complete.json``, written last, after every rank finished: the step, the world size and a sha256 manifest of
-  every other file. Only folders with it count as checkpoints, so a crash while writing never leaves a broken
-  "latest". The last ``keep_last`` complete checkpoints are kept.
+* ``complete.json``, written last, after every rank finished: the step, the world size, the ZeRO stage and a
+  sha256 manifest of every other file. Only folders with it count as checkpoints, so a crash while writing never
+  leaves a broken "latest". The last ``keep_last`` complete checkpoints are kept.
 
 Loading executes no code from the folder: the manifest is checked first (a truncated, altered or missing file
 fails naming it), and DeepSpeed's ``*.pt`` files are unpickled with ``weights_only=True`` and an allow-list of
@@ -221,7 +221,12 @@ def _write(engine, root, path, step, rank, run_config, data_state, trainer_state
             writes.run(shutil.copy2, source, path / name)
     _stop_on_failure(writes, path, root.parent)
     if rank == 0:
-        record = {"step": step, "world_size": dist_info()[1], "files": manifest(path)}
+        record = {
+            "step": step,
+            "world_size": dist_info()[1],
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "files": manifest(path),
+        }
         writes.run(_atomic_write, path / COMPLETE, json.dumps(record, indent=1))
     _stop_on_failure(writes, path, root.parent)
 
@@ -244,11 +249,21 @@ def _write_failed(path: Path, output_dir: str | Path, cause: str) -> CheckpointE
 
 
 def resume_hint(output_dir: str | Path) -> str:
-    """What to do after a failed write: resume from the newest intact checkpoint, or start again."""
+    """What to do after a failed write: resume from the newest intact checkpoint, or start again. Both are
+    ``resume=auto``: without a checkpoint it starts the run again from step 0 in the same folder (a plain rerun is
+    refused: the failed run's config.json and metrics.jsonl are there)."""
     intact = latest_checkpoint(output_dir)
     if intact is None:
-        return "the run has no earlier checkpoint; free space (or fix the folder) and start it again"
+        return (
+            "the run has no earlier checkpoint; free space (or fix the folder) and rerun with resume=auto, "
+            "which starts it again from step 0"
+        )
     return f"the newest intact checkpoint is {intact.name}; free space (or fix the folder) and rerun with resume=auto"
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an error from a library, its lines joined (PyTorch's state-dict errors span several)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:
@@ -262,9 +277,7 @@ def load(engine, checkpoint: Path, rank: int) -> tuple[int, Any, dict]:
     except CheckpointError:
         raise
     except Exception as err:  # DeepSpeed's own errors name no file
-        raise CheckpointError(
-            f"{checkpoint}: DeepSpeed could not load it ({type(err).__name__}: {err})"
-        ) from err
+        raise CheckpointError(f"{checkpoint}: DeepSpeed could not load it ({one_line(err)})") from err
     if load_path is None:
         raise CheckpointError(f"{checkpoint}: DeepSpeed found no model states to load")
     set_rng_state(state["rng"])
@@ -328,6 +341,25 @@ def verify(checkpoint: Path, world_size: int | None = None, files: list[str] | N
         if sha256(path) != expected[name]:
             raise CheckpointError(f"{path}: corrupt or altered (sha256 differs from {COMPLETE})")
     return record
+
+
+def _layout(stage: int) -> int:
+    """ZeRO stages 1 and 2 write the same checkpoint layout (one can resume the other); 0 and 3 write their own."""
+    return 1 if stage in (1, 2) else stage
+
+
+def check_zero_stage(checkpoint: Path, stage: int) -> None:
+    """Refuse, before anything is written, a checkpoint written under a ZeRO stage whose layout this run's stage
+    cannot load (DeepSpeed fails on it with errors that name no stage). Checkpoints written before the stage was
+    recorded are not checked."""
+    written = read_record(checkpoint).get("zero_stage")
+    if written is None or _layout(int(written)) == _layout(stage):
+        return
+    raise CheckpointError(
+        f"{checkpoint} was written under ZeRO stage {written} and this run uses stage {stage}: resume with "
+        f"deepspeed.zero_stage={written} (stages 1 and 2 can resume each other), or start a new run from its "
+        "weights (cclm export)"
+    )
 
 
 def verify_on_all_ranks(checkpoint: Path) -> None:
@@ -409,8 +441,14 @@ class SafeCheckpointEngine:
             raise CheckpointError(
                 f"{path}: refused to load: it holds something other than tensors and DeepSpeed state ({first})"
             ) from None
+        except FileNotFoundError:
+            # every file the manifest lists was checked before: DeepSpeed looks for another stage's layout
+            raise CheckpointError(
+                f"{path}: missing: this run's ZeRO stage needs it, so the checkpoint was likely written under "
+                "another stage (resume with its deepspeed.zero_stage)"
+            ) from None
         except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"{path}: corrupt ({type(err).__name__}: {err})") from None
+            raise CheckpointError(f"{path}: corrupt ({one_line(err)})") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:

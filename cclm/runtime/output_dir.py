@@ -1,5 +1,8 @@
 """An output folder holds one run. A fresh run never writes into a folder that holds another run: it is refused
-(nothing written) unless ``overwrite``, which moves the old run aside; ``resume`` continues the run there."""
+(nothing written) unless ``overwrite``, which moves the old run aside; ``resume`` continues the run there. A run's
+own checkpoints are the ones in ``<output_dir>/checkpoints`` (so a run copied to another folder is still one run
+there); resuming any other checkpoint into a folder holding a run is refused the same way, since it would mix two
+runs' metrics and checkpoints (into a folder without a run, it starts a branch of that run)."""
 
 from __future__ import annotations
 
@@ -33,9 +36,23 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
 
 
+def is_own_checkpoint(path: Path, resume: str) -> bool:
+    """Whether the checkpoint folder ``resume`` is one of the run in ``path``: it lies in ``path/checkpoints``."""
+    return Path(resume).resolve().parent == (path / "checkpoints").resolve()
+
+
+def replaces_run(path: Path, resume: str | None) -> bool:
+    """Whether a run started with ``resume`` would replace the run in ``path`` instead of continuing it: a fresh
+    run, or a resume from a checkpoint of another run."""
+    if not holds_run(path):
+        return False
+    return not resume or (resume != "auto" and not is_own_checkpoint(path, resume))
+
+
 def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key: str = "output_dir") -> None:
-    """Fail (naming the folder) when ``path`` cannot be written, or when a fresh run (no ``resume``) would write
-    into a folder holding a run without ``overwrite``. Writes nothing."""
+    """Fail (naming the folder) when ``path`` cannot be written, or when a fresh run (no ``resume``), or one
+    resumed from a checkpoint of another run, would write into a folder holding a run without ``overwrite``.
+    Writes nothing."""
     path = Path(path)
     existing = path
     while not existing.exists():
@@ -46,19 +63,33 @@ def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key:
         raise UserError(f"{key}={path}: {existing} is a file, not a folder")
     if not _can_create_in(existing):
         raise UserError(f"{key}={path}: {existing} is not writable")
-    if not resume and not overwrite and holds_run(path):
+    if not replaces_run(path, resume):
+        return
+    if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):
+        raise UserError(
+            f"resume={resume} lies in {key}={path}, which overwrite=true would move aside: resume it into "
+            f"another {key}"
+        )
+    if overwrite:
+        return
+    if not resume:
         raise UserError(
             f"{key}={path} already holds a run: continue it with resume=auto, or start anew with "
             f"overwrite=true (the old run is moved to {path}.old-<time>, not deleted)"
         )
+    raise UserError(
+        f"resume={resume} is not a checkpoint of the run that {key}={path} holds (its checkpoints are in "
+        f"{path / 'checkpoints'}): continue that run with resume=auto, resume {resume} into another "
+        f"{key}, or replace the run with overwrite=true (the old run is moved to {path}.old-<time>, not deleted)"
+    )
 
 
 def claim_output_dir(path: str | Path, resume: str | None, overwrite: bool) -> Path:
-    """:func:`check_output_dir`, then move an old run aside when a fresh run overwrites it, and create the
-    folder. Called by the main rank only."""
+    """:func:`check_output_dir`, then move an old run aside when a fresh run (or one resumed from another run's
+    checkpoint) overwrites it, and create the folder. Called by the main rank only."""
     path = Path(path)
     check_output_dir(path, resume, overwrite)
-    if not resume and overwrite and holds_run(path):
+    if overwrite and replaces_run(path, resume):
         aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         suffix = 1
         while aside.exists():

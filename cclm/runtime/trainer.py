@@ -202,6 +202,8 @@ class Trainer:
         self.resume, self.overwrite = resume, overwrite
         check_output_dir(self.output_dir, resume, overwrite)
         target = checkpoint.resume_target(self.output_dir, resume)  # checked before anything is built
+        if target is not None:
+            self._check_steps_left(target)
         if loop.activation_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"activation checkpointing: {type(model).__name__} does not support it")
@@ -224,6 +226,8 @@ class Trainer:
         )
         self.model = self.engine.module
         self.zero_stage = zero_stage(ds_config)
+        if target is not None:
+            checkpoint.check_zero_stage(target, self.zero_stage)
         self._engine_grad_norm = engine_keeps_grad_norm(self.engine)
         self._grad_norm: torch.Tensor | None = None  # the last update's, where the engine keeps none
         self.sampling_generator = torch.Generator(device=env.device)
@@ -239,6 +243,23 @@ class Trainer:
         self._start(target)
 
     # ------------------------------------------------------------------------------------------------ start
+    def _check_steps_left(self, target: Path) -> None:
+        """A checkpoint past ``max_steps`` is refused (resuming it would train nothing while the folder's config
+        claimed fewer steps); one at ``max_steps`` (a finished run) trains nothing, with a warning."""
+        step, max_steps = int(checkpoint.read_record(target)["step"]), self.loop.max_steps
+        if step > max_steps:
+            raise UserError(
+                f"resume: {target} is at step {step}, past max_steps={max_steps}: nothing would be trained; "
+                f"raise max_steps to train further, or resume an earlier checkpoint to go back"
+            )
+        if step == max_steps and self.env.is_main:
+            log.warning(
+                "resume: %s is at step %d = max_steps: the run has already finished and trains nothing more "
+                "(raise max_steps to train further)",
+                target,
+                step,
+            )
+
     def _start(self, target: Path | None) -> None:
         if self.env.is_main:
             claim_output_dir(self.output_dir, self.resume, self.overwrite)

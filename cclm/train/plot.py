@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from cclm.jsonl import read_jsonl
+from cclm.jsonl import JsonFileError, read_jsonl
 from cclm.runtime.logging import METRICS_FILE
+
+log = logging.getLogger("cclm.plot")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A last line that cannot be read is a record a kill cut short
+    (docs/reliability.md): it is skipped with a warning. Any other bad line, or a record without a ``step``,
+    fails naming ``file:line``."""
+    numbered, last_read = [], 0
+    try:
+        for last_read, record in read_jsonl(path):
+            numbered.append((last_read, record))
+    except JsonFileError as err:
+        if not _is_last_line(path, last_read):
+            raise
+        log.warning("%s: skipped 1 record, the last one (cut short by a kill?)", err)
+    for number, record in numbered:
+        if not isinstance(record.get("step"), int):
+            raise JsonFileError(f'{path}:{number}: a record without an integer "step"')
+    return [record for _, record in numbered]
+
+
+def _is_last_line(path: Path, after: int) -> bool:
+    """Whether exactly one non-blank line follows line ``after`` (the one that failed)."""
+    lines = path.read_bytes().split(b"\n")[after:]
+    return sum(1 for line in lines if line.strip()) == 1
 
 
 def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -20,7 +47,7 @@ def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
     path = output_dir / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {output_dir} a pretraining output_dir?")
-    records = [record for _, record in read_jsonl(path)]
+    records = read_metrics(path)
     if not records:
         raise ValueError(f"{path} holds no records yet")
     losses = sorted({k for r in records for k in r if "/" in k and not k.startswith("eval/")})
@@ -63,6 +90,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output_dir")
     parser.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/curves.png)")
     args = parser.parse_args(argv[1:])
+    logging.basicConfig(level=logging.WARNING, format="cclm plot: %(levelname)s: %(message)s")
     try:
         print(plot_curves(args.output_dir, args.out))
     except (FileNotFoundError, ValueError) as err:

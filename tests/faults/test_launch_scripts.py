@@ -684,6 +684,23 @@ def test_sbatch_runs_a_finetuning_job(machine, tiny_model_dir):
     assert not Path(f"{machine.record}.scontrol").exists()
 
 
+@pytest.mark.parametrize("restart", ["0", "1"])
+def test_a_requeued_job_continues_its_own_run_not_the_checkpoint_it_branched_from(machine, restart):
+    """A job submitted with resume=<another run's checkpoint> starts a branch; requeued, it passed that checkpoint
+    again, which resuming now refuses (the output folder holds the branch's run): the requeued job continues its
+    own run with resume=auto."""
+    env = slurm_machine(machine, 1, 1)
+    stand_in(machine.fake, "srun", 'echo "$*" >> "$RECORD.srun"\n')  # records the command, trains nothing
+    env["SLURM_RESTART_COUNT"] = restart
+    branch = "resume=runs/base/checkpoints/step_00000100"
+    args = ["configs/pretrain/demo.yaml", f"output_dir={machine.tmp / 'branch'}", branch]
+    result = subprocess.run([BASH, str(SBATCH), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
+    assert srun.endswith(branch if restart == "0" else "resume=auto") and srun.count("resume=") == 1
+    assert ("slurm.sbatch: requeued: resume=auto" in result.stdout) == (restart == "1")
+
+
 # ------------------------------------------------------------------- a tester's faults: hostfile, GPU counting
 def test_multi_node_reads_a_crlf_hostfile_with_a_blank_first_line_as_deepspeed_does(machine):
     """A hostfile saved on Windows (CRLF line ends) with a comment and a blank line before the first host:
