@@ -7,8 +7,11 @@ A run's config is composed in this order, later wins:
   3. the YAML file's own keys;
   4. command-line ``key=value`` overrides (dotted keys, YAML values), each key once; ``null`` for an entry of a
      mapping removes it (``data.test.ar=null`` drops Arabic).
-An unknown key or a value of the wrong type fails at load time with a :class:`ConfigError` naming the full key
-and, for unknown keys, the closest valid key.
+A list key also takes one value or a comma list (``languages=de``, ``languages=de,fr``).
+An unknown key, a value of the wrong type, or a list or a value where a section or a mapping belongs fails at load
+time with a :class:`ConfigError` naming the full key (and the file) and, for unknown keys, the closest valid key.
+Values out of range (a batch of 0, a negative weight decay) are refused by the ``check_*`` functions below, which
+the workflows call before they touch data, process group or output folder.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from cclm.errors import UserError
@@ -386,7 +389,7 @@ class SchedulerConfig:
     name: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: this fraction of the run warms up
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # in [0, 1]: the decay ends at this fraction of the learning rate
     counting: ScheduleCounting = ScheduleCounting.updates
 
 
@@ -401,8 +404,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0  # 0 = no periodic evaluation
-    keep_last: int = 3
-    grad_clip: float = 1.0
+    keep_last: int = 3  # complete checkpoints kept; 0 = every one
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     grad_accum: int = 1
     # "alternate": one optimizer step per view (CCLM); "sum": both views summed in one step (X2-VLM).
     view_schedule: ViewSchedule = ViewSchedule.alternate
@@ -544,11 +547,11 @@ class FinetuneTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     select_on: SelectOn = SelectOn.dev
     warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = no clipping
     eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
     log_every: int = 10
     save_every: int = 0  # > 0: a checkpoint every N steps (resume=auto continues from the newest)
-    keep_last: int = 2
+    keep_last: int = 2  # 0 = every checkpoint
     seed: int = 42
     device: str = "auto"  # auto (this process's GPU, else CPU) | cpu | cuda | cuda:N
     num_workers: int = 0
@@ -869,6 +872,147 @@ class CViLVQARecipeConfig:
     world: str = "data/world"
 
 
+# -------------------------------------------------------------------------------------------- value checks
+# Values OmegaConf's types let through but a run cannot use (a batch of 0, a negative weight decay): each check
+# fails naming the key, and runs before any data, process group or output folder is touched.
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {rule}, got {value}")
+
+
+def check_betas(betas: Any, key: str) -> None:
+    """AdamW's two coefficients, each in [0, 1) (``key=0.9`` arrives as the one-item list [0.9])."""
+    values = list(betas)
+    if len(values) != 2 or not all(0 <= b < 1 for b in values):
+        raise ConfigError(
+            f"config key '{key}' must hold two values in [0, 1) (e.g. '{key}=[0.9,0.98]'), got {values}"
+        )
+
+
+def check_optimizer_config(opt: Any, key: str = "train.optimizer") -> None:
+    _require(opt.lr >= 0, f"{key}.lr", ">= 0", opt.lr)
+    _require(opt.weight_decay >= 0, f"{key}.weight_decay", ">= 0", opt.weight_decay)
+    check_betas(opt.betas, f"{key}.betas")
+    _require(opt.eps >= 0, f"{key}.eps", ">= 0", opt.eps)
+    _require(opt.new_param_lr_mult >= 0, f"{key}.new_param_lr_mult", ">= 0", opt.new_param_lr_mult)
+
+
+def check_scheduler_config(sched: Any, key: str = "train.scheduler") -> None:
+    """Out-of-range values fail; a warm-up as long as the run is a warning once the run's length is known
+    (:func:`cclm.runtime.schedule.warn_if_warmup_covers_run`)."""
+    _require(
+        sched.warmup_steps >= 0,
+        f"{key}.warmup_steps",
+        f">= 0 (0: {key}.warmup_ratio sets it)",
+        sched.warmup_steps,
+    )
+    _require(sched.warmup_ratio >= 0, f"{key}.warmup_ratio", ">= 0", sched.warmup_ratio)
+    _require(0 <= sched.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "in [0, 1]", sched.min_lr_ratio)
+
+
+def check_train_config(train: Any, key: str = "train") -> None:
+    """A :class:`TrainConfig`'s values (the length and saving keys that a workflow needs positive are its own
+    to check: recipes take ``save_every: 0`` as no checkpoints)."""
+    _require(train.epochs >= 0, f"{key}.epochs", ">= 0 (0: max_steps sets the length)", train.epochs)
+    _require(train.dataset_size >= 0, f"{key}.dataset_size", ">= 0", train.dataset_size)
+    _require(train.eval_every >= 0, f"{key}.eval_every", ">= 0 (0: no periodic evaluation)", train.eval_every)
+    _require(train.keep_last >= 0, f"{key}.keep_last", ">= 0 (0: every checkpoint is kept)", train.keep_last)
+    _require(train.grad_clip >= 0, f"{key}.grad_clip", ">= 0 (0: no clipping)", train.grad_clip)
+    _require(train.grad_accum >= 1, f"{key}.grad_accum", ">= 1", train.grad_accum)
+    for name in ("collective_timeout_s", "stall_factor", "stop_check_s"):
+        _require(getattr(train, name) > 0, f"{key}.{name}", "> 0", getattr(train, name))
+    check_optimizer_config(train.optimizer, f"{key}.optimizer")
+    check_scheduler_config(train.scheduler, f"{key}.scheduler")
+
+
+def check_data_config(data: Any, key: str = "data") -> None:
+    """The loader and stream values of a :class:`DataConfig` (DataLoader and DeepSpeed would only refuse them
+    once the run has started)."""
+    _require(data.num_workers >= 0, f"{key}.num_workers", ">= 0 (0: batches are read in the training process)",
+             data.num_workers)  # fmt: skip
+    _require(
+        data.sample_shuffle_buffer >= 0, f"{key}.sample_shuffle_buffer", ">= 0", data.sample_shuffle_buffer
+    )
+    for name in ("image_caption", "parallel_text"):
+        stream = getattr(data, name)
+        if stream is not None:
+            _require(stream.batch_size >= 1, f"{key}.{name}.batch_size", ">= 1", stream.batch_size)
+            _require(stream.weight >= 0, f"{key}.{name}.weight", ">= 0", stream.weight)
+    if data.regions is not None:
+        check_regions_config(data.regions, f"{key}.regions")
+
+
+def check_objectives_config(model: Any, key: str = "model") -> None:
+    """The loss weights and the temperature's range of a :class:`ModelConfig`."""
+    objectives = model.objectives
+    for name in ("itc_weight", "itm_weight", "mlm_weight", "xlc_weight"):
+        value = getattr(objectives, name)
+        _require(value >= 0, f"{key}.objectives.{name}", ">= 0", value)
+    _require(objectives.temp_min > 0, f"{key}.objectives.temp_min", "> 0", objectives.temp_min)
+    if objectives.temp_min > objectives.temp_max:
+        raise ConfigError(
+            f"config key '{key}.objectives.temp_min' ({objectives.temp_min}) must be <= "
+            f"'{key}.objectives.temp_max' ({objectives.temp_max})"
+        )
+    _require(model.temp > 0, f"{key}.temp", "> 0", model.temp)
+
+
+def check_eval_config(eval_cfg: Any, key: str = "eval") -> None:
+    for name in ("k_test", "batch_size", "rerank_batch_size"):
+        _require(getattr(eval_cfg, name) >= 1, f"{key}.{name}", ">= 1", getattr(eval_cfg, name))
+    _require(eval_cfg.num_workers >= 0, f"{key}.num_workers", ">= 0", eval_cfg.num_workers)
+
+
+def check_pretrain_values(cfg: Any) -> None:
+    """Every value of a :class:`PretrainConfig` that the run checks before it starts."""
+    check_objectives_config(cfg.model, "model")
+    check_data_config(cfg.data, "data")
+    check_train_config(cfg.train, "train")
+    check_eval_config(cfg.eval, "eval")
+
+
+def check_finetune_train_config(train: Any, key: str = "train") -> None:
+    """A :class:`FinetuneTrainConfig`'s values; a warm-up ratio of 1 or more is a warning (the caller's)."""
+    for name in ("epochs", "max_steps", "eval_every", "save_every", "keep_last", "num_workers", "threads"):
+        _require(getattr(train, name) >= 0, f"{key}.{name}", ">= 0", getattr(train, name))
+    if train.epochs == 0 and train.max_steps == 0:
+        raise ConfigError(
+            f"config keys '{key}.epochs' and '{key}.max_steps' are both 0: there is no step to train"
+        )
+    _require(train.batch_size >= 1, f"{key}.batch_size", ">= 1", train.batch_size)
+    _require(train.log_every >= 1, f"{key}.log_every", ">= 1", train.log_every)
+    _require(train.lr >= 0, f"{key}.lr", ">= 0", train.lr)
+    if any(lr < 0 for lr in train.lr_sweep):
+        raise ConfigError(f"config key '{key}.lr_sweep' must hold values >= 0, got {list(train.lr_sweep)}")
+    for name in ("head_lr_mult", "weight_decay", "warmup_ratio", "time_limit_minutes"):
+        _require(getattr(train, name) >= 0, f"{key}.{name}", ">= 0", getattr(train, name))
+    _require(train.grad_clip >= 0, f"{key}.grad_clip", ">= 0 (0: no clipping)", train.grad_clip)
+    check_betas(train.betas, f"{key}.betas")
+    for name in ("collective_timeout_s", "stall_factor"):
+        _require(getattr(train, name) > 0, f"{key}.{name}", "> 0", getattr(train, name))
+
+
+def check_finetune_values(cfg: Any, training: bool = True) -> None:
+    """The values of a :class:`FinetuneConfig` that evaluation uses, and with ``training`` those of training
+    (``train``, ``domain_pretrain``)."""
+    _require(
+        cfg.data.max_examples >= 0, "data.max_examples", ">= 0 (0: every example)", cfg.data.max_examples
+    )
+    _require(cfg.data.max_length >= 0, "data.max_length", ">= 0 (0: the model's)", cfg.data.max_length)
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1", cfg.eval.batch_size)
+    _require(cfg.eval.k_test >= 1, "eval.k_test", ">= 1", cfg.eval.k_test)
+    if not training:
+        return
+    check_finetune_train_config(cfg.train, "train")
+    stage = cfg.domain_pretrain
+    _require(stage.steps >= 0, "domain_pretrain.steps", ">= 0 (0: off)", stage.steps)
+    if stage.steps > 0:
+        for name in ("lr", "head_lr_mult", "warmup_ratio"):
+            _require(getattr(stage, name) >= 0, f"domain_pretrain.{name}", ">= 0", getattr(stage, name))
+        _require(stage.log_every >= 1, "domain_pretrain.log_every", ">= 1", stage.log_every)
+        check_data_config(stage.data, "domain_pretrain.data")
+
+
 # ------------------------------------------------------------------------------------------------- loading
 def _nested(schema: Any, f) -> Any:
     """The dataclass a field of ``schema`` holds (its default, or the type of an optional section that defaults
@@ -995,6 +1139,81 @@ def _enum_of(schema: Any, dotted: str) -> type[Enum] | None:
     return node if isinstance(node, type) and issubclass(node, Enum) else None
 
 
+def _unwrap_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def _shape_of_hint(hint: Any) -> str | None:
+    """What a declared type takes: 'section' (a dataclass), 'mapping', 'list' or 'value'; None for Any or a
+    union of several types (OmegaConf checks those)."""
+    hint = _unwrap_optional(hint)
+    if hint is Any or hint is None or typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return None
+    if is_dataclass(hint):
+        return "section"
+    return {dict: "mapping", list: "list"}.get(typing.get_origin(hint), "value")
+
+
+def _inner_hint(hint: Any, name: str | None = None) -> Any:
+    """The declared type of field ``name`` of a section, of an entry of a mapping, or of an item of a list."""
+    hint = _unwrap_optional(hint)
+    if is_dataclass(hint):
+        return typing.get_type_hints(hint).get(name)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is dict:
+        return args[1] if len(args) == 2 else Any
+    if typing.get_origin(hint) is list:
+        return args[0] if args else Any
+    return None
+
+
+def _shape_of_node(node: Any) -> str | None:
+    """'mapping', 'list' or 'value' for a node of a config being read; None for a null, a ``???`` or an
+    interpolation (OmegaConf checks those once merged)."""
+    if node._is_none() or node._is_missing() or node._is_interpolation():
+        return None
+    if isinstance(node, DictConfig):
+        return "mapping"
+    return "list" if isinstance(node, ListConfig) else "value"
+
+
+def _check_shapes(hint: Any, layer: DictConfig | ListConfig, prefix: str = "") -> None:
+    """A list or a value where the schema (``hint``) has a section or a mapping, and a mapping or a list where it
+    has a value, fail naming the key: OmegaConf raises a bare TypeError for a list merged over a mapping, and
+    names no key for a value given to a section."""
+    items = isinstance(layer, ListConfig)
+    if items:
+        children = [(prefix.rstrip("."), layer._get_node(i), _inner_hint(hint)) for i in range(len(layer))]
+    else:
+        children = [(f"{prefix}{k}", layer._get_node(k), _inner_hint(hint, str(k))) for k in layer.keys()]
+    for key, node, inner in children:
+        expected, given = _shape_of_hint(inner), _shape_of_node(node)
+        if expected is None or given is None:
+            continue
+        if given != ("mapping" if expected == "section" else expected):
+            raise ConfigError(_shape_error(key, expected, given, inner, node, items))
+        if given != "value":
+            _check_shapes(inner, node, f"{key}.")
+
+
+def _shape_error(key: str, expected: str, given: str, hint: Any, node: Any, item: bool) -> str:
+    shown = {"list": "a list", "mapping": "a mapping", "value": "a value"}[given]
+    if item:
+        return f"config key '{key}' must be a list of values, not a list holding {shown}"
+    if expected == "section":
+        first = fields(_unwrap_optional(hint))[0].name
+        return f"config key '{key}' is a section, not {shown}: set its keys, e.g. {key}.{first}=..."
+    if expected == "mapping":
+        return f"config key '{key}' is a mapping, not {shown}: set its entries, e.g. {key}.NAME=..."
+    if expected == "list":
+        shown = f"the value {node._value()!r}" if given == "value" else shown
+        return f"config key '{key}' must be a list (e.g. '{key}=[a,b]'), not {shown}"
+    return f"config key '{key}' takes one value, not {shown}"
+
+
 def _resolve_default(group: str, name: str, base_dir: Path) -> Path:
     if name.endswith((".yaml", ".yml")):
         path = Path(name)
@@ -1006,7 +1225,10 @@ def _resolve_default(group: str, name: str, base_dir: Path) -> Path:
     raise ConfigError(f"defaults: no config '{name}' for group '{group}' (looked in configs/{group}/)")
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _read_yaml(path: Path, schema: Any = None, prefix: str = "") -> DictConfig:
+    """The file's keys over those of its ``defaults``; with ``schema``, the shape of every layer is checked
+    (:func:`_check_shapes`) before the layers are merged. ``prefix``: where the file goes in the schema
+    (``model.`` for ``defaults: {model: tiny}``)."""
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -1021,11 +1243,25 @@ def _read_yaml(path: Path) -> DictConfig:
         if not isinstance(defaults, DictConfig):
             raise ConfigError(f"{path}: 'defaults' must be a mapping of group: name")
         for group, name in defaults.items():
-            sub = _read_yaml(_resolve_default(str(group), str(name), path.parent))
+            default = _resolve_default(str(group), str(name), path.parent)
+            sub = _read_yaml(default, schema, f"{prefix}{group}.")
             node: DictConfig = OmegaConf.create({})
             OmegaConf.update(node, str(group), sub, merge=True)
             layers.append(node)
+    if schema is not None:
+        try:
+            _check_shapes(_schema_at(schema, prefix), raw, prefix)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return OmegaConf.merge(*layers, raw) if layers else raw
+
+
+def _schema_at(schema: Any, prefix: str) -> Any:
+    """The declared type at ``prefix`` (``model.``) of ``schema``; ``schema`` itself for the root."""
+    hint = schema
+    for part in prefix.split(".")[:-1]:
+        hint = _inner_hint(hint, part)
+    return hint
 
 
 def load_config(
@@ -1040,9 +1276,10 @@ def load_config(
     try:
         merged = base
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path), schema))
         for key, value in pairs:
             override = _parse_override(schema, key, value)
+            _check_shapes(schema, override)
             try:
                 if OmegaConf.select(override, key) is None and _drop_mapping_entry(merged, key):
                     continue
@@ -1126,7 +1363,7 @@ def _brace_pattern(values: list[str]) -> str | None:
 def _parse_override(schema: Any, key: str, value: str) -> DictConfig:
     """One ``key=value`` as a config to merge. A list key also takes the comma form (``languages=de,fr`` as
     ``languages=[de,fr]``, ``data.train=/x.jsonl`` as a one-item list); a value YAML cannot read is named."""
-    if _expects_list(schema, key) and value.strip() and not value.lstrip().startswith(("[", "$")):
+    if _expects_list(schema, key) and value.strip() and not value.lstrip().startswith(("[", "{", "$")):
         value = f"[{value}]"
     try:
         return OmegaConf.from_dotlist([f"{key}={value}"])

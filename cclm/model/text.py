@@ -22,6 +22,7 @@ import contextlib
 import copy
 import difflib
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,10 @@ HTTP_CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "TransportError", "T
 
 
 def check_text_config(text_cfg: Any, key: str = "model.text") -> None:
-    """Fail naming the key when ``encoder`` has a field that XLMRobertaConfig lacks, or when ``name_or_path`` or
-    ``tokenizer`` is neither a local folder nor loadable from the Hub."""
+    """Fail naming the key when ``encoder`` has a field that XLMRobertaConfig lacks or a value it refuses, or
+    when ``name_or_path`` or ``tokenizer`` is neither a local folder nor loadable from the Hub."""
     check_encoder_fields(dict(text_cfg.encoder), f"{key}.encoder")
+    check_encoder_values(dict(text_cfg.encoder), f"{key}.encoder")
     if text_cfg.name_or_path:
         check_pretrained_source(text_cfg.name_or_path, f"{key}.name_or_path")
     if text_cfg.tokenizer and text_cfg.tokenizer != text_cfg.name_or_path:
@@ -71,6 +73,22 @@ def check_encoder_fields(encoder: dict[str, Any], key: str = "model.text.encoder
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}.{name}': not a field of XLMRobertaConfig{hint}")
+
+
+def check_encoder_values(encoder: dict[str, Any], key: str = "model.text.encoder") -> None:
+    """The encoder's values as XLMRobertaConfig checks them (its fields are typed: ``hidden_size=abc`` fails);
+    the first line of its error, naming the key."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        XLMRobertaConfig(**encoder)
+    except (StrictDataclassError, TypeError, ValueError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        field = re.search(r"field '(\w+)'", lines[0])
+        where = f"{key}.{field[1]}" if field else key
+        cause = lines[-1].strip() if field else lines[0]
+        cause = re.sub(r"^\w+: Field '\w+' ", "", cause).split(". Errors:")[0]  # the key is named already
+        raise ConfigError(f"config key '{where}': {cause}") from None
 
 
 def check_pretrained_source(name: str, key: str) -> None:

@@ -18,7 +18,14 @@ import argparse
 import json
 
 from cclm.cli_args import add_config_arguments, run_module, start_logging
-from cclm.config import CViLRecipeConfig, CViLVQARecipeConfig, MLARecipeConfig, load_config
+from cclm.config import (
+    CViLRecipeConfig,
+    CViLVQARecipeConfig,
+    MLARecipeConfig,
+    check_data_config,
+    check_train_config,
+    load_config,
+)
 from cclm.runtime.stop_signal import holds_stop_signal
 
 RECIPES = {
@@ -64,6 +71,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv[1:])  # --threads anywhere among the key=value overrides
     start_logging()
     cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
+    check_train_config(cfg.train)  # before a stage folder is touched
+    if RECIPES[args.recipe] is MLARecipeConfig:  # the pretraining streams (the cViL recipes read task files)
+        check_data_config(cfg.data)
     if hasattr(cfg, "threads"):
         if args.threads is not None:
             cfg.threads = args.threads

@@ -12,6 +12,7 @@ Two ways to count the schedule's steps (``scheduler.counting``):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,7 @@ import torch
 from cclm.config import ScheduleCounting, ScheduleName, SchedulerConfig, ViewSchedule
 
 SCHEDULES = tuple(s.value for s in ScheduleName)
+log = logging.getLogger(__name__)
 
 
 def lr_factor(
@@ -50,6 +52,32 @@ def warmup_steps_of(sched_cfg: SchedulerConfig, max_steps: int) -> int:
     if sched_cfg.warmup_steps > 0:
         return int(sched_cfg.warmup_steps)
     return int(round(float(sched_cfg.warmup_ratio) * max_steps))
+
+
+def warn_if_warmup_covers_run(
+    sched_cfg: SchedulerConfig, max_steps: int, per_iteration: int = 1, key: str = "train.scheduler"
+) -> bool:
+    """Warn, naming the key, when warm-up is as long as the run or longer: the learning rate then rises for the
+    whole run (reaching its peak at the last step at best) and never decays. True when it does."""
+    counting = counting_of(sched_cfg)
+    length = schedule_length(sched_cfg, max_steps, per_iteration)
+    warmup = warmup_steps_of(sched_cfg, length)
+    if warmup < length:
+        return False
+    if sched_cfg.warmup_steps > 0:
+        setting = f"{key}.warmup_steps={sched_cfg.warmup_steps}"
+    else:
+        setting = f"{key}.warmup_ratio={sched_cfg.warmup_ratio}"
+    unit = "iterations" if counting == ScheduleCounting.iterations else "optimizer updates"
+    log.warning(
+        "%s: the warm-up (%d %s) is as long as the run (%d) or longer: the learning rate rises for the whole run "
+        "and never decays",
+        setting,
+        warmup,
+        unit,
+        length,
+    )
+    return True
 
 
 def views_per_iteration(view_schedule: ViewSchedule | str, views: Sequence[str] | int) -> int:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from cclm.cli_args import resolve_model_setting
-from cclm.config import ConfigError, FinetuneConfig, ModelConfig, load_config, require
+from cclm.config import ConfigError, FinetuneConfig, ModelConfig, check_finetune_values, load_config, require
 from cclm.runtime.stop_signal import holds_stop_signal
 
 USAGE_FINETUNE = (
@@ -17,15 +17,34 @@ USAGE_FINETUNE = (
 USAGE_EVALUATE = (
     "usage: cclm evaluate configs/finetune/<task>.yaml checkpoint=DIR [protocol=zero_shot|translate_test]"
 )
+log = logging.getLogger("cclm.finetune")
 
 
-def _load(args: list[str], usage: str):
+def _load(args: list[str], usage: str, training: bool = True):
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
         print(usage, file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return None
     cfg = load_config(FinetuneConfig, args[0], args[1:])
     require(cfg, "task")
+    check_finetune_values(cfg, training)
+    if training:
+        _warn_long_warmup(cfg)
     return cfg
+
+
+def _warn_long_warmup(cfg) -> None:
+    """A warm-up ratio of 1 or more spans the whole run: the learning rate rises throughout and never decays."""
+    ratios = {"train.warmup_ratio": cfg.train.warmup_ratio}
+    if cfg.domain_pretrain.steps > 0:
+        ratios["domain_pretrain.warmup_ratio"] = cfg.domain_pretrain.warmup_ratio
+    for key, ratio in ratios.items():
+        if ratio >= 1:
+            log.warning(
+                "%s=%s: the warm-up is as long as the run or longer: the learning rate rises for the whole run "
+                "and never decays",
+                key,
+                ratio,
+            )
 
 
 def _report(tables: dict) -> None:
@@ -46,7 +65,7 @@ def _run(argv: list[str], command: str, usage: str) -> int:
         from cclm.tasks.iglue_cli import check_config_images
 
         return check_config_images([a for a in args if a != "--check-images"])
-    cfg = _load(args, usage)
+    cfg = _load(args, usage, training=command == "finetune")
     if cfg is None:
         return 0 if args and args[0] in ("-h", "--help") else 2
     if command == "finetune":

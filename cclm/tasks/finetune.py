@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from cclm.config import DeepSpeedConfig, OptimizerConfig, ScheduleName, SchedulerConfig
+from cclm.config import (
+    DeepSpeedConfig,
+    OptimizerConfig,
+    ScheduleName,
+    SchedulerConfig,
+    check_finetune_train_config,
+)
 from cclm.runtime.env import DistEnv, autocast, to_device
 from cclm.runtime.optim import multipliers
 from cclm.runtime.sources import EpochBatches
@@ -49,7 +55,9 @@ class FinetuneSettings:
     @classmethod
     def from_train_config(cls, train, lr: float) -> FinetuneSettings:
         """The settings of a fine-tuning config's ``train`` section (:class:`~cclm.config.FinetuneTrainConfig`)
-        at learning rate ``lr`` (the zero-shot ``train.lr`` or one of the few-shot ``train.lr_sweep``)."""
+        at learning rate ``lr`` (the zero-shot ``train.lr`` or one of the few-shot ``train.lr_sweep``); a value
+        out of range fails naming its key (``cclm finetune`` checks them before anything else)."""
+        check_finetune_train_config(train, "train")
         return cls(
             lr=float(lr),
             epochs=train.epochs,

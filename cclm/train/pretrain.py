@@ -7,14 +7,29 @@ validated before anything is written."""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from cclm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, require_complete, to_dict
+from cclm.config import (
+    ConfigError,
+    ModelConfig,
+    PretrainConfig,
+    check_pretrain_values,
+    from_dict,
+    require_complete,
+    to_dict,
+)
+from cclm.errors import UserError
+from cclm.runtime.checkpoint import resume_hint
 from cclm.runtime.env import init_distributed, local_main_first, seed_everything
 from cclm.runtime.optim import multipliers
 from cclm.runtime.output_dir import check_output_dir
-from cclm.runtime.schedule import views_per_iteration
+from cclm.runtime.rank_writes import RankWrites
+from cclm.runtime.schedule import views_per_iteration, warn_if_warmup_covers_run
 from cclm.runtime.trainer import LoopSettings, Trainer
 from cclm.train.flops import train_flops_per_sample
 from cclm.train.run_length import train_max_steps
@@ -69,19 +84,50 @@ def check_periodic_evaluation(cfg: PretrainConfig) -> None:
             raise ConfigError(f"eval.datasets.{name}: folder {folder} does not exist")
 
 
+def check_run_config(cfg: PretrainConfig) -> None:
+    """Every value the run can check before anything is built or written: a value that would only fail once the
+    run has started (a batch size of 0, a negative number of loader workers) must not leave a run folder behind."""
+    require_complete(cfg)
+    train = cfg.train
+    if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
+        raise ConfigError("train.max_steps, train.save_every and train.log_every must be positive")
+    if cfg.model.objectives.xlc_weight < 0:
+        raise ConfigError(f"model.objectives.xlc_weight must be >= 0, got {cfg.model.objectives.xlc_weight}")
+    check_pretrain_values(cfg)
+    check_periodic_evaluation(cfg)
+
+
+# A write error of the tokenizers library (Rust) arrives as a plain Exception: "... (os error 28)".
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained`` into a temporary folder beside ``folder``, its files moved in only once all
+    are written: a failed save (a full disk) leaves no truncated file in ``folder``. A write error is an OSError
+    (the tokenizers library's own is turned into one)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        try:
+            tokenizer.save_pretrained(str(staging))
+        except Exception as err:
+            match = RUST_OS_ERROR.search(str(err))
+            if isinstance(err, OSError) or match is None:
+                raise
+            code = int(match[1])
+            raise OSError(code, os.strerror(code), str(staging)) from err
+        folder.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class Pretraining:
     """Builds the pretraining run from a :class:`cclm.config.PretrainConfig`; :meth:`run` trains it."""
 
     def __init__(self, cfg: PretrainConfig):
-        require_complete(cfg)
+        check_run_config(cfg)
         train = cfg.train
-        if train.max_steps <= 0 or train.save_every <= 0 or train.log_every <= 0:
-            raise ConfigError("train.max_steps, train.save_every and train.log_every must be positive")
-        if cfg.model.objectives.xlc_weight < 0:
-            raise ConfigError(
-                f"model.objectives.xlc_weight must be >= 0, got {cfg.model.objectives.xlc_weight}"
-            )
-        check_periodic_evaluation(cfg)
         self.cfg = cfg
         check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is built or written
         self.env = init_distributed(timeout_s=train.collective_timeout_s)
@@ -112,6 +158,7 @@ class Pretraining:
         if max_steps != train.max_steps:
             log.info("train.epochs=%s: %d optimizer updates", train.epochs, max_steps)
             train.max_steps = max_steps  # the run config records the length the run trains for
+        warn_if_warmup_covers_run(train.scheduler, max_steps, per_iteration)
         self.eval_sets = {}
         if train.eval_every:
             from cclm.evaluation.run import load_periodic_sets
@@ -164,10 +211,22 @@ class Pretraining:
             overwrite=cfg.overwrite,
         )
         self.model = self.trainer.model
-        if self.env.is_main:
-            self.tokenizer.save_pretrained(str(Path(cfg.output_dir) / "tokenizer"))
+        self._save_tokenizer(Path(cfg.output_dir) / "tokenizer")
         if self.trainer.step == 0:
             seed_everything(train.seed + 1000 * (self.env.rank + 1))  # distinct sampling streams per rank
+
+    def _save_tokenizer(self, folder: Path) -> None:
+        """Rank 0 saves the tokenizer; a write that fails stops every rank with one line naming the folder and
+        the cause (:class:`RankWrites`: the other ranks would otherwise wait for it in the first step)."""
+        writes = RankWrites()
+        if self.env.is_main:
+            writes.run(save_tokenizer, self.tokenizer, folder)
+        failure = writes.failure()  # a collective
+        if failure is not None:
+            self.trainer.close()
+            raise UserError(
+                f"tokenizer folder {folder} could not be written ({failure}); {resume_hint(folder.parent)}"
+            ) from writes.error
 
     def _stream(self, view: str) -> Any:
         return self.cfg.data.image_caption if view == "image" else self.cfg.data.parallel_text
