@@ -64,12 +64,17 @@ def _pretrain(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
 
 
+def planted_run(folder: Path) -> dict[str, bytes]:
+    """A folder holding a (tiny) run's files; returns its snapshot."""
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
+    (folder / "config.json").write_text("{}")
+    return snapshot(folder)
+
+
 def test_cclm_pretrain_refuses_an_output_dir_holding_a_run_in_one_line(tmp_path):
     run = tmp_path / "old"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
-    (run / "config.json").write_text("{}")
-    before = snapshot(run)
+    before = planted_run(run)
     proc = _pretrain(run)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr

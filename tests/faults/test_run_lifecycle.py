@@ -23,7 +23,7 @@ from cclm.train import plot
 
 from ..pretrain_runs import CONFIG, REPO, quiet_env
 from . import toy_run
-from .test_output_dir import snapshot
+from .test_output_dir import planted_run, snapshot
 from .toy_run import toy_trainer, trained
 
 
@@ -97,10 +97,7 @@ def test_a_copied_run_and_a_branch_into_a_fresh_folder_still_resume(two_runs, tm
 
 def test_cclm_pretrain_refuses_another_runs_checkpoint_in_one_line_before_reading_data(tmp_path):
     held = tmp_path / "fb"
-    held.mkdir()
-    (held / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
-    (held / "config.json").write_text("{}")
-    before = snapshot(held)
+    before = planted_run(held)
     foreign = tmp_path / "fa" / "checkpoints" / "step_00000002"
     cmd = [
         sys.executable,
