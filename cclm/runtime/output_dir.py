@@ -84,17 +84,22 @@ def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key:
     )
 
 
+def aside_path(path: Path) -> Path:
+    """A free name beside ``path`` for moving it aside, never deleting it: ``NAME.old-<time>[-N]``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = path.with_name(f"{path.name}.old-{stamp}"), 1
+    while aside.exists():
+        aside, suffix = path.with_name(f"{path.name}.old-{stamp}-{suffix}"), suffix + 1
+    return aside
+
+
 def claim_output_dir(path: str | Path, resume: str | None, overwrite: bool) -> Path:
     """:func:`check_output_dir`, then move an old run aside when a fresh run (or one resumed from another run's
     checkpoint) overwrites it, and create the folder. Called by the main rank only."""
     path = Path(path)
     check_output_dir(path, resume, overwrite)
     if overwrite and replaces_run(path, resume):
-        aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        suffix = 1
-        while aside.exists():
-            aside = aside.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
-            suffix += 1
+        aside = aside_path(path)
         path.rename(aside)
         log.warning("overwrite=true: the previous run in %s was moved to %s", path, aside)
     path.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from cclm.config import ConfigError, ModelConfig, from_dict
 from cclm.errors import CheckpointError, UserError
 from cclm.runtime import checkpoint
+from cclm.runtime.output_dir import aside_path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -57,10 +57,7 @@ def claim_destination(out: Path, overwrite: bool) -> None:
         raise UserError(
             f"{out} already holds files; export into a new folder, or --overwrite (moves it to {out}.old-<time>)"
         )
-    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 1
-    while aside.exists():
-        aside, suffix = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"), suffix + 1
+    aside = aside_path(out)
     out.rename(aside)
     print(f"--overwrite: the previous contents of {out} were moved to {aside}", file=sys.stderr)
 

@@ -9,8 +9,6 @@ import errno
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,8 @@ from cclm.jsonl import JsonFileError
 from cclm.runtime import checkpoint
 from cclm.train import plot
 
-from ..pretrain_runs import CONFIG, REPO, quiet_env
 from . import toy_run
-from .test_output_dir import planted_run, snapshot
+from .test_output_dir import _pretrain, planted_run, snapshot
 from .toy_run import toy_trainer, trained
 
 
@@ -99,17 +96,7 @@ def test_cclm_pretrain_refuses_another_runs_checkpoint_in_one_line_before_readin
     held = tmp_path / "fb"
     before = planted_run(held)
     foreign = tmp_path / "fa" / "checkpoints" / "step_00000002"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cclm.cli",
-        "pretrain",
-        str(CONFIG),
-        f"output_dir={held}",
-        f"resume={foreign}",
-    ]
-    cmd += ["data.image_caption.shards=/nowhere/ic.tar", "data.parallel_text.shards=/nowhere/pt.tar"]
-    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    proc = _pretrain(held, f"resume={foreign}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f"resume={foreign} is not a checkpoint of the run that output_dir={held} holds" in proc.stderr
