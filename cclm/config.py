@@ -958,8 +958,13 @@ def check_objectives_config(model: Any, key: str = "model") -> None:
 
 
 def check_eval_config(eval_cfg: Any, key: str = "eval") -> None:
-    for name in ("k_test", "batch_size", "rerank_batch_size"):
+    for name in ("batch_size", "rerank_batch_size"):
         _require(getattr(eval_cfg, name) >= 1, f"{key}.{name}", ">= 1", getattr(eval_cfg, name))
+    # k_test is how many ITC candidates ITM re-scores: 0 is meaningful (ITC-only ranks) only without re-ranking.
+    if eval_cfg.rerank:
+        _require(eval_cfg.k_test >= 1, f"{key}.k_test", ">= 1 when re-ranking", eval_cfg.k_test)
+    else:
+        _require(eval_cfg.k_test >= 0, f"{key}.k_test", ">= 0", eval_cfg.k_test)
     _require(eval_cfg.num_workers >= 0, f"{key}.num_workers", ">= 0", eval_cfg.num_workers)
 
 

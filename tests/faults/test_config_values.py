@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cclm.config import FinetuneConfig, PretrainConfig, SchedulerConfig, check_pretrain_values, load_config
+from cclm.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    SchedulerConfig,
+    check_pretrain_values,
+    load_config,
+)
 from cclm.runtime.schedule import warn_if_warmup_covers_run
 
 from ..conftest import build_test_world
@@ -139,6 +146,7 @@ PRETRAIN_BAD = [
         "'model.objectives.temp_min' (0.9) must be <= 'model.objectives.temp_max'",
     ),
     ("eval.batch_size=0", "config key 'eval.batch_size' must be >= 1"),
+    ("eval.k_test=0", "config key 'eval.k_test' must be >= 1 when re-ranking, got 0"),
 ]
 
 
@@ -153,13 +161,23 @@ def test_a_number_a_pretraining_run_cannot_use_names_the_key(world, tmp_path, ca
 
 
 def test_zero_keeps_its_documented_meaning():
-    """grad_clip 0: no clipping; keep_last 0: every checkpoint; epochs 0: max_steps sets the length."""
+    """grad_clip 0: no clipping; keep_last 0: every checkpoint; epochs 0: max_steps sets the length; k_test 0
+    without re-ranking: ITC-only ranks (as ``cclm evaluate`` allows)."""
     cfg = load_config(
         PretrainConfig,
         DEMO,
-        ["train.grad_clip=0", "train.keep_last=0", "train.epochs=0", "train.scheduler.warmup_steps=0"],
+        [
+            "train.grad_clip=0",
+            "train.keep_last=0",
+            "train.epochs=0",
+            "train.scheduler.warmup_steps=0",
+            "eval.rerank=false",
+            "eval.k_test=0",
+        ],
     )
     check_pretrain_values(cfg)
+    with pytest.raises(ConfigError, match="'eval.k_test' must be >= 0, got -1"):
+        check_pretrain_values(load_config(PretrainConfig, DEMO, ["eval.rerank=false", "eval.k_test=-1"]))
 
 
 FINETUNE_BAD = [
