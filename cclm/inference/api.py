@@ -24,6 +24,7 @@ query; with ``none`` the tokenizer sees the text as given.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,7 @@ def resolve_model_folder(
 
 
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    _check_batch_size(size)
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -200,6 +202,7 @@ class CCLM:
         self, images: Sequence[ImageLike], batch_size: int = 32, progress: bool | None = None
     ) -> torch.Tensor:
         """Normalised image features [N, embed_dim] (float32, CPU). Paths are decoded a batch at a time."""
+        _check_batch_size(batch_size)
         out = []
         with self._progress(len(images), batch_size, progress, "images") as bar:
             for chunk in batched(images, batch_size):
@@ -212,6 +215,7 @@ class CCLM:
         self, texts: Sequence[str], batch_size: int = 64, progress: bool | None = None
     ) -> torch.Tensor:
         """Normalised text features [N, embed_dim] (float32, CPU), for text in any language."""
+        _check_batch_size(batch_size)
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         out = []
@@ -232,6 +236,7 @@ class CCLM:
     ) -> torch.Tensor:
         """ITM probability [N] that ``texts[i]`` describes ``images[i]``. One image (or one text) is paired with
         every item of the other list."""
+        _check_batch_size(batch_size)
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         images, texts = list(images), list(texts)
@@ -269,6 +274,7 @@ class CCLM:
         pretrained with region batches, or a converted CCLM-4M checkpoint; :mod:`cclm.inference.ground`)."""
         from cclm.inference.ground import ground_boxes
 
+        _check_batch_size(batch_size)
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         return ground_boxes(self.model, self.tokenizer, list(images), list(texts), batch_size=batch_size)
@@ -296,6 +302,7 @@ class CCLM:
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list, not one string")
+        _check_batch_size(batch_size)
         _check_count("k", k)
         _check_count("rerank_k", rerank_k)
         text_queries = queries_are_text(queries, gallery, query_type)
@@ -352,6 +359,7 @@ class CCLM:
         batches of ``batch_size`` pairs of similar caption length. Each image's cross-attention keys/values and
         each caption's first fusion-layer self-attention are shared by its pairs, not computed once per pair
         (the same probabilities as :meth:`match` to float rounding)."""
+        _check_batch_size(batch_size)
         _check_count("k", k)
         candidates = torch.as_tensor(candidates, dtype=torch.long).cpu()
         k = candidates.shape[1] if k is None else min(k, candidates.shape[1])
@@ -405,6 +413,13 @@ def _check_count(name: str, value: int | None) -> None:
     """``k`` / ``rerank_k``: None (the default) or a count; a negative one would be sliced from the end."""
     if value is not None and value < 0:
         raise ValueError(f"{name} must be 0 or more, got {value}")
+
+
+def _check_batch_size(value: Any) -> None:
+    """``batch_size``: a whole number, 1 or more (a negative one would silently give no batches, so empty
+    results; 0 would fail deep inside ``range``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"batch_size must be a whole number, 1 or more, got {value!r}")
 
 
 def _is_file(item: Any) -> bool:

@@ -9,7 +9,8 @@ mSigLIP and the multilingual open_clip models.
 
 ``--pretrained`` is anything :func:`cclm.load` takes (a model folder, a released checkpoint's name,
 ``hf-hub:ORG/NAME``); ``--model_cache_dir`` is the cache of released checkpoints. The module registers the model
-type ``cclm`` in CLIP_benchmark's loader table (:func:`register`) and runs its command line.
+type ``cclm`` in CLIP_benchmark's loader table (:func:`register`) and runs its command line, creating the folder
+of ``--output`` first (its fixed part, before the first ``{``).
 
 What the harness gets, and why its numbers equal ``cclm evaluate retrieval`` with ``eval.rerank=false``:
   transform   the project's one image loader (:func:`cclm.data.images.load_image`: the whole image resized to the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -120,6 +122,16 @@ def register() -> None:
         models.MODEL_TYPES.append(MODEL_TYPE)
 
 
+def output_folder(output: str | None) -> Path | None:
+    """The folder ``--output`` writes into, as far as it is fixed: the directory part before the first ``{`` of
+    the template (``results/{dataset}_{language}.json`` -> ``results``). CLIP_benchmark does not create it, so
+    without it the first result could not be written and the remaining languages and datasets would not run."""
+    if not output:
+        return None
+    fixed = os.path.dirname(output.split("{", 1)[0])
+    return Path(fixed) if fixed else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLIP_benchmark's command line (``eval`` / ``build``) with the ``cclm`` model type registered."""
     register()
@@ -131,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     saved = sys.argv
     sys.argv = ["clip_benchmark", *args]
     try:
+        _, parsed = cli.get_parser_args()  # its own parser reads --output (any spelling argparse accepts)
+        folder = output_folder(getattr(parsed, "output", None))
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         cli.main()
     finally:
         sys.argv = saved

@@ -1,16 +1,25 @@
 """Download one file over HTTP(S) into place, never leaving a file that looks complete but is not.
 
-The bytes go to ``DEST.part``; only a download that got every byte the server announced (and, where a digest is
-expected, the right sha256) is renamed to ``DEST`` (an atomic ``os.replace``). An interrupted download leaves the
-``.part`` file: the next call resumes it with an HTTP ``Range`` request when the server honours ranges (206), and
-starts it over when it does not (200). A file whose digest is wrong is deleted, since resuming it would only
-extend the damage. Plain ``urllib``: the project talks to one URL at a time and needs nothing more.
+The bytes go to ``DEST.part`` as they arrive; only a download known to be complete is renamed to ``DEST`` (an
+atomic ``os.replace``), and, where a digest is expected, only one with the right sha256. Complete means: the server
+announced the length (``Content-Length``) and every byte arrived, or it sent the body chunked and the closing
+chunk arrived (a chunked body cut short is detected by the HTTP client). A body delimited only by the server
+closing the connection (no length, not chunked) cannot be told from one cut short: it is put in place only when
+the expected sha256 matches or the caller's ``check`` reads the file successfully (the registry checks that it
+loads as a checkpoint); else it stays ``.part`` and the download fails saying so.
+
+An interrupted download leaves the ``.part`` file: the next call resumes it with an HTTP ``Range`` request when the
+server honours ranges (206), and starts it over when it does not (200). A file whose digest is wrong is deleted,
+since resuming it would only extend the damage. Plain ``urllib``: the project talks to one URL at a time and needs
+nothing more.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+from collections.abc import Callable
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
@@ -53,9 +62,9 @@ def _open(url: str, offset: int, timeout: float):
         if err.code == 416 and offset:  # the part is as long as the file, or longer: it cannot be resumed
             return None
         raise DownloadError(f"cannot download {url}: HTTP {err.code} {err.reason}") from None
-    except (URLError, OSError) as err:
+    except (URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
-        raise DownloadError(f"cannot download {url}: {reason}") from None
+        raise DownloadError(f"cannot download {url}: {reason!s} ({type(err).__name__})") from None
 
 
 def download(
@@ -64,9 +73,12 @@ def download(
     sha256: str | None = None,
     timeout: float = 60.0,
     progress: bool = True,
+    check: Callable[[Path], None] | None = None,
 ) -> str:
     """Fetch ``url`` to ``dest`` (see the module) and return the file's sha256; ``sha256``: the digest it must
-    have (checked before the rename)."""
+    have (checked before the rename). ``check``: called on the ``.part`` file when the server announced no length
+    (and no digest is expected); it raises when the file is not whole (e.g. does not load), and the download then
+    fails keeping the ``.part`` file."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
@@ -83,33 +95,45 @@ def download(
             offset = 0
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
+        chunked = bool(getattr(response, "chunked", False))  # http.client detects a chunked body cut short
         digest = hashlib.sha256()
         if resumed:
             with open(part, "rb") as handle:
                 for block in iter(lambda: handle.read(CHUNK), b""):
                     digest.update(block)
         written = offset
-        try:
-            with (
-                open(part, "ab" if resumed else "wb") as out,
-                tqdm(
-                    total=total,
-                    initial=offset,
-                    unit="B",
-                    unit_scale=True,
-                    desc=dest.name,
-                    disable=not progress,
-                ) as bar,
-            ):
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    out.write(block)
-                    digest.update(block)
-                    written += len(block)
-                    bar.update(len(block))
-        except (OSError, TimeoutError) as err:
-            raise DownloadError(
-                f"download of {url} stopped after {written} bytes ({err}); run again to resume it from {part}"
-            ) from None
+        read = getattr(response, "read1", response.read)  # what has arrived, without waiting for a full CHUNK
+        with (
+            open(part, "ab" if resumed else "wb") as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name,
+                disable=not progress,
+            ) as bar,
+        ):
+
+            def keep(block: bytes) -> None:
+                nonlocal written
+                out.write(block)
+                digest.update(block)
+                written += len(block)
+                bar.update(len(block))
+
+            try:
+                for block in iter(lambda: read(CHUNK), b""):
+                    keep(block)
+            except (OSError, TimeoutError, http.client.HTTPException) as err:
+                partial = getattr(err, "partial", b"")
+                if isinstance(partial, bytes) and partial:  # what the client read before it noticed the cut
+                    keep(partial)
+                out.flush()
+                raise DownloadError(
+                    f"download of {url} stopped after {written} bytes ({type(err).__name__}: {err}); run again "
+                    f"to resume it from {part}"
+                ) from None
     if total is not None and written != total:
         raise DownloadError(
             f"download of {url} stopped after {written} of {total} bytes; run again to resume it from {part}"
@@ -121,5 +145,23 @@ def download(
             f"{url}: the downloaded file's sha256 is {got}, expected {sha256}; it was deleted (a corrupt "
             "transfer or a changed file on the server)"
         )
+    if total is None and not chunked and sha256 is None:
+        unknown = (
+            f"the server announced no length for {url} (no Content-Length, not chunked), so the {written} bytes "
+            "received may be a download cut short"
+        )
+        if check is None:
+            raise DownloadError(
+                f"{unknown}, and no sha256 is expected to prove them whole; they were kept in {part} (not put "
+                f"in place): give the file's sha256, or download it by other means to {dest}"
+            )
+        try:
+            check(part)
+        except Exception as err:  # the caller's reader: whatever it raises, the file is not whole
+            raise DownloadError(
+                f"{unknown}, and they do not read as a whole file ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); they were kept in {part}, not put in place: "
+                "run again to resume or restart the download"
+            ) from None
     os.replace(part, dest)
     return got

@@ -4,7 +4,9 @@
 Loading is ``huggingface_hub.snapshot_download``: the repository's files land in the Hub cache (``HF_HUB_CACHE``,
 shared with transformers and open_clip) and the snapshot folder is an ordinary model folder. With
 ``HF_HUB_OFFLINE=1`` only the cache is read, so a cluster job can run on a snapshot downloaded beforehand
-(``hf download ORG/NAME`` on a login node). ``hf-hub:ORG/NAME@REVISION`` pins a branch, tag or commit.
+(``hf download ORG/NAME`` on a login node); a cclm repository whose weights are not in the cached snapshot (a
+download cut short, or only ``config.json`` fetched) fails saying to download it again.
+``hf-hub:ORG/NAME@REVISION`` pins a branch, tag or commit.
 """
 
 from __future__ import annotations
@@ -43,5 +45,15 @@ def hub_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     except HfHubHTTPError as err:
         raise HubError(f"{name}: the Hub refused it ({err})") from None
     folder = Path(folder)
-    check_model_folder(folder, f"{name} ({folder})")
+    again = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+    check_model_folder(
+        folder,
+        f"{name} ({folder})",
+        missing_weights=(
+            "the local snapshot is incomplete (an interrupted or partial download; HF_HUB_OFFLINE reads the "
+            f"cache only): fetch it again where there is network ({again}) into the same HF_HUB_CACHE"
+            if offline
+            else "the repository holds no model.safetensors (an incomplete upload): push the model folder again"
+        ),
+    )
     return folder

@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import shutil
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +278,27 @@ def fetch_checkpoint(
         raise ManualDownloadRequired(manual_download_message(entry, cache))
     log.info("downloading %s from %s", entry.name, entry.url)
     expected = recorded_digest(entry, cache)
-    return path, download(entry.url, path, sha256=expected)
+    return path, download(entry.url, path, sha256=expected, check=readable_checkpoint(entry.filename))
+
+
+def readable_checkpoint(filename: str) -> Callable[[Path], None]:
+    """The check :func:`download` runs on a download whose length the server did not announce (and with no
+    digest to prove it whole): the file reads as the checkpoint ``filename`` is, safetensors by its suffix, else
+    ``torch.load(weights_only=True)`` (memory-mapped for a zip-format file, so only its index is read; a zip cut
+    short has no central directory and fails)."""
+
+    def check(path: Path) -> None:
+        if filename.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+    return check
 
 
 def record_first_digest(entry: Pretrained, cache: Path, digest: str) -> None:
@@ -370,6 +392,15 @@ def pretrained_folder(
         made = _made_by(folder, entry)
         if made is None or made.get("sha256") != digest:  # else: the same weights from another file
             log.info("converting %s (%s)", entry.name, entry.settings.command(str(source), str(folder)))
-            convert_into_cache(entry, source, digest, folder)
+            try:
+                convert_into_cache(entry, source, digest, folder)
+            except PretrainedError as err:
+                # a download never proven whole (no digest recorded yet): it may have been cut short
+                if checkpoint is None and recorded_digest(entry, cache) is None:
+                    raise PretrainedError(
+                        f"{err}; if {source} is a download cut short (e.g. by an older cclm), delete it and run "
+                        "again to download it anew"
+                    ) from None
+                raise
         record_first_digest(entry, cache, digest)
         return folder

@@ -2,7 +2,9 @@
 a ``save_pretrained`` folder (fp32 safetensors + config + tokenizer) that ``CrossViewModel.from_pretrained``
 loads. Works for every ZeRO stage: the consolidated fp32 weights were gathered when the checkpoint was saved.
 ``--push-to-hub ORG/NAME`` then uploads the folder, model card included, to the Hugging Face Hub
-(:func:`cclm.train.publish.push_to_hub`; ``cclm.load("hf-hub:ORG/NAME")`` loads it)."""
+(:func:`cclm.train.publish.push_to_hub`; ``cclm.load("hf-hub:ORG/NAME")`` loads it). When the push fails (no
+network, offline mode), the exported folder stays complete: ``cclm export --push-only OUT --push-to-hub
+ORG/NAME`` pushes it again without exporting."""
 
 from __future__ import annotations
 
@@ -102,15 +104,24 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cclm export", description=__doc__)
     parser.add_argument(
-        "checkpoint", help="checkpoint folder (…/checkpoints/step_<8-digit step>) or output_dir"
+        "checkpoint",
+        nargs="?",
+        help="checkpoint folder (…/checkpoints/step_<8-digit step>) or output_dir",
     )
-    parser.add_argument("out", help="destination folder")
+    parser.add_argument("out", nargs="?", help="destination folder")
     parser.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
         default=None,
         help="then upload the folder to this Hugging Face Hub repository (created if missing; needs a token: "
         "hf auth login or HF_TOKEN)",
+    )
+    parser.add_argument(
+        "--push-only",
+        metavar="FOLDER",
+        default=None,
+        help="export nothing: upload the model folder FOLDER (an earlier export whose push failed, or any "
+        "save_pretrained folder) to --push-to-hub",
     )
     parser.add_argument(
         "--overwrite",
@@ -120,25 +131,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--commit-message", default=None, help="message of the Hub commit")
     args = parser.parse_args(argv[1:])
+    if args.push_only is not None:
+        if args.checkpoint is not None or args.out is not None or not args.push_to_hub:
+            parser.error("--push-only FOLDER takes --push-to-hub ORG/NAME and no CHECKPOINT / OUT")
+    elif args.checkpoint is None or args.out is None:
+        parser.error("the following arguments are required: checkpoint, out (or --push-only FOLDER)")
     try:
         if args.push_to_hub:  # a bad repository name fails before the export's work
             from cclm.train.publish import parse_hub_name
 
             parse_hub_name(args.push_to_hub)
-        out = export(args.checkpoint, args.out, overwrite=args.overwrite)
-    except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"cclm export: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {out}")
-    if args.push_to_hub:
-        from cclm.train.publish import push_to_hub
+        if args.push_only is not None:
+            out = Path(args.push_only)
+        else:
+            out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+            print(f"exported {out}")
+        if args.push_to_hub:
+            from cclm.train.publish import push_to_hub
 
-        try:
             url = push_to_hub(
                 out, args.push_to_hub, private=args.private or None, commit_message=args.commit_message
             )
-        except UserError as err:
-            print(f"cclm export: {err}", file=sys.stderr)
-            return 2
-        print(f"pushed to {url}; load it with cclm.load('hf-hub:{args.push_to_hub}')")
+            print(f"pushed to {url}; load it with cclm.load('hf-hub:{args.push_to_hub}')")
+    except (UserError, FileNotFoundError, ValueError) as err:
+        print(f"cclm export: {err}", file=sys.stderr)
+        return 2
     return 0
