@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -32,8 +33,12 @@ def _load_json(sample: dict, missing_reason: str) -> dict:
     return meta
 
 
-def caption_choices(meta: dict, allowed: frozenset[str]) -> list[tuple[str, str]]:
-    """All usable ``(lang, caption)`` pairs of an image-caption sample; raises SkipSample when there is none."""
+def caption_choices(
+    meta: dict, allowed: frozenset[str], normalizer: Callable[[str], str] | None = None
+) -> list[tuple[str, str]]:
+    """All usable ``(lang, caption)`` pairs of an image-caption sample; raises SkipSample when there is none. With
+    a ``normalizer`` (the model's), a caption it turns into nothing is not usable: skipped as
+    ``empty_after_normalize`` only when no other caption is left."""
     captions = meta.get("captions")
     if not isinstance(captions, dict) or not captions:
         raise SkipSample("missing_caption", "no 'captions' mapping")
@@ -59,7 +64,14 @@ def caption_choices(meta: dict, allowed: frozenset[str]) -> list[tuple[str, str]
             "missing_caption",
         )
         raise SkipSample(reason, f"captions: {json.dumps(captions, ensure_ascii=False)[:80]}")
-    return choices
+    if normalizer is None:
+        return choices
+    kept = [(lang, text) for lang, text in choices if normalizer(text)]
+    if not kept:
+        raise SkipSample(
+            "empty_after_normalize", f"captions: {json.dumps(captions, ensure_ascii=False)[:80]}"
+        )
+    return kept
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -69,10 +81,16 @@ def image_bytes(sample: dict) -> bytes:
     raise SkipSample("missing_image", f"{sample['__key__']} has no image member")
 
 
-def image_caption_example(sample: dict, transform, allowed: frozenset[str], rng: random.Random) -> dict:
+def image_caption_example(
+    sample: dict,
+    transform,
+    allowed: frozenset[str],
+    rng: random.Random,
+    normalizer: Callable[[str], str] | None = None,
+) -> dict:
     _check_tombstone(sample)
     meta = _load_json(sample, "missing_caption")
-    choices = caption_choices(meta, allowed)
+    choices = caption_choices(meta, allowed, normalizer)
     lang, text = choices[rng.randrange(len(choices))] if len(choices) > 1 else choices[0]
     data = image_bytes(sample)
     try:

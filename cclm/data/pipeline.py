@@ -8,8 +8,9 @@ mixing, skip counts and exact-resume state. This is the one place that shows the
 Per view. Each stream (``data.image_caption``, ``data.parallel_text``) may set its own ``max_length`` (tokens per
 text, ``<s>`` and ``</s>`` included; default: the ``max_length`` argument, i.e. ``model.text.max_length``) and
 ``max_masks`` (default ``data.masking.max_masks``); the CCLM reference uses 40 / 12 for captions and 64 / 20 for
-parallel text. Texts go through the model's normaliser (``normalizer``) before tokenising; a sample whose text
-(either side of a pair) normalises to nothing is skipped and counted as ``empty_after_normalize``.
+parallel text. Texts go through the model's normaliser (``normalizer``) before tokenising; a caption it turns into
+nothing is not drawn, and a sample left without a caption, or a pair either side of which normalises to nothing,
+is skipped and counted as ``empty_after_normalize``.
 
 Regions (``data.regions``, multi-grained pretraining as CCLM-4M; docs/regions.md). A third stream of region
 shards: ``max_images`` samples at a time, each cropped around one of its boxes, flipped (carefully) and given up to
@@ -56,7 +57,17 @@ from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.masking import MaskingSpec
 from cclm.data.normalize import Normalizer
 from cclm.data.regions import BOX_SAFE_OPS, RegionTransform, region_example
-from cclm.data.shards import expand_shards, is_remote, manifest_languages, read_sizes, unlisted_shards
+from cclm.data.shards import (
+    VIEW_IMAGE_CAPTION,
+    VIEW_PARALLEL,
+    expand_shards,
+    is_remote,
+    manifest_language_pairs,
+    manifest_languages,
+    read_sizes,
+    shard_manifests,
+    unlisted_shards,
+)
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY, STREAM_KEY, ShardStream, StreamPlan, derive_seed
 from cclm.data.transforms import EvalTransform, RandAugment, TrainTransform
@@ -65,6 +76,9 @@ from cclm.errors import DataError
 log = logging.getLogger("cclm.data")
 VIEWS = ("image", "text")
 STREAM_KEYS = {"image": "data.image_caption", "text": "data.parallel_text", REGION: "data.regions"}
+# The manifest ``view`` of the shards each stream reads (region shards are image-caption shards with boxes)
+SHARD_VIEWS = {"image": VIEW_IMAGE_CAPTION, "text": VIEW_PARALLEL, REGION: VIEW_IMAGE_CAPTION}
+VIEW_KEYS = {VIEW_IMAGE_CAPTION: "data.image_caption", VIEW_PARALLEL: "data.parallel_text"}
 STATE_VERSION = 1
 SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are counted
 
@@ -108,6 +122,34 @@ def stream_languages(codes, urls: list[str], key: str, check_manifest: bool = Tr
     return frozenset(allowed)
 
 
+def check_pairs(allowed: frozenset[str], urls: list[str], key: str) -> None:
+    """A parallel-text filter must keep some pair, and a pair is kept only when both its languages are listed:
+    ``[de]`` on en-de pairs keeps none. Checked where the shards' manifests count their language pairs."""
+    pairs = manifest_language_pairs(urls) if allowed else None
+    if not pairs or any(
+        n and language_allowed(src, allowed) and language_allowed(tgt, allowed)
+        for (src, tgt), n in pairs.items()
+    ):
+        return
+    held = ", ".join(f"{src}-{tgt}" for (src, tgt), n in sorted(pairs.items()) if n)
+    raise DataError(
+        f"{key}.languages: no language pair of the shards has both sides in [{', '.join(sorted(allowed))}] "
+        f"(their manifest.json lists {held}); a pair is read only when both its languages are listed"
+    )
+
+
+def check_view(urls: list[str], view: str, key: str) -> None:
+    """Refuse local shards whose ``manifest.json`` says they hold the other view (the two streams' folders
+    swapped): every sample would be skipped, and only after the stream had read them all."""
+    for folder, manifest in shard_manifests(urls).items():
+        held = (manifest or {}).get("view")
+        if held in VIEW_KEYS and held != SHARD_VIEWS[view]:
+            raise DataError(
+                f"{key}: {folder} holds {held} shards (its manifest.json says view={held}); give it as "
+                f"{VIEW_KEYS[held]}.shards"
+            )
+
+
 def check_listed(urls: list[str], policy: UnlistedShards | str, key: str) -> None:
     """Apply the ``data.unlisted_shards`` policy to the shards of the config key ``key``."""
     remote = sum(is_remote(url) for url in urls)
@@ -137,7 +179,8 @@ def _check_normalized(example: dict, normalizer: Normalizer | None, fields: tupl
 
 
 def _image_example(sample, rng, transform, allowed, normalizer=None):
-    return _check_normalized(image_caption_example(sample, transform, allowed, rng), normalizer, ("text",))
+    # captions the normaliser empties are dropped before the draw: the sample is skipped only when none is left
+    return image_caption_example(sample, transform, allowed, rng, normalizer)
 
 
 def _text_example(sample, rng, allowed, swap, normalizer=None):
@@ -311,9 +354,10 @@ class PretrainData:
             key = f"{STREAM_KEYS[view]}.shards"
             shards = self.regions.shards if view == REGION else self._stream_cfgs[view].shards
             try:
-                self._urls[view] = expand_shards(shards)
+                self._urls[view] = expand_shards(shards, key)
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"{key}: {err}") from None
+            check_view(self._urls[view], view, key)
             check_listed(self._urls[view], data_cfg.unlisted_shards, key)
         self._languages = {
             view: stream_languages(
@@ -324,6 +368,8 @@ class PretrainData:
             )
             for view in self._streams
         }
+        if "text" in self._streams:
+            check_pairs(self._languages["text"], self._urls["text"], STREAM_KEYS["text"])
         self._sizes = {v: read_sizes(u) for v, u in self._urls.items()}
         self._reseed = 0
         self._state = {v: {"batches": 0, "workers": {}} for v in self._streams}

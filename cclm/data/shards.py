@@ -4,7 +4,7 @@ Both views are WebDataset tar shards (``{prefix}-{index:06d}.tar``) in one folde
 
 * ``sizes.json``: ``{"<shard file name>": samples}`` (the convention open_clip reads too);
 * ``manifest.json``: ``{"view", "languages": {lang: count}, "samples", "shards", "files", "skipped", "command",
-  ...}`` (``files``: the shard file names, in order).
+  ...}`` (``files``: the shard file names, in order; parallel text also ``"language_pairs": {src: {tgt: count}}``).
 
 Writing is atomic (:class:`ShardSink`): shards and index files are written under ``*.partial`` names and renamed
 into place only when the conversion succeeds, ``manifest.json`` last. A shard that no ``manifest.json`` beside it
@@ -28,6 +28,7 @@ import contextlib
 import glob
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -42,6 +43,7 @@ import braceexpand
 
 from cclm.errors import DataError
 
+log = logging.getLogger("cclm.data")
 SIZES_NAME = "sizes.json"
 MANIFEST_NAME = "manifest.json"
 VIEW_IMAGE_CAPTION = "image_caption"
@@ -104,6 +106,7 @@ class ShardSink:
         self.command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
         self.sizes: dict[str, int] = {}
         self.languages: Counter[str] = Counter()
+        self.pairs: Counter[tuple[str, str]] = Counter()  # parallel text: (source, target) languages
         self.skipped: Counter[str] = Counter()
         self._tar: tarfile.TarFile | None = None
         self._name = ""
@@ -153,6 +156,8 @@ class ShardSink:
         self._bytes += size
         self.sizes[self._name] += 1
         self.languages.update(languages)
+        if self.view == VIEW_PARALLEL and len(languages) == 2:
+            self.pairs[tuple(languages)] += 1
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Record input rows that were not written (reported in the manifest)."""
@@ -174,6 +179,7 @@ class ShardSink:
             "shards": len(self.sizes),
             "files": list(self.sizes),
             "languages": dict(sorted(self.languages.items())),
+            **({"language_pairs": self._pair_counts()} if self.view == VIEW_PARALLEL else {}),
             "skipped": dict(sorted(self.skipped.items())),
             "command": self.command,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -186,6 +192,12 @@ class ShardSink:
             os.replace(self._partial(name), self.out_dir / name)
         self._manifest = manifest
         return manifest
+
+    def _pair_counts(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for (src, tgt), n in sorted(self.pairs.items()):
+            counts.setdefault(src, {})[tgt] = n
+        return counts
 
     def abort(self) -> None:
         """Delete everything written so far (nothing of an unpublished sink is visible to readers)."""
@@ -209,10 +221,12 @@ def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
+def expand_shards(spec: str | list[str], key: str = "shards") -> list[str]:
     """Shard URLs from a spec: patterns joined by ``::`` (or a list), each brace-expanded
-    (``data/shard-{000000..000099}.tar``); local entries may also be globs or a folder (all ``*.tar`` in it).
-    Raises a clear error for an empty spec or a local pattern that matches no file."""
+    (``data/shard-{000000..000099}.tar``); local entries may also be globs or a folder (all ``*.tar`` in it). A
+    path that exists as given is read as given, even when it holds glob characters (``run[1]/shard-000000.tar``).
+    A shard listed more than once (overlapping patterns, two spellings of one path) is read once, with a warning
+    naming it under ``key``. Raises a clear error for an empty spec or a local pattern that matches no file."""
     parts = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
     parts = [p.strip() for p in parts if p and p.strip()]
     if not parts:
@@ -220,25 +234,50 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     urls: list[str] = []
     for part in parts:
         for url in braceexpand.braceexpand(part):
-            if is_remote(url):
-                urls.append(url)
-                continue
-            path = Path(os.path.expanduser(url))
-            if path.is_dir():
-                found = sorted(str(p) for p in path.glob("*.tar"))
-                if not found:
-                    raise FileNotFoundError(f"shard folder {path} contains no .tar files")
-                urls.extend(found)
-            elif any(c in url for c in "*?["):
-                found = sorted(glob.glob(os.path.expanduser(url)))
-                if not found:
-                    raise FileNotFoundError(f"shard pattern {url!r} matches no file")
-                urls.extend(found)
-            elif path.exists():
-                urls.append(str(path))
-            else:
-                raise FileNotFoundError(f"shard {url!r} does not exist (from pattern {part!r})")
-    return urls
+            urls.extend(_expand_one(url, part))
+    return _drop_duplicates(urls, key)
+
+
+def _expand_one(url: str, part: str) -> list[str]:
+    if is_remote(url):
+        return [url]
+    path = Path(os.path.expanduser(url))
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
+        if not found:
+            raise FileNotFoundError(f"shard folder {path} contains no .tar files")
+        return found
+    if path.exists():
+        return [str(path)]
+    if any(c in url for c in "*?["):
+        found = sorted(glob.glob(os.path.expanduser(url)))
+        if not found:
+            raise FileNotFoundError(f"shard pattern {url!r} matches no file")
+        return found
+    raise FileNotFoundError(f"shard {url!r} does not exist (from pattern {part!r})")
+
+
+def _drop_duplicates(urls: list[str], key: str) -> list[str]:
+    """``urls`` with every shard kept once, at its first place: local files compare by their real path, so a
+    shard reached through two spellings (``data/x.tar``, ``./data/x.tar``, a symlink) is one shard."""
+    seen: set[str] = set()
+    kept, repeated = [], []
+    for url in urls:
+        identity = url if is_remote(url) else os.path.realpath(url)
+        if identity in seen:
+            repeated.append(url)
+        else:
+            seen.add(identity)
+            kept.append(url)
+    if repeated:
+        named = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        log.warning(
+            "%s: %d shard(s) listed more than once (overlapping patterns?) are read once per epoch: %s",
+            key,
+            len(repeated),
+            named,
+        )
+    return kept
 
 
 def read_sizes(urls: list[str]) -> dict[str, int | None]:
@@ -309,20 +348,52 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def manifest_languages(urls: list[str]) -> dict[str, int] | None:
-    """Per-language sample counts from the ``manifest.json`` of every local folder holding ``urls`` (None when
-    a folder has none, or the shards are remote: nothing to check against)."""
-    if not urls or any(is_remote(url) for url in urls):
-        return None
-    folders = {str(Path(os.path.expanduser(url)).parent) for url in urls}
-    counts: dict[str, int] = {}
-    for folder in sorted(folders):
+def shard_manifests(urls: list[str]) -> dict[str, dict | None]:
+    """The ``manifest.json`` of every local folder holding ``urls`` (folder -> manifest; None where a folder has
+    none, or an unreadable one). Remote shards have no folder and are left out."""
+    folders = sorted({str(Path(os.path.expanduser(url)).parent) for url in urls if not is_remote(url)})
+    manifests: dict[str, dict | None] = {}
+    for folder in folders:
         try:
             manifest = read_manifest(folder)
         except (FileNotFoundError, ValueError):
-            return None
+            manifest = None
+        manifests[folder] = manifest if isinstance(manifest, dict) else None
+    return manifests
+
+
+def _all_manifests(urls: list[str]) -> list[dict] | None:
+    """Every folder's manifest, or None when one is missing or the shards are remote (nothing to check)."""
+    if not urls or any(is_remote(url) for url in urls):
+        return None
+    manifests = list(shard_manifests(urls).values())
+    return None if any(m is None for m in manifests) else manifests
+
+
+def manifest_languages(urls: list[str]) -> dict[str, int] | None:
+    """Per-language sample counts from the ``manifest.json`` of every local folder holding ``urls`` (None when
+    a folder has none, or the shards are remote: nothing to check against)."""
+    manifests = _all_manifests(urls)
+    if manifests is None:
+        return None
+    counts: dict[str, int] = {}
+    for manifest in manifests:
         for lang, n in (manifest.get("languages") or {}).items():
             counts[lang] = counts.get(lang, 0) + int(n)
+    return counts
+
+
+def manifest_language_pairs(urls: list[str]) -> dict[tuple[str, str], int] | None:
+    """Parallel-text pairs per (source, target) language from the manifests of the folders holding ``urls``; None
+    when a folder's manifest does not count them (written before manifests did, or by another tool)."""
+    manifests = _all_manifests(urls)
+    if manifests is None or not all(isinstance(m.get("language_pairs"), dict) for m in manifests):
+        return None
+    counts: dict[tuple[str, str], int] = {}
+    for manifest in manifests:
+        for src, targets in manifest["language_pairs"].items():
+            for tgt, n in (targets if isinstance(targets, dict) else {}).items():
+                counts[(src, tgt)] = counts.get((src, tgt), 0) + int(n)
     return counts
 
 
@@ -346,17 +417,44 @@ def _split_name(name: str) -> tuple[str, str]:
     return prefix, (ext.lower() if dot else "")
 
 
+def _members(sample: dict) -> set[str]:
+    return {k for k in sample if not k.startswith("__")}
+
+
+def _has_end_blocks(stream: tarfile.TarFile) -> bool:
+    """Whether a fully read stream-mode archive ended with its end-of-archive (zero) block. tarfile ends the
+    iteration silently where the data ends, or ends inside a header; only the end block is read whole past the
+    last member."""
+    return stream.fileobj.tell() - stream.offset >= tarfile.BLOCKSIZE
+
+
+def _cut_sample(sample: dict, reference: dict | None, url: str) -> dict:
+    """The last sample of a shard that ends without its end-of-archive blocks: itself when it has every member
+    of the sample before it, else a ``truncated_shard`` tombstone (the cut fell between its members)."""
+    if reference is not None and _members(sample) >= _members(reference):
+        return sample
+    has = ", ".join(sorted(_members(sample)))
+    return {
+        SKIP_KEY: "truncated_shard",
+        "__key__": sample["__key__"],
+        "__url__": url,
+        "detail": f"{url}: ends without its end-of-archive blocks, in sample {sample['__key__']} (has {has})",
+    }
+
+
 def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
     """Raw samples of one shard: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
 
     If reading fails part-way (truncated or corrupt tar, unreadable stream), the complete samples before the damage
     are yielded, then tombstones ``{"__skip__": reason, ...}``: ``expected - read`` of them when the shard size
     is known, otherwise one. A shard that ends cleanly but short of ``expected`` yields ``truncated_shard``
-    tombstones for the difference.
+    tombstones for the difference. A shard cut on a member boundary (no end-of-archive blocks) whose last sample
+    lacks a member the sample before it has yields a ``truncated_shard`` tombstone in that sample's place.
     """
     count = 0
     error: Exception | None = None
     current: dict | None = None
+    previous: dict | None = None
     try:
         with open_stream(url) as fileobj:
             stream = tarfile.open(fileobj=fileobj, mode="r|*")
@@ -369,7 +467,7 @@ def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
                 if current is not None and prefix != current["__key__"]:
                     yield current
                     count += 1
-                    current = None
+                    previous, current = current, None
                 data = stream.extractfile(info).read()
                 if current is None:
                     current = {"__key__": prefix, "__url__": url}
@@ -377,8 +475,9 @@ def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
                     raise ValueError(f"duplicate member {info.name} in {url}")
                 current[ext] = data
                 stream.members = []
+            ended = _has_end_blocks(stream)
         if current is not None:
-            yield current
+            yield current if ended else _cut_sample(current, previous, url)
             count += 1
             current = None
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:

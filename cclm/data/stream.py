@@ -125,11 +125,17 @@ class ShardStream(IterableDataset):
                     yield sample
                 index += 1
 
-    def any_usable(self, epoch: int) -> bool:
-        """Whether any sample of ``epoch``'s whole stream is usable (with fewer shards than readers, where each
-        reader keeps only every n-th sample: asked only after an epoch in which this reader found none)."""
+    def any_usable(self, epoch: int, read: frozenset[str] = frozenset()) -> bool:
+        """Whether any sample of any shard but ``read`` (shards this reader just read whole in vain) is usable:
+        asked once after an epoch in which this reader found none. It takes the shards in the epoch's shuffled
+        order and stops at the first usable sample: at most one pass over the data, and a few shards where only
+        part of the data is usable (a language filter over a mix of corpora)."""
         p = self.plan
-        for url in self.epoch_shards(epoch, 0):
+        order = list(p.urls)
+        random.Random(derive_seed(p.seed, p.view, "shards", epoch)).shuffle(order)
+        for url in order:
+            if url in read:
+                continue
             for sample in iter_tar_samples(url, p.sizes.get(url)):
                 try:
                     self.make_example(sample, random.Random(0))
@@ -155,7 +161,6 @@ class ShardStream(IterableDataset):
         start_epoch, start_offset = int(start.get("epoch", 0)), int(start.get("offset", 0))
         skips = SkipCounter(start.get("skips"), where=f"{p.view} rank {p.rank} worker {worker}")
         pending: list[dict] = []
-        barren: set[str] = set()  # shards read whole, in epochs without a usable sample, since the last one
         epoch = start_epoch
         while p.epochs is None or epoch < p.epochs:
             rng = random.Random(derive_seed(p.seed, p.view, "shuffle", global_worker, epoch))
@@ -178,13 +183,9 @@ class ShardStream(IterableDataset):
                 if len(pending) == p.batch_size:
                     yield self._emit(pending, worker, global_worker, epoch, index + 1, skips)
                     pending = []
-            if usable:
-                barren.clear()
-            elif (
-                p.epochs is None and skip_until == 0
-            ):  # (a resumed epoch used its samples before the restart)
-                barren.update(self.epoch_shards(epoch, global_worker))
-                self._check_not_starved(barren, index < 0, global_worker, epoch, skips)
+            # (a resumed epoch used its samples before the restart)
+            if not usable and p.epochs is None and skip_until == 0:
+                self._check_not_starved(index < 0, global_worker, epoch, skips)
             epoch += 1
         # Only reached with a finite number of epochs: the last partial batch, or a trailer carrying the final
         # skip counts (skips after the last full batch would otherwise go unreported).
@@ -193,36 +194,35 @@ class ShardStream(IterableDataset):
         else:
             yield {STREAM_KEY: {"worker": worker, "epoch": epoch, "offset": 0, "skips": skips.as_dict()}}
 
-    def _check_not_starved(
-        self, barren: set[str], kept_none: bool, global_worker: int, epoch: int, skips: SkipCounter
-    ) -> None:
-        """After an epoch without a usable sample, an endless stream fails if this worker can never yield again:
-        every shard it may be dealt has been read whole without a usable sample. One damaged or empty shard among
-        good ones only costs the epoch it is dealt in (the worker goes on with the next), so it never stops a
-        multi-GPU run; a fixed deal (``shard_shuffle`` off) that is all bad fails at once, as no later epoch
-        changes it. With fewer shards than readers (each keeps every n-th sample) it fails when the whole
-        epoch holds no usable sample, or when this reader's n-th position is past the end of the data
-        (``kept_none``). A resumed epoch does not count (its samples before the restart were not looked at)."""
+    def _check_not_starved(self, kept_none: bool, global_worker: int, epoch: int, skips: SkipCounter) -> None:
+        """After an epoch without a usable sample, an endless stream fails if this worker can never yield again: no
+        sample of any shard is usable. One bounded pass (:meth:`any_usable`) tells, as skip reasons (a missing
+        caption, a filtered language, a damaged shard) do not change between epochs. One damaged or empty shard
+        among good ones only costs the epoch it is dealt in (the worker goes on with the next), so it never stops
+        a multi-GPU run; a fixed deal (``shard_shuffle`` off) that is all bad fails at once, as no later epoch
+        changes it. With fewer shards than readers (each keeps every n-th sample) it also fails when this reader's
+        n-th position is past the end of the data (``kept_none``). A resumed epoch does not count (its samples
+        before the restart were not looked at)."""
         p = self.plan
         fixed_deal = not p.resampled and not p.shard_shuffle
-        if p.split_by_sample:
-            starved = fixed_deal or kept_none or not self.any_usable(epoch)
-        else:
-            starved = fixed_deal or barren.issuperset(p.urls)
-        if not starved:
-            return
         if p.split_by_sample and kept_none:
             raise DataError(
                 f"{p.view}: reader {global_worker} gets no sample: the {p.global_workers} readers (ranks x data "
                 "workers) keep every n-th sample of fewer samples than that; use fewer data workers or more data"
             )
-        read = sorted(barren)
-        shards = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "")
+        # with fewer shards than readers, this reader kept only some samples of its shards
+        read = frozenset() if p.split_by_sample else frozenset(self.epoch_shards(epoch, global_worker))
+        if not fixed_deal and self.any_usable(epoch, read):
+            return
+        named = sorted(self.epoch_shards(epoch, global_worker) if fixed_deal else set(p.urls))
+        shards = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
         check = f"check {p.languages} against the shards" if p.languages else "check the shards"
+        if p.languages and p.view == "text":
+            check += "; a pair is read only when both its languages are listed"
         what = (
-            f"{len(read)} shard(s) dealt to worker {global_worker}"
+            f"{len(named)} shard(s) dealt to worker {global_worker}"
             if fixed_deal
-            else f"all {len(read)} shard(s)"
+            else f"all {len(named)} shard(s)"
         )
         raise DataError(
             f"{p.view}: no usable sample in {what} (up to epoch {epoch}; skipped: {skips.as_dict() or 'none'}; "

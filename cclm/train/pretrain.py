@@ -62,6 +62,26 @@ def model_config_for(model_cfg, tokenizer) -> Any:
     return resolved
 
 
+def check_text_positions(cfg: PretrainConfig, encoder_config) -> None:
+    """Every token cap of the run against the text encoder's position table (``encoder_config``: its
+    ``XLMRobertaConfig``). XLM-R numbers positions from ``pad_token_id + 1``, so a table of P rows holds
+    P - pad_token_id - 1 tokens (514 -> 512); a longer text would index past the table at the first forward."""
+    positions = int(encoder_config.max_position_embeddings)
+    limit = positions - int(encoder_config.pad_token_id or 0) - 1
+    streams = {
+        "data.image_caption": cfg.data.image_caption,
+        "data.parallel_text": cfg.data.parallel_text,
+        "data.regions": cfg.data.regions,
+    }
+    lengths = {"model.text.max_length": cfg.model.text.max_length}
+    lengths |= {f"{k}.max_length": s.max_length for k, s in streams.items() if s is not None and s.max_length}
+    for key, length in lengths.items():
+        if int(length) > limit:
+            raise ConfigError(
+                f"{key}={length}: the text encoder has {positions} positions (at most {limit} tokens)"
+            )
+
+
 def check_periodic_evaluation(cfg: PretrainConfig) -> None:
     """``train.eval_every`` and ``eval.datasets`` work together: either alone is said (a warning), and a set that is
     not there is refused before anything is built (with ``eval_every=0`` too: the path is still a mistake)."""
@@ -134,6 +154,10 @@ class Pretraining:
         with local_main_first():  # a Hub tokenizer is downloaded once per node
             self.tokenizer = load_run_tokenizer(cfg.model.text)
         model_cfg = model_config_for(cfg.model, self.tokenizer)
+        if not model_cfg.text.name_or_path:  # a random init: its config alone gives the position table
+            from transformers import XLMRobertaConfig
+
+            check_text_positions(cfg, XLMRobertaConfig(**model_cfg.text.encoder))
         seed_everything(train.seed)  # identical initial weights on every rank
 
         from cclm.data.normalize import normalizer_for
@@ -165,6 +189,8 @@ class Pretraining:
 
             self.eval_sets = load_periodic_sets(cfg.eval)
         model = CrossViewModel(model_cfg)
+        # a pretrained encoder's table is known once it is loaded
+        check_text_positions(cfg, model.text.config)
         if cfg.init_from:
             fresh = initialise_from(model, cfg.init_from)
             log.info(
