@@ -280,6 +280,8 @@ def test_a_text_corpus_becomes_parallel_shards(models, tmp_path):
     assert samples[0]["tgt"] == samples[-2]["tgt"] and all(
         s["tgt"] for s in samples
     )  # same line, same output
+    # the pairs a pretraining run's language filter is checked against (en-fr alone keeps none of [fr])
+    assert manifest["language_pairs"] == {"en": {"es": 4, "fr": 4}}
 
 
 def test_language_codes_per_model_family(models):

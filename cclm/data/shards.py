@@ -221,12 +221,13 @@ def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def expand_shards(spec: str | list[str], key: str = "shards") -> list[str]:
+def expand_shards(spec: str | list[str], key: str = "shards", warn: bool = True) -> list[str]:
     """Shard URLs from a spec: patterns joined by ``::`` (or a list), each brace-expanded
     (``data/shard-{000000..000099}.tar``); local entries may also be globs or a folder (all ``*.tar`` in it). A
     path that exists as given is read as given, even when it holds glob characters (``run[1]/shard-000000.tar``).
     A shard listed more than once (overlapping patterns, two spellings of one path) is read once, with a warning
-    naming it under ``key``. Raises a clear error for an empty spec or a local pattern that matches no file."""
+    naming it under ``key`` (``warn=False``: silently, where the stream that reads them warns). Raises a clear error
+    for an empty spec or a local pattern that matches no file."""
     parts = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
     parts = [p.strip() for p in parts if p and p.strip()]
     if not parts:
@@ -235,7 +236,7 @@ def expand_shards(spec: str | list[str], key: str = "shards") -> list[str]:
     for part in parts:
         for url in braceexpand.braceexpand(part):
             urls.extend(_expand_one(url, part))
-    return _drop_duplicates(urls, key)
+    return _drop_duplicates(urls, key, warn)
 
 
 def _expand_one(url: str, part: str) -> list[str]:
@@ -257,7 +258,7 @@ def _expand_one(url: str, part: str) -> list[str]:
     raise FileNotFoundError(f"shard {url!r} does not exist (from pattern {part!r})")
 
 
-def _drop_duplicates(urls: list[str], key: str) -> list[str]:
+def _drop_duplicates(urls: list[str], key: str, warn: bool = True) -> list[str]:
     """``urls`` with every shard kept once, at its first place: local files compare by their real path, so a
     shard reached through two spellings (``data/x.tar``, ``./data/x.tar``, a symlink) is one shard."""
     seen: set[str] = set()
@@ -269,7 +270,7 @@ def _drop_duplicates(urls: list[str], key: str) -> list[str]:
         else:
             seen.add(identity)
             kept.append(url)
-    if repeated:
+    if repeated and warn:
         named = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
         log.warning(
             "%s: %d shard(s) listed more than once (overlapping patterns?) are read once per epoch: %s",

@@ -35,7 +35,8 @@ def image_caption_size(data_cfg: DataConfig) -> int:
             "train.epochs counts passes over data.image_caption, which is not set; set train.max_steps"
         )
     try:
-        sizes = read_sizes(expand_shards(stream.shards))
+        # the data stream reads (and warns about) the same list: duplicates are dropped here without a second warning
+        sizes = read_sizes(expand_shards(stream.shards, "data.image_caption.shards", warn=False))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.image_caption.shards: {err}") from None
     unknown = [url for url, size in sizes.items() if size is None]

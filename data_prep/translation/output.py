@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cclm.data.shards import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SIZES_NAME
+from cclm.data.shards import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SIZES_NAME, VIEW_PARALLEL
 from cclm.data.skips import SkipCounter
 from cclm.errors import UserError
 from data_prep.translation.tally import Tally
@@ -199,6 +199,11 @@ class ResumableOutput:
             "shards": len(sizes),
             "files": list(sizes),
             "languages": counts["languages"],
+            **(
+                {"language_pairs": total.pair_counts()}
+                if self.view == VIEW_PARALLEL and total.pairs is not None
+                else {}
+            ),
             "skipped": counts["skipped"],
             "command": self.command,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

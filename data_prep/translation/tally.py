@@ -18,6 +18,9 @@ class Tally:
     samples: int = 0  # samples written
     languages: Counter = field(default_factory=Counter)  # samples with text in each language (manifest)
     per_language: dict[str, Counter] = field(default_factory=dict)
+    # (source, target) -> sentence pairs written (manifest ``language_pairs``, which lets a pretraining run refuse
+    # a language filter that keeps no pair); None where a resumed shard's record predates the count.
+    pairs: Counter | None = field(default_factory=Counter)
     skips: SkipCounter = field(default_factory=SkipCounter)
     # Where the rate-limited skip warnings are counted: a run passes one counter to every shard's tally, so that
     # the limit (and "N so far") holds across shards.
@@ -40,6 +43,19 @@ class Tally:
             self.per_language.setdefault(lang, Counter()).update(counts)
         for reason, n in other.skips.counts.items():
             self.skips.add(reason, n=n, warn=False)
+        if self.pairs is None or other.pairs is None:
+            self.pairs = None
+        else:
+            self.pairs.update(other.pairs)
+
+    def pair_counts(self) -> dict[str, dict[str, int]] | None:
+        """``{source: {target: n}}``, the shape of a manifest's ``language_pairs``; None where unknown."""
+        if self.pairs is None:
+            return None
+        nested: dict[str, dict[str, int]] = {}
+        for (src, tgt), n in sorted(self.pairs.items()):
+            nested.setdefault(src, {})[tgt] = int(n)
+        return nested
 
     def to_dict(self) -> dict:
         return {
@@ -50,12 +66,19 @@ class Tally:
                 for lang, counts in sorted(self.per_language.items())
             },
             "skipped": self.skips.as_dict(),
+            **({"language_pairs": pairs} if (pairs := self.pair_counts()) is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Tally:
         tally = cls(samples=int(data["samples"]), languages=Counter(data["languages"]))
         tally.per_language = {lang: Counter(counts) for lang, counts in data["per_language"].items()}
+        pairs = data.get("language_pairs")
+        tally.pairs = (
+            None
+            if not isinstance(pairs, dict)
+            else Counter({(src, tgt): int(n) for src, targets in pairs.items() for tgt, n in targets.items()})
+        )
         for reason, n in data["skipped"].items():
             tally.skips.add(reason, n=n, warn=False)
         return tally

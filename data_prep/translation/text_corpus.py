@@ -117,6 +117,7 @@ def translate_lines(
                 )
             )
             tally.languages.update([translator.source_lang, target])
+            tally.pairs[(translator.source_lang, target)] += 1
             tally.samples += 1
     out.sort(key=lambda item: item[0])  # line order, then language
     return out

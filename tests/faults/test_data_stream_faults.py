@@ -30,6 +30,7 @@ from cclm.data.shards import (
     iter_tar_samples,
 )
 from cclm.errors import DataError
+from cclm.train.run_length import image_caption_size
 
 from .test_config_errors import SHARDS, assert_one_line_error, pretrain_config
 
@@ -279,3 +280,11 @@ def test_shards_that_overlapping_patterns_name_twice_are_read_once_with_a_warnin
     assert len(warned) == 1 and "3 shard(s) listed more than once" in warned[0]
     assert f"{folder}/shard-000001.tar" in warned[0] and f"{folder}/../pt/shard-000003.tar" in warned[0]
     assert sorted(one_epoch(data, "text")) == [f"p{i:04d}" for i in range(4)]
+
+
+def test_epochs_count_an_overlapping_shard_once_and_leave_the_warning_to_the_stream(tmp_path, caplog):
+    folder = write_images(tmp_path / "ic", [{"en": f"a red circle {i}"} for i in range(6)], per_shard=2)
+    spec = f"{folder}::{folder}/shard-000000.tar"
+    with caplog.at_level(logging.WARNING, logger="cclm.data"):
+        assert image_caption_size(data_cfg(image=spec)) == 6
+    assert not [r for r in caplog.records if "listed more than once" in r.getMessage()]
