@@ -8,7 +8,8 @@
   cvil_vqa  cViL for VQA: English teacher (fine-tuned here or given), object tags, translate-test (easy-VQA).
 
 Both write ``<output_dir>/results.json``: {"languages": {lang: metrics}, "trained_params", "total_params"}, and
-the per-language table ``languages.{json,csv,md}``.
+the per-language table ``languages.{json,csv,md}``. ``trained_params`` (also in the printed summary): every
+parameter some stage trained, each counted once (the stages' own counts: ``<stage>/trained_params``).
 Configs: ``configs/recipes/``.
 """
 

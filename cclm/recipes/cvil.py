@@ -206,26 +206,61 @@ class ParallelExample:
     target: str
 
 
-def align_parallel(english, target, lang: str) -> list[ParallelExample]:
-    """Pair the English and translated examples by id; the translation's labels are not used."""
+def align_parallel(
+    english, target, lang: str, skipped: dict[str, dict[str, int]] | None = None
+) -> list[ParallelExample]:
+    """Pair the English and translated examples by id; the translation's labels are not used. A pair whose
+    translation or English sentence is empty (or only whitespace: a failed machine translation) is left out,
+    counted and warned about; ``skipped[lang]`` gets the counts (``no_translation``, ``empty_translation``,
+    ``empty_english``). A language left with no pair is an error."""
     by_uid = {e.uid: e for e in target.examples}
-    pairs, missing = [], 0
+    pairs: list[ParallelExample] = []
+    counts = {"no_translation": 0, "empty_translation": 0, "empty_english": 0}
     for example in english.examples:
         other = by_uid.get(example.uid)
         if other is None:
-            missing += 1
+            counts["no_translation"] += 1
             continue
         if other.images != example.images:
             raise ValueError(
                 f"{target.file}: example {example.uid} has images {other.images}, English has {example.images}"
             )
+        if not str(example.text or "").strip():
+            counts["empty_english"] += 1
+            continue
+        if not str(other.text or "").strip():
+            counts["empty_translation"] += 1
+            continue
         pairs.append(ParallelExample(example.uid, example.images, example.text, other.text))
-    if not pairs:
+    if skipped is not None:
+        skipped[lang] = counts
+    shared = len(english.examples) - counts["no_translation"]
+    if not shared:
         raise ConfigError(
             f"data.parallel.{lang} ({target.file}) shares no example id with data.train ({english.file})"
         )
-    if missing:
-        log.warning("%s: %d English examples have no translation and are left out", lang, missing)
+    if not pairs:
+        raise ConfigError(
+            f"data.parallel.{lang} ({target.file}): every one of the {shared} examples it shares with data.train "
+            f"has an empty sentence ({counts['empty_translation']} empty translations, "
+            f"{counts['empty_english']} empty English sentences): nothing to distil from; fix the translations"
+        )
+    if counts["no_translation"]:
+        log.warning(
+            "%s: %d English examples have no translation and are left out", lang, counts["no_translation"]
+        )
+    empty = counts["empty_translation"] + counts["empty_english"]
+    if empty:
+        log.warning(
+            "%s: %d of %d pairs left out for an empty sentence (%d empty translations, %d empty English "
+            "sentences); %d pairs remain",
+            lang,
+            empty,
+            shared,
+            counts["empty_translation"],
+            counts["empty_english"],
+            len(pairs),
+        )
     return pairs
 
 
@@ -257,9 +292,12 @@ class ParallelCollator:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def run_distillation(model: Distiller, dataset, collator, cfg, env, stage: str) -> dict[str, float]:
+def run_distillation(
+    model: Distiller, dataset, collator, cfg, env, stage: str, chain=None, trained_params=None
+) -> dict[str, float]:
     """The distillation stage over ``dataset`` (parallel examples) for ``distill.steps`` (else ``distill.epochs``
-    epochs) of ``distill.batch_size`` per rank; returns the stage's last logged scalars."""
+    epochs) of ``distill.batch_size`` per rank; returns the stage's last logged scalars. ``chain`` and
+    ``trained_params``: as :func:`cclm.recipes.runner.run_stage`'s."""
     batch_size = int(cfg.distill.batch_size)
     source = EpochBatches(
         dataset,
@@ -273,7 +311,9 @@ def run_distillation(model: Distiller, dataset, collator, cfg, env, stage: str) 
     )
     steps = int(cfg.distill.steps) or int(cfg.distill.epochs) * len(source)
     try:
-        return run_stage(model, cfg, stage, steps, source, batch_size, env)
+        return run_stage(
+            model, cfg, stage, steps, source, batch_size, env, chain=chain, trained_params=trained_params
+        )
     finally:
         source.close()
 
@@ -311,8 +351,11 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     student_tokenizer = load_tokenizer(cfg.student_init) if cfg.student_init else teacher_tokenizer
     check_tokenizer_fits(teacher.backbone, teacher_tokenizer, cfg.teacher, cfg.teacher)
     english = runner.read(cfg.data.train)
+    skipped: dict[str, dict[str, int]] = {}
     examples = [
-        ex for lang in languages for ex in align_parallel(english, runner.read(cfg.data.parallel[lang]), lang)
+        ex
+        for lang in languages
+        for ex in align_parallel(english, runner.read(cfg.data.parallel[lang]), lang, skipped)
     ]
     runner.check_images([english])
 
@@ -349,7 +392,12 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
         for lang in languages:
             if lang in rows:
                 rows[lang]["relative_to_teacher_en"] = rows[lang]["accuracy"] / teacher_en
-    extra = {"training": stats, "parallel_examples": len(examples), "teacher": str(cfg.teacher)}
+    extra = {
+        "training": stats,
+        "parallel_examples": len(examples),
+        "skipped_pairs": skipped,
+        "teacher": str(cfg.teacher),
+    }
     if env.is_main:
         student.save(out_dir / "student", student_tokenizer, extra={"distilled_from": str(cfg.teacher)})
         write_recipe_results(out_dir, rows, trained, total, extra)

@@ -60,7 +60,16 @@ from cclm.recipes.cvil import (
     set_trainable,
 )
 from cclm.recipes.object_tags import ImageTags, build_image_tags, encode_with_tags
-from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
+from cclm.recipes.runner import (
+    RESULT_FILES,
+    StageChain,
+    TrainedParams,
+    check_stage_dirs,
+    move_old_run,
+    recipe_resume,
+    run_stage,
+    write_recipe_results,
+)
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.stop_signal import holds_stop_signal
@@ -75,6 +84,10 @@ from cclm.tasks.task_model import TaskModel
 log = logging.getLogger("cclm.recipes")
 TEACHER, DISTILL, TARGET = "teacher", "distill", "target"
 TAGS_KEY = "object_tags"  # in a teacher's task.json: trained with object tags or not
+TEACHER_RUN = f"{TEACHER}/run"  # the teacher stage's folder (its model is saved in <output_dir>/teacher)
+# Every stage the recipe has, in order; and what a run writes next to them (overwrite=true moves both aside).
+KNOWN_STAGES = (TEACHER_RUN, DISTILL, TARGET)
+ARTIFACTS = (*RESULT_FILES, "student", "config.json")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -227,9 +240,11 @@ def finetune_teacher(
     dev: ClassificationData,
     scorer: Scorer,
     env: DistEnv,
+    chain: StageChain | None = None,
 ) -> tuple[TaskModel, Any]:
     """Stage "teacher": an English VQA model fine-tuned from random init, with the run's tag setting; saved to
-    ``<output_dir>/teacher`` (a task folder: ``teacher=`` of a later run)."""
+    ``<output_dir>/teacher`` (a task folder: ``teacher=`` of a later run). ``chain``: the recipe's stages
+    (:class:`StageChain`; None: resumed as ``cfg.resume`` says)."""
     t, out = cfg.teacher_finetune, Path(cfg.output_dir)
     model_cfg = load_config(ModelConfig, _model_yaml(t.model), list(t.model_overrides))
     folder = out / "teacher_tokenizer"
@@ -264,6 +279,9 @@ def finetune_teacher(
         keep_last=int(cfg.train.keep_last),
         seed=int(cfg.train.seed),
     )
+    chain = chain if chain is not None else StageChain(cfg, list(KNOWN_STAGES), [TEACHER_RUN])
+    resume, overwrite = chain.start(TEACHER_RUN)
+    chain.ran(TEACHER_RUN, chain.will_train(TEACHER_RUN, int(t.steps)))
     try:
         model, selection = finetune(
             model,
@@ -271,11 +289,11 @@ def finetune_teacher(
             lambda m: scorer(m, tokenizer, dev),
             settings,
             env=env,
-            output_dir=out / TEACHER / "run",
+            output_dir=out / TEACHER_RUN,
             deepspeed_cfg=cfg.deepspeed,
             run_config=to_dict(cfg),
-            resume=recipe_resume(cfg),
-            overwrite=bool(cfg.overwrite),
+            resume=resume,
+            overwrite=overwrite,
         )
     finally:
         source.close()
@@ -330,13 +348,21 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
 
 @holds_stop_signal
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
+    """Every stage, then the scores. ``trained_params`` of the results: every student parameter the distillation
+    or target stage trained, counted once (the teacher's fine-tuning is ``stages.teacher.trained_params``)."""
     recipe_resume(cfg, warn=True)
-    stages = [] if cfg.teacher else [f"{TEACHER}/run"]
-    check_stage_dirs(cfg, [*stages, DISTILL, *([TARGET] if cfg.target_finetune.enabled else [])])
+    planned = [
+        *([] if cfg.teacher else [TEACHER_RUN]),
+        DISTILL,
+        *([TARGET] if cfg.target_finetune.enabled else []),
+    ]
+    check_stage_dirs(cfg, list(KNOWN_STAGES))  # an old run's stages this config does not plan too
     env = init_distributed()
     suite = distillation_suite(cfg, env)
     languages = _check(cfg, suite)
     seed, out = int(cfg.train.seed), Path(cfg.output_dir)
+    move_old_run(cfg, list(KNOWN_STAGES), list(ARTIFACTS))
+    chain, trained = StageChain(cfg, list(KNOWN_STAGES), planned), TrainedParams()
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     tags = build_image_tags(cfg.object_tags, cfg.data.image_roots)
@@ -348,16 +374,17 @@ def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
         teacher, teacher_tokenizer = load_vqa_teacher(cfg, suite.label_names())
     else:
         dev = subset(suite.read(cfg.data.dev), int(cfg.data.test_examples), seed)
-        teacher, teacher_tokenizer = finetune_teacher(cfg, english, dev, scorer, env)
+        teacher, teacher_tokenizer = finetune_teacher(cfg, english, dev, scorer, env, chain)
         stats[TEACHER] = {
             "trained_params": trained_parameters(teacher),
             "steps": int(cfg.teacher_finetune.steps),
         }
 
+    skipped: dict[str, dict[str, int]] = {}
     pairs = [
         TargetPair(p.uid, p.images, p.english, p.target, lang)
         for lang in languages
-        for p in align_parallel(english, suite.read(cfg.data.parallel[lang]), lang)
+        for p in align_parallel(english, suite.read(cfg.data.parallel[lang]), lang, skipped)
     ]
     tokenizer = student_tokenizer(cfg, pairs, teacher, tags, env)
     seed_everything(seed)
@@ -370,24 +397,34 @@ def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     suite.check_images(list(tests.values()))
     before = {lang: scorer(student, tokenizer, data) for lang, data in tests.items() if lang != "en"}
 
-    stats[DISTILL] = distill(cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer, env)
+    stats[DISTILL] = distill(
+        cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer, env, chain, trained
+    )
     if cfg.target_finetune.enabled:
-        stats[TARGET] = target_finetune(cfg, student, tokenizer, scorer, env)
+        stats[TARGET] = target_finetune(cfg, student, tokenizer, scorer, env, chain, trained)
 
     rows = score_languages(cfg, scorer, tests, (teacher, teacher_tokenizer), (student, tokenizer), before)
-    trained, total = stats[DISTILL]["trained_params"], sum(p.numel() for p in student.parameters())
+    total = sum(p.numel() for p in student.parameters())
     teacher_dir = str(cfg.teacher or out / TEACHER)
-    extra = {"stages": stats, "object_tags": bool(cfg.object_tags.enabled), "teacher": teacher_dir}
+    extra = {
+        "stages": stats,
+        "skipped_pairs": skipped,
+        "object_tags": bool(cfg.object_tags.enabled),
+        "teacher": teacher_dir,
+    }
     if env.is_main:
         info = {"distilled_from": teacher_dir, TAGS_KEY: extra["object_tags"]}
         student.save(out / "student", tokenizer, extra=info)
-        write_recipe_results(out, rows, trained, total, extra)
+        write_recipe_results(out, rows, trained.count, total, extra)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return {"languages": rows, "trained_params": trained, "total_params": total, **extra}
+    return {"languages": rows, "trained_params": trained.count, "total_params": total, **extra}
 
 
-def distill(cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer: Scorer, env) -> dict:
-    """Stage "distill": the student learns the teacher's answers and fused [CLS] on the parallel questions."""
+def distill(
+    cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer: Scorer, env, chain=None, trained=None
+) -> dict:
+    """Stage "distill": the student learns the teacher's answers and fused [CLS] on the parallel questions.
+    ``chain``, ``trained``: the recipe's stages and trained parameters (:func:`run_stage`)."""
     model = Distiller(teacher, student, cfg.distill)
     size = int(teacher.backbone.cfg.vision.image_size)
     dataset = TaggedParallelDataset(pairs, scorer.suite.roots, size, scorer.tags)
@@ -396,7 +433,7 @@ def distill(cfg, teacher, teacher_tokenizer, student, tokenizer, pairs, scorer: 
         "cViL VQA: distilling %d parameters on %d parallel questions", stats["trained_params"], len(pairs)
     )
     collator = ParallelCollator(teacher, teacher_tokenizer, student, tokenizer)
-    stats.update(run_distillation(model, dataset, collator, cfg, env, DISTILL))
+    stats.update(run_distillation(model, dataset, collator, cfg, env, DISTILL, chain, trained))
     return stats
 
 
@@ -423,8 +460,11 @@ def score_languages(cfg, scorer: Scorer, tests, teacher, student, before: dict[s
     return rows
 
 
-def target_finetune(cfg: CViLVQARecipeConfig, student: TaskModel, tokenizer, scorer: Scorer, env) -> dict:
-    """Stage "target": cross-entropy on target-language VQA data with answers (data.target_train)."""
+def target_finetune(
+    cfg: CViLVQARecipeConfig, student: TaskModel, tokenizer, scorer: Scorer, env, chain=None, trained=None
+) -> dict:
+    """Stage "target": cross-entropy on target-language VQA data with answers (data.target_train).
+    ``chain``, ``trained``: the recipe's stages and trained parameters (:func:`run_stage`)."""
     t = cfg.target_finetune
     set_trainable(student, list(t.trainable), "target_finetune.trainable")
     examples = [
@@ -444,7 +484,20 @@ def target_finetune(cfg: CViLVQARecipeConfig, student: TaskModel, tokenizer, sco
     )
     stats = {"trained_params": trained_parameters(student), "examples": len(examples)}
     try:
-        stats.update(run_stage(student, cfg, TARGET, int(t.steps), source, batch_size, env, lr=t.lr))
+        stats.update(
+            run_stage(
+                student,
+                cfg,
+                TARGET,
+                int(t.steps),
+                source,
+                batch_size,
+                env,
+                lr=t.lr,
+                chain=chain,
+                trained_params=trained,
+            )
+        )
     finally:
         source.close()
     return stats
