@@ -14,6 +14,9 @@ In one process, on one device:
    CLS pooling, linear projection) and batch, bf16 autocast, fused AdamW: samples/s, tokens/s, MFU;
 4. ours again with ``model.compile`` (torch.compile of the tower layers), when the time budget leaves room.
 
+MFU's FLOPs: ours and open_clip's are counted the same way, with :func:`cclm.train.flops.count_flops` on the
+CPU before the models move to the device (3x the forward; attention counted on both sides).
+
 ``--tiny`` (the default without CUDA) runs the same code on a tiny model, fp32 on the CPU, a few steps each: the
 test suite runs it (tests/test_bench_gpu_tiny.py) so that it cannot rot. Only a GPU run of the base model appends
 to RESULTS.md; a run without a GPU measures no GPU figure.
@@ -265,6 +268,7 @@ def build_trainer(
     env = init_distributed(setup.device)
     torch.manual_seed(0)
     model = CrossViewModel(model_config(setup, compile_towers), load_pretrained=False)
+    # counted on the CPU before the engine moves the model, with the counter open_clip's step is counted with
     flops = {v: train_flops_per_sample(model, v, setup.length, setup.image_size) for v in VIEWS}
     source = PlannedViews(view_plan(setup.log_every, modes))
     loop = LoopSettings(
@@ -330,7 +334,14 @@ def bench_ours(
                 "mfu": record.get("mfu"),
                 "data_wait_frac": record["data_wait_frac"],
             }
-        result = {"batch_per_view": batch_size, **memory, "modes": per_mode, "run_seconds": seconds}
+        result = {
+            "batch_per_view": batch_size,
+            **memory,
+            "modes": per_mode,
+            "run_seconds": seconds,
+            # one full-length sample (the MFU above charges each batch at its shapes: these are all full length)
+            "flops_per_sample": {view: float(f) for view, f in trainer.flops_per_sample.items()},
+        }
         if not compile_towers:
             result["phases_ms"] = phase_breakdown(trainer, setup.timed_steps)
             result["synchronising_ops_per_step"] = synchronising_ops(trainer)
@@ -422,18 +433,14 @@ def open_clip_model(setup: Setup, folder: Path):
 
 def bench_open_clip(setup: Setup, batch_size: int, work: Path) -> dict:
     """open_clip's training step at ``batch_size`` (halved while it does not fit)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from cclm.runtime.flops import peak_flops
 
     torch.manual_seed(0)
     model, clip_loss = open_clip_model(setup, work / "open_clip_text")
-    model.to(setup.device).train()
+    model.train()
+    flops_per_sample = open_clip_flops_per_sample(model, clip_loss, setup)
+    model.to(setup.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=setup.is_cuda or None)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        open_clip_loss(model, clip_loss, setup, *open_clip_inputs(setup, 2))
-    flops_per_sample = 3.0 * counter.get_total_flops() / 2
     while True:
         try:
             seconds = time_open_clip_steps(model, clip_loss, optimizer, setup, batch_size)
@@ -454,14 +461,30 @@ def bench_open_clip(setup: Setup, batch_size: int, work: Path) -> dict:
     }
 
 
-def open_clip_inputs(setup: Setup, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def open_clip_flops_per_sample(model, clip_loss, setup: Setup) -> float:
+    """Training FLOPs per sample of open_clip's step (3x the forward), counted as ours are
+    (:func:`cclm.train.flops.count_flops`, the same counter on the same device, the CPU, before the model moves:
+    attention counted alike on both sides)."""
+    from cclm.train.flops import TRAIN_FACTOR, count_flops
+
+    first = next(model.parameters())
+    if first.device.type != "cpu":
+        raise ValueError("count open_clip's FLOPs on the CPU, as ours are, before moving it to the device")
+    inputs = open_clip_inputs(setup, 2, torch.device("cpu"))
+    return TRAIN_FACTOR * count_flops(lambda: open_clip_loss(model, clip_loss, setup, *inputs)) / 2
+
+
+def open_clip_inputs(
+    setup: Setup, size: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised float images, token ids) on the device: open_clip's loaders deliver normalised floats."""
     from cclm.model.vision import CLIP_MEAN, CLIP_STD
 
     host = host_batch(setup, "image", size)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     images = (host["images"].float() / 255 - mean) / std
-    return images.to(setup.device), host["text_ids"].to(setup.device)
+    device = setup.device if device is None else device
+    return images.to(device), host["text_ids"].to(device)
 
 
 def open_clip_loss(model, clip_loss, setup: Setup, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ def test_tiny_mode_end_to_end(tmp_path):
         assert figures["samples_per_s"] > 0
         assert abs(figures["tokens_per_s"] / figures["samples_per_s"] - per_sample) < 1e-6 * per_sample
     assert peer["batch"] == ours["batch_per_view"] == 8 and peer["samples_per_s"] > 0
+    # both sides' FLOPs counted with one counter (cclm.train.flops.count_flops, on the CPU)
+    assert set(ours["flops_per_sample"]) == {"image", "text"} and peer["flops_per_sample"] > 0
     assert abs(peer["tokens_per_s"] / peer["samples_per_s"] - length) < 1e-6 * length
     assert set(ours["phases_ms"]) == {"data", "forward", "backward", "optimizer", "host_sync"}
     assert all(ms >= 0 for ms in ours["phases_ms"].values())

@@ -135,7 +135,9 @@ def test_no_host_reads_between_log_steps(tmp_path, monkeypatch, schedule, grad_a
 
 
 def _reference(returned, loop: LoopSettings) -> list[dict[str, float]]:
-    """Interval means as the loop computed them before, reading each loss with ``.item()`` when it came."""
+    """Interval means as the loop computed them before, reading each loss with ``.item()`` when it came: every
+    ``<view>/<name>`` over its micro-steps, and ``loss`` as the mean over micro-steps of the step's summed view
+    losses (the step's loss, whatever ``grad_accum``: it is not divided by it)."""
     views_per_micro_step = 2 if loop.view_schedule == ViewSchedule.sum else 1
     per_interval = loop.log_every * loop.grad_accum * views_per_micro_step
     intervals = []
@@ -147,7 +149,7 @@ def _reference(returned, loop: LoopSettings) -> list[dict[str, float]]:
             for view, losses in interval[start : start + views_per_micro_step]:
                 read += [(f"{view}/{name}", value.float().item()) for name, value in losses.items()]
                 total = total + losses["loss"]
-            read.append(("loss", total.float().item() / loop.grad_accum))
+            read.append(("loss", total.float().item()))
         intervals.append(_means(read))
     assert len(intervals) == loop.max_steps // loop.log_every
     return intervals

@@ -158,13 +158,29 @@ class Selection:
 
 
 def _batch_counts(batch: Mapping[str, Any]) -> tuple[int, int]:
-    """(samples, text tokens): rows of the first tensor, and the ones of every 2-D ``*_mask``."""
+    """(samples, text tokens): the region-text pairs of a region batch (rows of ``idx_to_group_img``, the image
+    of each text: its ``images`` are fewer, each shared by several texts), else rows of the first tensor; and the
+    ones of every 2-D ``*_mask``."""
+    pairs = batch.get("idx_to_group_img")
     tensors = [v for v in batch.values() if torch.is_tensor(v)]
-    samples = int(tensors[0].shape[0]) if tensors else 0
+    if torch.is_tensor(pairs):
+        samples = int(pairs.shape[0])
+    else:
+        samples = int(tensors[0].shape[0]) if tensors else 0
     tokens = sum(
         int(v.sum()) for k, v in batch.items() if k.endswith("_mask") and torch.is_tensor(v) and v.ndim == 2
     )
     return samples, tokens
+
+
+def _batch_flops(flops: float | None, batch: Mapping[str, Any], samples: int) -> float:
+    """Training FLOPs of ``batch``: at its own shapes where the figure knows them
+    (:class:`cclm.train.flops.StepFlops`: the padded text length, a region batch's images and texts), else
+    ``samples`` x the per-sample figure."""
+    if not flops:
+        return 0.0
+    per_batch = getattr(flops, "batch_flops", None)
+    return float(per_batch(batch)) if per_batch is not None else samples * float(flops)
 
 
 class Trainer:
@@ -191,6 +207,8 @@ class Trainer:
         ``scheduler_cfg``: a :class:`SchedulerConfig`; ``deepspeed_cfg``: a :class:`DeepSpeedConfig`.
         ``resume``: None, ``"auto"`` (the newest complete checkpoint in ``output_dir``, if any) or a checkpoint
         folder. ``overwrite``: a fresh run may replace a run in ``output_dir`` (moved aside, not deleted).
+        ``flops_per_sample``: view -> training FLOPs per sample, for MFU; a
+        :class:`cclm.train.flops.StepFlops` charges each batch at its own shapes instead.
         Nothing is written before the configuration has been checked."""
         loop.validate()
         if loop.select_metric and evaluate is None:
@@ -344,12 +362,14 @@ class Trainer:
                 samples, tokens = _batch_counts(batch)
                 stats.add("samples", samples)
                 stats.add("tokens", tokens)
-                stats.add("flops", samples * self.flops_per_sample.get(view, 0.0))
+                stats.add("flops", _batch_flops(self.flops_per_sample.get(view), batch, samples))
                 out = self.engine(to_device(batch, self.env.device), view)
                 for name, value in out.items():
                     stats.add_loss(f"{view}/{name}", value)
                 total = total + out["loss"]
-            stats.add_loss("loss", total.detach().double() / self.loop.grad_accum)
+            # the micro-step's loss: the interval mean over micro-steps is the mean step loss (the division by
+            # grad_accum belongs to the gradients only, which the engine scales itself)
+            stats.add_loss("loss", total.detach().double())
             self.engine.backward(total)
             if not self._engine_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 self._grad_norm = global_grad_norm(self.model)  # before the engine clips and zeroes them

@@ -37,6 +37,16 @@ def _is_last_line(path: Path, after: int) -> bool:
     return sum(1 for line in lines if line.strip()) == 1
 
 
+def loss_keys(records: list[dict]) -> list[str]:
+    """The per-view losses, ``<view>/<name>``: the keys under a prefix that has a ``<prefix>/loss`` (the trainer
+    logs every view's losses with their sum ``loss``). Counts such as the cumulative ``skipped/<reason>`` and the
+    evaluations (``eval/...``) are not losses."""
+    keys = {k for r in records for k in r}
+    views = {k.split("/", 1)[0] for k in keys if k.count("/") == 1 and k.endswith("/loss")}
+    views -= {"eval", "skipped"}
+    return sorted(k for k in keys if "/" in k and k.split("/", 1)[0] in views)
+
+
 def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib
 
@@ -50,7 +60,7 @@ def plot_curves(output_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(path)
     if not records:
         raise ValueError(f"{path} holds no records yet")
-    losses = sorted({k for r in records for k in r if "/" in k and not k.startswith("eval/")})
+    losses = loss_keys(records)
     # one curve per held-out set and language: eval/<set>/<lang>/r_mean
     evals = sorted(
         {
