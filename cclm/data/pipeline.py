@@ -71,7 +71,7 @@ from cclm.data.shards import (
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY, STREAM_KEY, ShardStream, StreamPlan, derive_seed
 from cclm.data.transforms import EvalTransform, RandAugment, TrainTransform
-from cclm.errors import DataError
+from cclm.errors import CheckpointError, DataError
 
 log = logging.getLogger("cclm.data")
 VIEWS = ("image", "text")
@@ -533,7 +533,7 @@ class PretrainData:
         if saved != now:
             changed = sorted(k for k in now if saved.get(k) != now[k])
             if not self.cfg.resampled:
-                raise ValueError(
+                raise CheckpointError(
                     f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
                     "checkpoint (non-resampled mode promises no repeats/skips; restore the old "
                     "setting, or use data.resampled=true)"

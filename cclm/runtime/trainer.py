@@ -281,7 +281,6 @@ class Trainer:
     def _start(self, target: Path | None) -> None:
         if self.env.is_main:
             claim_output_dir(self.output_dir, self.resume, self.overwrite)
-            (self.output_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
         barrier()
         if target is not None:
             self.step, data_state, state = checkpoint.load(self.engine, target, self.env.rank)
@@ -309,8 +308,18 @@ class Trainer:
                 best = self.output_dir / BEST_DIR
                 for name in (BEST_WEIGHTS, BEST_INFO):
                     (best / name).unlink(missing_ok=True)
+        if (
+            self.env.is_main
+        ):  # only once the checkpoint took: a refused resume leaves the folder's record as it was
+            self._write_run_config()
         barrier()
         self._start_time = time.monotonic()
+
+    def _write_run_config(self) -> None:
+        path = self.output_dir / "config.json"
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(self.run_config, indent=2, default=str))
+        os.replace(partial, path)
 
     def _restore_best(self, target: Path) -> None:
         """The best weights as they were at the checkpoint (a later, lost evaluation must not leak in)."""

@@ -9,6 +9,8 @@ import errno
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from cclm.jsonl import JsonFileError
 from cclm.runtime import checkpoint
 from cclm.train import plot
 
+from ..pretrain_runs import CONFIG, REPO, overrides, quiet_env, run_pretrain, small_world
 from . import toy_run
 from .test_output_dir import _pretrain, planted_run, snapshot
 from .toy_run import toy_trainer, trained
@@ -232,3 +235,33 @@ def test_plot_names_file_and_line_of_a_bad_record(tmp_path, capsys, middle, tail
     err = capsys.readouterr().err.strip()
     assert f"{metrics}:{error}" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "curves.png").exists()
+
+
+# ------------------------------------------------------------------------------------- a resume the data refuses
+def test_a_resume_the_data_stream_refuses_is_one_line_and_leaves_the_runs_config(tmp_path):
+    """num_workers changed since the checkpoint: non-resampled data cannot resume exactly, so the run stops; the
+    folder's config.json still describes the run its checkpoints were made with."""
+    world = small_world(tmp_path / "world")
+    run = tmp_path / "run"
+    run_pretrain(1, overrides(world, run, **{"train.max_steps": 2, "train.save_every": 2}))
+    before = (run / "config.json").read_bytes()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cclm.cli",
+            "pretrain",
+            str(CONFIG),
+            *overrides(world, run, **{"train.max_steps": 4, "data.num_workers": 2, "resume": "auto"}),
+        ],
+        cwd=REPO,
+        env=quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cclm pretrain:")]
+    assert len(errors) == 1 and "num_workers changed since the checkpoint" in errors[0], proc.stderr[-3000:]
+    assert "ValueError" not in errors[0] and "Traceback" not in proc.stderr
+    assert (run / "config.json").read_bytes() == before
