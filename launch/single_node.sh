@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, all its GPUs, through the DeepSpeed launcher.
-#   launch/single_node.sh configs/pretrain/cclm_3m.yaml data.image_caption.shards='/data/cc3m/{000000..000331}.tar' ...
+#   launch/single_node.sh configs/pretrain/cclm_3m.yaml data.image_caption.shards='/data/cc3m/shard-{000000..000331}.tar' ...
 # NUM_GPUS: how many processes (default: every GPU launch/gpus.sh finds). CPU runs: launch/torchrun.sh.
 # To stop with a checkpoint, send SIGUSR1 to the training processes (not to the deepspeed launcher, which does not
 # pass it on): they save at the next step, write <output_dir>/interrupted.json and exit; resume with resume=auto.

@@ -740,7 +740,7 @@ def test_cli_prints_the_report_and_fails_cleanly(checkpoint, tmp_path, tiny_conf
     assert (out / "README.md").exists()
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"not a checkpoint")
-    assert cclm_main(["convert-reference", str(bad), str(tmp_path / "x"), "--config", str(tiny_config)]) == 1
+    assert cclm_main(["convert-reference", str(bad), str(tmp_path / "x"), "--config", str(tiny_config)]) == 2
     assert "cannot read" in capsys.readouterr().err
 
 

@@ -79,6 +79,7 @@ from typing import Any
 import torch
 
 from cclm.config import CONFIG_ROOT, ConfigError, ModelConfig, TextNormalize, load_config
+from cclm.errors import UserError
 from cclm.model.resize import check_swin_fit, resize_vision, swin_geometry, window_of_table_rows
 
 DEFAULT_CONFIG = CONFIG_ROOT / "model" / "base_swin.yaml"
@@ -108,8 +109,9 @@ DROPPED_REASONS = {
 }
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted; the message says which keys or shapes are wrong."""
+class ConversionError(UserError, ValueError):
+    """The checkpoint cannot be converted; the message says which keys or shapes are wrong (a user error: exit
+    status 2, as every command's)."""
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -953,6 +955,6 @@ def main(argv: list[str]) -> int:
         )
     except ConversionError as err:
         print(f"cclm convert-reference: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
     return 0
