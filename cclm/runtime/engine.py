@@ -71,6 +71,10 @@ def deepspeed_config(
         zero_allow_untested_optimizer=True,
         wall_clock_breakdown=False,
     )
+    if offloads_optimizer(config):
+        # cclm's optimizer is torch's AdamW with its own param groups (lr multipliers, the decay rule); DeepSpeed
+        # refuses any client optimizer but its compiled CPU Adam under offload unless told it may run it.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
 
 
@@ -87,7 +91,8 @@ def zero_stage(config: dict[str, Any]) -> int:
 
 
 def offloads_optimizer(config: dict[str, Any]) -> bool:
-    return "offload_optimizer" in config["zero_optimization"]
+    offload = config["zero_optimization"].get("offload_optimizer")
+    return isinstance(offload, dict) and offload.get("device", "cpu") not in (None, "none")
 
 
 def build_engine(
