@@ -390,7 +390,13 @@ REFERENCE = {
     ),
 }
 COMMON = dict(
-    image_size=384, window_size=12, head_lr_mult=2.0, weight_decay=0.01, warmup_ratio=0.1, betas=[0.9, 0.98]
+    image_size=384,
+    window_size=12,
+    head_lr_mult=2.0,
+    weight_decay=0.01,
+    warmup_ratio=0.1,
+    betas=[0.9, 0.98],
+    grad_clip=0.0,  # the task scripts step without clipping (only pretraining and NLVR_pretrain.py clip)
 )
 # the reference's few-shot runs use the largest split ("we always use the maximum values", its README)
 REFERENCE_SHOTS = {"xvnli_cclm.yaml": "48", "xgqa_cclm.yaml": "48", "marvl_cclm.yaml": "10x2"}
@@ -420,6 +426,7 @@ def test_cclm_configs_carry_the_reference_hyper_parameters(name):
         "weight_decay": cfg.train.weight_decay,
         "warmup_ratio": cfg.train.warmup_ratio,
         "betas": list(cfg.train.betas),
+        "grad_clip": cfg.train.grad_clip,
         "max_length": cfg.data.max_length,
         "hflip": cfg.data.hflip,
         "k_test": cfg.eval.k_test,
@@ -463,7 +470,8 @@ def test_start_model_resizes_the_pretrained_vision_tower_and_builds_the_configur
 
 
 def test_the_task_data_settings_reach_training_batches_and_the_collator(tiny_model_dir, iglue_dir):
-    """``data.augment`` (training images only) and ``data.max_length`` (a cap below the model's)."""
+    """``data.augment`` (training images only) and ``data.max_length`` (the task's cap, below or above the
+    model's: the reference fine-tunes at 80 tokens models pretrained at 40), refused past the position table."""
     path = iglue_dir / "XVNLI/annotations/ar/train_5.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} not found")
@@ -475,6 +483,20 @@ def test_the_task_data_settings_reach_training_batches_and_the_collator(tiny_mod
         assert (batches.dataset.augment is not None) == augmented
         model_length = int(model.backbone.cfg.text.max_length)
         assert runner.collator(model, tokenizer).max_length == (5 if augmented else model_length)
+    longer = model_length + 16  # the tiny model: 32 tokens pretrained, a table of 66 positions (64 tokens)
+    cfg = config("xvnli.yaml", iglue_dir, f"pretrained={tiny_model_dir}", f"data.max_length={longer}")
+    runner = protocols.TaskRunner(cfg)
+    model, tokenizer = runner.start_model([])
+    collator = runner.collator(model, tokenizer)
+    assert collator.max_length == longer
+    assert collator.tokenize(["word " * 100])["text_ids"].shape[1] == longer
+    cfg = config("xvnli.yaml", iglue_dir, f"pretrained={tiny_model_dir}", "data.max_length=80")
+    runner = protocols.TaskRunner(cfg)
+    model, tokenizer = runner.start_model([])
+    with pytest.raises(
+        ConfigError, match=r"data.max_length=80: the text encoder has 66 positions \(at most 64"
+    ):
+        runner.collator(model, tokenizer)
 
 
 def test_languages_keeps_only_those_languages_files():

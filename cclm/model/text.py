@@ -42,6 +42,12 @@ LAUNCH_DOC = "docs/launch.md, 'Pretrained weights on a cluster'"
 HTTP_CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "TransportError", "TimeoutException"}
 
 
+def token_limit(encoder_config) -> int:
+    """The most tokens a text may have in an encoder (``XLMRobertaConfig``): XLM-R numbers positions from
+    ``pad_token_id + 1``, so a table of P rows holds P - pad_token_id - 1 tokens (514 -> 512)."""
+    return int(encoder_config.max_position_embeddings) - int(encoder_config.pad_token_id or 0) - 1
+
+
 def check_text_config(text_cfg: Any, key: str = "model.text") -> None:
     """Fail naming the key when ``encoder`` has a field that XLMRobertaConfig lacks or a value it refuses, or
     when ``name_or_path`` or ``tokenizer`` is neither a local folder nor loadable from the Hub."""

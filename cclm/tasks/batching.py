@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from cclm.config import ConfigError
 from cclm.data.images import load_image
 from cclm.data.normalize import Normalizer, normalizer_for
+from cclm.model.text import token_limit
 from cclm.runtime.sources import EpochBatches
 from cclm.tasks.images import TaskAugment
 from cclm.tasks.task_data import ClassificationData, ClassificationExample, RetrievalData
@@ -161,13 +163,20 @@ class TaskCollator:
 
     @classmethod
     def for_model(cls, backbone, tokenizer, max_length: int = 0) -> TaskCollator:
-        """The collator of a cross-view model (``backbone.cfg.text``): its normaliser and its ``max_length``,
-        or ``max_length`` when that is > 0 and shorter (a task's cap, ``data.max_length``: never past the
-        model's position table)."""
+        """The collator of a cross-view model (``backbone.cfg.text``): its normaliser and its ``max_length``, or
+        a task's own cap ``max_length`` (``data.max_length``) when that is > 0, shorter or longer than the
+        model's (the reference fine-tunes XVNLI, xFlickr&CO and WIT at 80 tokens, models pretrained at 40), up
+        to what the encoder's position table holds."""
         text_cfg = backbone.cfg.text
         length = int(text_cfg.max_length)
         if max_length and int(max_length) > 0:
-            length = min(length, int(max_length))
+            length = int(max_length)
+            limit = token_limit(backbone.encoder_config)
+            if length > limit:
+                raise ConfigError(
+                    f"data.max_length={length}: the text encoder has "
+                    f"{backbone.encoder_config.max_position_embeddings} positions (at most {limit} tokens)"
+                )
         return cls(tokenizer, length, normalizer_for(text_cfg))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

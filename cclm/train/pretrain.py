@@ -24,6 +24,7 @@ from cclm.config import (
     to_dict,
 )
 from cclm.errors import UserError
+from cclm.model.text import token_limit
 from cclm.runtime.checkpoint import resume_hint
 from cclm.runtime.env import init_distributed, local_main_first, seed_everything
 from cclm.runtime.optim import multipliers
@@ -66,8 +67,7 @@ def check_text_positions(cfg: PretrainConfig, encoder_config) -> None:
     """Every token cap of the run against the text encoder's position table (``encoder_config``: its
     ``XLMRobertaConfig``). XLM-R numbers positions from ``pad_token_id + 1``, so a table of P rows holds
     P - pad_token_id - 1 tokens (514 -> 512); a longer text would index past the table at the first forward."""
-    positions = int(encoder_config.max_position_embeddings)
-    limit = positions - int(encoder_config.pad_token_id or 0) - 1
+    positions, limit = int(encoder_config.max_position_embeddings), token_limit(encoder_config)
     streams = {
         "data.image_caption": cfg.data.image_caption,
         "data.parallel_text": cfg.data.parallel_text,
