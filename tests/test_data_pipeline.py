@@ -15,7 +15,7 @@ from PIL import Image
 from cclm.config import DataConfig, from_dict
 from cclm.data.pipeline import PretrainData
 from cclm.data.shards import VIEW_IMAGE_CAPTION, VIEW_PARALLEL, ShardSink
-from cclm.errors import DataError
+from cclm.errors import CheckpointError, DataError
 
 LANGS = ["en", "de", "fr", "ja"]
 
@@ -236,7 +236,7 @@ def test_resume_refuses_a_changed_topology(shards, tiny_tokenizer):
     data = PretrainData(data_cfg(text=root / "pt", num_workers=0), tiny_tokenizer, 32)
     data.next_batch("text")
     other = PretrainData(data_cfg(text=root / "pt", num_workers=2), tiny_tokenizer, 32)
-    with pytest.raises(ValueError, match="num_workers"):
+    with pytest.raises(CheckpointError, match="num_workers"):
         other.load_state_dict(data.state_dict())
 
 

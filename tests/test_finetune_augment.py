@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cclm.config import FinetuneDataConfig
+from cclm.config import ConfigError, FinetuneDataConfig
 from cclm.data.images import MissingImageError, UnreadableImage, load_image
 from cclm.tasks.batching import (
     CaptionImagePairs,
@@ -197,8 +197,11 @@ def test_augmented_loading_names_missing_and_broken_files(tmp_path):
         augment.load(broken, "text", "en", 0)
 
 
-def _backbone(max_length: int):
-    return SimpleNamespace(cfg=SimpleNamespace(text=SimpleNamespace(max_length=max_length, normalize="none")))
+def _backbone(max_length: int, positions: int = 514):
+    return SimpleNamespace(
+        cfg=SimpleNamespace(text=SimpleNamespace(max_length=max_length, normalize="none")),
+        encoder_config=SimpleNamespace(max_position_embeddings=positions, pad_token_id=1),
+    )
 
 
 def test_max_length_caps_the_task_texts(tiny_tokenizer):
@@ -209,8 +212,13 @@ def test_max_length_caps_the_task_texts(tiny_tokenizer):
     capped = TaskCollator.for_model(_backbone(40), tiny_tokenizer, max_length=12)
     batch = capped(items)
     assert capped.max_length == 12 and batch["text_ids"].shape[1] == 12 and batch["text_mask"].sum() == 12
-    # 0 = the model's; a cap past the model's position table stays at the model's
+    # 0 = the model's; a task cap above the model's holds up to the position table (the reference's 80 on models
+    # pretrained at 40), and past it is refused
     assert TaskCollator.for_model(_backbone(40), tiny_tokenizer, max_length=0).max_length == 40
-    assert TaskCollator.for_model(_backbone(40), tiny_tokenizer, max_length=80).max_length == 40
+    assert TaskCollator.for_model(_backbone(40), tiny_tokenizer, max_length=80).max_length == 80
+    with pytest.raises(
+        ConfigError, match=r"data.max_length=80: the text encoder has 66 positions \(at most 64"
+    ):
+        TaskCollator.for_model(_backbone(40, positions=66), tiny_tokenizer, max_length=80)
     short = capped([{**items[0], "text": "a red circle"}])
     assert short["text_ids"].shape[1] < 12  # padding only to the longest text

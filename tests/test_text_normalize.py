@@ -280,5 +280,5 @@ def test_converted_reference_checkpoint_carries_pre_caption(reference_files, tmp
     plain = tmp_path / "converted_none"
     assert cclm_main([*args[:2], str(plain), *args[3:], "--normalize", "none"]) == 0
     assert CrossViewModel.from_pretrained(plain).cfg.text.normalize == TextNormalize.none
-    assert cclm_main([*args[:2], str(tmp_path / "bad"), *args[3:], "--max-words", "-1"]) == 1
+    assert cclm_main([*args[:2], str(tmp_path / "bad"), *args[3:], "--max-words", "-1"]) == 2
     assert "max_words must be >= 0" in capsys.readouterr().err
