@@ -35,8 +35,9 @@ def world(tmp_path_factory) -> Path:
     )
 
 
-def mla_cfg(world: Path, out: Path, *overrides: str):
-    base = [
+def mla_base(world: Path, out: Path) -> list[str]:
+    """A tiny two-stage MLA run's settings (key=value items)."""
+    return [
         f"world={world}",
         f"output_dir={out}",
         "languages=[ja]",
@@ -49,7 +50,10 @@ def mla_cfg(world: Path, out: Path, *overrides: str):
         "train.log_every=1",
         "train.scheduler.warmup_steps=0",
     ]
-    return load_config(MLARecipeConfig, MLA_YAML, [*base, *overrides])
+
+
+def mla_cfg(world: Path, out: Path, *overrides: str):
+    return load_config(MLARecipeConfig, MLA_YAML, [*mla_base(world, out), *overrides])
 
 
 def with_finetuning(world: Path, en_steps: int = 2, all_steps: int = 2) -> list[str]:

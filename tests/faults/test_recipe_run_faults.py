@@ -23,6 +23,7 @@ from cclm.recipes.mla_run import ACQUIRED_WEIGHTS, FINETUNED_CLIP, run_mla
 from cclm.runtime.logging import METRICS_FILE
 
 from ..conftest import build_mla_world
+from ..test_mla_pipeline import mla_base, with_finetuning
 
 REPO = Path(__file__).resolve().parents[2]
 MLA_YAML = REPO / "configs" / "recipes" / "mla_demo.yaml"
@@ -65,26 +66,7 @@ def stages_run(monkeypatch) -> dict[str, int]:
 
 
 def mla_cfg(world: Path, out: Path, *overrides: str, finetune: bool = True) -> MLARecipeConfig:
-    tuning = [
-        f"finetune.data={{shards: {world}/image_caption, batch_size: 8}}",
-        "finetune.en.steps=2",
-        "finetune.all.steps=2",
-    ]
-    base = [
-        f"world={world}",
-        f"output_dir={out}",
-        "languages=[ja]",
-        "clip.pretrained=null",
-        "threads=1",
-        "nlt.steps=2",
-        "le.steps=2",
-        *(tuning if finetune else []),
-        "data.parallel_text.batch_size=8",
-        "data.image_caption.batch_size=8",
-        "train.log_every=1",
-        "train.save_every=2",
-        "train.scheduler.warmup_steps=0",
-    ]
+    base = [*mla_base(world, out), *(with_finetuning(world) if finetune else []), "train.save_every=2"]
     return load_config(MLARecipeConfig, MLA_YAML, merged(base, overrides))
 
 
