@@ -152,7 +152,7 @@ def test_cli_writes_a_row_per_language_and_the_means(world, world_tokenizer, tmp
     assert list(rows) == ["en", "de", "mean", "mean (non-English)"]
     assert rows["mean"]["r_mean"] == pytest.approx((rows["en"]["r_mean"] + rows["de"]["r_mean"]) / 2)
     assert rows["mean (non-English)"] == {
-        k: v for k, v in rows["de"].items() if k not in ("model", "model_digest")
+        k: v for k, v in rows["de"].items() if k not in ("model", "model_digest", "protocol")
     }
     csv_lines = (out / "heldout.csv").read_text().splitlines()
     assert csv_lines[0].startswith("language,txt_r1,txt_r5") and csv_lines[2].startswith("de,")
@@ -215,6 +215,39 @@ def test_results_keep_the_models_other_languages_and_refuse_another_models(
     (aside,) = out.glob("demo_world.old-*.json")
     assert aside.read_text() == before
     assert list(json.loads((out / "demo_world.json").read_text())) == ["en"]
+
+
+def test_rows_scored_with_other_settings_are_not_merged_into_one_table(
+    world, world_tokenizer, tmp_path, capsys
+):
+    """Before, German re-ranked by ITM was averaged with the ITC-only rows of an earlier run (`eval.rerank=false`),
+    and no row said how it was scored."""
+    torch.manual_seed(0)
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    out = tmp_path / "out"
+    common = [
+        f"checkpoint={model_dir}",
+        f"data.root={world / 'heldout'}",
+        "eval.k_test=4",
+        f"output_dir={out}",
+    ]
+    assert run_cli(*common, "languages=en", "eval.rerank=false") == 0
+    row = json.loads((out / "demo_world.json").read_text())["en"]
+    assert row["protocol"]["rerank"] is False and row["protocol"]["k_test"] == 4
+    before = (out / "demo_world.json").read_text()
+    capsys.readouterr()
+    assert run_cli(*common, "languages=de") == 2
+    err = capsys.readouterr().err
+    assert "holds this model's results of en scored with other settings (en: rerank=False (now True))" in err
+    assert "overwrite=true" in err and "Traceback" not in err
+    assert (out / "demo_world.json").read_text() == before
+    # the same settings merge; overwrite=true moves the other protocol's table aside
+    assert run_cli(*common, "languages=de", "eval.rerank=false") == 0
+    assert list(json.loads((out / "demo_world.json").read_text()))[:2] == ["en", "de"]
+    assert run_cli(*common, "languages=de", "overwrite=true") == 0
+    assert list(json.loads((out / "demo_world.json").read_text())) == ["de"]
+    (aside,) = out.glob("demo_world.old-*.json")
+    assert list(json.loads(aside.read_text()))[:2] == ["en", "de"]
 
 
 def test_another_models_tokenizer_and_a_k_test_that_skips_re_ranking_fail_before_scoring(

@@ -77,14 +77,41 @@ def earlier_results(cfg: RetrievalRunConfig) -> dict[str, dict]:
     others = sorted(
         {str(row.get("model", "?")) for row in rows.values() if row.get("model_digest") != digest}
     )
-    if not others:
+    protocol = scoring_protocol(cfg)
+    scored_otherwise = {lang: row for lang, row in rows.items() if row.get("protocol") != protocol}
+    if not others and not scored_otherwise:
         return rows
-    if not cfg.overwrite:
-        raise UserError(
-            f"{path} holds results of another model ({', '.join(others)}): set another output_dir or name, or "
-            f"overwrite=true (moves it to {cfg.name}.old-<time>.*)"
-        )
-    return {}
+    if cfg.overwrite:
+        return {}
+    hint = f"set another output_dir or name, or overwrite=true (moves it to {cfg.name}.old-<time>.*)"
+    if others:
+        raise UserError(f"{path} holds results of another model ({', '.join(others)}): {hint}")
+    lang, row = next(iter(scored_otherwise.items()))
+    recorded = row.get("protocol")
+    differs = (
+        ", ".join(f"{k}={recorded.get(k)!r} (now {v!r})" for k, v in protocol.items() if recorded.get(k) != v)
+        if isinstance(recorded, dict)
+        else "not recorded (an older results file)"
+    )
+    raise UserError(
+        f"{path} holds this model's results of {', '.join(sorted(scored_otherwise))} scored with other settings "
+        f"({lang}: {differs}); their means would mix two protocols: {hint}"
+    )
+
+
+def scoring_protocol(cfg: RetrievalRunConfig) -> dict:
+    """The settings besides the model that decide a row's numbers, recorded in every row: rows are merged into
+    one table (and averaged) only when these are equal."""
+    return {
+        "rerank": bool(cfg.eval.rerank),
+        "k_test": int(cfg.eval.k_test),
+        "itc_weight_in_rerank": float(cfg.eval.itc_weight_in_rerank),
+        "ties": str(cfg.eval.ties),
+        "image_size": int(cfg.image_size),  # 0: the model's
+        "folds": int(cfg.data.folds),
+        "max_images": int(cfg.data.max_images),
+        "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,  # None: the model's
+    }
 
 
 def _with_means(rows: dict[str, dict], metrics: list[str], english: str) -> dict[str, dict]:
@@ -126,13 +153,16 @@ def _evaluate_sets(
         source = {
             "model": str(Path(cfg.checkpoint).resolve()),
             "model_digest": weights_digest(cfg.checkpoint),
+            "protocol": scoring_protocol(cfg),
         }
         written = {**earlier, **{lang: {**values, **source} for lang, values in rows.items()}}
         if (
             not earlier and (Path(cfg.output_dir) / f"{cfg.name}.json").exists()
-        ):  # another model's (overwrite)
+        ):  # another model's, or scored otherwise (overwrite)
             aside = set_aside(cfg.output_dir, cfg.name)
-            logger.warning("overwrite=true: the results of another model were moved to %s", aside)
+            logger.warning(
+                "overwrite=true: results of another model or other settings were moved to %s", aside
+            )
         kept = [lang for lang in earlier if lang not in rows]
         if kept:
             logger.info("%s.json keeps this model's earlier results of %s", cfg.name, ", ".join(kept))
