@@ -744,6 +744,21 @@ def test_cli_prints_the_report_and_fails_cleanly(checkpoint, tmp_path, tiny_conf
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_cli_user_errors_exit_2_on_one_line_and_debug_shows_their_traceback(tmp_path, tiny_config, capsys):
+    """docs/reliability.md: every command prints a user error as one line with status 2 (it was 1 here), and
+    ``cclm --debug`` adds its traceback."""
+    missing = tmp_path / "missing.pth"
+    args = ["convert-reference", str(missing), str(tmp_path / "x"), "--config", str(tiny_config)]
+    assert cclm_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"cclm convert-reference: checkpoint not found: {missing}"]
+    assert cclm_main(["--debug", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConversionError" in err
+    assert err.strip().splitlines()[-1] == f"cclm convert-reference: checkpoint not found: {missing}"
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------------------- no pickle
 def _unsafe_loads(source: str) -> list[str]:
     """Calls that can unpickle arbitrary objects: torch.load without weights_only=True, pickle/dill/joblib

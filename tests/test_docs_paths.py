@@ -15,8 +15,13 @@ PATTERN = re.compile(r"([^/'\"\s`=]*)\{\d{6}\.\.\d{6}\}\.tar")
 
 
 def documented_files() -> list[Path]:
+    """README, docs, configs, every launch script (``*.sh``, ``slurm.sbatch``) and the sources whose docstrings
+    and ``--help`` texts show patterns (``cclm``, ``data_prep``, ``tools``, ``benchmarks``); not the tests."""
     files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    files += sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "launch").glob("*.sh"))
+    files += sorted((REPO / "configs").rglob("*.yaml"))
+    files += sorted(p for p in (REPO / "launch").iterdir() if p.is_file())
+    for folder in ("cclm", "data_prep", "tools", "benchmarks"):
+        files += sorted((REPO / folder).rglob("*.py"))
     return files
 
 
@@ -37,3 +42,19 @@ def test_every_documented_shard_pattern_names_the_converters_files():
                     wrong.append(f"{path.relative_to(REPO)}:{number}: {match.group(0)}")
     assert found >= 5, "the scan finds the documented examples"
     assert not wrong, f"patterns the converters' shard-NNNNNN.tar files do not match: {wrong}"
+
+
+def test_every_documented_prep_command_exists():
+    """`cclm prep NAME` in the docs, configs, launch scripts and help texts names a real converter (a config
+    comment named `cclm prep parallel`, which does not exist)."""
+    from data_prep.cli import SUBCOMMANDS
+
+    found, wrong = 0, []
+    for path in documented_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for match in re.finditer(r"cclm prep ([a-z][a-z0-9-]*)", line):
+                found += 1
+                if match.group(1) not in SUBCOMMANDS:
+                    wrong.append(f"{path.relative_to(REPO)}:{number}: {match.group(0)}")
+    assert found >= 20, "the scan finds the documented commands"
+    assert not wrong, f"no such cclm prep command: {wrong}"

@@ -250,6 +250,50 @@ def test_rows_scored_with_other_settings_are_not_merged_into_one_table(
     assert list(json.loads(aside.read_text()))[:2] == ["en", "de"]
 
 
+def test_the_precision_and_the_image_split_are_part_of_a_rows_protocol_and_older_rows_are_unknown(
+    world, world_tokenizer, tmp_path, capsys
+):
+    """Rows scored in bf16 and in fp32, or on another image split, are not averaged together either; rows of an
+    older file (no protocol recorded) are not merged into a new table: refused, or moved aside by overwrite."""
+    torch.manual_seed(0)
+    model_dir = save_model(CrossViewModel(tiny_cfg(world_tokenizer)), world_tokenizer, tmp_path / "model")
+    out = tmp_path / "out"
+    common = [
+        f"checkpoint={model_dir}",
+        f"data.root={world / 'heldout'}",
+        "eval.k_test=4",
+        f"output_dir={out}",
+    ]
+    assert run_cli(*common, "languages=en", "eval.rerank=false") == 0
+    path = out / "demo_world.json"
+    protocol = json.loads(path.read_text())["en"]["protocol"]
+    assert protocol["precision"] == "fp32" and protocol["format"] == "demo_world"  # auto on a CPU
+    before = path.read_text()
+    for setting, differs in (
+        ("eval.precision=bf16", "precision='fp32' (now 'bf16')"),
+        ("data.split_file=test_ids.txt", "split_file=None (now 'test_ids.txt')"),
+    ):
+        capsys.readouterr()
+        assert run_cli(*common, "languages=de", "eval.rerank=false", setting) == 2, setting
+        err = capsys.readouterr().err
+        assert f"(en: {differs})" in err and "Traceback" not in err, err
+        assert path.read_text() == before
+    # an older file: the same rows without their protocol
+    older = {
+        lang: {k: v for k, v in row.items() if k != "protocol"} for lang, row in json.loads(before).items()
+    }
+    path.write_text(json.dumps(older))
+    capsys.readouterr()
+    assert run_cli(*common, "languages=de", "eval.rerank=false") == 2
+    err = capsys.readouterr().err
+    assert "results of en scored with other settings (en: not recorded (an older results file))" in err
+    assert "overwrite=true" in err and json.loads(path.read_text()) == older
+    assert run_cli(*common, "languages=de", "eval.rerank=false", "overwrite=true") == 0
+    assert list(json.loads(path.read_text())) == ["de"]
+    (aside,) = out.glob("demo_world.old-*.json")
+    assert json.loads(aside.read_text()) == older
+
+
 def test_another_models_tokenizer_and_a_k_test_that_skips_re_ranking_fail_before_scoring(
     world, world_tokenizer, tmp_path, capsys
 ):

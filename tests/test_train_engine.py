@@ -110,3 +110,36 @@ def test_deepspeed_config_from_typed_config_and_file(tmp_path):
         )
     with pytest.raises(ConfigError, match="precision"):
         deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}).deepspeed, 8, 1)
+
+
+def test_deepspeeds_cpu_adam_steps_the_same_groups_as_adamw(tiny_model_cfg):
+    """ZeRO-Offload steps DeepSpeed's CPU Adam where its op loads: the same parameter groups (decay rule, lr
+    multipliers) and AdamW's decoupled weight decay, so one step moves the weights as torch's AdamW does."""
+    from cclm.runtime.optim import cpu_adam_unavailable
+
+    reason = cpu_adam_unavailable()
+    if reason:
+        pytest.skip(f"DeepSpeed's CPU Adam cannot load here ({reason})")
+    import torch
+
+    torch.manual_seed(0)
+    models = [CrossViewModel(tiny_model_cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    options = {
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "lr_mults": multipliers(models[0].new_parameter_names(), 5.0),
+    }
+    adamw = build_optimizer(models[0], **options)
+    cpu_adam = build_optimizer(models[1], cpu_adam=True, **options)
+    assert type(cpu_adam).__name__ == "DeepSpeedCPUAdam" and cpu_adam.adam_w_mode
+    for a, b in zip(adamw.param_groups, cpu_adam.param_groups, strict=True):
+        assert (a["lr"], a["weight_decay"], a["lr_mult"]) == (b["lr"], b["weight_decay"], b["lr_mult"])
+        assert [p.shape for p in a["params"]] == [p.shape for p in b["params"]]
+    for model in models:
+        for param in model.parameters():
+            param.grad = torch.full_like(param, 0.01)
+    adamw.step()
+    cpu_adam.step()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-7), name

@@ -20,7 +20,7 @@ from cclm.evaluation.retrieval import check_k_test
 from cclm.evaluation.run import evaluate_folds
 from cclm.jsonl import read_json
 from cclm.model.fingerprint import weights_digest
-from cclm.runtime.env import dist_info, join_launched_group, leave_group, resolve_device
+from cclm.runtime.env import dist_info, join_launched_group, leave_group, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +101,28 @@ def earlier_results(cfg: RetrievalRunConfig) -> dict[str, dict]:
 
 def scoring_protocol(cfg: RetrievalRunConfig) -> dict:
     """The settings besides the model that decide a row's numbers, recorded in every row: rows are merged into
-    one table (and averaged) only when these are equal."""
+    one table (and averaged) only when these are equal. Batch sizes, workers and the device's name do not change
+    the numbers; the precision the device resolves ``eval.precision`` to does (bf16 autocast on a GPU), and so do
+    the files that choose the images (the benchmark's split); where the data sits (``data.root``) does not."""
+    data = cfg.data
     return {
         "rerank": bool(cfg.eval.rerank),
         "k_test": int(cfg.eval.k_test),
         "itc_weight_in_rerank": float(cfg.eval.itc_weight_in_rerank),
         "ties": str(cfg.eval.ties),
+        "precision": resolve_precision(resolve_device(cfg.device), cfg.eval.precision).value,
         "image_size": int(cfg.image_size),  # 0: the model's
-        "folds": int(cfg.data.folds),
-        "max_images": int(cfg.data.max_images),
+        "folds": int(data.folds),
+        "max_images": int(data.max_images),
         "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,  # None: the model's
+        "format": str(data.format),
+        "images_file": data.images_file,
+        "split_file": data.split_file,
+        "image_template": str(data.image_template),
+        "loader": data.loader,
+        "options": OmegaConf.to_container(data.options)
+        if OmegaConf.is_config(data.options)
+        else data.options,
     }
 
 

@@ -70,7 +70,6 @@ import copy
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -938,23 +937,21 @@ def main(argv: list[str]) -> int:
         help="CLIP ViT checkpoints: the activation (default quick_gelu, OpenAI CLIP's)",
     )
     args = parser.parse_args(argv[1:])
-    try:
-        report = convert(
-            args.checkpoint,
-            args.out,
-            args.config,
-            None if args.tokenizer.lower() == "none" else args.tokenizer,
-            args.position_ids,
-            args.allow_missing_mlm_head,
-            args.normalize,
-            args.max_words,
-            image_size=args.image_size,
-            text_heads=args.text_heads,
-            vision_heads=args.vision_heads,
-            vision_act=args.vision_act,
-        )
-    except ConversionError as err:
-        print(f"cclm convert-reference: {err}", file=sys.stderr)
-        return 2
+    # A ConversionError is a UserError: cclm's run_command prints it as one line with exit status 2 (and its
+    # traceback under --debug / CCLM_DEBUG=1), as every command's.
+    report = convert(
+        args.checkpoint,
+        args.out,
+        args.config,
+        None if args.tokenizer.lower() == "none" else args.tokenizer,
+        args.position_ids,
+        args.allow_missing_mlm_head,
+        args.normalize,
+        args.max_words,
+        image_size=args.image_size,
+        text_heads=args.text_heads,
+        vision_heads=args.vision_heads,
+        vision_act=args.vision_act,
+    )
     print(report.summary())
     return 0

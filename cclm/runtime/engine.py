@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import torch
 from cclm.config import ConfigError, DecayRule, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
 from cclm.runtime.compile import compile_towers, wants_compile
 from cclm.runtime.env import DistEnv, resolve_precision
-from cclm.runtime.optim import build_optimizer
+from cclm.runtime.optim import build_optimizer, cpu_adam_unavailable
 from cclm.runtime.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(
@@ -72,10 +75,45 @@ def deepspeed_config(
         wall_clock_breakdown=False,
     )
     if offloads_optimizer(config):
-        # cclm's optimizer is torch's AdamW with its own param groups (lr multipliers, the decay rule); DeepSpeed
-        # refuses any client optimizer but its compiled CPU Adam under offload unless told it may run it.
+        # DeepSpeed refuses any client optimizer but its compiled CPU Adam under offload unless told it may run
+        # it: cclm steps DeepSpeed's CPU Adam when its op loads (build_engine), else its own AdamW (slower).
+        # A user's file that sets the key true asks for the CPU Adam only (refused where it cannot load).
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+def offload_uses_cpu_adam(config: dict[str, Any], env: DistEnv) -> bool:
+    """Under ZeRO-Offload of the optimizer, which optimizer steps on the CPU: DeepSpeed's CPU Adam (vectorised,
+    several times faster) when its ``cpu_adam`` op loads on every rank, else torch's AdamW with one warning (the
+    slower path: ``zero_force_ds_cpu_optimizer`` is false in the generated config). Both step AdamW over cclm's
+    parameter groups (lr multipliers, decay rule), so the updates agree to float rounding; a resume keeps the
+    optimizer state of either. A config file with ``zero_force_ds_cpu_optimizer: true`` where the op cannot load
+    is refused."""
+    if env.rank == 0:
+        log.info(
+            "deepspeed.offload_optimizer: loading DeepSpeed's CPU Adam (compiled on its first use: a minute or two)"
+        )
+    reason = cpu_adam_unavailable()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and env.world_size > 1:
+        loaded = torch.tensor([0 if reason else 1], device=env.device)
+        torch.distributed.all_reduce(loaded, op=torch.distributed.ReduceOp.MIN)
+        if not loaded.item() and reason is None:
+            reason = "another rank could not load it"
+    if reason is None:
+        return True
+    if config.get("zero_force_ds_cpu_optimizer") is True:
+        raise ConfigError(
+            "zero_force_ds_cpu_optimizer: true in deepspeed.config_file asks for DeepSpeed's CPU Adam under "
+            f"offload_optimizer, which cannot load here ({reason}); remove the key to step torch's AdamW instead"
+        )
+    config["zero_force_ds_cpu_optimizer"] = False
+    if env.rank == 0:
+        log.warning(
+            "deepspeed.offload_optimizer: DeepSpeed's CPU Adam cannot load (%s): stepping torch's AdamW on the "
+            "CPU instead, the slower path",
+            reason,
+        )
+    return False
 
 
 def _file_precision(base: dict[str, Any]) -> Precision:
@@ -110,7 +148,8 @@ def build_engine(
     effective_step: Callable[[int], float] | None = None,
     views_per_iteration: int = 1,
 ):
-    """AdamW (:mod:`cclm.runtime.optim`) + the schedule + ``deepspeed.initialize`` around ``model``, its tower
+    """AdamW (:mod:`cclm.runtime.optim`; DeepSpeed's CPU Adam under ZeRO-Offload, :func:`offload_uses_cpu_adam`)
+    + the schedule + ``deepspeed.initialize`` around ``model``, its tower
     layers compiled first when its config says ``compile: true`` (:mod:`cclm.runtime.compile`).
 
     ``optimizer_cfg``: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``decay_rule`` (an
@@ -140,6 +179,7 @@ def build_engine(
         name=getattr(optimizer_cfg, "name", "adamw"),
         fused=env.device.type == "cuda" and not offloads_optimizer(config),
         decay_rule=getattr(optimizer_cfg, "decay_rule", DecayRule.shape),
+        cpu_adam=offloads_optimizer(config) and offload_uses_cpu_adam(config, env),
     )
     scheduler = build_scheduler(optimizer, scheduler_cfg, max_steps, effective_step, views_per_iteration)
     engine, optimizer, _, scheduler = deepspeed.initialize(

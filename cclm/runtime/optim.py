@@ -86,12 +86,63 @@ def build_optimizer(
     name: OptimizerName | str = OptimizerName.adamw,
     fused: bool = False,
     decay_rule: DecayRule | str = DecayRule.shape,
+    cpu_adam: bool = False,
 ) -> torch.optim.Optimizer:
     """torch's AdamW (``fused`` on CUDA when the optimizer state stays on the GPU): DeepSpeed's own fused Adam
-    would JIT-compile for ~40 s and needs a GPU. ``decay_rule``: which parameters decay (:func:`decays`)."""
+    would JIT-compile for ~40 s and needs a GPU. ``decay_rule``: which parameters decay (:func:`decays`).
+    ``cpu_adam``: DeepSpeed's ``DeepSpeedCPUAdam`` in its AdamW mode instead, over the same groups (their lr
+    multipliers and decay): the optimizer ZeRO-Offload steps on the CPU (:func:`cpu_adam_unavailable` first)."""
     if OptimizerName(name) != OptimizerName.adamw:
         raise ConfigError(f"optimizer.name: unknown optimizer '{name}'")
     groups = param_groups(model, lr, weight_decay, lr_mults, decay_rule)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(
+            groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw_mode=True
+        )
+        optimizer.register_load_state_dict_pre_hook(_as_cpu_adam_state)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+        optimizer.register_load_state_dict_pre_hook(_as_torch_adamw_state)
+    return optimizer
+
+
+# A checkpoint's optimizer state resumes under either AdamW: DeepSpeed's CPU Adam (ZeRO-Offload where its op
+# loads) counts ``step`` in a Python int and wants ``bias_correction`` in every group; torch's AdamW counts it in a
+# float tensor. Without these hooks a run saved under one and resumed under the other (the op built on one
+# machine and not on another, or offload switched) fails on the missing key or never advances its step count.
+def _as_cpu_adam_state(optimizer, state_dict: dict) -> dict:
+    groups = [{"bias_correction": True, "amsgrad": False, **group} for group in state_dict["param_groups"]]
+    state = {
+        key: {**value, "step": int(value["step"])} if torch.is_tensor(value.get("step")) else value
+        for key, value in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _as_torch_adamw_state(optimizer, state_dict: dict) -> dict:
+    state = {
+        key: {**value, "step": torch.tensor(float(value["step"]), dtype=torch.float32)}
+        if isinstance(value.get("step"), (int, float))
+        else value
+        for key, value in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def cpu_adam_unavailable() -> str | None:
+    """Why DeepSpeed's CPU Adam cannot run in this process (one line), or None when its ``cpu_adam`` op loads:
+    prebuilt (``DS_BUILD_CPU_ADAM=1`` at install), or compiled by DeepSpeed on first use into
+    ``TORCH_EXTENSIONS_DIR`` (a minute or two, once; it needs a C++ compiler and ninja)."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # DeepSpeed raises RuntimeError, a compiler or import error anything else
+        cause = err.__cause__ or err
+        text = " ".join(str(cause).split())[:300]
+        return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return None
