@@ -163,6 +163,12 @@ class TaskHeadStyle(Mode):
     cclm = "cclm"
 
 
+class HeadInit(Mode):  # fine-tuning: how new task heads start
+    normal = "normal"  # Linear weights normal(0, initializer_range), zero biases (the encoder's own init)
+    # nn.Linear's own init (kaiming-uniform weights, uniform biases), as the reference's heads
+    torch_default = "torch_default"
+
+
 class DuplicateImages(Mode):
     # IGLUE's evaluation: images keyed on wit_ix (the lines that show one picture share it), ties broken by index
     iglue = "iglue"
@@ -530,6 +536,9 @@ class FinetuneDataConfig:
     augment: bool = False
     crop_scale_min: float = 0.5
     hflip: bool = True
+    # no flip when the text names a side (or the label: xGQA's answers); false: the reference's flips (every image
+    # with p 1/2; xGQA: not when the question or answer holds "left" or "right")
+    hflip_careful: bool = True
     randaugment: bool = True  # with augment
     # > 0: token cap of the task's texts (the reference uses 80 for some tasks); 0 = the model's max_length
     max_length: int = 0
@@ -544,6 +553,8 @@ class FinetuneTrainConfig:
     lr_sweep: list[float] = field(default_factory=lambda: [1e-5, 5e-5, 1e-4])  # few-shot: best on dev wins
     head_lr_mult: float = 5.0  # the newly initialised task head learns faster
     weight_decay: float = 0.01
+    # which parameters decay: shape (matrices) or reference (by name: also the temperature and heads' LayerNorms)
+    decay_rule: DecayRule = DecayRule.shape
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     select_on: SelectOn = SelectOn.dev
     warmup_ratio: float = 0.1
@@ -605,6 +616,8 @@ class FinetuneConfig:
     image_size: int = 0
     window_size: int = 0  # Swin: the window at image_size (0 = scaled with the image: 7 at 224 -> 12 at 384)
     head: TaskHeadStyle = TaskHeadStyle.iglue
+    # how new heads start (task classifiers, the NLVR text-assignment head); torch_default: the reference's
+    head_init: HeadInit = HeadInit.normal
     output_dir: str = "output/finetune"
     resume: str | None = None  # "auto": continue from the newest checkpoint of output_dir (train.save_every)
     overwrite: bool = False  # as PretrainConfig

@@ -373,7 +373,7 @@ REFERENCE = {
     "xgqa_cclm.yaml": (
         "GQA.yaml",
         dict(
-            lr=3e-5, epochs=5, batch_size=32, max_length=40, hflip=False, head="cclm", first_token_twice=True
+            lr=3e-5, epochs=5, batch_size=32, max_length=40, hflip=True, head="cclm", first_token_twice=True
         ),
     ),
     "marvl_cclm.yaml": (

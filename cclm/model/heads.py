@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLMHead
 
+from cclm.config import HeadInit
+
 
 class MatchingHead(nn.Module):
     """2-way classifier on the fused [CLS] token (MLP as in X-VLM/CCLM)."""
@@ -25,6 +27,22 @@ class MatchingHead(nn.Module):
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.net(cls)
+
+
+def init_new_head(module: nn.Module, std: float = 0.02, how: HeadInit | str = HeadInit.normal) -> None:
+    """Initialise a newly built head (a fine-tuning task's classifier): ``normal``: Linear weights normal(0,
+    ``std``), zero biases, LayerNorms ones and zeros; ``torch_default``: left as built (nn.Linear's kaiming-uniform
+    weights and uniform biases, as the reference's heads). Either draws from torch's global generator."""
+    if HeadInit(how) == HeadInit.torch_default:
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.LayerNorm):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 def build_mlm_head(config, word_embeddings: nn.Embedding) -> XLMRobertaLMHead:

@@ -70,7 +70,7 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
         seed=cfg.train.seed,
         normalizer=normalizer_for(backbone.cfg.text),
     )
-    objective = TextAssignment(model, seed=cfg.train.seed + env.rank)
+    objective = TextAssignment(model, seed=cfg.train.seed + env.rank, head_init=cfg.head_init)
     trainer = Trainer(
         objective,
         data,
@@ -87,7 +87,10 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
         ),
         env=env,
         optimizer_cfg=OptimizerConfig(
-            lr=float(stage.lr), weight_decay=cfg.train.weight_decay, betas=[float(b) for b in cfg.train.betas]
+            lr=float(stage.lr),
+            weight_decay=cfg.train.weight_decay,
+            betas=[float(b) for b in cfg.train.betas],
+            decay_rule=cfg.train.decay_rule,
         ),
         scheduler_cfg=SchedulerConfig(name=ScheduleName.linear, warmup_ratio=float(stage.warmup_ratio)),
         deepspeed_cfg=cfg.deepspeed,

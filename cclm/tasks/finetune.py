@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cclm.config import (
+    DecayRule,
     DeepSpeedConfig,
     OptimizerConfig,
     ScheduleName,
@@ -39,6 +40,7 @@ class FinetuneSettings:
     epochs: int = 10
     max_steps: int = 0  # > 0 stops earlier than `epochs`
     weight_decay: float = 0.01
+    decay_rule: DecayRule = DecayRule.shape  # which parameters decay (cclm.runtime.optim.decays)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (the fine-tuning config's train.betas)
     head_lr_mult: float = 1.0
     warmup_ratio: float = 0.1
@@ -63,6 +65,7 @@ class FinetuneSettings:
             epochs=train.epochs,
             max_steps=train.max_steps,
             weight_decay=train.weight_decay,
+            decay_rule=DecayRule(train.decay_rule),
             betas=tuple(float(b) for b in train.betas),
             head_lr_mult=train.head_lr_mult,
             warmup_ratio=train.warmup_ratio,
@@ -115,7 +118,10 @@ def finetune(
         loop,
         env=env,
         optimizer_cfg=OptimizerConfig(
-            lr=settings.lr, weight_decay=settings.weight_decay, betas=[float(b) for b in settings.betas]
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            betas=[float(b) for b in settings.betas],
+            decay_rule=settings.decay_rule,
         ),
         scheduler_cfg=SchedulerConfig(name=ScheduleName.linear, warmup_ratio=settings.warmup_ratio),
         deepspeed_cfg=deepspeed_cfg if deepspeed_cfg is not None else DeepSpeedConfig(),

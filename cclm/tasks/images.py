@@ -62,10 +62,12 @@ class TaskAugment:
     a random resized crop (area ``scale_min``..1 of the image, bicubic), a horizontal flip with probability 1/2,
     then RandAugment(2, 7) -- the pretraining :class:`~cclm.data.transforms.TrainTransform`.
 
-    Flips are careful, as in pretraining: an image is never flipped when its text names a side in the example's
-    language ("left", "links", ...; a language without a word list is never flipped), nor when the example's
-    label does in English (``label_names``: an xGQA answer "left" or "right" -- the reference fine-tunes GQA
-    without flips for that reason).
+    With ``hflip_careful`` (the default) flips are careful, as in pretraining: an image is never flipped when its
+    text names a side in the example's language ("left", "links", ...; a language without a word list is never
+    flipped), nor when the example's label does in English (``label_names``: an xGQA answer "left" or "right").
+    Without, flips are the reference's: every image with probability 1/2, except where the task's
+    ``reference_side_words`` occur (exact, case-sensitive substrings) in the text or the label's name -- GQA's
+    "left" and "right" in the question or answer (the reference's ``vqa_dataset``).
 
     Reproducible: the randomness of one image is ``random.Random`` seeded with (``seed``, ``epoch``, ``index``,
     ``slot``): ``index`` the example's position in the training set, ``slot`` the image's position in the example
@@ -79,22 +81,32 @@ class TaskAugment:
         *,
         scale_min: float = 0.5,
         hflip: bool = True,
+        hflip_careful: bool = True,
         randaugment: bool = True,
         label_names: Sequence[str] = (),
+        reference_side_words: Sequence[str] = (),
     ):
         self.size, self.seed, self.epoch = int(size), int(seed), 0
-        self.transform = TrainTransform(self.size, scale_min, hflip=hflip, randaugment=randaugment)
-        self.no_flip = TrainTransform(self.size, scale_min, hflip=False, randaugment=randaugment)
-        self.side_labels = frozenset(
-            i for i, name in enumerate(label_names) if mentions_side(str(name), "en")
+        self.transform = TrainTransform(
+            self.size, scale_min, hflip=hflip, randaugment=randaugment, hflip_careful=hflip_careful
         )
+        self.no_flip = TrainTransform(self.size, scale_min, hflip=False, randaugment=randaugment)
+        self.side_words = () if hflip_careful else tuple(reference_side_words)
+        names_side = (lambda name: mentions_side(name, "en")) if hflip_careful else self.names_reference_side
+        self.side_labels = frozenset(i for i, name in enumerate(label_names) if names_side(str(name)))
 
     @classmethod
     def from_config(
-        cls, data_cfg, size: int, seed: int, label_names: Sequence[str] = ()
+        cls,
+        data_cfg,
+        size: int,
+        seed: int,
+        label_names: Sequence[str] = (),
+        reference_side_words: Sequence[str] = (),
     ) -> TaskAugment | None:
         """The augmentation a fine-tuning ``data`` section asks for (``augment``, ``crop_scale_min``, ``hflip``,
-        ``randaugment``); None without ``data.augment``."""
+        ``hflip_careful``, ``randaugment``); None without ``data.augment``. ``reference_side_words``: the task's
+        (its module's ``REFERENCE_SIDE_WORDS``)."""
         if not getattr(data_cfg, "augment", False):
             return None
         return cls(
@@ -102,9 +114,14 @@ class TaskAugment:
             seed,
             scale_min=float(data_cfg.crop_scale_min),
             hflip=bool(data_cfg.hflip),
+            hflip_careful=bool(data_cfg.hflip_careful),
             randaugment=bool(data_cfg.randaugment),
             label_names=label_names,
+            reference_side_words=reference_side_words,
         )
+
+    def names_reference_side(self, text: str) -> bool:
+        return any(word in text for word in self.side_words)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -123,7 +140,8 @@ class TaskAugment:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise MissingImageError(f"image not found: {path}") from None
-        transform = self.no_flip if label in self.side_labels else self.transform
+        keep_sides = label in self.side_labels or self.names_reference_side(text)
+        transform = self.no_flip if keep_sides else self.transform
         try:
             pixels = transform(data, text, lang, self.rng(index, slot))
         except DECODE_ERRORS as err:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cclm.config import HeadInit
+from cclm.model.heads import init_new_head
 from cclm.model.text import FusionStack, additive_mask
 
 ASSIGNMENT_LABELS = ("left", "right", "neither")
@@ -103,7 +105,7 @@ class TextAssignment(nn.Module):
     layers (its classifier is not used) on batches of image-caption pairs (``images`` [B, 3, H, W], ``text_ids``,
     ``text_mask``): ``{"ta": loss, "loss": loss}``."""
 
-    def __init__(self, task_model: nn.Module, seed: int = 0):
+    def __init__(self, task_model: nn.Module, seed: int = 0, head_init: HeadInit | str = HeadInit.normal):
         super().__init__()
         if getattr(task_model, "pair_fusion", None) is None:
             raise ValueError(
@@ -113,8 +115,7 @@ class TextAssignment(nn.Module):
         hidden = task_model.backbone.encoder_config.hidden_size
         self.ta_head = nn.Linear(hidden, len(ASSIGNMENT_LABELS))
         std = getattr(task_model.backbone.encoder_config, "initializer_range", 0.02)
-        nn.init.normal_(self.ta_head.weight, std=std)
-        nn.init.zeros_(self.ta_head.bias)
+        init_new_head(self.ta_head, std, head_init)
         self.generator = torch.Generator().manual_seed(seed)
 
     def head_parameter_names(self) -> set[str]:

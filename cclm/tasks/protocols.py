@@ -264,7 +264,14 @@ class TaskRunner(TaskSuite):
                     cfg.image_size,
                 )
             backbone = CrossViewModel(model_cfg)
-        model = TaskModel(backbone, self.cfg.task, self.kind, self.label_names(), head=str(cfg.head))
+        model = TaskModel(
+            backbone,
+            self.cfg.task,
+            self.kind,
+            self.label_names(),
+            head=str(cfg.head),
+            head_init=cfg.head_init,
+        )
         if domain_pretrain.enabled(cfg):  # at the pretrained size, as the reference (224 px, then 384)
             model = domain_pretrain.domain_pretrain(model, tokenizer, cfg, self.env)
         if cfg.pretrained and cfg.image_size > 0:
@@ -288,7 +295,8 @@ class TaskRunner(TaskSuite):
     def train_batches(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> EpochBatches:
         """Training batches of ``datas``, their images augmented as ``data.augment`` says (dev and test never)."""
         size, t = self.image_size(model), self.cfg.train
-        augment = TaskAugment.from_config(self.cfg.data, size, t.seed, self.label_names())
+        side_words = getattr(self.task, "REFERENCE_SIDE_WORDS", ())
+        augment = TaskAugment.from_config(self.cfg.data, size, t.seed, self.label_names(), side_words)
         dataset = training_dataset(self.kind, datas, self.roots, size, augment)
         return TaskBatches(
             dataset,

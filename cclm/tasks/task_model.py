@@ -31,9 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from cclm.config import HeadInit
 from cclm.model.card import EVAL_RESULTS, write_model_card
 from cclm.model.cross_view import CrossViewModel
 from cclm.model.fingerprint import weights_digest
+from cclm.model.heads import init_new_head
 from cclm.tasks import get_task
 from cclm.tasks.answer_decoder import K_TEST, AnswerDecoder
 from cclm.tasks.nlvr_fusion import DualImageFusion
@@ -65,12 +67,14 @@ class PairHead(nn.Module):
     """CCLM's image-pair head: the right-image copies of the fusion layers and the MLP on the [CLS] they end in
     (called on that [CLS], it is the MLP: ``head(features(...))`` gives the logits as for every other head)."""
 
-    def __init__(self, backbone: CrossViewModel, num_labels: int):
+    def __init__(
+        self, backbone: CrossViewModel, num_labels: int, head_init: HeadInit | str = HeadInit.normal
+    ):
         super().__init__()
         hidden, eps = backbone.encoder_config.hidden_size, backbone.encoder_config.layer_norm_eps
         self.fusion = DualImageFusion(backbone.fusion)
         self.classifier = ClassifierHead(hidden, hidden, num_labels, eps)
-        self.classifier.apply(_init_like(backbone))
+        init_new_head(self.classifier, initializer_range(backbone), head_init)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
@@ -93,7 +97,9 @@ class TaskModel(nn.Module):
         kind: str,
         label_names: list[str] | None = None,
         head: str = "iglue",
+        head_init: HeadInit | str = HeadInit.normal,
     ):
+        """``head_init``: how the new classifier starts (:func:`~cclm.model.heads.init_new_head`)."""
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown task kind '{kind}' (expected one of {KINDS})")
@@ -111,13 +117,13 @@ class TaskModel(nn.Module):
             if self.design == ANSWER_DECODER:
                 self.head = AnswerDecoder(backbone)
             elif self.design == DUAL_IMAGE_FUSION:
-                self.head = PairHead(backbone, len(self.label_names))
+                self.head = PairHead(backbone, len(self.label_names), head_init)
             else:
                 in_features = 2 * hidden if kind == "pair" else hidden
                 self.head = ClassifierHead(
                     in_features, hidden, len(self.label_names), backbone.encoder_config.layer_norm_eps
                 )
-                self.head.apply(_init_like(backbone))
+                init_new_head(self.head, initializer_range(backbone), head_init)
 
     # ------------------------------------------------------------------------------------ answer decoder
     @property
@@ -297,15 +303,6 @@ class TaskModel(nn.Module):
         return weights_digest(directory)
 
 
-def _init_like(backbone: CrossViewModel):
-    std = getattr(backbone.encoder_config, "initializer_range", 0.02)
-
-    def init(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-    return init
+def initializer_range(backbone: CrossViewModel) -> float:
+    """The std of the text encoder's own weight init (BERT's 0.02), that of new heads under ``head_init: normal``."""
+    return float(getattr(backbone.encoder_config, "initializer_range", 0.02))

@@ -25,6 +25,8 @@ from cclm.tasks.task_data import ClassificationData, ClassificationExample
 
 KIND = "single"
 CCLM_HEAD = "answer_decoder"  # head: cclm (the reference's VQA model)
+# data.hflip_careful=false: the reference's vqa_dataset does not flip when the question or an answer holds these
+REFERENCE_SIDE_WORDS = ("left", "right")
 
 
 def labels(data_cfg) -> list[str]:
