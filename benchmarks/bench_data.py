@@ -274,15 +274,19 @@ SECTION = "## Data loading (`make bench-data`)"
 
 
 def append_result_line(path: Path, line: str) -> None:
-    """Append ``line`` under this benchmark's heading, adding the heading when another section is last."""
+    """Add ``line`` as the last line of this benchmark's section (before the next ``## `` heading), or, when the
+    file has no such section yet, at its end under a new heading."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    headings = [h for h in text.splitlines() if h.startswith("## ")]
-    prefix = ""
-    if not headings or headings[-1] != SECTION:
+    lines = text.splitlines(keepends=True)
+    if SECTION + "\n" not in lines:
         separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-        prefix = f"{separator}{SECTION}\n\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(prefix + line)
+        path.write_text(f"{text}{separator}{SECTION}\n\n{line}", encoding="utf-8")
+        return
+    start = lines.index(SECTION + "\n") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > start and not lines[end - 1].strip():  # after the section's last line, before its blank lines
+        end -= 1
+    path.write_text("".join(lines[:end] + [line] + lines[end:]), encoding="utf-8")
 
 
 def result_line(result: dict, workers: int, shard_info: dict) -> str:

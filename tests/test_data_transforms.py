@@ -94,7 +94,7 @@ def test_train_transform_never_flips_side_captions_and_is_seeded():
     np.testing.assert_array_equal(a, augmented(data, "x", "en", random.Random(3)))
 
 
-def test_batch_images_are_the_transposed_arrays_in_shared_memory_inside_a_worker(monkeypatch):
+def test_batch_images_are_the_arrays_in_channels_last_memory_and_shared_memory_inside_a_worker(monkeypatch):
     import torch
 
     import cclm.data.collate as collate
@@ -103,12 +103,41 @@ def test_batch_images_are_the_transposed_arrays_in_shared_memory_inside_a_worker
     arrays = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
     arrays[1] = arrays[1][:, ::-1]  # a flipped training image is a mirrored view
     expected = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def check(images):
+        assert images.shape == (4, 3, 5, 7) and torch.equal(images, expected)
+        # one plain copy per image: the batch's memory is the HWC arrays one after the other
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert images.untyped_storage().nbytes() == expected.numel()
+        flat = torch.frombuffer(bytearray(bytes(images.untyped_storage())), dtype=torch.uint8)
+        assert torch.equal(flat, torch.from_numpy(np.stack(arrays).reshape(-1)))
+
     in_process = collate.stack_images(arrays)
-    assert torch.equal(in_process, expected) and in_process.is_contiguous() and not in_process.is_shared()
+    check(in_process)
+    assert not in_process.is_shared()
     # in a DataLoader worker the batch is built in shared memory, so sending it to the main process copies nothing
     monkeypatch.setattr(collate, "get_worker_info", lambda: object())
     in_worker = collate.stack_images(arrays)
-    assert torch.equal(in_worker, expected) and in_worker.is_contiguous() and in_worker.is_shared()
+    check(in_worker)
+    assert in_worker.is_shared()
+
+
+def test_channels_last_batches_give_the_model_the_same_outputs_as_contiguous_ones(tiny_model_cfg):
+    import torch
+
+    from cclm.data.collate import stack_images
+    from cclm.model import CrossViewModel
+
+    torch.manual_seed(0)
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False).eval()
+    size = tiny_model_cfg.vision.image_size
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(3)]
+    images = stack_images(arrays)
+    with torch.no_grad():
+        ours = model.vision(images)
+        plain = model.vision(images.contiguous())
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_reusing_image_buffers_changes_no_pixel_and_never_lowers_a_larger_limit():

@@ -418,3 +418,16 @@ def test_bench_data_headline_is_the_median_paired_ratio():
     line = bench.result_line(result, 2, {"images": 2000, "mean_kb": 66.1})
     assert "**83% of the ceiling (84% per CPU-second)**" in line
     assert "best-of (best pass over best pass)" in line and "98% of the ceiling" in line
+
+
+def test_bench_data_adds_its_line_to_its_own_section(tmp_path):
+    bench = _load_script("bench_data")
+    results = tmp_path / "RESULTS.md"
+    bench.append_result_line(results, "- first\n")  # a new file: the section is made
+    assert results.read_text() == f"{bench.SECTION}\n\n- first\n"
+    results.write_text(f"# Results\n\n{bench.SECTION}\n\n- old run\n  continued\n\n## Other\n\n- other\n")
+    bench.append_result_line(results, "- new run\n")
+    assert results.read_text() == (
+        f"# Results\n\n{bench.SECTION}\n\n- old run\n  continued\n- new run\n\n## Other\n\n- other\n"
+    )
+    assert results.read_text().count(bench.SECTION) == 1

@@ -11,9 +11,11 @@ MLM masking spec may differ per view (``"image"``: the caption; ``"text"``: both
 resumed stream masks exactly as the uninterrupted one would have. The batch's ``texts`` / ``other_texts`` are the
 texts as read, before the normaliser.
 
-Images: each example's HWC array is copied once, transposed, straight into the batch tensor [B,3,H,W]; inside a
-DataLoader worker that tensor is allocated in shared memory (as torch's ``default_collate`` does), so handing
-the batch to the main process does not copy it again.
+Images: the batch tensor is [B,3,H,W] in channels-last memory (``torch.channels_last``: each pixel's three
+bytes side by side, as the decoded HWC arrays hold them), so making it is one plain copy of each example's array
+instead of a transposing one (about half the collation time). Every operation sees the [B,3,H,W] shape; the
+model's first step turns it into floats. Inside a DataLoader worker the tensor is allocated in shared memory (as
+torch's ``default_collate`` does), so handing the batch to the main process does not copy it again.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def group_id(key: str) -> int:
 
 
 def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HWC arrays of one shape -> a contiguous uint8 tensor [B, C, H, W] (see the module docstring)."""
-    height, width, channels = arrays[0].shape
-    shape = (len(arrays), channels, height, width)
+    """uint8 HWC arrays of one shape -> a uint8 tensor [B, C, H, W] in channels-last memory (see the module
+    docstring)."""
+    shape = (len(arrays), *arrays[0].shape)
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape))
         images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
@@ -50,8 +52,8 @@ def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
         images = torch.empty(shape, dtype=torch.uint8)
     out = images.numpy()
     for i, array in enumerate(arrays):
-        out[i] = array.transpose(2, 0, 1)
-    return images
+        out[i] = array
+    return images.permute(0, 3, 1, 2)
 
 
 def _per_view(value, name: str) -> dict:
