@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 IGLUE_DIR = Path(os.environ.get("CCLM_IGLUE_DIR", REPO.parent / "shared" / "iglue"))
@@ -75,6 +77,19 @@ def tiny_model_dir(tmp_path, tiny_model_cfg, tiny_tokenizer) -> Path:
     CrossViewModel(tiny_model_cfg, load_pretrained=False).save_pretrained(out)
     tiny_tokenizer.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Four noise images of different shapes (PNG: pixels exact, no DCT draft): the fine-tuning augmentation
+    tests' training images (a module's own ``images`` fixture replaces this one)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(90, 70), (64, 96), (120, 80), (80, 80)]):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture(scope="module")

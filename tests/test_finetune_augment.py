@@ -25,18 +25,6 @@ from cclm.tasks.task_data import ClassificationExample, RetrievalData
 SIZE = 32
 
 
-@pytest.fixture
-def images(tmp_path):
-    """Four noise images of different shapes (PNG: pixels exact, no DCT draft)."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (w, h) in enumerate([(90, 70), (64, 96), (120, 80), (80, 80)]):
-        path = tmp_path / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
 def examples(paths, text="a photo of things", lang="en", label=0):
     return [
         ClassificationExample(str(i), text, (ImageRef(None, str(p)),), label, lang)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from cclm.config import (
@@ -56,17 +54,6 @@ def finetune_config(*overrides: str):
 
 
 # --------------------------------------------------------------------------------------------------------- flips
-@pytest.fixture
-def images(tmp_path):
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (w, h) in enumerate([(90, 70), (64, 96), (120, 80), (80, 80)]):
-        path = tmp_path / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
 def flipped(images, text, lang="en", label=0, **options) -> list[bool]:
     """For each image and four epochs: whether the augmentation mirrored it (compared with one that never flips,
     drawing the same crop)."""
