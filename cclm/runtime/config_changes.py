@@ -46,21 +46,24 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[
     return changes
 
 
+def named(changes: Mapping[str, list[Any]]) -> str:
+    """The first :data:`SHOWN` changes as ``key: before -> after``, and how many more there are."""
+    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:SHOWN])
+    return shown + (f" and {len(changes) - SHOWN} more" if len(changes) > SHOWN else "")
+
+
 def report_changes(output_dir: str | Path, step: int, changes: Mapping[str, list[Any]]) -> None:
     """Warn, naming the changed keys, and append the record to ``config_changes.jsonl``. Main rank only."""
     if not changes:
         return
-    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:SHOWN])
-    more = f" and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
     path = Path(output_dir) / CHANGES_FILE
     log.warning(
-        "resumed at step %d with a configuration that differs from the checkpoint's in %d key(s): %s%s. The run "
+        "resumed at step %d with a configuration that differs from the checkpoint's in %d key(s): %s. The run "
         "goes on with the new values; where they change what or how it trains, it no longer repeats the "
         "uninterrupted run (every change: %s)",
         step,
         len(changes),
-        shown,
-        more,
+        named(changes),
         path,
     )
     with path.open("a", encoding="utf-8") as handle:

@@ -47,7 +47,7 @@ from cclm.config import (
 )
 from cclm.errors import CheckpointError, RunInterrupted, UserError
 from cclm.runtime import checkpoint, stop_signal
-from cclm.runtime.config_changes import config_changes, report_changes
+from cclm.runtime.config_changes import config_changes, named, report_changes
 from cclm.runtime.engine import (
     build_engine,
     engine_keeps_grad_norm,
@@ -278,12 +278,31 @@ class Trainer:
                 step,
             )
 
+    def _changed_since(self, target: Path) -> str:
+        """For a checkpoint that would not load: the keys this resume changed from its configuration. A changed
+        ``optimizer.decay_rule``, lr multiplier or set of trained parameters regroups the optimizer, whose saved
+        state then no longer fits."""
+        try:
+            changes = config_changes(checkpoint.read_json(target / checkpoint.CONFIG), self.run_config)
+        except CheckpointError:
+            return ""
+        if not changes:
+            return ""
+        return (
+            f". This resume changes {len(changes)} key(s) from the checkpoint's configuration ({named(changes)}); "
+            "one that regroups the optimizer (its decay rule, lr multipliers, what is trained) leaves the saved "
+            "optimizer state unusable: resume with the checkpoint's values for those keys"
+        )
+
     def _start(self, target: Path | None) -> None:
         if self.env.is_main:
             claim_output_dir(self.output_dir, self.resume, self.overwrite)
         barrier()
         if target is not None:
-            self.step, data_state, state = checkpoint.load(self.engine, target, self.env.rank)
+            try:
+                self.step, data_state, state = checkpoint.load(self.engine, target, self.env.rank)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}{self._changed_since(target)}") from err
             self.source.load_state_dict(data_state)
             self._time_before = float(state.get("train_seconds", 0.0))
             if "sampling_rng" in state:

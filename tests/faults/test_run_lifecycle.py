@@ -238,6 +238,25 @@ def test_plot_names_file_and_line_of_a_bad_record(tmp_path, capsys, middle, tail
 
 
 # ------------------------------------------------------------------------------------- a resume the data refuses
+def cclm_pretrain(world: Path, run: Path, **settings) -> subprocess.CompletedProcess:
+    """``cclm pretrain`` as a user runs it (its one-line errors, exit 2), on the small world."""
+    return subprocess.run(
+        [sys.executable, "-m", "cclm.cli", "pretrain", str(CONFIG), *overrides(world, run, **settings)],
+        cwd=REPO,
+        env=quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cclm pretrain:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
 def test_a_resume_the_data_stream_refuses_is_one_line_and_leaves_the_runs_config(tmp_path):
     """num_workers changed since the checkpoint: non-resampled data cannot resume exactly, so the run stops; the
     folder's config.json still describes the run its checkpoints were made with."""
@@ -245,23 +264,27 @@ def test_a_resume_the_data_stream_refuses_is_one_line_and_leaves_the_runs_config
     run = tmp_path / "run"
     run_pretrain(1, overrides(world, run, **{"train.max_steps": 2, "train.save_every": 2}))
     before = (run / "config.json").read_bytes()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cclm.cli",
-            "pretrain",
-            str(CONFIG),
-            *overrides(world, run, **{"train.max_steps": 4, "data.num_workers": 2, "resume": "auto"}),
-        ],
-        cwd=REPO,
-        env=quiet_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    error = one_error(
+        cclm_pretrain(world, run, **{"train.max_steps": 4, "data.num_workers": 2, "resume": "auto"})
     )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("cclm pretrain:")]
-    assert len(errors) == 1 and "num_workers changed since the checkpoint" in errors[0], proc.stderr[-3000:]
-    assert "ValueError" not in errors[0] and "Traceback" not in proc.stderr
+    assert "num_workers changed since the checkpoint" in error and "ValueError" not in error
     assert (run / "config.json").read_bytes() == before
+
+
+def test_a_resume_whose_changed_decay_rule_regroups_the_optimizer_names_the_key(tmp_path):
+    """The optimizer's saved state no longer fits its regrouped parameters: DeepSpeed's error alone does not say
+    why, so the refusal names the keys this resume changed."""
+    world = small_world(tmp_path / "world")
+    run = tmp_path / "run"
+    steps = {"train.save_every": 2, "data.num_workers": 0}
+    run_pretrain(1, overrides(world, run, **{"train.max_steps": 2, **steps}))
+    before = (run / "config.json").read_bytes()
+    changed = {"train.max_steps": 4, "train.optimizer.decay_rule": "reference", "resume": "auto", **steps}
+    error = one_error(cclm_pretrain(world, run, **changed))
+    assert "DeepSpeed could not load it" in error
+    assert "train.optimizer.decay_rule: 'shape' -> 'reference'" in error
+    assert "resume with the checkpoint's values for those keys" in error
+    assert (run / "config.json").read_bytes() == before
+    # the same run with the checkpoint's rule resumes
+    run_pretrain(1, overrides(world, run, **{"train.max_steps": 4, "resume": "auto", **steps}))
+    assert steps_logged(run) == [1, 2, 3, 4]
