@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cclm.errors import CheckpointError
@@ -364,8 +365,6 @@ def check_zero_stage(checkpoint: Path, stage: int) -> None:
 
 def verify_on_all_ranks(checkpoint: Path) -> None:
     """:func:`verify` with the hashing split over the ranks; every rank raises if any rank found a bad file."""
-    import torch.distributed as dist
-
     rank, world = dist_info()
     error = ""
     try:
@@ -381,6 +380,16 @@ def verify_on_all_ranks(checkpoint: Path) -> None:
         raise CheckpointError(error)
 
 
+def _as_main_rank_lists(candidates: list[Path]) -> list[Path]:
+    """Every rank tries the checkpoints rank 0 lists, in the same order: ranks that listed their own would call
+    different collectives where a rank's view of the folder differs."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return candidates
+    shared = [candidates]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
     """The checkpoint a run resumes from, verified: with ``"auto"`` the newest complete one that passes
     (a bad newer one is skipped with a warning naming its bad file), else the folder given, which must pass."""
@@ -392,7 +401,7 @@ def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
             raise CheckpointError(f"resume: {target} is not a complete checkpoint (no {COMPLETE})")
         verify_on_all_ranks(target)
         return target
-    candidates = complete_checkpoints(output_dir)
+    candidates = _as_main_rank_lists(complete_checkpoints(output_dir))
     failures = []
     for candidate in reversed(candidates):
         try:

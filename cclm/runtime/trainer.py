@@ -60,6 +60,7 @@ from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import METRICS_FILE, RunLogger, truncate_metrics
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
 from cclm.runtime.rank_writes import RankWrites, write_error_cause
+from cclm.runtime.run_lock import OutputDirLock, hold_output_dir
 from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.stop_checks import STOP_CHECK_S, StopCheckSchedule
 from cclm.runtime.watchdog import Watchdog
@@ -219,6 +220,8 @@ class Trainer:
         self.run_config = run_config or {}
         self.resume, self.overwrite = resume, overwrite
         check_output_dir(self.output_dir, resume, overwrite)
+        self._lock: OutputDirLock | None = None
+        self._checkpoints_seen = {p.name for p in checkpoint.complete_checkpoints(self.output_dir)}
         target = checkpoint.resume_target(self.output_dir, resume)  # checked before anything is built
         if target is not None:
             self._check_steps_left(target)
@@ -294,9 +297,21 @@ class Trainer:
             "optimizer state unusable: resume with the checkpoint's values for those keys"
         )
 
+    def _claim(self, target: Path | None) -> None:
+        """On the main rank, under the folder's lock: refuse when another job wrote a checkpoint since this run
+        chose where to resume, then claim the folder (move an old run aside where ``overwrite`` says so)."""
+        if self.resume == "auto":
+            new = [p.name for p in checkpoint.complete_checkpoints(self.output_dir)]
+            new = [name for name in new if name not in self._checkpoints_seen]
+            if new:
+                raise UserError(
+                    f"output_dir={self.output_dir}: another job wrote {new[-1]} while this run was starting "
+                    f"(from {target.name if target else 'nothing'}); start it again to continue from there"
+                )
+        claim_output_dir(self.output_dir, self.resume, self.overwrite)
+
     def _start(self, target: Path | None) -> None:
-        if self.env.is_main:
-            claim_output_dir(self.output_dir, self.resume, self.overwrite)
+        self._lock = hold_output_dir(self.output_dir, self.env.is_main, lambda: self._claim(target))
         barrier()
         if target is not None:
             try:
@@ -508,7 +523,9 @@ class Trainer:
                 self._log(logger, last)
                 stats.clear()
                 t_start = time.perf_counter()
-            if signalled:
+            if (
+                signalled and not done
+            ):  # a stop asked for during the last step: the run ends as it would anyway
                 self._stop_on_signal()
             if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
                 self.save()
@@ -667,6 +684,8 @@ class Trainer:
 
     def close(self) -> None:
         self.source.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
 class IntervalStats:
