@@ -317,16 +317,21 @@ def read_record(checkpoint: Path) -> dict[str, Any]:
     return record
 
 
-def verify(checkpoint: Path, world_size: int | None = None, files: list[str] | None = None) -> dict[str, Any]:
-    """Check ``complete.json``, the world size it was written with, and the sha256 of ``files`` (default: all
-    in the manifest) before anything is loaded; raises :class:`CheckpointError` naming the first bad file."""
-    record = read_record(checkpoint)
+def check_world_size(checkpoint: Path, record: dict[str, Any], world_size: int) -> None:
     written_by = record.get("world_size")
-    if world_size is not None and written_by is not None and int(written_by) != world_size:
+    if written_by is not None and int(written_by) != world_size:
         raise CheckpointError(
             f"{checkpoint} was written by {written_by} ranks and this run has {world_size}: resume with "
             f"{written_by} ranks, or start a new run from its weights (cclm export)"
         )
+
+
+def verify(checkpoint: Path, world_size: int | None = None, files: list[str] | None = None) -> dict[str, Any]:
+    """Check ``complete.json``, the world size it was written with, and the sha256 of ``files`` (default: all
+    in the manifest) before anything is loaded; raises :class:`CheckpointError` naming the first bad file."""
+    record = read_record(checkpoint)
+    if world_size is not None:
+        check_world_size(checkpoint, record, world_size)
     expected = record.get("files")
     if expected is None:
         log.warning(
@@ -404,6 +409,12 @@ def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
     candidates = _as_main_rank_lists(complete_checkpoints(output_dir))
     failures = []
     for candidate in reversed(candidates):
+        try:
+            record = read_record(candidate)
+        except CheckpointError:
+            record = {}  # verify_on_all_ranks names what is wrong with it
+        # another world size is this run's setting, not damage: every earlier checkpoint would be refused alike
+        check_world_size(candidate, record, dist_info()[1])
         try:
             verify_on_all_ranks(candidate)
             return candidate

@@ -149,6 +149,18 @@ def test_another_world_size_is_refused_naming_both(run):
         toy_trainer(run, resume=str(folder))
 
 
+def test_resume_auto_under_another_world_size_is_refused_once_not_per_checkpoint(tmp_path, caplog):
+    run = trained(tmp_path / "run", steps=6, save_every=2)
+    for folder in checkpoint.complete_checkpoints(run):
+        record = checkpoint.read_record(folder)
+        record["world_size"] = 2
+        (folder / checkpoint.COMPLETE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as refused:
+        toy_trainer(run, resume="auto")
+    assert str(refused.value).startswith(f"{newest(run)} was written by 2 ranks and this run has 1")
+    assert not [r for r in caplog.records if "skipping" in r.getMessage()], "not a damaged checkpoint"
+
+
 def test_export_of_truncated_weights_is_one_line_naming_the_file(tmp_path, tiny_model_cfg, capsys):
     from cclm.config import to_dict
     from cclm.model import CrossViewModel
