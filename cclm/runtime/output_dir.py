@@ -2,7 +2,11 @@
 (nothing written) unless ``overwrite``, which moves the old run aside; ``resume`` continues the run there. A run's
 own checkpoints are the ones in ``<output_dir>/checkpoints`` (so a run copied to another folder is still one run
 there); resuming any other checkpoint into a folder holding a run is refused the same way, since it would mix two
-runs' metrics and checkpoints (into a folder without a run, it starts a branch of that run)."""
+runs' metrics and checkpoints (into a folder without a run, it starts a branch of that run).
+
+A protocol whose stages train into subfolders of its output_dir (``stages``: NLVR domain pretraining's
+``domain_pretrain``) claims the whole folder once, before its first stage writes: a run in a stage's subfolder is
+then a run of the folder, moved aside with it."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cclm.errors import UserError
@@ -41,15 +46,21 @@ def is_own_checkpoint(path: Path, resume: str) -> bool:
     return Path(resume).resolve().parent == (path / "checkpoints").resolve()
 
 
-def replaces_run(path: Path, resume: str | None) -> bool:
-    """Whether a run started with ``resume`` would replace the run in ``path`` instead of continuing it: a fresh
-    run, or a resume from a checkpoint of another run."""
-    if not holds_run(path):
+def replaces_run(path: Path, resume: str | None, stages: Sequence[str] = ()) -> bool:
+    """Whether a run started with ``resume`` would replace the run in ``path`` (or in one of its ``stages``
+    subfolders) instead of continuing it: a fresh run, or a resume from a checkpoint of another run."""
+    if not (holds_run(path) or any(holds_run(path / stage) for stage in stages)):
         return False
     return not resume or (resume != "auto" and not is_own_checkpoint(path, resume))
 
 
-def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key: str = "output_dir") -> None:
+def check_output_dir(
+    path: str | Path,
+    resume: str | None,
+    overwrite: bool,
+    key: str = "output_dir",
+    stages: Sequence[str] = (),
+) -> None:
     """Fail (naming the folder) when ``path`` cannot be written, or when a fresh run (no ``resume``), or one
     resumed from a checkpoint of another run, would write into a folder holding a run without ``overwrite``.
     Writes nothing."""
@@ -63,7 +74,7 @@ def check_output_dir(path: str | Path, resume: str | None, overwrite: bool, key:
         raise UserError(f"{key}={path}: {existing} is a file, not a folder")
     if not _can_create_in(existing):
         raise UserError(f"{key}={path}: {existing} is not writable")
-    if not replaces_run(path, resume):
+    if not replaces_run(path, resume, stages):
         return
     if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):
         raise UserError(
@@ -93,12 +104,14 @@ def aside_path(path: Path) -> Path:
     return aside
 
 
-def claim_output_dir(path: str | Path, resume: str | None, overwrite: bool) -> Path:
+def claim_output_dir(
+    path: str | Path, resume: str | None, overwrite: bool, stages: Sequence[str] = ()
+) -> Path:
     """:func:`check_output_dir`, then move an old run aside when a fresh run (or one resumed from another run's
     checkpoint) overwrites it, and create the folder. Called by the main rank only."""
     path = Path(path)
-    check_output_dir(path, resume, overwrite)
-    if overwrite and replaces_run(path, resume):
+    check_output_dir(path, resume, overwrite, stages=stages)
+    if overwrite and replaces_run(path, resume, stages):
         aside = aside_path(path)
         path.rename(aside)
         log.warning("overwrite=true: the previous run in %s was moved to %s", path, aside)

@@ -5,11 +5,13 @@ pretraining pipeline, on the same trainer as every other workflow. The stage run
 size; the task's classifier is not trained by it.
 
 The trained task model is saved to ``<output_dir>/domain_pretrain/model``; a rerun of the same output folder
-(``resume=auto``) loads it instead of training again.
+(``resume=auto``) loads it instead of training again, provided the settings that shape the stage
+(:func:`stage_changes`) are those it was trained with; changed ones are refused, naming them.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from cclm.config import (
     to_dict,
 )
 from cclm.data.normalize import normalizer_for
+from cclm.jsonl import read_json
+from cclm.runtime.config_changes import config_changes, named
 from cclm.runtime.env import DistEnv, barrier
 from cclm.runtime.optim import multipliers
 from cclm.runtime.trainer import LoopSettings, Trainer
@@ -47,13 +51,87 @@ def check(cfg: FinetuneConfig, kind: str) -> None:
         )
     if cfg.domain_pretrain.data.image_caption is None:
         raise ConfigError("domain_pretrain.steps > 0 needs domain_pretrain.data.image_caption.shards")
+    if reuses_stage(cfg):
+        check_reuse(cfg)
 
 
-def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistEnv) -> TaskModel:
-    """``model`` after the stage (its weights updated), or the stage's saved model when it already ran."""
+def reuses_stage(cfg: FinetuneConfig) -> bool:
+    """Whether this run loads the finished stage of its output folder (a rerun with ``resume``)."""
+    return bool(cfg.resume) and (Path(cfg.output_dir) / STAGE / "model" / "task.json").is_file()
+
+
+# The configuration keys (dotted prefixes) whose values shape the stage's trained weights; a finished stage is
+# reused only when they are unchanged. Logging, workers and the fine-tuning schedule are not among them.
+STAGE_KEYS = (
+    "task",
+    "pretrained",
+    "model",
+    "model_overrides",
+    "tokenizer",
+    "head",
+    "head_init",
+    "domain_pretrain",
+    "train.seed",
+    "train.decay_rule",
+    "train.weight_decay",
+    "train.betas",
+    "train.grad_clip",
+    "data.hflip_careful",
+)
+NOT_STAGE_KEYS = ("domain_pretrain.log_every", "domain_pretrain.data.num_workers")
+
+
+def _is_stage_key(key: str) -> bool:
+    def under(prefixes):
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    return under(STAGE_KEYS) and not under(NOT_STAGE_KEYS)
+
+
+def stage_changes(saved_config: dict, cfg: FinetuneConfig) -> dict[str, list]:
+    """The stage-shaping keys whose value in ``cfg`` differs from the stage's saved configuration."""
+    changes = config_changes(saved_config, to_dict(cfg))
+    return {key: change for key, change in changes.items() if _is_stage_key(key)}
+
+
+def check_reuse(cfg: FinetuneConfig) -> None:
+    """Refuse to reuse the finished stage when ``cfg`` changed a key that shapes it."""
+    folder = Path(cfg.output_dir) / STAGE
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        changes = stage_changes(read_json(config_file), cfg)
+        if changes:
+            raise ConfigError(
+                f"resume: the finished NLVR domain-pretraining stage in {folder} was trained with other settings "
+                f"({named(changes)}); put back its values, or start anew without resume: overwrite=true moves the "
+                "old run aside, or set another output_dir"
+            )
+    else:
+        log.warning("%s is missing: the finished stage in %s is reused unchecked", config_file, folder)
+
+
+def stage_data(cfg: FinetuneConfig):
+    """The stage's data section: ``domain_pretrain.data``, its flips careful only when ``data.hflip_careful`` is
+    too. The reference's ``NLVR_pretrain.py`` reads its shards with its pretraining transform, which flips every
+    pair: ``data.hflip_careful=false``, the switch for the reference's flips, covers this stage as well."""
+    data = cfg.domain_pretrain.data
+    if cfg.data.hflip_careful or not data.hflip_careful:
+        return data
+    data = copy.copy(data)
+    data.hflip_careful = False
+    return data
+
+
+def domain_pretrain(
+    model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistEnv, overwrite: bool | None = None
+) -> TaskModel:
+    """``model`` after the stage (its weights updated), or the stage's saved model when it already ran.
+    ``overwrite`` (default ``cfg.overwrite``): whether the stage's trainer may move an old stage aside; the
+    zero-shot protocol claims the whole output folder first and passes False."""
     folder = Path(cfg.output_dir) / STAGE
     saved = folder / "model"
-    if cfg.resume and (saved / "task.json").is_file():
+    if reuses_stage(cfg):
+        check_reuse(cfg)
         log.info("NLVR domain pretraining: loading the finished stage from %s", saved)
         return TaskModel.load(saved, env.device)
     from cclm.data.pipeline import PretrainData
@@ -61,7 +139,7 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
     stage = cfg.domain_pretrain
     backbone = model.backbone
     data = PretrainData(
-        stage.data,
+        stage_data(cfg),
         tokenizer,
         max_length=int(backbone.cfg.text.max_length),
         image_size=int(backbone.cfg.vision.image_size),
@@ -99,7 +177,7 @@ def domain_pretrain(model: TaskModel, tokenizer, cfg: FinetuneConfig, env: DistE
         lr_mults=multipliers(objective.head_parameter_names(), float(stage.head_lr_mult)),
         run_config=to_dict(cfg),
         resume=cfg.resume,
-        overwrite=cfg.overwrite,
+        overwrite=cfg.overwrite if overwrite is None else overwrite,
     )
     try:
         last = trainer.run()

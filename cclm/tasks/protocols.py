@@ -10,7 +10,9 @@
   (``data.few_shot_dev.<lang>``, else the English ``data.dev``, as IGLUE); ``test`` selects on the language's test
   file, as the CCLM reference's few-shot configs do: such tables are named ``..._selected_on_test`` and labelled
   in their header, title and rows. A few-shot training image that is also in the test file is an error (xGQA's
-  few-shot images come from testdev: its runs test on the few-shot split's ``test.json``, as IGLUE's all do);
+  few-shot images come from testdev: its runs test on the few-shot split's ``test.json``, as IGLUE's all do).
+  Each run folder's ``sweep.json`` (:class:`SweepRecord`) records the finished learning rates and the scored row:
+  a requeued sweep (``resume=auto``) skips them, with or without checkpoints;
 - translate-test / zero-shot evaluation of an existing task model: :func:`evaluate_checkpoint`.
 
 Retrieval files are grouped into image entries as ``data.duplicate_images`` says
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import braceexpand
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from cclm.config import (
@@ -47,20 +50,30 @@ from cclm.data.tokenize import load_tokenizer, train_tokenizer
 from cclm.errors import UserError
 from cclm.jsonl import read_json
 from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
-from cclm.runtime.env import DistEnv, barrier, init_distributed, local_main_first, seed_everything
-from cclm.runtime.output_dir import check_output_dir, holds_run
+from cclm.runtime.checkpoint import latest_checkpoint, tied_aliases
+from cclm.runtime.env import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    local_main_first,
+    resolve_precision,
+    seed_everything,
+)
+from cclm.runtime.output_dir import check_output_dir, claim_output_dir, holds_run
+from cclm.runtime.run_lock import hold_output_dir
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.stop_signal import holds_stop_signal
-from cclm.runtime.trainer import Selection
+from cclm.runtime.trainer import BEST_DIR, BEST_WEIGHTS, Selection
 from cclm.tasks import domain_pretrain, get_task, iglue_retrieval
 from cclm.tasks.annotations import AnnotationError
 from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator, training_dataset
-from cclm.tasks.finetune import FinetuneSettings, finetune, predict
+from cclm.tasks.finetune import FinetuneSettings, finetune, predict, prepare_answers
 from cclm.tasks.images import TaskAugment, require_images
 from cclm.tasks.metrics import accuracy
 from cclm.tasks.results import (
     merged_rows,
     other_models,
+    other_scoring,
     read_task_table,
     set_aside_table,
     table_path,
@@ -71,6 +84,10 @@ from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 TaskData = ClassificationData | RetrievalData
+# the fine-tuning switches a task model was trained with, in its task.json and in each result row
+SWITCHES = "fine_tuning"
+# in a zero-shot run's config.json: the head_init its head was initialised under
+APPLIED_HEAD_INIT = "head_init_applied"
 
 
 class TaskSuite:
@@ -189,6 +206,22 @@ class TaskSuite:
             "skipped": sum(data.skipped.values()),
         }
 
+    def scoring_settings(self) -> dict:
+        """The settings besides the model that decide a row's numbers, recorded in each row (``scoring``): rows
+        are kept in one table (and averaged) only when these are equal. Batch sizes and workers do not change
+        the numbers; the precision the device resolves to does."""
+        settings = {
+            "max_examples": int(self.data_cfg.max_examples),
+            "max_length": int(getattr(self.data_cfg, "max_length", 0) or 0),
+            "precision": resolve_precision(self.device, self.precision).value,
+            "k_test": self.k_test,
+        }
+        if self.kind == "retrieval":
+            settings["duplicate_images"] = str(self.duplicates)
+        else:
+            settings["first_token_twice"] = self.first_token_twice
+        return settings
+
     def main_score(self, metrics: dict) -> float:
         """What selection maximises: accuracy, the task's ``MAIN_METRIC`` (Multi30K/MSCOCO: ``r_mean``, as the
         CCLM paper reports them), else the mean of IGLUE's two R@1."""
@@ -226,6 +259,8 @@ class TaskRunner(TaskSuite):
         )
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        # whether this run's trainers may move an old run aside; False once the protocol claimed the folder
+        self.overwrite = bool(cfg.overwrite)
 
     # ---------------------------------------------------------------------------------------------- models
     def start_model(self, train_datas: Sequence[TaskData]) -> tuple[TaskModel, object]:
@@ -273,7 +308,7 @@ class TaskRunner(TaskSuite):
             head_init=cfg.head_init,
         )
         if domain_pretrain.enabled(cfg):  # at the pretrained size, as the reference (224 px, then 384)
-            model = domain_pretrain.domain_pretrain(model, tokenizer, cfg, self.env)
+            model = domain_pretrain.domain_pretrain(model, tokenizer, cfg, self.env, overwrite=self.overwrite)
         if cfg.pretrained and cfg.image_size > 0:
             # fine-tune at another resolution (the reference: 384 px, Swin window 12)
             from cclm.model.resize import resize_vision
@@ -338,8 +373,21 @@ class TaskRunner(TaskSuite):
             deepspeed_cfg=self.cfg.deepspeed,
             run_config={**to_dict(self.cfg), **dict(run_info or {})},
             resume=self.cfg.resume,
-            overwrite=self.cfg.overwrite,
+            overwrite=self.overwrite,
         )
+
+    def claim_output_dir(self):
+        """Claim ``output_dir`` for the whole run (every rank calls it), before its first stage writes: an old run
+        there (a finished domain-pretraining stage too) is moved aside once, with ``overwrite``, and the run's
+        trainers then move nothing. Returns the main rank's lock on the folder, held until released."""
+        cfg, stages = self.cfg, (domain_pretrain.STAGE,)
+        lock = hold_output_dir(
+            self.output_dir,
+            self.env.is_main,
+            lambda: claim_output_dir(self.output_dir, cfg.resume, cfg.overwrite, stages=stages),
+        )
+        self.overwrite = False
+        return lock
 
     def table(
         self, model: TaskModel, tokenizer, files: Mapping[str, str], protocol: str, model_dir: Path
@@ -353,32 +401,89 @@ class TaskRunner(TaskSuite):
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
         columns, extra = self.columns()
         if self.env.is_main:
-            digest = TaskModel.weights_digest(model_dir)
-            rows = [{**row, "model": str(model_dir), "model_digest": digest} for row in rows]
-            rows = self.with_earlier_rows(protocol, rows, one_model=True)
+            source = {
+                "model": str(model_dir),
+                "model_digest": TaskModel.weights_digest(model_dir),
+                "scoring": self.scoring_settings(),
+                SWITCHES: _recorded_switches(model_dir) or None,
+            }
+            rows = self.with_earlier_rows(protocol, [{**row, **source} for row in rows], "model")
         return write_task_results(
             self.output_dir, str(self.cfg.task), protocol, rows, columns, extra, write=self.env.is_main
         )
 
-    def with_earlier_rows(self, name: str, rows: list[dict], one_model: bool) -> list[dict]:
-        """``rows`` with the other rows of table ``name`` already under ``output_dir`` (main rank): a table of
-        one model (zero-shot, translate-test) keeps the rows of the same weights and is moved aside when another
-        model wrote it; a few-shot table (a model per language) keeps the languages not run again."""
+    def table_conflict(self, name: str, model_key: str, digest: str) -> str | None:
+        """Why table ``name`` already under ``output_dir`` cannot take rows of weights ``digest`` (``model_key``:
+        ``model``, the scored model, or few-shot ``checkpoint``, the model every language started from) scored
+        with this run's settings: it holds rows of other weights, or rows scored otherwise. None when it can."""
+        old = read_task_table(self.output_dir, str(self.cfg.task), name)
+        if old is None:
+            return None
+        others = other_models(old, digest, model_key)
+        if others:
+            started = "fine-tuned from another model" if model_key == "checkpoint" else "of another model"
+            return f"holds rows {started} ({', '.join(others)})"
+        scored = other_scoring(old, self.scoring_settings())
+        return f"holds rows scored with other settings ({scored})" if scored else None
+
+    def check_table(self, name: str, model_key: str, digest: str) -> None:
+        """Refuse, before anything runs, a table that this run's rows could not join (:meth:`table_conflict`),
+        unless ``overwrite`` (it is then moved aside when the rows are written)."""
+        reason = self.table_conflict(name, model_key, digest)
+        if reason and not self.cfg.overwrite:
+            raise UserError(
+                f"{table_path(self.output_dir, str(self.cfg.task), name)} {reason}: overwrite=true moves it aside "
+                f"({name}.old-<time>.*), or set another output_dir"
+            )
+
+    def with_earlier_rows(self, name: str, rows: list[dict], model_key: str) -> list[dict]:
+        """``rows`` with the other rows of table ``name`` already under ``output_dir`` (main rank): rows of the same
+        weights (``model_key``: ``model``; few-shot: ``checkpoint``, a model per language from one English
+        model) scored with the same settings are kept, except those of the languages run again; a table that
+        :meth:`table_conflict` refuses is moved aside."""
         task = str(self.cfg.task)
         old = read_task_table(self.output_dir, task, name)
         if old is None:
             return rows
-        others = other_models(old, rows[0]["model_digest"]) if one_model else []
-        if others:
+        reason = self.table_conflict(name, model_key, rows[0][f"{model_key}_digest"])
+        if reason:
             aside = set_aside_table(self.output_dir, task, name)
-            log.warning(
-                "%s held rows of another model (%s); moved to %s",
-                table_path(self.output_dir, task, name),
-                ", ".join(others),
-                aside,
-            )
+            log.warning("%s %s; moved to %s", table_path(self.output_dir, task, name), reason, aside)
             return rows
         return merged_rows(old["rows"], rows)
+
+    def applied_head_init(self) -> str:
+        """The ``head_init`` this run's head is initialised under: the config's, except in a run resumed from a
+        checkpoint, which loads its head: a changed value cannot apply, and is warned about."""
+        cfg = self.cfg
+        target = None
+        if cfg.resume:
+            target = latest_checkpoint(self.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        config_file = target / "config.json" if target is not None else None
+        if config_file is None or not config_file.is_file():
+            return str(cfg.head_init)
+        saved = read_json(config_file)
+        applied = str(saved.get(APPLIED_HEAD_INIT, saved.get("head_init", cfg.head_init)))
+        if applied != str(cfg.head_init) and self.env.is_main:
+            log.warning(
+                "head_init=%s does not apply to this resumed run: its head was initialised under head_init=%s "
+                "(%s records it as %s)",
+                cfg.head_init,
+                applied,
+                self.output_dir / "config.json",
+                APPLIED_HEAD_INIT,
+            )
+        return applied
+
+    def switches(self, head_init=None) -> dict:
+        """The fine-tuning switches of this run, recorded with its model and rows; ``head_init``: the value the
+        head was really initialised under, where it is not this config's (a resumed run, a few-shot run)."""
+        cfg = self.cfg
+        return {
+            "data.hflip_careful": bool(cfg.data.hflip_careful),
+            "train.decay_rule": str(cfg.train.decay_rule),
+            "head_init": str(head_init if head_init is not None else cfg.head_init),
+        }
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -420,7 +525,8 @@ def _model_yaml(name: str) -> Path:
 
 @holds_stop_signal  # NLVR domain pretraining, then fine-tuning: a signal between them is kept
 def run_zero_shot(cfg: FinetuneConfig) -> dict:
-    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # before anything is read or written
+    # before anything is read or written
+    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, stages=(domain_pretrain.STAGE,))
     if SelectOn(str(cfg.train.select_on)) != SelectOn.dev:
         raise ValueError(
             "train.select_on=test is the reference's few-shot selection (protocol=few_shot); zero-shot fine-tuning "
@@ -438,10 +544,32 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
             *runner.read_all([*cfg.data.test.values(), *cfg.data.translate_test.values()]),
         ]
     )
+    lock = runner.claim_output_dir()
+    try:
+        return _zero_shot(runner, train_datas, dev_datas)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _zero_shot(runner: TaskRunner, train_datas, dev_datas) -> dict:
+    cfg = runner.cfg
+    head_init = runner.applied_head_init()
     seed_everything(cfg.train.seed)
     model, tokenizer = runner.start_model(train_datas)
-    model, selection = runner.train(model, tokenizer, train_datas, dev_datas, cfg.train.lr, runner.output_dir)
-    info = {"selection": {"dev": selection.best_score, "step": selection.best_step, "steps": selection.steps}}
+    model, selection = runner.train(
+        model,
+        tokenizer,
+        train_datas,
+        dev_datas,
+        cfg.train.lr,
+        runner.output_dir,
+        run_info={APPLIED_HEAD_INIT: head_init},
+    )
+    info = {
+        "selection": {"dev": selection.best_score, "step": selection.best_step, "steps": selection.steps},
+        SWITCHES: runner.switches(head_init),
+    }
     model_dir = runner.output_dir / "model"
     if runner.env.is_main:
         model.save(model_dir, tokenizer, extra=info)
@@ -599,85 +727,28 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         prepared.append((run, train_data, dev_datas, test_data))
     runner.check_images(list(read_files.values()))
 
+    start = {"checkpoint": str(cfg.checkpoint), "checkpoint_digest": TaskModel.weights_digest(cfg.checkpoint)}
+    names = {_few_shot_table(run.shots if several else "", on_test) for run in runs}
+    for name in sorted(names):  # before anything trains
+        runner.check_table(name, "checkpoint", start["checkpoint_digest"])
+    # every run's record of finished learning rates; a fresh sweep forgets an earlier one's
+    sweeps = {
+        run: SweepRecord(folder, start, bool(cfg.resume), runner.env.is_main)
+        for run, folder in folders.items()
+    }
     selected = str(select_on)
     rows_by_shots: dict[str, list[dict]] = {}
     for run, train_data, dev_datas, test_data in prepared:
-        folder = folders[run]
-        best, score_by_lr = None, {}
-        for lr in cfg.train.lr_sweep:
-            seed_everything(cfg.train.seed)
-            model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
-            model, selection = runner.train(
-                model,
-                tokenizer,
-                [train_data],
-                dev_datas,
-                float(lr),
-                folder / f"lr_{float(lr):g}",
-                run_info={
-                    FEW_SHOT_RUN: {"language": run.language, "shots": run.shots, "train": run.train_path}
-                },
-            )
-            log.info(
-                "few-shot %s %s shots lr %g: best %s %.2f at step %d",
-                run.language,
-                run.shots,
-                lr,
-                selected.upper() if on_test else selected,
-                selection.best_score,
-                selection.best_step,
-            )
-            score_by_lr[str(lr)] = selection.best_score
-            if best is None or selection.best_score > best[1].best_score:
-                best = (float(lr), selection, {k: v.cpu() for k, v in model.state_dict().items()})
-        lr, selection, state = best
-        model.load_state_dict(state)
-        if runner.env.is_main:
-            model.save(
-                folder,
-                tokenizer,
-                extra={
-                    "few_shot": {
-                        "language": run.language,
-                        "shots": run.shots,
-                        "lr": lr,
-                        "selected_on": selected,
-                        selected: selection.best_score,
-                    }
-                },
-            )
-        metrics = runner.score(model, tokenizer, test_data)
-        if runner.env.is_main:
-            table = {"metrics": runner.columns()[0], "rows": [{"language": run.language, **metrics}]}
-            name = f"few_shot_{run.shots}" + (f"_{SELECTED_ON_TEST}" if on_test else "")
-            record_results(folder, model, {name: table})
-        log.info(
-            "few-shot %s %s shots: test %.2f%s",
-            run.language,
-            run.shots,
-            runner.main_score(metrics),
-            " (SELECTED ON TEST)" if on_test else "",
+        row = _few_shot_run(
+            runner, run, folders[run], sweeps[run], train_data, dev_datas, test_data, selected
         )
-        rows_by_shots.setdefault(run.shots if several else "", []).append(
-            {
-                "language": run.language,
-                **metrics,
-                "shots": run.shots,
-                "shots_file": str(run.train_path),
-                "lr": lr,
-                "selected_on": selected,
-                selected: selection.best_score,
-                f"{selected}_by_lr": score_by_lr,
-                "model": str(folder),
-                **({"model_digest": TaskModel.weights_digest(folder)} if runner.env.is_main else {}),
-            }
-        )
+        rows_by_shots.setdefault(run.shots if several else "", []).append({**row, **start})
     columns, extra = runner.columns()
     tables = {}
     for shots, rows in rows_by_shots.items():
-        name = "few_shot" + (f"_{shots}" if shots else "") + (f"_{SELECTED_ON_TEST}" if on_test else "")
+        name = _few_shot_table(shots, on_test)
         if runner.env.is_main:  # the languages of an earlier run into this output_dir stay in its table
-            rows = runner.with_earlier_rows(name, rows, one_model=False)
+            rows = runner.with_earlier_rows(name, rows, "checkpoint")
         shot_counts = {row["shots"] for row in rows}
         details = {"selected_on": selected}
         if len(shot_counts) == 1:
@@ -694,6 +765,221 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
             details=details,
         )
     return tables
+
+
+def _few_shot_table(shots: str, on_test: bool) -> str:
+    return "few_shot" + (f"_{shots}" if shots else "") + (f"_{SELECTED_ON_TEST}" if on_test else "")
+
+
+SWEEP_RECORD = "sweep.json"
+
+
+def _lr_key(lr) -> str:
+    return f"{float(lr):g}"
+
+
+class SweepRecord:
+    """What one few-shot run's learning-rate sweep has finished, in ``<run folder>/sweep.json``: the model it
+    started from, each finished lr's selection (score, step) and, once the run is scored, its table row. A requeued
+    sweep (``resume=auto``) skips what it records: without checkpoints (``train.save_every=0``) nothing else keeps
+    a finished lr. Only the best finished lr keeps its selected weights (``lr_<lr>/best/``); the others' are
+    removed once recorded."""
+
+    def __init__(self, folder: Path, start: dict, resume: bool, write: bool):
+        self.folder, self.path, self.write = folder, folder / SWEEP_RECORD, write
+        self.data: dict = {"start": start, "lrs": {}}
+        if resume and self.path.is_file():
+            saved = read_json(self.path)
+            began = saved.get("start", {})
+            if began.get("checkpoint_digest") != start["checkpoint_digest"]:
+                raise ConfigError(
+                    f"resume: {folder} was fine-tuned from checkpoint={began.get('checkpoint')} (other weights than "
+                    f"{start['checkpoint']}); resume it with that checkpoint, or start anew without resume "
+                    "(overwrite=true moves the old runs aside) or into another output_dir"
+                )
+            self.data = {**saved, "start": start}
+        elif write and self.folder.exists():
+            self._save()
+
+    def lr_folder(self, lr) -> Path:
+        return self.folder / f"lr_{_lr_key(lr)}"
+
+    def weights(self, lr) -> Path:
+        return self.lr_folder(lr) / BEST_DIR / BEST_WEIGHTS
+
+    def done(self, lr) -> dict | None:
+        return self.data["lrs"].get(_lr_key(lr))
+
+    def best(self, sweep: Sequence[float]) -> float | None:
+        """The finished lr of ``sweep`` with the best selection score (the first of equals), or None."""
+        best = None
+        for lr in sweep:
+            if self.done(lr) and (best is None or self.done(lr)["score"] > self.done(best)["score"]):
+                best = lr
+        return best
+
+    def finished(self, lr, selection: Selection, sweep: Sequence[float]) -> None:
+        """Record ``lr``'s selection, then remove the selected weights of every finished lr but the best."""
+        score = selection.best_score
+        self.data["lrs"][_lr_key(lr)] = {
+            "score": score,
+            "step": selection.best_step,
+            "steps": selection.steps,
+        }
+        self.data.pop("row", None)
+        self._save()
+        best = self.best(sweep)
+        if self.write:
+            for other in self.data["lrs"]:
+                if other != _lr_key(best):
+                    self.weights(other).unlink(missing_ok=True)
+
+    def finished_row(self, sweep: Sequence[float], scoring: dict) -> dict | None:
+        """The run's recorded table row, when every lr of ``sweep`` is finished and the row is of their best,
+        scored with the settings ``scoring``."""
+        row = self.data.get("row")
+        if row is None or row.get("scoring") != scoring or not all(self.done(lr) for lr in sweep):
+            return None
+        return row if _lr_key(row.get("lr")) == _lr_key(self.best(sweep)) else None
+
+    def scored(self, row: dict) -> None:
+        self.data["row"] = row
+        self._save()
+
+    def _save(self) -> None:
+        if self.write:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(SWEEP_RECORD + ".partial")
+            partial.write_text(json.dumps(self.data, indent=2, default=str))
+            partial.replace(self.path)
+
+
+def _few_shot_run(
+    runner: TaskRunner,
+    run: FewShotRun,
+    folder: Path,
+    sweep: SweepRecord,
+    train_data: TaskData,
+    dev_datas: Sequence[TaskData],
+    test_data: TaskData,
+    selected: str,
+) -> dict:
+    """Train (or skip, as ``sweep`` records) every lr of ``train.lr_sweep`` for ``run``, save the best one's model
+    to ``folder``, score it on the test file; returns the table row (without the starting checkpoint)."""
+    cfg, lrs = runner.cfg, [float(lr) for lr in runner.cfg.train.lr_sweep]
+    on_test = selected == str(SelectOn.test)
+    row = sweep.finished_row(lrs, runner.scoring_settings()) if cfg.resume else None
+    if row is not None:
+        log.info(
+            "few-shot %s %s shots: finished earlier (%s), not run again", run.language, run.shots, sweep.path
+        )
+        return row
+    kept = None  # (lr, weights on the CPU) of the best lr trained by this job
+    for lr in lrs:
+        if sweep.done(lr):
+            log.info(
+                "few-shot %s %s shots lr %g: finished earlier, not trained again", run.language, run.shots, lr
+            )
+            continue
+        seed_everything(cfg.train.seed)
+        model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
+        model, selection = runner.train(
+            model,
+            tokenizer,
+            [train_data],
+            dev_datas,
+            lr,
+            sweep.lr_folder(lr),
+            run_info={FEW_SHOT_RUN: {"language": run.language, "shots": run.shots, "train": run.train_path}},
+        )
+        log.info(
+            "few-shot %s %s shots lr %g: best %s %.2f at step %d",
+            run.language,
+            run.shots,
+            lr,
+            selected.upper() if on_test else selected,
+            selection.best_score,
+            selection.best_step,
+        )
+        sweep.finished(lr, selection, lrs)
+        if sweep.best(lrs) == lr:
+            kept = (lr, {k: v.cpu() for k, v in model.state_dict().items()})
+    lr = sweep.best(lrs)
+    best = sweep.done(lr)
+    if kept is not None and kept[0] == lr:
+        model.load_state_dict(kept[1])
+    else:  # finished by an earlier job: its selected weights are on disk
+        barrier()
+        model, tokenizer = runner.load_checkpoint(cfg.checkpoint)
+        _load_weights(model, sweep.weights(lr), runner.collator(model, tokenizer))
+    # the head comes from the checkpoint: its head_init is the one that checkpoint records
+    started = _recorded_switches(cfg.checkpoint)
+    switches = runner.switches(started.get("head_init", "unrecorded"))
+    if runner.env.is_main:
+        model.save(
+            folder,
+            tokenizer,
+            extra={
+                "few_shot": {
+                    "language": run.language,
+                    "shots": run.shots,
+                    "lr": lr,
+                    "selected_on": selected,
+                    selected: best["score"],
+                },
+                SWITCHES: switches,
+            },
+        )
+    metrics = runner.score(model, tokenizer, test_data)
+    if runner.env.is_main:
+        table = {"metrics": runner.columns()[0], "rows": [{"language": run.language, **metrics}]}
+        record_results(
+            folder, model, {f"few_shot_{run.shots}" + (f"_{SELECTED_ON_TEST}" if on_test else ""): table}
+        )
+    log.info(
+        "few-shot %s %s shots: test %.2f%s",
+        run.language,
+        run.shots,
+        runner.main_score(metrics),
+        " (SELECTED ON TEST)" if on_test else "",
+    )
+    row = {
+        "language": run.language,
+        **metrics,
+        "shots": run.shots,
+        "shots_file": str(run.train_path),
+        "lr": lr,
+        "selected_on": selected,
+        selected: best["score"],
+        f"{selected}_by_lr": {str(x): sweep.done(x)["score"] for x in runner.cfg.train.lr_sweep},
+        "model": str(folder),
+        "scoring": runner.scoring_settings(),
+        SWITCHES: switches,
+        **({"model_digest": TaskModel.weights_digest(folder)} if runner.env.is_main else {}),
+    }
+    sweep.scored(row)
+    return row
+
+
+def _recorded_switches(model_dir) -> dict:
+    """The fine-tuning switches a task model folder records (none for a folder saved before they were)."""
+    info = Path(model_dir) / "task.json"
+    return (read_json(info).get(SWITCHES) or {}) if info.is_file() else {}
+
+
+def _load_weights(model: TaskModel, path: Path, collator: TaskCollator) -> None:
+    """The selected weights of a finished few-shot lr (a trainer's ``best/``) into ``model``."""
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing: the sweep removed it as not the best of its learning rates; put back the "
+            "train.lr_sweep it ran with, or run the language anew without resume (overwrite=true)"
+        )
+    prepare_answers(model, collator)
+    model.float()
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - tied_aliases(model):
+        raise RuntimeError(f"{path} does not fit the model: missing={missing} unexpected={unexpected}")
+    model.eval()
 
 
 def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:
@@ -718,12 +1004,6 @@ def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:
             f"shots), tested by its few-shot run; `cclm evaluate` scores an English fine-tuned model (the "
             "zero-shot run's model/ folder)"
         )
-    earlier = read_task_table(runner.output_dir, str(cfg.task), name)
-    others = other_models(earlier, TaskModel.weights_digest(checkpoint)) if earlier else []
-    if others and not cfg.overwrite:
-        raise UserError(
-            f"{table_path(runner.output_dir, str(cfg.task), name)} holds rows of another model ({', '.join(others)}): "
-            f"overwrite=true moves it aside ({name}.old-<time>.*), or set another output_dir"
-        )
+    runner.check_table(name, "model", TaskModel.weights_digest(checkpoint))
     runner.check_images(runner.read_all(list(files.values())))
     return {name: runner.table(model, tokenizer, files, name, checkpoint)}

@@ -6,9 +6,11 @@ project's one per-language writer, :func:`cclm.evaluation.results.write_results`
 counts, ``few_shot_<shots>``; a few-shot table selected on the test files (``train.select_on=test``) ends in
 ``_selected_on_test`` and says so in its JSON header (``"selected_on": "test"``) and Markdown title.
 
-Every row names the model folder that scored it (``model``) and the digest of its weights (``model_digest``). A
-table already on disk is never silently replaced: rows of the same model (or, few-shot, of the languages not run
-again) are kept beside the new ones, and a table of another model is moved aside (``<name>.old-<time>.*``)."""
+Every row names the model folder that scored it (``model``), the digest of its weights (``model_digest``) and the
+settings that decide its numbers (``scoring``); a few-shot row also names the English model its language started
+from (``checkpoint``, ``checkpoint_digest``). A table already on disk is never silently replaced: rows of the same
+model (few-shot: the same starting model) scored the same way are kept beside the new ones (but those of the
+languages run again), and another table is refused or moved aside (``<name>.old-<time>.*``)."""
 
 from __future__ import annotations
 
@@ -90,9 +92,21 @@ def read_task_table(output_dir: str | Path, task: str, name: str) -> dict | None
     return table
 
 
-def other_models(table: Mapping[str, Any], digest: str) -> list[str]:
-    """The models (folders) of ``table``'s rows that are not the model of weights ``digest``."""
-    return sorted({str(row.get("model", "?")) for row in table["rows"] if row.get("model_digest") != digest})
+def other_models(table: Mapping[str, Any], digest: str, key: str = "model") -> list[str]:
+    """The models (folders) of ``table``'s rows whose ``<key>_digest`` is not ``digest`` (``key``: ``model``, the
+    scored model, or ``checkpoint``, the model a few-shot language started from)."""
+    return sorted({str(row.get(key, "?")) for row in table["rows"] if row.get(f"{key}_digest") != digest})
+
+
+def other_scoring(table: Mapping[str, Any], settings: Mapping[str, Any]) -> str | None:
+    """The first row of ``table`` scored with settings other than ``settings``, as ``language: key: old -> new``
+    (a row that records none counts as scored otherwise), or None."""
+    for row in table["rows"]:
+        scored = row.get("scoring") or {}
+        changed = [f"{k}: {scored.get(k)!r} -> {v!r}" for k, v in settings.items() if scored.get(k) != v]
+        if changed:
+            return f"{row.get('language')}: {'; '.join(changed)}"
+    return None
 
 
 def set_aside_table(output_dir: str | Path, task: str, name: str) -> Path:
