@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Several nodes through the DeepSpeed launcher (pdsh/ssh to every host of the hostfile).
 #   HOSTFILE=launch/hostfile MASTER_ADDR=node01 launch/multi_node.sh configs/pretrain/cclm_4m.yaml [key=value ...]
+# MASTER_ADDR defaults to the hostfile's first host. MASTER_PORT (default 29500, which every node must agree on):
+# set another when another job on the first host may hold 29500.
 # Every node needs the same checkout and environment (shared filesystem or identical installs), and password-less
 # ssh from the launching node; every node runs the python that runs `deepspeed` here.
 # The other nodes get this shell's settings: PATH, PYTHONPATH (with the repository in front), VIRTUAL_ENV,

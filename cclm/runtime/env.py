@@ -103,11 +103,34 @@ def _join_group(device: torch.device, timeout_s: float | None = None) -> None:
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
 
 
+# Set in every process of a launch step by launchers that start each process themselves and leave RANK unset:
+# srun sets SLURM_STEP_NUM_TASKS per step (unlike SLURM_NTASKS, which a batch script's single shell has too),
+# OpenMPI's mpirun OMPI_COMM_WORLD_SIZE, MPICH's and Intel MPI's PMI_SIZE.
+STEP_TASK_COUNTS = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun", "PMI_SIZE": "mpirun"}
+
+
+def check_not_one_of_several_tasks() -> None:
+    """A process without ``RANK`` that a launcher started as one of several tasks would train alone, as would
+    each of the others, into the same output folder: refused."""
+    for name, launcher in STEP_TASK_COUNTS.items():
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            raise UserError(
+                f"this process is one of {value} tasks that {launcher} started ({name}={value}), but RANK and "
+                "WORLD_SIZE are not set, so each task would train alone: start the job with launch/slurm.sbatch "
+                "or launch/torchrun.sh, or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in "
+                "every task"
+            )
+
+
 def init_distributed(device: str | torch.device | None = "auto", timeout_s: float | None = None) -> DistEnv:
     """Join (or create) the process group and describe this process. Works under any launcher and alone: a
-    plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then). ``timeout_s``: the
-    collectives' timeout (a training run's watchdog speaks first: the group waits a minute longer)."""
+    plain single process becomes rank 0 of 1 (DeepSpeed needs a group even then); one of several tasks of an
+    srun or mpirun step without ``RANK`` is refused. ``timeout_s``: the collectives' timeout (a training run's
+    watchdog speaks first: the group waits a minute longer)."""
     alone = "RANK" not in os.environ
+    if alone:
+        check_not_one_of_several_tasks()
     our_port = alone and "MASTER_PORT" not in os.environ
     if alone:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -131,7 +154,10 @@ def init_distributed(device: str | torch.device | None = "auto", timeout_s: floa
 
 def join_launched_group(device: torch.device) -> bool:
     """Join the process group only when a launcher started several processes (evaluation, inference); returns
-    whether this call created it (and so should :func:`leave_group` afterwards)."""
+    whether this call created it (and so should :func:`leave_group` afterwards). One of several srun or mpirun
+    tasks without ``RANK`` is refused: each would score the whole set alone and write the same results."""
+    if "RANK" not in os.environ:
+        check_not_one_of_several_tasks()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     _join_group(device)

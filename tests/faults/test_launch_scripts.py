@@ -61,6 +61,7 @@ def make_machine(tmp: Path) -> SimpleNamespace:
         for key, value in os.environ.items()
         if not key.startswith(("SLURM_", "CUDA_", "PET_", "TORCH_ELASTIC", "NCCL_", "HF_", "CCLM_", "DS_"))
         and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "NUM_GPUS")
+        and key not in ("NNODES", "NODE_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
     }
     env.update(PATH=f"{fake}:{tools}:{VENV_BIN}", HOME=str(home), RECORD=str(record))
     return SimpleNamespace(fake=fake, env=env, record=record, tmp=tmp)
@@ -179,7 +180,7 @@ def test_torchrun_passes_sigusr1_to_its_processes(machine):
     proc = subprocess.Popen(
         [BASH, str(LAUNCH / "torchrun.sh"), "c.yaml"],
         cwd=REPO,
-        env={**machine.env, "NPROC": "2", "MASTER_PORT": str(free_port())},
+        env={**machine.env, "NPROC": "2"},  # torchrun's standalone rendezvous, as without MASTER_PORT
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -200,6 +201,55 @@ def test_torchrun_passes_sigusr1_to_its_processes(machine):
         pid = int((machine.tmp / f"ready-{rank}").read_text())
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# ----------------------------------------------------------------- a tester's faults: rendezvous address and port
+def test_torchrun_on_several_nodes_without_master_addr_is_refused(machine):
+    """NNODES=2 without MASTER_ADDR made each node wait in silence for a rendezvous on itself (127.0.0.1)."""
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    result = run_script(machine, "torchrun.sh", "c.yaml", NNODES="2", NODE_RANK="1", NPROC="1")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "torchrun.sh: NNODES=2 but MASTER_ADDR is not set: set it on every node to the address of the node with "
+        "NODE_RANK=0\n"
+    )
+    assert not machine.record.exists()
+    result = run_script(machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NPROC="1")
+    assert result.returncode == 0, result.stderr
+    args = recorded(machine)
+    assert (option(args, "--master_addr"), option(args, "--master_port")) == ("node01", "29500")
+
+
+def test_torchrun_on_one_node_rendezvous_on_a_free_port_unless_master_port_is_set(machine):
+    """Two jobs on one node both took port 29500; the second died with EADDRINUSE. Without MASTER_PORT torchrun's
+    standalone rendezvous binds a free port (tests/faults/test_port_race.py runs two such jobs at once)."""
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="2").returncode == 0
+    args = recorded(machine)
+    assert "--standalone" in args and "--master_port" not in args and "29500" not in args
+    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="2", MASTER_PORT="12345").returncode == 0
+    args = recorded(machine)
+    assert "--standalone" not in args and option(args, "--master_port") == "12345"
+
+
+def test_single_node_takes_a_free_port_unless_master_port_is_set(machine):
+    """DeepSpeed's launcher defaults to 29500, which another job on the node may hold (held here, when it is free)."""
+    import socket
+
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    with socket.socket() as other_job:
+        try:
+            other_job.bind(("", 29500))
+            other_job.listen()
+        except OSError:
+            pass  # another process holds it already
+        assert run_script(machine, "single_node.sh", "c.yaml", NUM_GPUS="2").returncode == 0
+        port = int(option(recorded(machine), "--master_port"))
+        assert port != 29500
+        with socket.socket() as probe:
+            probe.bind(("", port))  # free
+    assert run_script(machine, "single_node.sh", "c.yaml", NUM_GPUS="2", MASTER_PORT="12345").returncode == 0
+    assert option(recorded(machine), "--master_port") == "12345"
 
 
 def test_torchrun_reads_the_signal_settings_torchrun_sh_exports(monkeypatch):
@@ -350,8 +400,8 @@ def test_sbatch_header_logs_where_slurm_can_write_and_warns_before_the_limit():
 
 
 def slurm_machine(machine, nodes: int, tasks_per_node: int) -> dict[str, str]:
-    """Stand-in srun (every task of every "node" on this machine, with SLURM's task variables; the tasks' pids go
-    to ``$RECORD.pids``) and scontrol (node names; a requeue is recorded), and a job's environment."""
+    """Stand-in srun (every task of every "node" on this machine, with SLURM's task and step variables; the tasks'
+    pids go to ``$RECORD.pids``) and scontrol (node names; a requeue is recorded), and a job's environment."""
     stand_in(
         machine.fake,
         "srun",
@@ -359,6 +409,7 @@ def slurm_machine(machine, nodes: int, tasks_per_node: int) -> dict[str, str]:
         "per_node=1\n"
         'while [[ "$1" == --* ]]; do [[ "$1" == --ntasks-per-node=* ]] && per_node=${1#*=}; shift; done\n'
         "pids=()\n"
+        "export SLURM_STEP_ID=0 SLURM_STEP_NUM_TASKS=$((SLURM_NNODES * per_node))\n"
         "for ((node = 0; node < SLURM_NNODES; node++)); do\n"
         "  for ((local = 0; local < per_node; local++)); do\n"
         '    SLURM_NODEID=$node SLURM_LOCALID=$local SLURM_PROCID=$((node * per_node + local)) "$@" &\n'
@@ -384,7 +435,7 @@ def slurm_machine(machine, nodes: int, tasks_per_node: int) -> dict[str, str]:
         "SLURM_NTASKS": str(nodes * tasks_per_node),
         "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
         "SLURM_CPUS_PER_TASK": "1",
-        "MASTER_PORT": str(free_port()),
+        "CCLM_MASTER_PORT": str(free_port()),  # not the job id's port, which every test's job would share
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -571,7 +622,7 @@ def test_sbatch_requeues_a_job_stopped_by_sigusr1_and_the_requeued_job_loses_not
     )
 
     Path(f"{machine.record}.pids").unlink()
-    env.update(SLURM_RESTART_COUNT="1", MASTER_PORT=str(free_port()))
+    env.update(SLURM_RESTART_COUNT="1", CCLM_MASTER_PORT=str(free_port()))
     output = finish(sbatch(machine, env, pretrain_args(world, out), log), log)
     assert "slurm.sbatch: job 4242 (restart 1)" in output, output[-3000:]
     assert not (out / "interrupted.json").exists()
@@ -632,7 +683,7 @@ def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_a
     (machine.tmp / "scratch").mkdir()
     out.symlink_to(machine.tmp / "scratch")
     Path(f"{machine.record}.pids").unlink()
-    env["MASTER_PORT"] = str(free_port())
+    env["CCLM_MASTER_PORT"] = str(free_port())
     proc, output = signalled_job(machine, env, mla_args(recipe_world, out), log, out / "le", records=3)
     assert proc.returncode == 0, output[-3000:]
     marker = json.loads((out / "le" / "interrupted.json").read_text())
@@ -641,7 +692,7 @@ def test_sbatch_requeues_a_recipe_stopped_in_a_stage_and_the_requeued_job_ends_a
     assert not (out / "results.json").exists()
 
     Path(f"{machine.record}.pids").unlink()
-    env.update(SLURM_RESTART_COUNT="1", MASTER_PORT=str(free_port()))
+    env.update(SLURM_RESTART_COUNT="1", CCLM_MASTER_PORT=str(free_port()))
     output = finish(sbatch(machine, env, mla_args(recipe_world, out), log), log)
     assert "slurm.sbatch: job 4242 (restart 1)" in output and (out / "results.json").exists(), output[-3000:]
     assert not (out / "le" / "interrupted.json").exists()
@@ -699,6 +750,72 @@ def test_a_requeued_job_continues_its_own_run_not_the_checkpoint_it_branched_fro
     (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
     assert srun.endswith(branch if restart == "0" else "resume=auto") and srun.count("resume=") == 1
     assert ("slurm.sbatch: requeued: resume=auto" in result.stdout) == (restart == "1")
+
+
+def recording_sbatch(machine, env: dict, args: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    """slurm.sbatch under an srun that records its command line and the port it passes on, and trains nothing."""
+    stand_in(machine.fake, "srun", 'echo "$*" >> "$RECORD.srun"\necho "$MASTER_PORT" > "$RECORD.port"\n')
+    result = subprocess.run([BASH, str(SBATCH), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (srun,) = Path(f"{machine.record}.srun").read_text().splitlines()
+    return result, srun
+
+
+@pytest.mark.parametrize("in_config", [False, True], ids=["given", "in-config"])
+@pytest.mark.parametrize("restart", ["0", "1"])
+def test_sbatch_overwrite_starts_the_first_job_anew_and_a_requeued_job_continues(machine, restart, in_config):
+    """The script added resume=auto to every job, which made overwrite=true do nothing: the job continued the old
+    run. The first job now runs with overwrite=true and without resume=auto (the old run is moved aside); a
+    requeued one continues the run the first job started (resume=auto, overwrite=false)."""
+    env = {**slurm_machine(machine, 1, 1), "SLURM_RESTART_COUNT": restart}
+    out = machine.tmp / "run"
+    if in_config:
+        config = machine.tmp / "overwrite.yaml"
+        config.write_text("defaults:\n  model: tiny\noverwrite: true\n")
+        args = [str(config), f"output_dir={out}"]
+    else:
+        args = ["configs/pretrain/demo.yaml", f"output_dir={out}", "overwrite=true"]
+    result, srun = recording_sbatch(machine, env, args)
+    settings = srun.split(" cclm-task python -m cclm.train.cli ")[1].split()
+    if restart == "0":
+        assert settings == args
+        assert result.stdout.startswith(
+            f"slurm.sbatch: overwrite=true: this job starts anew (a run in {out} is moved aside); a requeued job "
+            "continues it with resume=auto\n"
+        )
+    else:
+        assert settings == [*args[:2], "resume=auto", "overwrite=false"]
+        assert result.stdout.startswith(
+            "slurm.sbatch: requeued: resume=auto (the run's own newest checkpoint), not the overwrite=true of the "
+            "submission\n"
+        )
+
+
+def test_a_requeued_branch_with_overwrite_drops_both(machine):
+    env = {**slurm_machine(machine, 1, 1), "SLURM_RESTART_COUNT": "2"}
+    args = ["configs/pretrain/demo.yaml", "resume=runs/base/checkpoints/step_00000100", "overwrite=true"]
+    result, srun = recording_sbatch(machine, env, args)
+    assert srun.endswith(" configs/pretrain/demo.yaml resume=auto overwrite=false"), srun
+    assert "not the resume= and overwrite=true of the submission" in result.stdout
+
+
+def test_sbatch_takes_its_port_from_the_job_not_from_the_submitting_shell(machine):
+    """sbatch passes the submitting shell's environment on: an exported MASTER_PORT gave every job one port."""
+    env = {**slurm_machine(machine, 1, 1), "MASTER_PORT": "11111"}
+    del env["CCLM_MASTER_PORT"]
+    result, _ = recording_sbatch(machine, env, ["configs/pretrain/demo.yaml"])
+    port = 20000 + JOB_ID % 20000
+    assert Path(f"{machine.record}.port").read_text() == f"{port}\n"
+    assert f"rendezvous localhost:{port}," in result.stdout
+    assert (
+        "slurm.sbatch: MASTER_PORT=11111 of the submitting shell is not used: the port comes from the job id "
+        "(CCLM_MASTER_PORT sets one)\n" in result.stderr
+    )
+    env["CCLM_MASTER_PORT"] = "12345"
+    Path(f"{machine.record}.srun").unlink()
+    result, _ = recording_sbatch(machine, env, ["configs/pretrain/demo.yaml"])
+    assert Path(f"{machine.record}.port").read_text() == "12345\n"
+    assert "MASTER_PORT=11111" not in result.stderr
 
 
 # ------------------------------------------------------------------- a tester's faults: hostfile, GPU counting
