@@ -78,20 +78,17 @@ def _run(argv: list[str], command: str, usage: str) -> int:
         _check_random_init_model(cfg)
         if cfg.pretrained:
             cfg.pretrained = resolve_model_setting(cfg.pretrained, "pretrained")
-    try:
-        if command == "evaluate":
-            tables = protocols.evaluate_checkpoint(cfg)
-        elif cfg.protocol == "few_shot":
-            tables = protocols.run_few_shot(cfg)
-        elif cfg.protocol == "zero_shot":
-            tables = protocols.run_zero_shot(cfg)
-        else:
-            raise ConfigError(
-                "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
-                " (zero-shot fine-tuning also writes it when data.translate_test is set)"
-            )
-    except KeyError as err:  # an image root that the annotations name but data.image_roots lacks
-        raise ConfigError(err.args[0] if err.args else str(err)) from err
+    if command == "evaluate":
+        tables = protocols.evaluate_checkpoint(cfg)
+    elif cfg.protocol == "few_shot":
+        tables = protocols.run_few_shot(cfg)
+    elif cfg.protocol == "zero_shot":
+        tables = protocols.run_zero_shot(cfg)
+    else:
+        raise ConfigError(
+            "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
+            " (zero-shot fine-tuning also writes it when data.translate_test is set)"
+        )
     _report(tables)
     return 0
 

@@ -1,6 +1,6 @@
 """``cclm iglue inspect --task TASK FILE...``: one JSON line per annotation file with its counts.
 ``cclm iglue check-images CONFIG [key=value ...]`` or ``cclm iglue check-images --task TASK --root NAME=DIR FILE...``:
-list every missing image, before any training starts (exit status 1 when some are missing).
+list every missing or undecodable image, before any training starts (exit status 1 when there are some).
 ``cclm iglue report RESULTS_DIR... --out DIR``: our results beside the published baselines, one table and chart per
 task and protocol (:mod:`cclm.tasks.report`)."""
 
@@ -11,7 +11,7 @@ import sys
 
 from cclm.tasks import TASKS, get_task
 from cclm.tasks.annotations import AnnotationError
-from cclm.tasks.images import ROOT_NAMES, missing_images
+from cclm.tasks.images import ROOT_NAMES, ImageRootMissing, undecodable_images
 from cclm.tasks.task_data import no_usable_example
 from cclm.text_safety import printable, printable_json
 
@@ -58,9 +58,11 @@ def _inspect(args: list[str]) -> int:
 
 
 def _files_of_config(cfg) -> list[str]:
-    """Every annotation file a fine-tuning config names (few-shot brace patterns expanded), each once."""
-    from cclm.tasks.protocols import few_shot_files
+    """Every annotation file a fine-tuning config names (few-shot brace patterns expanded), each once; only the
+    ``languages=`` ones when that is set, as a run reads them."""
+    from cclm.tasks.protocols import few_shot_files, select_languages
 
+    select_languages(cfg)
     data = cfg.data
     files = [
         *data.train,
@@ -73,43 +75,59 @@ def _files_of_config(cfg) -> list[str]:
     return list(dict.fromkeys(str(f) for f in files))
 
 
-def _report_missing(task: str, files: list[str], roots: dict[str, str]) -> int:
-    """Every missing image of the readable files, and every annotation file that is missing or unreadable (all of
-    them, not the first): exit status 1 when anything is missing."""
+def _report_missing(task: str, files: list[str], roots: dict[str, str], read_refs=None) -> int:
+    """Every missing or undecodable image of the readable files, and every annotation file that is missing or
+    unreadable (all of them, not the first): exit status 1 when anything is wrong. ``read_refs(path)``: the
+    images of a file to check (default: every image it names)."""
     module = get_task(task)
+    read_refs = read_refs or (lambda path: module.read(path).image_refs)
     refs, unreadable = set(), []
     for path in files:
         try:
-            refs |= module.read(path).image_refs
+            refs |= read_refs(path)
         except AnnotationError as err:
             unreadable.append(err)
     try:
-        missing = missing_images(refs, roots)
-    except KeyError as err:  # a root the annotations name but no --root / data.image_roots gives
-        print(f"cclm iglue check-images: {printable(err.args[0] if err.args else err)}", file=sys.stderr)
+        paths = {ref.resolve(roots) for ref in refs}
+    except ImageRootMissing as err:  # a root the annotations name but no --root / data.image_roots gives
+        print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
         return 2
+    missing = sorted(path for path in paths if not path.is_file())
+    undecodable = undecodable_images(paths.difference(missing))
     for path in missing:
         print(printable(path))
+    for path, reason in undecodable:
+        print(f"{printable(path)}\tdoes not decode: {printable(reason)}")
     sys.stdout.flush()
     for err in unreadable:
         print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
-    summary = f"{len(refs) - len(missing)} of {len(refs)} images found, {len(missing)} missing"
+    summary = f"{len(paths) - len(missing)} of {len(paths)} images found, {len(missing)} missing"
+    if undecodable:
+        summary += f", {len(undecodable)} do not decode"
     if unreadable:
         summary += f"; {len(unreadable)} of {len(files)} annotation files missing or unreadable"
     print(summary, file=sys.stderr)
-    return 1 if missing or unreadable else 0
+    return 1 if missing or undecodable or unreadable else 0
 
 
 def check_config_images(args: list[str]) -> int:
-    """Missing images of every file a fine-tuning config names (``CONFIG [key=value ...]``)."""
+    """Missing or undecodable images of the files a fine-tuning config names (``CONFIG [key=value ...]``): the
+    examples a run would use (``languages=``, ``data.max_examples``)."""
     from cclm.config import ConfigError, FinetuneConfig, load_config
 
     try:
         cfg = load_config(FinetuneConfig, args[0], args[1:])
-    except ConfigError as err:
+        files = _files_of_config(cfg)
+        module = get_task(cfg.task)
+        labels = module.labels(cfg.data) if module.KIND != "retrieval" else None
+    except (ConfigError, AnnotationError) as err:
         print(f"cclm iglue check-images: {printable(err)}", file=sys.stderr)
         return 1
-    return _report_missing(cfg.task, _files_of_config(cfg), dict(cfg.data.image_roots))
+
+    def read_refs(path: str):
+        return module.read(path, labels, cfg.data.max_examples).used_image_refs
+
+    return _report_missing(cfg.task, files, dict(cfg.data.image_roots), read_refs)
 
 
 def _check_images(args: list[str]) -> int:

@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from cclm.config import HeadInit
+from cclm.errors import CheckpointError
 from cclm.model.card import EVAL_RESULTS, write_model_card
 from cclm.model.cross_view import CrossViewModel
 from cclm.model.fingerprint import weights_digest
@@ -275,6 +276,9 @@ class TaskModel(nn.Module):
         if not (directory / TASK_CONFIG).exists():
             raise FileNotFoundError(f"not a fine-tuned task folder: {directory / TASK_CONFIG} is missing")
         info = json.loads((directory / TASK_CONFIG).read_text())
+        for key in ("task", "kind", "labels"):
+            if key not in info:
+                raise CheckpointError(f"{directory / TASK_CONFIG}: missing key '{key}'")
         model = cls(
             CrossViewModel.from_pretrained(directory),
             info["task"],
