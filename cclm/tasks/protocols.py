@@ -51,6 +51,7 @@ from cclm.errors import UserError
 from cclm.jsonl import read_json
 from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.runtime.checkpoint import latest_checkpoint, tied_aliases
+from cclm.runtime.config_changes import config_changes, named
 from cclm.runtime.env import (
     DistEnv,
     barrier,
@@ -552,8 +553,57 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
             lock.release()
 
 
+# Keys a rerun of a finished zero-shot run may change and still score its model instead of training anew: what
+# is scored and how the run is started and logged.
+RESCORING_KEYS = (
+    "resume",
+    "overwrite",
+    "languages",
+    "data.test",
+    "data.translate_test",
+    "data.num_workers",
+    "eval",
+    "train.log_every",
+    "train.progress_bar",
+    APPLIED_HEAD_INIT,
+)
+
+
+def _finished_model(runner: TaskRunner) -> Path | None:
+    """With ``resume=auto``: the model of a run whose training finished (``model/`` saved) without a checkpoint to
+    resume (the default ``train.save_every=0``), when this config trains what it trained. Such a run stopped
+    while scoring; training it again from step 0 would throw its training away. Refused in one line when the
+    config changed a key that shapes the training."""
+    cfg, model_dir = runner.cfg, runner.output_dir / "model"
+    if cfg.resume != "auto" or latest_checkpoint(runner.output_dir) is not None:
+        return None
+    if not (model_dir / "task.json").is_file():
+        return None
+    saved = runner.output_dir / "config.json"
+    changes = config_changes(read_json(saved), to_dict(cfg)) if saved.is_file() else {}
+    changes = {
+        key: change
+        for key, change in changes.items()
+        if not any(key == free or key.startswith(free + ".") for free in RESCORING_KEYS)
+    }
+    if changes:
+        raise ConfigError(
+            f"resume=auto: {model_dir} holds this run's finished model, trained with other settings "
+            f"({named(changes)}) and without a checkpoint to resume: put back its values to score it, or train "
+            "anew with overwrite=true (the old run is moved aside)"
+        )
+    return model_dir
+
+
 def _zero_shot(runner: TaskRunner, train_datas, dev_datas) -> dict:
     cfg = runner.cfg
+    finished = _finished_model(runner)
+    if finished is not None:
+        log.warning(
+            "resume=auto: %s holds this run's finished model: scoring it, not training again", finished
+        )
+        model, tokenizer = runner.load_checkpoint(str(finished))
+        return _score_zero_shot(runner, model, tokenizer, finished)
     head_init = runner.applied_head_init()
     seed_everything(cfg.train.seed)
     model, tokenizer = runner.start_model(train_datas)
@@ -574,6 +624,11 @@ def _zero_shot(runner: TaskRunner, train_datas, dev_datas) -> dict:
     if runner.env.is_main:
         model.save(model_dir, tokenizer, extra=info)
         (runner.output_dir / "train_history.json").write_text(json.dumps(selection.history, indent=2))
+    return _score_zero_shot(runner, model, tokenizer, model_dir)
+
+
+def _score_zero_shot(runner: TaskRunner, model: TaskModel, tokenizer, model_dir: Path) -> dict:
+    cfg = runner.cfg
     tables = {}
     if cfg.data.test:
         tables["zero_shot"] = runner.table(model, tokenizer, cfg.data.test, "zero_shot", model_dir)

@@ -14,7 +14,7 @@ import signal
 import pytest
 from safetensors.torch import load_file
 
-from cclm.config import DecayRule, HeadInit, Protocol
+from cclm.config import ConfigError, DecayRule, HeadInit, Protocol
 from cclm.errors import RunInterrupted, UserError
 from cclm.runtime import trainer as trainer_module
 from cclm.tasks import protocols
@@ -203,3 +203,42 @@ def test_the_fine_tuning_switches_are_recorded_with_the_model_and_its_rows(
     assert all(row["fine_tuning"] == want for row in tables["zero_shot"]["rows"])
     assert json.loads((run / "config.json").read_text())["head_init_applied"] == "torch_default"
     assert load_file(run / "model" / "model.safetensors")  # a complete model folder
+
+
+def test_a_finished_run_stopped_while_scoring_is_scored_again_not_trained_again(
+    iglue_dir, tmp_path, pretrained_dir, monkeypatch
+):
+    """A tester's fault: with the default ``train.save_every=0`` a run that failed while scoring (after its model
+    was saved) was trained again from step 0 by ``resume=auto``."""
+    cfg = xvnli(iglue_dir, tmp_path, pretrained_dir)
+    assert cfg.train.save_every == 0
+    real_table = protocols.TaskRunner.table
+
+    def scoring_fails(self, *args, **kwargs):
+        raise RuntimeError("injected scoring failure")
+
+    monkeypatch.setattr(protocols.TaskRunner, "table", scoring_fails)
+    with pytest.raises(RuntimeError, match="injected scoring failure"):
+        protocols.run_zero_shot(cfg)
+    monkeypatch.setattr(protocols.TaskRunner, "table", real_table)
+    model_dir = tmp_path / "run" / "model"
+    digest = TaskModel.weights_digest(model_dir)
+    real_step, steps = trainer_module.Trainer.train_step, []
+
+    def counted_step(self, stats):
+        steps.append(self.step)
+        real_step(self, stats)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counted_step)
+    cfg.resume = "auto"
+    cfg.train.lr = cfg.train.lr * 2  # shapes the training: the finished model is not this config's
+    with pytest.raises(
+        ConfigError, match=r"holds this run's finished model, trained with other settings \(train.lr"
+    ):
+        protocols.run_zero_shot(cfg)
+    cfg.train.lr = cfg.train.lr / 2
+    tables = protocols.run_zero_shot(cfg)
+    assert steps == [], "nothing trained again"
+    assert TaskModel.weights_digest(model_dir) == digest
+    assert {row["language"] for row in tables["zero_shot"]["rows"]} == set(cfg.data.test)
+    assert all(row["model_digest"] == digest for row in tables["zero_shot"]["rows"])
