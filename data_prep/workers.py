@@ -144,9 +144,12 @@ def _feed(executor, fn: Callable, items: Iterator, chunksize: int, pending: queu
 
 def _died(desc: str, workers: list) -> str:
     """What ended the pool: the signal or exit status of the worker(s) that died on their own."""
+    # The pool stops the others: wait until every exit status is known. The executor's own thread reaps them too,
+    # and a join that loses that race returns before the status is set, so look again until it is.
     deadline = time.monotonic() + 5
-    for process in workers:  # the pool stops the others: wait for them, so that every exit status is known
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    while any(p.exitcode is None for p in workers) and time.monotonic() < deadline:
+        for process in workers:
+            process.join(timeout=0.05)
     ended = [p for p in workers if p.exitcode not in (None, 0)]
     # the pool terminates (SIGTERM) the others once one died: name the one that died first where it is known
     first = [p for p in ended if p.exitcode != -signal.SIGTERM] or ended
