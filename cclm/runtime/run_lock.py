@@ -42,13 +42,19 @@ class OutputDirLock:
         self.path, self._key = path, key
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the kernel drops the lock anyway
+            pass
 
     def follow(self, path: Path) -> OutputDirLock:
         """The lock of ``path`` after its run was moved aside (``overwrite=true``): the held file went with the
         old run, so the fresh folder gets a lock of its own."""
+        # a file system without locks (warned about already): the fresh folder is on it too
+        if self._key is None:
+            return OutputDirLock(path, None)
         lock_file = path / LOCK_FILE
-        if self._key is not None and lock_file.exists():
+        if lock_file.exists():
             stat = lock_file.stat()
             if (stat.st_dev, stat.st_ino) == self._key:
                 return self

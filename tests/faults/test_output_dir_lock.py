@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,6 +116,30 @@ def test_stages_of_one_process_share_its_lock_and_release_it(tmp_path):
         text=True,
     )
     assert probe.returncode == 0 and "READY" in probe.stdout, probe.stderr
+
+
+def test_a_file_system_without_locks_is_warned_about_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import logging
+
+    from cclm.runtime import run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    # only the lock module's flock fails (an NFS mount without lock support)
+    no_lock_fcntl = SimpleNamespace(
+        flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN
+    )
+    monkeypatch.setattr(run_lock, "fcntl", no_lock_fcntl)
+    with caplog.at_level(logging.WARNING):
+        trainer = toy_trainer(tmp_path / "run", steps=4, save_every=2)
+        trainer.run()
+        trainer.close()
+    assert f"{tmp_path / 'run' / LOCK_FILE} cannot be locked (No locks available)" in caplog.text
+    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000004"
+    assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 def test_a_checkpoint_written_by_another_job_while_this_run_started_is_not_passed_over(tmp_path, monkeypatch):
