@@ -156,6 +156,8 @@ def test_a_flip_mirrors_the_pixels_and_the_box_exactly():
     pixels, plan = transform(data, regions, [], random.Random(seed))
     unflipped = to_array(decode_crop(data, 64, lambda w, h: plan.crop))
     np.testing.assert_array_equal(np.asarray(pixels), unflipped[:, ::-1])
+    # a flipped copy, not a mirrored view: the batch copies it with one memcpy instead of byte by byte
+    assert pixels.flags.c_contiguous
     for target in plan.targets:
         x0, y0, x1, y1 = box_in_crop(visible_part(regions[target.index].box, plan.crop, 0), plan.crop, False)
         assert target.box == (1.0 - x1, y0, 1.0 - x0, y1)

@@ -15,13 +15,19 @@ Images: the batch tensor is [B,3,H,W] in channels-last memory (``torch.channels_
 bytes side by side, as the decoded HWC arrays hold them), so making it is one plain copy of each example's array
 instead of a transposing one (about half the collation time). Every operation sees the [B,3,H,W] shape; the
 model's first step turns it into floats. Inside a DataLoader worker the tensor is allocated in shared memory (as
-torch's ``default_collate`` does), so handing the batch to the main process does not copy it again.
+torch's ``default_collate`` does), so handing the batch to the main process does not copy it again. Its pages are
+populated with one ``madvise(MADV_POPULATE_WRITE)`` call (Linux 5.14+) before the copy instead of faulting in one by
+one: allocating and filling a 64-image 224 px batch takes about 4.5 ms instead of 8 (elsewhere the pages fault in
+as before).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import math
+import mmap
 import random
 from collections.abc import Mapping
 
@@ -31,6 +37,7 @@ from torch.utils.data import get_worker_info
 
 from cclm.data.masking import MaskingSpec, mask_tokens
 from cclm.data.normalize import Normalizer, normalize_all
+from cclm.data.tokenize import BatchEncoder
 
 VIEWS = ("image", "text")
 REGION = "region"  # region batches read their texts with the image view's settings unless given their own
@@ -41,12 +48,39 @@ def group_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
 
 
+MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14+
+
+
+@functools.cache
+def _madvise():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):  # no C library to call (not Linux/glibc-like)
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def populate(storage: torch.UntypedStorage) -> bool:
+    """Fault in every page of a freshly mapped (shared-memory) ``storage`` for writing, in one system call.
+    False where the kernel or platform cannot (the pages then fault in on first write, as without it); the
+    contents are unchanged either way."""
+    madvise = _madvise()
+    if madvise is None or storage.nbytes() == 0:
+        return False
+    start = storage.data_ptr() & ~(mmap.PAGESIZE - 1)  # whole pages of the storage's own mapping
+    return madvise(start, storage.data_ptr() + storage.nbytes() - start, MADV_POPULATE_WRITE) == 0
+
+
 def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC arrays of one shape -> a uint8 tensor [B, C, H, W] in channels-last memory (see the module
     docstring)."""
     shape = (len(arrays), *arrays[0].shape)
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        populate(storage)
         images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
     else:
         images = torch.empty(shape, dtype=torch.uint8)
@@ -79,6 +113,7 @@ class Collator:
         normalizer: Normalizer | None = None,
     ):
         self.tokenizer = tokenizer
+        self._encode = BatchEncoder(tokenizer)
         self.max_length = {v: int(n) for v, n in _per_view(max_length, "max_length").items()}
         self.masking = _per_view(masking, "masking")
         self.normalizer = normalizer
@@ -86,10 +121,7 @@ class Collator:
     def _tokenize(self, texts: list[str], view: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.normalizer is not None:
             texts = normalize_all(self.normalizer, texts)
-        enc = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_length[view], return_tensors="pt"
-        )
-        return enc["input_ids"].long(), enc["attention_mask"].long()
+        return self._encode(texts, self.max_length[view])
 
     def _text_fields(self, texts: list[str], seed: int, view: str) -> dict:
         ids, mask = self._tokenize(texts, view)

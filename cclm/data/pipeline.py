@@ -70,6 +70,7 @@ from cclm.data.shards import (
 )
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY, STREAM_KEY, ShardStream, StreamPlan, derive_seed
+from cclm.data.transfer import from_wire
 from cclm.data.transforms import EvalTransform, RandAugment, TrainTransform
 from cclm.errors import CheckpointError, DataError
 
@@ -458,7 +459,7 @@ class PretrainData:
             raise ValueError(f"view '{view}' is not available (have {self._streams})")
         state = self._state[view]
         while True:
-            batch = next(self._iterator(view))
+            batch = from_wire(next(self._iterator(view)))
             meta = batch.pop(STREAM_KEY)
             state["workers"][str(int(meta["worker"]))] = {
                 "epoch": int(meta["epoch"]),

@@ -320,8 +320,9 @@ class RegionTransform:
         image = decode_crop(data, self.size, choose_crop)
         if self.randaugment is not None:
             image = self.randaugment(image, rng)
-        pixels = to_array(image)
-        return (pixels[:, ::-1] if plans[0].flip else pixels), plans[0]
+        if plans[0].flip:  # a PIL transpose, not a mirrored numpy view (see cclm.data.transforms: Memory)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_array(image), plans[0]
 
 
 def region_example(

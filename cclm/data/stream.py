@@ -4,8 +4,9 @@ Per epoch the shard list is shuffled with ``(seed, epoch)`` and dealt out to ``w
 workers (global worker = ``rank * num_workers + worker``); with fewer shards than global workers, every worker
 reads all shards and keeps every n-th sample instead. Each worker streams its shards' raw samples through a
 seeded shuffle buffer, then decodes, tokenises, masks and batches them itself, so a DataLoader with
-``batch_size=None`` just forwards finished batches. Epochs follow each other inside a worker without a break
-(a batch may span two epochs), so no shard is re-read to fill a last batch.
+``batch_size=None`` just forwards finished batches (their small tensors inlined: :mod:`cclm.data.transfer`).
+Epochs follow each other inside a worker without a break (a batch may span two epochs), so no shard is re-read to
+fill a last batch.
 
 Resampled mode (multi-node runs with many shards): each global worker draws its shards with replacement, in
 blocks of ``ceil(shards / global workers)`` draws seeded by ``(seed, worker, block)``; a block plays the role
@@ -31,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cclm.data.shards import iter_tar_samples
 from cclm.data.skips import SkipCounter, SkipSample
+from cclm.data.transfer import to_wire
 from cclm.data.transforms import reuse_image_buffers
 from cclm.errors import DataError
 
@@ -150,9 +152,13 @@ class ShardStream(IterableDataset):
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         if count != self.plan.num_workers:
             raise RuntimeError(f"stream planned for {self.plan.num_workers} workers but runs in {count}")
-        if info is not None:  # a loader worker: the process is ours to tune
-            reuse_image_buffers()
-        yield from self.worker_batches((physical + self.plan.rotation) % count)
+        batches = self.worker_batches((physical + self.plan.rotation) % count)
+        if info is None:
+            yield from batches
+            return
+        reuse_image_buffers()  # a loader worker: the process is ours to tune
+        for batch in batches:  # the consumer (PretrainData) undoes this with transfer.from_wire
+            yield to_wire(batch)
 
     def worker_batches(self, worker: int) -> Iterator[dict]:
         p = self.plan

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
 
 XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 # What ``split_cjk`` isolates: CJK ideographs (the Han script), as BERT's tokenizer does; kana and hangul are not.
@@ -128,3 +134,62 @@ def train_tokenizer(
     out_dir = Path(out_dir)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+class BatchEncoder:
+    """``tokenizer(texts, padding="longest", truncation=True, max_length=n)`` as int64 ``(ids, mask)`` tensors,
+    for the loader workers' collation.
+
+    A fast (Rust-backed) HF tokenizer is called without its Python wrapper, which costs about as much again as the
+    encoding itself for a batch of short captions: the backend gets the truncation and padding settings the
+    wrapper would give it and encodes the batch without offsets. The first batch is also encoded by the
+    wrapper; if the two differ in any token of it (another ``transformers`` version, a tokenizer the settings below do not
+    describe), the wrapper is used from then on, with a warning. A slow tokenizer always goes through the
+    wrapper."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if hasattr(backend, "encode_batch_fast") else None
+        self._checked = False
+
+    def __call__(self, texts: list[str], max_length: int):
+        if self._backend is not None and self._checked:
+            return self._fast(texts, max_length)
+        expected = self._wrapped(texts, max_length)
+        if self._backend is not None:
+            self._checked = True
+            ours = self._fast(texts, max_length)
+            if not all(a.shape == b.shape and bool((a == b).all()) for a, b in zip(ours, expected)):
+                log.warning(
+                    "%s: the Rust tokenizer called directly differs from the transformers wrapper on a batch; "
+                    "tokenising through the wrapper",
+                    type(self.tokenizer).__name__,
+                )
+                self._backend = None
+        return expected
+
+    def _wrapped(self, texts: list[str], max_length: int):
+        enc = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def _fast(self, texts: list[str], max_length: int):
+        tok, backend = self.tokenizer, self._backend
+        truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first"}
+        truncation["direction"] = tok.truncation_side
+        current = backend.truncation
+        if current is None or {key: current.get(key) for key in truncation} != truncation:
+            backend.enable_truncation(**truncation)
+        padding = {"length": None, "direction": tok.padding_side, "pad_id": tok.pad_token_id}
+        padding.update(pad_token=tok.pad_token, pad_type_id=tok.pad_token_type_id, pad_to_multiple_of=None)
+        if backend.padding != padding:
+            backend.enable_padding(**padding)
+        split = bool(getattr(tok, "split_special_tokens", False))
+        if backend.encode_special_tokens != split:
+            backend.encode_special_tokens = split
+        encodings = backend.encode_batch_fast(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
