@@ -211,3 +211,29 @@ def test_a_node_local_output_dir_is_refused_at_the_start_in_one_line(tmp_path):
     assert "output_dir=run is not one folder shared by every rank: rank(s) 1 (" in output, output[-3000:]
     assert "node-local disks?" in output
     assert not (tmp_path / "nodes" / "node0" / "run" / "checkpoints").exists(), "refused before training"
+
+
+def test_a_recipe_stage_frees_its_folder_when_it_returns_not_when_collected(tmp_path):
+    """A recipe (one process, several stages) lets go of each stage's folder as the stage ends; before, the lock
+    went only when the garbage collector reached the stage's trainer (a reference cycle), so another job could be
+    refused long after the recipe had returned."""
+    import gc
+
+    from cclm.cli import main as cclm_main
+    from cclm.runtime import run_lock
+
+    from ..conftest import build_test_world
+
+    world = build_test_world(tmp_path / "world", 300, num_images=40, image_size=32, heldout_images=10)
+    out = tmp_path / "out"
+    argv = ["recipe", "english-clip", str(REPO / "configs" / "recipes" / "mla_demo.yaml"), f"world={world}"]
+    argv += [f"clip.pretrained={out / 'clip.safetensors'}", f"output_dir={out}", "english_clip.steps=2"]
+    gc.disable()  # what a collection that has not come yet looks like
+    try:
+        assert cclm_main([*argv, "--threads", "1"]) == 0
+        assert run_lock._held == {}
+    finally:
+        gc.enable()
+    lock_file = out / "english_clip" / LOCK_FILE
+    take = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert subprocess.run([sys.executable, "-c", take, str(lock_file)]).returncode == 0
