@@ -144,12 +144,17 @@ def test_populating_a_shared_batch_faults_its_pages_in_ahead_and_changes_no_byte
     assert collate.populate(populated)  # Linux 5.14+ (this suite's machines)
     assert faults_while_writing(populated) < 20
     assert collate.populate(torch.UntypedStorage(0)) is False
+    collate._madvise.cache_clear()
+    monkeypatch.setattr(collate.sys, "platform", "darwin")  # another meaning of advice 23 there: not called
+    assert collate.populate(torch.UntypedStorage._new_shared(nbytes)) is False
+    collate._madvise.cache_clear()
+    monkeypatch.undo()
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(4)]
     monkeypatch.setattr(collate, "get_worker_info", lambda: object())
     expected = collate.stack_images(arrays)
-    monkeypatch.setattr(collate, "_madvise", lambda: None)  # a platform without madvise
+    monkeypatch.setattr(collate, "_madvise", lambda: None)  # a platform without MADV_POPULATE_WRITE
     unpopulated = collate.stack_images(arrays)
     assert unpopulated.is_shared() and torch.equal(unpopulated, expected)
     assert torch.equal(expected, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))

@@ -29,6 +29,7 @@ import hashlib
 import math
 import mmap
 import random
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -53,6 +54,10 @@ MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14+
 
 @functools.cache
 def _madvise():
+    if not sys.platform.startswith(
+        "linux"
+    ):  # the advice number is Linux's; elsewhere it means something else
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
