@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections.abc import Callable
 
 from PIL import Image
@@ -13,6 +14,19 @@ from PIL import Image
 from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import IMAGE_EXTENSIONS, SKIP_KEY
 from cclm.data.skips import SkipSample
+
+# what a text made only of is empty: controls, format characters (zero-width spaces and joiners, the byte-order
+# mark, bidirectional marks) and separators, none of which ``str.strip`` removes all of
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible_text(text) -> str:
+    """``text`` without surrounding whitespace, or "" when it is not a string or shows nothing (a caption of
+    zero-width characters would tokenise to nothing or to <unk> and train on noise)."""
+    if not isinstance(text, str):
+        return ""
+    text = text.strip()
+    return text if any(unicodedata.category(char) not in _INVISIBLE_CATEGORIES for char in text) else ""
 
 
 def _check_tombstone(sample: dict) -> None:
@@ -52,8 +66,9 @@ def caption_choices(
             reasons.append("filtered_language")
             continue
         for text in [texts] if isinstance(texts, str) else (texts if isinstance(texts, list) else []):
-            if isinstance(text, str) and text.strip():
-                choices.append((lang, text.strip()))
+            shown = visible_text(text)
+            if shown:
+                choices.append((lang, shown))
             else:
                 reasons.append("empty_caption")
         if not isinstance(texts, (str, list)) or (isinstance(texts, list) and not texts):
@@ -105,15 +120,15 @@ def parallel_example(sample: dict, allowed: frozenset[str], swap: bool, rng: ran
     meta = _load_json(sample, "missing_text")
     sides = []
     for text_key, lang_key in (("src", "src_lang"), ("tgt", "tgt_lang")):
-        text, code = meta.get(text_key), meta.get(lang_key)
-        if not isinstance(text, str) or not text.strip():
+        text, code = visible_text(meta.get(text_key)), meta.get(lang_key)
+        if not text:
             raise SkipSample("empty_text", f"{sample['__key__']}: empty '{text_key}'")
         lang = normalize_language(code) if isinstance(code, str) else None
         if lang is None:
             raise SkipSample("unknown_language", f"{sample['__key__']}: {lang_key}={code!r}")
         if not language_allowed(lang, allowed):
             raise SkipSample("filtered_language", f"{sample['__key__']}: {lang}")
-        sides.append((text.strip(), lang))
+        sides.append((text, lang))
     if swap and rng.random() < 0.5:
         sides.reverse()
     (text, lang), (other, other_lang) = sides

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from cclm.data.collate import group_id, stack_images
-from cclm.data.examples import caption_choices, image_bytes
+from cclm.data.examples import caption_choices, image_bytes, visible_text
 from cclm.data.shards import SKIP_KEY
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY
@@ -117,10 +117,10 @@ def parse_regions(meta: dict, allowed: frozenset[str]) -> tuple[list[Region], Co
             continue
         attributes = entry.get("attributes")
         pairs = [
-            (lang, word.strip())
+            (lang, shown)
             for lang, words in (attributes.items() if isinstance(attributes, dict) else ())
             for word in (words if isinstance(words, list) else [words])
-            if isinstance(word, str) and word.strip()
+            if (shown := visible_text(word))
         ]
         label = entry.get("label") if isinstance(entry.get("label"), str) else None
         regions.append(Region(box, tuple(captions), tuple(pairs), label))
