@@ -18,8 +18,8 @@ import torch
 
 from cclm.config import ConfigError, FinetuneConfig, Protocol, SelectOn, load_config
 from cclm.runtime.trainer import Selection
-from cclm.tasks import iglue_cli, protocols
-from cclm.tasks.protocols import FewShotRun, few_shot_files, few_shot_runs, shots_of
+from cclm.tasks import few_shot, iglue_cli, protocols
+from cclm.tasks.few_shot import FewShotRun, few_shot_files, few_shot_runs, shots_of
 
 from .conftest import REPO
 
@@ -280,7 +280,7 @@ def xvnli_few_shot(iglue_dir, tmp_path, *overrides, train="train_{1,5}.jsonl"):
 def test_few_shot_selects_on_dev_by_default_one_table_per_shot_count(iglue_dir, tmp_path, stub_training):
     cfg = xvnli_few_shot(iglue_dir, tmp_path)
     assert cfg.train.select_on == SelectOn.dev
-    tables = protocols.run_few_shot(cfg)
+    tables = few_shot.run_few_shot(cfg)
     assert sorted(tables) == ["few_shot_1", "few_shot_5"]
     assert {tuple(c["select"]) for c in stub_training} == {(cfg.data.dev[0],)}  # never the test file
     for shots, table in (("1", tables["few_shot_1"]), ("5", tables["few_shot_5"])):
@@ -303,8 +303,8 @@ def test_few_shot_selects_on_dev_by_default_one_table_per_shot_count(iglue_dir, 
 
 def test_few_shot_selected_on_test_is_labelled_everywhere(iglue_dir, tmp_path, stub_training, caplog):
     cfg = xvnli_few_shot(iglue_dir, tmp_path, "train.select_on=test")
-    with caplog.at_level(logging.INFO, logger="cclm.tasks.protocols"):
-        tables = protocols.run_few_shot(cfg)
+    with caplog.at_level(logging.INFO, logger="cclm.tasks.few_shot"):
+        tables = few_shot.run_few_shot(cfg)
     test_file = cfg.data.test["ar"]
     assert {tuple(c["select"]) for c in stub_training} == {(test_file,)}  # the reference's selection
     assert sorted(tables) == ["few_shot_1_selected_on_test", "few_shot_5_selected_on_test"]
@@ -329,7 +329,7 @@ def test_few_shot_selected_on_test_is_labelled_everywhere(iglue_dir, tmp_path, s
 
 def test_a_single_shot_count_keeps_the_few_shot_table_name(iglue_dir, tmp_path, stub_training):
     cfg = xvnli_few_shot(iglue_dir, tmp_path, train="train_5.jsonl")
-    tables = protocols.run_few_shot(cfg)
+    tables = few_shot.run_few_shot(cfg)
     assert list(tables) == ["few_shot"] and tables["few_shot"]["shots"] == "5"
     assert (tmp_path / "out" / "few_shot" / "ar" / "extra.json").is_file()
 
@@ -358,7 +358,7 @@ def test_a_test_file_holding_few_shot_training_images_is_refused(iglue_dir, tmp_
     with pytest.raises(
         ValueError, match=r"5 image\(s\) of .*train_5.json are also in the test file .*xgqa.yaml"
     ):
-        protocols.run_few_shot(cfg)
+        few_shot.run_few_shot(cfg)
     assert not stub_training  # refused before any training
 
 

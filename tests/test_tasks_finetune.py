@@ -22,7 +22,7 @@ from cclm.runtime import trainer as trainer_module
 from cclm.runtime.env import init_distributed
 from cclm.runtime.schedule import lr_factor
 from cclm.runtime.sources import EpochBatches
-from cclm.tasks import finetune, get_task, protocols
+from cclm.tasks import few_shot, finetune, get_task, protocols
 from cclm.tasks.cli import main as finetune_main
 from cclm.tasks.metrics import average_non_english
 from cclm.tasks.task_model import TaskModel
@@ -274,7 +274,7 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
         return optimizer
 
     monkeypatch.setattr(engine, "build_optimizer", spy)
-    table = protocols.run_few_shot(few)["few_shot"]
+    table = few_shot.run_few_shot(few)["few_shot"]
 
     # every learning rate of the sweep started from the checkpoint's weights (not from the previous run's)
     saved = {f"backbone.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
@@ -527,11 +527,11 @@ def test_a_few_shot_sweep_resumes_where_it_stopped(iglue_dir, tmp_path, pretrain
 
     straight = config("straight")
     make_placeholder_images(straight)
-    expected = protocols.run_few_shot(straight)["few_shot"]
+    expected = few_shot.run_few_shot(straight)["few_shot"]
 
     trained = crash_then_resume(  # in step 4 of the second learning rate
         monkeypatch,
-        protocols.run_few_shot,
+        few_shot.run_few_shot,
         config("resumed"),
         config("resumed"),
         lambda t: t.output_dir.name == "lr_0.003" and t.step == 3,

@@ -57,7 +57,7 @@ def _report(tables: dict) -> None:
 
 
 def _run(argv: list[str], command: str, usage: str) -> int:
-    from cclm.tasks import protocols
+    from cclm.tasks import few_shot, protocols
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = argv[1:] if argv and argv[0] == command else argv
@@ -81,7 +81,7 @@ def _run(argv: list[str], command: str, usage: str) -> int:
     if command == "evaluate":
         tables = protocols.evaluate_checkpoint(cfg)
     elif cfg.protocol == "few_shot":
-        tables = protocols.run_few_shot(cfg)
+        tables = few_shot.run_few_shot(cfg)
     elif cfg.protocol == "zero_shot":
         tables = protocols.run_zero_shot(cfg)
     else:

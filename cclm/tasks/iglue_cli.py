@@ -60,7 +60,8 @@ def _inspect(args: list[str]) -> int:
 def _files_of_config(cfg) -> list[str]:
     """Every annotation file a fine-tuning config names (few-shot brace patterns expanded), each once; only the
     ``languages=`` ones when that is set, as a run reads them."""
-    from cclm.tasks.protocols import few_shot_files, select_languages
+    from cclm.tasks.few_shot import few_shot_files
+    from cclm.tasks.protocols import select_languages
 
     select_languages(cfg)
     data = cfg.data

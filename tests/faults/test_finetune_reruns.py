@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from cclm.config import ConfigError, DecayRule, HeadInit, Protocol
 from cclm.errors import RunInterrupted, UserError
 from cclm.runtime import trainer as trainer_module
-from cclm.tasks import protocols
+from cclm.tasks import few_shot, protocols
 from cclm.tasks.task_model import TaskModel
 
 from ..test_tasks_finetune import iglue, make_placeholder_images, pretrained_dir
@@ -72,18 +72,18 @@ def test_a_requeued_sweep_keeps_its_finished_runs_without_checkpoints(
 ):
     straight = sweep_config(iglue_dir, tmp_path, pretrained_dir, english)
     straight.output_dir = str(tmp_path / "straight")
-    expected = protocols.run_few_shot(straight)["few_shot"]["rows"]
+    expected = few_shot.run_few_shot(straight)["few_shot"]["rows"]
 
     trained.clear()
     trained.signal_at = ("fr/lr_0.0003", 2)  # SLURM's warning in the last run of the sweep
     with pytest.raises(RunInterrupted):
-        protocols.run_few_shot(sweep_config(iglue_dir, tmp_path, pretrained_dir, english))
+        few_shot.run_few_shot(sweep_config(iglue_dir, tmp_path, pretrained_dir, english))
     assert len(trained) == 14
 
     trained.clear()
     requeued = sweep_config(iglue_dir, tmp_path, pretrained_dir, english)
     requeued.resume = "auto"
-    rows = protocols.run_few_shot(requeued)["few_shot"]["rows"]
+    rows = few_shot.run_few_shot(requeued)["few_shot"]["rows"]
     assert trained == [("fr/lr_0.0003", 3), ("fr/lr_0.0003", 4)], "only the signalled run goes on"
     for got, want in zip(rows, expected, strict=True):
         for key in ("language", "lr", "dev", "accuracy", "dev_by_lr"):
@@ -102,7 +102,7 @@ def test_a_requeued_sweep_keeps_its_finished_runs_without_checkpoints(
     score = protocols.TaskRunner.score
     protocols.TaskRunner.score = lambda self, *a: scored.append(1) or score(self, *a)
     try:
-        again = protocols.run_few_shot(requeued)["few_shot"]["rows"]
+        again = few_shot.run_few_shot(requeued)["few_shot"]["rows"]
     finally:
         protocols.TaskRunner.score = score
     assert trained == [] and scored == [] and again == rows
@@ -113,14 +113,14 @@ def test_a_requeued_sweep_refuses_another_starting_checkpoint(
 ):
     trained.signal_at = ("ar/lr_0.0003", 2)
     with pytest.raises(RunInterrupted):
-        protocols.run_few_shot(sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"]))
+        few_shot.run_few_shot(sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"]))
     other = retrained_copy(english, tmp_path / "other")
     requeued = sweep_config(iglue_dir, tmp_path, pretrained_dir, other, ["ar"])
     requeued.resume = "auto"
     with pytest.raises(
         protocols.ConfigError, match=r"few_shot/ar was fine-tuned from checkpoint=.*run/model"
     ):
-        protocols.run_few_shot(requeued)
+        few_shot.run_few_shot(requeued)
 
 
 # ------------------------------------------------------------------------------------------------ result tables
@@ -153,7 +153,7 @@ def test_a_few_shot_table_never_mixes_languages_from_two_english_models(
     table = tmp_path / "few" / "results" / "xvnli" / "few_shot.json"
     ar = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"])
     ar.train.lr_sweep = [1e-4]
-    protocols.run_few_shot(ar)
+    few_shot.run_few_shot(ar)
 
     other = retrained_copy(english, tmp_path / "other")
     fr = sweep_config(iglue_dir, tmp_path, pretrained_dir, other, ["fr"])
@@ -161,13 +161,13 @@ def test_a_few_shot_table_never_mixes_languages_from_two_english_models(
     with pytest.raises(
         UserError, match=r"few_shot\.json holds rows fine-tuned from another model .*run/model"
     ):
-        protocols.run_few_shot(fr)
+        few_shot.run_few_shot(fr)
     assert not (tmp_path / "few" / "few_shot" / "fr").exists(), "refused before training"
     (row,) = json.loads(table.read_text())["rows"]
     assert row["checkpoint"] == str(english)
     assert row["checkpoint_digest"] == TaskModel.weights_digest(english)
     fr.overwrite = True
-    (row,) = protocols.run_few_shot(fr)["few_shot"]["rows"]
+    (row,) = few_shot.run_few_shot(fr)["few_shot"]["rows"]
     assert row["language"] == "fr" and row["checkpoint"] == str(other)
     assert list(table.parent.glob("few_shot.old-*.json"))
 

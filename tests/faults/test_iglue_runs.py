@@ -18,6 +18,7 @@ from cclm.data.tokenize import load_tokenizer
 from cclm.errors import UserError
 from cclm.tasks import protocols
 from cclm.tasks.annotations import AnnotationError, language_from_path
+from cclm.tasks.few_shot import run_few_shot
 from cclm.tasks.task_model import TaskModel
 
 from ..test_tasks_finetune import iglue, make_placeholder_images, pretrained_dir, task_config
@@ -162,10 +163,10 @@ def test_a_second_few_shot_run_keeps_the_first_runs_rows(iglue_dir, tmp_path, pr
     """Before, a run for fr into the output_dir of an ar run rewrote few_shot.json with fr alone."""
     table = tmp_path / "few" / "results" / "xvnli" / "few_shot.json"
     ar = iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")
-    protocols.run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, ar=ar))
+    run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, ar=ar))
     first = json.loads(table.read_text())["rows"]
     fr = iglue(iglue_dir, "XVNLI/annotations/fr/train_5.jsonl")
-    protocols.run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, fr=fr))
+    run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, fr=fr))
     now = json.loads(table.read_text())["rows"]
     assert [r["language"] for r in now] == ["ar", "fr"] and now[0] == first[0]
     assert now[1]["model"] == str(tmp_path / "few" / "few_shot" / "fr")
@@ -176,12 +177,12 @@ def test_a_sweep_checks_every_run_folder_before_the_first_one_trains(
 ):
     """Before, a sweep over ar and fr, fr already run there, trained ar for nothing and then stopped."""
     fr = iglue(iglue_dir, "XVNLI/annotations/fr/train_5.jsonl")
-    protocols.run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, fr=fr))
+    run_few_shot(few_shot(iglue_dir, tmp_path, pretrained_dir, fr=fr))
     both = few_shot(
         iglue_dir, tmp_path, pretrained_dir, ar=iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl"), fr=fr
     )
     with pytest.raises(UserError, match=r"few_shot/fr/lr_0\.0001 already holds a run"):
-        protocols.run_few_shot(both)
+        run_few_shot(both)
     assert not (tmp_path / "few" / "few_shot" / "ar").exists()
 
 
@@ -192,7 +193,7 @@ def test_resuming_a_few_shot_run_with_another_training_file_is_refused(
     shots_48 = few_shot(
         iglue_dir, tmp_path, pretrained_dir, ar=iglue(iglue_dir, "XVNLI/annotations/ar/train_48.jsonl")
     )
-    protocols.run_few_shot(shots_48)
+    run_few_shot(shots_48)
     shots_5 = few_shot(
         iglue_dir, tmp_path, pretrained_dir, ar=iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")
     )
@@ -200,9 +201,9 @@ def test_resuming_a_few_shot_run_with_another_training_file_is_refused(
     with pytest.raises(
         protocols.ConfigError, match=r"was trained on .*train_48\.jsonl \(48 shots\), not .*train_5"
     ):
-        protocols.run_few_shot(shots_5)
+        run_few_shot(shots_5)
     shots_48.resume = "auto"  # the same file resumes
-    (row,) = protocols.run_few_shot(shots_48)["few_shot"]["rows"]
+    (row,) = run_few_shot(shots_48)["few_shot"]["rows"]
     assert row["shots"] == "48"
 
 
