@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from cclm.config import ConfigError
@@ -96,23 +98,74 @@ def undecodable_images(paths: Iterable[Path], workers: int | None = None) -> lis
 
 
 def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int = 20) -> None:
-    """Fail before training when images are missing or do not decode, listing the first ``show`` and the total."""
-    paths = {ref.resolve(roots) for ref in set(refs)}
-    missing = sorted(path for path in paths if not path.is_file())
+    """Fail before training when images are missing or do not decode, listing the first ``show`` and the total.
+
+    With several ranks, a collective: every rank checks that the files exist, the ranks of each host share the
+    decoding (each host still decodes every image once: image roots may be node-local copies), and every rank
+    raises the same error for the problems any rank found (a rank raising alone would leave the others waiting
+    in the next collective)."""
+    paths = sorted({ref.resolve(roots) for ref in set(refs)})
     hint = "(`cclm iglue check-images CONFIG` lists them all"
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    missing = [(path, "") for path in paths if not path.is_file()]
+    if several:
+        hosts, missing = _union_over_ranks(missing)
     if missing:
-        listed = ", ".join(str(p) for p in missing[:show])
-        more = f", ... and {len(missing) - show} more" if len(missing) > show else ""
         raise MissingImageError(  # one line: the CLI prints a user error on one line
-            f"{len(missing)} image(s) missing: {listed}{more} {hint}; set data.image_roots to your image folders)"
+            f"{_count(missing)} image(s) missing: {_listed(missing, show)} {hint}; "
+            "set data.image_roots to your image folders)"
         )
-    bad = undecodable_images(paths)
+    if several:
+        rank = dist.get_rank()
+        peers = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        bad, error = [], None
+        try:
+            bad = undecodable_images(paths[peers.index(rank) :: len(peers)])
+        except Exception as err:  # reported by every rank, not raised here alone
+            error = err
+        _, bad = _union_over_ranks(bad, error)
+    else:
+        bad = undecodable_images(paths)
     if bad:
-        listed = ", ".join(f"{path} ({reason})" for path, reason in bad[:show])
-        more = f", ... and {len(bad) - show} more" if len(bad) > show else ""
         raise DataError(
-            f"{len(bad)} of {len(paths)} image(s) do not decode: {listed}{more} {hint}; replace or remove them)"
+            f"{_count(bad)} of {len(paths)} image(s) do not decode: {_listed(bad, show)} {hint}; "
+            "replace or remove them)"
         )
+
+
+def _union_over_ranks(
+    found: list[tuple[Path, str]], error: Exception | None = None
+) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Every rank's host, and the (path, reason) that any rank found, sorted; where hosts disagree, the reason
+    names the hosts that found it. A collective; every rank raises the error of a rank whose check failed."""
+    cause = "" if error is None else f"{type(error).__name__}: {error}"
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (socket.gethostname(), found, cause))
+    failed = [f"rank {r} ({h}): {c}" for r, (h, _, c) in enumerate(reports) if c]
+    if failed:
+        more = f"; {len(failed) - 1} more rank(s) failed too" if len(failed) > 1 else ""
+        raise RuntimeError(f"the image check failed on {failed[0]}{more}") from error
+    hosts = [h for h, _, _ in reports]
+    seen: dict[tuple[Path, str], set[str]] = {}
+    for h, items, _ in reports:
+        for item in items:
+            seen.setdefault(item, set()).add(h)
+    union = []
+    for (path, reason), where in sorted(seen.items()):
+        if where != set(hosts):
+            reason = "; ".join(filter(None, [reason, f"on {', '.join(sorted(where))}"]))
+        union.append((path, reason))
+    return hosts, union
+
+
+def _count(problems: list[tuple[Path, str]]) -> int:
+    return len({path for path, _ in problems})
+
+
+def _listed(problems: list[tuple[Path, str]], show: int) -> str:
+    listed = ", ".join(f"{path} ({reason})" if reason else str(path) for path, reason in problems[:show])
+    more = f", ... and {len(problems) - show} more" if len(problems) > show else ""
+    return listed + more
 
 
 class TaskAugment:
