@@ -87,11 +87,17 @@ def decode_problem(path: Path) -> str:
     return problem
 
 
+def decode_threads(processes_on_host: int) -> int:
+    """Threads for one process's image check when ``processes_on_host`` ranks of this host check at once: up to
+    8, and no more than the host's cores shared among them."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, processes_on_host)))
+
+
 def undecodable_images(paths: Iterable[Path], workers: int | None = None) -> list[tuple[Path, str]]:
     """(path, reason) of every image file among ``paths`` that does not decode, sorted. Decoded on threads (PIL
     releases the GIL while it decodes)."""
     paths = sorted(set(paths))
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or decode_threads(1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = list(pool.map(decode_problem, paths, chunksize=64))
     return [(path, problem) for path, problem in zip(paths, problems) if problem]
@@ -120,7 +126,7 @@ def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int
         peers = [r for r, host in enumerate(hosts) if host == hosts[rank]]
         bad, error = [], None
         try:
-            bad = undecodable_images(paths[peers.index(rank) :: len(peers)])
+            bad = undecodable_images(paths[peers.index(rank) :: len(peers)], decode_threads(len(peers)))
         except Exception as err:  # reported by every rank, not raised here alone
             error = err
         _, bad = _union_over_ranks(bad, error)

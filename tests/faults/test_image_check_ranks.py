@@ -164,3 +164,12 @@ def test_without_a_process_group_every_image_is_decoded_here(tmp_path, monkeypat
     with pytest.raises(DataError, match=rf"^1 of 5 image\(s\) do not decode: {bad} \([^;]*\) \(`cclm"):
         require_images(refs(NAMES), {"images": str(root)})
     assert sorted(decoded) == NAMES
+
+
+@pytest.mark.parametrize(
+    ("cores", "ranks", "threads"),
+    [(2, 1, 2), (64, 1, 8), (16, 8, 2), (96, 8, 8), (4, 8, 1), (None, 1, 1)],
+)
+def test_the_ranks_of_a_host_share_its_cores_for_decoding(monkeypatch, cores, ranks, threads):
+    monkeypatch.setattr(images.os, "cpu_count", lambda: cores)
+    assert images.decode_threads(ranks) == threads
