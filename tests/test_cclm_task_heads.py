@@ -361,7 +361,7 @@ def test_text_assignment_pretraining_trains_the_doubled_layers(backbone, tiny_to
     )
 
     def mean_loss() -> float:
-        pretrain.generator.manual_seed(123)
+        pretrain.sampling_generator.manual_seed(123)
         with torch.no_grad():
             return sum(float(pretrain(batch)["loss"]) for _ in range(8)) / 8
 

@@ -129,6 +129,50 @@ def test_a_domain_pretraining_stage_stopped_by_sigusr1_resumes_from_its_checkpoi
     assert [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()][-1] == 4
 
 
+def test_a_resumed_domain_pretraining_stage_ends_with_the_weights_of_an_uninterrupted_one(
+    iglue_dir, tmp_path, pretrained_dir, monkeypatch
+):
+    """Exact resume of the NLVR stage: the draws of the images each caption is shown with come from the trainer's
+    sampling generator, which its checkpoints keep, so a stage stopped at step 2 and resumed ends bit-identical to
+    one that ran straight through (before, the draws restarted from their seed)."""
+    import os
+    import signal
+
+    from cclm.errors import RunInterrupted
+    from cclm.runtime import trainer as trainer_module
+
+    shards = write_caption_shards(tmp_path / "shards")
+    real_step = trainer_module.Trainer.train_step
+    stop = {"at": None}
+
+    def step(self, stats):
+        real_step(self, stats)
+        if self.output_dir.name == "domain_pretrain" and self.step == stop["at"]:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+
+    def stage_weights(root, stop_at):
+        cfg = marvl_config(iglue_dir, root, pretrained_dir, shards, steps=4)
+        cfg.domain_pretrain.log_every = 1
+        cfg.train.max_steps = 1  # the fine-tuning after the stage is not compared
+        make_placeholder_images(cfg)
+        stop["at"] = stop_at
+        if stop_at is not None:
+            with pytest.raises(RunInterrupted):
+                protocols.run_zero_shot(cfg)
+            stop["at"], cfg.resume = None, "auto"
+        protocols.run_zero_shot(cfg)
+        stage = root / "run" / "domain_pretrain" / "model"
+        return {name: load_file(stage / name) for name in ("model.safetensors", "task_head.safetensors")}
+
+    straight, resumed = stage_weights(tmp_path / "a", None), stage_weights(tmp_path / "b", 2)
+    for name, tensors in straight.items():
+        assert tensors.keys() == resumed[name].keys()
+        different = [k for k in tensors if not torch.equal(tensors[k], resumed[name][k])]
+        assert not different, f"{name}: {different[:5]}"
+
+
 def test_a_config_that_cannot_run_the_stage_is_refused_before_anything_runs(
     iglue_dir, tmp_path, pretrained_dir
 ):

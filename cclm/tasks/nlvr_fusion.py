@@ -69,35 +69,32 @@ def assignment_pairs(
     image_features: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's text-assignment examples for a batch of B image-caption pairs (B >= 3): (left image index
-    [B], right image index [B], label [B]) for caption b, from the normalised image features [B, D]."""
+    [B], right image index [B], label [B]) for caption b, from the normalised image features [B, D].
+
+    Per caption, with probability 2/3 its own image and one negative (drawn by similarity) in random order (label
+    0: own image left, 1: right), else two different negatives (label 2). All draws are made at once, on the
+    generator's device (no host synchronisation per caption): two negatives without replacement per caption, of
+    which a one-negative example uses the first -- distributed as the reference's single draw."""
     size = image_features.shape[0]
     if size < 3:
         raise ValueError(
             f"text assignment draws two negatives per caption: a batch needs >= 3 pairs, got {size}"
         )
+    device = generator.device if generator is not None else image_features.device
     with torch.no_grad():
-        weights = (image_features.float() @ image_features.float().t() / SIMILARITY_TEMPERATURE).softmax(
-            dim=1
-        )
+        features = image_features.detach().float().to(device)
+        weights = (features @ features.t() / SIMILARITY_TEMPERATURE).softmax(dim=1)
         weights.fill_diagonal_(0)
-    weights = weights.cpu()
-    draws = torch.rand(size, 2, generator=generator)
-    left, right, labels = [], [], []
-    for b in range(size):
-        if draws[b, 0] > 1 / 3:  # own image and one negative, in random order
-            negative = int(torch.multinomial(weights[b], 1, generator=generator))
-            pair, label = ((b, negative), 0) if draws[b, 1] > 0.5 else ((negative, b), 1)
-        else:  # two negatives
-            pair, label = tuple(torch.multinomial(weights[b], 2, generator=generator).tolist()), 2
-        left.append(pair[0])
-        right.append(pair[1])
-        labels.append(label)
-    device = image_features.device
-    return (
-        torch.tensor(left, device=device),
-        torch.tensor(right, device=device),
-        torch.tensor(labels, device=device),
-    )
+    draws = torch.rand(size, 2, generator=generator, device=device)
+    negatives = torch.multinomial(weights, 2, generator=generator)
+    rows = torch.arange(size, device=device)
+    own = draws[:, 0] > 1 / 3
+    own_left = draws[:, 1] > 0.5
+    left = torch.where(own, torch.where(own_left, rows, negatives[:, 0]), negatives[:, 0])
+    right = torch.where(own, torch.where(own_left, negatives[:, 0], rows), negatives[:, 1])
+    labels = torch.where(own, torch.where(own_left, 0, 1), 2)
+    target = image_features.device
+    return left.to(target), right.to(target), labels.to(target)
 
 
 class TextAssignment(nn.Module):
@@ -116,7 +113,10 @@ class TextAssignment(nn.Module):
         self.ta_head = nn.Linear(hidden, len(ASSIGNMENT_LABELS))
         std = getattr(task_model.backbone.encoder_config, "initializer_range", 0.02)
         init_new_head(self.ta_head, std, head_init)
-        self.generator = torch.Generator().manual_seed(seed)
+        # the draws of which images a caption is shown with; a Trainer replaces it with its own sampling
+        # generator (on the training device), whose state its checkpoints keep: a resumed stage draws as the
+        # uninterrupted one would
+        self.sampling_generator = torch.Generator().manual_seed(seed)
 
     def head_parameter_names(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.startswith("ta_head.")}
@@ -124,7 +124,7 @@ class TextAssignment(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], view: str = "task") -> dict[str, torch.Tensor]:
         backbone = self.task_model.backbone
         image_tokens, image_features = backbone.encode_image(batch["images"])
-        left, right, labels = assignment_pairs(image_features, self.generator)
+        left, right, labels = assignment_pairs(image_features, self.sampling_generator)
         text_tokens, _ = backbone.encode_text(batch["text_ids"], batch["text_mask"])
         fused = self.task_model.pair_fusion(
             backbone.fusion, text_tokens, batch["text_mask"], image_tokens[left], image_tokens[right]
