@@ -303,11 +303,8 @@ def run_stage(
                 "apply to it (overwrite=true reruns the recipe with them)",
                 name,
             )
-    try:
-        last = trainer.run()
-        trainer.finish()
-    finally:  # the recipe closes its source itself (a later stage may draw from it)
-        trainer.release_output_dir()
+    last = trainer.run()
+    trainer.finish()
     if finished_before:
         last = last_logged(trainer.output_dir)
     stats = {key if key.startswith(f"{name}/") else f"{name}/{key}": value for key, value in last.items()}

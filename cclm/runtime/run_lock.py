@@ -12,7 +12,9 @@ system without locks (some NFS mounts) is warned about once, and the run goes on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -32,7 +34,9 @@ LOCK_FILE = ".run.lock"
 
 # (device, inode) of a lock file -> [descriptor, holders]: trainers of one process share its lock (stages run one
 # after another in one process; a lock is per open file, so a second open would refuse its own process)
-_held: dict[tuple[int, int], list[int]] = {}
+_held: dict[tuple[int, int], list[int]] = {}  # [descriptor, holders, generation]
+# a fresh lock of a folder gets a new generation: a lock object of an earlier, let-go one releases nothing
+_generations = itertools.count()
 
 
 class OutputDirLock:
@@ -40,6 +44,7 @@ class OutputDirLock:
 
     def __init__(self, path: Path, key: tuple[int, int] | None):
         self.path, self._key = path, key
+        self._generation = _held[key][2] if key in _held else None
 
     def __del__(self):
         try:
@@ -82,13 +87,8 @@ class OutputDirLock:
 
     def release(self) -> None:
         key, self._key = self._key, None
-        if key is None or key not in _held:
-            return
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            fd = _held.pop(key)[0]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        if key in _held and _held[key][2] == self._generation:
+            _unhold(key)
 
 
 def _describe(lock_file: Path) -> str:
@@ -111,6 +111,7 @@ def _acquire(path: Path) -> OutputDirLock:
     if key in _held:
         os.close(fd)
         _held[key][1] += 1
+        _pin(key, fresh=False)
         return OutputDirLock(path, key)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,8 +131,46 @@ def _acquire(path: Path) -> OutputDirLock:
             os.strerror(err.errno) if err.errno else err,
         )
         return OutputDirLock(path, None)
-    _held[key] = [fd, 1]
+    _held[key] = [fd, 1, next(_generations)]
+    _pin(key, fresh=True)
     return OutputDirLock(path, key)
+
+
+# each open held_until_exit() block, innermost last: key -> whether the block took the lock first (else it was
+# held already when the block began using it)
+_scopes: list[dict[tuple[int, int], bool]] = []
+
+
+def _pin(key: tuple[int, int], fresh: bool) -> None:
+    if _scopes and key not in _scopes[-1]:
+        _scopes[-1][key] = fresh
+        _held[key][1] += 1
+
+
+@contextlib.contextmanager
+def held_until_exit():
+    """Keep every output folder that this process locks inside the block locked until the block ends, then let
+    go of those it locked first (whatever trainer objects still hold them, collected or not; a lock held before
+    the block stays): a recipe writes its results into a stage's folder after the stage's trainer is done, and
+    another job must not take the folder in between, nor be refused after the recipe has returned."""
+    _scopes.append({})
+    try:
+        yield
+    finally:
+        for key, fresh in _scopes.pop().items():
+            if fresh and key in _held:
+                _held[key][1] = 1
+            _unhold(key)
+
+
+def _unhold(key: tuple[int, int]) -> None:
+    if key not in _held:
+        return
+    _held[key][1] -= 1
+    if _held[key][1] == 0:
+        fd = _held.pop(key)[0]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _token_on_disk(path: Path) -> str | None:

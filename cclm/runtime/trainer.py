@@ -684,11 +684,6 @@ class Trainer:
 
     def close(self) -> None:
         self.source.close()
-        self.release_output_dir()
-
-    def release_output_dir(self) -> None:
-        """Let another job use the output folder (:meth:`close` does it too; a caller that keeps the source, as a
-        recipe stage does, calls this alone)."""
         if self._lock is not None:
             self._lock.release()
 

@@ -213,19 +213,38 @@ def test_a_node_local_output_dir_is_refused_at_the_start_in_one_line(tmp_path):
     assert not (tmp_path / "nodes" / "node0" / "run" / "checkpoints").exists(), "refused before training"
 
 
-def test_a_recipe_stage_frees_its_folder_when_it_returns_not_when_collected(tmp_path):
-    """A recipe (one process, several stages) lets go of each stage's folder as the stage ends; before, the lock
-    went only when the garbage collector reached the stage's trainer (a reference cycle), so another job could be
-    refused long after the recipe had returned."""
+def test_a_recipe_holds_its_stage_folders_until_its_last_write_then_lets_them_go(tmp_path, monkeypatch):
+    """A recipe writes its results into a stage's folder after the stage's trainer is done: the folder stays
+    locked until then (another job cannot take it in between), and is let go when the recipe returns. Before,
+    the lock went whenever the garbage collector reached the stage's trainer (a reference cycle): possibly in
+    between, possibly long after the recipe had returned."""
     import gc
 
     from cclm.cli import main as cclm_main
+    from cclm.recipes import english_clip
     from cclm.runtime import run_lock
 
     from ..conftest import build_test_world
 
     world = build_test_world(tmp_path / "world", 300, num_images=40, image_size=32, heldout_images=10)
     out = tmp_path / "out"
+    lock_file = out / "english_clip" / LOCK_FILE
+    take = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+    def another_job_can_lock() -> bool:
+        return (
+            subprocess.run([sys.executable, "-c", take, str(lock_file)], capture_output=True).returncode == 0
+        )
+
+    during = []
+    retrieval = english_clip.english_retrieval
+
+    def retrieval_after_the_stage(*args, **kwargs):  # after the stage, before the recipe's own writes
+        gc.collect()  # the stage's trainer collected: its lock object is gone
+        during.append(another_job_can_lock())
+        return retrieval(*args, **kwargs)
+
+    monkeypatch.setattr(english_clip, "english_retrieval", retrieval_after_the_stage)
     argv = ["recipe", "english-clip", str(REPO / "configs" / "recipes" / "mla_demo.yaml"), f"world={world}"]
     argv += [f"clip.pretrained={out / 'clip.safetensors'}", f"output_dir={out}", "english_clip.steps=2"]
     gc.disable()  # what a collection that has not come yet looks like
@@ -234,6 +253,35 @@ def test_a_recipe_stage_frees_its_folder_when_it_returns_not_when_collected(tmp_
         assert run_lock._held == {}
     finally:
         gc.enable()
-    lock_file = out / "english_clip" / LOCK_FILE
+    assert during == [False]
+    assert another_job_can_lock()
+
+
+def _another_job_can_lock(folder: Path) -> bool:
     take = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
-    assert subprocess.run([sys.executable, "-c", take, str(lock_file)]).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", take, str(folder / LOCK_FILE)], capture_output=True).returncode
+        == 0
+    )
+
+
+def test_a_lock_object_outliving_its_recipe_releases_nothing_of_a_later_run(tmp_path):
+    """A trainer's lock object that the garbage collector reaches after its recipe let the folder go must not
+    let go of the folder again when a later run in this process holds it; a lock held before a recipe began
+    stays held after it."""
+    from cclm.runtime import run_lock
+
+    stage, before = tmp_path / "stage", tmp_path / "before"
+    earlier = run_lock._acquire(before)
+    with run_lock.held_until_exit():
+        stale = run_lock._acquire(stage)  # never released by its owner
+        shared = run_lock._acquire(before)
+        shared.release()
+    assert _another_job_can_lock(stage) and not _another_job_can_lock(before)
+    later = run_lock._acquire(stage)
+    stale.release()  # collected now
+    assert not _another_job_can_lock(stage)
+    later.release()
+    earlier.release()
+    assert _another_job_can_lock(stage) and _another_job_can_lock(before)
+    assert run_lock._held == {}
