@@ -170,6 +170,12 @@ class CrossViewModel(nn.Module):
         """What the trainer logs of the model itself besides the losses."""
         return {"temp": float(self.clamped_temp().detach())}
 
+    def bounded_parameters(self) -> list[tuple[nn.Parameter, float, float]]:
+        """The temperature and its bounds: the trainer clamps it after each update, in the optimizer's copy too
+        (:func:`cclm.runtime.optim.clamp_bounded`)."""
+        obj = self.cfg.objectives
+        return [(self.temp, float(obj.temp_min), float(obj.temp_max))]
+
     def clamped_temp(self) -> torch.Tensor:
         """The temperature within its bounds, for reading it (evaluation, logs)."""
         obj = self.cfg.objectives

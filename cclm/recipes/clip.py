@@ -242,6 +242,11 @@ class ClipContrastive(nn.Module):
         old = getattr(module, leaf)
         setattr(module, leaf, nn.Parameter(old.detach().reshape(shape), requires_grad=old.requires_grad))
 
+    def bounded_parameters(self) -> list[tuple[nn.Parameter, float, float]]:
+        """The learnable logit scale and open_clip's cap on it, when it trains: the trainer clamps it after each
+        update, in the optimizer's copy too (:func:`cclm.runtime.optim.clamp_bounded`)."""
+        return [(self.clip.logit_scale, 0.0, math.log(100))] if self.train_temperature else []
+
     def forward(self, batch: dict[str, Any], stage: str = "english") -> dict[str, torch.Tensor]:
         from cclm import losses
 

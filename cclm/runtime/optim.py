@@ -146,3 +146,54 @@ def cpu_adam_unavailable() -> str | None:
         text = " ".join(str(cause).split())[:300]
         return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
     return None
+
+
+Bound = tuple[nn.Parameter, float, float]
+
+
+def bounded_parameters(model: nn.Module) -> list[Bound]:
+    """Every ``(parameter, low, high)`` that a module of ``model`` declares with a ``bounded_parameters()``
+    method: parameters the model clamps in place before use, as the reference clamps its learnable temperature."""
+    return [
+        bound
+        for module in model.modules()
+        if hasattr(module, "bounded_parameters")
+        for bound in module.bounded_parameters()
+    ]
+
+
+def clamp_bounded(bounds: Iterable[Bound], optimizer=None) -> None:
+    """After an optimizer update: each bounded parameter back within its bounds, in the optimizer's fp32 copy
+    too. ZeRO (any stage) and DeepSpeed's bf16/fp16 optimizers keep such a copy and rewrite the model's parameter
+    from it at every update, so a clamp of the model's parameter alone is undone and the optimizer's value drifts
+    past the bound (and takes as many steps to come back). Clamping both after each update gives the forward
+    passes and gradients of the reference's in-place clamp of a single fp32 parameter. ``optimizer``: the
+    engine's. No host synchronisation; under ZeRO a collective (every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    with torch.no_grad():
+        for param, low, high in bounds:
+            master = safe_get_full_fp32_param(param)  # ZeRO 1-3 and the bf16 optimizer
+            if master is not None:
+                safe_set_full_fp32_param(param, master.clamp(low, high))
+            else:
+                copy = _fp32_copy(optimizer, param)
+                if copy is not None:
+                    copy.clamp_(low, high)
+            param.clamp_(low, high)  # under ZeRO-3 an empty placeholder between forwards: nothing to do
+
+
+def _fp32_copy(optimizer, param: nn.Parameter) -> torch.Tensor | None:
+    """The fp32 copy of ``param`` that DeepSpeed's fp16-style optimizer (bf16 or fp16 without ZeRO) keeps, as a
+    view: one tensor per parameter (``fp32_groups``) or one flat tensor per group (``fp32_groups_flat``)."""
+    for g, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
+        offset = 0
+        for i, low_precision in enumerate(group):
+            if low_precision is param:
+                per_param = getattr(optimizer, "fp32_groups", None)
+                if per_param:
+                    return per_param[g][i]
+                flat = getattr(optimizer, "fp32_groups_flat", None)
+                return flat[g].narrow(0, offset, param.numel()).view_as(param) if flat else None
+            offset += low_precision.numel()
+    return None

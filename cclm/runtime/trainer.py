@@ -58,6 +58,7 @@ from cclm.runtime.engine import (
 from cclm.runtime.env import DistEnv, barrier, to_device
 from cclm.runtime.flops import peak_flops
 from cclm.runtime.logging import METRICS_FILE, RunLogger, truncate_metrics
+from cclm.runtime.optim import bounded_parameters, clamp_bounded
 from cclm.runtime.output_dir import INTERRUPTED, check_output_dir, claim_output_dir
 from cclm.runtime.rank_writes import RankWrites, write_error_cause
 from cclm.runtime.run_lock import OutputDirLock, hold_output_dir
@@ -256,6 +257,7 @@ class Trainer:
         for module in self.model.modules():
             if hasattr(module, "sampling_generator"):
                 module.sampling_generator = self.sampling_generator
+        self._bounds = bounded_parameters(self.model)
         self._step_lr = self._base_lr()  # the lr the last optimizer update used (logged as "lr")
         self.step = 0
         self.selection = Selection(history=[])
@@ -417,6 +419,7 @@ class Trainer:
             if not self._engine_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 self._grad_norm = global_grad_norm(self.model)  # before the engine clips and zeroes them
             self.engine.step()
+        clamp_bounded(self._bounds, self.engine.optimizer)
         self.step += 1
 
     def _scalars(self, stats: IntervalStats, elapsed: float) -> dict[str, float]:

@@ -1,0 +1,114 @@
+"""A learnable temperature clamped in place (CCLM's ``temp``, the CLIP recipe's logit scale) stays within its
+bounds under every ZeRO stage and precision. ZeRO and bf16 keep an fp32 copy of each parameter in the optimizer
+and rewrite the model's parameter from it at every update, so a clamp of the model's parameter alone was undone:
+the optimizer's value drifted past the bound (to 2.3 for a bound of 0.5 in 8 steps here) and a gradient that
+turned would have taken as many steps to bring it back. The trainer now clamps both after each update
+(``bounded_parameters`` / :func:`cclm.runtime.optim.clamp_bounded`): every stage then trains as ZeRO-0 in fp32,
+the reference's single clamped parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cclm.config import DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
+from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.sources import EpochBatches
+from cclm.runtime.trainer import LoopSettings, Trainer
+
+from .faults.toy_run import _collate, _examples
+
+LOW, HIGH = 0.001, 0.5
+
+
+class Tempered(nn.Module):
+    """A regression plus a term that pushes the temperature up for 5 steps, then pulls it down."""
+
+    def __init__(self):
+        super().__init__()
+        self.temp = nn.Parameter(torch.tensor([0.07]))
+        self.linear = nn.Linear(4, 1)
+        self.seen: list[float] = []  # the temperature each forward finds, before its own clamp
+
+    def bounded_parameters(self):
+        return [(self.temp, LOW, HIGH)]
+
+    def forward(self, batch, view):
+        self.seen.append(float(self.temp.detach().float()))
+        with torch.no_grad():
+            self.temp.clamp_(LOW, HIGH)
+        temp = self.temp.squeeze(0).clone().float()
+        direction = -1.0 if len(self.seen) <= 5 else 1.0
+        x = batch["x"].to(self.linear.weight.dtype)
+        fit = nn.functional.mse_loss(self.linear(x).squeeze(1).float(), batch["y"])
+        return {"loss": fit + direction * 10 * temp}
+
+
+def run(tmp_path, stage: int, precision: Precision) -> tuple[list[float], float]:
+    env = init_distributed("cpu")
+    seed_everything(0)
+    model = Tempered()
+    trainer = Trainer(
+        model,
+        EpochBatches(_examples(), 8, _collate, seed=0),
+        LoopSettings(max_steps=16, save_every=0, progress_bar=False, log_every=8),
+        env=env,
+        optimizer_cfg=OptimizerConfig(lr=0.5),
+        scheduler_cfg=SchedulerConfig(),
+        deepspeed_cfg=DeepSpeedConfig(zero_stage=stage, precision=precision),
+        micro_batch=8,
+        output_dir=tmp_path / f"zero{stage}-{precision.value}",
+        run_config={},
+    )
+    trainer.run()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from cclm.runtime.optim import _fp32_copy
+
+    param = trainer.engine.module.temp
+    master = safe_get_full_fp32_param(param)
+    if master is None:  # DeepSpeed's bf16 optimizer without ZeRO
+        master = _fp32_copy(trainer.engine.optimizer, param)
+    trainer.close()
+    return trainer.engine.module.seen, float((master if master is not None else param.detach()).float())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("zero0"), 0, Precision.fp32)
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"),
+    [(0, Precision.fp32), (2, Precision.fp32), (3, Precision.fp32), (0, Precision.bf16), (2, Precision.bf16)],
+)
+def test_a_clamped_temperature_stays_in_bounds_and_comes_back_at_once(tmp_path, reference, stage, precision):
+    seen, optimizer_value = run(tmp_path, stage, precision)
+    assert max(seen) <= HIGH and LOW <= optimizer_value <= HIGH
+    assert seen[2:6] == [pytest.approx(HIGH)] * 4  # pushed up: held at the bound
+    assert seen[-1] < 0.9 * HIGH  # pulled down: back inside within the run
+    if precision == Precision.fp32:  # every stage trains as the reference's single clamped fp32 parameter
+        assert seen == pytest.approx(reference[0], abs=1e-6)
+        assert optimizer_value == pytest.approx(reference[1], abs=1e-6)
+
+
+def test_the_fp32_copy_of_a_parameter_in_a_flat_group_is_its_own_slice():
+    """DeepSpeed's fused fp16-style optimizer keeps one flat fp32 tensor per group: a clamp reaches only the
+    bounded parameter's slice of it."""
+    from types import SimpleNamespace
+
+    from cclm.runtime.optim import _fp32_copy, clamp_bounded
+
+    weight, temp, bias = (
+        nn.Parameter(torch.zeros(2, 3)),
+        nn.Parameter(torch.zeros(1)),
+        nn.Parameter(torch.zeros(4)),
+    )
+    flat = torch.arange(11, dtype=torch.float32)
+    optimizer = SimpleNamespace(fp16_groups=[[weight], [temp, bias]], fp32_groups_flat=[flat[:6], flat[6:]])
+    assert torch.equal(_fp32_copy(optimizer, temp), torch.tensor([6.0]))
+    assert torch.equal(_fp32_copy(optimizer, bias), torch.tensor([7.0, 8.0, 9.0, 10.0]))
+    assert _fp32_copy(optimizer, nn.Parameter(torch.zeros(1))) is None
+    clamp_bounded([(temp, 0.0, 0.5)], optimizer)
+    assert flat.tolist() == [0, 1, 2, 3, 4, 5, 0.5, 7, 8, 9, 10]
