@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cclm.data.examples import visible_text
 from cclm.data.images import ORIENTATIONS, decode_error_reason, exif_orientation
 from cclm.data.languages import normalize_language
 from cclm.data.shards import (
@@ -111,10 +112,10 @@ def _add_caption(
         reasons.append("unknown_language")
     elif not writer.allowed_language(code):
         reasons.append("filtered_language")
-    elif not isinstance(text, str) or not text.strip():
+    elif not visible_text(text):
         reasons.append("empty_caption")
     else:
-        captions.setdefault(code, []).append(text.strip())
+        captions.setdefault(code, []).append(visible_text(text))
 
 
 def _captions(value, default_lang: str, writer: SplitWriter) -> tuple[dict[str, list[str]], list[str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cclm.data.examples import visible_text
 from cclm.data.languages import normalize_language
 from cclm.data.shards import VIEW_PARALLEL
 from data_prep.common import (
@@ -95,7 +96,7 @@ def write_pairs(pairs: Iterator[tuple], writer: SplitWriter, args, desc: str) ->
         tqdm(pairs, desc=desc, unit="pair", disable=args.no_progress, file=sys.stderr)
     ):
         rows += 1
-        if not isinstance(src, str) or not isinstance(tgt, str) or not src.strip() or not tgt.strip():
+        if not visible_text(src) or not visible_text(tgt):
             writer.skip("empty_text")
             continue
         langs = [normalize_language(src_lang or ""), normalize_language(tgt_lang or "")]

@@ -15,7 +15,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_image": "an image file (or shard member) that is not there",
     "bad_image": "an image that does not decode",
     "no_caption": "an image left without any caption",
-    "empty_caption": "a sample whose captions are all empty",
+    "empty_caption": "a sample whose captions are all empty (blank, or only invisible characters)",
     "unknown_language": "a sample (or pair) with an unknown language code",
     "filtered_language": "a sample (or pair) in a language --languages leaves out",
     "caption_unknown_language": "a table row whose lang is unknown (the image keeps its other rows)",
@@ -27,7 +27,7 @@ SKIP_REASONS: dict[str, str] = {
     "translation_bad_row": "uc2: a translation row without the image id, url and caption columns",
     "no_translation": "uc2 --drop-untranslated: an image without any translation",
     # parallel text
-    "empty_text": "a pair with an empty side (or a line missing its second column)",
+    "empty_text": "a pair with an empty side, blank or only invisible characters (or a line missing its second column)",
     "bad_columns": "wikimatrix: a line without score<TAB>src<TAB>tgt; parallel-tsv: a line with a third column",
     "bad_score": "wikimatrix: a score that is not a number",
     "below_min_score": "wikimatrix: a pair under --min-score",

@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from cclm.data.examples import visible_text
 from cclm.errors import DataError
 from cclm.jsonl import read_json
 from data_prep.corpora.retrieval_sets import (
@@ -70,7 +71,7 @@ def karpathy_entries(path: Path, images: list[dict]) -> dict[str, list[Entry]]:
         splits.setdefault(split, []).append(
             {
                 "image": f"{image['filepath']}/{image['filename']}",
-                "caption": [c.strip() for c in captions if isinstance(c, str) and c.strip()],
+                "caption": [visible_text(c) for c in captions if visible_text(c)],
                 "image_id": image_id,
             }
         )
@@ -103,8 +104,8 @@ def official_entries(path: Path, data: dict) -> dict[str, list[Entry]]:
         entry = by_id.get(str(ann["image_id"]))
         if entry is None:
             raise DataError(f"{path}: annotations[{n}] names image_id {ann['image_id']} that 'images' lacks")
-        if isinstance(ann["caption"], str) and ann["caption"].strip():
-            entry["caption"].append(ann["caption"].strip())
+        if visible_text(ann["caption"]):
+            entry["caption"].append(visible_text(ann["caption"]))
     return {split: list(by_id.values())}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cclm.data.examples import visible_text
 from cclm.data.shards import VIEW_IMAGE_CAPTION
 from data_prep.common import SampleKeys, SplitWriter, add_output_options
 from data_prep.regions.common import (
@@ -84,10 +85,10 @@ def run(args) -> int:
                     writer.skip("caption_unknown_image")
                 elif not writer.allowed_language("en"):
                     writer.skip("caption_filtered_language")
-                elif not isinstance(text, str) or not text.strip():
+                elif not visible_text(text):
                     writer.skip("caption_empty")
                 else:
-                    image.captions.setdefault("en", []).append(text.strip())
+                    image.captions.setdefault("en", []).append(visible_text(text))
         return write_region_images(list(images.values()), writer, args, "coco-regions")
 
 

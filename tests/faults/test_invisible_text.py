@@ -13,6 +13,9 @@ import pytest
 from cclm.data.examples import caption_choices, parallel_example, visible_text
 from cclm.data.regions import parse_regions
 from cclm.data.skips import SkipSample
+from tests.test_prep_converters import image_folder, prep, raw_json
+
+__all__ = ["image_folder"]  # the fixture, shared with test_prep_converters
 
 INVISIBLE = [
     "\u200b",  # zero-width space
@@ -64,3 +67,24 @@ def test_visible_text_keeps_what_shows_as_written():
     assert visible_text("日本語") == "日本語"
     assert visible_text("\u200b🙂") == "\u200b🙂"
     assert visible_text(None) == "" and visible_text(3) == ""
+
+
+def test_the_converters_skip_invisible_captions_and_sentences_as_empty(tmp_path, image_folder):
+    """``cclm prep`` counts them as the training readers do, so the shards hold no caption that shows nothing."""
+    lines = [
+        {"image": "sub/im5.jpg", "caption": {"en": ["five", "\u200b\u200d"], "de": "\ufeff"}},
+        {"image": "sub/im5.jpg", "caption": "\u2060\u200e", "image_id": "only-invisible"},
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    out = tmp_path / "ic"
+    assert (
+        prep("cclm-jsonl", "--input", tmp_path / "c.jsonl", "--image-root", image_folder, "--out", out) == 0
+    )
+    assert [meta["captions"] for meta in raw_json(out).values()] == [{"en": ["five"]}]
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"empty_caption": 1}
+
+    (tmp_path / "p.tsv").write_text("hello\thallo\n\u200b\tWelt\nworld\t\ufeff\u200c\n", encoding="utf-8")
+    out = tmp_path / "pt"
+    args = ["--input", tmp_path / "p.tsv", "--src-lang", "en", "--tgt-lang", "de", "--out", out]
+    assert prep("parallel-tsv", *args) == 0
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"empty_text": 2}
