@@ -110,12 +110,19 @@ def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int
     decoding (each host still decodes every image once: image roots may be node-local copies), and every rank
     raises the same error for the problems any rank found (a rank raising alone would leave the others waiting
     in the next collective)."""
-    paths = sorted({ref.resolve(roots) for ref in set(refs)})
     hint = "(`cclm iglue check-images CONFIG` lists them all"
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    missing = [(path, "") for path in paths if not path.is_file()]
+    paths, missing, error = [], [], None
+    try:
+        paths = sorted({ref.resolve(roots) for ref in set(refs)})
+        # is_file() raises what is not "no such file": EIO, ESTALE (a stale NFS mount), EACCES on one node
+        missing = [(path, "") for path in paths if not path.is_file()]
+    except Exception as err:  # reported by every rank, not raised here alone
+        if not several:
+            raise
+        error = err
     if several:
-        hosts, missing = _union_over_ranks(missing)
+        hosts, missing = _union_over_ranks(missing, error)
     if missing:
         raise MissingImageError(  # one line: the CLI prints a user error on one line
             f"{_count(missing)} image(s) missing: {_listed(missing, show)} {hint}; "

@@ -5,6 +5,7 @@ in the next collective. Real 2-rank gloo groups on the CPU."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -61,6 +62,12 @@ def _worker(rank: int, scenario: str, folder: str) -> None:
         return real_decode(path)
 
     images.decode_problem = counting_decode
+    if scenario == "rank 1 cannot stat" and rank == 1:  # a stale NFS mount on one node, say
+
+        def stale(path: Path) -> bool:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+        Path.is_file = stale
     checks = [(refs(NAMES), {"images": str(folder / "images")})]
     if scenario == "two hosts":
         # each host has its own copy of the images, at the same path
@@ -150,6 +157,17 @@ def test_a_rank_whose_check_fails_stops_every_rank_naming_it(tmp_path):
     assert outcomes[0] == outcomes[1], outcomes
     expected = f"the image check failed on rank 1 ({socket.gethostname()}): RuntimeError: boom"
     assert outcomes[0] == [["RuntimeError", expected]]
+
+
+def test_a_rank_that_cannot_even_look_for_the_files_stops_every_rank_naming_it(tmp_path):
+    write_images(tmp_path / "images")
+    reports = run_ranks("rank 1 cannot stat", tmp_path)
+    outcomes = [report["outcomes"] for report in reports]
+    assert outcomes[0] == outcomes[1], outcomes
+    [(kind, message)] = outcomes[0]
+    assert kind == "RuntimeError" and message.startswith("the image check failed on rank 1 (")
+    assert "OSError: [Errno 5] Input/output error" in message
+    assert all(report["decoded"] == [] for report in reports)  # stopped before decoding
 
 
 def test_without_a_process_group_every_image_is_decoded_here(tmp_path, monkeypatch):
