@@ -128,3 +128,19 @@ def test_a_tokenizer_without_a_rust_backend_goes_through_its_wrapper():
         ids, mask = encode(["a b", "a"], 7)
         assert ids.dtype == mask.dtype == torch.int64 and ids.tolist() == [[5, 6, 1], [5, 0, 0]]
     assert slow.calls == 2
+
+
+def test_a_direct_encoding_that_fails_falls_back_to_the_wrapper_with_a_warning(
+    tiny_tokenizer, monkeypatch, caplog
+):
+    encode = BatchEncoder(tiny_tokenizer)
+
+    def unknown_backend(texts, max_length):  # e.g. a tokenizers version whose backend takes other settings
+        raise TypeError("enable_padding() got an unexpected keyword argument 'pad_to_multiple_of'")
+
+    monkeypatch.setattr(encode, "_fast", unknown_backend)
+    with caplog.at_level(logging.WARNING, logger="cclm.data.tokenize"):
+        ids, mask = encode(TEXTS, 40)
+    assert "fails (TypeError: enable_padding()" in caplog.text and encode._backend is None
+    expected = wrapper(tiny_tokenizer, TEXTS, 40)
+    assert torch.equal(ids, expected[0]) and torch.equal(mask, expected[1])

@@ -100,3 +100,16 @@ def test_a_loader_workers_batches_equal_the_same_stream_read_in_process(tmp_path
                 assert torch.equal(ours[key], value), key
             else:
                 assert ours[key] == value, key
+
+
+def test_tensors_numpy_cannot_hold_as_they_are_keep_the_shared_memory_path():
+    batch = {
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "fp8": torch.zeros(3).to(torch.float8_e4m3fn),
+        "conj": torch.tensor([1 + 2j]).conj(),
+        "sparse": torch.eye(3).to_sparse(),
+        "grad": torch.ones(2, requires_grad=True),
+        "plain": torch.ones(2),
+    }
+    wire = to_wire(batch)
+    assert [key for key, value in wire.items() if isinstance(value, Inline)] == ["plain"]

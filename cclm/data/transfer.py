@@ -34,13 +34,34 @@ class Inline:
         return self.tensor().pin_memory()
 
 
+# dtypes numpy holds as they are (not bfloat16, the float8s, quantized or complex32 ones)
+NUMPY_DTYPES = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+
 def _inlined(value) -> bool:
     return (
         isinstance(value, torch.Tensor)
         and value.device.type == "cpu"
+        and value.layout == torch.strided
+        and value.dtype in NUMPY_DTYPES
         and not value.is_shared()
         and not value.requires_grad
-        and value.dtype not in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)  # no numpy dtype
+        and not value.is_conj()
+        and not value.is_neg()
         and value.nbytes <= INLINE_BYTES
     )
 
