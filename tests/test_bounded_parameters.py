@@ -8,6 +8,11 @@ the reference's single clamped parameter."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +21,7 @@ from cclm.config import DeepSpeedConfig, OptimizerConfig, Precision, SchedulerCo
 from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.trainer import LoopSettings, Trainer
-
-from .faults.toy_run import _collate, _examples
+from tests.faults.toy_run import _collate, _examples
 
 LOW, HIGH = 0.001, 0.5
 
@@ -112,3 +116,37 @@ def test_the_fp32_copy_of_a_parameter_in_a_flat_group_is_its_own_slice():
     assert _fp32_copy(optimizer, nn.Parameter(torch.zeros(1))) is None
     clamp_bounded([(temp, 0.0, 0.5)], optimizer)
     assert flat.tolist() == [0, 1, 2, 3, 4, 5, 0.5, 7, 8, 9, 10]
+
+
+def test_two_ranks_under_zero3_clamp_their_own_shards_and_train_as_one(tmp_path, reference):
+    """Under ZeRO-3 each rank holds a shard of the temperature and of its fp32 copy (rank 1's is padding for a
+    one-element parameter): each clamps its own, with no collective, and both end where ZeRO-0 on one process
+    does."""
+    from cclm.runtime.env import free_port
+
+    from .pretrain_runs import quiet_env
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    command += ["-m", "tests.test_bounded_parameters", str(tmp_path), "3", "fp32"]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(command, cwd=repo, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        seen, optimizer_value = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == pytest.approx(reference[0], abs=1e-6)
+        assert optimizer_value == pytest.approx(reference[1], abs=1e-6)
+
+
+if (
+    __name__ == "__main__"
+):  # one rank of the two-rank test: python -m torch.distributed.run ... OUT STAGE PRECISION
+    out, stage, precision = Path(sys.argv[1]), int(sys.argv[2]), Precision(sys.argv[3])
+    result = run(out, stage, precision)
+    rank = torch.distributed.get_rank()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -168,19 +168,38 @@ def clamp_bounded(bounds: Iterable[Bound], optimizer=None) -> None:
     from it at every update, so a clamp of the model's parameter alone is undone and the optimizer's value drifts
     past the bound (and takes as many steps to come back). Clamping both after each update gives the forward
     passes and gradients of the reference's in-place clamp of a single fp32 parameter. ``optimizer``: the
-    engine's. No host synchronisation; under ZeRO a collective (every rank calls it)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
+    engine's. A clamp works element by element, so each rank clamps only the shard it holds: no collective, and
+    no host synchronisation of cclm's own."""
     with torch.no_grad():
         for param, low, high in bounds:
-            master = safe_get_full_fp32_param(param)  # ZeRO 1-3 and the bf16 optimizer
-            if master is not None:
-                safe_set_full_fp32_param(param, master.clamp(low, high))
-            else:
+            if hasattr(param, "ds_id"):  # ZeRO-3: this rank's shard of the parameter and of its fp32 copy
+                _clamp_zero3_shard(param, low, high)
+                param.clamp_(low, high)  # a persistent (small) parameter is also whole on every rank
+                continue
+            mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2, the bf16 optimizer
+            if mapping is not None:
+                mapping.get_hp_fragment().clamp_(low, high)  # this rank's fragment; None where it holds none
+            elif not hasattr(param, "_hp_mapping"):
                 copy = _fp32_copy(optimizer, param)
                 if copy is not None:
                     copy.clamp_(low, high)
-            param.clamp_(low, high)  # under ZeRO-3 an empty placeholder between forwards: nothing to do
+            param.clamp_(low, high)
+
+
+def _clamp_zero3_shard(param: nn.Parameter, low: float, high: float) -> None:
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    shard = param.ds_tensor  # flat, padded to the same size on every rank
+    first = torch.distributed.get_rank(group=param.ds_process_group) * shard.numel()
+    real = max(0, min(shard.numel(), param.ds_numel - first))  # the rest is padding
+    if real == 0:
+        return
+    shard.narrow(0, 0, real).clamp_(low, high)
+    master = safe_get_local_fp32_param(param)
+    if master is not None:
+        master = master.flatten()
+        master.narrow(0, 0, real).clamp_(low, high)
+        safe_set_local_fp32_param(param, master)
 
 
 def _fp32_copy(optimizer, param: nn.Parameter) -> torch.Tensor | None:
