@@ -27,7 +27,6 @@ from cclm.config import (
     check_train_config,
     load_config,
 )
-from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.stop_signal import holds_stop_signal
 
 RECIPES = {
@@ -39,13 +38,6 @@ RECIPES = {
 
 
 def run(recipe: str, cfg) -> dict:
-    """Run ``recipe``; its stage folders stay locked until it has written everything into them, then are let
-    go (not when the garbage collector reaches the stages' trainers)."""
-    with held_until_exit():
-        return _run(recipe, cfg)
-
-
-def _run(recipe: str, cfg) -> dict:
     if recipe == "english-clip":
         from cclm.recipes.english_clip import run_english_clip
 

@@ -45,6 +45,7 @@ from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
+from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.tasks.batching import ClassificationDataset, TaskCollator
@@ -330,6 +331,7 @@ def distillation_suite(cfg: CViLRecipeConfig | CViLVQARecipeConfig, env: DistEnv
 
 
 @holds_stop_signal
+@held_until_exit()  # its stage folders stay locked until it has written into them, then are let go
 def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
     require(cfg, "teacher", "languages", "data.train")
     recipe_resume(cfg, warn=True)

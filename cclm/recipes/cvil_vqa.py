@@ -71,6 +71,7 @@ from cclm.recipes.runner import (
     write_recipe_results,
 )
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
+from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import EpochBatches
 from cclm.runtime.stop_signal import holds_stop_signal
 from cclm.tasks import easy_vqa_languages
@@ -347,6 +348,7 @@ def _check(cfg: CViLVQARecipeConfig, suite: TaskSuite) -> list[str]:
 
 
 @holds_stop_signal
+@held_until_exit()  # its stage folders stay locked until it has written into them, then are let go
 def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     """Every stage, then the scores. ``trained_params`` of the results: every student parameter the distillation
     or target stage trained, counted once (the teacher's fine-tuning is ``stages.teacher.trained_params``)."""

@@ -21,6 +21,7 @@ from cclm.recipes.clip import ClipContrastive, build_clip, build_clip_tokenizer,
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
 from cclm.recipes.runner import apply_threads, check_stage_dirs, recipe_resume, run_stage
 from cclm.runtime.env import init_distributed, seed_everything
+from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import StageView
 from cclm.runtime.stop_signal import holds_stop_signal
 
@@ -45,6 +46,7 @@ def clip_target(cfg: MLARecipeConfig) -> Path:
 
 
 @holds_stop_signal
+@held_until_exit()  # its stage folders stay locked until it has written into them, then are let go
 def run_english_clip(cfg: MLARecipeConfig) -> dict[str, Any]:
     """Fit, save to ``clip.pretrained``, and score English retrieval on ``eval.retrieval``. Returns
     ``{"languages": {"en": metrics}, "trained_params", "total_params", "path", "training"}``."""

@@ -42,6 +42,7 @@ from cclm.recipes.runner import (
     write_recipe_results,
 )
 from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
+from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import StageView
 from cclm.runtime.stop_signal import holds_stop_signal
 
@@ -303,6 +304,7 @@ def plan_stages(cfg: MLARecipeConfig) -> list[Stage]:
 
 
 @holds_stop_signal
+@held_until_exit()  # its stage folders stay locked until it has written into them, then are let go
 def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, Any]:
     """Run every stage; ``model`` (default: built from ``cfg``) is trained in place (its CLIP too, by
     ``finetune_en``). ``trained_params`` of the results: every parameter some stage trained, counted once (the

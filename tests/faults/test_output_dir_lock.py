@@ -220,7 +220,7 @@ def test_a_recipe_holds_its_stage_folders_until_its_last_write_then_lets_them_go
     between, possibly long after the recipe had returned."""
     import gc
 
-    from cclm.cli import main as cclm_main
+    from cclm.config import MLARecipeConfig, load_config
     from cclm.recipes import english_clip
     from cclm.runtime import run_lock
 
@@ -245,11 +245,13 @@ def test_a_recipe_holds_its_stage_folders_until_its_last_write_then_lets_them_go
         return retrieval(*args, **kwargs)
 
     monkeypatch.setattr(english_clip, "english_retrieval", retrieval_after_the_stage)
-    argv = ["recipe", "english-clip", str(REPO / "configs" / "recipes" / "mla_demo.yaml"), f"world={world}"]
-    argv += [f"clip.pretrained={out / 'clip.safetensors'}", f"output_dir={out}", "english_clip.steps=2"]
+    overrides = [f"world={world}", f"clip.pretrained={out / 'clip.safetensors'}", f"output_dir={out}"]
+    cfg = load_config(
+        MLARecipeConfig, REPO / "configs" / "recipes" / "mla_demo.yaml", [*overrides, "english_clip.steps=2"]
+    )
     gc.disable()  # what a collection that has not come yet looks like
-    try:
-        assert cclm_main([*argv, "--threads", "1"]) == 0
+    try:  # the Python API (docs/recipes.md), as `cclm recipe english-clip` calls it
+        english_clip.run_english_clip(cfg)
         assert run_lock._held == {}
     finally:
         gc.enable()
