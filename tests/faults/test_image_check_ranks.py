@@ -171,7 +171,9 @@ def test_a_rank_that_cannot_even_look_for_the_files_stops_every_rank_naming_it(t
 
 
 def test_without_a_process_group_every_image_is_decoded_here(tmp_path, monkeypatch):
-    assert not dist.is_initialized()
+    assert not (
+        dist.is_initialized() and dist.get_world_size() > 1
+    )  # an earlier test may leave a 1-rank group
     root = tmp_path / "images"
     write_images(root)
     truncate(root / "d.jpg")
