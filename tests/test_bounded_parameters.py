@@ -97,9 +97,9 @@ def test_a_clamped_temperature_stays_in_bounds_and_comes_back_at_once(tmp_path, 
         assert optimizer_value == pytest.approx(reference[1], abs=1e-6)
 
 
-def test_the_fp32_copy_of_a_parameter_in_a_flat_group_is_its_own_slice():
-    """DeepSpeed's fused fp16-style optimizer keeps one flat fp32 tensor per group: a clamp reaches only the
-    bounded parameter's slice of it."""
+def test_the_fp32_copy_of_a_parameter_is_found_among_the_optimizers_groups():
+    """DeepSpeed's fp16-style optimizer (bf16 without ZeRO) keeps one fp32 tensor per parameter, group by group:
+    a clamp reaches the bounded parameter's copy and no other."""
     from types import SimpleNamespace
 
     from cclm.runtime.optim import _fp32_copy, clamp_bounded
@@ -109,13 +109,13 @@ def test_the_fp32_copy_of_a_parameter_in_a_flat_group_is_its_own_slice():
         nn.Parameter(torch.zeros(1)),
         nn.Parameter(torch.zeros(4)),
     )
-    flat = torch.arange(11, dtype=torch.float32)
-    optimizer = SimpleNamespace(fp16_groups=[[weight], [temp, bias]], fp32_groups_flat=[flat[:6], flat[6:]])
-    assert torch.equal(_fp32_copy(optimizer, temp), torch.tensor([6.0]))
-    assert torch.equal(_fp32_copy(optimizer, bias), torch.tensor([7.0, 8.0, 9.0, 10.0]))
+    copies = [torch.full((2, 3), 2.0), torch.full((1,), 2.0), torch.full((4,), 2.0)]
+    optimizer = SimpleNamespace(fp16_groups=[[weight], [temp, bias]], fp32_groups=[copies[:1], copies[1:]])
+    assert _fp32_copy(optimizer, temp) is copies[1] and _fp32_copy(optimizer, bias) is copies[2]
     assert _fp32_copy(optimizer, nn.Parameter(torch.zeros(1))) is None
+    assert _fp32_copy(SimpleNamespace(), temp) is None  # a plain torch optimizer
     clamp_bounded([(temp, 0.0, 0.5)], optimizer)
-    assert flat.tolist() == [0, 1, 2, 3, 4, 5, 0.5, 7, 8, 9, 10]
+    assert [c.max().item() for c in copies] == [2.0, 0.5, 2.0]
 
 
 def test_two_ranks_under_zero3_clamp_their_own_shards_and_train_as_one(tmp_path, reference):

@@ -203,16 +203,12 @@ def _clamp_zero3_shard(param: nn.Parameter, low: float, high: float) -> None:
 
 
 def _fp32_copy(optimizer, param: nn.Parameter) -> torch.Tensor | None:
-    """The fp32 copy of ``param`` that DeepSpeed's fp16-style optimizer (bf16 or fp16 without ZeRO) keeps, as a
-    view: one tensor per parameter (``fp32_groups``) or one flat tensor per group (``fp32_groups_flat``)."""
-    for g, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
-        offset = 0
-        for i, low_precision in enumerate(group):
+    """The fp32 copy of ``param`` that DeepSpeed's fp16-style optimizer keeps without ZeRO (bf16 at stage 0: one
+    tensor per parameter in ``fp32_groups``, beside the model's ``fp16_groups``)."""
+    for low_precision_group, fp32_group in zip(
+        getattr(optimizer, "fp16_groups", None) or [], getattr(optimizer, "fp32_groups", None) or []
+    ):
+        for low_precision, copy in zip(low_precision_group, fp32_group):
             if low_precision is param:
-                per_param = getattr(optimizer, "fp32_groups", None)
-                if per_param:
-                    return per_param[g][i]
-                flat = getattr(optimizer, "fp32_groups_flat", None)
-                return flat[g].narrow(0, offset, param.numel()).view_as(param) if flat else None
-            offset += low_precision.numel()
+                return copy
     return None
