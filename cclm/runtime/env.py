@@ -50,6 +50,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+NODE_INDEX_VARIABLES = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")  # torchrun, the deepspeed launcher, srun
+
+
+def node_name() -> str:
+    """This process's node: its host name, followed by the launcher's node index where the launcher sets one
+    (containers on different nodes may share a host name, and ranks grouped by host name alone would then be
+    taken for one node)."""
+    host = socket.gethostname()
+    for variable in NODE_INDEX_VARIABLES:
+        index = os.environ.get(variable, "").strip()
+        if index:
+            return f"{host}#node{index}"
+    return host
+
+
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 

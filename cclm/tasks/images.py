@@ -11,7 +11,6 @@ import math
 import os
 import random
 import re
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cclm.config import ConfigError
 from cclm.data.images import DECODE_ERRORS, MissingImageError, UnreadableImage, decode_error_reason
 from cclm.data.transforms import TrainTransform, mentions_side
 from cclm.errors import DataError
+from cclm.runtime.env import node_name
 
 # The image folders IGLUE's and the retrieval tasks' annotations name (keys of data.image_roots); a task module
 # that names another adds it here.
@@ -149,11 +149,11 @@ def require_images(refs: Iterable[ImageRef], roots: Mapping[str, str], show: int
 def _union_over_ranks(
     found: list[tuple[Path, str]], error: Exception | None = None
 ) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Every rank's host, and the (path, reason) that any rank found, sorted; where hosts disagree, the reason
-    names the hosts that found it. A collective; every rank raises the error of a rank whose check failed."""
+    """Every rank's node (:func:`~cclm.runtime.env.node_name`), and the (path, reason) that any rank found,
+    sorted; where nodes disagree, the reason names the nodes that found it. A collective; every rank raises the error of a rank whose check failed."""
     cause = "" if error is None else f"{type(error).__name__}: {error}"
     reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (socket.gethostname(), found, cause))
+    dist.all_gather_object(reports, (node_name(), found, cause))
     failed = [f"rank {r} ({h}): {c}" for r, (h, _, c) in enumerate(reports) if c]
     if failed:
         more = f"; {len(failed) - 1} more rank(s) failed too" if len(failed) > 1 else ""

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from cclm.errors import DataError
+from cclm.runtime.env import node_name
 from cclm.tasks import images
 from cclm.tasks.images import ImageRef, MissingImageError, require_images
 
@@ -69,9 +70,13 @@ def _worker(rank: int, scenario: str, folder: str) -> None:
 
         Path.is_file = stale
     checks = [(refs(NAMES), {"images": str(folder / "images")})]
-    if scenario == "two hosts":
+    if scenario in ("two hosts", "two nodes, one host name"):
         # each host has its own copy of the images, at the same path
-        socket.gethostname = lambda: f"node{rank}"
+        if scenario == "two hosts":
+            socket.gethostname = lambda: f"node{rank}"
+        else:  # containers on two nodes that share a host name; torchrun tells them apart
+            socket.gethostname = lambda: "pod"
+            os.environ["GROUP_RANK"] = str(rank)
         os.chdir(folder / f"node{rank}")
         checks = [(refs(NAMES), {"images": "images"}), (refs([*NAMES, "f.jpg"]), {"images": "images"})]
     dist.init_process_group(
@@ -150,12 +155,49 @@ def test_each_host_decodes_every_image_and_a_problem_of_one_host_stops_every_ran
         assert sorted(Path(p).name for p in report["decoded"]) == NAMES
 
 
+def test_nodes_that_share_a_host_name_are_told_apart_by_the_launchers_node_index(tmp_path):
+    for node in ("node0", "node1"):
+        write_images(tmp_path / node / "images")
+    write_images(tmp_path / "node0" / "images", ["f.jpg"])
+    truncate(tmp_path / "node1" / "images" / "c.jpg")
+    reports = run_ranks("two nodes, one host name", tmp_path)
+    outcomes = [report["outcomes"] for report in reports]
+    assert outcomes[0] == outcomes[1], outcomes
+    (kind, message), (missing_kind, missing_message) = outcomes[0]
+    assert kind == DataError.__name__ and "; on pod#node1)" in message, message
+    assert missing_kind == MissingImageError.__name__
+    assert missing_message.startswith(f"1 image(s) missing: {Path('images/f.jpg')} (on pod#node1) ")
+    for report in reports:  # one node's share of the decoding would leave node1's damaged c.jpg unseen
+        assert sorted(Path(p).name for p in report["decoded"]) == NAMES
+
+
+@pytest.mark.parametrize(
+    ("environment", "name"),
+    [
+        ({}, "host"),
+        ({"GROUP_RANK": "3", "SLURM_NODEID": "1"}, "host#node3"),
+        ({"CROSS_RANK": "2"}, "host#node2"),
+        ({"SLURM_NODEID": "0"}, "host#node0"),
+        ({"GROUP_RANK": " "}, "host"),
+    ],
+)
+def test_a_node_is_named_by_its_host_and_the_launchers_node_index(monkeypatch, environment, name):
+    from cclm.runtime import env
+
+    for variable in env.NODE_INDEX_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(env.socket, "gethostname", lambda: "host")
+    assert env.node_name() == name
+
+
 def test_a_rank_whose_check_fails_stops_every_rank_naming_it(tmp_path):
     write_images(tmp_path / "images")
     reports = run_ranks("rank 1 fails", tmp_path)
     outcomes = [report["outcomes"] for report in reports]
     assert outcomes[0] == outcomes[1], outcomes
-    expected = f"the image check failed on rank 1 ({socket.gethostname()}): RuntimeError: boom"
+    expected = f"the image check failed on rank 1 ({node_name()}): RuntimeError: boom"
     assert outcomes[0] == [["RuntimeError", expected]]
 
 
