@@ -207,3 +207,55 @@ def test_few_shot_tables_selected_on_test_are_labelled(tmp_path):
     assert f"| language | ours: {run} [SELECTED ON TEST] | UC2 | M3P |" in few
     assert "| ar | 70.00 | 56.87 | 56.01 |" in few
     assert "not a held-out number" in few
+
+
+def scored(rows: list[dict], **scoring) -> list[dict]:
+    base = {"max_examples": 0, "max_length": 0, "precision": "fp32", "k_test": 0}
+    return [{**row, "scoring": {**base, **scoring}} for row in rows]
+
+
+def test_numbers_scored_on_part_of_the_test_files_or_with_merged_images_say_so(tmp_path):
+    partial, merged = tmp_path / "partial", tmp_path / "merged"
+    rows = scored(accuracy_rows({"ar": 70.0, "fr": 72.0}), max_examples=100, first_token_twice=False)
+    write_task_results(partial, "xvnli", "zero_shot", rows, ["accuracy"])
+    wit = [{"language": "de", "img_r1": 30.0, "txt_r1": 31.0}]
+    write_task_results(
+        merged, "wit", "zero_shot", scored(wit, duplicate_images="merge"), ["img_r1", "txt_r1"]
+    )
+    out = tmp_path / "report"
+    assert main([str(partial), str(merged), "--out", str(out), "--no-png"]) == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    xvnli = section(report, "XVNLI -- zero-shot")
+    assert f"- ours: {partial}: first 100 examples of each test file only (data.max_examples)" in xvnli
+    wit_table = section(report, "WIT -- zero-shot")
+    assert f"- ours: {merged}: duplicate_images=merge" in wit_table and "IGLUE's baselines" in wit_table
+    assert "max_examples" not in wit_table and "duplicate_images" not in xvnli
+    document = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    notes = [n for t in document["tables"] if t["task"] == "xvnli" for n in t["notes"]]
+    assert any("first 100 examples" in n for n in notes)
+
+
+def test_columns_scored_with_different_settings_are_named(tmp_path):
+    runs = {}
+    for name, precision in (("run_a", "bf16"), ("run_b", "fp32"), ("run_c", "fp32")):
+        runs[name] = tmp_path / name
+        rows = scored(accuracy_rows({"ar": 60.0}), precision=precision)
+        write_task_results(runs[name], "xvnli", "zero_shot", rows, ["accuracy"])
+    out = tmp_path / "report"
+    assert main([*map(str, runs.values()), "--out", str(out), "--no-png"]) == 0
+    xvnli = section((out / "report.md").read_text(encoding="utf-8"), "XVNLI -- zero-shot")
+    expected = (
+        f"- our columns were scored with different settings: precision: bf16 ({runs['run_a']}), "
+        f"fp32 ({runs['run_b']}, {runs['run_c']})"
+    )
+    assert expected in xvnli
+    assert "max_examples" not in xvnli  # the same in every column: not named
+
+
+def test_a_table_whose_rows_were_scored_differently_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    rows = scored(accuracy_rows({"ar": 60.0}), precision="bf16") + scored(accuracy_rows({"fr": 61.0}))
+    write_task_results(run, "xvnli", "zero_shot", rows, ["accuracy"])
+    assert main([str(run), "--out", str(tmp_path / "report"), "--no-png"]) != 0
+    err = capsys.readouterr().err
+    assert "zero_shot.json: its rows were scored with different settings" in err and "bf16" in err

@@ -282,6 +282,7 @@ class RunResult:
     rows: dict[str, dict]
     shots: str | None = None
     details: dict = field(default_factory=dict)  # the document's other scalar keys (how it was selected)
+    scoring: dict = field(default_factory=dict)  # the settings its rows were scored with (rows' ``scoring``)
 
 
 _SHOTS = re.compile(r"train_?(\d+(?:x\d+)?)$")
@@ -357,7 +358,36 @@ def load_result(file: Path) -> RunResult | None:
         rows,
         shots,
         details,
+        _scoring_of(file, rows.values()),
     )
+
+
+def _scoring_of(file: Path, rows: Iterable[dict]) -> dict:
+    """The ``scoring`` settings shared by ``rows`` (fine-tuning keeps a table's rows scored one way); a table
+    whose rows disagree (edited or merged by hand) cannot be one column."""
+    found = {json.dumps(row.get("scoring") or {}, sort_keys=True) for row in rows}
+    if len(found) > 1:
+        raise ValueError(
+            f"{file}: its rows were scored with different settings ({'; '.join(sorted(found))}): split them into "
+            "one table per setting"
+        )
+    return json.loads(found.pop()) if found else {}
+
+
+# The scoring settings under which a number of ours is not comparable with IGLUE's; said in the table's notes.
+def scoring_caveats(scoring: dict) -> list[str]:
+    caveats = []
+    if _number(scoring.get("max_examples")):
+        caveats.append(
+            f"first {int(scoring['max_examples'])} examples of each test file only (data.max_examples): not "
+            "comparable with the baselines, which score whole files"
+        )
+    if scoring.get("duplicate_images") not in (None, "iglue"):
+        caveats.append(
+            f"duplicate_images={scoring['duplicate_images']} (the CCLM reference's merging of lines that show one "
+            "image); IGLUE's baselines score every line as its own image"
+        )
+    return caveats
 
 
 def load_results(paths: Sequence[str | Path]) -> list[RunResult]:
@@ -493,6 +523,10 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
         details = ", ".join(f"{k}={v}" for k, v in run.details.items())
         source = f"`{run.path}`" + (f" ({details})" if details else "")
         columns.append(Column(f"ours: {run.label}", source, values, average, True, note))
+        notes += [f"ours: {run.label}: {caveat}" for caveat in scoring_caveats(run.scoring)]
+    differing = _differing_scoring(runs)
+    if differing:
+        notes.append(f"our columns were scored with different settings: {differing}")
     if any(SELECTED_ON_TEST_LABEL in run.label for run in runs):
         notes.append(
             f"{SELECTED_ON_TEST_LABEL}: chosen on the test file itself (the CCLM reference's few-shot protocol), "
@@ -514,6 +548,19 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
 
 
 # --------------------------------------------------------------------------------------------------- writing
+def _differing_scoring(runs: Sequence[RunResult]) -> str:
+    """``precision: bf16 (run a), fp32 (run b)`` for every scoring setting on which ``runs`` differ."""
+    parts = []
+    for key in sorted({k for run in runs for k in run.scoring}):
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            values.setdefault(json.dumps(run.scoring.get(key)), []).append(run.label)
+        if len(values) > 1:
+            shown = [f"{json.loads(v)} ({', '.join(labels)})" for v, labels in values.items()]
+            parts.append(f"{key}: {', '.join(shown)}")
+    return "; ".join(parts)
+
+
 def _fmt(value: float | None, missing: str) -> str:
     return missing if value is None else f"{value:.2f}"
 
