@@ -14,6 +14,7 @@ without checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -176,7 +177,7 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         runner.check_table(name, "checkpoint", start["checkpoint_digest"])
     # every run's record of finished learning rates; a fresh sweep forgets an earlier one's
     sweeps = {
-        run: SweepRecord(folder, start, bool(cfg.resume), runner.env.is_main)
+        run: SweepRecord(folder, {**start, **_trained_on(run)}, bool(cfg.resume), runner.env.is_main)
         for run, folder in folders.items()
     }
     selected = str(select_on)
@@ -240,6 +241,13 @@ class SweepRecord:
                     f"{start['checkpoint']}); resume it with that checkpoint, or start anew without resume "
                     "(overwrite=true moves the old runs aside) or into another output_dir"
                 )
+            if began.get("train_digest") not in (None, start["train_digest"]):
+                raise ConfigError(
+                    f"resume: {folder}'s finished learning rates were trained on {began.get('train')}, and "
+                    f"{start['train']} is not that file as it was (its content differs): resume with the file "
+                    "the sweep began with, or start anew without resume (overwrite=true moves the old runs "
+                    "aside) or into another output_dir"
+                )
             self.data = {**saved, "start": start}
         elif write and self.folder.exists():
             self._save()
@@ -295,6 +303,13 @@ class SweepRecord:
             partial = self.path.with_name(SWEEP_RECORD + ".partial")
             partial.write_text(json.dumps(self.data, indent=2, default=str))
             partial.replace(self.path)
+
+
+def _trained_on(run: FewShotRun) -> dict:
+    """The training file of ``run`` and the digest of its content, which a requeued sweep must find unchanged (a
+    finished learning rate is not trained again)."""
+    digest = hashlib.sha256(Path(run.train_path).read_bytes()).hexdigest()
+    return {"train": str(run.train_path), "train_digest": digest}
 
 
 def _few_shot_run(

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -121,6 +122,28 @@ def test_a_requeued_sweep_refuses_another_starting_checkpoint(
         protocols.ConfigError, match=r"few_shot/ar was fine-tuned from checkpoint=.*run/model"
     ):
         few_shot.run_few_shot(requeued)
+
+
+def test_a_requeued_sweep_refuses_a_training_file_whose_content_changed(
+    iglue_dir, tmp_path, pretrained_dir, english, trained
+):
+    copy = tmp_path / "shots" / "ar" / "train_5.jsonl"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(iglue(iglue_dir, "XVNLI/annotations/ar/train_5.jsonl")).read_bytes())
+    cfg = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"])
+    cfg.data.few_shot_train = {"ar": str(copy)}
+    trained.signal_at = ("ar/lr_0.0003", 2)  # lr 1e-4 finished on the file as it was
+    with pytest.raises(RunInterrupted):
+        few_shot.run_few_shot(cfg)
+    lines = copy.read_text(encoding="utf-8").splitlines(keepends=True)
+    copy.write_text("".join(lines[:-1]), encoding="utf-8")  # the same name, one example fewer
+    cfg.resume = "auto"
+    trained.clear()
+    with pytest.raises(
+        ConfigError, match=r"few_shot/ar's finished learning rates were trained on .*train_5\.jsonl"
+    ):
+        few_shot.run_few_shot(cfg)
+    assert trained == []  # refused before training anything
 
 
 # ------------------------------------------------------------------------------------------------ result tables
