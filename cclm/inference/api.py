@@ -86,7 +86,17 @@ def load_model_tokenizer(
             f"model folder {path} has no tokenizer files and its config names no tokenizer; save it there with "
             "tokenizer.save_pretrained(folder)"
         )
-    tokenizer = load_tokenizer(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except OSError as err:
+        if source == str(path):
+            raise
+        # transformers' own message names neither the model folder nor why a tokenizer was looked for elsewhere
+        raise FileNotFoundError(
+            f"model folder {path} has no tokenizer files, and the tokenizer its config names ({source}) cannot be "
+            f"loaded: {err} -- save the tokenizer into the folder with tokenizer.save_pretrained(folder), or make "
+            f"{source} available (a local folder, or the hub's copy in the cache)"
+        ) from err
     check_tokenizer_fits(model, tokenizer, path, source)
     return model, tokenizer
 

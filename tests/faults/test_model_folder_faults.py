@@ -112,6 +112,30 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_at_load(
     assert len(tokenizer) == vocabulary
 
 
+def test_a_folder_without_tokenizer_whose_named_tokenizer_cannot_load_says_which_and_why(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    bare = shutil.copytree(tiny_model_dir, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    _edit_config(
+        bare / "config.json", lambda c: c["model"]["text"].update(tokenizer="cclm-org/no-such-tokenizer")
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        load_model_tokenizer(bare)
+    message = str(err.value)
+    assert message.startswith(
+        f"model folder {bare} has no tokenizer files, and the tokenizer its config names "
+        "(cclm-org/no-such-tokenizer) cannot be loaded: "
+    )
+    assert "tokenizer.save_pretrained(folder)" in message
+
+
 # ------------------------------------------------------------------------------------ 4. registry digests
 @pytest.fixture
 def manual_entry(tmp_path, tiny_tokenizer):
