@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from cclm.evaluation.datasets import (
     load_retrieval_set,
 )
 from cclm.evaluation.results import write_results
+from cclm.runtime.env import DistEnv
+from cclm.tasks import iglue_retrieval
+from cclm.tasks.iglue_retrieval import to_retrieval_set
+from cclm.tasks.protocols import TaskSuite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,12 +181,14 @@ def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
         options={"image_roots": {"flickr30k": "/f", "coco": "/c"}},
     )
     rset = load_retrieval_set(cfg, "de")
-    # Independent count: distinct img_path with at least one non-empty caption (one image has none in de).
+    # Independent count: distinct img_path and every sentence, blank ones too (one of de's is ""): IGLUE scores
+    # every line of its files.
     captions: dict[str, list[str]] = {}
     for line in (iglue_dir / "xFlickrCO" / "annotations" / "de" / "test.jsonl").read_text().splitlines():
         record = json.loads(line)
-        captions.setdefault(record["img_path"], []).extend(s for s in record["sentences"] if s.strip())
-    usable = {path: caps for path, caps in captions.items() if caps}
+        captions.setdefault(record["img_path"], []).extend(record["sentences"])
+    usable = captions
+    assert "" in rset.texts and (len(rset.images), len(rset.texts)) == (2000, 2000)
     assert len(rset.images) == len(usable) and len(rset.texts) == sum(len(c) for c in usable.values())
     assert sum(str(p).startswith("/c/COCO_") for p in rset.images) == sum(
         p.startswith("COCO_") for p in usable
@@ -200,6 +207,33 @@ def test_xflickrco_and_wit_through_the_iglue_readers(iglue_dir):
     wit_set = load_retrieval_set(wit, "ja")
     # IGLUE keys WIT's images on wit_ix: lines showing the same picture are one image with several captions
     assert len(wit_set.texts) == 1000 and len(wit_set.images) == 842
+
+
+def test_evaluate_retrieval_and_fine_tuning_read_every_iglue_retrieval_test_file_alike(iglue_dir):
+    """``cclm evaluate retrieval`` (configs/eval/{xflickrco,wit}.yaml) and the fine-tuning tasks' scoring give
+    one test file the same images and captions, blank captions included (xFlickr&CO de, WIT el and id)."""
+    roots = {"wit": "/w", "flickr30k": "/f", "coco": "/c"}
+    files = [
+        ("xflickrco", path, path.parent.name)
+        for path in sorted(iglue_dir.glob("xFlickrCO/annotations/*/test.jsonl"))
+    ]
+    files += [
+        ("wit", path, path.stem.split("_")[1])
+        for path in sorted(iglue_dir.glob("wit/annotations/test_*.jsonl"))
+    ]
+    assert len(files) >= 19, files
+    loaders = {"xflickrco": iglue_retrieval.load_xflickrco, "wit": iglue_retrieval.load_wit}
+    for task, path, lang in files:
+        cfg = SimpleNamespace(image_roots=roots, max_examples=0, duplicate_images="iglue")
+        suite = TaskSuite(task, cfg, env=DistEnv(0, 1, 0, torch.device("cpu")))
+        scored = to_retrieval_set(suite.read(str(path)), roots)
+        options = {"image_roots": roots, "duplicate_images": "iglue"}
+        evaluated = loaders[task](
+            SimpleNamespace(root=str(path.parent), captions={lang: [path.name]}, options=options), lang
+        )
+        where = f"{task} {path.name} ({lang})"
+        assert [str(p) for p in evaluated.images] == [str(p) for p in scored.images], where
+        assert evaluated.texts == scored.texts and evaluated.txt2img == scored.txt2img, where
 
 
 def test_load_image_and_bad_images(tmp_path):

@@ -95,10 +95,17 @@ class RetrievalSet:
         return [self.subset(range(f * size, (f + 1) * size), f"{self.name}[fold{f}]") for f in range(n_folds)]
 
     @classmethod
-    def from_entries(cls, name: str, lang: str, entries: Iterable[tuple[ImageInput, str, Sequence[str]]]):
+    def from_entries(
+        cls,
+        name: str,
+        lang: str,
+        entries: Iterable[tuple[ImageInput, str, Sequence[str]]],
+        keep_blank: bool = False,
+    ):
         """Build from (image, image_id, captions) entries; entries with the same image id are merged (two
         different images under one id are refused), a caption given as a string is one caption, and images
-        without any non-empty caption are skipped with a counted warning."""
+        without any non-empty caption are skipped with a counted warning. ``keep_blank``: blank captions are
+        captions too (a benchmark that scores every line of its files as given, as IGLUE does)."""
         by_key: dict[str, tuple[ImageInput, list[str]]] = {}
         for image, image_id, captions in entries:
             key = str(image_id)
@@ -111,7 +118,7 @@ class RetrievalSet:
                 )
             if isinstance(captions, str):  # one caption given as a string, not a list of one
                 captions = [captions]
-            by_key[key][1].extend(c for c in captions if isinstance(c, str) and c.strip())
+            by_key[key][1].extend(c for c in captions if isinstance(c, str) and (keep_blank or c.strip()))
         images, ids, texts, txt2img, img2txt = [], [], [], [], []
         skipped = 0
         for key, (image, captions) in by_key.items():

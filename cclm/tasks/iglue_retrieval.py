@@ -104,7 +104,9 @@ def _iglue_retrieval_set(reader, cfg, lang: str, name: str) -> RetrievalSet:
     """A benchmark set from IGLUE test files: ``captions: {lang: [file]}`` names them, ``options.image_roots`` the
     image folders (keys flickr30k, coco, wit) and ``options.duplicate_images`` (iglue | merge) what lines sharing
     an image are. Images are keyed on their annotation path (``img_path`` / image URL), never on the ambiguous
-    numeric id; two entries of one image file (only where the convention's keys say so) stay two entries."""
+    numeric id; two entries of one image file (only where the convention's keys say so) stay two entries. Every
+    line's caption is kept as read, blank ones too (xFlickr&CO de has an empty one, WIT el and id a no-break
+    space): IGLUE scores them, and so does fine-tuning's scoring of the same file."""
     roots = dict(cfg.options.get("image_roots", {}))
     convention = DuplicateImages(str(cfg.options.get("duplicate_images", DuplicateImages.iglue)))
     entries = []
@@ -117,7 +119,7 @@ def _iglue_retrieval_set(reader, cfg, lang: str, name: str) -> RetrievalSet:
         for i, (ref, caps) in enumerate(zip(data.images, captions)):
             key = f"{ref.root}:{ref.path}" + (f"#{path.name}:{i}" if ref in repeated else "")
             entries.append((ref.resolve(roots), key, caps))
-    return RetrievalSet.from_entries(name, lang, entries)
+    return RetrievalSet.from_entries(name, lang, entries, keep_blank=True)
 
 
 def load_xflickrco(cfg, lang: str) -> RetrievalSet:
