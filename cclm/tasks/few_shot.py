@@ -172,9 +172,9 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     runner.check_images(list(read_files.values()))
 
     start = {"checkpoint": str(cfg.checkpoint), "checkpoint_digest": TaskModel.weights_digest(cfg.checkpoint)}
-    names = {_few_shot_table(run.shots if several else "", on_test) for run in runs}
-    for name in sorted(names):  # before anything trains
-        runner.check_table(name, "checkpoint", start["checkpoint_digest"])
+    names = {_few_shot_table(run.shots if several else "", on_test): run.shots for run in runs}
+    for name, shots in sorted(names.items()):  # before anything trains
+        runner.check_table(name, "checkpoint", start["checkpoint_digest"], shots)
     # every run's record of finished learning rates; a fresh sweep forgets an earlier one's
     sweeps = {
         run: SweepRecord(folder, {**start, **_trained_on(run)}, bool(cfg.resume), runner.env.is_main)
@@ -192,7 +192,7 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     for shots, rows in rows_by_shots.items():
         name = _few_shot_table(shots, on_test)
         if runner.env.is_main:  # the languages of an earlier run into this output_dir stay in its table
-            rows = runner.with_earlier_rows(name, rows, "checkpoint")
+            rows = runner.with_earlier_rows(name, rows, "checkpoint", rows[0]["shots"])
         shot_counts = {row["shots"] for row in rows}
         details = {"selected_on": selected}
         if len(shot_counts) == 1:

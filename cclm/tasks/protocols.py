@@ -400,10 +400,11 @@ class TaskRunner(TaskSuite):
             self.output_dir, str(self.cfg.task), protocol, rows, columns, extra, write=self.env.is_main
         )
 
-    def table_conflict(self, name: str, model_key: str, digest: str) -> str | None:
+    def table_conflict(self, name: str, model_key: str, digest: str, shots: str | None = None) -> str | None:
         """Why table ``name`` already under ``output_dir`` cannot take rows of weights ``digest`` (``model_key``:
         ``model``, the scored model, or few-shot ``checkpoint``, the model every language started from) scored
-        with this run's settings: it holds rows of other weights, or rows scored otherwise. None when it can."""
+        with this run's settings: it holds rows of other weights, rows of another shot count (few-shot:
+        ``shots``; its average would mix them), or rows scored otherwise. None when it can."""
         old = read_task_table(self.output_dir, str(self.cfg.task), name)
         if old is None:
             return None
@@ -411,20 +412,26 @@ class TaskRunner(TaskSuite):
         if others:
             started = "fine-tuned from another model" if model_key == "checkpoint" else "of another model"
             return f"holds rows {started} ({', '.join(others)})"
+        if shots is not None:
+            counts = sorted({str(row.get("shots")) for row in old["rows"]} - {str(shots)})
+            if counts:
+                return f"holds rows of another shot count ({', '.join(counts)}; this run: {shots})"
         scored = other_scoring(old, self.scoring_settings())
         return f"holds rows scored with other settings ({scored})" if scored else None
 
-    def check_table(self, name: str, model_key: str, digest: str) -> None:
+    def check_table(self, name: str, model_key: str, digest: str, shots: str | None = None) -> None:
         """Refuse, before anything runs, a table that this run's rows could not join (:meth:`table_conflict`),
         unless ``overwrite`` (it is then moved aside when the rows are written)."""
-        reason = self.table_conflict(name, model_key, digest)
+        reason = self.table_conflict(name, model_key, digest, shots)
         if reason and not self.cfg.overwrite:
             raise UserError(
                 f"{table_path(self.output_dir, str(self.cfg.task), name)} {reason}: overwrite=true moves it aside "
                 f"({name}.old-<time>.*), or set another output_dir"
             )
 
-    def with_earlier_rows(self, name: str, rows: list[dict], model_key: str) -> list[dict]:
+    def with_earlier_rows(
+        self, name: str, rows: list[dict], model_key: str, shots: str | None = None
+    ) -> list[dict]:
         """``rows`` with the other rows of table ``name`` already under ``output_dir`` (main rank): rows of the same
         weights (``model_key``: ``model``; few-shot: ``checkpoint``, a model per language from one English
         model) scored with the same settings are kept, except those of the languages run again; a table that
@@ -433,7 +440,7 @@ class TaskRunner(TaskSuite):
         old = read_task_table(self.output_dir, task, name)
         if old is None:
             return rows
-        reason = self.table_conflict(name, model_key, rows[0][f"{model_key}_digest"])
+        reason = self.table_conflict(name, model_key, rows[0][f"{model_key}_digest"], shots)
         if reason:
             aside = set_aside_table(self.output_dir, task, name)
             log.warning("%s %s; moved to %s", table_path(self.output_dir, task, name), reason, aside)

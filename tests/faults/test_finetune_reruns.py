@@ -195,6 +195,37 @@ def test_a_few_shot_table_never_mixes_languages_from_two_english_models(
     assert list(table.parent.glob("few_shot.old-*.json"))
 
 
+def test_a_few_shot_table_never_mixes_shot_counts(iglue_dir, tmp_path, pretrained_dir, english):
+    """Two one-shot-count sweeps into one output_dir both write ``few_shot``: the second, with another shot
+    count, must not join the first's rows (the table's average would mix 48-shot and 5-shot numbers)."""
+    table = tmp_path / "few" / "results" / "xvnli" / "few_shot.json"
+    ar = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"])
+    ar.data.few_shot_train = {"ar": iglue(iglue_dir, "XVNLI/annotations/ar/train_1.jsonl")}
+    make_placeholder_images(ar)
+    ar.train.lr_sweep = [1e-4]
+    few_shot.run_few_shot(ar)
+    assert json.loads(table.read_text())["shots"] == "1"
+
+    fr = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["fr"])
+    fr.train.lr_sweep = [1e-4]
+    with pytest.raises(
+        UserError, match=r"few_shot\.json holds rows of another shot count \(1; this run: 5\)"
+    ):
+        few_shot.run_few_shot(fr)
+    assert not (tmp_path / "few" / "few_shot" / "fr").exists(), "refused before training"
+    fr.overwrite = True
+    few_shot.run_few_shot(fr)
+    document = json.loads(table.read_text())
+    assert document["shots"] == "5" and [row["language"] for row in document["rows"]] == ["fr"]
+    assert list(table.parent.glob("few_shot.old-*.json"))
+
+    ar_5 = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"])  # the same shot count joins
+    ar_5.train.lr_sweep, ar_5.overwrite = [1e-4], True  # replaces few_shot/ar, the 1-shot run's folder
+    few_shot.run_few_shot(ar_5)
+    document = json.loads(table.read_text())
+    assert document["shots"] == "5" and sorted(row["language"] for row in document["rows"]) == ["ar", "fr"]
+
+
 # ----------------------------------------------------------------------------------------- recorded switches
 def test_the_fine_tuning_switches_are_recorded_with_the_model_and_its_rows(
     iglue_dir, tmp_path, pretrained_dir, monkeypatch, caplog
