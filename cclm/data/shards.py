@@ -429,9 +429,21 @@ def _has_end_blocks(stream: tarfile.TarFile) -> bool:
     return stream.fileobj.tell() - stream.offset >= tarfile.BLOCKSIZE
 
 
-def _cut_sample(sample: dict, reference: dict | None, url: str) -> dict:
-    """The last sample of a shard that ends without its end-of-archive blocks: itself when it has every member
-    of the sample before it, else a ``truncated_shard`` tombstone (the cut fell between its members)."""
+def _only_zeros_left(fileobj) -> bool:
+    """Whether the rest of a stream holds zero bytes only: what follows the first end-of-archive block of a whole
+    tar (the second block and the record padding). tarfile also ends its iteration, silently, at a member header
+    that does not read (a damaged byte), after reading that block whole; the members behind it are then left."""
+    while True:
+        chunk = fileobj.read(1 << 16)
+        if not chunk:
+            return True
+        if chunk.strip(b"\0"):
+            return False
+
+
+def _cut_sample(sample: dict, reference: dict | None, url: str, where: str) -> dict:
+    """The last sample read from a shard that ends early (``where`` says how): itself when it has every member
+    of the sample before it, else a ``truncated_shard`` tombstone (the damage fell between its members)."""
     if reference is not None and _members(sample) >= _members(reference):
         return sample
     has = ", ".join(sorted(_members(sample)))
@@ -439,7 +451,7 @@ def _cut_sample(sample: dict, reference: dict | None, url: str) -> dict:
         SKIP_KEY: "truncated_shard",
         "__key__": sample["__key__"],
         "__url__": url,
-        "detail": f"{url}: ends without its end-of-archive blocks, in sample {sample['__key__']} (has {has})",
+        "detail": f"{url}: {where}, in sample {sample['__key__']} (has {has})",
     }
 
 
@@ -450,7 +462,10 @@ def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
     are yielded, then tombstones ``{"__skip__": reason, ...}``: ``expected - read`` of them when the shard size
     is known, otherwise one. A shard that ends cleanly but short of ``expected`` yields ``truncated_shard``
     tombstones for the difference. A shard cut on a member boundary (no end-of-archive blocks) whose last sample
-    lacks a member the sample before it has yields a ``truncated_shard`` tombstone in that sample's place.
+    lacks a member the sample before it has yields a ``truncated_shard`` tombstone in that sample's place; where
+    the size is unknown, such a shard also yields one ``truncated_shard`` tombstone for what the cut may have
+    taken. A member header that does not read ends tarfile's iteration as if the archive ended: the data behind
+    it gives it away, and the shard counts as ``corrupt_shard`` as above.
     """
     count = 0
     error: Exception | None = None
@@ -477,10 +492,30 @@ def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
                 current[ext] = data
                 stream.members = []
             ended = _has_end_blocks(stream)
+            damaged = ended and not _only_zeros_left(stream.fileobj)
+        if damaged:
+            where = "a member header does not read (a damaged byte?)"
+        else:
+            where = "ends without its end-of-archive blocks"
+        after = current["__key__"] if current is not None else previous["__key__"] if previous else None
+        last = current
         if current is not None:
-            yield current if ended else _cut_sample(current, previous, url)
+            if not ended or damaged:
+                last = _cut_sample(current, previous, url, where)
+            yield last
             count += 1
             current = None
+        if damaged:
+            raise tarfile.ReadError(
+                f"{where} after sample {after}: the members after it cannot be read" if after else where
+            )
+        if not ended and expected is None and (last is None or SKIP_KEY not in last):
+            yield {  # a cut on a sample boundary: how many samples it took is not known
+                SKIP_KEY: "truncated_shard",
+                "__key__": f"{url}#cut",
+                "__url__": url,
+                "detail": f"{url}: {where} after sample {after}; samples after it, if any, are lost",
+            }
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         error = err
     if error is not None:
