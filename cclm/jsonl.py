@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,26 @@ def json_kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return "an object"
+
+
+# JSON's escape of a UTF-16 surrogate (U+D800-U+DFFF). json.loads makes a lone one (half an emoji a scraper cut)
+# into a str that no UTF-8 writer or tokenizer takes, failing far from the line that holds it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE_BYTES = re.compile(_SURROGATE_ESCAPE.pattern.encode())
+
+
+def lone_surrogate(raw: str | bytes, value: Any) -> str | None:
+    """Why ``value``, parsed from the JSON text ``raw``, is not Unicode text: it holds a lone surrogate (a pair
+    is one character and fine); None when it is text. Costs a search of ``raw`` only, unless it escapes one."""
+    pattern = _SURROGATE_ESCAPE_BYTES if isinstance(raw, bytes) else _SURROGATE_ESCAPE
+    if not pattern.search(raw):
+        return None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(err.object[err.start])
+        return f"a lone UTF-16 surrogate (\\u{code:04x}, half of a character) in a string: not Unicode text"
+    return None
 
 
 def _refuse_undecodable(path: Path, number: int, raw: bytes, err: UnicodeDecodeError) -> None:
@@ -67,6 +88,9 @@ def read_jsonl(
                 ) from None
             if not isinstance(record, dict):
                 raise error(f"{path}:{number}: expected a JSON object, got {json_kind(record)}")
+            surrogate = lone_surrogate(line, record)
+            if surrogate:
+                raise error(f"{path}:{number}: {surrogate}")
             yield number, record
 
 

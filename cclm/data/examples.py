@@ -14,6 +14,7 @@ from PIL import Image
 from cclm.data.languages import language_allowed, normalize_language
 from cclm.data.shards import IMAGE_EXTENSIONS, SKIP_KEY
 from cclm.data.skips import SkipSample
+from cclm.jsonl import lone_surrogate
 
 # what a text made only of is empty: controls, format characters (zero-width spaces and joiners, the byte-order
 # mark, bidirectional marks) and separators, none of which ``str.strip`` removes all of
@@ -44,6 +45,9 @@ def _load_json(sample: dict, missing_reason: str) -> dict:
         raise SkipSample("bad_json", f"{sample['__key__']}: {err}") from None
     if not isinstance(meta, dict):
         raise SkipSample("bad_json", f"{sample['__key__']}: not an object")
+    surrogate = lone_surrogate(raw, meta)
+    if surrogate:
+        raise SkipSample("bad_json", f"{sample['__key__']}: {surrogate}")
     return meta
 
 

@@ -48,6 +48,7 @@ from cclm.data.shards import SKIP_KEY
 from cclm.data.skips import SkipSample
 from cclm.data.stream import DROPPED_KEY
 from cclm.data.transforms import RandAugment, decode_crop, mentions_side, to_array
+from cclm.jsonl import lone_surrogate
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
@@ -339,6 +340,9 @@ def region_example(
         raise SkipSample("bad_json", f"{sample['__key__']}: {err}") from None
     if not isinstance(meta, dict):
         raise SkipSample("missing_regions", f"{sample['__key__']} has no JSON object")
+    surrogate = lone_surrogate(sample["json"], meta)
+    if surrogate:
+        raise SkipSample("bad_json", f"{sample['__key__']}: {surrogate}")
     regions, dropped = parse_regions(meta, allowed)
     try:
         image_captions = caption_choices(meta, allowed) if meta.get("captions") else []

@@ -291,6 +291,51 @@ def test_a_shard_of_unknown_size_cut_on_a_sample_boundary_counts_what_the_cut_ma
     assert [s.get(SKIP_KEY) for s in iter_tar_samples(str(whole))] == [None, None, None]
 
 
+# ------------------------------------------------------------------------ a lone surrogate in a sample's JSON
+HALF_EMOJI = '"a dog \\ud83d"'  # JSON text escaping half of a surrogate pair, as scrapers cut emoji
+
+
+def test_a_caption_or_pair_holding_half_a_character_is_a_counted_skip_not_a_crash(tmp_path, tiny_tokenizer):
+    """json.loads accepts a lone surrogate escape; the str it makes crashed the tokenizer in the collate step,
+    outside the skip handling, at the same stream position again after every resume."""
+    folder = tmp_path / "ic"
+    with ShardSink(folder, VIEW_IMAGE_CAPTION, max_samples=10) as sink:
+        for i in range(4):
+            caption = HALF_EMOJI if i == 1 else f'"a red circle {i}"'
+            meta = f'{{"captions": {{"en": [{caption}]}}}}'.encode()
+            sink.write(f"i{i:04d}", {"jpg": jpeg(i), "json": meta}, ["en"])
+        sink.close()
+    pairs = tmp_path / "pt"
+    with ShardSink(pairs, VIEW_PARALLEL, max_samples=10) as sink:
+        for i in range(3):
+            src = HALF_EMOJI if i == 2 else f'"a red circle {i}"'
+            pair = f'{{"src": {src}, "tgt": "ein roter Kreis", "src_lang": "en", "tgt_lang": "de"}}'
+            sink.write(f"p{i:04d}", {"json": pair.encode()}, ["en", "de"])
+        sink.close()
+    data = PretrainData(data_cfg(image=folder, text=pairs), tiny_tokenizer, 16, image_size=16, epochs=1)
+    assert sorted(one_epoch(data, "image")) == ["i0000", "i0002", "i0003"]
+    assert sorted(one_epoch(data, "text")) == ["p0000", "p0001"]
+    assert data.skip_counts() == {"bad_json": 2}
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text():
+    from cclm.jsonl import lone_surrogate
+
+    assert lone_surrogate('{"a": "\\ud83d\\ude00"}', {"a": "\U0001f600"}) is None  # a whole pair is fine
+    assert (
+        lone_surrogate('{"a": "\\\\ud83d"}', {"a": "\\ud83d"}) is None
+    )  # an escaped backslash, not a surrogate
+
+
+def test_read_jsonl_refuses_a_line_with_half_a_character(tmp_path):
+    from cclm.jsonl import JsonFileError, read_jsonl
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"src": "fine"}\n{"src": ' + HALF_EMOJI + "}\n", encoding="utf-8")
+    with pytest.raises(JsonFileError, match=r"pairs\.jsonl:2: a lone UTF-16 surrogate \(\\ud83d"):
+        list(read_jsonl(path))
+
+
 # --------------------------------------------------------------------------- 4: captions a normaliser empties
 def test_a_caption_the_normaliser_empties_is_not_drawn(tmp_path, tiny_tokenizer):
     """Each sample has an English caption of only punctuation and a good German one. Before, the draw picked the

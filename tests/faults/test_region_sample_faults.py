@@ -102,3 +102,11 @@ def test_the_region_stream_counts_and_warns_both(tmp_path, tiny_tokenizer, caplo
     )
     assert data.skip_counts() == {"image_size_mismatch": 2, "region_outside_image": 4}
     assert "image_size_mismatch" in caplog.text and "region_outside_image" in caplog.text
+
+
+def test_a_region_text_holding_half_a_character_is_a_counted_bad_json_skip():
+    raw = json.dumps({"regions": [SQUARE], "image_size": [100, 80]}).replace('"a square"', '"a \\ud83d"')
+    bad = {**sample({}), "json": raw.encode()}
+    with pytest.raises(SkipSample) as err:
+        region_example(bad, RegionTransform(32, min_perc_in_image=0.0), ANY_LANGUAGE, random.Random(0))
+    assert err.value.reason == "bad_json" and "lone UTF-16 surrogate" in str(err.value)
