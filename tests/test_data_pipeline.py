@@ -240,6 +240,32 @@ def test_resume_refuses_a_changed_topology(shards, tiny_tokenizer):
         other.load_state_dict(data.state_dict())
 
 
+def test_resume_refuses_other_shard_files_under_the_same_names_and_follows_a_moved_folder(
+    tmp_path, tiny_tokenizer
+):
+    """Converters name every folder's shards shard-000000.tar ...: resuming with the folders in the other order,
+    or another corpus of as many shards, passed a check of the names and repeated samples; the same folder
+    copied elsewhere (a node-local copy) resumes exactly."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_parallel_shards(a, n=8)
+    write_parallel_shards(b, n=8)  # the same names and sizes, written by another run
+    first = PretrainData(data_cfg(text=f"{a}::{b}"), tiny_tokenizer, 32)
+    head = run_steps(first, range(3))
+    state = first.state_dict()
+    for shards in (f"{b}::{a}", str(b), f"{b}::{b}"):
+        other = PretrainData(data_cfg(text=shards), tiny_tokenizer, 32)
+        with pytest.raises(CheckpointError, match=r"shard_files \(the shard files"):
+            other.load_state_dict(state)
+    for folder in (a, b):
+        shutil.copytree(folder, tmp_path / "copy" / folder.name)
+    moved = PretrainData(
+        data_cfg(text=f"{tmp_path / 'copy' / 'a'}::{tmp_path / 'copy' / 'b'}"), tiny_tokenizer, 32
+    )
+    moved.load_state_dict(state)
+    reference = run_steps(PretrainData(data_cfg(text=f"{a}::{b}"), tiny_tokenizer, 32), range(8))
+    assert_same(head + run_steps(moved, range(3, 8)), reference)
+
+
 def test_view_schedule_is_deterministic_and_follows_the_weights(shards, tiny_tokenizer):
     root, _, _ = shards
     cfg = data_cfg(image=root / "ic", text=root / "pt")

@@ -41,10 +41,12 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
 import signal
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +83,11 @@ STREAM_KEYS = {"image": "data.image_caption", "text": "data.parallel_text", REGI
 SHARD_VIEWS = {"image": VIEW_IMAGE_CAPTION, "text": VIEW_PARALLEL, REGION: VIEW_IMAGE_CAPTION}
 VIEW_KEYS = {VIEW_IMAGE_CAPTION: "data.image_caption", VIEW_PARALLEL: "data.parallel_text"}
 STATE_VERSION = 1
+TOPOLOGY_NAMES = {
+    "shards": "shards (their names)",
+    "shard_files": "shard_files (the shard files: other files or sizes, another corpus, or the folders in another "
+    "order)",
+}
 SHOWN_SHARDS = 5  # unlisted shards named in a warning or error; the rest are counted
 
 
@@ -92,6 +99,33 @@ def _worker_init(_worker_id: int) -> None:
 
 def _fingerprint(urls: list[str]) -> str:
     return hashlib.sha1("\n".join(os.path.basename(u) for u in urls).encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(urls: list[str]) -> str:
+    """The shards as files, in order: each local shard's name and what its folder is (its ``manifest.json``: the
+    write's random ``id``, when and by which command it was written, how many samples; the file's size where the
+    folder has none), any other URL whole. Converters name every folder's shards alike (``shard-000000.tar`` ...), so names alone miss
+    another corpus with as many shards, or two folders given in the other order; the same folder moved or copied
+    elsewhere (a node-local copy) keeps it. One manifest read per folder."""
+    manifests = shard_manifests(urls)
+    parts = []
+    for url in urls:
+        if is_remote(url):
+            parts.append(url)
+            continue
+        path = Path(os.path.expanduser(url))
+        manifest = manifests.get(str(path.parent))
+        if manifest is not None:
+            what = json.dumps(
+                [manifest.get(k) for k in ("id", "created", "command", "samples", "view")], default=str
+            )
+        else:
+            try:
+                what = str(path.stat().st_size)
+            except OSError:  # a file this process cannot stat: its name is what there is
+                what = ""
+        parts.append(f"{path.name}:{what}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def stream_languages(codes, urls: list[str], key: str, check_manifest: bool = True) -> frozenset[str]:
@@ -360,6 +394,7 @@ class PretrainData:
                 raise type(err)(f"{key}: {err}") from None
             check_view(self._urls[view], view, key)
             check_listed(self._urls[view], data_cfg.unlisted_shards, key)
+        self._shard_files = {view: _files_fingerprint(urls) for view, urls in self._urls.items()}
         self._languages = {
             view: stream_languages(
                 (self.regions if view == REGION else self._stream_cfgs[view]).languages,
@@ -515,6 +550,7 @@ class PretrainData:
             "resampled": bool(self.cfg.resampled),
             "seed": self.seed,
             "shards": {v: _fingerprint(u) for v, u in self._urls.items()},
+            "shard_files": self._shard_files,
         }
 
     def state_dict(self) -> dict:
@@ -531,11 +567,13 @@ class PretrainData:
         self.close()
         saved, now = state["topology"], self._topology()
         views = {v: s for v, s in state["views"].items() if v in self._streams}
-        if saved != now:
-            changed = sorted(k for k in now if saved.get(k) != now[k])
+        # a key the checkpoint lacks (written by an earlier cclm) is not compared
+        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+        if changed:
             if not self.cfg.resampled:
+                shown = [TOPOLOGY_NAMES.get(key, key) for key in changed]
                 raise CheckpointError(
-                    f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
+                    f"cannot resume the data stream exactly: {', '.join(shown)} changed since the "
                     "checkpoint (non-resampled mode promises no repeats/skips; restore the old "
                     "setting, or use data.resampled=true)"
                 )

@@ -4,7 +4,8 @@ Both views are WebDataset tar shards (``{prefix}-{index:06d}.tar``) in one folde
 
 * ``sizes.json``: ``{"<shard file name>": samples}`` (the convention open_clip reads too);
 * ``manifest.json``: ``{"view", "languages": {lang: count}, "samples", "shards", "files", "skipped", "command",
-  ...}`` (``files``: the shard file names, in order; parallel text also ``"language_pairs": {src: {tgt: count}}``).
+  "created", "id", ...}`` (``files``: the shard file names, in order; ``id``: random, one per write; parallel
+  text also ``"language_pairs": {src: {tgt: count}}``).
 
 Writing is atomic (:class:`ShardSink`): shards and index files are written under ``*.partial`` names and renamed
 into place only when the conversion succeeds, ``manifest.json`` last. A shard that no ``manifest.json`` beside it
@@ -35,6 +36,7 @@ import shlex
 import sys
 import tarfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,6 +185,7 @@ class ShardSink:
             "skipped": dict(sorted(self.skipped.items())),
             "command": self.command,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "id": uuid.uuid4().hex,  # this write's identity: a resumed training run checks it is reading the same
             **(extra or {}),
         }
         self._partial(SIZES_NAME).write_text(json.dumps(self.sizes, indent=1))
