@@ -86,12 +86,17 @@ def content_hash(*parts) -> str:
     return h.hexdigest()
 
 
+# Shards are USTAR tars (cclm.data.shards), whose member names hold at most 100 characters: a key leaves room
+# for "." and the longest extension the converters write (jpg, json).
+MAX_KEY_CHARS = 100 - len(".json")
+
+
 class SampleKeys:
     """Unique sample keys. A key is a readable name made safe (:func:`cclm.data.shards.safe_key`); where that loses
-    characters (``Ä.jpg`` and ``Ö.jpg`` both give ``_``) or the key is taken already (``x.jpg`` and ``x.png``, or
-    two input shards both named ``shard-000000``), it ends in a hash of the sample's full ``identity`` instead, so
-    no two inputs share a key (a shard sink refuses a second one). No key starts with ``__`` (WebDataset readers
-    take such members for metadata and skip them)."""
+    characters (``Ä.jpg`` and ``Ö.jpg`` both give ``_``, or a name past :data:`MAX_KEY_CHARS` is cut short) or the
+    key is taken already (``x.jpg`` and ``x.png``, or two input shards both named ``shard-000000``), it ends in a
+    hash of the sample's full ``identity`` instead, so no two inputs share a key (a shard sink refuses a second
+    one). No key starts with ``__`` (WebDataset readers take such members for metadata and skip them)."""
 
     _LOSSLESS = re.compile(r"[A-Za-z0-9_\-./ ]*")
 
@@ -99,16 +104,22 @@ class SampleKeys:
         self.used: set[str] = set()
 
     def __call__(self, readable: str, identity: str | None = None) -> str:
-        key = safe_key(readable)[:100]
-        if key in self.used or key.startswith("__") or not self._LOSSLESS.fullmatch(readable):
+        safe = safe_key(readable)
+        key = safe[:MAX_KEY_CHARS]
+        if key != safe or key in self.used or key.startswith("__") or not self._LOSSLESS.fullmatch(readable):
             digest = hashlib.sha1((identity if identity is not None else readable).encode()).hexdigest()
-            base = key = f"{key.lstrip('_')}_{digest[:10]}".lstrip("_")
+            key = _hashed_key(safe, digest[:10])
             n = 1
             while key in self.used:  # the same identity twice: keep both, in input order
                 n += 1
-                key = f"{base}_{n}"
+                key = _hashed_key(safe, f"{digest[:10]}_{n}")
         self.used.add(key)
         return key
+
+
+def _hashed_key(safe: str, tail: str) -> str:
+    """``safe`` ending in ``_tail``, cut short to fit :data:`MAX_KEY_CHARS`, without leading underscores."""
+    return f"{safe.lstrip('_')[: MAX_KEY_CHARS - len(tail) - 1]}_{tail}".lstrip("_")
 
 
 class SplitWriter:

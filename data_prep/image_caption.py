@@ -36,7 +36,9 @@ from cclm.data.shards import (
 )
 from cclm.data.skips import SkipSample
 from cclm.data.transforms import as_rgb
+from cclm.jsonl import lone_surrogate
 from data_prep.common import (
+    MAX_KEY_CHARS,
     SampleKeys,
     SplitWriter,
     add_output_options,
@@ -181,9 +183,12 @@ def delimited_rows(path: Path, fmt: str, writer: SplitWriter) -> Iterator[tuple[
     yield from csv_rows(text_lines(path, writer), path)
 
 
-def read_table(path: Path, fmt: str, default_lang: str, writer: SplitWriter) -> list[tuple[str, str, str]]:
-    """Rows (image, caption, lang) from jsonl (keys image/caption/lang) or csv/tsv (header with image and caption
-    columns, or positional ``image, caption[, lang]``); lines that are not UTF-8 are counted on ``writer``."""
+def read_table(
+    path: Path, fmt: str, default_lang: str, writer: SplitWriter
+) -> list[tuple[str, str, str, str]]:
+    """Rows (``file:line``, image, caption, lang) from jsonl (keys image/caption/lang) or csv/tsv (header with image
+    and caption columns, or positional ``image, caption[, lang]``); a row without a lang (or a lang column) is in
+    ``default_lang``. Lines that are not UTF-8 are counted on ``writer``."""
     if fmt == "auto":
         fmt = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(path.suffix.lower(), "")
         if not fmt:
@@ -191,26 +196,36 @@ def read_table(path: Path, fmt: str, default_lang: str, writer: SplitWriter) -> 
     rows = []
     if fmt == "jsonl":
         return [
-            (str(obj.get("image", "")), obj.get("caption", ""), obj.get("lang") or default_lang)
-            for _, obj in jsonl_records(path, writer)
+            (
+                f"{path}:{number}",
+                str(obj.get("image", "")),
+                obj.get("caption", ""),
+                obj.get("lang") or default_lang,
+            )
+            for number, obj in jsonl_records(path, writer)
         ]
-    table = [row for _, row in delimited_rows(path, fmt, writer) if row]
+    table = [(number, row) for number, row in delimited_rows(path, fmt, writer) if row]
     if not table:
         return rows
-    header = [c.strip().lower() for c in table[0]]
+    header = [c.strip().lower() for c in table[0][1]]
     if "image" in header and "caption" in header:
         ii, ci = header.index("image"), header.index("caption")
         li = header.index("lang") if "lang" in header else None
         body = table[1:]
     else:
-        ii, ci, li, body = 0, 1, 2 if len(table[0]) > 2 else None, table
-    for row in body:
-        if len(row) <= max(ii, ci):
-            rows.append((row[ii] if row else "", "", default_lang))
-            continue
-        lang = row[li] if li is not None and li < len(row) and row[li].strip() else default_lang
-        rows.append((row[ii], row[ci], lang))
+        ii, ci, li, body = 0, 1, 2, table
+    for number, row in body:
+        lang = _cell(row, li)
+        rows.append(
+            (f"{path}:{number}", _cell(row, ii), _cell(row, ci), lang if lang.strip() else default_lang)
+        )
     return rows
+
+
+def _cell(row: list[str], index: int | None) -> str:
+    """A row's cell, or "" where the row is too short: a missing caption is an empty one, a missing image name a
+    row without an image (both counted skips)."""
+    return row[index] if index is not None and index < len(row) else ""
 
 
 def run_table(args) -> int:
@@ -227,7 +242,10 @@ def _convert_table(table: Path, root: Path, writer: SplitWriter, args) -> int:
     if not rows and not writer.skipped:
         raise ValueError(f"{table} has no rows")
     grouped: dict[str, dict[str, list[str]]] = {}
-    for image, caption, lang in rows:
+    for where, image, caption, lang in rows:
+        if not image:
+            writer.skip("missing_image", detail=f"{where}: a row without an image name")
+            continue
         reasons: list[str] = []
         captions = grouped.setdefault(image, {})
         _add_caption(captions, lang, caption, writer, reasons)
@@ -236,10 +254,9 @@ def _convert_table(table: Path, root: Path, writer: SplitWriter, args) -> int:
     items = []
     keys = SampleKeys()
     for image, captions in grouped.items():
-        path = resolve_image(root, image) if image else None
+        path = resolve_image(root, image)
         if path is None:
-            what = f"no file {image!r} under {root}" if image else "a row without an image name"
-            writer.skip("missing_image", detail=f"{table}: {what}")
+            writer.skip("missing_image", detail=f"{table}: no file {image!r} under {root}")
         elif not captions:
             writer.skip("no_caption")
         else:
@@ -259,10 +276,12 @@ def _cclm_records(path: Path, writer: SplitWriter) -> Iterator[tuple[int, dict]]
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict):
-            yield number, record
-        else:
+        if not isinstance(record, dict):
             writer.skip("bad_json", detail=f"{path}:{number}: not a JSON object")
+        elif surrogate := lone_surrogate(line, record):
+            writer.skip("bad_json", detail=f"{path}:{number}: {surrogate}")
+        else:
+            yield number, record
 
 
 _URLSAFE = str.maketrans("-_", "+/")
@@ -292,7 +311,8 @@ def _cclm_item(path: Path, number: int, obj: dict, root: Path | None, default_la
     else:
         writer.skip("missing_image", detail=f"{where}: neither 'binary' nor 'image'")
         return None
-    return safe_key(f"{number:09d}_{name}")[:120], source, captions, where
+    # the line number keeps a key cut short unique
+    return safe_key(f"{number:09d}_{name}")[:MAX_KEY_CHARS], source, captions, where
 
 
 def decode_base64(text: str) -> bytes:

@@ -35,7 +35,12 @@ def shard_texts(spec: str) -> Iterator[str]:
                 raise DataError(
                     f"{url}: sample {sample['__key__']}: 'captions' must be {{language: captions}}"
                 )
-            for value in captions.values():
+            for lang, value in captions.items():
+                if not isinstance(value, (str, list)):
+                    raise DataError(
+                        f"{url}: sample {sample['__key__']}: its caption {lang!r} is "
+                        f"{json.dumps(value)[:40]}, not a text or a list of texts"
+                    )
                 yield from ([value] if isinstance(value, str) else [v for v in value if isinstance(v, str)])
             for key in ("src", "tgt"):
                 if isinstance(meta.get(key), str):

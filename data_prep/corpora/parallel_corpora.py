@@ -48,9 +48,10 @@ def oriented(a: str, b: str, a_lang: str, b_lang: str, pivot: str) -> tuple[str,
 
 
 # -------------------------------------------------------------------------------------------------- WikiMatrix
-def pair_caps(specs: list[str]) -> tuple[int, dict[frozenset, int]]:
-    """``--max-pairs`` values: ``N`` (every language pair) and ``l1-l2=N`` (that pair): (default, per pair)."""
-    default, caps = 0, {}
+def pair_caps(specs: list[str]) -> tuple[int | None, dict[frozenset, int]]:
+    """``--max-pairs`` values: ``N`` (every language pair) and ``l1-l2=N`` (that pair): (default, per pair); None
+    is no cap, and a cap of 0 keeps none of the pair."""
+    default, caps = None, {}
     for spec in specs:
         pair, _, number = spec.rpartition("=")
         try:
@@ -120,7 +121,7 @@ def capped(lines: Iterator[tuple[float, int, str, str]], cap: int, writer: Split
         item = (score, -number, a, b)
         if len(best) < cap:
             heapq.heappush(best, item)
-        elif item > best[0]:
+        elif best and item > best[0]:
             heapq.heapreplace(best, item)
     if seen > len(best):
         writer.skip("over_pair_cap", n=seen - len(best))
@@ -134,7 +135,7 @@ def wikimatrix_pairs(paths: list[Path], args, writer: SplitWriter) -> Iterator[t
         pair = frozenset((a_lang, b_lang))
         lines = scored_lines(path, args.min_score, writer)
         cap = caps.get(pair, default)
-        for _, _, a, b in capped(lines, cap, writer) if cap else lines:
+        for _, _, a, b in lines if cap is None else capped(lines, cap, writer):
             yield oriented(a, b, a_lang, b_lang, args.pivot)
 
 
@@ -286,7 +287,8 @@ def add_parser(subparsers) -> None:
         action="append",
         default=[],
         metavar="N|L1-L2=N",
-        help="keep at most N pairs per language pair (the highest scores), or for one pair; repeatable",
+        help="keep at most N pairs per language pair (the highest scores; 0: none), or for one pair; "
+        "repeatable",
     )
     p.add_argument(
         "--pivot", type=_pivot, default="en", help="this language's side is src (default en; '' = as filed)"
