@@ -232,6 +232,7 @@ class Trainer:
             model.set_grad_checkpointing(True)
         self._start_time = time.monotonic()
         self._time_before = 0.0  # training seconds of the run before a resume (time-limited runs)
+        self._ended_by_time_limit: float | None = None  # the time limit that ended the run, once it has
         self.engine, self.optimizer, self.scheduler, ds_config = build_engine(
             model,
             env=env,
@@ -322,6 +323,7 @@ class Trainer:
                 raise CheckpointError(f"{err}{self._changed_since(target)}") from err
             self.source.load_state_dict(data_state)
             self._time_before = float(state.get("train_seconds", 0.0))
+            self._ended_by_time_limit = state.get("ended_by_time_limit")
             if "sampling_rng" in state:
                 saved = torch.frombuffer(
                     bytearray(base64.b64decode(state["sampling_rng"])), dtype=torch.uint8
@@ -501,9 +503,24 @@ class Trainer:
         self.selection.steps = self.step
         return last
 
+    def _finished_on_time(self) -> bool:
+        """Whether the checkpoint this run resumed was saved as its time limit ended it, and the limit is not
+        larger now: the run has finished, and another step would train past it."""
+        ended, limit = self._ended_by_time_limit, self.loop.time_limit_s
+        return ended is not None and 0 < limit <= float(ended)
+
     def _train(self, logger: RunLogger) -> dict[str, float]:
         loop, stats = self.loop, self.interval
         last: dict[str, float] = {}
+        if self._finished_on_time():
+            if self.env.is_main:
+                log.warning(
+                    "resume: the run ended at step %d on its time limit (%.0f s of training) and trains nothing "
+                    "more (raise the time limit to train further)",
+                    self.step,
+                    loop.time_limit_s,
+                )
+            return last
         t_start = time.perf_counter()
         checks = StopCheckSchedule(loop.log_every, self.step, loop.stop_check_s)
         while self.step < loop.max_steps:
@@ -530,6 +547,8 @@ class Trainer:
                 signalled and not done
             ):  # a stop asked for during the last step: the run ends as it would anyway
                 self._stop_on_signal()
+            if out_of_time:
+                self._ended_by_time_limit = loop.time_limit_s
             if loop.save_every > 0 and (self.step % loop.save_every == 0 or done):
                 self.save()
             if done:
@@ -640,6 +659,7 @@ class Trainer:
         self._phase("saving")
         state = {
             "train_seconds": self.train_seconds(),
+            "ended_by_time_limit": self._ended_by_time_limit,
             "sampling_rng": base64.b64encode(self.sampling_generator.get_state().numpy().tobytes()).decode(),
         }
         if self.loop.select_metric:

@@ -150,6 +150,25 @@ def test_resuming_a_finished_run_says_it_trains_nothing(tmp_path, caplog):
     assert steps_logged(run) == [1, 2, 3, 4]
 
 
+def test_a_run_its_time_limit_ended_trains_nothing_more_when_resumed(tmp_path, caplog):
+    """Before, every resume=auto of a time-limited run that had finished trained (and saved) one more step."""
+    run = tmp_path / "run"
+    finish(toy_trainer(run, steps=100, save_every=50, loop_options={"time_limit_s": 1e-4}))
+    assert steps_logged(run) == [1]
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING, logger="cclm.train"):
+            finish(
+                toy_trainer(run, steps=100, save_every=50, loop_options={"time_limit_s": 1e-4}, resume="auto")
+            )
+        assert "the run ended at step 1 on its time limit" in caplog.text
+        assert steps_logged(run) == [1] and [p.name for p in checkpoint.complete_checkpoints(run)] == [
+            "step_00000001"
+        ]
+    # a larger limit trains on
+    finish(toy_trainer(run, steps=3, save_every=50, loop_options={"time_limit_s": 3600.0}, resume="auto"))
+    assert steps_logged(run) == [1, 2, 3]
+
+
 # ------------------------------------------------------------------------------------- load errors, one line
 @pytest.mark.parametrize(("saved", "resumed"), [(0, 1), (1, 0), (2, 0)])
 def test_another_zero_stage_is_refused_naming_both_not_called_corrupt(tmp_path, saved, resumed):
