@@ -434,7 +434,8 @@ class DeepSpeedConfig:
     precision: Precision | None = None  # auto = bf16 on a GPU with bf16, fp32 elsewhere
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Raw DeepSpeed JSON file merged under the generated config (keys above win).
+    # Raw DeepSpeed JSON file merged under the generated config (keys above win); without "optimizer" or
+    # "scheduler" sections (cclm builds those from train.optimizer / train.scheduler).
     config_file: str | None = None
 
 

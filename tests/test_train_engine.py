@@ -1,5 +1,6 @@
 """Optimizer parameter groups, the learning-rate schedule and the generated DeepSpeed config."""
 
+import json
 import math
 
 import pytest
@@ -110,6 +111,28 @@ def test_deepspeed_config_from_typed_config_and_file(tmp_path):
         )
     with pytest.raises(ConfigError, match="precision"):
         deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}).deepspeed, 8, 1)
+
+
+def test_a_deepspeed_file_keeps_its_bf16_options_and_may_not_set_what_cclm_builds(tmp_path):
+    """Before, a file's optimizer and scheduler sections were ignored by DeepSpeed in silence (cclm hands it
+    its own), and every bf16 option but 'enabled' was dropped while fp16's were kept."""
+    path = tmp_path / "ds.json"
+
+    def generated(file: dict) -> dict:
+        path.write_text(json.dumps(file))
+        return deepspeed_config(
+            from_dict(PretrainConfig, {"deepspeed": {"config_file": str(path)}}).deepspeed, 8, 1
+        )
+
+    ds = generated({"bf16": {"enabled": True, "immediate_grad_update": False}})
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": False}
+    ds = generated({"bfloat16": {"enabled": True, "immediate_grad_update": False}})  # DeepSpeed's older name
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": False} and "bfloat16" not in ds
+    for section, key in (("optimizer", "train.optimizer"), ("scheduler", "train.scheduler")):
+        with pytest.raises(ConfigError, match=rf"ds\.json sets '{section}' \(set {key}\)"):
+            generated({section: {"type": "SGD", "params": {"lr": 0.5}}})
+    with pytest.raises(ConfigError, match=r"ds\.json holds a list, not a JSON object"):
+        generated([1, 2])
 
 
 def test_deepspeeds_cpu_adam_steps_the_same_groups_as_adamw(tiny_model_cfg):

@@ -4,7 +4,6 @@ file), and ``deepspeed.initialize`` around a model, optimizer and schedule built
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from cclm.config import ConfigError, DecayRule, DeepSpeedConfig, OptimizerConfig, Precision, SchedulerConfig
+from cclm.jsonl import json_kind, read_json
 from cclm.runtime.compile import compile_towers, wants_compile
 from cclm.runtime.env import DistEnv, resolve_precision
 from cclm.runtime.optim import build_optimizer, cpu_adam_unavailable
@@ -36,7 +36,7 @@ def deepspeed_config(
         path = Path(ds_cfg.config_file)
         if not path.exists():
             raise ConfigError(f"deepspeed.config_file: {path} does not exist")
-        base = json.loads(path.read_text())
+        base = _read_config_file(path)
     expected = micro_batch_size * grad_accum * world_size
     for key, value in (
         ("train_micro_batch_size_per_gpu", micro_batch_size),
@@ -68,7 +68,7 @@ def deepspeed_config(
         train_batch_size=expected,
         gradient_clipping=grad_clip,
         zero_optimization=zero,
-        bf16={"enabled": precision == Precision.bf16},
+        bf16={**base.get("bf16", {}), "enabled": precision == Precision.bf16},
         fp16={**base.get("fp16", {}), "enabled": precision == Precision.fp16},
         steps_per_print=10**9,
         zero_allow_untested_optimizer=True,
@@ -114,6 +114,28 @@ def offload_uses_cpu_adam(config: dict[str, Any], env: DistEnv) -> bool:
             reason,
         )
     return False
+
+
+# DeepSpeed would build these itself from the file; cclm hands it the optimizer and schedule of train.optimizer and
+# train.scheduler (parameter groups, lr multipliers, decay rule), and DeepSpeed then ignores the file's in silence.
+BUILT_BY_CCLM = {"optimizer": "train.optimizer", "scheduler": "train.scheduler"}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A ``deepspeed.config_file``: a JSON object without the sections cclm builds itself (refused, naming the
+    key to use instead); DeepSpeed's older ``bfloat16`` section is read as ``bf16``."""
+    base = read_json(path)
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed.config_file: {path} holds {json_kind(base)}, not a JSON object")
+    ours = [f"'{key}' (set {where})" for key, where in BUILT_BY_CCLM.items() if key in base]
+    if ours:
+        raise ConfigError(
+            f"deepspeed.config_file: {path} sets {' and '.join(ours)}: cclm builds the optimizer and schedule "
+            "itself and DeepSpeed would ignore the file's; remove the section"
+        )
+    if "bfloat16" in base:
+        base["bf16"] = {**base.pop("bfloat16"), **base.get("bf16", {})}
+    return base
 
 
 def _file_precision(base: dict[str, Any]) -> Precision:
