@@ -933,8 +933,11 @@ def check_train_config(train: Any, key: str = "train") -> None:
     _require(train.keep_last >= 0, f"{key}.keep_last", ">= 0 (0: every checkpoint is kept)", train.keep_last)
     _require(train.grad_clip >= 0, f"{key}.grad_clip", ">= 0 (0: no clipping)", train.grad_clip)
     _require(train.grad_accum >= 1, f"{key}.grad_accum", ">= 1", train.grad_accum)
-    for name in ("collective_timeout_s", "stall_factor", "stop_check_s"):
+    for name in ("collective_timeout_s", "stop_check_s"):
         _require(getattr(train, name) > 0, f"{key}.{name}", "> 0", getattr(train, name))
+    _require(
+        train.stall_factor > 1, f"{key}.stall_factor", "> 1 (x the median step time)", train.stall_factor
+    )
     check_optimizer_config(train.optimizer, f"{key}.optimizer")
     check_scheduler_config(train.scheduler, f"{key}.scheduler")
 
@@ -987,6 +990,7 @@ def check_pretrain_values(cfg: Any) -> None:
     check_objectives_config(cfg.model, "model")
     check_data_config(cfg.data, "data")
     check_train_config(cfg.train, "train")
+    check_deepspeed_config(cfg.deepspeed, "deepspeed")
     check_eval_config(cfg.eval, "eval")
 
 
@@ -1007,8 +1011,16 @@ def check_finetune_train_config(train: Any, key: str = "train") -> None:
         _require(getattr(train, name) >= 0, f"{key}.{name}", ">= 0", getattr(train, name))
     _require(train.grad_clip >= 0, f"{key}.grad_clip", ">= 0 (0: no clipping)", train.grad_clip)
     check_betas(train.betas, f"{key}.betas")
-    for name in ("collective_timeout_s", "stall_factor"):
-        _require(getattr(train, name) > 0, f"{key}.{name}", "> 0", getattr(train, name))
+    _require(train.collective_timeout_s > 0, f"{key}.collective_timeout_s", "> 0", train.collective_timeout_s)
+    _require(
+        train.stall_factor > 1, f"{key}.stall_factor", "> 1 (x the median step time)", train.stall_factor
+    )
+
+
+def check_deepspeed_config(ds: Any, key: str = "deepspeed") -> None:
+    """A :class:`DeepSpeedConfig`'s ZeRO stage (a stage that a ``config_file`` gives is checked with the file)."""
+    if ds.zero_stage is not None:
+        _require(ds.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "0, 1, 2 or 3", ds.zero_stage)
 
 
 def check_finetune_values(cfg: Any, training: bool = True) -> None:
@@ -1023,6 +1035,7 @@ def check_finetune_values(cfg: Any, training: bool = True) -> None:
     if not training:
         return
     check_finetune_train_config(cfg.train, "train")
+    check_deepspeed_config(cfg.deepspeed, "deepspeed")
     stage = cfg.domain_pretrain
     _require(stage.steps >= 0, "domain_pretrain.steps", ">= 0 (0: off)", stage.steps)
     if stage.steps > 0:

@@ -24,6 +24,7 @@ from cclm.config import (
     CViLVQARecipeConfig,
     MLARecipeConfig,
     check_data_config,
+    check_deepspeed_config,
     check_train_config,
     load_config,
 )
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> int:
     start_logging()
     cfg = load_config(RECIPES[args.recipe], args.config, args.overrides)
     check_train_config(cfg.train)  # before a stage folder is touched
+    if getattr(cfg, "deepspeed", None) is not None:
+        check_deepspeed_config(cfg.deepspeed)
     if RECIPES[args.recipe] is MLARecipeConfig:  # the pretraining streams (the cViL recipes read task files)
         check_data_config(cfg.data)
     if hasattr(cfg, "threads"):

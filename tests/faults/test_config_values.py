@@ -75,6 +75,33 @@ def test_a_value_the_loader_refuses_fails_before_the_output_folder_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.stall_factor=0.5", "train.stall_factor"), ("deepspeed.zero_stage=5", "deepspeed.zero_stage")],
+)
+def test_a_value_the_trainer_or_deepspeed_refuses_fails_before_the_output_folder_is_written(
+    world, tmp_path, capsys, override, key
+):
+    """Before, both passed the start checks and failed after data, process group and model were set up, the
+    stall factor in a message naming no key."""
+    out = tmp_path / "run"
+    code, err = run_cclm(capsys, *world_run(world, out, override))
+    assert_one_line_error(code, err, "pretrain", f"config key '{key}' must be")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.stall_factor=1", "train.stall_factor"), ("deepspeed.zero_stage=4", "deepspeed.zero_stage")],
+)
+def test_a_fine_tuning_value_the_trainer_or_deepspeed_refuses_names_its_key(override, key):
+    from cclm.config import check_finetune_values
+
+    cfg = load_config(FinetuneConfig, XVNLI, [override])
+    with pytest.raises(ConfigError, match=rf"config key '{key}' must be"):
+        check_finetune_values(cfg)
+
+
 # --------------------------------------------------------------------- a list or a value where a mapping belongs
 @pytest.mark.parametrize(
     "override, needle",
