@@ -259,3 +259,19 @@ def test_a_table_whose_rows_were_scored_differently_is_refused(tmp_path, capsys)
     assert main([str(run), "--out", str(tmp_path / "report"), "--no-png"]) != 0
     err = capsys.readouterr().err
     assert "zero_shot.json: its rows were scored with different settings" in err and "bf16" in err
+
+
+def test_xgqa_scored_on_its_full_testdev_files_is_marked_not_comparable(tmp_path):
+    split, testdev = tmp_path / "xgqa", tmp_path / "xgqa_testdev"
+    rows = accuracy_rows({"de": 40.0, "ko": 38.0})
+    for row in rows:
+        row["file"] = f"/iglue/xGQA/annotations/few_shot/{row['language']}/test.json"
+    write_task_results(split, "xgqa", "zero_shot", rows, ["accuracy"], ["file"])
+    for row in rows:
+        row["file"] = f"/iglue/xGQA/annotations/zero_shot/testdev_balanced_questions_{row['language']}.json"
+    write_task_results(testdev, "xgqa", "zero_shot", rows, ["accuracy"], ["file"])
+    out = tmp_path / "report"
+    assert main([str(split), str(testdev), "--out", str(out), "--no-png"]) == 0
+    xgqa = section((out / "report.md").read_text(encoding="utf-8"), "xGQA -- zero-shot")
+    assert f"- ours: {testdev}: every language scored on xGQA's full testdev files" in xgqa
+    assert xgqa.count("full testdev files") == 1  # the few-shot split's run is IGLUE's test set

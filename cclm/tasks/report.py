@@ -524,6 +524,7 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
         source = f"`{run.path}`" + (f" ({details})" if details else "")
         columns.append(Column(f"ours: {run.label}", source, values, average, True, note))
         notes += [f"ours: {run.label}: {caveat}" for caveat in scoring_caveats(run.scoring)]
+        notes += [f"ours: {run.label}: {caveat}" for caveat in test_set_caveats(task, run)]
     differing = _differing_scoring(runs)
     if differing:
         notes.append(f"our columns were scored with different settings: {differing}")
@@ -548,6 +549,23 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
 
 
 # --------------------------------------------------------------------------------------------------- writing
+def test_set_caveats(task: str, run: RunResult) -> list[str]:
+    """Where ``run`` was scored on other test files than IGLUE's tables: xGQA's full testdev files
+    (``configs/finetune/xgqa_testdev.yaml``) where IGLUE tests on the few-shot split's ``test.json``."""
+    if task != "xgqa":
+        return []
+    testdev = sorted(
+        lang for lang, row in run.rows.items() if "testdev" in Path(str(row.get("file", ""))).name
+    )
+    if not testdev:
+        return []
+    which = "every language" if len(testdev) == len(run.rows) else ", ".join(testdev)
+    return [
+        f"{which} scored on xGQA's full testdev files; IGLUE's baselines test on the few-shot split's test.json "
+        "(testdev without the few-shot images): not comparable"
+    ]
+
+
 def _differing_scoring(runs: Sequence[RunResult]) -> str:
     """``precision: bf16 (run a), fp32 (run b)`` for every scoring setting on which ``runs`` differ."""
     parts = []
