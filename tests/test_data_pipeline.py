@@ -266,6 +266,39 @@ def test_resume_refuses_other_shard_files_under_the_same_names_and_follows_a_mov
     assert_same(head + run_steps(moved, range(3, 8)), reference)
 
 
+def test_a_folder_without_a_write_id_is_told_by_its_files_sizes_and_pipes_by_name(tmp_path, tiny_tokenizer):
+    """Folders another tool wrote (cclm prep translate republishes its manifest, without an id, on every
+    rerun): the same files resume whatever the manifest says, other files do not; shards read through pipe:
+    may move to another mirror."""
+    a = tmp_path / "a"
+    write_parallel_shards(a, n=8)
+    manifest = json.loads((a / "manifest.json").read_text())
+    manifest.pop("id")
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    first = PretrainData(data_cfg(text=a), tiny_tokenizer, 32)
+    run_steps(first, range(2))
+    state = first.state_dict()
+    manifest["created"], manifest["command"] = (
+        "2030-01-01T00:00:00Z",
+        "cclm prep translate ...",
+    )  # republished
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    PretrainData(data_cfg(text=a), tiny_tokenizer, 32).load_state_dict(state)
+    shard = a / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes() + b"\0" * 10240)  # another file under the same name
+    with pytest.raises(CheckpointError, match="shard_files"):
+        PretrainData(data_cfg(text=a), tiny_tokenizer, 32).load_state_dict(state)
+
+    names = [p.name for p in sorted(a.glob("shard-*.tar"))]
+    piped = PretrainData(data_cfg(text="::".join(f"pipe:cat {a / n}" for n in names)), tiny_tokenizer, 32)
+    run_steps(piped, range(2))
+    mirror = shutil.copytree(a, tmp_path / "mirror")
+    moved = PretrainData(
+        data_cfg(text="::".join(f"pipe:cat {mirror / n}" for n in names)), tiny_tokenizer, 32
+    )
+    moved.load_state_dict(piped.state_dict())
+
+
 def test_view_schedule_is_deterministic_and_follows_the_weights(shards, tiny_tokenizer):
     root, _, _ = shards
     cfg = data_cfg(image=root / "ic", text=root / "pt")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 import logging
 import os
 import random
@@ -102,29 +101,26 @@ def _fingerprint(urls: list[str]) -> str:
 
 
 def _files_fingerprint(urls: list[str]) -> str:
-    """The shards as files, in order: each local shard's name and what its folder is (its ``manifest.json``: the
-    write's random ``id``, when and by which command it was written, how many samples; the file's size where the
-    folder has none), any other URL whole. Converters name every folder's shards alike (``shard-000000.tar`` ...), so names alone miss
-    another corpus with as many shards, or two folders given in the other order; the same folder moved or copied
-    elsewhere (a node-local copy) keeps it. One manifest read per folder."""
+    """The shards as files, in order: each local shard's name and its folder's identity, the random ``id`` of
+    the write that made it (``manifest.json``), else the file's size. Converters name every folder's shards alike
+    (``shard-000000.tar`` ...), so names alone miss another corpus with as many shards, or two folders given in
+    the other order; the same folder moved or copied elsewhere (a node-local copy) keeps it. A ``pipe:`` or URL
+    shard counts by its name alone, as before (it may be moved to another mirror). One manifest read per
+    folder; a stat per shard only where a folder's manifest has no ``id``."""
     manifests = shard_manifests(urls)
     parts = []
     for url in urls:
         if is_remote(url):
-            parts.append(url)
+            parts.append(os.path.basename(url.rstrip("/")))
             continue
         path = Path(os.path.expanduser(url))
-        manifest = manifests.get(str(path.parent))
-        if manifest is not None:
-            what = json.dumps(
-                [manifest.get(k) for k in ("id", "created", "command", "samples", "view")], default=str
-            )
-        else:
+        write_id = (manifests.get(str(path.parent)) or {}).get("id")
+        if write_id is None:
             try:
-                what = str(path.stat().st_size)
+                write_id = path.stat().st_size
             except OSError:  # a file this process cannot stat: its name is what there is
-                what = ""
-        parts.append(f"{path.name}:{what}")
+                write_id = ""
+        parts.append(f"{path.name}:{write_id}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -567,8 +563,8 @@ class PretrainData:
         self.close()
         saved, now = state["topology"], self._topology()
         views = {v: s for v, s in state["views"].items() if v in self._streams}
-        # a key the checkpoint lacks (written by an earlier cclm) is not compared
-        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+        # shard_files is not compared with a checkpoint of an earlier cclm, which did not record it
+        changed = sorted(k for k in now if saved.get(k) != now[k] and (k != "shard_files" or k in saved))
         if changed:
             if not self.cfg.resampled:
                 shown = [TOPOLOGY_NAMES.get(key, key) for key in changed]

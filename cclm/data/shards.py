@@ -432,16 +432,14 @@ def _has_end_blocks(stream: tarfile.TarFile) -> bool:
     return stream.fileobj.tell() - stream.offset >= tarfile.BLOCKSIZE
 
 
-def _only_zeros_left(fileobj) -> bool:
-    """Whether the rest of a stream holds zero bytes only: what follows the first end-of-archive block of a whole
-    tar (the second block and the record padding). tarfile also ends its iteration, silently, at a member header
-    that does not read (a damaged byte), after reading that block whole; the members behind it are then left."""
-    while True:
-        chunk = fileobj.read(1 << 16)
-        if not chunk:
-            return True
-        if chunk.strip(b"\0"):
-            return False
+def _second_end_block_follows(fileobj) -> bool:
+    """Whether the block after the one that ended a stream-mode read is zeros (or the data ends there): then
+    that one was the first end-of-archive block of a whole tar. tarfile also ends its iteration, silently, at a
+    member header that does not read (a damaged byte), after reading that block whole; what follows it is then
+    the member's data or the next header. Only the two end blocks are required to be zero (a record's padding
+    after them may hold anything)."""
+    block = fileobj.read(tarfile.BLOCKSIZE)
+    return not block.strip(b"\0")
 
 
 def _cut_sample(sample: dict, reference: dict | None, url: str, where: str) -> dict:
@@ -495,7 +493,7 @@ def iter_tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
                 current[ext] = data
                 stream.members = []
             ended = _has_end_blocks(stream)
-            damaged = ended and not _only_zeros_left(stream.fileobj)
+            damaged = ended and not _second_end_block_follows(stream.fileobj)
         if damaged:
             where = "a member header does not read (a damaged byte?)"
         else:

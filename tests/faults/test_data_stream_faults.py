@@ -272,6 +272,23 @@ def test_a_damaged_member_header_loses_no_sample_uncounted(tmp_path, tiny_tokeni
         assert data.skip_counts() == {"corrupt_shard": 1}
 
 
+def test_a_whole_tar_whose_record_padding_is_not_zero_reads_cleanly(tmp_path):
+    """Only the two end-of-archive blocks must be zero; the rest of the last record may hold anything (POSIX),
+    and GNU tar reads such a file cleanly."""
+    shard = (
+        write_images(tmp_path / "ic", [{"en": f"a red circle {i}"} for i in range(3)]) / "shard-000000.tar"
+    )
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512 + 2 * 512
+    data = shard.read_bytes()
+    assert len(data) > end and not data[end - 1024 :].strip(b"\0")
+    shard.write_bytes(data[:end] + b"\x01" * (len(data) - end))
+    for expected in (3, None):
+        assert [s.get(SKIP_KEY) for s in iter_tar_samples(str(shard), expected)] == [None, None, None]
+    assert [s.get(SKIP_KEY) for s in iter_tar_samples(f"pipe:cat {shard}")] == [None, None, None]
+
+
 def test_a_damaged_header_inside_a_sample_drops_that_sample_as_truncated(tmp_path):
     shard = (
         write_images(tmp_path / "ic", [{"en": f"a red circle {i}"} for i in range(4)]) / "shard-000000.tar"
