@@ -382,6 +382,12 @@ def _rekey_items(
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
         meta = meta if isinstance(meta, dict) else {}  # a broken json member still leaves the txt caption
+        surrogate = lone_surrogate(sample["json"], meta) if "json" in sample else None
+        if surrogate:  # img2dataset writes ASCII JSON: half an emoji arrives as a "\ud83d" escape
+            if "txt" not in sample:
+                writer.skip("bad_json", detail=f"{where}.json: {surrogate}")
+                continue
+            meta = {}
         if isinstance(meta.get("captions"), dict):
             value = meta["captions"]
         elif "txt" in sample:

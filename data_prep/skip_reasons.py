@@ -7,7 +7,7 @@ from __future__ import annotations
 SKIP_REASONS: dict[str, str] = {
     # any input file
     "bad_utf8": "an input line (or a txt caption) that is not UTF-8",
-    "bad_json": "a malformed line of a cclm-jsonl dump",
+    "bad_json": "a malformed line of a cclm-jsonl dump; JSON holding a lone UTF-16 surrogate (half a character)",
     "duplicate": "an exact duplicate sample (--dedup)",
     "corrupt_shard": "samples of an input shard lost to damage (rekey-wds, cc3m, sbu, uc2)",
     "truncated_shard": "samples an input shard's sizes.json promises but the shard lacks",

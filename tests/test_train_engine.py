@@ -133,6 +133,8 @@ def test_a_deepspeed_file_keeps_its_bf16_options_and_may_not_set_what_cclm_build
             generated({section: {"type": "SGD", "params": {"lr": 0.5}}})
     with pytest.raises(ConfigError, match=r"ds\.json holds a list, not a JSON object"):
         generated([1, 2])
+    with pytest.raises(ConfigError, match=r"ds\.json: 'bfloat16' holds a boolean, not an object"):
+        generated({"bfloat16": True})
 
 
 def test_deepspeeds_cpu_adam_steps_the_same_groups_as_adamw(tiny_model_cfg):

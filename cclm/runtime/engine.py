@@ -133,6 +133,11 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             f"deepspeed.config_file: {path} sets {' and '.join(ours)}: cclm builds the optimizer and schedule "
             "itself and DeepSpeed would ignore the file's; remove the section"
         )
+    for section in ("bf16", "bfloat16", "fp16", "zero_optimization"):
+        if section in base and not isinstance(base[section], dict):
+            raise ConfigError(
+                f"deepspeed.config_file: {path}: '{section}' holds {json_kind(base[section])}, not an object"
+            )
     if "bfloat16" in base:
         base["bf16"] = {**base.pop("bfloat16"), **base.get("bf16", {})}
     return base

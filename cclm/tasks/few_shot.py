@@ -243,10 +243,9 @@ class SweepRecord:
                 )
             if began.get("train_digest") not in (None, start["train_digest"]):
                 raise ConfigError(
-                    f"resume: {folder}'s finished learning rates were trained on {began.get('train')}, and "
-                    f"{start['train']} is not that file as it was (its content differs): resume with the file "
-                    "the sweep began with, or start anew without resume (overwrite=true moves the old runs "
-                    "aside) or into another output_dir"
+                    f"resume: {folder}'s sweep began on {began.get('train')}, and {start['train']} is not that "
+                    "file as it was (its content differs): resume with the file the sweep began with, or start "
+                    "anew without resume (overwrite=true moves the old runs aside) or into another output_dir"
                 )
             self.data = {**saved, "start": start}
         elif write and self.folder.exists():

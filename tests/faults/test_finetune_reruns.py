@@ -139,9 +139,7 @@ def test_a_requeued_sweep_refuses_a_training_file_whose_content_changed(
     copy.write_text("".join(lines[:-1]), encoding="utf-8")  # the same name, one example fewer
     cfg.resume = "auto"
     trained.clear()
-    with pytest.raises(
-        ConfigError, match=r"few_shot/ar's finished learning rates were trained on .*train_5\.jsonl"
-    ):
+    with pytest.raises(ConfigError, match=r"few_shot/ar's sweep began on .*train_5\.jsonl"):
         few_shot.run_few_shot(cfg)
     assert trained == []  # refused before training anything
 

@@ -168,3 +168,25 @@ def test_a_parallel_jsonl_line_with_half_a_character_stops_naming_the_line(tmp_p
     assert prep("parallel-jsonl", "--input", table, "--out", tmp_path / "p") == 2
     assert f"{table}:2: a lone UTF-16 surrogate (\\ud83d" in capsys.readouterr().err
     assert not list((tmp_path / "p").glob("**/*.tar")) and not list((tmp_path / "p").glob("**/manifest.json"))
+
+
+def test_rekey_wds_counts_an_img2dataset_json_with_half_a_character_as_bad_json(tmp_path, caplog):
+    """img2dataset writes ASCII JSON, where half an emoji is a "\\ud83d" escape: the conversion stopped with an
+    encoding error naming no file; a txt caption beside such a json still serves."""
+    (tmp_path / "in").mkdir()
+    members = {
+        "000": {"jpg": jpeg(), "json": b'{"caption": "a dog"}'},
+        "001": {"jpg": jpeg(), "json": b'{"caption": "a dog \\ud83d"}'},
+        "002": {"jpg": jpeg(), "json": b'{"caption": "a cat \\ud83d"}', "txt": b"a cat"},
+    }
+    with tarfile.open(tmp_path / "in" / "shard-000000.tar", "w") as tar:
+        for key, files in members.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    assert prep("rekey-wds", "--shards", tmp_path / "in", "--out", out) == 0
+    assert captions(out) == [{"en": ["a cat"]}, {"en": ["a dog"]}]
+    assert manifest(out)["skipped"] == {"bad_json": 1}
+    assert "shard-000000.tar:001.json: a lone UTF-16 surrogate" in caplog.text
