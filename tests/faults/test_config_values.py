@@ -62,28 +62,17 @@ def world_run(world: Path, output_dir: Path, *extra: str) -> list[str]:
     [
         ("data.parallel_text.batch_size=0", "data.parallel_text.batch_size"),
         ("data.num_workers=-1", "data.num_workers"),
+        ("train.stall_factor=0.5", "train.stall_factor"),
+        ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
     ],
 )
-def test_a_value_the_loader_refuses_fails_before_the_output_folder_is_written(
+def test_a_value_the_loader_trainer_or_deepspeed_refuses_fails_before_the_output_folder_is_written(
     world, tmp_path, capsys, override, key
 ):
-    """Before, both failed only when the first batch was drawn: config.json, metrics.jsonl, tensorboard/ and
-    tokenizer/ were written by then, so the corrected rerun was refused ("already holds a run")."""
-    out = tmp_path / "run"
-    code, err = run_cclm(capsys, *world_run(world, out, override))
-    assert_one_line_error(code, err, "pretrain", f"'{key}'")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "override, key",
-    [("train.stall_factor=0.5", "train.stall_factor"), ("deepspeed.zero_stage=5", "deepspeed.zero_stage")],
-)
-def test_a_value_the_trainer_or_deepspeed_refuses_fails_before_the_output_folder_is_written(
-    world, tmp_path, capsys, override, key
-):
-    """Before, both passed the start checks and failed after data, process group and model were set up, the
-    stall factor in a message naming no key."""
+    """Before, each failed only after setup: the loader's when the first batch was drawn (config.json,
+    metrics.jsonl, tensorboard/ and tokenizer/ were written by then, so the corrected rerun was refused: "already
+    holds a run"), the stall factor and ZeRO stage after the process group and model (the former naming no
+    key)."""
     out = tmp_path / "run"
     code, err = run_cclm(capsys, *world_run(world, out, override))
     assert_one_line_error(code, err, "pretrain", f"config key '{key}' must be")

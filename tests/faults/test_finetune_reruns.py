@@ -168,6 +168,14 @@ def test_evaluate_refuses_to_merge_rows_scored_with_other_settings(
     assert list(table.parent.glob("zero_shot.old-*.json"))
 
 
+def refused_before_training(cfg, match: str) -> None:
+    """``cfg``'s few-shot run is refused (``match``) before any of its languages trains."""
+    with pytest.raises(UserError, match=match):
+        few_shot.run_few_shot(cfg)
+    for language in cfg.data.few_shot_train:
+        assert not (Path(cfg.output_dir) / "few_shot" / language).exists(), "refused before training"
+
+
 def test_a_few_shot_table_never_mixes_languages_from_two_english_models(
     iglue_dir, tmp_path, pretrained_dir, english
 ):
@@ -179,11 +187,7 @@ def test_a_few_shot_table_never_mixes_languages_from_two_english_models(
     other = retrained_copy(english, tmp_path / "other")
     fr = sweep_config(iglue_dir, tmp_path, pretrained_dir, other, ["fr"])
     fr.train.lr_sweep = [1e-4]
-    with pytest.raises(
-        UserError, match=r"few_shot\.json holds rows fine-tuned from another model .*run/model"
-    ):
-        few_shot.run_few_shot(fr)
-    assert not (tmp_path / "few" / "few_shot" / "fr").exists(), "refused before training"
+    refused_before_training(fr, r"few_shot\.json holds rows fine-tuned from another model .*run/model")
     (row,) = json.loads(table.read_text())["rows"]
     assert row["checkpoint"] == str(english)
     assert row["checkpoint_digest"] == TaskModel.weights_digest(english)
@@ -206,11 +210,7 @@ def test_a_few_shot_table_never_mixes_shot_counts(iglue_dir, tmp_path, pretraine
 
     fr = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["fr"])
     fr.train.lr_sweep = [1e-4]
-    with pytest.raises(
-        UserError, match=r"few_shot\.json holds rows of another shot count \(1; this run: 5\)"
-    ):
-        few_shot.run_few_shot(fr)
-    assert not (tmp_path / "few" / "few_shot" / "fr").exists(), "refused before training"
+    refused_before_training(fr, r"few_shot\.json holds rows of another shot count \(1; this run: 5\)")
     fr.overwrite = True
     few_shot.run_few_shot(fr)
     document = json.loads(table.read_text())

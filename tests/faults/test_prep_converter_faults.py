@@ -20,6 +20,19 @@ from .test_image_caption_input import jpeg, manifest, prep, samples, table_run
 LONG = "a" * 100  # two names sharing these 100 characters once lost one of them to the key's cut
 
 
+def write_input_shard(
+    path: Path, members: dict[str, dict[str, bytes]], tar_format=tarfile.DEFAULT_FORMAT
+) -> None:
+    """An img2dataset-style input shard: ``{key: {ext: bytes}}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for key, files in members.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
 def member_names(out: Path) -> list[str]:
     names = []
     for url in expand_shards(str(out)):
@@ -62,13 +75,8 @@ def test_cclm_jsonl_keeps_records_with_long_image_ids_apart(tmp_path):
 
 
 def test_rekey_wds_keeps_samples_with_long_keys_apart(tmp_path):
-    (tmp_path / "in").mkdir()
-    with tarfile.open(tmp_path / "in" / "shard-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        for key in (f"{LONG}_one", f"{LONG}_two"):
-            for ext, data in (("jpg", jpeg()), ("txt", key[-3:].encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = {key: {"jpg": jpeg(), "txt": key[-3:].encode()} for key in (f"{LONG}_one", f"{LONG}_two")}
+    write_input_shard(tmp_path / "in" / "shard-000000.tar", members, tarfile.GNU_FORMAT)  # GNU: long names
     out = tmp_path / "out"
     assert prep("rekey-wds", "--shards", tmp_path / "in", "--out", out) == 0
     assert captions(out) == [{"en": ["one"]}, {"en": ["two"]}]
@@ -173,18 +181,12 @@ def test_a_parallel_jsonl_line_with_half_a_character_stops_naming_the_line(tmp_p
 def test_rekey_wds_counts_an_img2dataset_json_with_half_a_character_as_bad_json(tmp_path, caplog):
     """img2dataset writes ASCII JSON, where half an emoji is a "\\ud83d" escape: the conversion stopped with an
     encoding error naming no file; a txt caption beside such a json still serves."""
-    (tmp_path / "in").mkdir()
     members = {
         "000": {"jpg": jpeg(), "json": b'{"caption": "a dog"}'},
         "001": {"jpg": jpeg(), "json": b'{"caption": "a dog \\ud83d"}'},
         "002": {"jpg": jpeg(), "json": b'{"caption": "a cat \\ud83d"}', "txt": b"a cat"},
     }
-    with tarfile.open(tmp_path / "in" / "shard-000000.tar", "w") as tar:
-        for key, files in members.items():
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_input_shard(tmp_path / "in" / "shard-000000.tar", members)
     out = tmp_path / "out"
     assert prep("rekey-wds", "--shards", tmp_path / "in", "--out", out) == 0
     assert captions(out) == [{"en": ["a cat"]}, {"en": ["a dog"]}]
