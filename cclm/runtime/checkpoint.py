@@ -189,7 +189,7 @@ def save(
     tag = tag_for(step)
     path = root / tag
     if rank == 0 and path.exists():  # a leftover of a crash at this very step
-        shutil.rmtree(path)
+        remove_checkpoint(path, ignore_errors=False)
     barrier()
     try:
         _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files)
@@ -200,9 +200,16 @@ def save(
     barrier()
     if rank == 0:
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     barrier()
     return path
+
+
+def remove_checkpoint(path: Path, ignore_errors: bool = True) -> None:
+    """Delete a checkpoint folder, ``complete.json`` first: a kill part-way leaves a folder that no longer counts
+    as a checkpoint, not one that claims files it has lost."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _write(engine, root, path, step, rank, run_config, data_state, trainer_state, extra_files) -> None:
@@ -377,6 +384,13 @@ def verify_on_all_ranks(checkpoint: Path) -> None:
         verify(checkpoint, world_size=world, files=names[rank::world])
     except CheckpointError as err:
         error = str(err)
+    _raise_if_any_rank(error)
+
+
+def _raise_if_any_rank(error: str) -> None:
+    """A collective: every rank raises the first rank's ``error`` (empty: none), so that no rank raises alone
+    while the others wait in the next collective."""
+    _, world = dist_info()
     if dist.is_initialized() and world > 1:
         errors: list[str] = [""] * world
         dist.all_gather_object(errors, error)
@@ -402,8 +416,12 @@ def resume_target(output_dir: str | Path, resume: str | None) -> Path | None:
         return None
     if resume != "auto":
         target = Path(resume)
-        if not (target / COMPLETE).exists():
-            raise CheckpointError(f"resume: {target} is not a complete checkpoint (no {COMPLETE})")
+        rank, world = dist_info()
+        seen_by = f", as rank {rank} sees it" if world > 1 else ""
+        missing = not (target / COMPLETE).exists()  # a node that does not mount the folder, say
+        _raise_if_any_rank(
+            f"resume: {target} is not a complete checkpoint (no {COMPLETE}{seen_by})" if missing else ""
+        )
         verify_on_all_ranks(target)
         return target
     candidates = _as_main_rank_lists(complete_checkpoints(output_dir))

@@ -9,9 +9,11 @@ import json
 import logging
 import os
 import pickle
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from cclm.errors import CheckpointError
 from cclm.runtime import checkpoint
@@ -122,6 +124,26 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(run, caplog, da
     assert not bad.exists() and (aside / "checkpoints" / bad.name).is_dir()
     trainer.run()
     trainer.close()
+
+
+def test_a_kill_while_rotation_removes_an_old_checkpoint_leaves_no_complete_json_behind(
+    tmp_path, monkeypatch
+):
+    """Keep-last rotation removed a checkpoint with one rmtree: a kill part-way left complete.json beside lost
+    files, a checkpoint that resume=auto would fall back to if the newest were bad too."""
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_part_way(path, ignore_errors=False):
+        (Path(path) / MODEL_STATES).unlink()
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    run = tmp_path / "run"
+    trainer = toy_trainer(run, steps=4, save_every=2, loop_options={"keep_last": 1})
+    with pytest.raises(SystemExit):
+        trainer.run()
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step_00000004"]
 
 
 def test_an_explicit_corrupt_checkpoint_fails_in_one_line_naming_the_file(run):
@@ -396,3 +418,40 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(run, caplog
     assert checkpoint.latest_checkpoint(run).name == "step_00000006"  # the new branch's
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def _resume_on_rank(rank: int, folder: str, target: str) -> None:
+    """One of two gloo ranks resuming ``target``; rank 1 does not see its complete.json (a node that does not
+    mount the folder). Writes what it raised to ``rank{rank}.json``."""
+    import torch.distributed as dist
+
+    if rank == 1:
+        real_exists = Path.exists
+        Path.exists = lambda self: False if self.name == checkpoint.COMPLETE else real_exists(self)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2, timeout=timedelta(seconds=20)
+    )
+    try:
+        checkpoint.resume_target(Path(folder) / "out", target)
+        outcome = None
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+        outcome = [type(err).__name__, str(err)]
+    finally:
+        dist.destroy_process_group()
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_an_explicit_checkpoint_one_rank_cannot_see_stops_every_rank_naming_it(run, tmp_path):
+    """Before, the rank that did not see complete.json raised alone while the others waited in the check's
+    collective until its timeout."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_resume_on_rank, args=(r, str(tmp_path), str(newest(run)))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    kind, message = outcomes[0]
+    assert kind == "CheckpointError" and message.endswith(f"(no {checkpoint.COMPLETE}, as rank 1 sees it)")

@@ -43,7 +43,7 @@ def toy_trainer(
     **options,
 ) -> Trainer:
     """A Trainer ready to ``run()``; ``options``: ``resume``, ``overwrite``, ``run_config`` (default
-    ``{"toy": True}``); ``loop_options``: more :class:`LoopSettings` fields (``log_every`` is 1 unless given)."""
+    ``{"toy": True}``); ``loop_options``: more :class:`LoopSettings` fields (``log_every`` is 1 and ``keep_last`` 5 unless given)."""
     run_config = options.pop("run_config", {"toy": True})
     env = init_distributed("cpu")
     seed_everything(0)
@@ -51,9 +51,8 @@ def toy_trainer(
     loop = LoopSettings(
         max_steps=steps,
         save_every=save_every,
-        keep_last=5,
         progress_bar=False,
-        **{"log_every": 1, **(loop_options or {})},
+        **{"log_every": 1, "keep_last": 5, **(loop_options or {})},
     )
     return Trainer(
         Regression(),
