@@ -235,7 +235,7 @@ def _write(engine, root, path, step, rank, run_config, data_state, trainer_state
             "zero_stage": int(engine.zero_optimization_stage()),
             "files": manifest(path),
         }
-        writes.run(_atomic_write, path / COMPLETE, json.dumps(record, indent=1))
+        writes.run(atomic_write, path / COMPLETE, json.dumps(record, indent=1))
     _stop_on_failure(writes, path, root.parent)
 
 
@@ -489,7 +489,7 @@ class SafeCheckpointEngine:
             raise CheckpointError(f"{path}: corrupt ({one_line(err)})") from None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -590,7 +590,17 @@ class Trainer:
         why = "SIGUSR1"  # the one stop signal; the rank that got it may be another
         if self.env.is_main:
             record = {"step": self.step, "signal": why, "checkpoint": str(path)}
-            (self.output_dir / INTERRUPTED).write_text(json.dumps(record))
+            marker = self.output_dir / INTERRUPTED
+            try:
+                checkpoint.atomic_write(marker, json.dumps(record))
+            except (
+                OSError
+            ) as err:  # a full disk, say: the checkpoint is safe, the requeue marker is not there
+                raise UserError(
+                    f"stopped at step {self.step} on {why} with checkpoint {path} saved, but {marker} could not be "
+                    f"written ({write_error_cause(err)}): launch/slurm.sbatch will not requeue the job; resume=auto "
+                    "continues from the checkpoint"
+                ) from err
         message = f"stopped at step {self.step} on {why}: checkpoint {path} saved; resume=auto continues"
         log.warning(message)
         raise RunInterrupted(message)

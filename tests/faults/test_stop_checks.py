@@ -4,6 +4,7 @@ stopping only at log steps (one host sync per interval). Toy runs on the real tr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from cclm.errors import RunInterrupted
+from cclm.errors import RunInterrupted, UserError
+from cclm.runtime import checkpoint
 from cclm.runtime import trainer as trainer_module
 from cclm.runtime.stop_checks import StopCheckSchedule
 
@@ -101,3 +103,30 @@ def test_a_stop_between_log_steps_leaves_the_logged_records_of_the_uninterrupted
     assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8, 12]
     for a, b in zip(got, want):
         assert a["loss"] == b["loss"], a["step"]  # bit-exact: the sums are float64 and restored exactly
+
+
+def test_a_stop_whose_marker_cannot_be_written_says_so_in_one_line(tmp_path, monkeypatch):
+    """A full disk right after the stop checkpoint: before, an OSError traceback, and no word that the job
+    would not be requeued."""
+    real_step, real_write = trainer_module.Trainer.train_step, checkpoint.atomic_write
+
+    def step(self, stats):
+        real_step(self, stats)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def full_disk(path, text):
+        if path.name == "interrupted.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, text)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    trainer = toy_trainer(tmp_path / "run", steps=20, save_every=0, loop_options={"stop_check_s": 1e-3})
+    with pytest.raises(UserError) as failure:
+        trainer.run()
+    trainer.close()
+    message = str(failure.value)
+    assert "stopped at step 3 on SIGUSR1 with checkpoint" in message and "step_00000003 saved" in message
+    assert "interrupted.json could not be written" in message and "will not requeue" in message
+    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000003"
