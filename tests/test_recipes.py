@@ -252,6 +252,36 @@ def test_distillation_loss_is_zero_when_student_is_teacher(world, teacher, tmp_p
     assert all(p.requires_grad for p in student.backbone.text.parameters())
 
 
+def test_the_students_frozen_parts_distil_as_in_evaluation(world, teacher, tmp_path):
+    """Training mode reached the student's frozen fusion and head too: with dropout (real models have 0.1) the
+    features the student is distilled to match were perturbed, and a student equal to the teacher had a loss."""
+    cfg = cvil_cfg(world, teacher, tmp_path)
+    teacher_model = load_teacher(teacher, "xvnli", XVNLI_LABELS)
+    dropouts = [m for m in teacher_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for module in dropouts:
+        module.p = 0.1
+    student = build_student(teacher_model, None, ["text"])
+    distiller = Distiller(teacher_model, student, cfg.distill).train()
+    frozen = [student.backbone.vision, student.backbone.fusion, student.head]
+    assert not any(m.training for part in frozen for m in part.modules())
+    assert all(m.training for m in student.backbone.text.modules())
+    assert not teacher_model.training
+    student.backbone.text.eval()  # only the frozen parts could still add noise
+    from cclm.data.tokenize import load_tokenizer
+
+    enc = load_tokenizer(str(teacher))(["there is a red circle"] * 4, padding=True, return_tensors="pt")
+    batch = {
+        "images": torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
+        **{
+            f"{side}_{k}": enc[key]
+            for side in ("teacher", "student")
+            for k, key in (("ids", "input_ids"), ("mask", "attention_mask"))
+        },
+    }
+    assert distiller(batch)["loss"].item() == 0.0
+
+
 def test_cvil_student_learns_the_task_in_german_by_distillation(world, teacher, tmp_path):
     out = tmp_path / "cvil"
     results = run_cvil(cvil_cfg(world, teacher, out))

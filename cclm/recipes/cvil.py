@@ -117,6 +117,16 @@ class Distiller(nn.Module):
         self.teacher._apply(fn)
         return self
 
+    def train(self, mode: bool = True) -> Distiller:
+        """The student's trained parts follow ``mode``; its frozen parts (the vision tower, and fusion or head
+        where ``distill.trainable`` leaves them out) run as in evaluation, as the teacher does: their dropout and
+        drop-path would otherwise perturb the very features the student is distilled to match."""
+        super().train(mode)
+        self.teacher.eval()
+        for part in frozen_parts(self.student):
+            part.eval()
+        return self
+
     def forward(self, batch: dict[str, torch.Tensor], stage: str = STAGE) -> dict[str, torch.Tensor]:
         if stage != STAGE:
             raise ValueError(f"unknown cViL stage '{stage}'")
@@ -163,6 +173,17 @@ def load_teacher(directory: str | Path, task: str, labels: list[str]) -> TaskMod
             f"teacher {directory} was trained with labels {info.get('labels')}, task '{task}' has {labels}"
         )
     return TaskModel.load(directory)
+
+
+def frozen_parts(module: nn.Module):
+    """The largest sub-modules of ``module`` whose parameters are all frozen (a module without parameters of its
+    own, such as a dropout between trained layers, belongs to its parent)."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            yield child
+        else:
+            yield from frozen_parts(child)
 
 
 def set_trainable(student: TaskModel, trainable: list[str], key: str = "distill.trainable") -> None:
