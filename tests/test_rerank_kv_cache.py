@@ -168,3 +168,15 @@ def test_api_rerank_equals_match_without_the_full_fusion_stack_per_pair(tiny_mod
     monkeypatch.setattr(engine.model, "fuse", no_full_fusion)
     for (queries, gallery), result in zip(directions, reranked):
         assert torch.equal(engine.rerank(queries, gallery, candidates).indices, result.indices)
+
+
+def test_api_rerank_keeps_the_candidate_order_among_equal_scores(tiny_model_dir):
+    """The same image listed several times scores alike: those keep the order the candidates were given in, as
+    the evaluation's ties rule does (a non-stable sort could put them in any order)."""
+    engine = cclm.load(tiny_model_dir, device="cpu")
+    red, blue = Image.new("RGB", (40, 40), "red"), Image.new("RGB", (40, 40), "blue")
+    gallery = [red, blue] + [red] * 7
+    candidates = torch.tensor([[8, 0, 2, 1, 7, 3, 6, 5, 4]])
+    result = engine.rerank(["a red circle"], gallery, candidates)
+    reds = [int(i) for i in result.indices[0] if gallery[int(i)] is red]
+    assert reds == [8, 0, 2, 7, 3, 6, 5, 4]

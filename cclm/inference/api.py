@@ -397,7 +397,9 @@ class CCLM:
             probability=True,
         )
         probs = probs.view(candidates.shape).cpu()
-        order = probs.argsort(dim=1, descending=True)[:, :k]
+        order = probs.sort(dim=1, descending=True, stable=True).indices[
+            :, :k
+        ]  # equal scores: candidate order
         return Retrieved(probs.gather(1, order), candidates.gather(1, order))
 
     def _text_tokens(self, texts: Sequence[str], batch_size: int):

@@ -109,6 +109,12 @@ class ImageIndex:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 what = "missing" if value is None else f"a {type(value).__name__}, not a {kind.__name__}"
                 raise DataError(f'{printable(path)}: "{key}" is {what}; {REBUILD}')
+        for key in ("paths", "shards"):
+            odd = next((item for item in data[key] if not isinstance(item, str)), None)
+            if odd is not None:
+                raise DataError(
+                    f'{printable(path)}: "{key}" holds {printable(repr(odd))}, not a file name; {REBUILD}'
+                )
         return cls(**{key: data.get(key, optional.get(key)) for key in fields})
 
     def write(self, folder: Path) -> None:
@@ -169,14 +175,16 @@ def _shard_problem(err: Exception) -> str:
     return f"damaged or cut short ({err})"
 
 
-def list_files(image_dir: Path) -> tuple[list[str], dict[str, str]]:
+def list_files(image_dir: Path, index_dir: Path | None = None) -> tuple[list[str], dict[str, str]]:
     """Every regular file under ``image_dir`` (recursively, into linked folders too, each real folder once),
     relative, sorted; and what cannot be tried, with the reason: broken links (dangling, or a loop), links to a
     folder already listed, unreadable folders and what is not a regular file (a pipe, a socket). Whether a file
-    is an image is decided by decoding it, not by its name."""
+    is an image is decided by decoding it, not by its name. ``index_dir`` (the index's own folder, which may lie
+    inside ``image_dir``) is left out."""
     files: list[str] = []
     skipped: dict[str, str] = {}
     seen = {os.path.realpath(image_dir)}
+    own = os.path.realpath(index_dir) if index_dir is not None else None
 
     def relative(path: str) -> str:
         return os.path.relpath(path, image_dir)
@@ -188,6 +196,9 @@ def list_files(image_dir: Path) -> tuple[list[str], dict[str, str]]:
         for name in sorted(dirs):  # os.walk descends only into what stays in ``dirs``
             path = os.path.join(root, name)
             real = os.path.realpath(path)
+            if real == own:
+                dirs.remove(name)
+                continue
             if real in seen:
                 dirs.remove(name)
                 skipped[relative(path)] = f"a link to a folder already listed ({real})"
@@ -284,7 +295,7 @@ def build_index(
             str(model_path), str(image_dir), embed_dim, image_size=image_size, model_sha256=fingerprint
         )
     done = set(index.paths) | set(index.skipped)
-    files, untried = list_files(image_dir)
+    files, untried = list_files(image_dir, out)
     todo = [p for p in files if p not in done]
     report = IndexReport(0, len(index.paths), {}, len(index.skipped))
     for rel, reason in untried.items():  # recorded with the first shard (or at the end)

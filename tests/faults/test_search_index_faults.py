@@ -162,6 +162,10 @@ DAMAGE = {
     "index.json holding []": ("index.json", lambda p: p.write_text("[]")),
     "index.json cut short": ("index.json", _cut),
     "index.json empty": ("index.json", lambda p: p.write_text("")),
+    "index.json with a number for a path": (
+        "index.json",
+        lambda p: _edit_index(p, lambda d: d["paths"].append(5)),
+    ),
     "shard cut short": ("embeddings-00000.safetensors", lambda p: _cut(p, 0.9)),
     "shard missing": ("embeddings-00000.safetensors", Path.unlink),
 }
@@ -184,6 +188,15 @@ def test_a_damaged_index_is_one_line_naming_the_file(built_index, tiny_model_dir
     # resuming never reports success over it
     assert cclm_main(index_argv(photos, tiny_model_dir, built_index)) == 2
     assert str(built_index / name) in one_error_line(capsys, "index")
+
+
+def test_an_index_inside_its_image_folder_does_not_list_itself(tiny_model_dir, photos, capsys):
+    """Before, the second run over photos/ reported the index's own index.json and shards as unreadable files."""
+    out = photos / ".index"
+    for _ in range(2):
+        assert cclm_main(index_argv(photos, tiny_model_dir, out)) == 0
+    index = search.ImageIndex.read(out)
+    assert sorted(index.paths) == ["blue.png", "green.png", "red.png"] and index.skipped == {}
 
 
 def test_rerank_skips_indexed_images_that_no_longer_decode(built_index, photos, caplog):
