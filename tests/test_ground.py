@@ -82,6 +82,15 @@ def test_the_box_is_the_heads_prediction_in_the_images_pixels(box_model_dir, pic
         assert many[i].tolist() == pytest.approx(list(ground(model, tiny_tokenizer, picture, one)), abs=1e-4)
 
 
+def test_a_missing_image_leaves_a_training_model_in_training_mode(
+    box_model_dir, picture, tiny_tokenizer, tmp_path
+):
+    model = CrossViewModel.from_pretrained(box_model_dir).train()
+    with pytest.raises(FileNotFoundError):
+        ground_boxes(model, tiny_tokenizer, [picture, tmp_path / "gone.png"], ["a", "b"], batch_size=1)
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_accuracy_counts_iou_of_at_least_a_half_per_language(
     box_model_dir, picture, tiny_tokenizer, tmp_path
 ):

@@ -83,20 +83,24 @@ def ground_boxes(
     normalize = normalizer_for(model.cfg.text)
     pad = tokenizer.pad_token_id
     boxes = []
-    for start in range(0, len(texts), batch_size):
-        chunk_images, chunk_texts = images[start : start + batch_size], texts[start : start + batch_size]
-        pixels = torch.stack([load_image(item, size) for item in chunk_images]).to(device)
-        ids = tokenize_texts(tokenizer, chunk_texts, int(model.cfg.text.max_length), normalize)
-        longest = max(len(row) for row in ids)
-        text_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in ids], device=device)
-        text_mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=device)
-        query, _ = model.encode_text(text_ids, text_mask)
-        image_tokens, _ = model.encode_image(pixels)
-        predicted = box_cxcywh_to_xyxy(model.predict_boxes(query, text_mask, image_tokens).float())
-        predicted = predicted.clamp(0, 1)
-        sizes = [image_size_of(item) for item in chunk_images]
-        boxes += [denormalize_boxes(box, w, h) for box, (w, h) in zip(predicted.cpu(), sizes)]
-    model.train(was_training)
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk_images, chunk_texts = images[start : start + batch_size], texts[start : start + batch_size]
+            pixels = torch.stack([load_image(item, size) for item in chunk_images]).to(device)
+            ids = tokenize_texts(tokenizer, chunk_texts, int(model.cfg.text.max_length), normalize)
+            longest = max(len(row) for row in ids)
+            text_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in ids], device=device)
+            text_mask = torch.tensor(
+                [[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=device
+            )
+            query, _ = model.encode_text(text_ids, text_mask)
+            image_tokens, _ = model.encode_image(pixels)
+            predicted = box_cxcywh_to_xyxy(model.predict_boxes(query, text_mask, image_tokens).float())
+            predicted = predicted.clamp(0, 1)
+            sizes = [image_size_of(item) for item in chunk_images]
+            boxes += [denormalize_boxes(box, w, h) for box, (w, h) in zip(predicted.cpu(), sizes)]
+    finally:  # a missing or undecodable image leaves the model as it found it
+        model.train(was_training)
     return torch.stack(boxes) if boxes else torch.zeros(0, 4)
 
 
