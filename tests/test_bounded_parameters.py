@@ -122,18 +122,11 @@ def test_two_ranks_under_zero3_clamp_their_own_shards_and_train_as_one(tmp_path,
     """Under ZeRO-3 each rank holds a shard of the temperature and of its fp32 copy (rank 1's is padding for a
     one-element parameter): each clamps its own, with no collective, and both end where ZeRO-0 on one process
     does."""
-    from cclm.runtime.env import free_port
+    from cclm.train.launch import local_torchrun_command
 
     from .pretrain_runs import quiet_env
 
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    command += ["-m", "tests.test_bounded_parameters", str(tmp_path), "3", "fp32"]
+    command = local_torchrun_command(2, "-m", "tests.test_bounded_parameters", str(tmp_path), "3", "fp32")
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run(command, cwd=repo, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

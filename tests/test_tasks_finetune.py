@@ -26,6 +26,7 @@ from cclm.tasks import few_shot, finetune, get_task, protocols
 from cclm.tasks.cli import main as finetune_main
 from cclm.tasks.metrics import average_non_english
 from cclm.tasks.task_model import TaskModel
+from cclm.train.launch import local_torchrun_command
 
 from .conftest import REPO
 from .pretrain_runs import quiet_env
@@ -551,9 +552,6 @@ def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_p
     its share of every epoch's order; gradients are averaged): same losses, gradient norms and dev scores; only rank
     0 writes."""
     import subprocess
-    import sys
-
-    from cclm.runtime.env import free_port
 
     setup = task_setups(iglue_dir)["xvnli"]
     images = {name: str(tmp_path / "images" / name) for name in IMAGE_ROOTS}
@@ -583,18 +581,7 @@ def test_two_ranks_fine_tune_like_one_rank_with_the_whole_batch(iglue_dir, tmp_p
     make_placeholder_images(one)
     assert len(runner_examples(one)) >= 8  # both steps inside the first epoch: no padding, same examples
     protocols.run_zero_shot(one)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "cclm.cli",
-        "finetune",
-        str(yaml),
-        *overrides("two", 2),
-    ]
+    command = local_torchrun_command(2, "-m", "cclm.cli", "finetune", str(yaml), *overrides("two", 2))
     proc = subprocess.run(command, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -9,16 +9,18 @@ from pathlib import Path
 from cclm.runtime.env import free_port
 
 
-def local_pretrain_command(nproc: int, config: str | Path, overrides: list[str]) -> list[str]:
-    """``torchrun --nproc_per_node=N -m cclm.train.cli CONFIG overrides...`` on a free local port."""
+def local_torchrun_command(nproc: int, *args: str) -> list[str]:
+    """``torchrun --nproc_per_node=N ARGS...`` (``-m MODULE ...``) on a free local port."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
-        "-m",
-        "cclm.train.cli",
-        str(config),
-        *overrides,
+        *args,
     ]
+
+
+def local_pretrain_command(nproc: int, config: str | Path, overrides: list[str]) -> list[str]:
+    """``torchrun --nproc_per_node=N -m cclm.train.cli CONFIG overrides...`` on a free local port."""
+    return local_torchrun_command(nproc, "-m", "cclm.train.cli", str(config), *overrides)
