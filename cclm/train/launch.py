@@ -8,6 +8,8 @@ from pathlib import Path
 
 from cclm.runtime.env import free_port
 
+PRETRAIN_CLI = ("-m", "cclm.train.cli")  # run in the child processes, not imported here
+
 
 def local_torchrun_command(nproc: int, *args: str) -> list[str]:
     """``torchrun --nproc_per_node=N ARGS...`` (``-m MODULE ...``) on a free local port."""
@@ -23,4 +25,4 @@ def local_torchrun_command(nproc: int, *args: str) -> list[str]:
 
 def local_pretrain_command(nproc: int, config: str | Path, overrides: list[str]) -> list[str]:
     """``torchrun --nproc_per_node=N -m cclm.train.cli CONFIG overrides...`` on a free local port."""
-    return local_torchrun_command(nproc, "-m", "cclm.train.cli", str(config), *overrides)
+    return local_torchrun_command(nproc, *PRETRAIN_CLI, str(config), *overrides)
