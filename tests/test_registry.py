@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -26,8 +27,9 @@ TEXTS = ["a red circle above a blue square", "ein roter Kreis über einem blauen
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the fixture folder; the server's ``ranges`` honours Range requests (206), ``cut_after`` sends
-    only that many bytes of a body and hangs up; every request's path and Range header is logged."""
+    """Serves the fixture folder; the server's ``ranges`` honours Range requests (206), ``range_cap`` answers
+    one with at most that many bytes (as a CDN capping ranges does), ``cut_after`` sends only that many bytes of
+    a body and hangs up; every request's path and Range header is logged."""
 
     def log_message(self, *args):  # quiet
         pass
@@ -40,18 +42,19 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
-        start = 0
+        start, end = 0, len(data)
         wanted = self.headers.get("Range")
         if wanted and server.ranges:
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(data):
                 self.send_error(416)
                 return
+            end = min(end, start + (server.range_cap or end))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         else:
             self.send_response(200)
-        body = data[start:]
+        body = data[start:end]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body if server.cut_after is None else body[: server.cut_after])
@@ -62,7 +65,7 @@ def server(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(root)))
-    httpd.requests, httpd.ranges, httpd.cut_after, httpd.root = [], True, None, root
+    httpd.requests, httpd.ranges, httpd.range_cap, httpd.cut_after, httpd.root = [], True, None, None, root
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -182,6 +185,52 @@ def test_other_settings_convert_again_from_the_verified_file(entry, server, tmp_
     assert len(server.requests) == 1  # the cached checkpoint was re-verified, not downloaded again
 
 
+def test_a_folder_converted_by_another_converter_is_converted_again_from_the_cached_file(
+    entry, server, tmp_path
+):
+    cache = tmp_path / "cache"
+    folder = registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
+    marker = json.loads((folder / registry.MARKER).read_text())
+    assert marker["converter"] == registry.converter_version()
+    del marker["converter"]  # as an older cclm wrote it: its conversion may lack what ours keeps
+    (folder / registry.MARKER).write_text(json.dumps(marker))
+    (folder / "left-by-the-old-conversion").write_text("")
+    assert registry.pretrained_folder("cclm-test-tiny", cache_dir=cache) == folder
+    assert not (folder / "left-by-the-old-conversion").exists()
+    assert json.loads((folder / registry.MARKER).read_text())["converter"] == registry.converter_version()
+    assert len(server.requests) == 1  # converted again from the cached, verified checkpoint
+
+
+def test_an_entry_moved_to_another_url_downloads_and_converts_that_urls_file(
+    entry, server, released, tmp_path, tiny_tokenizer
+):
+    cache = tmp_path / "cache"
+    first = registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
+    v1 = cclm.load(first, device="cpu").encode_texts(TEXTS)
+    moved = server.root / "v2.th"
+    torch.manual_seed(1)
+    torch.save({"model": reference_checkpoint(len(tiny_tokenizer))}, moved)  # other weights, same file name
+    server.cut_after = moved.stat().st_size // 2
+    registry.register_pretrained(
+        Pretrained(**{**entry.__dict__, "url": f"{server.url}/v2.th"}), overwrite=True
+    )
+    with pytest.raises(
+        DownloadError
+    ):  # the old file is not taken for the new URL's, even when its part is cut
+        registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
+    server.cut_after = None
+    again = registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
+    assert [path for path, _ in server.requests] == [f"/{released.name}", "/v2.th", "/v2.th"]
+    assert server.requests[-1][1] is not None  # the new URL's part was resumed
+    cached = cache / "checkpoints" / "cclm-test-tiny.th"
+    assert cached.read_bytes() == moved.read_bytes()
+    assert (cache / "checkpoints" / "cclm-test-tiny.th.sha256").read_text().split()[0] == _sha256(moved)
+    v2 = cclm.load(again, device="cpu").encode_texts(TEXTS)
+    assert not torch.allclose(v1, v2)
+    cr.convert(moved, tmp_path / "by-hand", config=entry.settings.config, tokenizer=entry.settings.tokenizer)
+    torch.testing.assert_close(v2, cclm.load(tmp_path / "by-hand", device="cpu").encode_texts(TEXTS))
+
+
 def test_a_file_that_changed_on_the_server_is_refused_against_the_recorded_digest(
     entry, server, released, tmp_path, tiny_tokenizer
 ):
@@ -229,6 +278,24 @@ def test_an_interrupted_download_leaves_only_a_part_file_and_completes_on_the_ne
     assert download(url, dest, progress=False) == _sha256(released)
     assert dest.read_bytes() == released.read_bytes() and not part_path(dest).exists()
     assert server.requests[-1][1] == f"bytes={size // 3}-"  # asked to resume either way
+
+
+def test_a_range_answer_that_stops_short_of_the_file_is_resumed_until_the_file_is_whole(
+    server, released, tmp_path
+):
+    dest = tmp_path / "dl" / "ckpt.th"
+    url = f"{server.url}/{released.name}"
+    size = released.stat().st_size
+    server.cut_after = size // 3
+    with pytest.raises(DownloadError):
+        download(url, dest, progress=False)
+    server.cut_after, server.range_cap = None, size // 3  # each range answer covers a third of the file
+    with pytest.raises(DownloadError, match=f"stopped after {2 * (size // 3)} of {size} bytes; run again"):
+        download(url, dest, progress=False)
+    assert not dest.exists() and part_path(dest).stat().st_size == 2 * (size // 3)
+    server.range_cap = None
+    assert download(url, dest, progress=False) == _sha256(released)
+    assert dest.read_bytes() == released.read_bytes()
 
 
 def test_an_unreachable_url_fails_with_a_clear_message(server, tmp_path):

@@ -9,9 +9,10 @@ the expected sha256 matches or the caller's ``check`` reads the file successfull
 loads as a checkpoint); else it stays ``.part`` and the download fails saying so.
 
 An interrupted download leaves the ``.part`` file: the next call resumes it with an HTTP ``Range`` request when the
-server honours ranges (206), and starts it over when it does not (200). A file whose digest is wrong is deleted,
-since resuming it would only extend the damage. Plain ``urllib``: the project talks to one URL at a time and needs
-nothing more.
+server honours ranges (206), and starts it over when it does not (200); a range that stops short of the file's
+size (the total in ``Content-Range``) leaves a longer ``.part`` for the next call to resume. A file whose digest is
+wrong is deleted, since resuming it would only extend the damage. Plain ``urllib``: the project talks to one URL at
+a time and needs nothing more.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def _open(url: str, offset: int, timeout: float):
         raise DownloadError(f"cannot download {url}: {reason!s} ({type(err).__name__})") from None
 
 
+def _content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes START-END/TOTAL`` as (START, END, TOTAL or None for ``*``); None when absent or unreadable."""
+    try:
+        unit, spec = (header or "").split(" ", 1)
+        span, total = spec.strip().split("/", 1)
+        start, end = (int(bound) for bound in span.split("-", 1))
+        return (start, end, None if total.strip() == "*" else int(total)) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
 def download(
     url: str,
     dest: str | os.PathLike,
@@ -88,13 +100,14 @@ def download(
         part.unlink()
         offset, response = 0, _open(url, 0, timeout)
     with response:
-        resumed = offset > 0 and response.status == 206
-        if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"):
-            resumed = False  # a range we did not ask for: start over rather than splice the wrong bytes
-        if not resumed:
+        span = _content_range(response.headers.get("Content-Range")) if response.status == 206 else None
+        resumed = offset > 0 and span is not None and span[0] == offset
+        if not resumed:  # a range we did not ask for: start over rather than splice the wrong bytes
             offset = 0
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
+        if resumed and span[2] is not None:
+            total = span[2]  # a server may send less than the rest (a capped range): the file's size decides
         chunked = bool(getattr(response, "chunked", False))  # http.client detects a chunked body cut short
         digest = hashlib.sha256()
         if resumed:

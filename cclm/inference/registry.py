@@ -15,9 +15,10 @@ Cache layout::
 
     checkpoints/<file>          the released checkpoint, as downloaded (or as the user gave it: not copied)
     checkpoints/<file>.sha256   its digest, ``sha256sum -c`` format
+    checkpoints/<file>.url      the URL it was downloaded from: a file (and digest) of another URL is not reused
     checkpoints/<file>.part     an interrupted download, resumed by the next call
     models/<name>/              the converted model folder; ``pretrained.json`` in it, written last, says which
-                                checkpoint digest and settings made it (other settings convert again)
+                                checkpoint digest, settings and converter made it (others convert again)
     locks/<name>.lock           one process downloads and converts at a time (the ranks of a job wait for it)
 
 No publisher of these checkpoints gives a digest. The first download (or the first file a user passes) that
@@ -31,6 +32,7 @@ refuses them before downloading anything.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cclm.errors import UserError
-from cclm.inference.download import ChecksumMismatch, download, sha256_of
+from cclm.inference.download import ChecksumMismatch, download, part_path, sha256_of
 
 log = logging.getLogger("cclm.inference")
 
@@ -206,12 +208,36 @@ def _record_path(checkpoint_file: Path) -> Path:
     return checkpoint_file.with_name(checkpoint_file.name + ".sha256")
 
 
+def _url_path(checkpoint_file: Path) -> Path:
+    return checkpoint_file.with_name(checkpoint_file.name + ".url")
+
+
+def _from_other_url(entry: Pretrained, cache: Path) -> bool:
+    """Whether the cached download (and the digest recorded for it) came from another URL than the entry's:
+    an entry re-registered at a new URL publishes other bytes under the same file name. A file without a
+    ``.url`` record (put there by hand, or by an older cclm) is taken as the entry's."""
+    try:
+        url = _url_path(cache / "checkpoints" / entry.filename).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return False
+    return url != entry.url
+
+
+def _record_url(entry: Pretrained, path: Path) -> None:
+    record = _url_path(path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(entry.url + "\n", encoding="utf-8")
+    os.replace(tmp, record)
+
+
 def recorded_digest(entry: Pretrained, cache: Path) -> str | None:
-    """The publisher's digest, else the one recorded when the checkpoint was first seen, else None."""
+    """The publisher's digest, else the one recorded when the checkpoint was first seen (at the entry's URL),
+    else None."""
     if entry.sha256:
         return entry.sha256.lower()
     record = _record_path(cache / "checkpoints" / entry.filename)
-    if record.is_file():
+    if record.is_file() and not _from_other_url(entry, cache):
         return record.read_text(encoding="utf-8").split()[0].lower()
     return None
 
@@ -272,10 +298,16 @@ def fetch_checkpoint(
             raise PretrainedError(f"checkpoint file not found: {path}")
         return path, _verified(entry, cache, path)
     path = cache / "checkpoints" / entry.filename
-    if path.is_file():
+    other_url = _from_other_url(entry, cache)
+    if path.is_file() and not other_url:
         return path, _verified(entry, cache, path)
     if entry.manual_download:
         raise ManualDownloadRequired(manual_download_message(entry, cache))
+    if other_url:  # the file, a part of it and its digest are another URL's: none may be reused or resumed
+        log.warning("%s: the cached %s came from another URL; downloading %s", entry.name, path, entry.url)
+        for stale in (path, part_path(path), _record_path(path)):
+            stale.unlink(missing_ok=True)
+    _record_url(entry, path)  # before the download: it names where a .part left by an interruption comes from
     log.info("downloading %s from %s", entry.name, entry.url)
     expected = recorded_digest(entry, cache)
     return path, download(entry.url, path, sha256=expected, check=readable_checkpoint(entry.filename))
@@ -316,23 +348,38 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+@functools.cache
+def converter_version() -> str:
+    """What made a converted folder: the cclm version and a digest of the converter's source, so that an
+    upgrade that changes what ``convert-reference`` produces (a tensor it now keeps, a fixed mapping) converts
+    cached folders again instead of serving the old conversion."""
+    from cclm import __version__
+    from cclm.inference import convert_reference
+
+    return f"{__version__}+{sha256_of(convert_reference.__file__)[:16]}"
+
+
 def _marker(entry: Pretrained, source: Path, digest: str) -> dict[str, Any]:
     return {
         "name": entry.name,
         "url": entry.url,
         "sha256": digest,
         "settings": asdict(entry.settings),
+        "converter": converter_version(),
         "source": _file_identity(source),
     }
 
 
 def _made_by(folder: Path, entry: Pretrained) -> dict[str, Any] | None:
-    """The marker of a finished conversion made with the entry's current settings, else None."""
+    """The marker of a finished conversion made with the entry's current settings and this converter, else
+    None."""
     try:
         made = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     if made.get("settings") != asdict(entry.settings) or made.get("url") != entry.url:
+        return None
+    if made.get("converter") != converter_version():
         return None
     return made
 
