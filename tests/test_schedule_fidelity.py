@@ -219,6 +219,12 @@ def test_max_steps_from_epochs():
     assert max_steps_from_epochs(0.5, SAMPLES, BATCH, WORLD, 2) == 2 * 1386
     assert max_steps_from_epochs(1, 1025, 128, 8, 2) == 2 * 2  # a partial last batch is an iteration
     assert max_steps_from_epochs(1.01, 1000, 10, 1, 1) == 101  # ceil(1.01 x 100)
+    assert (
+        max_steps_from_epochs(1.1, 100 * 1024, 128, 8, 2) == 2 * 110
+    )  # 1.1 x 100 is 110, not 110.00000000000001
+    # each update reads grad_accum batches: the reference's 1024-sample iteration from 4 ranks x 2 micro-batches
+    assert max_steps_from_epochs(EPOCHS, SAMPLES, BATCH, 4, 2, grad_accum=2) == 2 * ITERATIONS
+    assert max_steps_from_epochs(1, 1000, 10, 1, 1, grad_accum=4) == 25
     with pytest.raises(ConfigError, match="positive"):
         max_steps_from_epochs(1, 0, 128, 8, 2)
 
@@ -240,12 +246,32 @@ def test_dataset_size_from_the_shard_manifests(tmp_path):
     data = image_data(tmp_path / "ic")
     assert image_caption_size(data) == 7
     train = TrainConfig(epochs=2, max_steps=999)
-    assert (
-        train_max_steps(train, data, world_size=2, views_per_iteration=2) == 2 * 2 * 2
-    )  # ceil(7/4)=2 per epoch
+    views = ("text", "image")
+    assert train_max_steps(train, data, world_size=2, views=["image"]) == 2 * 2  # ceil(7/4)=2 per epoch
     train.dataset_size = 100  # set: the manifests are not read
-    assert train_max_steps(train, data, world_size=2, views_per_iteration=2) == 2 * 25 * 2
-    assert train_max_steps(TrainConfig(max_steps=999), data, 2, 2) == 999  # epochs 0: max_steps
+    assert train_max_steps(train, data, world_size=2, views=["image"]) == 2 * 25
+    assert train_max_steps(TrainConfig(max_steps=999), data, 2, views) == 999  # epochs 0: max_steps
+
+    both = from_dict(
+        DataConfig,
+        {
+            "image_caption": {"shards": str(tmp_path / "ic"), "batch_size": 2},
+            "parallel_text": {"shards": "x"},
+        },
+    )
+    assert (
+        train_max_steps(train, both, 2, views) == 2 * 25 * 2
+    )  # alternate, equal weights: one update per view
+    train.view_schedule = ViewSchedule.sum
+    assert train_max_steps(train, both, 2, views) == 2 * 25  # one update reads both views
+    train.view_schedule, train.grad_accum = ViewSchedule.interleave, 5
+    assert train_max_steps(train, both, 2, views) == 2 * 5 * 2  # each update reads five batches
+    train.view_schedule, train.grad_accum = ViewSchedule.alternate, 1
+    both.image_caption.weight = 2.0  # two image updates in three: 50 image updates take 75 updates
+    assert train_max_steps(train, both, 2, views) == 75
+    both.image_caption.weight = 0.0
+    with pytest.raises(ConfigError, match="weight is 0"):
+        train_max_steps(train, both, 2, views)
 
     sizes = tmp_path / "ic" / "sizes.json"
     known = json.loads(sizes.read_text())
@@ -255,7 +281,7 @@ def test_dataset_size_from_the_shard_manifests(tmp_path):
     with pytest.raises(ConfigError, match="data.image_caption.shards"):
         image_caption_size(image_data(tmp_path / "missing-{0..3}.tar"))
     with pytest.raises(ConfigError, match="data.image_caption"):
-        train_max_steps(TrainConfig(epochs=1), DataConfig(), 1, 1)
+        train_max_steps(TrainConfig(epochs=1), DataConfig(), 1, ["text"])
 
 
 # ------------------------------------------------------------------------------------------------- trainer

@@ -178,7 +178,7 @@ class Pretraining:
             parallel_with_regions=model_cfg.objectives.xlc_weight > 0,
         )
         per_iteration = views_per_iteration(train.view_schedule, self.data.views)
-        max_steps = train_max_steps(train, cfg.data, self.env.world_size, per_iteration)
+        max_steps = train_max_steps(train, cfg.data, self.env.world_size, self.data.views)
         if max_steps != train.max_steps:
             log.info("train.epochs=%s: %d optimizer updates", train.epochs, max_steps)
             train.max_steps = max_steps  # the run config records the length the run trains for
