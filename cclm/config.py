@@ -1271,6 +1271,11 @@ def _read_yaml(path: Path, schema: Any = None, prefix: str = "") -> DictConfig:
         raise ConfigError(f"config file {path} must hold a mapping")
     layers = []
     defaults = raw.pop("defaults", None)
+    if schema is not None:
+        written = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        written.pop("defaults", None)
+        typed = OmegaConf.to_container(raw, resolve=False)
+        raw = OmegaConf.create(_text_where_declared(_schema_at(schema, prefix), typed, written))
     if defaults is not None:
         if not isinstance(defaults, DictConfig):
             raise ConfigError(f"{path}: 'defaults' must be a mapping of group: name")
@@ -1319,6 +1324,7 @@ def load_config(
             except OmegaConfBaseException as err:
                 raise _explain(err, schema, override_key=key) from None
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)  # checks the interpolations
+        _expand_home(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
     return merged
@@ -1398,15 +1404,65 @@ def _parse_override(schema: Any, key: str, value: str) -> DictConfig:
     if _expects_list(schema, key) and value.strip() and not value.lstrip().startswith(("[", "{", "$")):
         value = f"[{value}]"
     try:
-        return OmegaConf.from_dotlist([f"{key}={value}"])
+        typed = OmegaConf.from_dotlist([f"{key}={value}"])
+        written: Any = yaml.load(value, Loader=yaml.BaseLoader)  # every scalar as the text it was written as
     except yaml.YAMLError as err:
         what = getattr(err, "problem", None) or _first_line(str(err))
         raise ConfigError(f"override '{key}={value}' is not valid YAML: {what}") from None
+    for part in reversed(key.split(".")):
+        written = {part: written}
+    return OmegaConf.create(_text_where_declared(schema, OmegaConf.to_container(typed), written))
+
+
+def _text_where_declared(hint: Any, value: Any, written: Any) -> Any:
+    """``value`` as YAML 1.1 typed it, with the text it was ``written`` as wherever the schema declares a string
+    (a value, a list item, a mapping's key or entry): YAML reads ``no`` (Norwegian) as false, ``0100`` as 64,
+    ``12:30`` as 750 and ``2024_11`` as 202411, and a string field would keep ``"False"`` or ``"64"``."""
+    hint = _unwrap_optional(hint)
+    if hint is str:
+        return written if isinstance(value, (bool, int, float)) and isinstance(written, str) else value
+    if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
+        if typing.get_origin(hint) is not list:
+            return value
+        return [_text_where_declared(_inner_hint(hint), v, w) for v, w in zip(value, written, strict=True)]
+    if not isinstance(value, dict) or not isinstance(written, dict):
+        return value
+    if is_dataclass(hint):
+        return {
+            k: _text_where_declared(_inner_hint(hint, str(k)), v, written.get(str(k)))
+            for k, v in value.items()
+        }
+    if typing.get_origin(hint) is not dict or len(value) != len(written):
+        return value
+    text_keys = (typing.get_args(hint) or (str,))[0] is str
+    out = {}
+    for (key, item), (written_key, written_item) in zip(value.items(), written.items(), strict=True):
+        if text_keys and not isinstance(key, str) and isinstance(written_key, str):
+            key = written_key  # a language code ``no:`` read as False
+        out[key] = _text_where_declared(_inner_hint(hint), item, written_item)
+    return out
+
+
+def _expand_home(cfg: DictConfig | ListConfig) -> None:
+    """Every string setting that starts with ``~/`` as the home path it names: the shell leaves ``~`` in
+    ``output_dir=~/runs`` as it is, and a run would make a folder named ``~`` in the working directory."""
+    for key in range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys()):
+        node = cfg._get_node(key)
+        if isinstance(node, (DictConfig, ListConfig)):
+            if not node._is_none() and not node._is_missing() and not node._is_interpolation():
+                _expand_home(node)
+        elif not node._is_interpolation() and not node._is_missing():
+            value = node._value()
+            if isinstance(value, str) and value.startswith(("~/", "~" + os.sep)):
+                cfg[key] = os.path.expanduser(value)
 
 
 def _expects_list(schema: Any, key: str) -> bool:
-    """Whether the schema declares ``key`` a list (``list[str]``, or optional)."""
-    hint = _field_type(schema, key)
+    """Whether the schema declares ``key`` a list (``list[str]``, or optional), a field or a mapping's entry
+    (``data.captions.de``)."""
+    hint: Any = schema
+    for part in key.split("."):
+        hint = _inner_hint(hint, part)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     return any(typing.get_origin(t) is list for t in (typing.get_args(hint) if optional else (hint,)))
 

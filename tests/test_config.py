@@ -212,3 +212,41 @@ def test_type_errors_are_one_line():
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, overrides=["train.max_steps=many"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("written", ["no", "0100", "12:30", "2024_11", "1e3", "off", "0x1F"])
+def test_a_string_setting_keeps_the_text_yaml_1_1_would_read_as_a_bool_or_a_number(written, tmp_path):
+    """``no`` is Norwegian, ``0100`` a folder: YAML 1.1 reads them as false and 64, and a string setting kept
+    ``"False"`` and ``"64"``. Settings of other types still take YAML's reading."""
+    from cclm.config import RetrievalRunConfig
+
+    cfg = load_config(
+        PretrainConfig,
+        overrides=[f"output_dir={written}", f"data.image_caption.languages=en,{written}", "data.hflip=off"],
+    )
+    assert cfg.output_dir == written and cfg.data.image_caption.languages == ["en", written]
+    assert cfg.data.hflip is False
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"output_dir: {written}\ndata:\n  parallel_text: {{shards: x.tar, languages: [{written}, de]}}\n"
+        "train: {optimizer: {lr: 1e-4}}\n"
+    )
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.output_dir == written and cfg.data.parallel_text.languages == [written, "de"]
+    assert cfg.train.optimizer.lr == 1e-4
+    # a mapping keyed by language: the key, and an entry given as one value
+    path.write_text(f"checkpoint: x\ndata:\n  captions:\n    {written}: [{written}.txt]\n")
+    cfg = load_config(RetrievalRunConfig, path, [f"data.captions.de={written}"])
+    assert dict(cfg.data.captions) == {written: [f"{written}.txt"], "de": [written]}
+
+
+def test_a_home_path_in_a_setting_is_expanded(tmp_path, monkeypatch):
+    """bash leaves ``~`` in ``output_dir=~/runs`` as it is: a run made a folder named ``~`` in the working
+    directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {image_caption: {shards: ~/shards/a.tar}}\n")
+    cfg = load_config(PretrainConfig, path, ["output_dir=~/runs/a", "deepspeed.config_file=~/ds.json"])
+    assert cfg.output_dir == f"{tmp_path}/runs/a" and cfg.deepspeed.config_file == f"{tmp_path}/ds.json"
+    assert cfg.data.image_caption.shards == f"{tmp_path}/shards/a.tar"
+    assert load_config(PretrainConfig, overrides=["output_dir=a~/b"]).output_dir == "a~/b"
