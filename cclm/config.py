@@ -429,7 +429,7 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # None = take it from `config_file`, else ZeRO stage 0 / fp32.
+    # None = take it from `config_file`, else ZeRO stage 0 / precision auto.
     zero_stage: int | None = None
     precision: Precision | None = None  # auto = bf16 on a GPU with bf16, fp32 elsewhere
     offload_optimizer: bool = False

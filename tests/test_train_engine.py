@@ -113,6 +113,31 @@ def test_deepspeed_config_from_typed_config_and_file(tmp_path):
         deepspeed_config(from_dict(PretrainConfig, {"deepspeed": {"precision": "fp8"}}).deepspeed, 8, 1)
 
 
+def test_precision_left_unset_is_bf16_on_a_gpu_that_has_it_as_documented(tmp_path, monkeypatch):
+    """No ``deepspeed.precision`` and no config file: ``auto`` (the default every IGLUE fine-tuning config and
+    a custom pretraining config get), not fp32; a config file without bf16/fp16 sections is fp32, as
+    DeepSpeed reads it. Fine-tuning evaluates in the precision it trains in."""
+    import torch
+
+    from cclm.runtime.engine import configured_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda", 0)
+    unset = from_dict(PretrainConfig, {}).deepspeed
+    assert configured_precision(unset) == "auto"
+    assert deepspeed_config(unset, 8, 1, device=gpu)["bf16"]["enabled"]
+    assert not deepspeed_config(unset, 8, 1, device=torch.device("cpu"))["bf16"]["enabled"]
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}}')
+    from_file = from_dict(PretrainConfig, {"deepspeed": {"config_file": str(path)}}).deepspeed
+    assert configured_precision(from_file) == "fp32"
+    assert not deepspeed_config(from_file, 8, 1, device=gpu)["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        configured_precision(
+            from_dict(PretrainConfig, {"deepspeed": {"config_file": str(tmp_path / "no")}}).deepspeed
+        )
+
+
 def test_a_deepspeed_file_keeps_its_bf16_options_and_may_not_set_what_cclm_builds(tmp_path):
     """Before, a file's optimizer and scheduler sections were ignored by DeepSpeed in silence (cclm hands it
     its own), and every bf16 option but 'enabled' was dropped while fp16's were kept."""

@@ -51,6 +51,7 @@ log = logging.getLogger("cclm.inference")
 CACHE_VARIABLE = "CCLM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/cclm")
 MARKER = "pretrained.json"
+DISTRIBUTION = "cclm"  # the installed package whose version a converted folder records
 GOOGLE_DRIVE = (
     "Google Drive serves files this large only after an interactive virus-scan confirmation page, so cclm "
     "cannot download it"
@@ -353,10 +354,15 @@ def converter_version() -> str:
     """What made a converted folder: the cclm version and a digest of the converter's source, so that an
     upgrade that changes what ``convert-reference`` produces (a tensor it now keeps, a fixed mapping) converts
     cached folders again instead of serving the old conversion."""
-    from cclm import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
     from cclm.inference import convert_reference
 
-    return f"{__version__}+{sha256_of(convert_reference.__file__)[:16]}"
+    try:
+        release = version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        release = "source"
+    return f"{release}+{sha256_of(convert_reference.__file__)[:16]}"
 
 
 def _marker(entry: Pretrained, source: Path, digest: str) -> dict[str, Any]:

@@ -50,8 +50,7 @@ def deepspeed_config(
             )
     zero = dict(base.get("zero_optimization", {}))
     stage = ds_cfg.zero_stage if ds_cfg.zero_stage is not None else int(zero.get("stage", 0))
-    precision = Precision(ds_cfg.precision) if ds_cfg.precision is not None else _file_precision(base)
-    precision = resolve_precision(device or torch.device("cpu"), precision)
+    precision = resolve_precision(device or torch.device("cpu"), configured_precision(ds_cfg, base))
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage: {stage} is not 0, 1, 2 or 3")
     zero["stage"] = stage
@@ -141,6 +140,21 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if "bfloat16" in base:
         base["bf16"] = {**base.pop("bfloat16"), **base.get("bf16", {})}
     return base
+
+
+def configured_precision(ds_cfg: DeepSpeedConfig, base: dict[str, Any] | None = None) -> Precision:
+    """``deepspeed.precision``, else the one of ``deepspeed.config_file`` (its ``bf16``/``fp16`` section, fp32
+    without), else ``auto`` (bf16 on a GPU that has it). ``base``: the file, when already read."""
+    if ds_cfg.precision is not None:
+        return Precision(ds_cfg.precision)
+    if not ds_cfg.config_file:
+        return Precision.auto
+    if base is None:
+        path = Path(ds_cfg.config_file)
+        if not path.exists():
+            raise ConfigError(f"deepspeed.config_file: {path} does not exist")
+        base = _read_config_file(path)
+    return _file_precision(base)
 
 
 def _file_precision(base: dict[str, Any]) -> Precision:

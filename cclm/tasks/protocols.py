@@ -39,6 +39,7 @@ from cclm.jsonl import read_json
 from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.runtime.checkpoint import latest_checkpoint
 from cclm.runtime.config_changes import config_changes, named
+from cclm.runtime.engine import configured_precision
 from cclm.runtime.env import (
     DistEnv,
     barrier,
@@ -239,7 +240,7 @@ class TaskRunner(TaskSuite):
             cfg.task,
             cfg.data,
             env=env,
-            precision=cfg.deepspeed.precision or Precision.auto,
+            precision=configured_precision(cfg.deepspeed),  # as the fine-tuning trains
             eval_batch_size=cfg.eval.batch_size,
             k_test=cfg.eval.k_test,
             num_workers=cfg.train.num_workers,

@@ -26,7 +26,8 @@ from cclm.config import (
 from cclm.errors import UserError
 from cclm.model.text import token_limit
 from cclm.runtime.checkpoint import resume_hint
-from cclm.runtime.env import init_distributed, local_main_first, seed_everything
+from cclm.runtime.engine import configured_precision
+from cclm.runtime.env import init_distributed, local_main_first, resolve_precision, seed_everything
 from cclm.runtime.optim import multipliers
 from cclm.runtime.output_dir import check_output_dir
 from cclm.runtime.rank_writes import RankWrites
@@ -183,6 +184,8 @@ class Pretraining:
             log.info("train.epochs=%s: %d optimizer updates", train.epochs, max_steps)
             train.max_steps = max_steps  # the run config records the length the run trains for
         warn_if_warmup_covers_run(train.scheduler, max_steps, per_iteration)
+        # the run config records the precision the run trains in (auto and a config file's made concrete)
+        cfg.deepspeed.precision = resolve_precision(self.env.device, configured_precision(cfg.deepspeed))
         self.eval_sets = {}
         if train.eval_every:
             from cclm.evaluation.run import load_periodic_sets
