@@ -6,6 +6,7 @@ checked), and ``cclm.load("hf-hub:ORG/NAME")`` loads what was pushed from a loca
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 from huggingface_hub import HfApi, constants
 
 import cclm
+from cclm.errors import UserError
 from cclm.inference.hub import HubError, hub_folder, push_to_hub
 from cclm.runtime import checkpoint
 from cclm.train.export import main as export_main
@@ -101,26 +103,49 @@ def test_push_uploads_the_folder_with_a_hub_model_card_and_hf_hub_loads_it_offli
     )
 
 
-def test_export_push_to_hub_uploads_the_exported_folder(
-    tmp_path, tiny_model_cfg, tiny_tokenizer, hub, capsys
-):
+def pretraining_checkpoint(run: Path, model_cfg, text_changes: dict | None = None) -> Path:
+    """A complete step-7 checkpoint of a random model in ``run/checkpoints``, as training writes one."""
     from safetensors.torch import save_file
 
     from cclm.config import to_dict
     from cclm.model import CrossViewModel
 
-    run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_00000007"
     ckpt.mkdir(parents=True)
-    model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
+    model = CrossViewModel(model_cfg, load_pretrained=False)
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # as training saves
     save_file(weights, str(ckpt / checkpoint.FP32_WEIGHTS))
-    (ckpt / checkpoint.CONFIG).write_text(
-        json.dumps({"model": to_dict(model.cfg), "train": {"max_steps": 9}})
-    )
+    config = to_dict(model.cfg)
+    config["text"].update(text_changes or {})
+    (ckpt / checkpoint.CONFIG).write_text(json.dumps({"model": config, "train": {"max_steps": 9}}))
     (ckpt / checkpoint.COMPLETE).write_text(
         json.dumps({"step": 7, "world_size": 1, "files": checkpoint.manifest(ckpt)})
     )
+    return ckpt
+
+
+def test_a_checkpoint_out_of_its_run_folder_exports_the_tokenizer_its_config_names(
+    tmp_path, tiny_model_cfg, tiny_tokenizer
+):
+    from cclm.train.export import export
+
+    named = tmp_path / "tokenizer-the-run-used"
+    tiny_tokenizer.save_pretrained(str(named))
+    ckpt = pretraining_checkpoint(tmp_path / "copied", tiny_model_cfg, {"tokenizer": str(named)})
+    out = export(ckpt, tmp_path / "exported")
+    assert (out / "tokenizer.json").read_bytes() == (named / "tokenizer.json").read_bytes()
+    shutil.rmtree(named)  # the folder is whole without the path its config names
+    assert cclm.load(out, device="cpu").encode_texts(TEXTS).shape[0] == 2
+    with pytest.raises(UserError, match="no tokenizer folder .* does not load"):
+        export(ckpt, tmp_path / "exported-again")
+    assert not (tmp_path / "exported-again").exists()
+
+
+def test_export_push_to_hub_uploads_the_exported_folder(
+    tmp_path, tiny_model_cfg, tiny_tokenizer, hub, capsys
+):
+    run = tmp_path / "run"
+    pretraining_checkpoint(run, tiny_model_cfg)
     tiny_tokenizer.save_pretrained(str(run / "tokenizer"))
     out = tmp_path / "exported"
     assert export_main(["export", str(run), str(out), "--push-to-hub", "no-org"]) == 2

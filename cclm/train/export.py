@@ -47,6 +47,37 @@ def model_config_of(ckpt: Path, run_config: dict) -> ModelConfig:
         raise CheckpointError(f"{ckpt / checkpoint.CONFIG}: its model section does not load: {err}") from None
 
 
+def save_tokenizer(ckpt: Path, model, folder: Path) -> None:
+    """Into the model folder: the run's ``tokenizer/`` (``<output_dir>/tokenizer``, beside ``checkpoints/``), else,
+    for a checkpoint taken out of its run folder, the tokenizer its config names (``model.text.tokenizer`` or
+    the encoder's own); one that does not load or does not fit the model is refused, not left out (a folder
+    without it loads only where the config's path happens to exist)."""
+    from cclm.model.cross_view import check_tokenizer_fits
+    from cclm.train.pretrain import load_run_tokenizer
+
+    beside = ckpt.parent.parent / "tokenizer"
+    if beside.is_dir():
+        for item in beside.iterdir():
+            shutil.copy2(item, folder / item.name)
+        return
+    text = model.cfg.text
+    named = text.tokenizer or text.name_or_path
+    try:
+        tokenizer = load_run_tokenizer(text)
+    except Exception as err:  # a missing folder, an unknown Hub name offline: whatever the loader raises
+        raise UserError(
+            f"{ckpt}: no tokenizer folder {beside} beside the checkpoints, and the tokenizer the run config "
+            f"names ({named}) does not load ({type(err).__name__}: {_first_line(err)}); export the checkpoint "
+            "from inside its run folder, or copy the run's tokenizer/ folder next to its checkpoints/ folder"
+        ) from None
+    check_tokenizer_fits(model, tokenizer, ckpt, named)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
+
+
 def claim_destination(out: Path, overwrite: bool) -> None:
     """An export goes to a new or empty folder: one holding files (an earlier export, another model's card or
     results) is refused, or with ``overwrite`` moved aside to ``OUT.old-<time>``, so that no stale file joins the
@@ -91,10 +122,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         model.save_pretrained(
             folder, extra={"training": {"step": step, "checkpoint": str(ckpt), "run": run_config}}
         )
-        tokenizer_dir = ckpt.parent.parent / "tokenizer"
-        if tokenizer_dir.exists():
-            for item in tokenizer_dir.iterdir():
-                shutil.copy2(item, folder / item.name)
+        save_tokenizer(ckpt, model, folder)
         if out.is_dir():  # empty (claim_destination): replaced by the complete folder
             out.rmdir()
         folder.rename(out)
