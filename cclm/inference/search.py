@@ -215,7 +215,24 @@ def list_files(image_dir: Path, index_dir: Path | None = None) -> tuple[list[str
                 files.append(relative(path))
             else:
                 skipped[relative(path)] = "not a regular file"
-    return sorted(files), skipped
+    return _one_path_per_file(sorted(files), image_dir, skipped), skipped
+
+
+def _one_path_per_file(files: list[str], image_dir: Path, skipped: dict[str, str]) -> list[str]:
+    """``files`` with each file once: of the paths that reach one file (links to it), the one not through a
+    link (else the first); the others are skipped naming it, so that a search never shows one photo twice."""
+    by_file: dict[str, list[str]] = {}
+    for rel in files:
+        by_file.setdefault(os.path.realpath(os.path.join(image_dir, rel)), []).append(rel)
+    base, kept = os.path.realpath(image_dir), []
+    for real, paths in by_file.items():
+        direct = [rel for rel in paths if os.path.join(base, rel) == real]
+        keep = (direct or paths)[0]
+        kept.append(keep)
+        for rel in paths:
+            if rel != keep:
+                skipped[rel] = f"a link to a file already listed ({keep})"
+    return sorted(kept)
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -135,14 +135,15 @@ def test_linked_folders_are_indexed_and_broken_links_listed(tiny_model_dir, phot
     (photos / "again").symlink_to(photos, target_is_directory=True)  # a loop back to the top
     (photos / "dangling.png").symlink_to(photos / "nowhere.png")
     (photos / "loop.png").symlink_to(photos / "loop.png")
+    (photos / "a-favourite.png").symlink_to(photos / "blue.png")  # one photo, two paths: listed once
     out = tmp_path / "index"
     assert cclm_main(index_argv(photos, tiny_model_dir, out)) == 0
     err = capsys.readouterr().err
     index = search.ImageIndex.read(out)
     assert sorted(index.paths) == ["2023/yellow.png", "blue.png", "green.png", "red.png"]
-    assert sorted(index.skipped) == ["again", "dangling.png", "loop.png"]
-    assert "skipped 3 unreadable files" in err and "dangling.png: broken link" in err
-    assert "loop.png: broken link" in err
+    assert sorted(index.skipped) == ["a-favourite.png", "again", "dangling.png", "loop.png"]
+    assert "skipped 4 unreadable files" in err and "dangling.png: broken link" in err
+    assert "loop.png: broken link" in err and "a link to a file already listed (blue.png)" in err
 
 
 # ------------------------------------------------------------------------------------ 6. a damaged index
