@@ -10,12 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cclm.data.shards import SKIP_KEY, expand_shards, iter_tar_samples, read_sizes
+from cclm.data.skips import SkipCounter
 from cclm.data.tokenize import train_tokenizer
 from cclm.errors import DataError
+from cclm.jsonl import lone_surrogate
 
 
-def shard_texts(spec: str) -> Iterator[str]:
-    """Every caption (image-caption shards) and both sides (parallel shards) of the given shards."""
+def shard_texts(spec: str, skips: SkipCounter) -> Iterator[str]:
+    """Every caption (image-caption shards) and both sides (parallel shards) of the given shards. A sample whose
+    json holds a lone UTF-16 surrogate (half a character, as scraped alt-text has; the training pipeline skips it
+    too) is counted in ``skips`` as ``bad_json``, with a warning."""
     urls = expand_shards(spec)
     sizes = read_sizes(urls)
     for url in urls:
@@ -30,6 +34,10 @@ def shard_texts(spec: str) -> Iterator[str]:
                 ) from None
             if not isinstance(meta, dict):
                 raise DataError(f"{url}: sample {sample['__key__']}: its json is not an object")
+            surrogate = lone_surrogate(sample["json"], meta)
+            if surrogate:
+                skips.add("bad_json", f"{url}: sample {sample['__key__']}: {surrogate}")
+                continue
             captions = meta.get("captions") or {}
             if not isinstance(captions, dict):
                 raise DataError(
@@ -147,11 +155,12 @@ def run(args) -> int:
     for spec in args.shards:
         expand_shards(spec)  # fail early on a pattern that matches nothing
     count = 0
+    skips = SkipCounter(where="cclm prep tokenizer")
 
     def texts() -> Iterator[str]:
         nonlocal count
         for spec in args.shards:
-            for text in shard_texts(spec):
+            for text in shard_texts(spec, skips):
                 count += 1
                 yield text
         for path in args.text:
@@ -177,5 +186,8 @@ def run(args) -> int:
         )
         check_out(out, args.overwrite)  # another run may have written there meanwhile
         save_replacing(Path(trained), out)
-    print(f"trained a {args.model} tokenizer with {len(tokenizer)} tokens on {count} sentences -> {args.out}")
+    skipped = "".join(f", skipped {reason}={n}" for reason, n in skips.as_dict().items())
+    print(
+        f"trained a {args.model} tokenizer with {len(tokenizer)} tokens on {count} sentences{skipped} -> {args.out}"
+    )
     return 0

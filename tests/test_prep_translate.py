@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+import torch
 from PIL import Image
 
 from cclm.cli import main as cclm_main
@@ -120,6 +121,7 @@ def test_every_caption_gets_a_translation_and_the_rest_is_byte_identical(models,
     assert manifest["translation"]["family"] == "m2m100"
     assert manifest["translation"]["per_language"]["de"] == {
         "sentences": n_sources - 1, "translated": n_sources - 1, "empty_output": 0, "truncated": 0, "has_target": 1,
+        "capped_output": n_sources - 1,  # a random model never ends a sentence
     }  # fmt: skip
     assert manifest["translation"]["per_language"]["fr"]["translated"] == n_sources
     assert manifest["skipped"] == {"no_source_caption": 1}
@@ -228,6 +230,54 @@ def test_a_corrupt_input_shard_loses_only_its_damaged_samples_counted(models, sh
     assert "corrupt_shard=2" in capsys.readouterr().out
 
 
+def test_a_lone_surrogate_in_a_caption_is_a_counted_skip_and_the_sample_is_copied(
+    models, tmp_path, capsys, caplog
+):
+    """Half an emoji (a scraper cut it, JSON escaped it) is no Unicode text: neither a tokenizer nor a UTF-8 writer
+    takes it, in a source caption or any other. The sample is copied as it is and counted, as a training reader
+    skips it; so does ``cclm prep tokenizer`` reading the translated shards."""
+    metas = [
+        b'{"captions": {"en": "a dog runs along the beach"}}',
+        b'{"captions": {"en": "a cat \\ud83d on a mat"}}',
+        b'{"captions": {"en": "a red circle", "fr": "un cercle \\ud83d rouge"}}',
+        b'{"captions": {"en": "a bird \\ud83d\\udc26 on a tree"}}',  # a whole emoji (a pair) is fine
+    ]
+    shards = tmp_path / "in"
+    with ShardSink(shards, VIEW_IMAGE_CAPTION, max_samples=2, command="test") as sink:
+        for i, meta in enumerate(metas):
+            sink.write(f"s{i:03d}", {"jpg": _jpeg(i), "json": meta}, ["en"])
+        sink.close()
+    out = tmp_path / "out"
+    assert (
+        translate(
+            "--shards", str(shards), "--out", str(out), "--model", str(models["marian"]), "--targets", "de"
+        )
+        == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"bad_json": 2} and manifest["samples"] == 4
+    assert manifest["translation"]["per_language"]["de"]["translated"] == 2
+    written = {s["__key__"]: s["json"] for s in read(out)}
+    assert written["s001"] == metas[1] and written["s002"] == metas[2]  # copied unchanged
+    assert "de" in json.loads(written["s003"])["captions"]
+    assert "shard-000000.tar: s001.json: a lone UTF-16 surrogate" in caplog.text
+    assert "shard-000001.tar: s002.json: a lone UTF-16 surrogate" in caplog.text
+
+    tokenizer = [
+        "prep",
+        "tokenizer",
+        "--shards",
+        str(out),
+        "--out",
+        str(tmp_path / "tok"),
+        "--vocab-size",
+        "60",
+    ]
+    assert cclm_main(tokenizer) == 0
+    assert "on 4 sentences, skipped bad_json=2" in capsys.readouterr().out
+    assert f"{out / 'shard-000000.tar'}: sample s001: a lone UTF-16 surrogate" in caplog.text
+
+
 def test_empty_translations_are_counted_and_not_written(models, shards, tmp_path):
     from transformers import MarianMTModel
 
@@ -242,7 +292,45 @@ def test_empty_translations_are_counted_and_not_written(models, shards, tmp_path
     )
     counts = json.loads((out / "manifest.json").read_text())["translation"]["per_language"]["de"]
     assert counts["empty_output"] == counts["sentences"] == 6 and counts["translated"] == 0
+    assert counts["capped_output"] == 0  # it ended every output
     assert all("machine_translated" not in json.loads(s["json"]) for s in read(out))
+
+
+def test_outputs_cut_at_their_length_cap_are_counted_and_kept(
+    models, shards, tmp_path, capsys, caplog, monkeypatch
+):
+    out = tmp_path / "out"  # a random model never writes </s>: every output runs to its cap
+    assert (
+        translate(
+            "--shards", str(shards), "--out", str(out), "--model", str(models["marian"]), "--targets", "de"
+        )
+        == 0
+    )
+    counts = json.loads((out / "manifest.json").read_text())["translation"]["per_language"]["de"]
+    assert counts["capped_output"] == counts["translated"] == counts["sentences"] == 6
+    assert "6 outputs cut at the length cap" in capsys.readouterr().out
+    assert "6 translations reached their length cap" in caplog.text and "(de=6)" in caplog.text
+
+    # An output is capped when </s> is not within its cap, not when it ends right at its cap.
+    translator = Translator(
+        str(models["marian"]),
+        "en",
+        ["de"],
+        "cpu",
+        settings=GenerationSettings(batch_size=1, max_new_tokens=4),
+    )
+    config = translator.model.config
+    word = translator.tokenizer("a dog")["input_ids"][0]
+    outputs = iter([[word, config.eos_token_id], [word] * 4 + [config.eos_token_id], [word] * 6])
+
+    def generate(input_ids, attention_mask, max_new_tokens, **kwargs):
+        row = [config.decoder_start_token_id, *next(outputs)]
+        return torch.tensor([row + [config.pad_token_id] * (1 + max_new_tokens - len(row))])
+
+    monkeypatch.setattr(translator.model, "generate", generate)
+    result = translator.translate(["a dog"] * 3, "de")
+    assert result.capped == [False, False, True]
+    assert result.texts[1] == result.texts[2] != result.texts[0]  # the cap keeps 4 tokens either way
 
 
 def test_a_text_corpus_becomes_parallel_shards(models, tmp_path):
@@ -314,6 +402,26 @@ def test_language_codes_per_model_family(models):
     assert multi.targets["fr"].prefix == ">>fra<< "
 
 
+def test_marian_target_tokens_name_the_macrolanguage_or_mandarin_as_opus_mt_models_do():
+    """opus-mt-en-zh writes Mandarin (``>>cmn_Hans<<``), opus-mt-en-ar the Arabic macrolanguage (``>>ara<<``),
+    where NLLB has ``zho_Hans`` and ``arb_Arab``; a script asked for is never swapped for another."""
+    en_zh = [">>cmn<<", ">>cmn_Hans<<", ">>cmn_Hant<<", ">>yue_Hans<<", ">>yue_Hant<<", ">>wuu<<"]
+    assert codes.marian_target_token("zh", en_zh, "m") == codes.marian_target_token("zh-Hans", en_zh, "m")
+    assert codes.marian_target_token("zh", en_zh, "m") == ">>cmn_Hans<<"
+    assert codes.marian_target_token("zh-TW", en_zh, "m") == codes.marian_target_token("zh-Hant", en_zh, "m")
+    assert codes.marian_target_token("zh-Hant", en_zh, "m") == ">>cmn_Hant<<"
+    assert codes.marian_target_token("zh-Hant", [">>cmn<<", ">>zho_Hans<<"], "m") == ">>cmn<<"
+    assert (
+        codes.marian_target_token("ar", [">>ara<<", ">>ara_Latn<<", ">>arz<<", ">>ary<<"], "m") == ">>ara<<"
+    )
+    assert codes.marian_target_token("fa", [">>fas<<", ">>pus<<"], "m") == ">>fas<<"
+    assert codes.marian_target_token("sr-Latn", [">>srp_Cyrl<<", ">>srp_Latn<<"], "m") == ">>srp_Latn<<"
+    with pytest.raises(codes.UnsupportedLanguage, match="'sr-Latn' is not a target"):
+        codes.marian_target_token("sr-Latn", [">>srp_Cyrl<<"], "m")
+    assert codes.marian_pair("/models/my-marian", "eng", "cmn") == ("en", "zh")
+    assert codes.marian_pair("/models/my-marian", "eng", "ara") == ("en", "ar")
+
+
 @pytest.mark.parametrize(
     ("model", "targets", "message"),
     [
@@ -376,10 +484,12 @@ def test_half_precision_on_cpu_and_a_missing_model_are_refused(shards, tmp_path,
     assert "--dtype float16 is for GPUs" in capsys.readouterr().err
 
 
-def test_a_jsonl_corpus_reads_its_text_field_and_counts_bad_lines(models, tmp_path):
+def test_a_jsonl_corpus_reads_its_text_field_and_counts_bad_lines(models, tmp_path, caplog):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
         '{"text": "a red circle"}\nnot json\n{"caption": "no text field"}\n\n{"text": "a dog runs"}\n'
+        # half an emoji (a scraper cut it): the text is no Unicode text; in another field it does no harm
+        '{"text": "a cat \\ud83d on a mat"}\n{"text": "a bird", "url": "x\\ud83d"}\n'
     )
     out = tmp_path / "out"
     assert (
@@ -389,11 +499,13 @@ def test_a_jsonl_corpus_reads_its_text_field_and_counts_bad_lines(models, tmp_pa
         == 0
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["skipped"] == {"bad_json": 1, "empty_text": 1}
+    assert manifest["skipped"] == {"bad_json": 2, "empty_text": 1}
     assert [(s["__key__"], json.loads(s["json"])["src"]) for s in read(out)] == [
         ("l000000001_de", "a red circle"),
         ("l000000005_de", "a dog runs"),
+        ("l000000007_de", "a bird"),
     ]
+    assert f"{corpus}:6: a lone UTF-16 surrogate" in caplog.text
 
 
 def test_the_benchmark_compares_batched_with_the_naive_loop(tmp_path):

@@ -9,9 +9,10 @@ was made::
 
 A list of source captions gives a list of translations in the same order, index by index: ``""`` where a source
 entry is blank (or no text) or its translation came out empty. A sample that already has a non-blank caption in a
-target language keeps it (counted as ``has_target``); a blank one (``"de": ""``) is no caption and is replaced. Samples that cannot be translated are copied unchanged
-and counted (``missing_caption``, ``bad_json``, ``no_source_caption``); samples lost to a damaged input shard are
-counted (``corrupt_shard``, ``truncated_shard``) with a warning."""
+target language keeps it (counted as ``has_target``); a blank one (``"de": ""``) is no caption and is replaced.
+Samples that cannot be translated are copied unchanged and counted (``missing_caption``, ``no_source_caption``,
+``bad_json``: also a json holding a lone UTF-16 surrogate, half a character); samples lost to a damaged input
+shard are counted (``corrupt_shard``, ``truncated_shard``) with a warning."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from cclm.data.languages import base_language, normalize_language
 from cclm.data.shards import SKIP_KEY, expand_shards, is_remote, iter_tar_samples, read_sizes
+from cclm.jsonl import lone_surrogate
 from data_prep.translation.output import Unit, sha256
 from data_prep.translation.tally import Tally
 from data_prep.translation.translator import Translator
@@ -79,10 +81,12 @@ def _meta(sample: dict, tally: Tally) -> dict | None:
         meta, why = None, str(err)
     else:
         why = "not an object with a 'captions' mapping"
-    if not isinstance(meta, dict) or not isinstance(meta.get("captions"), dict):
-        tally.skip("bad_json", f"{sample['__url__']}: {sample['__key__']}.json: {why}")
-        return None
-    return meta
+    if isinstance(meta, dict) and isinstance(meta.get("captions"), dict):
+        why = lone_surrogate(sample["json"], meta)  # half an emoji: no tokenizer or UTF-8 writer takes it
+        if why is None:
+            return meta
+    tally.skip("bad_json", f"{sample['__url__']}: {sample['__key__']}.json: {why}")
+    return None
 
 
 def translate_caption_shard(
@@ -114,7 +118,7 @@ def translate_caption_shard(
     done = {}
     for target, texts in wanted.items():
         result = translator.translate(list(texts), target)
-        done[target] = dict(zip(texts, zip(result.texts, result.truncated)))
+        done[target] = dict(zip(texts, zip(result.texts, result.truncated, result.capped)))
 
     out = []
     for sample, meta, sources, todo in kept:
@@ -136,8 +140,9 @@ def _add_translations(
     for target, table in done.items():
         texts = []
         for text in sources:
-            translation, truncated = table[text] if text is not None else ("", False)
+            translation, truncated, capped = table[text] if text is not None else ("", False, False)
             tally.count(target, "truncated", int(truncated))
+            tally.count(target, "capped_output", int(capped))
             if text is not None and not translation:
                 tally.count(target, "empty_output")
             texts.append(translation)

@@ -5,7 +5,9 @@ to the codes each translation-model family uses:
   macrolanguage maps to the individual language NLLB was trained on (``ar`` -> ``arb_Arab``, ``fa`` -> ``pes_Arab``);
 * M2M100: the two-letter code itself (``de``), chosen through the ``__de__`` token as ``forced_bos_token_id``;
 * Marian (OPUS-MT): one model per language pair (``opus-mt-en-de``); a multi-target model
-  (``opus-mt-en-ROMANCE``) picks its target with a ``>>fra<<`` / ``>>fr<<`` token in front of the source.
+  (``opus-mt-en-ROMANCE``) picks its target with a ``>>fra<<`` / ``>>fr<<`` token in front of the source, which
+  may name the macrolanguage where NLLB names an individual language (``>>ara<<``) or the other way round
+  (Mandarin ``>>cmn_Hans<<`` for Chinese).
 
 Every function checks the code against what the model can actually produce and raises
 :class:`UnsupportedLanguage` naming the model and what it supports.
@@ -41,6 +43,13 @@ NLLB_CODES = dict(
     tw:twi_Latn ug:uig_Arab uk:ukr_Cyrl ur:urd_Arab uz:uzn_Latn vec:vec_Latn vi:vie_Latn war:war_Latn wo:wol_Latn
     xh:xho_Latn yi:ydd_Hebr yo:yor_Latn yue:yue_Hant zh:zho_Hans zsm:zsm_Latn zu:zul_Latn""".split()
 )
+# cclm base code -> the other ISO 639-3 codes of the language, which OPUS-MT uses where NLLB does not: the
+# macrolanguage where NLLB has an individual language (ar: ara for arb), and Mandarin for Chinese.
+OTHER_ISO_CODES = dict(
+    item.split(":")
+    for item in """ar:ara ay:aym az:aze fa:fas ff:ful kr:kau ku:kur lv:lav mg:mlg mn:mon ms:msa ne:nep no:nor
+    om:orm or:ori ps:pus qu:que sq:sqi sw:swa uz:uzb yi:yid zh:cmn""".split()
+)
 # Chinese regions written in Traditional characters.
 _HANT_REGIONS = {"TW", "HK", "MO"}
 _MARIAN_NAME = re.compile(r"opus-mt-(?:tc-(?:big|base)-)?([A-Za-z_]+)-([A-Za-z_]+)$")
@@ -64,6 +73,15 @@ def _subtags(code: str) -> list[str]:
     return code.split("-")[1:]
 
 
+def _script(code: str) -> str | None:
+    """The script a code asks for: its script subtag (``zh-Hant``, ``ks-Deva``), or Traditional characters for a
+    Chinese region that writes them (``zh-TW``); None for the language's usual one."""
+    scripts = [s for s in _subtags(code) if len(s) == 4]
+    if not scripts and base_language(code) == "zh" and any(s in _HANT_REGIONS for s in _subtags(code)):
+        return "Hant"
+    return scripts[0] if scripts else None
+
+
 def nllb_code(code: str, supported: set[str], model: str) -> str:
     """``de`` -> ``deu_Latn``; a script subtag picks the script (``zh-Hant``, ``ks-Deva``), as does a Chinese
     region written in Traditional characters (``zh-TW``)."""
@@ -71,10 +89,8 @@ def nllb_code(code: str, supported: set[str], model: str) -> str:
     default = NLLB_CODES.get(base)
     if default is None:
         raise UnsupportedLanguage(f"{code!r}: NLLB-200 has no such language (model {model})")
-    scripts = [s for s in _subtags(code) if len(s) == 4]
-    if base == "zh" and any(s in _HANT_REGIONS for s in _subtags(code)):
-        scripts = scripts or ["Hant"]
-    chosen = f"{default[:3]}_{scripts[0]}" if scripts else default
+    script = _script(code)
+    chosen = f"{default[:3]}_{script}" if script else default
     if chosen not in supported:
         near = sorted(c for c in supported if c.startswith(default[:3]))
         raise UnsupportedLanguage(
@@ -113,17 +129,26 @@ def _language(code: str | None) -> str | None:
     """A cclm code from an ISO 639-1 or 639-3 code (``deu`` -> ``de``, as newer OPUS-MT configs write them)."""
     if not code:
         return None
-    return normalize_language(code) or next((k for k, v in NLLB_CODES.items() if v[:3] == code.lower()), None)
+    lower = code.lower()
+    return (
+        normalize_language(code)
+        or next((k for k, v in NLLB_CODES.items() if v[:3] == lower), None)
+        or next((k for k, v in OTHER_ISO_CODES.items() if v == lower), None)
+    )
 
 
 def marian_target_token(code: str, supported_tokens: list[str], model: str) -> str:
-    """The ``>>xx<<`` token that makes a multi-target Marian model write ``code``: its own code, the
-    NLLB/ISO 639-3 code (``>>deu<<``), or with a script (``>>zho_Hant<<``)."""
+    """The ``>>xx<<`` token that makes a multi-target Marian model write ``code``: the code itself, or the
+    language's ISO 639-1 / NLLB / other ISO 639-3 code (``>>deu<<``, ``>>ara<<``, ``>>cmn<<``), each first with
+    the script (the one asked for, else NLLB's: ``>>cmn_Hans<<``, ``>>cmn_Hant<<`` for ``zh-TW``); never a
+    token of another script."""
     base = base_language(code)
     nllb = NLLB_CODES.get(base, "")
-    candidates = [code.replace("-", "_"), base, nllb[:3], nllb]
+    languages = [c for c in dict.fromkeys([base, nllb[:3], OTHER_ISO_CODES.get(base)]) if c]
+    script = _script(code) or nllb[4:]
+    candidates = [code.replace("-", "_"), *(f"{c}_{script}" for c in languages if script), *languages]
     for candidate in candidates:
-        if candidate and f">>{candidate}<<" in supported_tokens:
+        if f">>{candidate}<<" in supported_tokens:
             return f">>{candidate}<<"
     raise UnsupportedLanguage(
         f"{code!r} is not a target of Marian model {model} (its targets: "

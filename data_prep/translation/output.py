@@ -188,6 +188,14 @@ class ResumableOutput:
             sizes[unit.name] = tally.samples
             digests[unit.name] = self._record(self._record_path(unit.name))["output_sha256"]
         manifest = self._publish_index(total, sizes, digests, translator.family)
+        if capped := total.capped_outputs():
+            log.warning(
+                "%d translations reached their length cap (min(--max-new-tokens, 2 x source tokens + 10)) before "
+                "the model ended them, and are written as they are, maybe cut mid-sentence (%s): a model that "
+                "loops, or --max-new-tokens too low for the sources",
+                sum(capped.values()),
+                ", ".join(f"{lang}={n}" for lang, n in capped.items()),
+            )
         return RunResult(total, done_now, resumed, manifest)
 
     def _publish_index(self, total: Tally, sizes: dict, digests: dict, family: str) -> dict:

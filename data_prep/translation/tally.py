@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from cclm.data.skips import SkipCounter
 
 # Per target language: source sentences to translate, translations written, translations that came out empty
-# (not written), sources cut at --max-input-tokens, and samples that already had a caption in the language (kept).
-LANGUAGE_FIELDS = ("sentences", "translated", "empty_output", "truncated", "has_target")
+# (not written), sources cut at --max-input-tokens, samples that already had a caption in the language (kept), and
+# translations cut at their length cap before the model ended them (written: maybe half a sentence).
+LANGUAGE_FIELDS = ("sentences", "translated", "empty_output", "truncated", "has_target", "capped_output")
 
 
 @dataclass
@@ -88,8 +89,17 @@ class Tally:
         for lang, c in sorted(self.per_language.items()):
             out.append(
                 f"  {lang}: {c['sentences']} sentences, {c['translated']} translated, {c['empty_output']} empty "
-                f"outputs, {c['truncated']} truncated sources, {c['has_target']} samples already had {lang} (kept)"
+                f"outputs, {c['truncated']} truncated sources, {c['has_target']} samples already had {lang} (kept), "
+                f"{c['capped_output']} outputs cut at the length cap"
             )
         skipped = ", ".join(f"{r}={n}" for r, n in self.skips.as_dict().items()) or "none"
         out.append(f"  skipped: {skipped}")
         return out
+
+    def capped_outputs(self) -> dict[str, int]:
+        """Per target language, the translations cut at their length cap (where there are any)."""
+        return {
+            lang: int(c["capped_output"])
+            for lang, c in sorted(self.per_language.items())
+            if c["capped_output"]
+        }

@@ -4,8 +4,8 @@ the input line number (``l000000042_de``), so ``cclm prep`` output of a corpus t
 
 The corpus is cut into units of ``--shard-samples`` input lines (one output shard each, ``PREFIX-000000.tar``);
 a unit's digest is the sha256 of its raw lines, so a resumed run redoes a chunk whose lines changed. Lines that
-are empty, not UTF-8 or (jsonl) not an object with a string text field are counted skips with a warning naming
-``file:line``."""
+are empty, not UTF-8 or (jsonl) not an object with a string text field, or whose text holds a lone UTF-16
+surrogate (half a character), are counted skips with a warning naming ``file:line``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from cclm.data.shards import safe_key
+from cclm.jsonl import lone_surrogate
 from data_prep.translation.output import Samples, Unit
 from data_prep.translation.tally import Tally
 from data_prep.translation.translator import Translator
@@ -62,10 +63,14 @@ def _sentence(raw: bytes, where: str, fmt: str, text_field: str, tally: Tally) -
         if not isinstance(record, dict):
             tally.skip("bad_json", f"{where}: not a JSON object")
             return None
-        line = record.get(text_field)
-        if not isinstance(line, str):
+        text = record.get(text_field)
+        if not isinstance(text, str):
             tally.skip("empty_text", f"{where}: no string {text_field!r} field")
             return None
+        if surrogate := lone_surrogate(line, text):
+            tally.skip("bad_json", f"{where}: {surrogate}")
+            return None
+        line = text
     if not line.strip():
         tally.skip("empty_text", f"{where}: empty line" if fmt == "txt" else "")
         return None
@@ -94,11 +99,12 @@ def translate_lines(
     out: Samples = []
     for target in translator.targets:
         result = translator.translate(unique, target)
-        table = dict(zip(unique, zip(result.texts, result.truncated)))
+        table = dict(zip(unique, zip(result.texts, result.truncated, result.capped)))
         for number, text in numbered:
-            translation, truncated = table[text]
+            translation, truncated, capped = table[text]
             tally.count(target, "sentences")
             tally.count(target, "truncated", int(truncated))
+            tally.count(target, "capped_output", int(capped))
             if not translation:
                 tally.count(target, "empty_output")
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +43,16 @@ class GenerationSettings:
 class Translations:
     texts: list[str]  # "" where the model wrote nothing
     truncated: list[bool]  # the source reached max_input_tokens and was cut there
+    capped: list[bool] | None = None  # the output reached its length cap unfinished (None: none did)
+
+    def __post_init__(self) -> None:
+        if self.capped is None:
+            self.capped = [False] * len(self.texts)
+
+
+class Output(NamedTuple):
+    text: str
+    capped: bool  # cut at its length cap before the model wrote </s>: maybe half a sentence
 
 
 @dataclass
@@ -178,6 +189,7 @@ class Translator:
         spec = self.targets[target]
         texts: list[str] = [""] * len(sentences)
         truncated = [False] * len(sentences)
+        capped = [False] * len(sentences)
         window = self.settings.sort_window
         for start in range(0, len(sentences), window):
             chunk = sentences[start : start + window]
@@ -189,28 +201,32 @@ class Translator:
             )  # longest first: memory errors early
             for b in range(0, len(order), self.settings.batch_size):
                 batch = order[b : b + self.settings.batch_size]
-                for i, text in zip(batch, self._generate([ids[i] for i in batch], spec)):
-                    texts[start + i] = text
+                for i, output in zip(batch, self._generate([ids[i] for i in batch], spec)):
+                    texts[start + i], capped[start + i] = output
                     truncated[start + i] = len(ids[i]) >= self.settings.max_input_tokens
-        return Translations(texts, truncated)
+        return Translations(texts, truncated, capped)
 
     @torch.inference_mode()
-    def _generate(self, batch_ids: list[list[int]], spec: _Target) -> list[str]:
+    def _generate(self, batch_ids: list[list[int]], spec: _Target) -> list[Output]:
         began = time.perf_counter()
         inputs = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
         # Each sentence's own output cap, applied after generation, so that what a sentence gets does not depend
-        # on the sentences batched with it (one step more: models with forced_eos_token_id force </s> at the last).
+        # on the sentences batched with it. Two steps more: one to see whether a sentence ends (</s>) right at
+        # its cap, and one for models with forced_eos_token_id, which force </s> at the last step.
         caps = [min(self.settings.max_new_tokens, 2 * len(ids) + 10) for ids in batch_ids]
         forced = spec.forced_bos is not None
         out = self.model.generate(
             **inputs,
             num_beams=self.settings.num_beams,
             do_sample=False,
-            max_new_tokens=max(caps) + forced + 1,
+            max_new_tokens=max(caps) + forced + 2,
             **({"forced_bos_token_id": spec.forced_bos} if forced else {}),
         )
         # Drop the decoder start token (and the forced language token), and what is past a sentence's cap.
         out = out[:, 1 + forced :].cpu()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        capped = [eos_ids.isdisjoint(row[: cap + 1].tolist()) for row, cap in zip(out, caps)]
         special = set(self.tokenizer.all_special_ids)
         rows = [[t for t in row[:cap].tolist() if t not in special] for row, cap in zip(out, caps)]
         texts = [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
@@ -219,4 +235,4 @@ class Translator:
         stats.source_tokens += sum(len(ids) for ids in batch_ids)
         stats.output_tokens += sum(len(row) for row in rows)
         stats.seconds += time.perf_counter() - began
-        return texts
+        return [Output(text, cut) for text, cut in zip(texts, capped)]
