@@ -1,10 +1,12 @@
 # Sourced by launch/torchrun.sh and launch/single_node.sh. `count_gpus` sets GPU_COUNT, the number of GPUs the
 # training processes of this node can use, and GPU_COUNT_SOURCE, where that number comes from (for messages):
 # CUDA_VISIBLE_DEVICES when it is set (what a scheduler hands out), else the GPUs that nvidia-smi lists, else what
-# torch sees (a node without nvidia-smi), else 0.
+# torch sees (a node without nvidia-smi), else 0. GPU_IDS: the entries of CUDA_VISIBLE_DEVICES that are counted
+# (indexes, or UUIDs), when the count comes from there; empty otherwise.
 
 count_gpus() {
   local python=${PYTHON:-python}
+  GPU_IDS=()
   if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
     GPU_COUNT_SOURCE="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
     # As CUDA reads it: the entries up to the first invalid one (empty, negative, neither an index nor a UUID
@@ -12,11 +14,11 @@ count_gpus() {
     local devices=${CUDA_VISIBLE_DEVICES//[[:space:]]/} entry
     local -a entries
     IFS=, read -r -a entries <<< "$devices,"
-    GPU_COUNT=0
     for entry in "${entries[@]}"; do
       [[ "$entry" =~ ^([0-9]+|(GPU|MIG)-[A-Za-z0-9/_-]+)$ ]] || break
-      GPU_COUNT=$((GPU_COUNT + 1))
+      GPU_IDS+=("$entry")
     done
+    GPU_COUNT=${#GPU_IDS[@]}
   elif command -v nvidia-smi > /dev/null 2>&1; then
     GPU_COUNT_SOURCE="nvidia-smi -L"
     # GPU lines only: with MIG, nvidia-smi also lists each GPU's instances on lines of their own

@@ -21,6 +21,12 @@ elif [[ "$NNODES" != 1 && -z "${MASTER_ADDR:-}" ]]; then
   echo "torchrun.sh: NNODES=$NNODES but MASTER_ADDR is not set: set it on every node to the address of the node" \
     "with NODE_RANK=0" >&2
   exit 2
+elif [[ "$NNODES" != 1 && -z "${NODE_RANK:-}" ]]; then
+  # --node_rank 0 on every node would make each wait for the others as rank 0, then fail after 10 minutes with a
+  # store timeout that does not name NODE_RANK
+  echo "torchrun.sh: NNODES=$NNODES but NODE_RANK is not set: set it on every node, 0 on the node at" \
+    "MASTER_ADDR=$MASTER_ADDR and 1, 2, ... on the others (a different one on each)" >&2
+  exit 2
 else
   RENDEZVOUS=(--master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi

@@ -2,7 +2,10 @@
 ``deepspeed``, ``srun`` and ``scontrol`` executables on a PATH that holds nothing else of the system's.
 
 - torchrun.sh / single_node.sh count GPUs without nvidia-smi (and say so), never exit 127 in silence;
-- torchrun.sh makes torchrun pass SIGUSR1 on to its processes (torch's default would kill torchrun alone);
+- torchrun.sh makes torchrun pass SIGUSR1 on to its processes (torch's default would kill torchrun alone), and
+  refuses several nodes without MASTER_ADDR or NODE_RANK;
+- single_node.sh runs on the GPUs CUDA_VISIBLE_DEVICES names (DeepSpeed's own launcher, which drops that variable
+  once given --num_gpus, checked with a faked device count), and refuses what it cannot place there;
 - multi_node.sh forwards the virtual environment and the NCCL/HF/... settings through a temporary DeepSpeed
   environment file, written outside the repository, in a form DeepSpeed's own quoting keeps intact;
 - slurm.sbatch logs into a folder that exists, asks for SIGUSR1 before the time limit, starts one srun task per
@@ -214,7 +217,9 @@ def test_torchrun_on_several_nodes_without_master_addr_is_refused(machine):
         "NODE_RANK=0\n"
     )
     assert not machine.record.exists()
-    result = run_script(machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NPROC="1")
+    result = run_script(
+        machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NODE_RANK="0", NPROC="1"
+    )
     assert result.returncode == 0, result.stderr
     args = recorded(machine)
     assert (option(args, "--master_addr"), option(args, "--master_port")) == ("node01", "29500")
@@ -880,3 +885,164 @@ def test_torchrun_with_a_trailing_comma_in_cuda_visible_devices_starts_one_proce
         "torchrun.sh: no GPU found (CUDA_VISIBLE_DEVICES='NoDevFiles'): starting 1 CPU process"
         in result.stderr
     )
+
+
+# ------------------------------------------------------------ a reviewer's faults: which GPUs, which node rank
+DEEPSPEED_RUNNER = """\
+# DeepSpeed's own launcher: deepspeed.launcher.runner.main, which starts deepspeed.launcher.launch, which starts
+# the processes. Faked: the device count (a node with 4 GPUs, counted as torch counts them through NVML) and the
+# training module (a probe that records what each process got).
+import os, sys
+import deepspeed.launcher.runner as runner
+
+real = runner.get_accelerator()
+
+
+class FourGPUs:
+    def __getattr__(self, name):
+        return getattr(real, name)
+
+    def device_count(self):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            return 4
+        count = 0
+        for entry in visible.split(","):
+            if not entry.isdigit() or int(entry) >= 4:
+                break
+            count += 1
+        return count
+
+
+runner.get_accelerator = FourGPUs
+sys.exit(runner.main(["launch_probe" if arg == "cclm.train.cli" else arg for arg in sys.argv[1:]]))
+"""
+LAUNCH_PROBE = """\
+import json, os, sys
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES")
+record = {key: os.environ.get(key) for key in keys}
+with open(f"{os.environ['RECORD']}.rank{os.environ['RANK']}", "w") as out:
+    json.dump({**record, "args": sys.argv[1:]}, out)
+"""
+
+
+def deepspeed_processes(machine, **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """single_node.sh through DeepSpeed's real launcher on a 4-GPU "node": what each training process got."""
+    for old in machine.tmp.glob("record.rank*"):
+        old.unlink()
+    result = run_script(machine, "single_node.sh", "c.yaml", "train.max_steps=5", **env)
+    return result, [json.loads(path.read_text()) for path in sorted(machine.tmp.glob("record.rank*"))]
+
+
+def test_single_node_runs_on_the_gpus_cuda_visible_devices_names(machine):
+    """A scheduler gave the job GPUs 2 and 3 of a 4-GPU node. single_node.sh passed `--num_gpus 2`, and
+    DeepSpeed's launcher, given --num_gpus, drops CUDA_VISIBLE_DEVICES and gives its processes GPUs 0 and 1:
+    another job's."""
+    (machine.tmp / "runner.py").write_text(DEEPSPEED_RUNNER)
+    probe = machine.tmp / "probe"
+    probe.mkdir()
+    (probe / "launch_probe.py").write_text(LAUNCH_PROBE)
+    stand_in(
+        machine.fake,
+        "deepspeed",
+        f'export PYTHONPATH={probe}\nexec {sys.executable} {machine.tmp / "runner.py"} "$@"\n',
+    )
+    result, processes = deepspeed_processes(machine, CUDA_VISIBLE_DEVICES="2,3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [(p["RANK"], p["LOCAL_RANK"], p["WORLD_SIZE"]) for p in processes] == [
+        ("0", "0", "2"),
+        ("1", "1", "2"),
+    ]
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in processes] == [
+        "2,3",
+        "2,3",
+    ]  # each uses cuda:LOCAL_RANK of these
+    assert processes[0]["args"] == ["--local_rank=0", "c.yaml", "train.max_steps=5"]
+    assert "ignoring it" not in result.stdout  # DeepSpeed's "Detected VISIBLE_DEVICES=... but ignoring it"
+    assert "single_node.sh: 2 process(es) on GPU(s) 2,3 (CUDA_VISIBLE_DEVICES='2,3')" in result.stderr
+
+    # fewer processes than visible GPUs: the first ones listed
+    result, processes = deepspeed_processes(machine, CUDA_VISIBLE_DEVICES="3, 1,0", NUM_GPUS="2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(processes[0]["CUDA_VISIBLE_DEVICES"].split(",")) == ["1", "3"]
+    assert [p["RANK"] for p in processes] == ["0", "1"]
+
+
+def test_single_node_passes_the_entries_of_cuda_visible_devices_to_deepspeed(machine):
+    stand_in(
+        machine.fake, "deepspeed", RECORD_ARGS + 'echo "${CUDA_VISIBLE_DEVICES-unset}" > "$RECORD.cvd"\n'
+    )
+    assert run_script(machine, "single_node.sh", "c.yaml", CUDA_VISIBLE_DEVICES="0,3,5,").returncode == 0
+    args = recorded(machine)
+    assert option(args, "--include") == "localhost:0,3,5" and "--num_gpus" not in args
+    assert Path(f"{machine.record}.cvd").read_text() == "unset\n"
+    # only the entries used need be indexes
+    result = run_script(
+        machine, "single_node.sh", "c.yaml", CUDA_VISIBLE_DEVICES="01,MIG-5c89d3e1-0c2a", NUM_GPUS="1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert option(recorded(machine), "--include") == "localhost:1"
+    # without CUDA_VISIBLE_DEVICES the processes take the node's first NUM_GPUS GPUs, as before
+    assert run_script(machine, "single_node.sh", "c.yaml", NUM_GPUS="2").returncode == 0
+    assert option(recorded(machine), "--num_gpus") == "2" and "--include" not in recorded(machine)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"CUDA_VISIBLE_DEVICES": "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,GPU-5c89d3e1-0c2a"},
+            "single_node.sh: CUDA_VISIBLE_DEVICES='GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,GPU-5c89d3e1-0c2a' "
+            "names GPU GPU-8932f937-d72c-4106-c12f-20bd9faed9f6 by its UUID, and the DeepSpeed launcher takes GPU "
+            "indexes only: use launch/torchrun.sh (torchrun keeps CUDA_VISIBLE_DEVICES as it is), or give "
+            "CUDA_VISIBLE_DEVICES as indexes (nvidia-smi -L lists them)\n",
+        ),
+        (
+            {"CUDA_VISIBLE_DEVICES": "1,MIG-GPU-8932f937/1/0"},
+            "single_node.sh: CUDA_VISIBLE_DEVICES='1,MIG-GPU-8932f937/1/0' names GPU MIG-GPU-8932f937/1/0 by its "
+            "UUID, and the DeepSpeed launcher takes GPU indexes only: use launch/torchrun.sh (torchrun keeps "
+            "CUDA_VISIBLE_DEVICES as it is), or give CUDA_VISIBLE_DEVICES as indexes (nvidia-smi -L lists them)\n",
+        ),
+        (
+            {"CUDA_VISIBLE_DEVICES": "2,3", "NUM_GPUS": "4"},
+            "single_node.sh: NUM_GPUS=4 but CUDA_VISIBLE_DEVICES='2,3' makes 2 GPU(s) visible: set NUM_GPUS to 2 "
+            "or fewer, or leave it unset\n",
+        ),
+        (
+            {"CUDA_VISIBLE_DEVICES": "2,02"},
+            "single_node.sh: CUDA_VISIBLE_DEVICES='2,02' lists GPU 2 twice\n",
+        ),
+        ({"NUM_GPUS": "two"}, "single_node.sh: NUM_GPUS='two' is not a number of processes (1 or more)\n"),
+    ],
+    ids=["uuids", "mig", "more-than-visible", "twice", "not-a-number"],
+)
+def test_single_node_refuses_gpus_the_deepspeed_launcher_cannot_place(machine, env, message):
+    stand_in(machine.fake, "deepspeed", RECORD_ARGS)
+    result = run_script(machine, "single_node.sh", "c.yaml", **env)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", message)
+    assert not machine.record.exists()
+
+
+def test_torchrun_on_several_nodes_without_node_rank_is_refused(machine):
+    """Every node fell back to --node_rank 0: the job hung 10 minutes, then failed with a store timeout that did
+    not name NODE_RANK."""
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    for node_rank in ({}, {"NODE_RANK": ""}):
+        result = run_script(
+            machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NPROC="1", **node_rank
+        )
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            "torchrun.sh: NNODES=2 but NODE_RANK is not set: set it on every node, 0 on the node at "
+            "MASTER_ADDR=node01 and 1, 2, ... on the others (a different one on each)\n"
+        )
+        assert not machine.record.exists()
+    result = run_script(
+        machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NODE_RANK="1", NPROC="1"
+    )
+    assert result.returncode == 0, result.stderr
+    args = recorded(machine)
+    assert (option(args, "--nnodes"), option(args, "--node_rank")) == ("2", "1")
+    # one node needs none
+    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="1").returncode == 0
+    assert option(recorded(machine), "--node_rank") == "0"
