@@ -1,8 +1,17 @@
 """Data-loading throughput: cclm's image-caption train pipeline vs open_clip's WebDataset train pipeline vs two
 bare PIL decode loops, in one run on the same shards (see ``make bench-data``).
 
-Shards: ~2,000 photo-like JPEGs of 500-640 px and ~50-110 KB (as COCO/CC3M images are), each sample carrying
-``jpg`` + ``txt`` (what open_clip reads) + ``json`` (cclm's captions), 100 samples per shard.
+Shards: 2,048 photo-like JPEGs of 500-640 px and ~50-110 KB (as COCO/CC3M images are), each sample carrying
+``jpg`` + ``txt`` (what open_clip reads) + ``json`` (cclm's captions), 64 samples per shard (32 shards).
+
+Same work on every side: open_clip's train loader runs ``with_epoch`` for ceil(samples / batch / workers) full
+batches per worker and drops each worker's partial last batch, so with a share that is not a whole number of
+batches a worker decodes its leftover samples, throws them away and re-opens its shards to fill its last batch
+(2,000 images in 100-sample shards: ~2,130 images decoded, 2,048 counted, against cclm's 2,000). The defaults make
+every worker's share a whole number of batches (all shards the same size, as many per worker, each worker's
+images a multiple of the batch), which ``check_exact_fit`` enforces; each pipeline's decodes are counted
+(open_clip's transform and cclm's ``decode_crop`` are wrapped with a counter shared by the worker processes) and
+the run stops unless every pass of every pipeline decoded and delivered exactly the images in the shards.
 
 * cclm: ``PretrainData`` image view -- decode (draft mode) + random resized crop to 224 + flip + tokenise + MLM
   mask + batch of 64 in 2 DataLoader workers, one full pass;
@@ -26,7 +35,7 @@ wall-clock samples/s, each pass records samples per CPU-second (user + system ti
 of its reaped worker processes): the work a pipeline costs, which other jobs on a shared machine disturb far
 less than wall time.
 
-Writes benchmarks/results/data.json and appends a line to benchmarks/RESULTS.md.
+Writes benchmarks/results/data.json and adds a line to its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_md import append_to_section  # noqa: E402
 
 WORDS = (
     "a man woman dog cat red blue street table plate of food sitting on with next to the in front "
@@ -101,7 +112,7 @@ def _write_shard(task) -> list[int]:
     return sizes
 
 
-def make_shards(folder: Path, num_images: int, per_shard: int = 100) -> dict:
+def make_shards(folder: Path, num_images: int, per_shard: int = 64) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     tasks = [
         (folder / f"shard-{s:06d}.tar", start, min(per_shard, num_images - start), 1000 + s)
@@ -121,29 +132,91 @@ def make_shards(folder: Path, num_images: int, per_shard: int = 100) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------- same work
+def check_exact_fit(num_images: int, per_shard: int, workers: int, batch_size: int) -> None:
+    """Refuse a layout in which open_clip's loader would decode images it does not deliver, or deliver an image
+    twice: every shard full, the same number of shards per worker, each worker's share whole batches."""
+    shards = num_images // per_shard
+    problems = []
+    if num_images % per_shard:
+        problems.append(f"{num_images} images do not fill {per_shard}-image shards exactly")
+    elif shards % workers:
+        problems.append(f"{shards} shards do not split evenly over {workers} workers")
+    elif (num_images // workers) % batch_size:
+        problems.append(f"each worker's {num_images // workers} images are not whole batches of {batch_size}")
+    if problems:
+        raise SystemExit(
+            "bench-data: "
+            + "; ".join(problems)
+            + ": open_clip would decode a different number of images than"
+            f" cclm; use a multiple of {per_shard * workers} images whose per-worker share is a multiple of the"
+            " batch (e.g. --num-images 2048 --per-shard 64 with batch 64 and 2 workers)"
+        )
+
+
+class DecodeCount:
+    """How many images a pipeline decoded, summed over its worker processes: they are forked after
+    :meth:`wrap`, so they share this counter."""
+
+    def __init__(self) -> None:
+        self.value = multiprocessing.get_context("fork").Value("q", 0)
+
+    def wrap(self, fn):
+        value = self.value
+
+        def counted(*args, **kwargs):
+            with value.get_lock():
+                value.value += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    @property
+    def total(self) -> int:
+        return int(self.value.value)
+
+
+def check_counts(name: str, samples: int, decoded: int, images: int) -> None:
+    """Stop the run unless the pass delivered and decoded exactly the images in the shards (else the rates
+    would compare different amounts of work)."""
+    if not samples == decoded == images:
+        raise RuntimeError(
+            f"bench-data: {name} delivered {samples} samples and decoded {decoded} images of the {images} in the "
+            "shards: the pipelines did not do the same work, so their rates cannot be compared"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ pipelines
-def bench_cclm(folder: Path, tokenizer, workers: int, batch_size: int) -> tuple[float, int]:
+def bench_cclm(folder: Path, tokenizer, workers: int, batch_size: int) -> tuple[float, int, int]:
+    """(samples/s, samples delivered, images decoded) for one pass of cclm's image-caption pipeline."""
     from cclm.config import DataConfig, from_dict
+    from cclm.data import transforms
     from cclm.data.pipeline import PretrainData
 
     cfg = from_dict(
         DataConfig,
         {"image_caption": {"shards": str(folder), "batch_size": batch_size}, "num_workers": workers},
     )
-    start = time.perf_counter()
-    data = PretrainData(cfg, tokenizer, max_length=40, image_size=224, epochs=1)
-    samples = 0
-    while True:
-        try:
-            samples += len(data.next_batch("image")["keys"])
-        except StopIteration:
-            break
-    elapsed = time.perf_counter() - start
-    data.close()
-    return samples / elapsed, samples
+    count, decode_crop = DecodeCount(), transforms.decode_crop
+    transforms.decode_crop = count.wrap(decode_crop)  # the workers forked by the first batch inherit it
+    try:
+        start = time.perf_counter()
+        data = PretrainData(cfg, tokenizer, max_length=40, image_size=224, epochs=1)
+        samples = 0
+        while True:
+            try:
+                samples += len(data.next_batch("image")["keys"])
+            except StopIteration:
+                break
+        elapsed = time.perf_counter() - start
+        data.close()
+    finally:
+        transforms.decode_crop = decode_crop
+    return samples / elapsed, samples, count.total
 
 
-def bench_open_clip(folder: Path, num_images: int, workers: int, batch_size: int) -> tuple[float, int]:
+def bench_open_clip(folder: Path, num_images: int, workers: int, batch_size: int) -> tuple[float, int, int]:
+    """(samples/s, samples delivered, images decoded) for one pass of open_clip's WebDataset train loader."""
     import open_clip
     import open_clip_train.data as ocd
     from webdataset.tariterators import tar_file_expander, url_opener
@@ -165,7 +238,8 @@ def bench_open_clip(folder: Path, num_images: int, workers: int, batch_size: int
         workers=workers,
         world_size=1,
     )
-    transform = open_clip.image_transform(224, is_train=True)
+    count = DecodeCount()  # every decoded image goes through the transform, kept or dropped later
+    transform = count.wrap(open_clip.image_transform(224, is_train=True))
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     start = time.perf_counter()
     info = ocd.get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer)
@@ -173,7 +247,7 @@ def bench_open_clip(folder: Path, num_images: int, workers: int, batch_size: int
     for images, _texts in info.dataloader:
         samples += images.shape[0]
     elapsed = time.perf_counter() - start
-    return samples / elapsed, samples
+    return samples / elapsed, samples, count.total
 
 
 def _jpegs(paths: list[str]):
@@ -200,7 +274,7 @@ def _bare_worker(paths: list[str]) -> int:
     return count
 
 
-def bench_bare(folder: Path, workers: int) -> tuple[float, int]:
+def bench_bare(folder: Path, workers: int) -> tuple[float, int, int]:
     return _run_pool(_bare_worker, folder, workers)
 
 
@@ -226,17 +300,18 @@ def _ceiling_worker(paths: list[str], size: int = 224) -> int:
     return count
 
 
-def bench_ceiling(folder: Path, workers: int) -> tuple[float, int]:
+def bench_ceiling(folder: Path, workers: int) -> tuple[float, int, int]:
     return _run_pool(_ceiling_worker, folder, workers)
 
 
-def _run_pool(worker, folder: Path, workers: int) -> tuple[float, int]:
+def _run_pool(worker, folder: Path, workers: int) -> tuple[float, int, int]:
+    """(samples/s, images, images) for a decode loop: each image it counts is one it decoded."""
     shards = sorted(str(p) for p in folder.glob("*.tar"))
     parts = [shards[i::workers] for i in range(workers)]
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         samples = sum(pool.map(worker, parts))
-    return samples / (time.perf_counter() - start), samples
+    return samples / (time.perf_counter() - start), samples, samples
 
 
 # -------------------------------------------------------------------------------------------------- ratios
@@ -276,17 +351,7 @@ SECTION = "## Data loading (`make bench-data`)"
 def append_result_line(path: Path, line: str) -> None:
     """Add ``line`` as the last line of this benchmark's section (before the next ``## `` heading), or, when the
     file has no such section yet, at its end under a new heading."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    lines = text.splitlines(keepends=True)
-    if SECTION + "\n" not in lines:
-        separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-        path.write_text(f"{text}{separator}{SECTION}\n\n{line}", encoding="utf-8")
-        return
-    start = lines.index(SECTION + "\n") + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    while end > start and not lines[end - 1].strip():  # after the section's last line, before its blank lines
-        end -= 1
-    path.write_text("".join(lines[:end] + [line] + lines[end:]), encoding="utf-8")
+    append_to_section(path, SECTION, line)
 
 
 def result_line(result: dict, workers: int, shard_info: dict) -> str:
@@ -308,7 +373,13 @@ def result_line(result: dict, workers: int, shard_info: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=2048,
+        help="images in the shards: whole shards, as many per worker, each worker's share whole batches",
+    )
+    parser.add_argument("--per-shard", type=int, default=64, help="images per shard")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -320,6 +391,7 @@ def main() -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "data.json"))
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    check_exact_fit(args.num_images, args.per_shard, args.workers, args.batch_size)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cclm.data.tokenize import train_tokenizer
@@ -327,13 +399,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cclm-bench-data-") as tmp:
         folder = Path(tmp) / "shards"
         t0 = time.perf_counter()
-        shard_info = make_shards(folder, args.num_images)
+        shard_info = make_shards(folder, args.num_images, args.per_shard)
         print(f"made {shard_info} in {time.perf_counter() - t0:.0f}s", flush=True)
         tokenizer = train_tokenizer([" ".join(WORDS)] * 50, Path(tmp) / "tok", vocab_size=200)
         best = {"ceiling": 0.0, "bare": 0.0, "open_clip": 0.0, "cclm": 0.0}
         best_cpu = dict.fromkeys(best, 0.0)
         passes: dict[str, list] = {name: [] for name in best}
-        counts = {}
+        counts, decoded_counts = {}, {}
         runs = [
             ("ceiling", lambda: bench_ceiling(folder, args.workers)),
             ("bare", lambda: bench_bare(folder, args.workers)),
@@ -344,9 +416,10 @@ def main() -> int:
             shift = repeat % len(runs)
             for name, run in runs[shift:] + runs[:shift]:
                 cpu = cpu_seconds()
-                rate, samples = run()
+                rate, samples, decoded = run()
                 per_cpu = samples / (cpu_seconds() - cpu)
-                best[name], counts[name] = max(best[name], rate), samples
+                check_counts(name, samples, decoded, shard_info["images"])
+                best[name], counts[name], decoded_counts[name] = max(best[name], rate), samples, decoded
                 best_cpu[name] = max(best_cpu[name], per_cpu)
                 passes[name].append({"samples_per_s": round(rate, 1), "samples_per_cpu_s": round(per_cpu, 1)})
                 print(
@@ -370,6 +443,8 @@ def main() -> int:
         "paired_ratios_vs_ceiling": [round(r, 3) for r in paired_ratios(passes, "ceiling")],
         "passes": passes,
         "samples": counts,
+        # images each pipeline decoded per pass (the run stops unless it equals "samples" and the shards' images)
+        "decoded": decoded_counts,
         "shards": shard_info,
         "workers": args.workers,
         "repeats": args.repeats,

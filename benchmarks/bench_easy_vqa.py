@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 BASELINE = 87.6  # basic CNN + LSTM, easy-VQA test accuracy
 
 
@@ -138,12 +140,21 @@ def run(args, head: str, output_dir: Path, result_name: str) -> None:
             f"on {row['examples']} questions (CNN+LSTM baseline {BASELINE}%, target >= 95%); "
             f"`python benchmarks/bench_easy_vqa.py --head {head}`\n"
         )
-        with (REPO / "benchmarks" / "RESULTS.md").open("a", encoding="utf-8") as handle:
-            handle.write(line)
+        append_result_line(REPO / "benchmarks" / "RESULTS.md", line)
+
+
+SECTION = "## easy-VQA fine-tuning (`make bench-easy-vqa`, `benchmarks/bench_easy_vqa.py`)"
+
+
+def append_result_line(path: Path, text: str) -> None:
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md (not the later "easy-VQA: answer
+    classifier vs ..." section; made at the file's end if missing)."""
+    append_to_section(path, SECTION, text, match="## easy-VQA fine-tuning")
 
 
 CVIL_LANGUAGES = ("ja", "hi")
-CVIL_HEADING = "## cViL on easy-VQA: Japanese and Hindi students of an English VQA teacher"
+# cViL is a language-extension recipe: its lines go where bench_recipes puts them (bench_recipes.SECTION)
+CVIL_SECTION = "## Language extension recipes (`make bench-recipes`)"
 
 
 def cvil_easy_vqa(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -217,12 +228,7 @@ def record_cvil(args) -> int:
         results["cvil_easy_vqa"] = entry
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
-        md = REPO / "benchmarks" / "RESULTS.md"
-        text = md.read_text(encoding="utf-8") if md.exists() else ""
-        with md.open("a", encoding="utf-8") as handle:
-            if CVIL_HEADING not in text:
-                handle.write(f"\n{CVIL_HEADING} (`python benchmarks/bench_easy_vqa.py --cvil`)\n\n")
-            handle.write(cvil_results_line(entry))
+        append_to_section(REPO / "benchmarks" / "RESULTS.md", CVIL_SECTION, cvil_results_line(entry))
     return 0
 
 

@@ -44,6 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 LANGUAGES = ("en", "de", "fr", "es", "ja")
 
 
@@ -264,11 +266,15 @@ def append_results_line(md: Path, args, n_i2t: int, n_t2i: int, runs: dict, refe
         + "; ".join(parts)
         + f"; identical metrics: {equal}\n"
     )
-    if not md.exists() or "## Retrieval evaluation" not in md.read_text():
-        with md.open("a") as handle:
-            handle.write("\n## Retrieval evaluation (`make bench-eval`)\n\n")
-    with md.open("a") as handle:
-        handle.write(line)
+    append_result_line(md, line)
+
+
+SECTION = "## Retrieval evaluation (`make bench-eval`)"
+
+
+def append_result_line(path: Path, text: str) -> None:
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md (made at the file's end if missing)."""
+    append_to_section(path, SECTION, text, match="## Retrieval evaluation")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 VIEWS = ("image", "text")
 MODES = ("image", "text", "alternate")
 XLMR_LARGE = {
@@ -588,13 +590,12 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+SECTION = "## GPU training step (`make bench-gpu`)"
+
+
 def append_results(line: str, results_md: Path) -> None:
-    header = "## GPU training step (`make bench-gpu`)"
-    existing = results_md.read_text() if results_md.exists() else ""
-    with open(results_md, "a") as f:
-        if header not in existing:
-            f.write(f"\n{header}\n\n")
-        f.write(line + "\n")
+    """Add ``line`` at the end of this benchmark's section of RESULTS.md (made at the file's end if missing)."""
+    append_to_section(results_md, SECTION, line + "\n", match="## GPU training step")
 
 
 def main(argv: list[str] | None = None) -> int:

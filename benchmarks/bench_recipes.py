@@ -36,6 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -221,6 +223,15 @@ def run_cclm_bench(world: Path, root: Path, steps: int) -> dict:
     }
 
 
+SECTION = "## Language extension recipes (`make bench-recipes`)"
+
+
+def append_result_line(path: Path, text: str) -> None:
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md (the first heading that starts with
+    ``SECTION``, not a later "Language extension recipes, ..." section; made at the file's end if missing)."""
+    append_to_section(path, SECTION, text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=1500)
@@ -275,15 +286,9 @@ def main() -> int:
         f"{cclm['r1_itc_only']['de']:.1f}, en {cclm['r1_itc_only']['en']:.1f}); "
         "`make bench-recipes`\n"
     )
-    md = Path(args.results_md)
-    text = md.read_text() if md.exists() else ""
-    with md.open("a") as handle:
-        if "## Language extension recipes" not in text:
-            handle.write("\n## Language extension recipes (`make bench-recipes`)\n\n")
-        handle.write(line)
-        handle.write(mla_ja_line(ja))
-        if cvil:
-            handle.write(cvil_results_line(cvil))
+    append_result_line(
+        Path(args.results_md), line + mla_ja_line(ja) + (cvil_results_line(cvil) if cvil else "")
+    )
     print(line)
     return 0
 

@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 VISION = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 64, "mlp_ratio": 4.0}
 TEXT = {
     "vocab_size": 8000,
@@ -256,6 +258,14 @@ def bench_zero_memory(stages=(0, 1, 2, 3)) -> dict:
     return out
 
 
+SECTION = "## Training step and ZeRO memory (`make bench-train`)"
+
+
+def append_result_line(path: Path, text: str) -> None:
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md (made at the file's end if missing)."""
+    append_to_section(path, SECTION, text, match="## Training step and ZeRO memory")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,13 +317,7 @@ def main() -> int:
         f" (ZeRO-3/ZeRO-0 = {mem_mb['3'] / mem_mb['0']:.2f})"
     )
     line += "; GPU samples/s and MFU: `make bench-gpu`"
-    results_md = HERE / "RESULTS.md"
-    header = "## Training step and ZeRO memory (`make bench-train`)"
-    existing = results_md.read_text() if results_md.exists() else ""
-    with open(results_md, "a") as f:
-        if header not in existing:
-            f.write(f"\n{header}\n\n")
-        f.write(line + "\n")
+    append_result_line(HERE / "RESULTS.md", line + "\n")
     print(line)
     return 0
 

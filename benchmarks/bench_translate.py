@@ -31,6 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_md import append_to_section  # noqa: E402
+
 WORDS = (
     "a the red blue green small large dog cat man woman child street beach table plate food car bus train "
     "walking sitting running standing holding looking next to on in under near with of two three people group "
@@ -84,7 +86,8 @@ def bench_model(name: str, folder: Path, n: int, batch_size: int) -> dict:
     def unsorted() -> list[str]:
         ids = batched.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
         spec = batched.targets["de"]
-        return [t for b in range(0, n, batch_size) for t in batched._generate(ids[b : b + batch_size], spec)]
+        batches = (batched._generate(ids[b : b + batch_size], spec) for b in range(0, n, batch_size))
+        return [output.text for batch in batches for output in batch]
 
     runs["batched_unsorted"] = measure("batched, unsorted", unsorted, batched)
     naive = Translator(str(folder), "en", ["de"], "cpu", "float32", GenerationSettings(batch_size=1))
@@ -103,6 +106,15 @@ def bench_model(name: str, folder: Path, n: int, batch_size: int) -> dict:
         ),
         "same_output_as_naive": same,
     }
+
+
+SECTION = "## Translation step (`make bench-translate`)"
+
+
+def append_result_line(path: Path, text: str) -> None:
+    """Add ``text`` at the end of this benchmark's section of RESULTS.md (its heading may carry a date after
+    "Translation step"; made at the file's end if missing)."""
+    append_to_section(path, SECTION, text, match="## Translation step")
 
 
 def main() -> int:
@@ -143,12 +155,7 @@ def main() -> int:
             f"batches; same output as naive: {r['same_output_as_naive']}"
         )
     line = f"- translate ({result['date']}, {result['machine']}; random Marian, batch {args.batch_size}): " + "; ".join(parts) + " `make bench-translate`\n"  # fmt: skip
-    md = Path(args.results_md)
-    text = md.read_text() if md.exists() else ""
-    with md.open("a") as handle:
-        if "## Translation step" not in text:
-            handle.write("\n## Translation step (`make bench-translate`)\n\n")
-        handle.write(line)
+    append_result_line(Path(args.results_md), line)
     print(line)
     return 0
 

@@ -471,7 +471,7 @@ def test_a_384px_window_12_checkpoint_converts_and_equals_timms_swin_at_window_1
     with a config whose tower is built at 224 px / window 7 (as base_swin.yaml's Swin-B)."""
     state = reference_checkpoint(len(tiny_tokenizer), mlm_head=False, swin=SWIN_384)
     assert state["vision_encoder.layers.0.blocks.0.attn.relative_position_bias_table"].shape == (529, 1)
-    path = tmp_path / "nlvr_ft.th"
+    path = tmp_path / "retrieval_ft_384.th"
     torch.save(state, path)
     config = _template(tmp_path, TINY_SWIN_B, 224)
     report = _convert(path, tmp_path, config, tokenizer_dir, allow_missing_mlm_head=True)
