@@ -32,11 +32,18 @@ def _data():
 GROUPS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])  # captions of one image: rows 0-1 and 3-5 (across the ranks)
 
 
-def _loss(x_img, x_txt, weight, local_loss, grad="exact", groups=None):
+def _loss(x_img, x_txt, weight, local_loss, grad="exact", groups=None, uneven_rows=False):
     img = F.normalize(x_img @ weight.t(), dim=-1)
     txt = F.normalize(x_txt @ weight.t(), dim=-1)
     return losses.contrastive_loss(
-        img, txt, 0.1, gather=True, local_loss=local_loss, grad=grad, group_ids=groups
+        img,
+        txt,
+        0.1,
+        gather=True,
+        local_loss=local_loss,
+        grad=grad,
+        group_ids=groups,
+        uneven_rows=uneven_rows,
     )
 
 
@@ -116,3 +123,83 @@ def test_group_positives_gathered_over_ranks_match_one_process(local_loss):
     value, grad = queue.get(timeout=60)
     assert abs(value - reference.item()) < 1e-6
     assert torch.allclose(torch.tensor(grad), weight.grad, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ ranks with different batch sizes
+UNEVEN = (5, 3)  # rows of rank 0 and rank 1: batches a caller could not fill (uneven_rows=True)
+
+
+def _uneven_worker(rank, world, port, queue, grad, with_groups):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x_img, x_txt, weight = _data()
+    shard = slice(sum(UNEVEN[:rank]), sum(UNEVEN[: rank + 1]))
+    weight = weight.clone().requires_grad_()
+    loss = _loss(
+        x_img[shard],
+        x_txt[shard],
+        weight,
+        False,
+        grad,
+        GROUPS[shard] if with_groups else None,
+        uneven_rows=True,
+    )
+    loss.backward()
+    grad_sum = weight.grad.clone()
+    dist.all_reduce(grad_sum)
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    if rank == 0:
+        queue.put((value.item() / world, (grad_sum / world).tolist()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("grad, with_groups", [("exact", False), ("exact", True), ("reference", False)])
+def test_ranks_with_different_row_counts_give_the_loss_of_their_concatenation(grad, with_groups):
+    """5 rows on rank 0, 3 on rank 1 (gloo aborted the all_gather of unequal shapes before): the loss is one
+    process's on the 8 rows, and the gradient the exact one (1/2 of it with the reference's backward)."""
+    x_img, x_txt, weight = _data()
+    weight = weight.clone().requires_grad_()
+    reference = _loss(x_img, x_txt, weight, False, groups=GROUPS if with_groups else None)
+    reference.backward()
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(
+        _uneven_worker, args=(2, _free_port(), queue, grad, with_groups), nprocs=2, start_method="spawn"
+    )
+    value, got = queue.get(timeout=60)
+    assert abs(value - reference.item()) < 1e-6
+    expected = weight.grad if grad == "exact" else weight.grad / 2
+    assert torch.allclose(torch.tensor(got), expected, atol=1e-6)
+
+
+def _padded_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows, length = (3, 4) if rank == 0 else (1, 6)  # ITM's global negatives: rows and text lengths differ
+    x = (
+        torch.arange(rows * length * 2, dtype=torch.float32).reshape(rows, length, 2) + 100 * rank
+    ).requires_grad_()
+    gathered = losses.gather_padded(x, pad_value=-1, counts=losses.row_counts(rows))
+    weights = torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape)
+    (gathered * weights).sum().backward()
+    queue.put((rank, gathered.detach().tolist(), x.grad.tolist(), weights.tolist()))
+    dist.destroy_process_group()
+
+
+def test_gather_padded_takes_ranks_with_different_rows_and_lengths():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_padded_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
+    results = dict((r, rest) for r, *rest in (queue.get(timeout=60) for _ in range(2)))
+    gathered = torch.tensor(results[0][0])
+    assert gathered.shape == (4, 6, 2) and torch.equal(gathered, torch.tensor(results[1][0]))
+    rank0 = torch.arange(24, dtype=torch.float32).reshape(3, 4, 2)
+    rank1 = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2) + 100
+    assert torch.equal(gathered[:3, :4], rank0) and (gathered[:3, 4:] == -1).all()
+    assert torch.equal(gathered[3:], rank1)
+    # the exact gradient: every rank's weights summed over the ranks, each rank's own rows and columns
+    weights = torch.tensor(results[0][2]) + torch.tensor(results[1][2])
+    assert torch.equal(torch.tensor(results[0][1]), weights[:3, :4])
+    assert torch.equal(torch.tensor(results[1][1]), weights[3:])

@@ -327,3 +327,99 @@ def test_the_consistency_carries_a_box_head_trained_on_one_language_to_another(b
     assert a_without < 0.3 and a_with < 0.3, losses  # A's boxes are learnt either way
     assert b_with < 1.5 * a_with, losses  # B is placed nearly as A is
     assert b_without > 0.6 > 3 * b_with, losses  # and only thanks to the consistency
+
+
+# ------------------------------------------------------------------ copies that fill a region batch (collate_regions)
+def test_rows_of_one_group_are_itc_positives_in_a_region_batch(tiny_model_cfg):
+    """collate_regions fills a short batch with copies that keep their original's group id; the region ITC counts
+    rows of one group as positives, so a copy (whose features differ from its original's under dropout) is not
+    its negative. Rows 1 and 4 share a group here, with different texts."""
+    from cclm import losses
+
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False).eval()
+    batch = region_batch(model.encoder_config.vocab_size)
+    batch["group_ids"][4] = batch["group_ids"][1]
+    with torch.no_grad():
+        got = model(batch, "region")["itc"]
+        masks = model.region_masks(batch["boxes"], batch["is_image"]).long()
+        _, region_feat, _ = model.encode_regions(batch["images"], batch["idx_to_group_img"], masks)
+        text_feat = model.encode_text(batch["text_ids"], batch["text_mask"])[1]
+        temp = model.clamped_temp()
+        grouped = losses.contrastive_loss(region_feat, text_feat, temp, group_ids=batch["group_ids"])
+        diagonal = losses.contrastive_loss(region_feat, text_feat, temp)
+    assert abs(float(grouped) - float(diagonal)) > 1e-3
+    assert float(got) == pytest.approx(float(grouped), abs=1e-6)
+
+
+# ------------------------------------------------------------- timm ViT towers: the summary token and the patches
+def _timm_vit_tower(**trunk_kwargs):
+    """A tiny timm ViT tower (4 x 4 patches of 8 px) whose trunk is built with ``trunk_kwargs`` (no download)."""
+    import timm
+
+    from cclm.model.vision import VisionTower
+
+    tower = VisionTower(
+        {"timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "timm_proj": "none", "image_size": 32},
+        16,
+        load_pretrained=False,
+    )
+    torch.manual_seed(0)
+    tower.visual.trunk = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        **trunk_kwargs,
+    )
+    return tower.eval()
+
+
+@pytest.mark.parametrize(
+    "trunk_kwargs, prefix, class_token",
+    [
+        ({"class_token": False, "global_pool": "map"}, 0, False),  # open_clip's SigLIP towers
+        ({"reg_tokens": 2}, 3, True),  # a class token and two registers
+        ({"class_token": False, "reg_tokens": 2, "global_pool": "avg"}, 2, False),  # registers only
+        ({}, 1, True),
+    ],
+)
+def test_a_timm_vit_tower_returns_one_summary_token_and_its_patches(trunk_kwargs, prefix, class_token):
+    tower = _timm_vit_tower(**trunk_kwargs)
+    trunk = tower.visual.trunk
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = tower(images)
+        feats = trunk.forward_features(tower.normalize(images))
+    assert token_grid(tower) == (4, 4) and tokens.shape == (2, 1 + 16, trunk.num_features)
+    assert feats.shape[1] == prefix + 16
+    torch.testing.assert_close(tokens[:, 1:], feats[:, prefix:])  # the patches, prefix tokens dropped
+    summary = feats[:, 0] if class_token else feats[:, prefix:].mean(1)  # else the patches' mean, as for Swin
+    torch.testing.assert_close(tokens[:, 0], summary)
+
+
+def test_a_vit_tower_without_a_class_token_trains_the_region_view(tiny_model_cfg):
+    """The region view of a class-token-free ViT (196 vs 195 tokens before: a patch was taken for the summary)."""
+    import timm
+
+    tiny_model_cfg.objectives.bbox = True
+    tiny_model_cfg.vision.tower = {
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_pool": "",
+        "timm_proj": "none",
+        "image_size": 32,
+    }
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
+    model.vision.visual.trunk = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        class_token=False,
+        global_pool="map",
+    )
+    out = model(region_batch(model.encoder_config.vocab_size), "region")
+    assert all(torch.isfinite(v) for v in out.values())

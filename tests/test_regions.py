@@ -262,12 +262,35 @@ def test_a_batch_holds_each_image_once_and_points_every_target_at_its_image():
     assert len(set(batch["keys"])) == n and len(set(batch["group_ids"].tolist())) == n
     again = collate_regions(examples, batch_size=7, rng=random.Random(0), grid=(2, 2))
     assert again["texts"] == batch["texts"]
-    everything = collate_regions(examples, batch_size=100, rng=random.Random(0))
+    everything = collate_regions(examples, batch_size=11, rng=random.Random(0))
     assert (
         len(everything["texts"]) == 11
+        and len(set(everything["keys"])) == 11
         and everything["images"].shape[0] == 3
         and "image_atts" not in everything
     )
+
+
+@pytest.mark.parametrize("batch_size", [8, 11, 25])
+def test_a_batch_short_of_targets_is_filled_to_its_size_with_copies_of_them(batch_size):
+    """Every rank's region batch must have one size (the contrastive all-gather): 6 targets fill 8, 11 or 25
+    rows, each target once and then copies with its key, group id, text, box, image and mask (the reference's
+    padding), each target as often as any other, give or take one."""
+    examples = [example("a", 10, 2, whole=True), example("b", 20, 0), example("c", 30, 3)]
+    batch = collate_regions(examples, batch_size=batch_size, rng=random.Random(0), grid=(2, 2))
+    tensors = ("idx_to_group_img", "group_ids", "boxes", "is_image", "image_atts")
+    assert len(batch["texts"]) == batch_size and all(batch[k].shape[0] == batch_size for k in tensors)
+    assert batch["images"].shape[0] == 2 and len(set(batch["keys"][:6])) == 6  # every target once, first
+    first = {key: i for i, key in reversed(list(enumerate(batch["keys"])))}
+    for i, key in enumerate(batch["keys"]):
+        j = first[key]  # the original of row i (itself for an original)
+        assert batch["texts"][i] == batch["texts"][j] and batch["langs"][i] == batch["langs"][j]
+        for name in tensors:
+            assert torch.equal(batch[name][i], batch[name][j]), name
+    group_sizes = Counter(batch["group_ids"].tolist())
+    assert len(group_sizes) == 6 and max(group_sizes.values()) - min(group_sizes.values()) <= 1
+    again = collate_regions(examples, batch_size=batch_size, rng=random.Random(0), grid=(2, 2))
+    assert again["keys"] == batch["keys"]
 
 
 def shard_sample(meta, img=None) -> dict:

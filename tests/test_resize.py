@@ -215,3 +215,64 @@ def test_cclm_load_at_another_image_size(tiny_model_dir):
     assert (
         cclm.load(tiny_model_dir, device="cpu", dtype=torch.float32).image_size == 32
     )  # unchanged by default
+
+
+# ----------------------------------------------------------------------- pretrained weights at another size
+def test_pretrained_vit_weights_of_their_own_size_load_into_a_tower_built_at_image_size(
+    tiny_model_cfg, monkeypatch
+):
+    """An open_clip model resolved by name is built at ``model.vision.image_size`` (48 px here) while its
+    pretrained state is at the weights' own size (32 px): the position grid is resampled on load as the
+    reference's ``interpolate_pos_embed`` (bicubic, no antialiasing, class row kept) -- the same tower as one
+    loaded at 32 px and then resized. Before: a size mismatch on ``positional_embedding``."""
+    import open_clip
+
+    import cclm.model.cross_view as cross_view
+
+    native = dict(tiny_model_cfg.vision.tower)  # the "open_clip model": 32 px, patch 8
+    torch.manual_seed(1)
+    state = VisionTower(native, 64, load_pretrained=False).visual.state_dict()
+    monkeypatch.setattr(
+        cross_view, "resolve_open_clip_vision_cfg", lambda name, pretrained=None: (dict(native), 64)
+    )
+    monkeypatch.setattr(cross_view, "load_pretrained_visual_state", lambda name, pretrained: state)
+    monkeypatch.setattr(open_clip, "create_model", None)  # nothing is downloaded or built by open_clip here
+    tiny_model_cfg.vision.tower = {}
+    tiny_model_cfg.vision.name, tiny_model_cfg.vision.pretrained = "tiny-vit", "local"
+    tiny_model_cfg.vision.image_size = 48
+
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=True).eval()
+    pos = model.vision.visual.positional_embedding.detach()
+    grid = state["positional_embedding"][1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    assert pos.shape == (1 + 6 * 6, 64) and torch.equal(pos[0], state["positional_embedding"][0])
+    torch.testing.assert_close(pos[1:], expected.permute(0, 2, 3, 1).reshape(36, 64))
+    for name, value in state.items():  # everything else as loaded
+        if name not in ("positional_embedding", "proj"):
+            assert torch.equal(model.vision.visual.state_dict()[name], value), name
+
+    tiny_model_cfg.vision.image_size = 32
+    at_32 = CrossViewModel(tiny_model_cfg, load_pretrained=True).eval()
+    resize_vision(at_32, 48)
+    with torch.no_grad():
+        assert torch.equal(model.vision(_images(48)), at_32.vision(_images(48)))
+
+
+def test_a_timm_vit_state_of_another_size_is_fitted_to_the_tower(tiny_model_cfg, monkeypatch):
+    """A timm ViT's ``trunk.pos_embed`` ([1, class + grid, C]) is resampled the same way (an open_clip timm tower,
+    e.g. a SigLIP, at a size other than its weights')."""
+    import cclm.model.cross_view as cross_view
+
+    tower_cfg = {"timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "timm_proj": "none"}
+    torch.manual_seed(1)
+    native = VisionTower({**tower_cfg, "image_size": 32}, 64, load_pretrained=False).visual.state_dict()
+    monkeypatch.setattr(cross_view, "load_pretrained_visual_state", lambda name, pretrained: native)
+    tiny_model_cfg.vision.tower = {**tower_cfg, "image_size": 64}
+    tiny_model_cfg.vision.name, tiny_model_cfg.vision.pretrained = "tiny-timm-vit", "local"
+    tiny_model_cfg.vision.image_size = 64
+    model = CrossViewModel(tiny_model_cfg, load_pretrained=True)
+    loaded = model.vision.visual.state_dict()
+    old = native["trunk.pos_embed"]
+    assert old.shape == (1, 1 + 2 * 2, 192) and loaded["trunk.pos_embed"].shape == (1, 1 + 4 * 4, 192)
+    torch.testing.assert_close(loaded["trunk.pos_embed"], resample_pos_embed(old, (4, 4)), rtol=0, atol=0)
+    assert all(torch.equal(loaded[k], native[k]) for k in loaded if k != "trunk.pos_embed")

@@ -23,8 +23,11 @@ Per image (reference ``RegionMultiTextDataset.__iter__``), all randomness from t
 
 A batch (:func:`collate_regions`, reference ``collate_fn``) holds the images of ``max_images`` examples once and
 ``batch_size`` of their targets drawn at random, ``idx_to_group_img[i]`` naming the image of target ``i``, so a
-region never re-encodes its image. Where the images hold fewer targets than ``batch_size`` the batch is smaller:
-the reference pads it with duplicates, which then count as contrastive negatives of themselves.
+region never re-encodes its image. Where the images hold fewer targets than ``batch_size`` the batch is filled
+with copies re-drawn from its targets, as the reference does: every rank's batch has the same size, which the
+contrastive all-gather of a multi-rank run expects (and the reference needs: its gather blocks otherwise). A copy
+has its original's key and group id, and the region view's ITC counts rows of one group as positives, so a copy
+is never a negative of its original (in the reference it is).
 :func:`patch_masks` gives each target the vision tokens its box touches, on the tower's grid
 (:func:`cclm.model.boxes.token_grid`).
 """
@@ -365,6 +368,14 @@ def target_key(image_key: str, target: RegionTarget) -> str:
     return image_key if target.is_image else f"{image_key}#r{target.index}"
 
 
+def fill_to(count: int, size: int, rng: random.Random) -> list[int]:
+    """Indices of ``size`` rows made of ``count`` < ``size`` targets: each target once, then copies, in order,
+    each target ``size // count`` or one more times, those with one more drawn at random (the reference's
+    padding: ``random.sample`` of the targets when that is enough, the list repeated otherwise)."""
+    repeats, extra = divmod(size, count)
+    return list(range(count)) * repeats + sorted(rng.sample(range(count), extra))
+
+
 def collate_regions(
     examples: list[dict], batch_size: int, rng: random.Random, grid: tuple[int, int] | None = None
 ) -> dict:
@@ -372,12 +383,17 @@ def collate_regions(
     those with a kept target), ``idx_to_group_img`` [N] long, ``texts``/``langs``/``keys`` (N each),
     ``group_ids`` [N] long (:func:`target_key` hashed), ``boxes`` [N,4] float 0..1 ``xyxy``, ``is_image`` [N]
     bool and, with ``grid`` = (rows, cols), ``image_atts`` [N, 1 + rows * cols] bool (:func:`patch_masks`; all
-    tokens for a whole-image caption). N = ``batch_size`` targets drawn at random, or all when fewer."""
+    tokens for a whole-image caption). N = ``batch_size`` always: targets drawn at random when the examples hold
+    more, every target and then copies re-drawn from them when they hold fewer (:func:`fill_to`)."""
+    if batch_size < 1:
+        raise ValueError(f"collate_regions: batch_size must be >= 1, got {batch_size}")
     flat = [(i, t) for i, example in enumerate(examples) for t in example["targets"]]
     if not flat:
         raise ValueError("collate_regions: the examples hold no target")
     if len(flat) > batch_size:
         flat = [flat[k] for k in sorted(rng.sample(range(len(flat)), batch_size))]
+    elif len(flat) < batch_size:
+        flat = [flat[k] for k in fill_to(len(flat), batch_size, rng)]
     used = sorted({i for i, _ in flat})
     position = {i: n for n, i in enumerate(used)}
     keys = [target_key(examples[i]["key"], t) for i, t in flat]

@@ -35,6 +35,7 @@ from cclm.data.regions import patch_masks
 from cclm.errors import CheckpointError
 from cclm.model.boxes import BoxHead, box_loss, box_xyxy_to_cxcywh, token_grid
 from cclm.model.heads import MatchingHead, build_mlm_head, pretrained_lm_head
+from cclm.model.resize import fit_pretrained_state
 from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
 from cclm.runtime.checkpoint import tied_aliases
@@ -77,7 +78,8 @@ class CrossViewModel(nn.Module):
         self.vision = VisionTower(tower_cfg, clip_dim, load_pretrained=load_pretrained)
         if load_pretrained and cfg.vision.pretrained:
             state = load_pretrained_visual_state(cfg.vision.name, cfg.vision.pretrained)
-            self.vision.visual.load_state_dict(state)
+            # built at cfg.vision.image_size: a position grid of the weights' own size is resampled to it
+            self.vision.visual.load_state_dict(fit_pretrained_state(self.vision, state))
         self.vision.drop_clip_projection()
         # Text: the full encoder, cut into the text and fusion stacks; its resolved config is stored likewise.
         name = cfg.text.name_or_path if load_pretrained else None
@@ -269,7 +271,11 @@ class CrossViewModel(nn.Module):
         as a positive, as the reference's retrieval fine-tuning does; pretraining keeps the diagonal only.
         A region batch runs the image view's objectives on each text's region, and with a box head adds the box
         losses ``bbox`` (L1) and ``giou`` on its region texts (the reference's ``get_bbox_loss``); with
-        ``objectives.xlc_weight`` it adds ``xlc``, the cross-lingual consistency of the parallel pairs it carries."""
+        ``objectives.xlc_weight`` it adds ``xlc``, the cross-lingual consistency of the parallel pairs it carries.
+        Its ITC always counts rows of one group as positives: :func:`cclm.data.regions.collate_regions` fills a
+        batch to its size with copies of its targets, each with its original's group id, so that a copy is never
+        its original's negative (other rows share a group only when they are the same pairing, the same image's
+        caption or region twice: without copies this is the diagonal loss)."""
         if view not in VIEWS:
             raise ValueError(f"unknown view '{view}', expected one of {VIEWS}")
         obj = self.cfg.objectives
@@ -302,7 +308,8 @@ class CrossViewModel(nn.Module):
                 obj.gather_features,
                 obj.local_loss,
                 str(obj.contrastive_grad),
-                group_ids=batch["group_ids"] if group_positives else None,
+                # a region batch's re-drawn copies (collate_regions) share their original's group: positives
+                group_ids=batch["group_ids"] if group_positives or view == "region" else None,
             )
             weights[c_name] = obj.itc_weight
         if obj.itm_weight:

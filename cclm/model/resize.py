@@ -29,6 +29,10 @@ larger than it: the stage is then one window, without shift), so the image size 
 Without ``window_size`` the window is scaled with the image (timm's rule ``window * new_grid // old_grid``):
 7 at 224 px becomes 12 at 384 px and 15 at 480 px, the reference's pairs.
 
+Pretrained weights are fitted on load the same way: a model built at a ``model.vision.image_size`` other than its
+pretrained ViT's gets the loaded position grid resampled to its own (:func:`fit_pretrained_state`, the reference's
+``interpolate_pos_embed`` when it loads a ViT checkpoint).
+
 Parameters are replaced, not resized in place: resize before building an optimizer over the model.
 """
 
@@ -170,6 +174,40 @@ def resample_pos_embed(
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], width).to(pos.dtype)
     out = torch.cat([prefix, grid], dim=1)
     return out if batched else out.squeeze(0)
+
+
+def fit_pretrained_state(
+    tower: VisionTower, state: dict[str, torch.Tensor], interpolation: str = "reference"
+) -> dict[str, torch.Tensor]:
+    """A pretrained visual state dict made at its weights' own input size, fitted to ``tower`` as built (at the
+    configured ``image_size``), as the reference does when it loads a ViT (``models/xvlm.py``
+    ``interpolate_pos_embed``): the position grid of an open_clip ViT (``positional_embedding``) or of a timm
+    ViT (``trunk.pos_embed``) resampled to the tower's grid (:func:`resample_pos_embed`, prefix rows kept); a
+    fixed sin-cos table is the tower's own. Returns a new dict; what already fits is passed through, and
+    anything else that does not fit is left to ``load_state_dict`` to name."""
+    from cclm.model.vision import timm_prefix_tokens
+
+    state = dict(state)
+    visual = tower.visual
+    if tower.is_timm:
+        trunk, key = visual.trunk, "trunk.pos_embed"
+        own = getattr(trunk, "pos_embed", None)
+        if key in state and isinstance(own, torch.Tensor) and state[key].shape != own.shape:
+            prefix = 0 if getattr(trunk, "no_embed_class", False) else timm_prefix_tokens(trunk)[0]
+            grid = tuple(int(n) for n in trunk.patch_embed.grid_size)
+            with torch.no_grad():
+                state[key] = resample_pos_embed(state[key], grid, None, prefix, interpolation)
+        return state
+    key = "positional_embedding"
+    own = getattr(visual, key, None)
+    if key in state and isinstance(own, torch.Tensor) and state[key].shape != own.shape:
+        if tower.tower_cfg.get("pos_embed_type") == "sin_cos_2d":
+            state[key] = own.detach().clone()
+        else:
+            grid = tuple(int(n) for n in visual.grid_size)
+            with torch.no_grad():
+                state[key] = resample_pos_embed(state[key], grid, None, 1, interpolation)
+    return state
 
 
 def resize_open_clip_vit(

@@ -296,11 +296,26 @@ def hub_name_local_form(repo_id: str) -> str:
     return f"give 'local-dir:DIR' after `hf download {repo_id} --local-dir DIR`"
 
 
-class VisionTower(nn.Module):
-    """Wraps an open_clip visual tower; ``forward(images) -> [B, 1 + N, width]``.
+def timm_prefix_tokens(trunk: nn.Module) -> tuple[int, bool]:
+    """(tokens before the patch tokens, whether the first is a class token) of a timm trunk whose
+    ``forward_features`` returns a token sequence: timm's ``num_prefix_tokens`` (class token, then register or
+    distillation tokens) and ``cls_token``; a trunk without them (MLP-Mixer) has none."""
+    has_class_token = getattr(trunk, "has_class_token", None)
+    if has_class_token is None:
+        has_class_token = getattr(trunk, "cls_token", None) is not None
+    prefix = getattr(trunk, "num_prefix_tokens", None)
+    return int(has_class_token if prefix is None else prefix), bool(has_class_token)
 
-    ViT towers return their class token followed by the patch tokens after ``ln_post``; timm towers without a
-    class token (Swin, ConvNeXt) get the mean of their spatial tokens prepended, as X-VLM/CCLM do.
+
+class VisionTower(nn.Module):
+    """Wraps an open_clip visual tower; ``forward(images) -> [B, 1 + N, width]``: one summary token, then the N
+    patch tokens (row-major on :func:`cclm.model.boxes.token_grid`).
+
+    open_clip ViTs return their class token followed by the patch tokens after ``ln_post``. timm towers:
+    a ViT with a class token returns it and its patch tokens, its other prefix tokens (registers, a distillation
+    token) dropped; towers without a class token (Swin, ConvNeXt, and ViTs built without one, e.g. the SigLIP
+    towers, whose attention-pool head cclm does not use) get the mean of their patch tokens prepended as the
+    summary token, as X-VLM/CCLM do for Swin.
     uint8 images (the data pipeline's output) are normalised here with the CLIP statistics, so that
     normalisation runs on the training device.
 
@@ -376,8 +391,13 @@ class VisionTower(nn.Module):
                 if getattr(trunk, "output_fmt", "NCHW") == "NCHW":
                     feats = feats.permute(0, 2, 3, 1)
                 feats = feats.flatten(1, 2)
-                feats = torch.cat([feats.mean(dim=1, keepdim=True), feats], dim=1)
-            return feats
+                return torch.cat([feats.mean(dim=1, keepdim=True), feats], dim=1)
+            prefix, has_class_token = timm_prefix_tokens(trunk)
+            if prefix == 1 and has_class_token:  # the class token, then the patches: as it is
+                return feats
+            patches = feats[:, prefix:]
+            summary = feats[:, :1] if has_class_token else patches.mean(dim=1, keepdim=True)
+            return torch.cat([summary, patches], dim=1)
         out = self.visual.forward_intermediates(
             x,
             indices=1,
