@@ -14,6 +14,7 @@ LAYERS = {
     "cclm.jsonl": 0,
     "cclm.errors": 0,
     "cclm.text_safety": 0,
+    "cclm.weights_files": 0,
     "cclm.runtime": 1,
     "cclm.losses": 2,
     "cclm.data": 2,

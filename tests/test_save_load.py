@@ -52,3 +52,23 @@ def test_bad_layer_selection_is_a_clear_error(tiny_model_cfg):
     tiny_model_cfg.text.fusion_layers = [2, 9]
     with pytest.raises(ValueError, match=r"fusion_layers.*\[9\]"):
         CrossViewModel(tiny_model_cfg)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_every_file_of_a_saved_model_is_as_readable_as_the_umask_allows(tiny_model_cfg, tmp_path, umask):
+    """safetensors 0.8 creates its files 0600: on a shared cluster the weights were the one file of a model
+    folder a colleague could not read."""
+    import os
+
+    from cclm.weights_files import save_tensors
+
+    before = os.umask(umask)
+    try:
+        CrossViewModel(tiny_model_cfg).save_pretrained(tmp_path / "model")
+        save_tensors({"x": torch.zeros(2)}, tmp_path / "alone.safetensors")
+    finally:
+        os.umask(before)
+    files = [*(tmp_path / "model").iterdir(), tmp_path / "alone.safetensors"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.name: oct(0o666 & ~umask) for f in files
+    }

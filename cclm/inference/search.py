@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cclm.data.images import UnreadableImage, load_upright, open_image
@@ -45,6 +45,7 @@ from cclm.errors import DataError, UserError
 from cclm.inference.api import CCLM, resolve_model_folder
 from cclm.model.fingerprint import weights_digest
 from cclm.text_safety import printable
+from cclm.weights_files import save_tensors
 
 log = logging.getLogger("cclm.inference")
 INDEX_NAME = "index.json"
@@ -387,7 +388,7 @@ def _flush(
     """Write one shard, then record it (and the skips so far) in index.json: a crash loses at most one chunk."""
     if rows:
         shard = SHARD_PATTERN.format(len(index.shards))
-        save_file({"embeddings": torch.cat(feats).contiguous()}, str(out / shard))
+        save_tensors({"embeddings": torch.cat(feats).contiguous()}, out / shard)
         index.shards.append(shard)
         index.paths += rows
         report.indexed += len(rows)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from cclm import losses
@@ -39,6 +39,7 @@ from cclm.model.resize import fit_pretrained_state
 from cclm.model.text import FusionStack, MemoryKV, QueryPrefix, TextStack, load_encoder
 from cclm.model.vision import VisionTower, load_pretrained_visual_state, resolve_open_clip_vision_cfg
 from cclm.runtime.checkpoint import tied_aliases
+from cclm.weights_files import save_module
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ class CrossViewModel(nn.Module):
         if extra:
             config.update(extra)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        save_model(self, str(directory / WEIGHTS_NAME))
+        save_module(self, directory / WEIGHTS_NAME)
         from cclm.model.card import write_model_card  # README.md: architecture, training, results
 
         write_model_card(directory, self, extra)

@@ -14,8 +14,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_model
-
 from cclm.config import ConfigError, MLARecipeConfig, require, to_dict
 from cclm.recipes.clip import ClipContrastive, build_clip, build_clip_tokenizer, text_tower
 from cclm.recipes.dual_encoder import dual_encoder_metrics, heldout_sets
@@ -24,6 +22,7 @@ from cclm.runtime.env import init_distributed, seed_everything
 from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import StageView
 from cclm.runtime.stop_signal import holds_stop_signal
+from cclm.weights_files import save_module
 
 log = logging.getLogger("cclm.recipes")
 STAGE = "english_clip"
@@ -104,7 +103,7 @@ def run_english_clip(cfg: MLARecipeConfig) -> dict[str, Any]:
     params = sum(p.numel() for p in clip.parameters())
     if env.rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_model(clip, str(target))
+        save_module(clip, target)
         summary = {"languages": metrics, "path": str(target), "training": stats, "config": to_dict(cfg)}
         (Path(cfg.output_dir) / STAGE / "results.json").write_text(json.dumps(summary, indent=2))
         log.info("English CLIP written to %s", target)

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import save_file, save_model
 
 from cclm.config import ConfigError, DataConfig, MLARecipeConfig, StreamConfig, require, to_dict
 from cclm.data.shards import expand_shards, manifest_languages
@@ -45,6 +44,7 @@ from cclm.runtime.env import DistEnv, barrier, init_distributed, seed_everything
 from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import StageView
 from cclm.runtime.stop_signal import holds_stop_signal
+from cclm.weights_files import save_module, save_tensors
 
 log = logging.getLogger("cclm.recipes")
 ACQUIRED_WEIGHTS = "acquired.safetensors"
@@ -366,10 +366,10 @@ def run_mla(cfg: MLARecipeConfig, model: MLAModel | None = None) -> dict[str, An
         "source_language": cfg.source_language,
     }
     if env.rank == 0:
-        save_file(model.acquired_state_dict(), str(out_dir / ACQUIRED_WEIGHTS))
+        save_tensors(model.acquired_state_dict(), out_dir / ACQUIRED_WEIGHTS)
         model.tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
         if "finetune_en" in phases:
-            save_model(model.clip, str(out_dir / FINETUNED_CLIP))
+            save_module(model.clip, out_dir / FINETUNED_CLIP)
         write_recipe_results(out_dir, after, trained.count, total, extra)
     return {"languages": after, "trained_params": trained.count, "total_params": total, **extra}
 

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from cclm.errors import CheckpointError
 from cclm.runtime.env import barrier, dist_info
@@ -43,6 +42,7 @@ from cclm.runtime.rank_writes import (
     is_write_failure,
     write_error_cause,
 )
+from cclm.weights_files import save_tensors
 
 log = logging.getLogger("cclm.train")
 
@@ -223,7 +223,7 @@ def _write(engine, root, path, step, rank, run_config, data_state, trainer_state
     weights = gather_fp32_state_dict(engine)  # a collective: also on a rank whose writes failed
     if rank == 0:
         # named_parameters lists a tied tensor once (the MLM decoder shares the word embeddings).
-        writes.run(save_file, {k: v.contiguous() for k, v in weights.items()}, str(path / FP32_WEIGHTS))
+        writes.run(save_tensors, {k: v.contiguous() for k, v in weights.items()}, str(path / FP32_WEIGHTS))
         writes.run((path / CONFIG).write_text, json.dumps(run_config, indent=2))
         for name, source in (extra_files or {}).items():
             writes.run(shutil.copy2, source, path / name)

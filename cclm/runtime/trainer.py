@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cclm.config import (
@@ -65,6 +65,7 @@ from cclm.runtime.run_lock import OutputDirLock, hold_output_dir
 from cclm.runtime.schedule import views_per_iteration
 from cclm.runtime.stop_checks import STOP_CHECK_S, StopCheckSchedule
 from cclm.runtime.watchdog import Watchdog
+from cclm.weights_files import save_tensors
 
 log = logging.getLogger("cclm.train")
 BEST_DIR = "best"
@@ -651,7 +652,7 @@ class Trainer:
         if self.env.is_main:
             tmp = best / (BEST_WEIGHTS + ".tmp")
             writes.run(best.mkdir, parents=True, exist_ok=True)
-            writes.run(save_file, {k: v.contiguous() for k, v in weights.items()}, str(tmp))
+            writes.run(save_tensors, {k: v.contiguous() for k, v in weights.items()}, str(tmp))
             writes.run(os.replace, tmp, best / BEST_WEIGHTS)
             writes.run((best / BEST_INFO).write_text, json.dumps(self.selection.state()))
             if writes.error is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from cclm.config import HeadInit
@@ -40,6 +40,7 @@ from cclm.model.heads import init_new_head
 from cclm.tasks import get_task
 from cclm.tasks.answer_decoder import K_TEST, AnswerDecoder
 from cclm.tasks.nlvr_fusion import DualImageFusion
+from cclm.weights_files import save_module
 
 HEAD_WEIGHTS = "task_head.safetensors"
 TASK_CONFIG = "task.json"
@@ -256,7 +257,7 @@ class TaskModel(nn.Module):
         }
         self.backbone.save_pretrained(directory, extra={"task": task_info})
         if self.head is not None:
-            save_model(self.head, str(directory / HEAD_WEIGHTS))
+            save_module(self.head, directory / HEAD_WEIGHTS)
         (directory / TASK_CONFIG).write_text(json.dumps(task_info, indent=2, ensure_ascii=False))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
