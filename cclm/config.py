@@ -1273,9 +1273,10 @@ def _read_yaml(path: Path, schema: Any = None, prefix: str = "") -> DictConfig:
     defaults = raw.pop("defaults", None)
     if schema is not None:
         written = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
-        written.pop("defaults", None)
-        typed = OmegaConf.to_container(raw, resolve=False)
-        raw = OmegaConf.create(_text_where_declared(_schema_at(schema, prefix), typed, written))
+        if isinstance(written, dict):  # None for an empty or comment-only file
+            written.pop("defaults", None)
+            typed = OmegaConf.to_container(raw, resolve=False)
+            raw = OmegaConf.create(_text_where_declared(_schema_at(schema, prefix), typed, written))
     if defaults is not None:
         if not isinstance(defaults, DictConfig):
             raise ConfigError(f"{path}: 'defaults' must be a mapping of group: name")
@@ -1414,6 +1415,9 @@ def _parse_override(schema: Any, key: str, value: str) -> DictConfig:
     return OmegaConf.create(_text_where_declared(schema, OmegaConf.to_container(typed), written))
 
 
+MERGE_KEY = "<<"
+
+
 def _text_where_declared(hint: Any, value: Any, written: Any) -> Any:
     """``value`` as YAML 1.1 typed it, with the text it was ``written`` as wherever the schema declares a string
     (a value, a list item, a mapping's key or entry): YAML reads ``no`` (Norwegian) as false, ``0100`` as 64,
@@ -1425,8 +1429,8 @@ def _text_where_declared(hint: Any, value: Any, written: Any) -> Any:
         if typing.get_origin(hint) is not list:
             return value
         return [_text_where_declared(_inner_hint(hint), v, w) for v, w in zip(value, written, strict=True)]
-    if not isinstance(value, dict) or not isinstance(written, dict):
-        return value
+    if not isinstance(value, dict) or not isinstance(written, dict) or MERGE_KEY in written:
+        return value  # a YAML merge key: the written mapping is not the one read (kept as YAML read it)
     if is_dataclass(hint):
         return {
             k: _text_where_declared(_inner_hint(hint, str(k)), v, written.get(str(k)))
@@ -1436,6 +1440,7 @@ def _text_where_declared(hint: Any, value: Any, written: Any) -> Any:
         return value
     text_keys = (typing.get_args(hint) or (str,))[0] is str
     out = {}
+    # the same entries in the same order (no merge key): paired by position, as a key read as False has no name
     for (key, item), (written_key, written_item) in zip(value.items(), written.items(), strict=True):
         if text_keys and not isinstance(key, str) and isinstance(written_key, str):
             key = written_key  # a language code ``no:`` read as False
@@ -1451,8 +1456,10 @@ def _expand_home(cfg: DictConfig | ListConfig) -> None:
         if isinstance(node, (DictConfig, ListConfig)):
             if not node._is_none() and not node._is_missing() and not node._is_interpolation():
                 _expand_home(node)
-        elif not node._is_interpolation() and not node._is_missing():
-            value = node._value()
+        elif not node._is_missing():
+            value = (
+                node._value()
+            )  # an interpolation's text (``~/runs/${name}``): expanded, still interpolated
             if isinstance(value, str) and value.startswith(("~/", "~" + os.sep)):
                 cfg[key] = os.path.expanduser(value)
 

@@ -250,3 +250,19 @@ def test_a_home_path_in_a_setting_is_expanded(tmp_path, monkeypatch):
     assert cfg.output_dir == f"{tmp_path}/runs/a" and cfg.deepspeed.config_file == f"{tmp_path}/ds.json"
     assert cfg.data.image_caption.shards == f"{tmp_path}/shards/a.tar"
     assert load_config(PretrainConfig, overrides=["output_dir=a~/b"]).output_dir == "a~/b"
+
+
+def test_an_empty_file_a_merge_key_and_an_interpolated_home_path(tmp_path, monkeypatch):
+    from cclm.config import RetrievalRunConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("# every setting at its default\n")
+    assert load_config(PretrainConfig, path).output_dir == PretrainConfig().output_dir
+    # a merge key: the written mapping is not the one read, so nothing is paired (YAML's reading, refused here)
+    path.write_text("checkpoint: x\ndata:\n  captions:\n    <<: {no: [no.jsonl]}\n    en: [en.jsonl]\n")
+    with pytest.raises(ConfigError, match="data.captions"):
+        load_config(RetrievalRunConfig, path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path.write_text("output_dir: ~/runs/${model.text.max_length}\n")
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.output_dir == f"{tmp_path}/runs/{cfg.model.text.max_length}"

@@ -320,3 +320,14 @@ def test_cvil_bad_inputs(world, teacher, tmp_path):
 def test_recipe_cli_reports_config_errors(tmp_path, capsys):
     assert cclm_main(["recipe", "cvil", str(CVIL_YAML), "distill.temprature=2"]) == 2
     assert "distill.temperature" in capsys.readouterr().err
+
+
+def test_cvil_evaluates_in_the_precision_its_deepspeed_file_trains_in(tmp_path):
+    """A DeepSpeed file with fp16 and no deepspeed.precision: the evaluation took auto (bf16 on a GPU)."""
+    from cclm.recipes.cvil import distillation_suite
+    from cclm.runtime.env import init_distributed
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"fp16": {"enabled": true}}')
+    cfg = load_config(CViLRecipeConfig, overrides=[f"deepspeed.config_file={ds}"])
+    assert distillation_suite(cfg, init_distributed("cpu")).precision == "fp16"

@@ -35,7 +35,6 @@ from cclm.config import (
     ConfigError,
     CViLRecipeConfig,
     CViLVQARecipeConfig,
-    Precision,
     StudentPart,
     require,
     to_dict,
@@ -44,6 +43,7 @@ from cclm.data.tokenize import load_tokenizer
 from cclm.model.cross_view import CrossViewModel, check_tokenizer_fits
 from cclm.recipes.object_tags import encode_with_tags
 from cclm.recipes.runner import check_stage_dirs, recipe_resume, run_stage, write_recipe_results
+from cclm.runtime.engine import configured_precision
 from cclm.runtime.env import DistEnv, init_distributed, seed_everything
 from cclm.runtime.run_lock import held_until_exit
 from cclm.runtime.sources import EpochBatches
@@ -346,7 +346,7 @@ def distillation_suite(cfg: CViLRecipeConfig | CViLVQARecipeConfig, env: DistEnv
         cfg.data.task,
         cfg.data,
         env=env,
-        precision=cfg.deepspeed.precision or Precision.auto,
+        precision=configured_precision(cfg.deepspeed),
         eval_batch_size=cfg.distill.batch_size,
     )
 

@@ -56,11 +56,6 @@ def updates_per_iteration(train_cfg: TrainConfig, data_cfg: DataConfig, views: S
     if ViewSchedule(train_cfg.view_schedule) == ViewSchedule.interleave:
         return Fraction(2)
     image, text = _exact(data_cfg.image_caption.weight), _exact(data_cfg.parallel_text.weight)
-    if image <= 0:
-        raise ConfigError(
-            "train.epochs counts passes over data.image_caption, whose weight is 0 (never drawn); set "
-            "train.max_steps"
-        )
     return (image + text) / image
 
 
@@ -98,6 +93,11 @@ def train_max_steps(
     if data_cfg.image_caption is None:
         raise ConfigError(
             "train.epochs counts passes over data.image_caption, which is not set; set train.max_steps"
+        )
+    if data_cfg.image_caption.weight <= 0:  # a stream of weight 0 is never drawn (and not among the views)
+        raise ConfigError(
+            "train.epochs counts passes over data.image_caption, whose weight is 0 (never drawn); set "
+            "train.max_steps"
         )
     size = int(train_cfg.dataset_size) if train_cfg.dataset_size > 0 else image_caption_size(data_cfg)
     return max_steps_from_epochs(
