@@ -28,7 +28,8 @@ TEXTS = ["a red circle above a blue square", "ein roter Kreis über einem blauen
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     """Serves the fixture folder; the server's ``ranges`` honours Range requests (206), ``range_cap`` answers
-    one with at most that many bytes (as a CDN capping ranges does), ``cut_after`` sends only that many bytes of
+    one with at most that many bytes (as a CDN capping ranges does), ``wrong_start`` from another byte than asked,
+    ``cut_after`` sends only that many bytes of
     a body and hangs up; every request's path and Range header is logged."""
 
     def log_message(self, *args):  # quiet
@@ -45,7 +46,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         start, end = 0, len(data)
         wanted = self.headers.get("Range")
         if wanted and server.ranges:
-            start = int(wanted.removeprefix("bytes=").split("-")[0])
+            start = server.wrong_start or int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(data):
                 self.send_error(416)
                 return
@@ -66,6 +67,7 @@ def server(tmp_path):
     root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(root)))
     httpd.requests, httpd.ranges, httpd.range_cap, httpd.cut_after, httpd.root = [], True, None, None, root
+    httpd.wrong_start = None  # answer a range request from this byte instead
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -185,15 +187,20 @@ def test_other_settings_convert_again_from_the_verified_file(entry, server, tmp_
     assert len(server.requests) == 1  # the cached checkpoint was re-verified, not downloaded again
 
 
+@pytest.mark.parametrize("changed", ["converter", "template"])
 def test_a_folder_converted_by_another_converter_is_converted_again_from_the_cached_file(
-    entry, server, tmp_path
+    entry, server, tmp_path, changed
 ):
     cache = tmp_path / "cache"
     folder = registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
     marker = json.loads((folder / registry.MARKER).read_text())
     assert marker["converter"] == registry.converter_version()
-    del marker["converter"]  # as an older cclm wrote it: its conversion may lack what ours keeps
-    (folder / registry.MARKER).write_text(json.dumps(marker))
+    if changed == "converter":
+        del marker["converter"]  # as an older cclm wrote it: its conversion may lack what ours keeps
+        (folder / registry.MARKER).write_text(json.dumps(marker))
+    else:  # the entry's template config edited under the same path
+        template = Path(entry.settings.config)
+        template.write_text(template.read_text() + "# edited\n")
     (folder / "left-by-the-old-conversion").write_text("")
     assert registry.pretrained_folder("cclm-test-tiny", cache_dir=cache) == folder
     assert not (folder / "left-by-the-old-conversion").exists()
@@ -201,12 +208,15 @@ def test_a_folder_converted_by_another_converter_is_converted_again_from_the_cac
     assert len(server.requests) == 1  # converted again from the cached, verified checkpoint
 
 
+@pytest.mark.parametrize("cached_by", ["this cclm", "an older cclm"])
 def test_an_entry_moved_to_another_url_downloads_and_converts_that_urls_file(
-    entry, server, released, tmp_path, tiny_tokenizer
+    entry, server, released, tmp_path, tiny_tokenizer, cached_by
 ):
     cache = tmp_path / "cache"
     first = registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
     v1 = cclm.load(first, device="cpu").encode_texts(TEXTS)
+    if cached_by == "an older cclm":  # no .url record: the converted folder's marker names the URL
+        (cache / "checkpoints" / "cclm-test-tiny.th.url").unlink()
     moved = server.root / "v2.th"
     torch.manual_seed(1)
     torch.save({"model": reference_checkpoint(len(tiny_tokenizer))}, moved)  # other weights, same file name
@@ -229,6 +239,23 @@ def test_an_entry_moved_to_another_url_downloads_and_converts_that_urls_file(
     assert not torch.allclose(v1, v2)
     cr.convert(moved, tmp_path / "by-hand", config=entry.settings.config, tokenizer=entry.settings.tokenizer)
     torch.testing.assert_close(v2, cclm.load(tmp_path / "by-hand", device="cpu").encode_texts(TEXTS))
+
+
+def test_a_file_given_for_a_moved_entry_is_its_reference_from_then_on(entry, server, released, tmp_path):
+    cache = tmp_path / "cache"
+    registry.pretrained_folder("cclm-test-tiny", cache_dir=cache)
+    registry.register_pretrained(
+        Pretrained(**{**entry.__dict__, "url": f"{server.url}/v2.th"}), overwrite=True
+    )
+    given = tmp_path / "v2-by-hand.th"
+    shutil.copy(released, given)
+    registry.pretrained_folder(
+        "cclm-test-tiny", cache_dir=cache, checkpoint=given
+    )  # recorded for the new URL
+    damaged = tmp_path / "damaged.th"
+    damaged.write_bytes(released.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ChecksumMismatch, match="differs from the one recorded"):
+        registry.pretrained_folder("cclm-test-tiny", cache_dir=cache, checkpoint=damaged)
 
 
 def test_a_file_that_changed_on_the_server_is_refused_against_the_recorded_digest(
@@ -296,6 +323,25 @@ def test_a_range_answer_that_stops_short_of_the_file_is_resumed_until_the_file_i
     server.range_cap = None
     assert download(url, dest, progress=False) == _sha256(released)
     assert dest.read_bytes() == released.read_bytes()
+
+
+def test_a_range_answer_for_another_part_of_the_file_starts_the_download_over(server, released, tmp_path):
+    dest = tmp_path / "dl" / "ckpt.th"
+    url = f"{server.url}/{released.name}"
+    size = released.stat().st_size
+    server.cut_after = size // 3
+    with pytest.raises(DownloadError):
+        download(url, dest, progress=False)
+    server.cut_after, server.wrong_start = (
+        None,
+        size // 2,
+    )  # 206, but from the middle: not the bytes asked for
+    assert download(url, dest, progress=False) == _sha256(released)
+    assert dest.read_bytes() == released.read_bytes()
+    assert [wanted for _, wanted in server.requests[-2:]] == [
+        f"bytes={size // 3}-",
+        None,
+    ]  # then a plain request
 
 
 def test_an_unreachable_url_fails_with_a_clear_message(server, tmp_path):

@@ -99,10 +99,20 @@ def download(
     if response is None:
         part.unlink()
         offset, response = 0, _open(url, 0, timeout)
+    span = _content_range(response.headers.get("Content-Range")) if response.status == 206 else None
+    if response.status == 206 and not (offset > 0 and span is not None and span[0] == offset):
+        # part of the file, but not the part asked for: start over with a plain request rather than splice
+        # (or keep as the whole file) the wrong bytes
+        response.close()
+        if offset == 0:
+            raise DownloadError(f"{url}: the server answered a request for the whole file with part of it")
+        offset, response = 0, _open(url, 0, timeout)
+        if response.status == 206:
+            response.close()
+            raise DownloadError(f"{url}: the server answered a request for the whole file with part of it")
     with response:
-        span = _content_range(response.headers.get("Content-Range")) if response.status == 206 else None
-        resumed = offset > 0 and span is not None and span[0] == offset
-        if not resumed:  # a range we did not ask for: start over rather than splice the wrong bytes
+        resumed = response.status == 206
+        if not resumed:
             offset = 0
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None

@@ -33,6 +33,7 @@ refuses them before downloading anything.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -216,11 +217,15 @@ def _url_path(checkpoint_file: Path) -> Path:
 def _from_other_url(entry: Pretrained, cache: Path) -> bool:
     """Whether the cached download (and the digest recorded for it) came from another URL than the entry's:
     an entry re-registered at a new URL publishes other bytes under the same file name. A file without a
-    ``.url`` record (put there by hand, or by an older cclm) is taken as the entry's."""
+    ``.url`` record (put there by hand, or by an older cclm) is taken as the entry's unless the folder converted
+    from it names another URL."""
     try:
         url = _url_path(cache / "checkpoints" / entry.filename).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return False
+    except FileNotFoundError:  # cached by an older cclm: the URL its conversion records, if any
+        try:
+            url = json.loads((cache / "models" / entry.name / MARKER).read_text(encoding="utf-8"))["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
     return url != entry.url
 
 
@@ -249,6 +254,7 @@ def _record(entry: Pretrained, cache: Path, digest: str) -> None:
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(f"{digest}  {entry.filename}\n", encoding="utf-8")
     os.replace(tmp, record)
+    _record_url(entry, record.with_name(entry.filename))  # the digest is the entry's at its URL now
     log.warning(
         "%s: the publisher gives no sha256; recorded %s in %s, and later uses of the checkpoint are checked "
         "against it",
@@ -301,7 +307,10 @@ def fetch_checkpoint(
     path = cache / "checkpoints" / entry.filename
     other_url = _from_other_url(entry, cache)
     if path.is_file() and not other_url:
-        return path, _verified(entry, cache, path)
+        digest = _verified(entry, cache, path)
+        if not _url_path(path).exists():  # cached by an older cclm: from now on a changed URL is noticed
+            _record_url(entry, path)
+        return path, digest
     if entry.manual_download:
         raise ManualDownloadRequired(manual_download_message(entry, cache))
     if other_url:  # the file, a part of it and its digest are another URL's: none may be reused or resumed
@@ -351,18 +360,29 @@ def _file_identity(path: Path) -> dict[str, Any]:
 
 @functools.cache
 def converter_version() -> str:
-    """What made a converted folder: the cclm version and a digest of the converter's source, so that an
-    upgrade that changes what ``convert-reference`` produces (a tensor it now keeps, a fixed mapping) converts
-    cached folders again instead of serving the old conversion."""
+    """What made a converted folder: the cclm version and a digest of the converter's sources (its module, the
+    resizing it applies, its default template), so that an upgrade that changes what ``convert-reference``
+    produces (a tensor it now keeps, a fixed mapping) converts cached folders again instead of serving the old
+    conversion, in an editable install too, whose version does not change."""
     from importlib.metadata import PackageNotFoundError, version
 
     from cclm.inference import convert_reference
+    from cclm.model import resize
 
     try:
         release = version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that is not installed
         release = "source"
-    return f"{release}+{sha256_of(convert_reference.__file__)[:16]}"
+    sources = hashlib.sha256()
+    for path in (convert_reference.__file__, resize.__file__, convert_reference.DEFAULT_CONFIG):
+        sources.update(Path(path).read_bytes())
+    return f"{release}+{sources.hexdigest()[:16]}"
+
+
+def _template_digest(entry: Pretrained) -> str | None:
+    """The digest of the entry's own template config (its content may change under one path)."""
+    path = Path(entry.settings.config).expanduser() if entry.settings.config else None
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def _marker(entry: Pretrained, source: Path, digest: str) -> dict[str, Any]:
@@ -372,6 +392,7 @@ def _marker(entry: Pretrained, source: Path, digest: str) -> dict[str, Any]:
         "sha256": digest,
         "settings": asdict(entry.settings),
         "converter": converter_version(),
+        "template_sha256": _template_digest(entry),
         "source": _file_identity(source),
     }
 
@@ -385,7 +406,7 @@ def _made_by(folder: Path, entry: Pretrained) -> dict[str, Any] | None:
         return None
     if made.get("settings") != asdict(entry.settings) or made.get("url") != entry.url:
         return None
-    if made.get("converter") != converter_version():
+    if made.get("converter") != converter_version() or made.get("template_sha256") != _template_digest(entry):
         return None
     return made
 
