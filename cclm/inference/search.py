@@ -448,12 +448,13 @@ def search_index(
     image_dir = Path(index.image_dir)
     gallery = [image_dir / path for path in index.paths]  # paths only: re-ranking decodes just the candidates
     cosine = (engine.encode_texts([query]) @ feats.t())[0]
+    order = cosine.argsort(descending=True, stable=True).tolist()
     k = min(k, len(index.paths))
     if not rerank:
-        scores, rows = cosine.topk(k)
-        return [Hit(r + 1, gallery[int(i)], float(s)) for r, (s, i) in enumerate(zip(scores, rows))]
+        rows = _one_row_per_file(order, gallery, k)
+        return [Hit(r + 1, gallery[i], float(cosine[i])) for r, i in enumerate(rows)]
     depth = max(k, min(rerank_k or k, len(index.paths)))
-    candidates, pixels = _decode_candidates(engine, index, [int(i) for i in cosine.topk(depth).indices])
+    candidates, pixels = _decode_candidates(engine, index, _one_row_per_file(order, gallery, depth))
     if not candidates:
         return []
     probs, rows = engine.rerank([query], pixels, torch.arange(len(candidates))[None], k)
@@ -461,6 +462,21 @@ def search_index(
         Hit(r + 1, gallery[candidates[int(i)]], float(cosine[candidates[int(i)]]), float(p))
         for r, (p, i) in enumerate(zip(probs[0], rows[0]))
     ]
+
+
+def _one_row_per_file(order: list[int], gallery: list[Path], count: int) -> list[int]:
+    """The first ``count`` rows of ``order`` that are distinct files: an index built before links to one photo
+    were listed once (or resumed since) may hold a photo under two paths, and would show it twice."""
+    seen: set[str] = set()
+    rows = []
+    for row in order:
+        real = os.path.realpath(gallery[row])
+        if real not in seen:
+            seen.add(real)
+            rows.append(row)
+            if len(rows) == count:
+                break
+    return rows
 
 
 def _search_model(index: ImageIndex, index_dir: Path, model: str | Path | None) -> Path:

@@ -146,6 +146,20 @@ def test_linked_folders_are_indexed_and_broken_links_listed(tiny_model_dir, phot
     assert "loop.png: broken link" in err and "a link to a file already listed (blue.png)" in err
 
 
+def test_an_index_holding_a_photo_under_two_paths_shows_it_once(
+    tiny_model_dir, photos, tmp_path, capsys, monkeypatch
+):
+    """An index built before links to one photo were listed once (or resumed since) holds both paths."""
+    (photos / "a-favourite.png").symlink_to(photos / "blue.png")
+    monkeypatch.setattr(search, "_one_path_per_file", lambda files, image_dir, skipped: files)
+    out = tmp_path / "index"
+    assert cclm_main(index_argv(photos, tiny_model_dir, out)) == 0
+    assert "a-favourite.png" in search.ImageIndex.read(out).paths
+    for extra in ([], ["--rerank", "--rerank-k", "4"]):
+        shown = [row.split()[-1] for row in searched(capsys, out, QUERY, "-k", "4", *extra)]
+        assert len(shown) == 3 and len({Path(p).resolve() for p in shown}) == 3, shown
+
+
 # ------------------------------------------------------------------------------------ 6. a damaged index
 def _cut(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
