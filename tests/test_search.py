@@ -67,7 +67,7 @@ def test_index_resumes_after_interruption_and_adds_new_files(
     tiny_model_dir, image_dir, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "index"
-    real_save = search.save_file
+    real_save = search.save_tensors
     calls = []
 
     def save_then_crash(tensors, path):
@@ -76,7 +76,7 @@ def test_index_resumes_after_interruption_and_adds_new_files(
             raise KeyboardInterrupt("simulated interruption")
         real_save(tensors, path)
 
-    monkeypatch.setattr(search, "save_file", save_then_crash)
+    monkeypatch.setattr(search, "save_tensors", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         search.build_index(image_dir, tiny_model_dir, out, batch_size=2, chunk_size=2)
     first = search.ImageIndex.read(out)
@@ -84,7 +84,7 @@ def test_index_resumes_after_interruption_and_adds_new_files(
     assert first.paths == ["green.png", "red.jpg", "sub/blue.jpg"] and len(first.shards) == 1
     assert list(first.skipped) == ["notes.txt"]
 
-    monkeypatch.setattr(search, "save_file", real_save)
+    monkeypatch.setattr(search, "save_tensors", real_save)
     report = search.build_index(image_dir, tiny_model_dir, out, batch_size=2, chunk_size=2)
     assert (report.already, report.indexed, list(report.skipped)) == (3, 1, ["truncated.jpg"])
     write_solid(image_dir / "later" / "purple.jpg", (150, 40, 180))

@@ -272,11 +272,11 @@ def test_a_full_disk_while_saving_stops_the_run_naming_the_intact_checkpoint(tmp
 
     run = tmp_path / "run"
     trainer = toy_trainer(run, steps=6, save_every=2)
-    real_save_file, real_engine_save = checkpoint.save_file, trainer.engine.save_checkpoint
+    real_save_file, real_engine_save = checkpoint.save_tensors, trainer.engine.save_checkpoint
     if where == "weights":
         monkeypatch.setattr(
             checkpoint,
-            "save_file",
+            "save_tensors",
             lambda t, f: full_disk() if "step_00000004" in f else real_save_file(t, f),
         )
     else:
@@ -318,7 +318,7 @@ def test_a_full_disk_while_keeping_the_best_weights_stops_the_run_naming_them(tm
     from cclm.runtime import trainer as trainer_module
 
     scores = iter([0.1, 0.5, 0.2])
-    real_save_file = trainer_module.save_file
+    real_save_file = trainer_module.save_tensors
     evaluations = []
 
     def full_disk_after_the_first(tensors, filename):
@@ -327,7 +327,7 @@ def test_a_full_disk_while_keeping_the_best_weights_stops_the_run_naming_them(tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         real_save_file(tensors, filename)
 
-    monkeypatch.setattr(trainer_module, "save_file", full_disk_after_the_first)
+    monkeypatch.setattr(trainer_module, "save_tensors", full_disk_after_the_first)
     run = tmp_path / "run"
     trainer = toy_trainer(
         run,
@@ -351,7 +351,7 @@ def test_a_full_disk_while_keeping_the_best_weights_stops_the_run_naming_them(tm
 
 def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        checkpoint, "save_file", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
+        checkpoint, "save_tensors", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
     )
     trainer = toy_trainer(tmp_path / "run", steps=2, save_every=2)
     with pytest.raises(CheckpointError, match="no earlier checkpoint"):

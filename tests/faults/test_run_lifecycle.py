@@ -112,7 +112,7 @@ def test_the_hint_after_a_full_disk_before_the_first_checkpoint_works(tmp_path, 
     the run again from step 0."""
     run = tmp_path / "run"
     monkeypatch.setattr(
-        checkpoint, "save_file", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
+        checkpoint, "save_tensors", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
     )
     trainer = toy_trainer(run, steps=4, save_every=2)
     with pytest.raises(CheckpointError) as failed:
