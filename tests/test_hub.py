@@ -5,7 +5,6 @@ checked), and ``cclm.load("hf-hub:ORG/NAME")`` loads what was pushed from a loca
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +16,8 @@ from huggingface_hub import HfApi, constants
 import cclm
 from cclm.errors import UserError
 from cclm.inference.hub import HubError, hub_folder, push_to_hub
-from cclm.runtime import checkpoint
 from cclm.train.export import main as export_main
+from tests.faults.test_export_faults import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["a red circle above a blue square", "青い四角の上に赤い丸"]
@@ -103,27 +102,6 @@ def test_push_uploads_the_folder_with_a_hub_model_card_and_hf_hub_loads_it_offli
     )
 
 
-def pretraining_checkpoint(run: Path, model_cfg, text_changes: dict | None = None) -> Path:
-    """A complete step-7 checkpoint of a random model in ``run/checkpoints``, as training writes one."""
-    from safetensors.torch import save_file
-
-    from cclm.config import to_dict
-    from cclm.model import CrossViewModel
-
-    ckpt = run / "checkpoints" / "step_00000007"
-    ckpt.mkdir(parents=True)
-    model = CrossViewModel(model_cfg, load_pretrained=False)
-    weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # as training saves
-    save_file(weights, str(ckpt / checkpoint.FP32_WEIGHTS))
-    config = to_dict(model.cfg)
-    config["text"].update(text_changes or {})
-    (ckpt / checkpoint.CONFIG).write_text(json.dumps({"model": config, "train": {"max_steps": 9}}))
-    (ckpt / checkpoint.COMPLETE).write_text(
-        json.dumps({"step": 7, "world_size": 1, "files": checkpoint.manifest(ckpt)})
-    )
-    return ckpt
-
-
 def test_a_checkpoint_out_of_its_run_folder_exports_the_tokenizer_its_config_names(
     tmp_path, tiny_model_cfg, tiny_tokenizer
 ):
@@ -131,7 +109,10 @@ def test_a_checkpoint_out_of_its_run_folder_exports_the_tokenizer_its_config_nam
 
     named = tmp_path / "tokenizer-the-run-used"
     tiny_tokenizer.save_pretrained(str(named))
-    ckpt = pretraining_checkpoint(tmp_path / "copied", tiny_model_cfg, {"tokenizer": str(named)})
+    tiny_model_cfg.text.tokenizer = str(
+        named
+    )  # the run config names it; no tokenizer/ beside the checkpoints
+    ckpt = make_checkpoint(tmp_path / "copied", tiny_model_cfg)
     out = export(ckpt, tmp_path / "exported")
     assert (out / "tokenizer.json").read_bytes() == (named / "tokenizer.json").read_bytes()
     shutil.rmtree(named)  # the folder is whole without the path its config names
@@ -145,8 +126,7 @@ def test_export_push_to_hub_uploads_the_exported_folder(
     tmp_path, tiny_model_cfg, tiny_tokenizer, hub, capsys
 ):
     run = tmp_path / "run"
-    pretraining_checkpoint(run, tiny_model_cfg)
-    tiny_tokenizer.save_pretrained(str(run / "tokenizer"))
+    make_checkpoint(run, tiny_model_cfg, tokenizer=tiny_tokenizer, step=7, train={"max_steps": 9})
     out = tmp_path / "exported"
     assert export_main(["export", str(run), str(out), "--push-to-hub", "no-org"]) == 2
     assert (

@@ -17,18 +17,29 @@ from cclm.train import export as export_module
 from cclm.train.export import main as export_main
 
 
-def make_checkpoint(run: Path, model_cfg, run_config: dict | None = None) -> Path:
-    """A complete step-1 checkpoint of ``run`` (fp32 weights, run config, manifest), as pretraining writes it."""
-    folder = run / "checkpoints" / "step_00000001"
+def make_checkpoint(
+    run: Path,
+    model_cfg,
+    run_config: dict | None = None,
+    tokenizer=None,
+    step: int = 1,
+    train: dict | None = None,
+) -> Path:
+    """A complete checkpoint of ``run`` at ``step`` (fp32 weights, run config, manifest), as pretraining writes
+    it, with ``tokenizer`` saved in ``run/tokenizer`` as pretraining saves its own; ``train``: the run
+    config's train section."""
+    folder = run / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
     model = CrossViewModel(model_cfg, load_pretrained=False)
     # named_parameters lists a tied tensor once, as the checkpoint writer saves them
     save_file({k: v.contiguous() for k, v in model.named_parameters()}, str(folder / checkpoint.FP32_WEIGHTS))
-    config = {"model": to_dict(model.cfg)} if run_config is None else run_config
+    config = {"model": to_dict(model.cfg), "train": train or {}} if run_config is None else run_config
     (folder / checkpoint.CONFIG).write_text(json.dumps(config))
     (folder / checkpoint.COMPLETE).write_text(
-        json.dumps({"step": 1, "world_size": 1, "files": checkpoint.manifest(folder)})
+        json.dumps({"step": step, "world_size": 1, "files": checkpoint.manifest(folder)})
     )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(run / "tokenizer"))
     return folder
 
 
@@ -51,10 +62,12 @@ def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_its_config(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_destination_holding_files_is_refused_or_moved_aside(tmp_path, tiny_model_cfg, capsys):
+def test_a_destination_holding_files_is_refused_or_moved_aside(
+    tmp_path, tiny_model_cfg, tiny_tokenizer, capsys
+):
     """Before, the export wrote over the folder and kept an earlier model's eval_results.json, which the new
     model card then showed as this model's results."""
-    make_checkpoint(tmp_path / "run", tiny_model_cfg)
+    make_checkpoint(tmp_path / "run", tiny_model_cfg, tokenizer=tiny_tokenizer)
     out = tmp_path / "out"
     out.mkdir()
     (out / "eval_results.json").write_text(json.dumps({"xvnli": {"en": {"accuracy": 99.0}}}))

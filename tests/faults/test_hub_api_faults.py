@@ -94,10 +94,10 @@ def test_a_push_that_cannot_reach_the_hub_is_one_hub_error_saying_how_to_push_ag
 
 
 def test_export_whose_push_fails_exits_2_in_one_line_and_push_only_pushes_the_folder_later(
-    tmp_path, tiny_model_cfg, capsys, monkeypatch
+    tmp_path, tiny_model_cfg, tiny_tokenizer, capsys, monkeypatch
 ):
     run = tmp_path / "run"
-    make_checkpoint(run, tiny_model_cfg)
+    make_checkpoint(run, tiny_model_cfg, tokenizer=tiny_tokenizer)
     out = tmp_path / "exported"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
