@@ -129,49 +129,46 @@ def test_group_positives_gathered_over_ranks_match_one_process(local_loss):
 UNEVEN = (5, 3)  # rows of rank 0 and rank 1: batches a caller could not fill (uneven_rows=True)
 
 
-def _uneven_worker(rank, world, port, queue, grad, with_groups):
+VARIANTS = [("exact", False), ("exact", True), ("reference", False)]  # (gradient, group positives)
+
+
+def _uneven_worker(rank, world, port, queue):
+    """Every variant's loss and gradient on this rank's uneven share, in one process group (a spawn per
+    variant cost ~10 s of the suite each)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x_img, x_txt, weight = _data()
     shard = slice(sum(UNEVEN[:rank]), sum(UNEVEN[: rank + 1]))
-    weight = weight.clone().requires_grad_()
-    loss = _loss(
-        x_img[shard],
-        x_txt[shard],
-        weight,
-        False,
-        grad,
-        GROUPS[shard] if with_groups else None,
-        uneven_rows=True,
-    )
-    loss.backward()
-    grad_sum = weight.grad.clone()
-    dist.all_reduce(grad_sum)
-    value = loss.detach().clone()
-    dist.all_reduce(value)
+    results = []
+    for grad, with_groups in VARIANTS:
+        weight = weight.detach().clone().requires_grad_()
+        groups = GROUPS[shard] if with_groups else None
+        loss = _loss(x_img[shard], x_txt[shard], weight, False, grad, groups, uneven_rows=True)
+        loss.backward()
+        grad_sum = weight.grad.clone()
+        dist.all_reduce(grad_sum)
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        results.append((value.item() / world, (grad_sum / world).tolist()))
     if rank == 0:
-        queue.put((value.item() / world, (grad_sum / world).tolist()))
+        queue.put(results)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("grad, with_groups", [("exact", False), ("exact", True), ("reference", False)])
-def test_ranks_with_different_row_counts_give_the_loss_of_their_concatenation(grad, with_groups):
+def test_ranks_with_different_row_counts_give_the_loss_of_their_concatenation():
     """5 rows on rank 0, 3 on rank 1 (gloo aborted the all_gather of unequal shapes before): the loss is one
     process's on the 8 rows, and the gradient the exact one (1/2 of it with the reference's backward)."""
-    x_img, x_txt, weight = _data()
-    weight = weight.clone().requires_grad_()
-    reference = _loss(x_img, x_txt, weight, False, groups=GROUPS if with_groups else None)
-    reference.backward()
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(
-        _uneven_worker, args=(2, _free_port(), queue, grad, with_groups), nprocs=2, start_method="spawn"
-    )
-    value, got = queue.get(timeout=60)
-    assert abs(value - reference.item()) < 1e-6
-    expected = weight.grad if grad == "exact" else weight.grad / 2
-    assert torch.allclose(torch.tensor(got), expected, atol=1e-6)
+    mp.start_processes(_uneven_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
+    for (grad, with_groups), (value, got) in zip(VARIANTS, queue.get(timeout=60), strict=True):
+        x_img, x_txt, weight = _data()
+        weight = weight.clone().requires_grad_()
+        reference = _loss(x_img, x_txt, weight, False, groups=GROUPS if with_groups else None)
+        reference.backward()
+        assert abs(value - reference.item()) < 1e-6, (grad, with_groups)
+        expected = weight.grad if grad == "exact" else weight.grad / 2
+        assert torch.allclose(torch.tensor(got), expected, atol=1e-6), (grad, with_groups)
 
 
 def _padded_worker(rank, world, port, queue):
