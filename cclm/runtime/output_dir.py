@@ -74,6 +74,13 @@ def check_output_dir(
         raise UserError(f"{key}={path}: {existing} is a file, not a folder")
     if not _can_create_in(existing):
         raise UserError(f"{key}={path}: {existing} is not writable")
+    if overwrite and resume == "auto" and (holds_run(path) or any(holds_run(path / s) for s in stages)):
+        # the paper configs say resume: auto: overwrite=true on top of it would be ignored, the old run continued
+        raise UserError(
+            f"overwrite=true asks to move the run in {key}={path} aside and start anew, but resume=auto (the "
+            "config's or the command line's) continues it: add resume=null to start anew, or leave out "
+            "overwrite=true to continue"
+        )
     if not replaces_run(path, resume, stages):
         return
     if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):

@@ -776,14 +776,14 @@ def test_sbatch_overwrite_starts_the_first_job_anew_and_a_requeued_job_continues
     out = machine.tmp / "run"
     if in_config:
         config = machine.tmp / "overwrite.yaml"
-        config.write_text("defaults:\n  model: tiny\noverwrite: true\n")
+        config.write_text("defaults:\n  model: tiny\noverwrite: true\nresume: auto\n")  # as the paper configs
         args = [str(config), f"output_dir={out}"]
     else:
         args = ["configs/pretrain/demo.yaml", f"output_dir={out}", "overwrite=true"]
     result, srun = recording_sbatch(machine, env, args)
     settings = srun.split(" cclm-task python -m cclm.train.cli ")[1].split()
     if restart == "0":
-        assert settings == args
+        assert settings == [*args, "resume=null"]  # a config's resume: auto would continue the old run
         assert result.stdout.startswith(
             f"slurm.sbatch: overwrite=true: this job starts anew (a run in {out} is moved aside); a requeued job "
             "continues it with resume=auto\n"

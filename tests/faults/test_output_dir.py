@@ -48,6 +48,18 @@ def test_overwrite_moves_the_old_run_aside_and_keeps_the_new_checkpoints(tmp_pat
     ]
 
 
+def test_overwrite_with_resume_auto_is_refused_not_a_silent_continuation(tmp_path):
+    """The paper configs say resume: auto; overwrite=true on top of it continued the old run, nothing moved."""
+    from cclm.runtime.output_dir import check_output_dir
+
+    run = trained(tmp_path / "run", steps=4, save_every=2)
+    before = snapshot(run)
+    with pytest.raises(UserError, match="add resume=null to start anew"):
+        check_output_dir(run, "auto", overwrite=True)
+    assert snapshot(run) == before
+    check_output_dir(tmp_path / "empty", "auto", overwrite=True)  # nothing to move aside: a fresh start
+
+
 def _pretrain(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     # The shards need not exist: the output folder is checked before any data is opened.
     shards = ["data.image_caption.shards=/nowhere/ic.tar", "data.parallel_text.shards=/nowhere/pt.tar"]
