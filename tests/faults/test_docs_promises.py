@@ -273,3 +273,25 @@ def test_optimizer_state_resumes_under_the_other_adamw(saved_by, resumed_by, cpu
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), other.parameters())) < 1e-6
     steps = {float(state["step"]) for state in second.state.values()}
     assert steps == {6.0}
+
+
+def test_the_documented_stop_command_signals_the_trainers_not_the_deepspeed_launcher(tmp_path):
+    """docs/launch.md's pkill pattern: it matched the DeepSpeed launcher too (``--module cclm.train.cli``),
+    which does not catch SIGUSR1 and died, leaving its processes saving unwatched."""
+    import re
+    import subprocess
+    import sys
+
+    (pattern,) = re.findall(r"`pkill -USR1 -f -- '([^']+)'`", (REPO / "docs" / "launch.md").read_text())
+    sleep = "import time; time.sleep(60)"
+    marker = f"run-{tmp_path.name}"  # only this test's processes
+    launcher = subprocess.Popen([sys.executable, "-c", sleep, "--module", "cclm.train.cli", marker])
+    trainer = subprocess.Popen([sys.executable, "-u", "-c", sleep, "-m", "cclm.train.cli", marker])
+    try:
+        found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+        ours = {int(pid) for pid in found} & {launcher.pid, trainer.pid}
+        assert ours == {trainer.pid}
+    finally:
+        for process in (launcher, trainer):
+            process.kill()
+            process.wait()
