@@ -176,6 +176,16 @@ class DuplicateImages(Mode):
     merge = "merge"
 
 
+class NoGoldLabel(Mode):  # XVNLI dev/test records labelled "-" (no annotator consensus)
+    iglue = "iglue"  # kept and scored as wrong: IGLUE's denominator (1,164 records per test file)
+    drop = "drop"  # left out, as the CCLM reference (1,150)
+
+
+class SharedTestImages(Mode):  # few-shot: a training image path that the language's test file also names
+    note = "note"  # warned about and listed in the run's row (MaRVL zh 10 and 10x2: 5 and 7 shared names)
+    refuse = "refuse"  # the sweep stops before anything trains
+
+
 class SelectOn(Mode):
     dev = "dev"  # few-shot: the learning rate and step are selected on the dev set (default)
     # the reference's few-shot configs select on the target-language TEST file: only to compare with the
@@ -531,8 +541,15 @@ class FinetuneDataConfig:
     image_roots: dict[str, str] = field(default_factory=dict)
     # Read at most this many examples per file (0 = all); for smoke runs, never for reported numbers.
     max_examples: int = 0
+    # > 0: model selection reads the first N examples (retrieval: images) of each dev file (data.dev,
+    # few_shot_dev), as IGLUE's few-shot MaRVL runs stop their unshuffled dev loader early; 0 = all
+    dev_max_examples: int = 0
     # Retrieval tasks (WIT, xFlickr&CO): what lines that share an image are.
     duplicate_images: DuplicateImages = DuplicateImages.iglue
+    # XVNLI's dev/test records without a gold label ("-"): scored as wrong (IGLUE) or dropped (the reference)
+    no_gold_label: NoGoldLabel = NoGoldLabel.iglue
+    # few-shot: a training image path that the language's test file also names (noted in the row, or refused)
+    shared_test_images: SharedTestImages = SharedTestImages.note
     # Training-image augmentation (the reference fine-tunes with crop 0.5-1, flip, RandomAugment(2, 7)).
     augment: bool = False
     crop_scale_min: float = 0.5
@@ -550,6 +567,8 @@ class FinetuneTrainConfig:
     epochs: int = 10
     max_steps: int = 0  # > 0 stops earlier than `epochs`
     batch_size: int = 32
+    # few-shot: the batch size of each shot count ("1": 2, "10x2": 32, as IGLUE scales it); others: batch_size
+    batch_size_by_shots: dict[str, int] = field(default_factory=dict)
     lr: float = 2e-5
     lr_sweep: list[float] = field(default_factory=lambda: [1e-5, 5e-5, 1e-4])  # few-shot: best on dev wins
     head_lr_mult: float = 5.0  # the newly initialised task head learns faster
@@ -1003,6 +1022,8 @@ def check_finetune_train_config(train: Any, key: str = "train") -> None:
             f"config keys '{key}.epochs' and '{key}.max_steps' are both 0: there is no step to train"
         )
     _require(train.batch_size >= 1, f"{key}.batch_size", ">= 1", train.batch_size)
+    for shots, size in train.batch_size_by_shots.items():
+        _require(size >= 1, f"{key}.batch_size_by_shots.{shots}", ">= 1", size)
     _require(train.log_every >= 1, f"{key}.log_every", ">= 1", train.log_every)
     _require(train.lr >= 0, f"{key}.lr", ">= 0", train.lr)
     if any(lr < 0 for lr in train.lr_sweep):
@@ -1030,6 +1051,12 @@ def check_finetune_values(cfg: Any, training: bool = True) -> None:
         cfg.data.max_examples >= 0, "data.max_examples", ">= 0 (0: every example)", cfg.data.max_examples
     )
     _require(cfg.data.max_length >= 0, "data.max_length", ">= 0 (0: the model's)", cfg.data.max_length)
+    _require(
+        cfg.data.dev_max_examples >= 0,
+        "data.dev_max_examples",
+        ">= 0 (0: every example)",
+        cfg.data.dev_max_examples,
+    )
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1", cfg.eval.batch_size)
     _require(cfg.eval.k_test >= 1, "eval.k_test", ">= 1", cfg.eval.k_test)
     if not training:

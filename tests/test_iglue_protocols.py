@@ -1,7 +1,7 @@
 """IGLUE's protocols as the shipped configs express them: every few-shot split (language x shot count) and every
 machine-translated test file IGLUE ships, few-shot selection on dev (default) or on test (the CCLM reference's,
-labelled as such), a few-shot test file that holds training images refused, and the ``*_cclm.yaml`` configs
-carrying the reference's fine-tuning hyper-parameters."""
+labelled as such), a few-shot test file that holds training images refused on request, and the ``*_cclm.yaml``
+configs carrying the reference's fine-tuning hyper-parameters."""
 
 from __future__ import annotations
 
@@ -239,9 +239,16 @@ def stub_training(monkeypatch):
     def load_checkpoint(self, directory):
         return FakeModel(), None
 
-    def train(self, model, tokenizer, train_datas, dev_datas, lr, output_dir, run_info=None):
+    def train(self, model, tokenizer, train_datas, dev_datas, lr, output_dir, run_info=None, batch_size=None):
         calls.append(
-            {"lr": lr, "train": train_datas[0].file, "select": [d.file for d in dev_datas], "dir": output_dir}
+            {
+                "lr": lr,
+                "train": train_datas[0].file,
+                "select": [d.file for d in dev_datas],
+                "select_examples": [len(d.examples) for d in dev_datas],
+                "dir": output_dir,
+                "batch_size": batch_size,
+            }
         )
         model.weights = {"w": torch.tensor(lr)}
         score = {1e-5: 40.0, 5e-5: 70.0, 1e-4: 55.0}[lr]
@@ -340,8 +347,11 @@ def test_zero_shot_refuses_selection_on_test(tmp_path):
         protocols.run_zero_shot(cfg)
 
 
-def test_a_test_file_holding_few_shot_training_images_is_refused(iglue_dir, tmp_path, stub_training):
-    """xGQA's few-shot images come from testdev: the full testdev file would test on them."""
+def test_a_test_file_holding_few_shot_training_images_is_refused_on_request(
+    iglue_dir, tmp_path, stub_training
+):
+    """xGQA's few-shot images come from testdev: the full testdev file would test on them (the default notes
+    them and goes on: test_iglue_fidelity.py)."""
     train = iglue_dir / "xGQA/annotations/few_shot/en/train_5.json"
     testdev = iglue_dir / "gqa/annotations/testdev_balanced_questions.json"
     if not (train.is_file() and testdev.is_file()):
@@ -353,10 +363,11 @@ def test_a_test_file_holding_few_shot_training_images_is_refused(iglue_dir, tmp_
         f"checkpoint={tmp_path}",
         f"output_dir={tmp_path / 'out'}",
         "train.device=cpu",
+        "data.shared_test_images=refuse",
     )
     cfg.data.few_shot_train, cfg.data.test = {"en": str(train)}, {"en": str(testdev)}
     with pytest.raises(
-        ValueError, match=r"5 image\(s\) of .*train_5.json are also in the test file .*xgqa.yaml"
+        ValueError, match=r"5 image\(s\) of .*train_5.json are also named by the test file .*xgqa.yaml"
     ):
         few_shot.run_few_shot(cfg)
     assert not stub_training  # refused before any training

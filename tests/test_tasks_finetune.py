@@ -293,12 +293,12 @@ def test_few_shot_starts_from_checkpoint_and_selects_lr_on_dev(
     # the kept model is the dev-selected one: re-scoring it gives the recorded dev and test numbers
     runner = protocols.TaskRunner(few)
     model, tokenizer = runner.load_checkpoint(str(tmp_path / "few" / "few_shot" / "ar"))
-    assert runner.score(model, tokenizer, runner.read(few.data.few_shot_dev["ar"]))[
+    assert runner.score(model, tokenizer, runner.read(few.data.few_shot_dev["ar"], scored=True))[
         "accuracy"
     ] == pytest.approx(row["dev"])
-    assert runner.score(model, tokenizer, runner.read(few.data.test["ar"]))["accuracy"] == pytest.approx(
-        row["accuracy"]
-    )
+    assert runner.score(model, tokenizer, runner.read(few.data.test["ar"], scored=True))[
+        "accuracy"
+    ] == pytest.approx(row["accuracy"])
     assert (tmp_path / "few" / "results" / "xvnli" / "few_shot.md").is_file()
     recorded = json.loads((tmp_path / "few" / "few_shot" / "ar" / "eval_results.json").read_text())
     assert recorded == {f"few_shot_{row['shots']}": {"ar": {"accuracy": row["accuracy"]}}}

@@ -17,11 +17,13 @@ re-scored (``rescore_all=True`` scores them anyway; ranks and metrics are identi
 
 Ranks are 1-based. By default ties count against the query: a query's rank is 1 + the number of non-gold
 candidates that score at least as high as its best gold candidate (a constant scorer therefore gets chance-level
-recall, not 100%). With ``ties="index"`` (IGLUE's convention: its evaluation ranks by ``argsort(-scores)``) ties
-are broken by candidate index, as a stable sort by descending score would: a non-gold candidate that ties the best
-gold score ranks above it only when it comes first. Functions take ``ties`` (None = the default of the calling
-context, :func:`tie_breaking`; ``"against"`` outside one). An image query's gold items are all its captions; a
-caption query's gold item is its image.
+recall, not 100%). With ``ties="index"`` (for IGLUE's tasks) ties are broken by candidate index, as a stable
+sort by descending score would: a non-gold candidate that ties the best gold score ranks above it only when it
+comes first. IGLUE ranks by numpy's default ``np.argsort(-scores)``, which is not stable: its order among
+exactly equal scores is unspecified (it depends on the array and the numpy version), so the index order is a
+deterministic stand-in that agrees with it wherever the gold candidate has no exact tie. Functions take
+``ties`` (None = the default of the calling context, :func:`tie_breaking`; ``"against"`` outside one). An
+image query's gold items are all its captions; a caption query's gold item is its image.
 
 On several ranks (``torch.distributed`` initialised) each rank embeds a slice of the images and captions (the
 embeddings are all-gathered), scores a slice of the queries of both directions, and the ranks are gathered, so

@@ -1,15 +1,22 @@
 """IGLUE's few-shot protocol: for each language of ``data.few_shot_train`` and each of its files (a value may be a
 brace pattern, ``.../train_{1,5,10,20,25,48}.jsonl``: one run per shot count), continue from ``checkpoint`` (the
 English fine-tuned model of the zero-shot protocol, :mod:`cclm.tasks.protocols`) once per learning rate of
-``train.lr_sweep``; the run with the best selection score is evaluated on that language's test file.
+``train.lr_sweep``; the run with the best selection score is evaluated on that language's test file. Each run
+trains at its shot count's batch size (``train.batch_size_by_shots``, else ``train.batch_size``), as IGLUE's
+scripts scale the batch with the shots.
 
 Selection (``train.select_on``) is on the dev set by default (``data.few_shot_dev.<lang>``, else the English
 ``data.dev``, as IGLUE); ``test`` selects on the language's test file, as the CCLM reference's few-shot configs do:
-such tables are named ``..._selected_on_test`` and labelled in their header, title and rows. A few-shot training
-image that is also in the test file is an error (xGQA's few-shot images come from testdev: its runs test on the
-few-shot split's ``test.json``, as IGLUE's all do). Each run folder's ``sweep.json`` (:class:`SweepRecord`)
-records the finished learning rates and the scored row: a requeued sweep (``resume=auto``) skips them, with or
-without checkpoints.
+such tables are named ``..._selected_on_test`` and labelled in their header, title and rows.
+
+A few-shot training image path that the test file also names is warned about and listed in the run's row
+(``shared_test_images``; the report footnotes it), or refused with ``data.shared_test_images=refuse``: cclm
+reads both from one image folder, where MaRVL zh's 10 and 10x2 splits share 5 and 7 file names with its test
+file, while IGLUE, which publishes those runs, reads few-shot images from a feature file of their own. (xGQA's
+few-shot images come from testdev: its runs test on the few-shot split's ``test.json``, as IGLUE's all do.)
+
+Each run folder's ``sweep.json`` (:class:`SweepRecord`) records the finished learning rates and the scored
+row: a requeued sweep (``resume=auto``) skips them, with or without checkpoints.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 import braceexpand
 from safetensors.torch import load_file
 
-from cclm.config import ConfigError, FinetuneConfig, SelectOn
+from cclm.config import ConfigError, FinetuneConfig, SelectOn, SharedTestImages
 from cclm.errors import UserError
 from cclm.jsonl import read_json
 from cclm.runtime.checkpoint import tied_aliases
@@ -104,16 +111,30 @@ def few_shot_files(data_cfg) -> list[str]:
     return [run.train_path for run in few_shot_runs(data_cfg)]
 
 
-def _check_no_test_images(run: FewShotRun, train: TaskData, test: TaskData, test_path: str) -> None:
-    """A few-shot training image that the test file also holds would be tested on: refuse it."""
-    shared = train.used_image_refs & test.used_image_refs
-    if shared:
-        example = sorted(shared, key=lambda ref: (str(ref.root), ref.path))[0]
+def few_shot_batch_size(train_cfg, shots: str) -> int:
+    """The batch size of a ``shots``-shot run: ``train.batch_size_by_shots``, else ``train.batch_size``."""
+    return int(train_cfg.batch_size_by_shots.get(shots, train_cfg.batch_size))
+
+
+def _shared_test_images(
+    run: FewShotRun, train: TaskData, test: TaskData, test_path: str, policy: SharedTestImages
+) -> list[str]:
+    """The image paths of ``run``'s training file that the test file also names, sorted: refused with
+    ``data.shared_test_images=refuse``, else warned about (the run's row lists them)."""
+    shared = sorted(ref.path for ref in train.used_image_refs & test.used_image_refs)
+    if not shared:
+        return []
+    found = (
+        f"few-shot {run.language} ({run.shots} shots): {len(shared)} image(s) of {run.train_path} are also "
+        f"named by the test file {test_path} ({', '.join(shared[:10])}{', ...' if len(shared) > 10 else ''})"
+    )
+    if policy == SharedTestImages.refuse:
         raise ValueError(
-            f"few-shot {run.language} ({run.shots} shots): {len(shared)} image(s) of {run.train_path} are also in "
-            f"the test file {test_path} (e.g. {example.path}); test on a split without the few-shot images "
-            "(xGQA: the few-shot split's test.json, as configs/finetune/xgqa.yaml, not the full testdev)"
+            f"{found}; test on a split without the few-shot images (xGQA: the few-shot split's test.json, as "
+            "configs/finetune/xgqa.yaml, not the full testdev), or set data.shared_test_images=note"
         )
+    log.warning("%s: the run goes on, its row lists them (shared_test_images)", found)
+    return shared
 
 
 @holds_stop_signal
@@ -141,12 +162,15 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     for run, folder in folders.items():  # every run folder, before anything is read or trained
         for lr in cfg.train.lr_sweep:
             _check_run_folder(folder / f"lr_{float(lr):g}", run, cfg)
-    read_files: dict[str, TaskData] = {}
+    read_files: dict[tuple[str, bool], TaskData] = {}
 
-    def read(path: str) -> TaskData:
-        if path not in read_files:
-            read_files[path] = runner.read(path)
-        return read_files[path]
+    def read(path: str, scored: bool = False) -> TaskData:
+        if (path, scored) not in read_files:
+            read_files[path, scored] = runner.read(path, scored)
+        return read_files[path, scored]
+
+    def read_dev(path: str) -> TaskData:
+        return read(path, scored=True).truncated(cfg.data.dev_max_examples)
 
     # Every run's files are read and their images checked before the first one trains: a bad file of the last
     # language fails now, not after hours of training the others.
@@ -155,21 +179,23 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         if run.language not in cfg.data.test:
             raise ValueError(f"few-shot language '{run.language}' has no test file in data.test")
         test_path = cfg.data.test[run.language]
-        train_data, test_data = read(run.train_path), read(test_path)
-        _check_no_test_images(run, train_data, test_data, test_path)
+        train_data, test_data = read(run.train_path), read(test_path, scored=True)
+        shared = _shared_test_images(
+            run, train_data, test_data, test_path, SharedTestImages(str(cfg.data.shared_test_images))
+        )
         if on_test:
             dev_datas = [test_data]
         elif run.language in cfg.data.few_shot_dev:
-            dev_datas = [read(cfg.data.few_shot_dev[run.language])]
+            dev_datas = [read_dev(cfg.data.few_shot_dev[run.language])]
         else:
             log.info(
                 "few-shot %s: no data.few_shot_dev.%s, selecting on the English dev set (IGLUE's protocol)",
                 run.language,
                 run.language,
             )
-            dev_datas = [read(path) for path in cfg.data.dev]
-        prepared.append((run, train_data, dev_datas, test_data))
-    runner.check_images(list(read_files.values()))
+            dev_datas = [read_dev(path) for path in cfg.data.dev]
+        prepared.append((run, train_data, dev_datas, test_data, shared))
+    runner.check_images([data for _, train, devs, test, _ in prepared for data in (train, *devs, test)])
 
     start = {"checkpoint": str(cfg.checkpoint), "checkpoint_digest": TaskModel.weights_digest(cfg.checkpoint)}
     names = {_few_shot_table(run.shots if several else "", on_test): run.shots for run in runs}
@@ -182,10 +208,12 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
     }
     selected = str(select_on)
     rows_by_shots: dict[str, list[dict]] = {}
-    for run, train_data, dev_datas, test_data in prepared:
+    for run, train_data, dev_datas, test_data, shared in prepared:
         row = _few_shot_run(
             runner, run, folders[run], sweeps[run], train_data, dev_datas, test_data, selected
         )
+        if shared:
+            row = {**row, "shared_test_images": shared}
         rows_by_shots.setdefault(run.shots if several else "", []).append({**row, **start})
     columns, extra = runner.columns()
     tables = {}
@@ -332,6 +360,7 @@ def _few_shot_run(
         )
         return row
     kept = None  # (lr, weights on the CPU) of the best lr trained by this job
+    batch_size = few_shot_batch_size(cfg.train, run.shots)
     for lr in lrs:
         if sweep.done(lr):
             log.info(
@@ -347,7 +376,15 @@ def _few_shot_run(
             dev_datas,
             lr,
             sweep.lr_folder(lr),
-            run_info={FEW_SHOT_RUN: {"language": run.language, "shots": run.shots, "train": run.train_path}},
+            run_info={
+                FEW_SHOT_RUN: {
+                    "language": run.language,
+                    "shots": run.shots,
+                    "train": run.train_path,
+                    "batch_size": batch_size,
+                }
+            },
+            batch_size=batch_size,
         )
         log.info(
             "few-shot %s %s shots lr %g: best %s %.2f at step %d",
@@ -381,6 +418,7 @@ def _few_shot_run(
                     "language": run.language,
                     "shots": run.shots,
                     "lr": lr,
+                    "batch_size": batch_size,
                     "selected_on": selected,
                     selected: best["score"],
                 },

@@ -21,7 +21,9 @@ INSPECTABLE = ("xvnli", "xgqa", "marvl", "xflickrco", "wit")
 def inspect_file(task: str, path: str) -> dict:
     """``file``, ``task``, ``examples`` (annotation records: XVNLI/MaRVL/WIT lines, xGQA questions, xFlickr&CO
     captions), ``usable`` (what a run trains or scores on; with none, ``problem`` says why and a run refuses the
-    file), ``images`` (distinct images referenced), ``languages``; also records skipped for training."""
+    file), ``images`` (distinct images referenced), ``languages``; also records skipped, and
+    ``no_gold_class``: examples whose gold answer is no class (XVNLI's ``-``; not ``usable``), which a dev or
+    test file scores as wrong and training leaves out."""
     data = get_task(task).read(path)
     counts = {
         "file": str(path),
@@ -31,6 +33,7 @@ def inspect_file(task: str, path: str) -> dict:
         "images": len(data.image_refs),
         "languages": sorted(data.languages),
         "skipped": dict(data.skipped),
+        "no_gold_class": dict(getattr(data, "no_gold_class", {})),
     }
     if not data.usable:
         counts["problem"] = no_usable_example(data)

@@ -2,8 +2,10 @@
 similarities for every image x caption, each query's top-k re-scored by the ITM head, Recall@k both ways.
 
 IGLUE reports R@1 of image retrieval (IR, caption -> image: ``img_r1``) and of text retrieval (TR, image ->
-caption: ``txt_r1``). Ranks break ties by index order (IGLUE ranks by ``argsort(-scores)``), not against the query
-as the project's default does.
+caption: ``txt_r1``). Ranks break exact ties by index order, not against the query as the project's default
+does. IGLUE ranks by numpy's default ``np.argsort(-scores)``, which is not a stable sort: the order it gives
+exactly equal scores is unspecified (it depends on the array and the numpy version), so no deterministic rule
+reproduces it; the index order agrees with IGLUE wherever no candidate ties the gold one.
 
 What lines that share an image are (``data.duplicate_images``, :class:`~cclm.config.DuplicateImages`); the
 readers keep every line, this module groups them:

@@ -26,6 +26,7 @@ from cclm.config import (
     DuplicateImages,
     FinetuneConfig,
     ModelConfig,
+    NoGoldLabel,
     Precision,
     Protocol,
     SelectOn,
@@ -68,7 +69,7 @@ from cclm.tasks.results import (
     table_path,
     write_task_results,
 )
-from cclm.tasks.task_data import ClassificationData, RetrievalData, no_usable_example
+from cclm.tasks.task_data import NO_GOLD_CLASS, ClassificationData, RetrievalData, no_usable_example
 from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,12 @@ class TaskSuite:
         self.roots = dict(data_cfg.image_roots)
         # retrieval: what lines sharing an image are (a cViL data section has no such key: IGLUE's)
         self.duplicates = DuplicateImages(str(getattr(data_cfg, "duplicate_images", DuplicateImages.iglue)))
+        # XVNLI's records labelled "-": scored as wrong (IGLUE) or dropped (the reference); cViL: IGLUE's
+        self.no_gold_label = (
+            NoGoldLabel(str(getattr(data_cfg, "no_gold_label", NoGoldLabel.iglue)))
+            if getattr(self.task, "NO_GOLD_LABEL", None)
+            else None
+        )
         self._labels: list[str] | None = None
 
     # ------------------------------------------------------------------------------------------------ data
@@ -123,11 +130,19 @@ class TaskSuite:
             self._labels = self.task.labels(self.data_cfg)
         return self._labels
 
-    def read(self, path: str) -> TaskData:
-        """The examples of ``path``; retrieval lines grouped into image entries (``data.duplicate_images``)."""
+    def read(self, path: str, scored: bool = False) -> TaskData:
+        """The examples of ``path``; retrieval lines grouped into image entries (``data.duplicate_images``).
+        ``scored``: a dev or test file, whose examples without a gold class (an XVNLI record labelled ``-``,
+        an xGQA answer outside the vocabulary) are kept and scored as wrong, as IGLUE scores them (XVNLI with
+        ``data.no_gold_label=drop``: left out, as the CCLM reference); a training file leaves them out."""
         data = self.task.read(path, self.label_names() or None, self.data_cfg.max_examples)
+        keeps_no_gold_class = scored and self.no_gold_label != NoGoldLabel.drop
+        if isinstance(data, ClassificationData) and not keeps_no_gold_class:
+            data = data.without_no_gold_class()
         for reason, count in data.skipped.items():
             log.warning("%s: skipped %d record(s): %s", path, count, reason)
+        for reason, count in getattr(data, "no_gold_class", {}).items():
+            log.warning("%s: %d example(s) kept and scored as wrong, as IGLUE: %s", path, count, reason)
         if not data.usable:  # found now, not as a crash after training
             raise AnnotationError(f"{path}: {no_usable_example(data)}")
         if isinstance(data, RetrievalData):
@@ -143,8 +158,8 @@ class TaskSuite:
                 )
         return data
 
-    def read_all(self, paths: Sequence[str]) -> list[TaskData]:
-        return [self.read(path) for path in paths]
+    def read_all(self, paths: Sequence[str], scored: bool = False) -> list[TaskData]:
+        return [self.read(path, scored) for path in paths]
 
     def check_images(self, datas: Sequence[TaskData]) -> None:
         require_images((ref for data in datas for ref in data.used_image_refs), self.roots)
@@ -193,6 +208,7 @@ class TaskSuite:
             "accuracy": accuracy(predictions, labels),
             "examples": len(labels),
             "skipped": sum(data.skipped.values()),
+            "no_gold_class": int((labels == NO_GOLD_CLASS).sum()),  # among `examples`, scored as wrong
         }
 
     def scoring_settings(self) -> dict:
@@ -209,6 +225,8 @@ class TaskSuite:
             settings["duplicate_images"] = str(self.duplicates)
         else:
             settings["first_token_twice"] = self.first_token_twice
+        if self.no_gold_label is not None:
+            settings["no_gold_label"] = str(self.no_gold_label)
         return settings
 
     def main_score(self, metrics: dict) -> float:
@@ -225,7 +243,7 @@ class TaskSuite:
         if self.kind == "retrieval":
             columns = getattr(self.task, "COLUMNS", (iglue_retrieval.IR_R1, iglue_retrieval.TR_R1))
             return list(columns), ["images", "captions"]
-        return ["accuracy"], ["examples", "skipped"]
+        return ["accuracy"], ["examples", "skipped", "no_gold_class"]
 
 
 class TaskRunner(TaskSuite):
@@ -316,21 +334,25 @@ class TaskRunner(TaskSuite):
         return model, tokenizer
 
     # ------------------------------------------------------------------------------------------- training
-    def train_batches(self, datas: Sequence[TaskData], model: TaskModel, tokenizer) -> EpochBatches:
-        """Training batches of ``datas``, their images augmented as ``data.augment`` says (dev and test never)."""
+    def train_batches(
+        self, datas: Sequence[TaskData], model: TaskModel, tokenizer, batch_size: int | None = None
+    ) -> EpochBatches:
+        """Training batches of ``datas`` (``batch_size``, else ``train.batch_size``), their images augmented
+        as ``data.augment`` says (dev and test never)."""
         size, t = self.image_size(model), self.cfg.train
+        batch_size = batch_size or t.batch_size
         side_words = getattr(self.task, "REFERENCE_SIDE_WORDS", ())
         augment = TaskAugment.from_config(self.cfg.data, size, t.seed, self.label_names(), side_words)
         dataset = training_dataset(self.kind, datas, self.roots, size, augment)
         return TaskBatches(
             dataset,
-            t.batch_size,
+            batch_size,
             self.collator(model, tokenizer),
             seed=t.seed,
             rank=self.env.rank,
             world_size=self.env.world_size,
             # contrastive batches need their full size (a last batch of 1 has no negative)
-            drop_last=self.kind == "retrieval" and len(dataset) > t.batch_size,
+            drop_last=self.kind == "retrieval" and len(dataset) > batch_size,
             num_workers=t.num_workers,
         )
 
@@ -346,15 +368,17 @@ class TaskRunner(TaskSuite):
         lr: float,
         output_dir: Path,
         run_info: Mapping | None = None,
+        batch_size: int | None = None,
     ) -> tuple[TaskModel, Selection]:
         """Fine-tune ``model`` at ``lr`` into ``output_dir`` (metrics, checkpoints); returns the model selected on
         ``dev_datas`` (the dev files; few-shot with ``train.select_on=test``: the test file) and the selection.
-        ``run_info`` joins the configuration saved with the run (``config.json``)."""
+        ``run_info`` joins the configuration saved with the run (``config.json``); ``batch_size`` replaces
+        ``train.batch_size`` (a few-shot run's, ``train.batch_size_by_shots``)."""
         if not dev_datas:
             raise ValueError("model selection needs a dev set: set data.dev (never a test file)")
         return finetune(
             model,
-            self.train_batches(train_datas, model, tokenizer),
+            self.train_batches(train_datas, model, tokenizer, batch_size),
             lambda m: sum(self.main_score(self.score(m, tokenizer, d)) for d in dev_datas) / len(dev_datas),
             self.settings(lr),
             env=self.env,
@@ -364,6 +388,10 @@ class TaskRunner(TaskSuite):
             resume=self.cfg.resume,
             overwrite=self.overwrite,
         )
+
+    def read_dev(self, path: str) -> TaskData:
+        """A dev file for model selection: its first ``data.dev_max_examples`` examples (or images)."""
+        return self.read(path, scored=True).truncated(self.cfg.data.dev_max_examples)
 
     def claim_output_dir(self):
         """Claim ``output_dir`` for the whole run (every rank calls it), before its first stage writes: an old run
@@ -385,7 +413,7 @@ class TaskRunner(TaskSuite):
         rows = []
         for language, path in files.items():
             log.info("%s %s %s: scoring %s", self.cfg.task, protocol, language, path)
-            metrics = self.score(model, tokenizer, self.read(path))
+            metrics = self.score(model, tokenizer, self.read(path, scored=True))
             rows.append({"language": language, **metrics, "file": str(path)})
             log.info("%s %s %s: %.2f", self.cfg.task, protocol, language, self.main_score(metrics))
         columns, extra = self.columns()
@@ -530,14 +558,15 @@ def run_zero_shot(cfg: FinetuneConfig) -> dict:
         )
     runner = TaskRunner(cfg)
     domain_pretrain.check(cfg, runner.kind)
-    train_datas, dev_datas = runner.read_all(cfg.data.train), runner.read_all(cfg.data.dev)
+    train_datas = runner.read_all(cfg.data.train)
+    dev_datas = [runner.read_dev(path) for path in cfg.data.dev]
     if not train_datas:
         raise ValueError("config key 'data.train' must list the English training file(s)")
     runner.check_images(
         [
             *train_datas,
             *dev_datas,
-            *runner.read_all([*cfg.data.test.values(), *cfg.data.translate_test.values()]),
+            *runner.read_all([*cfg.data.test.values(), *cfg.data.translate_test.values()], scored=True),
         ]
     )
     lock = runner.claim_output_dir()
@@ -557,6 +586,7 @@ RESCORING_KEYS = (
     "data.test",
     "data.translate_test",
     "data.num_workers",
+    "data.no_gold_label",
     "eval",
     "train.log_every",
     "train.progress_bar",
@@ -675,5 +705,5 @@ def evaluate_checkpoint(cfg: FinetuneConfig) -> dict:
             "zero-shot run's model/ folder)"
         )
     runner.check_table(name, "model", TaskModel.weights_digest(checkpoint))
-    runner.check_images(runner.read_all(list(files.values())))
+    runner.check_images(runner.read_all(list(files.values()), scored=True))
     return {name: runner.table(model, tokenizer, files, name, checkpoint)}

@@ -47,6 +47,9 @@ MISSING = "missing"
 # reference's few-shot protocol): labelled wherever it appears; IGLUE's baselines were selected on dev sets.
 SELECTED_ON_TEST_LABEL = "[SELECTED ON TEST]"
 NOT_REPORTED = "\u2014"  # a language the published model has no number for
+# IGLUE's WIT ar numbers are whole counts over 891 captions (IR) and 793 images (TR), one line more than the
+# released test_ar.jsonl holds (docs/iglue.md)
+IGLUE_WIT_AR_CAPTIONS = 891
 
 IGLUE_COMMIT = "43cbac91513388d40b2c6d93925f00ca9fc08a98"
 IGLUE_SOURCE = "IGLUE (Bugliarello et al., ICML 2022)"
@@ -550,10 +553,37 @@ def _table(task, protocol, shots, metric, runs, published) -> Table:
 
 # --------------------------------------------------------------------------------------------------- writing
 def test_set_caveats(task: str, run: RunResult) -> list[str]:
-    """Where ``run`` was scored on other test files than IGLUE's tables: xGQA's full testdev files
-    (``configs/finetune/xgqa_testdev.yaml``) where IGLUE tests on the few-shot split's ``test.json``."""
-    if task != "xgqa":
+    """Where ``run`` was scored on other examples than IGLUE's tables, or trained on images its test file
+    names: xGQA's full testdev files (``configs/finetune/xgqa_testdev.yaml``) where IGLUE tests on the
+    few-shot split's ``test.json``; XVNLI without its records labelled ``-``; WIT ar on the released
+    ``test_ar.jsonl``, one line short of IGLUE's; few-shot training images that the test file also names."""
+    caveats = _shared_test_images_caveat(run)
+    if task == "xgqa":
+        caveats += _xgqa_testdev_caveat(run)
+    if task == "xvnli":
+        caveats += _xvnli_no_gold_label_caveat(run)
+    if task == "wit":
+        caveats += _wit_ar_caveat(run)
+    return caveats
+
+
+def _shared_test_images_caveat(run: RunResult) -> list[str]:
+    shared = {
+        lang: len(row["shared_test_images"])
+        for lang, row in run.rows.items()
+        if row.get("shared_test_images")
+    }
+    if not shared:
         return []
+    counts = ", ".join(f"{lang} {count}" for lang, count in shared.items())
+    return [
+        f"few-shot training images whose paths the test file also names ({counts}; listed in the rows' "
+        "shared_test_images): IGLUE reads few-shot images from a feature file of their own, so whether "
+        "its runs trained on test images is unknown"
+    ]
+
+
+def _xgqa_testdev_caveat(run: RunResult) -> list[str]:
     testdev = sorted(
         lang for lang, row in run.rows.items() if "testdev" in Path(str(row.get("file", ""))).name
     )
@@ -563,6 +593,31 @@ def test_set_caveats(task: str, run: RunResult) -> list[str]:
     return [
         f"{which} scored on xGQA's full testdev files; IGLUE's baselines test on the few-shot split's test.json "
         "(testdev without the few-shot images): not comparable"
+    ]
+
+
+def _xvnli_no_gold_label_caveat(run: RunResult) -> list[str]:
+    """Rows scored without the records labelled ``-`` (``data.no_gold_label=drop``, or by a cclm that recorded
+    no such setting: it left them out) divide by 1,150, IGLUE's by 1,164 (every ``-`` counted wrong)."""
+    setting = run.scoring.get("no_gold_label")
+    if setting == "iglue" or not run.scoring:
+        return []
+    how = "data.no_gold_label=drop" if setting == "drop" else "by a cclm that left them out"
+    return [
+        f"scored without the records labelled '-' ({how}, the CCLM reference's scoring); IGLUE's baselines "
+        "count them as wrong over every record (1,164 per test file): the same answers score 1164/1150 times "
+        "IGLUE's number here"
+    ]
+
+
+def _wit_ar_caveat(run: RunResult) -> list[str]:
+    row = run.rows.get("ar", {})
+    captions = row.get("captions")
+    if not isinstance(captions, int) or captions >= IGLUE_WIT_AR_CAPTIONS:
+        return []
+    return [
+        f"ar scored on {captions} captions; IGLUE's ar numbers are over {IGLUE_WIT_AR_CAPTIONS} captions / "
+        "793 images: the released test_ar.jsonl lacks wit-test_7382 (a .tif image; test_ar_gmt.jsonl has it)"
     ]
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cclm.tasks.images import ImageRef
+
+# The label of an example whose gold answer is none of the task's classes (an XVNLI record labelled "-", an
+# xGQA answer outside the answer vocabulary): no prediction equals it, so it is scored as wrong and stays in
+# the denominator, as IGLUE scores such examples. Training leaves it out (without_no_gold_class).
+NO_GOLD_CLASS = -1
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class ClassificationData:
     skipped: Counter = field(default_factory=Counter)  # reason -> records left out (e.g. no gold label)
     # records kept but not made examples: xGQA read without an answer vocabulary (inspect, image checks)
     not_built: int = 0
+    # reason -> examples kept with the label NO_GOLD_CLASS (scored as wrong)
+    no_gold_class: Counter = field(default_factory=Counter)
 
     @property
     def used_image_refs(self) -> set[ImageRef]:
@@ -36,8 +43,25 @@ class ClassificationData:
 
     @property
     def usable(self) -> int:
-        """Examples a run can train or score on (records less the skipped ones)."""
-        return len(self.examples) + self.not_built
+        """Examples a run can train or score on: those with a gold class (a file of ``NO_GOLD_CLASS`` examples
+        alone has nothing to score but wrong answers)."""
+        return sum(example.label != NO_GOLD_CLASS for example in self.examples) + self.not_built
+
+    def without_no_gold_class(self) -> ClassificationData:
+        """The data with its ``NO_GOLD_CLASS`` examples left out and counted as skipped: for training, which
+        has no class to teach them, and for scoring as the CCLM reference (``data.no_gold_label=drop``)."""
+        if not self.no_gold_class:
+            return self
+        kept = [example for example in self.examples if example.label != NO_GOLD_CLASS]
+        return replace(
+            self, examples=kept, skipped=self.skipped + self.no_gold_class, no_gold_class=Counter()
+        )
+
+    def truncated(self, max_examples: int) -> ClassificationData:
+        """The first ``max_examples`` examples (all when 0)."""
+        if max_examples <= 0 or max_examples >= len(self.examples):
+            return self
+        return replace(self, examples=self.examples[:max_examples])
 
 
 @dataclass
@@ -113,8 +137,10 @@ class RetrievalData:
 
 
 def no_usable_example(data: ClassificationData | RetrievalData) -> str:
-    """Why ``data`` holds nothing to train or score on: its records and what was skipped of them."""
-    skipped = ", ".join(f"{count} {reason}" for reason, count in data.skipped.items())
+    """Why ``data`` holds nothing to train or score on: its records and what was skipped of them (examples
+    without a gold class among them)."""
+    left_out = data.skipped + getattr(data, "no_gold_class", Counter())
+    skipped = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
     return f"no usable example ({data.records} record(s) read" + (
         f"; skipped: {skipped})" if skipped else ")"
     )
