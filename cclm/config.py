@@ -68,7 +68,9 @@ class Mode(str, Enum):
 
 class RankTies(Mode):
     against = "against"  # a non-gold candidate scoring the same as the gold one ranks above it (strict)
-    index = "index"  # equal scores in candidate order, as a stable argsort: IGLUE's and the CCLM reference's
+    # equal scores in candidate order (a stable argsort); IGLUE's np.argsort(-scores) is not stable, its order on
+    # exact ties unspecified: the two agree wherever the gold candidate ties nothing
+    index = "index"
 
 
 class Precision(Mode):
@@ -1318,7 +1320,31 @@ def _read_yaml(path: Path, schema: Any = None, prefix: str = "") -> DictConfig:
             _check_shapes(_schema_at(schema, prefix), raw, prefix)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    return OmegaConf.merge(*layers, raw) if layers else raw
+    return _merge_keeping_missing(*layers, raw) if layers else raw
+
+
+def _merge_keeping_missing(base: DictConfig, *layers: DictConfig) -> DictConfig:
+    """``layers`` merged over ``base``, a ``???`` of a layer included: OmegaConf's merge keeps the value below a
+    ``???`` (``model.text.tokenizer: ???`` over a default of null stayed null, and the start-up check that names
+    every value still to fill in left it out)."""
+    merged = OmegaConf.merge(base, *layers)
+    for layer in layers:
+        for key in _missing_keys(layer):
+            OmegaConf.update(merged, key, MISSING, merge=False)
+    return merged
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """The dotted keys set to ``???`` in a mapping read from a file (interpolations are not resolved: they may
+    point at keys of other layers)."""
+    keys = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if child._is_missing():
+            keys.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            keys += _missing_keys(child, f"{prefix}{key}.")
+    return keys
 
 
 def _schema_at(schema: Any, prefix: str) -> Any:
@@ -1341,7 +1367,7 @@ def load_config(
     try:
         merged = base
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path), schema))
+            merged = _merge_keeping_missing(merged, _read_yaml(Path(path), schema))
         for key, value in pairs:
             override = _parse_override(schema, key, value)
             _check_shapes(schema, override)

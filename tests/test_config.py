@@ -4,6 +4,8 @@ import pytest
 
 from cclm.config import ConfigError, ModelConfig, PretrainConfig, load_config
 
+from .conftest import REPO
+
 
 def test_unknown_key_in_override_names_key_and_suggests():
     with pytest.raises(ConfigError, match=r"train\.max_stpes.*did you mean 'train\.max_steps'"):
@@ -266,3 +268,16 @@ def test_an_empty_file_a_merge_key_and_an_interpolated_home_path(tmp_path, monke
     path.write_text("output_dir: ~/runs/${model.text.max_length}\n")
     cfg = load_config(PretrainConfig, path)
     assert cfg.output_dir == f"{tmp_path}/runs/{cfg.model.text.max_length}"
+
+
+def test_a_value_a_file_leaves_to_fill_in_is_named_even_over_a_default(tmp_path):
+    """demo.yaml's ``model.text.tokenizer: ???`` over the model config's null: OmegaConf's merge kept the null,
+    and the start-up check named the shard paths only (the run failed later, on another message)."""
+    from cclm.config import require_complete
+
+    with pytest.raises(ConfigError, match="model.text.tokenizer"):
+        require_complete(load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml"))
+    path = tmp_path / "run.yaml"
+    path.write_text("defaults: {model: tiny}\nmodel:\n  text:\n    tokenizer: ???\n")
+    cfg = load_config(PretrainConfig, path, ["model.text.tokenizer=/tok"])  # filled in: no longer missing
+    assert cfg.model.text.tokenizer == "/tok"
