@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,18 +214,20 @@ def test_a_rerun_with_other_settings_or_into_a_foreign_folder_is_refused(models,
     assert "is an input folder" in capsys.readouterr().err
 
 
+def translated_to_german(shards: Path, out: Path, model: Path) -> dict:
+    """``cclm prep translate`` of ``shards`` into German with ``model``: its manifest (the run must succeed)."""
+    assert (
+        translate("--shards", str(shards), "--out", str(out), "--model", str(model), "--targets", "de") == 0
+    )
+    return json.loads((out / "manifest.json").read_text())
+
+
 def test_a_corrupt_input_shard_loses_only_its_damaged_samples_counted(models, shards, tmp_path, capsys):
     shard = shards / "shard-000001.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])  # a truncated download: the first sample survives
     out = tmp_path / "out"
-    assert (
-        translate(
-            "--shards", str(shards), "--out", str(out), "--model", str(models["marian"]), "--targets", "de"
-        )
-        == 0
-    )
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = translated_to_german(shards, out, models["marian"])
     assert manifest["skipped"]["corrupt_shard"] == 2 and manifest["samples"] == len(CAPTIONS) - 2
     assert [s["__key__"] for s in iter_tar_samples(str(out / "shard-000001.tar"))] == ["s003"]
     assert "corrupt_shard=2" in capsys.readouterr().out
@@ -248,13 +251,7 @@ def test_a_lone_surrogate_in_a_caption_is_a_counted_skip_and_the_sample_is_copie
             sink.write(f"s{i:03d}", {"jpg": _jpeg(i), "json": meta}, ["en"])
         sink.close()
     out = tmp_path / "out"
-    assert (
-        translate(
-            "--shards", str(shards), "--out", str(out), "--model", str(models["marian"]), "--targets", "de"
-        )
-        == 0
-    )
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = translated_to_german(shards, out, models["marian"])
     assert manifest["skipped"] == {"bad_json": 2} and manifest["samples"] == 4
     assert manifest["translation"]["per_language"]["de"]["translated"] == 2
     written = {s["__key__"]: s["json"] for s in read(out)}

@@ -352,19 +352,20 @@ def test_rows_of_one_group_are_itc_positives_in_a_region_batch(tiny_model_cfg):
 
 
 # ------------------------------------------------------------- timm ViT towers: the summary token and the patches
-def _timm_vit_tower(**trunk_kwargs):
-    """A tiny timm ViT tower (4 x 4 patches of 8 px) whose trunk is built with ``trunk_kwargs`` (no download)."""
+TINY_VIT_TOWER = {
+    "timm_model_name": "vit_tiny_patch16_224",
+    "timm_pool": "",
+    "timm_proj": "none",
+    "image_size": 32,
+}
+
+
+def _tiny_vit_trunk(**trunk_kwargs):
+    """A tiny timm ViT trunk (4 x 4 patches of 8 px, one block) built with ``trunk_kwargs`` (no download)."""
     import timm
 
-    from cclm.model.vision import VisionTower
-
-    tower = VisionTower(
-        {"timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "timm_proj": "none", "image_size": 32},
-        16,
-        load_pretrained=False,
-    )
     torch.manual_seed(0)
-    tower.visual.trunk = timm.create_model(
+    return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
         num_classes=0,
@@ -373,6 +374,13 @@ def _timm_vit_tower(**trunk_kwargs):
         depth=1,
         **trunk_kwargs,
     )
+
+
+def _timm_vit_tower(**trunk_kwargs):
+    from cclm.model.vision import VisionTower
+
+    tower = VisionTower(TINY_VIT_TOWER, 16, load_pretrained=False)
+    tower.visual.trunk = _tiny_vit_trunk(**trunk_kwargs)
     return tower.eval()
 
 
@@ -401,25 +409,9 @@ def test_a_timm_vit_tower_returns_one_summary_token_and_its_patches(trunk_kwargs
 
 def test_a_vit_tower_without_a_class_token_trains_the_region_view(tiny_model_cfg):
     """The region view of a class-token-free ViT (196 vs 195 tokens before: a patch was taken for the summary)."""
-    import timm
-
     tiny_model_cfg.objectives.bbox = True
-    tiny_model_cfg.vision.tower = {
-        "timm_model_name": "vit_tiny_patch16_224",
-        "timm_pool": "",
-        "timm_proj": "none",
-        "image_size": 32,
-    }
+    tiny_model_cfg.vision.tower = dict(TINY_VIT_TOWER)
     model = CrossViewModel(tiny_model_cfg, load_pretrained=False)
-    model.vision.visual.trunk = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        img_size=32,
-        patch_size=8,
-        depth=1,
-        class_token=False,
-        global_pool="map",
-    )
+    model.vision.visual.trunk = _tiny_vit_trunk(class_token=False, global_pool="map")
     out = model(region_batch(model.encoder_config.vocab_size), "region")
     assert all(torch.isfinite(v) for v in out.values())

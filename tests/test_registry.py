@@ -307,16 +307,23 @@ def test_an_interrupted_download_leaves_only_a_part_file_and_completes_on_the_ne
     assert server.requests[-1][1] == f"bytes={size // 3}-"  # asked to resume either way
 
 
-def test_a_range_answer_that_stops_short_of_the_file_is_resumed_until_the_file_is_whole(
-    server, released, tmp_path
-):
+def interrupted_download(server, released: Path, tmp_path: Path) -> tuple[Path, str, int]:
+    """(dest, url, size) of a download of ``released`` the server cut after a third: its .part is left."""
     dest = tmp_path / "dl" / "ckpt.th"
     url = f"{server.url}/{released.name}"
     size = released.stat().st_size
     server.cut_after = size // 3
     with pytest.raises(DownloadError):
         download(url, dest, progress=False)
-    server.cut_after, server.range_cap = None, size // 3  # each range answer covers a third of the file
+    server.cut_after = None
+    return dest, url, size
+
+
+def test_a_range_answer_that_stops_short_of_the_file_is_resumed_until_the_file_is_whole(
+    server, released, tmp_path
+):
+    dest, url, size = interrupted_download(server, released, tmp_path)
+    server.range_cap = size // 3  # each range answer covers a third of the file
     with pytest.raises(DownloadError, match=f"stopped after {2 * (size // 3)} of {size} bytes; run again"):
         download(url, dest, progress=False)
     assert not dest.exists() and part_path(dest).stat().st_size == 2 * (size // 3)
@@ -326,22 +333,12 @@ def test_a_range_answer_that_stops_short_of_the_file_is_resumed_until_the_file_i
 
 
 def test_a_range_answer_for_another_part_of_the_file_starts_the_download_over(server, released, tmp_path):
-    dest = tmp_path / "dl" / "ckpt.th"
-    url = f"{server.url}/{released.name}"
-    size = released.stat().st_size
-    server.cut_after = size // 3
-    with pytest.raises(DownloadError):
-        download(url, dest, progress=False)
-    server.cut_after, server.wrong_start = (
-        None,
-        size // 2,
-    )  # 206, but from the middle: not the bytes asked for
+    dest, url, size = interrupted_download(server, released, tmp_path)
+    server.wrong_start = size // 2  # 206, but from the middle: not the bytes asked for
     assert download(url, dest, progress=False) == _sha256(released)
     assert dest.read_bytes() == released.read_bytes()
-    assert [wanted for _, wanted in server.requests[-2:]] == [
-        f"bytes={size // 3}-",
-        None,
-    ]  # then a plain request
+    plain_request_after = [f"bytes={size // 3}-", None]
+    assert [wanted for _, wanted in server.requests[-2:]] == plain_request_after
 
 
 def test_an_unreachable_url_fails_with_a_clear_message(server, tmp_path):

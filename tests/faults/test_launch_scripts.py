@@ -207,24 +207,6 @@ def test_torchrun_passes_sigusr1_to_its_processes(machine):
 
 
 # ----------------------------------------------------------------- a tester's faults: rendezvous address and port
-def test_torchrun_on_several_nodes_without_master_addr_is_refused(machine):
-    """NNODES=2 without MASTER_ADDR made each node wait in silence for a rendezvous on itself (127.0.0.1)."""
-    stand_in(machine.fake, "torchrun", RECORD_ARGS)
-    result = run_script(machine, "torchrun.sh", "c.yaml", NNODES="2", NODE_RANK="1", NPROC="1")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == (
-        "torchrun.sh: NNODES=2 but MASTER_ADDR is not set: set it on every node to the address of the node with "
-        "NODE_RANK=0\n"
-    )
-    assert not machine.record.exists()
-    result = run_script(
-        machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NODE_RANK="0", NPROC="1"
-    )
-    assert result.returncode == 0, result.stderr
-    args = recorded(machine)
-    assert (option(args, "--master_addr"), option(args, "--master_port")) == ("node01", "29500")
-
-
 def test_torchrun_on_one_node_rendezvous_on_a_free_port_unless_master_port_is_set(machine):
     """Two jobs on one node both took port 29500; the second died with EADDRINUSE. Without MASTER_PORT torchrun's
     standalone rendezvous binds a free port (tests/faults/test_port_race.py runs two such jobs at once)."""
@@ -1023,26 +1005,33 @@ def test_single_node_refuses_gpus_the_deepspeed_launcher_cannot_place(machine, e
     assert not machine.record.exists()
 
 
-def test_torchrun_on_several_nodes_without_node_rank_is_refused(machine):
-    """Every node fell back to --node_rank 0: the job hung 10 minutes, then failed with a store timeout that did
-    not name NODE_RANK."""
-    stand_in(machine.fake, "torchrun", RECORD_ARGS)
-    for node_rank in ({}, {"NODE_RANK": ""}):
-        result = run_script(
-            machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NPROC="1", **node_rank
-        )
-        assert (result.returncode, result.stdout) == (2, "")
-        assert result.stderr == (
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        (  # each node waited in silence for a rendezvous on itself (127.0.0.1)
+            "MASTER_ADDR",
+            "torchrun.sh: NNODES=2 but MASTER_ADDR is not set: set it on every node to the address of the node "
+            "with NODE_RANK=0\n",
+        ),
+        (  # every node fell back to --node_rank 0: a 10-minute hang, then a store timeout not naming NODE_RANK
+            "NODE_RANK",
             "torchrun.sh: NNODES=2 but NODE_RANK is not set: set it on every node, 0 on the node at "
-            "MASTER_ADDR=node01 and 1, 2, ... on the others (a different one on each)\n"
-        )
+            "MASTER_ADDR=node01 and 1, 2, ... on the others (a different one on each)\n",
+        ),
+    ],
+)
+def test_torchrun_on_several_nodes_without_its_rendezvous_settings_is_refused(machine, missing, message):
+    stand_in(machine.fake, "torchrun", RECORD_ARGS)
+    given = {"NNODES": "2", "MASTER_ADDR": "node01", "NODE_RANK": "1", "NPROC": "1"}
+    for absent in ({}, {missing: ""}):  # unset, or set to nothing
+        settings = {k: v for k, v in given.items() if k != missing} | absent
+        result = run_script(machine, "torchrun.sh", "c.yaml", **settings)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", message)
         assert not machine.record.exists()
-    result = run_script(
-        machine, "torchrun.sh", "c.yaml", NNODES="2", MASTER_ADDR="node01", NODE_RANK="1", NPROC="1"
-    )
+    result = run_script(machine, "torchrun.sh", "c.yaml", **given)
     assert result.returncode == 0, result.stderr
     args = recorded(machine)
-    assert (option(args, "--nnodes"), option(args, "--node_rank")) == ("2", "1")
-    # one node needs none
-    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="1").returncode == 0
+    options = ("--nnodes", "--node_rank", "--master_addr", "--master_port")
+    assert [option(args, o) for o in options] == ["2", "1", "node01", "29500"]
+    assert run_script(machine, "torchrun.sh", "c.yaml", NPROC="1").returncode == 0  # one node needs neither
     assert option(recorded(machine), "--node_rank") == "0"
