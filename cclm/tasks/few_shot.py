@@ -203,7 +203,12 @@ def run_few_shot(cfg: FinetuneConfig) -> dict:
         runner.check_table(name, "checkpoint", start["checkpoint_digest"], shots)
     # every run's record of finished learning rates; a fresh sweep forgets an earlier one's
     sweeps = {
-        run: SweepRecord(folder, {**start, **_trained_on(run)}, bool(cfg.resume), runner.env.is_main)
+        run: SweepRecord(
+            folder,
+            {**start, **_trained_on(run), "batch_size": few_shot_batch_size(cfg.train, run.shots)},
+            bool(cfg.resume),
+            runner.env.is_main,
+        )
         for run, folder in folders.items()
     }
     selected = str(select_on)
@@ -274,6 +279,13 @@ class SweepRecord:
                     f"resume: {folder}'s sweep began on {began.get('train')}, and {start['train']} is not that "
                     "file as it was (its content differs): resume with the file the sweep began with, or start "
                     "anew without resume (overwrite=true moves the old runs aside) or into another output_dir"
+                )
+            if began.get("batch_size") not in (None, start["batch_size"]):  # None: a sweep of an older cclm
+                raise ConfigError(
+                    f"resume: {folder}'s sweep trained at batch size {began['batch_size']}, and this one would "
+                    f"train its other learning rates at {start['batch_size']}, so that selection compared runs "
+                    "of two batch sizes: resume with that batch size (train.batch_size / "
+                    "train.batch_size_by_shots), or start anew without resume or into another output_dir"
                 )
             self.data = {**saved, "start": start}
         elif write and self.folder.exists():

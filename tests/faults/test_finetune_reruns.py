@@ -144,6 +144,23 @@ def test_a_requeued_sweep_refuses_a_training_file_whose_content_changed(
     assert trained == []  # refused before training anything
 
 
+def test_a_requeued_sweep_refuses_another_batch_size(iglue_dir, tmp_path, pretrained_dir, english, trained):
+    """A sweep resumed at another batch size (a config changed between jobs, or by an upgrade that gave shot
+    counts their own) trained its other learning rates at it, and selection compared the two."""
+    cfg = sweep_config(iglue_dir, tmp_path, pretrained_dir, english, ["ar"])
+    trained.signal_at = ("ar/lr_0.0003", 2)
+    with pytest.raises(RunInterrupted):
+        few_shot.run_few_shot(cfg)
+    cfg.resume = "auto"
+    cfg.train.batch_size_by_shots = {
+        few_shot.shots_of(cfg.data.few_shot_train["ar"]): cfg.train.batch_size + 1
+    }
+    trained.clear()
+    with pytest.raises(ConfigError, match=r"few_shot/ar's sweep trained at batch size"):
+        few_shot.run_few_shot(cfg)
+    assert trained == []
+
+
 # ------------------------------------------------------------------------------------------------ result tables
 def test_evaluate_refuses_to_merge_rows_scored_with_other_settings(
     iglue_dir, tmp_path, pretrained_dir, english
