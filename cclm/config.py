@@ -172,7 +172,7 @@ class HeadInit(Mode):  # fine-tuning: how new task heads start
 
 
 class DuplicateImages(Mode):
-    # IGLUE's evaluation: images keyed on wit_ix (the lines that show one picture share it), ties broken by index
+    # IGLUE's evaluation: images keyed on wit_ix (the lines that show one picture share it)
     iglue = "iglue"
     # the CCLM reference's: lines sharing an image file are one image with several captions
     merge = "merge"

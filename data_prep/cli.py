@@ -11,6 +11,7 @@ import traceback
 
 from cclm.cli_args import debugging
 from cclm.errors import UserError
+from cclm.text_safety import printable
 
 SUBCOMMANDS = {
     "synthetic": "data_prep.synthetic",
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError, ValueError) as err:  # bad input, or the disk (full, unwritable): one line
         if debugging():
             traceback.print_exc()
-        print(f"cclm prep {args.subcommand}: error: {err}", file=sys.stderr)
+        # one line, ``cclm <command>: <message>``, as every cclm command reports a user's error
+        print(f"cclm prep {args.subcommand}: {printable(err)}", file=sys.stderr)
         return 2
 
 

@@ -250,7 +250,7 @@ def test_a_conversion_failing_part_way_publishes_nothing(tmp_path, monkeypatch, 
     out = tmp_path / "full"
     assert prep("vg-regions", "--image-data", image_data, "--objects", objects, "--image-root", root,
                 "--out", out, "--shard-samples", 1) == 2  # fmt: skip
-    assert "cclm prep vg-regions: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert "cclm prep vg-regions: [Errno 28] No space left on device" in capsys.readouterr().err
     assert [p.name for p in out.rglob("*")] == []
     monkeypatch.undo()
 

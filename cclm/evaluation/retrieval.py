@@ -108,7 +108,10 @@ def _gold_mask(gold: torch.Tensor, n_candidates: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------------- ties
 TIES_AGAINST = "against"  # a non-gold candidate scoring as high as the best gold one ranks above it
-TIES_INDEX = "index"  # ties broken by candidate index (a stable sort by descending score): IGLUE's convention
+# ties broken by candidate index (a stable sort by descending score), cclm's choice for the IGLUE tasks: IGLUE's
+# np.argsort(-scores) is not stable (its order on exact ties is unspecified); the two agree wherever the gold
+# candidate ties nothing
+TIES_INDEX = "index"
 TIES = (TIES_AGAINST, TIES_INDEX)
 _DEFAULT_TIES: ContextVar[str] = ContextVar("cclm_retrieval_ties", default=TIES_AGAINST)
 
@@ -124,7 +127,7 @@ def resolve_ties(ties: str | None = None) -> str:
 @contextmanager
 def tie_breaking(ties: str) -> Iterator[None]:
     """Within the block, the functions of this module called without ``ties`` break ties ``ties``
-    (``"index"``: the IGLUE tasks' convention; a ``contextvars`` default, so it stays with this thread/task)."""
+    (``"index"``: cclm's choice for the IGLUE tasks; a ``contextvars`` default, so it stays with this thread/task)."""
     token = _DEFAULT_TIES.set(resolve_ties(ties))
     try:
         yield

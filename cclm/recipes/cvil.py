@@ -10,7 +10,8 @@ teacher's text/fusion stacks and head, or the text/fusion stacks of another cclm
 multilingually pretrained one) with the teacher's head. Which parts train is ``distill.trainable`` (text, fusion,
 head). The inputs are the task's English training sentences paired with their images and their translations
 (``data.parallel``: the same file translated, aligned by example id); the gold labels of the translations are
-never read. The student is then scored on each language's test file, next to the teacher.
+never read. The student is then scored on each language's test file, next to the teacher, as IGLUE scores it:
+an example without a gold class (XVNLI's ``-``, an xGQA answer outside the vocabulary) counts as wrong.
 
 The VQA path with object tags, a student tokenizer of its own and translate-test is :mod:`cclm.recipes.cvil_vqa`;
 it reuses the losses, :class:`Distiller`, :func:`build_student` and :class:`ParallelCollator` of this module.
@@ -403,12 +404,16 @@ def run_cvil(cfg: CViLRecipeConfig) -> dict[str, Any]:
 
     rows: dict[str, dict[str, float]] = {}
     for lang, path in cfg.data.test.items():
-        data = runner.read(path)
+        # scored as IGLUE scores a test file: an example without a gold class (an XVNLI '-' record, an xGQA
+        # answer outside the vocabulary) is kept and scored as wrong, not left out as in training
+        data = runner.read(path, scored=True)
         runner.check_images([data])
+        scores = runner.score(student, student_tokenizer, data)
         rows[lang] = {
-            "accuracy": runner.score(student, student_tokenizer, data)["accuracy"],
+            "accuracy": scores["accuracy"],
             "teacher_accuracy": runner.score(teacher, teacher_tokenizer, data)["accuracy"],
             "examples": len(data.examples),
+            "no_gold_class": scores["no_gold_class"],  # among `examples`, scored as wrong
         }
     teacher_en = rows.get("en", {}).get("teacher_accuracy")
     if teacher_en:

@@ -79,7 +79,7 @@ from cclm.tasks.batching import ClassificationDataset, TaskBatches, TaskCollator
 from cclm.tasks.finetune import FinetuneSettings, finetune, predict
 from cclm.tasks.metrics import accuracy
 from cclm.tasks.protocols import TaskSuite
-from cclm.tasks.task_data import ClassificationData, ClassificationExample
+from cclm.tasks.task_data import NO_GOLD_CLASS, ClassificationData, ClassificationExample
 from cclm.tasks.task_model import TaskModel
 
 log = logging.getLogger("cclm.recipes")
@@ -375,7 +375,7 @@ def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     if cfg.teacher:
         teacher, teacher_tokenizer = load_vqa_teacher(cfg, suite.label_names())
     else:
-        dev = subset(suite.read(cfg.data.dev), int(cfg.data.test_examples), seed)
+        dev = subset(suite.read(cfg.data.dev, scored=True), int(cfg.data.test_examples), seed)
         teacher, teacher_tokenizer = finetune_teacher(cfg, english, dev, scorer, env, chain)
         stats[TEACHER] = {
             "trained_params": trained_parameters(teacher),
@@ -392,8 +392,10 @@ def run_cvil_vqa(cfg: CViLVQARecipeConfig) -> dict[str, Any]:
     seed_everything(seed)
     student = with_tokenizer(teacher, teacher_tokenizer, tokenizer)
     set_trainable(student, list(cfg.distill.trainable))
+    # dev and test files are scored as IGLUE scores them: a question without a gold class (an xGQA answer
+    # outside the vocabulary) is kept and counts as wrong; training files leave it out
     tests = {
-        lang: subset(suite.read(path), int(cfg.data.test_examples), seed)
+        lang: subset(suite.read(path, scored=True), int(cfg.data.test_examples), seed)
         for lang, path in cfg.data.test.items()
     }
     suite.check_images(list(tests.values()))
@@ -444,13 +446,20 @@ def score_languages(cfg, scorer: Scorer, tests, teacher, student, before: dict[s
     student's accuracy relative to the teacher's English one on the others."""
     rows: dict[str, dict[str, float]] = {}
     for lang, data in tests.items():
+        # among `examples`, scored as wrong (no gold class)
+        no_gold_class = sum(example.label == NO_GOLD_CLASS for example in data.examples)
         if lang == "en":
-            rows[lang] = {"teacher_accuracy": scorer(*teacher, data), "examples": len(data.examples)}
+            rows[lang] = {
+                "teacher_accuracy": scorer(*teacher, data),
+                "examples": len(data.examples),
+                "no_gold_class": no_gold_class,
+            }
             continue
         rows[lang] = {
             "accuracy": scorer(*student, data),
             "untrained_student_accuracy": before[lang],
             "examples": len(data.examples),
+            "no_gold_class": no_gold_class,
         }
         back = translate_test_data(cfg, scorer.suite, lang, data, int(cfg.train.seed))
         if back is not None:
@@ -508,7 +517,9 @@ def target_finetune(
 def translate_test_data(cfg, suite: TaskSuite, lang: str, data: ClassificationData, seed: int):
     """The ``lang`` test questions in English: ``data.translate_test.<lang>``, or easy-VQA's grammar backwards."""
     if lang in cfg.data.translate_test:
-        return subset(suite.read(cfg.data.translate_test[lang]), int(cfg.data.test_examples), seed)
+        return subset(
+            suite.read(cfg.data.translate_test[lang], scored=True), int(cfg.data.test_examples), seed
+        )
     if str(cfg.data.task) == "easy_vqa":
         return translated_back(data, lang)
     return None

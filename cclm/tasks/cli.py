@@ -15,9 +15,14 @@ USAGE_FINETUNE = (
     "       cclm finetune configs/finetune/<task>.yaml --check-images [key=value ...]   (list missing images)"
 )
 USAGE_EVALUATE = (
-    "usage: cclm evaluate configs/finetune/<task>.yaml checkpoint=DIR [protocol=zero_shot|translate_test]"
+    "usage: cclm evaluate configs/finetune/<task>.yaml checkpoint=DIR [protocol=zero_shot|translate_test]\n"
+    "       cclm evaluate configs/finetune/<task>.yaml --check-images [key=value ...]   (list missing images)"
 )
 log = logging.getLogger("cclm.finetune")
+NO_TRANSLATE_TEST_FINETUNING = (
+    "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
+    " (zero-shot fine-tuning also writes it when data.translate_test is set)"
+)
 
 
 def _load(args: list[str], usage: str, training: bool = True):
@@ -61,10 +66,10 @@ def _run(argv: list[str], command: str, usage: str) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = argv[1:] if argv and argv[0] == command else argv
-    if "--check-images" in args:  # list every missing image of the config's files, then stop
+    if "--check-images" in args:  # list every missing image of the files this run reads, then stop
         from cclm.tasks.iglue_cli import check_config_images
 
-        return check_config_images([a for a in args if a != "--check-images"])
+        return check_config_images([a for a in args if a != "--check-images"], command)
     cfg = _load(args, usage, training=command == "finetune")
     if cfg is None:
         return 0 if args and args[0] in ("-h", "--help") else 2
@@ -85,10 +90,7 @@ def _run(argv: list[str], command: str, usage: str) -> int:
     elif cfg.protocol == "zero_shot":
         tables = protocols.run_zero_shot(cfg)
     else:
-        raise ConfigError(
-            "translate-test needs no fine-tuning: `cclm evaluate CONFIG checkpoint=DIR protocol=translate_test`"
-            " (zero-shot fine-tuning also writes it when data.translate_test is set)"
-        )
+        raise ConfigError(NO_TRANSLATE_TEST_FINETUNING)
     _report(tables)
     return 0
 

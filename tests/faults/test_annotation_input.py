@@ -24,7 +24,7 @@ def prep(*args) -> int:
 
 def error_line(capsys) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if ": error: " in line]
+    lines = [line for line in err.splitlines() if line.startswith("cclm prep ")]
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
 

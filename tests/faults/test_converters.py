@@ -96,7 +96,7 @@ def test_parallel_tsv_failing_on_a_full_disk_after_2000_pairs_publishes_nothing(
 
     monkeypatch.setattr(ShardSink, "write", write_until_full)
     assert convert_3000_pairs(tmp_path) == 2
-    assert "cclm prep parallel-tsv: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert "cclm prep parallel-tsv: [Errno 28] No space left on device" in capsys.readouterr().err
     assert_nothing_published(tmp_path / "out", tiny_tokenizer)
 
 

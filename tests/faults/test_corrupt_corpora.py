@@ -29,7 +29,7 @@ def prep(*args) -> int:
 def one_line_error(capsys, *names: str) -> str:
     """The command's error: one line, no traceback, naming every one of ``names``."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if ": error: " in line]
+    lines = [line for line in err.splitlines() if line.startswith("cclm prep ")]
     assert "Traceback" not in err and len(lines) == 1, err
     assert all(name in lines[0] for name in names), lines[0]
     return lines[0]

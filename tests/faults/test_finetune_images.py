@@ -99,5 +99,5 @@ def test_check_images_checks_only_what_the_run_uses(iglue_dir, tmp_path, pretrai
     used.unlink()  # the run's own images are still checked
     assert cclm_main(["iglue", "check-images", *args, "languages=[ar]"]) == 1
     assert capsys.readouterr().out.split() == [str(used)]
-    assert cclm_main(["iglue", "check-images", *args, "languages=[xx]"]) == 1
+    assert cclm_main(["iglue", "check-images", *args, "languages=[xx]"]) == 2  # a config error
     assert "languages: xx not named by this config's files" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_wrong_field_type_names_file_line_and_field(tmp_path, capsys, task, good
         get_task(task).read(path)
     assert str(err.value) == f"{path}:2: {message}"
     assert isinstance(err.value, DataError)
-    assert inspect(task, path, capsys) == (1, "", f"cclm iglue inspect: {path}:2: {message}\n")
+    assert inspect(task, path, capsys) == (2, "", f"cclm iglue inspect: {path}:2: {message}\n")
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_non_utf8_line_is_an_error_naming_file_and_line(tmp_path, capsys, task, 
     with pytest.raises(AnnotationError) as err:
         get_task(task).read(path)
     assert str(err.value) == message
-    assert inspect(task, path, capsys) == (1, "", f"cclm iglue inspect: {message}\n")
+    assert inspect(task, path, capsys) == (2, "", f"cclm iglue inspect: {message}\n")
 
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
@@ -196,7 +196,7 @@ def test_xgqa_wrong_type_names_line_and_question(tmp_path, capsys, bad, message)
     with pytest.raises(AnnotationError) as err:
         get_task("xgqa").read(path, ["dog", "cat"])
     assert str(err.value) == f"{path}:4: question 9: {message}"
-    assert inspect("xgqa", path, capsys) == (1, "", f"cclm iglue inspect: {path}:4: question 9: {message}\n")
+    assert inspect("xgqa", path, capsys) == (2, "", f"cclm iglue inspect: {path}:4: question 9: {message}\n")
 
 
 def test_xgqa_question_that_is_not_an_object(tmp_path):

@@ -98,7 +98,7 @@ def test_a_killed_prep_worker_stops_the_conversion_naming_the_signal_and_publish
     assert result.stdout.splitlines()[-1] == "rc 2 []", result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (line,) = error_lines(result.stderr)
-    assert line.startswith("cclm prep coco-regions: error: a worker process died in coco-regions (pid ")
+    assert line.startswith("cclm prep coco-regions: a worker process died in coco-regions (pid ")
     assert "killed by SIGKILL" in line and "fewer --num-workers" in line
 
 
@@ -197,7 +197,7 @@ def test_a_second_conversion_into_a_shard_folder_with_another_prefix_is_refused(
     assert rc == 2
     err = capsys.readouterr().err
     assert err == (
-        f"cclm prep parallel-tsv: error: {out} already holds another conversion's output (shard-000000.tar, "
+        f"cclm prep parallel-tsv: {out} already holds another conversion's output (shard-000000.tar, "
         "manifest.json, sizes.json); write into a new folder\n"
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first conversion is intact
@@ -346,7 +346,7 @@ def test_opus_refuses_a_corpus_found_in_two_inputs_naming_both(tmp_path, capsys)
     assert prep("opus", "--input", v7, v8, "--out", out) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"cclm prep opus: error: {v7 / 'Europarl.de-en.de'} and {v8 / 'Europarl.de-en.de'} are both "
+        f"cclm prep opus: {v7 / 'Europarl.de-en.de'} and {v8 / 'Europarl.de-en.de'} are both "
         "Europarl.de-en.de: give each corpus once\n"
     )
     assert not out.exists() or not any(out.iterdir())
@@ -383,7 +383,7 @@ def test_prep_tokenizer_refuses_a_folder_that_holds_a_tokenizer_unless_overwrite
 
     assert cclm_main(["prep", "tokenizer", "--text", str(second), *map(str, args)]) == 2
     assert capsys.readouterr().err == (
-        f"cclm prep tokenizer: error: --out {tok} already holds a tokenizer (tokenizer.json, "
+        f"cclm prep tokenizer: --out {tok} already holds a tokenizer (tokenizer.json, "
         "tokenizer_config.json): give a new folder, or --overwrite to replace it\n"
     )
     assert (tok / "tokenizer.json").read_bytes() == original

@@ -128,7 +128,7 @@ def test_iglue_inspect_escapes_file_names_and_values(tmp_path, capsys):
     good.write_text(json.dumps(record) + "\n", encoding="utf-8")
     bad = folder / "bad\x1b[31m.jsonl"
     bad.write_text(json.dumps({**record, "gold_label": "\x1b[2Jentails"}) + "\n", encoding="utf-8")
-    assert cclm_main(["iglue", "inspect", "--task", "xvnli", str(good), str(bad)]) == 1
+    assert cclm_main(["iglue", "inspect", "--task", "xvnli", str(good), str(bad)]) == 2
     printed = capsys.readouterr()
     assert_terminal_safe(printed.out + printed.err)
     assert json.loads(printed.out)["file"] == str(good)  # the JSON line still decodes to the real name
