@@ -60,9 +60,13 @@ def test_overwrite_with_resume_auto_is_refused_not_a_silent_continuation(tmp_pat
     check_output_dir(tmp_path / "empty", "auto", overwrite=True)  # nothing to move aside: a fresh start
 
 
-def _pretrain(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def _pretrain(output_dir: Path, tokenizer, *extra: str) -> subprocess.CompletedProcess:
     # The shards need not exist: the output folder is checked before any data is opened.
-    shards = ["data.image_caption.shards=/nowhere/ic.tar", "data.parallel_text.shards=/nowhere/pt.tar"]
+    shards = [
+        "data.image_caption.shards=/nowhere/ic.tar",
+        "data.parallel_text.shards=/nowhere/pt.tar",
+        f"model.text.tokenizer={tokenizer}",  # demo.yaml leaves it to fill in (???)
+    ]
     cmd = [
         sys.executable,
         "-m",
@@ -84,10 +88,16 @@ def planted_run(folder: Path) -> dict[str, bytes]:
     return snapshot(folder)
 
 
-def test_cclm_pretrain_refuses_an_output_dir_holding_a_run_in_one_line(tmp_path):
+@pytest.fixture
+def tokenizer_dir(tmp_path, tiny_tokenizer) -> Path:
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return tmp_path / "tokenizer"
+
+
+def test_cclm_pretrain_refuses_an_output_dir_holding_a_run_in_one_line(tmp_path, tokenizer_dir):
     run = tmp_path / "old"
     before = planted_run(run)
-    proc = _pretrain(run)
+    proc = _pretrain(run, tokenizer_dir)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -95,14 +105,14 @@ def test_cclm_pretrain_refuses_an_output_dir_holding_a_run_in_one_line(tmp_path)
 
 
 @pytest.mark.parametrize("where", ["under a file", "in a read-only file system"])
-def test_an_output_dir_that_cannot_be_written_fails_before_the_model_is_built(tmp_path, where):
+def test_an_output_dir_that_cannot_be_written_fails_before_the_model_is_built(tmp_path, tokenizer_dir, where):
     if where == "under a file":
         blocker = tmp_path / "a_file"
         blocker.write_text("")
         output_dir = blocker / "run"
     else:
         output_dir = Path("/proc/cclm-run")  # no user, root included, can create a folder there
-    proc = _pretrain(output_dir)
+    proc = _pretrain(output_dir, tokenizer_dir)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"output_dir={output_dir}" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
