@@ -30,11 +30,12 @@ def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``os.umask`` can only set it, and
     another thread creating a file meanwhile would get the temporary value)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

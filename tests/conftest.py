@@ -60,6 +60,13 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture
+def tokenizer_dir(tmp_path, tiny_tokenizer) -> Path:
+    """The tiny tokenizer saved as a folder, for a config's ``model.text.tokenizer``."""
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return tmp_path / "tokenizer"
+
+
+@pytest.fixture
 def tiny_model_cfg(tiny_tokenizer):
     from cclm.config import ModelConfig, load_config
 

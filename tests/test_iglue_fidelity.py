@@ -158,22 +158,9 @@ def test_the_report_footnotes_xvnli_columns_scored_without_the_records_labelled_
 @pytest.fixture
 def stub_training(monkeypatch):
     """Training and scoring replaced: ``calls`` records each training run's batch size and selection data."""
+    from tests.test_iglue_protocols import FakeModel
+
     calls = []
-
-    class Model:
-        weights = {"w": torch.tensor(0.0)}
-
-        def state_dict(self):
-            return dict(self.weights)
-
-        def load_state_dict(self, state):
-            self.weights = dict(state)
-
-        def save(self, folder, tokenizer=None, extra=None):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-
-        def record_results(self, folder, results):
-            pass
 
     def train(self, model, tokenizer, train_datas, dev_datas, lr, output_dir, run_info=None, batch_size=None):
         calls.append(
@@ -185,7 +172,7 @@ def stub_training(monkeypatch):
         )
         return model, Selection(best_score=50.0, best_step=1, steps=1)
 
-    monkeypatch.setattr(protocols.TaskRunner, "load_checkpoint", lambda self, directory: (Model(), None))
+    monkeypatch.setattr(protocols.TaskRunner, "load_checkpoint", lambda self, directory: (FakeModel(), None))
     monkeypatch.setattr(protocols.TaskRunner, "train", train)
     monkeypatch.setattr(protocols.TaskRunner, "score", lambda self, model, tok, data: {"accuracy": 50.0})
     monkeypatch.setattr(protocols.TaskRunner, "check_images", lambda self, datas: None)

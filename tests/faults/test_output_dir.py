@@ -88,12 +88,6 @@ def planted_run(folder: Path) -> dict[str, bytes]:
     return snapshot(folder)
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path, tiny_tokenizer) -> Path:
-    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    return tmp_path / "tokenizer"
-
-
 def test_cclm_pretrain_refuses_an_output_dir_holding_a_run_in_one_line(tmp_path, tokenizer_dir):
     run = tmp_path / "old"
     before = planted_run(run)

@@ -95,11 +95,13 @@ def test_a_copied_run_and_a_branch_into_a_fresh_folder_still_resume(two_runs, tm
     assert steps_logged(tmp_path / "branch") == [5, 6]
 
 
-def test_cclm_pretrain_refuses_another_runs_checkpoint_in_one_line_before_reading_data(tmp_path):
+def test_cclm_pretrain_refuses_another_runs_checkpoint_in_one_line_before_reading_data(
+    tmp_path, tokenizer_dir
+):
     held = tmp_path / "fb"
     before = planted_run(held)
     foreign = tmp_path / "fa" / "checkpoints" / "step_00000002"
-    proc = _pretrain(held, f"resume={foreign}")
+    proc = _pretrain(held, tokenizer_dir, f"resume={foreign}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f"resume={foreign} is not a checkpoint of the run that output_dir={held} holds" in proc.stderr
