@@ -253,6 +253,7 @@ def test_a_negative_consistency_weight_is_refused_before_anything_starts(tmp_pat
             "model.objectives.xlc_weight=-1",
             "data.image_caption.shards=x",
             "data.parallel_text.shards=y",
+            "model.text.tokenizer=z",  # demo.yaml leaves it to fill in (???)
             f"output_dir={tmp_path / 'run'}",
         ],  # fmt: skip
     )
